@@ -1,0 +1,28 @@
+# famviz: `make app` installs what is missing and serves the app on the bundled model;
+# `make test` installs what is missing and runs the whole test suite.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.famviz-installed
+HOST ?= 127.0.0.1
+PORT ?= 7860
+
+.PHONY: setup app test fast-test bench clean-cache
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh "$(VENV)" "$(PYTHON)"
+	touch $(STAMP)
+
+app: setup
+	$(PY) app.py --host $(HOST) --port $(PORT)
+
+test: setup
+	$(PY) -m pytest -q
+
+fast-test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean-cache:
+	rm -rf "$${FAMVIZ_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/famviz}"

@@ -1,0 +1,152 @@
+"""Command line: ``python -m famviz stream PATH ...``.
+
+Results go to stdout (one JSON object with ``--json``); logs and the progress bar go to stderr.
+User errors exit with status 2 and one line, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import sys
+import time
+
+from .config import MODES, FamConfig
+from .errors import FamvizError
+
+log = logging.getLogger("famviz")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="Hugging Face model id or local path (default: bundled SmolLM2-135M)")
+    parser.add_argument("--adapter", default=None, metavar="DIR", help="trained FAM adapter directory")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+
+
+def _add_fam_options(parser: argparse.ArgumentParser) -> None:
+    defaults = FamConfig()
+    parser.add_argument("--mode", default=defaults.mode, choices=MODES)
+    parser.add_argument("--block-size", type=int, default=defaults.block_size, metavar="N")
+    parser.add_argument("--fam-len", type=int, default=defaults.fam_len, metavar="N")
+    parser.add_argument("--mem-blocks", type=int, default=defaults.mem_blocks, metavar="N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m famviz", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="more logging on stderr")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    stream = commands.add_parser("stream", help="stream a document through the model, block by block")
+    stream.add_argument("path", help="document: .txt, .md, .pdf, .html or any UTF-8 text file")
+    _add_fam_options(stream)
+    _add_model_options(stream)
+    stream.add_argument("--max-tokens", type=int, default=None, metavar="N", help="truncate the document to N tokens")
+    stream.add_argument("--trace", default=None, metavar="OUT", help="save the trace to OUT (.npz)")
+    stream.add_argument("--no-trace", action="store_true", help="record nothing but the per-token NLL (fastest)")
+    stream.add_argument("--channels", default=None, metavar="PATTERNS",
+                        help="comma-separated trace channel patterns to record, e.g. 'block.*.share,tokens.nll'")
+    stream.add_argument("--json", action="store_true", help="print one JSON object with the results")
+    stream.set_defaults(handler=run_stream)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(message)s")
+    _quiet_libraries(args.verbose)
+    try:
+        return args.handler(args)
+    except FamvizError as exc:
+        print(f"famviz: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("famviz: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+# -- stream ---------------------------------------------------------------------------------------
+def run_stream(args) -> int:
+    from .documents import read_document
+
+    config = FamConfig(mode=args.mode, block_size=args.block_size, fam_len=args.fam_len, mem_blocks=args.mem_blocks)
+    if args.max_tokens is not None and args.max_tokens <= 0:
+        raise FamvizError(f"--max-tokens must be positive, got {args.max_tokens}")
+    text = read_document(args.path)
+    loaded, fam_prompt = load_for_cli(args, config)
+    from .tokenize import tokenize_document
+
+    ids, offsets = tokenize_document(loaded.tokenizer, text)
+    if args.max_tokens is not None:
+        ids, offsets = ids[: args.max_tokens], offsets[: args.max_tokens]
+    if not ids:
+        raise FamvizError(f"{args.path}: the document has no tokens")
+    channels = args.channels.split(",") if args.channels else None
+    result = stream_with_progress(loaded, config, ids, fam_prompt=fam_prompt, record=not args.no_trace,
+                                  channels=channels)
+    trace_path = None
+    if result.trace is not None:
+        result.trace.text = text
+        result.trace.offsets = list(offsets)
+        if args.trace:
+            trace_path = str(result.trace.save(args.trace))
+    summary = {
+        "mode": config.mode, "tokens": result.tokens, "blocks": result.blocks, "block_size": config.block_size,
+        "fam_len": config.active_fam_len, "mem_blocks": config.mem_blocks, "nll_mean": result.nll_mean,
+        "seconds": round(result.seconds, 4), "tokens_per_s": round(result.tokens_per_s, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1), "state_bytes": result.state_bytes,
+        "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""), "model": loaded.name,
+        "trace": trace_path, "trace_bytes": result.trace.nbytes() if result.trace is not None else 0,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            print(f"{key:>13}: {value}")
+    return 0
+
+
+def load_for_cli(args, config: FamConfig):
+    """The model and (with --adapter) the trained FAM prompt, with adapter LoRA merged."""
+    from .models import load_model
+
+    started = time.perf_counter()
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    fam_prompt = None
+    if args.adapter:
+        from .adapters import apply_adapter
+
+        fam_prompt = apply_adapter(args.adapter, loaded, config)
+    log.info("model %s loaded in %.1f s on %s (%s)", loaded.name, time.perf_counter() - started, loaded.device,
+             loaded.dtype)
+    return loaded, fam_prompt
+
+
+def stream_with_progress(loaded, config: FamConfig, ids, **kwargs):
+    """Run a stream with a progress bar on stderr (shown for documents of more than one block)."""
+    from tqdm import tqdm
+
+    from .engine import Stream
+
+    n_blocks = -(-len(ids) // config.block_size)
+    with tqdm(total=len(ids), unit="tok", file=sys.stderr, disable=n_blocks < 2, dynamic_ncols=True,
+              desc=f"{config.mode}") as bar:
+        stream = Stream(loaded, config, on_block=lambda block: bar.update(len(block.token_ids)), **kwargs)
+        return stream.run(ids)

@@ -1,0 +1,53 @@
+"""Settings of the FAM engine: attention mode and block geometry.
+
+Defaults are the paper's (arXiv 2404.09173): block 1024, FAM 64 slots, 3 memory blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import ConfigError
+
+MODES = ("full", "bswa", "fam")
+
+
+@dataclass(frozen=True)
+class FamConfig:
+    """How a document is streamed.
+
+    mode: ``full`` (the model's own causal attention, unbounded cache), ``bswa`` (block sliding
+    window attention) or ``fam`` (BSWA plus Feedback Attention Memory).
+    block_size: tokens per block. fam_len: FAM slots per layer (used by ``fam`` only).
+    mem_blocks: cached past blocks of token keys/values per layer (``bswa`` and ``fam``).
+    """
+
+    mode: str = "fam"
+    block_size: int = 1024
+    fam_len: int = 64
+    mem_blocks: int = 3
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("block_size", "fam_len", "mem_blocks"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.block_size <= 0:
+            raise ConfigError(f"block size must be a positive number of tokens, got {self.block_size}")
+        if self.fam_len < 0:
+            raise ConfigError(f"FAM length must be 0 or more slots, got {self.fam_len}")
+        if self.mem_blocks < 0:
+            raise ConfigError(f"memory blocks must be 0 or more, got {self.mem_blocks}")
+
+    @property
+    def active_fam_len(self) -> int:
+        """FAM slots actually used: only ``fam`` mode has a FAM."""
+        return self.fam_len if self.mode == "fam" else 0
+
+    @property
+    def bounded(self) -> bool:
+        """Whether the carried state has constant size (every mode but ``full``)."""
+        return self.mode != "full"
+
+    def to_dict(self) -> dict:
+        return asdict(self)

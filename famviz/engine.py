@@ -1,0 +1,211 @@
+"""The streaming engine: feed a document of any length, block by block, and record its trace.
+
+    >>> import famviz
+    >>> lm = famviz.load_model()                       # the bundled SmolLM2-135M
+    >>> stream = famviz.Stream(lm, famviz.FamConfig(mode="fam", block_size=256, fam_len=64, mem_blocks=1))
+    >>> result = stream.run_text(open("doc.txt").read())
+    >>> result.trace["block.3.share"]                   # (blocks, heads, [fam, memory, block])
+
+Tokens can be fed in pieces of any size (``feed`` / ``feed_text``): only whole blocks are run until
+``finish`` runs the last, partial one, so the result equals feeding everything at once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .config import FamConfig
+from .fam_model import BlockOutput, FamModel, StreamState
+from .models import LoadedModel
+from .tokenize import IncrementalTokenizer
+from .trace import ChannelSelection, Trace
+
+STAT_KEYS = ("block.share", "fam.share", "fam.read")
+
+
+@dataclass
+class BlockResult:
+    """What one block produced (handed to ``on_block`` callbacks as the stream runs)."""
+
+    index: int
+    start: int  # absolute position of the block's first token
+    token_ids: list[int]
+    nll: np.ndarray  # (n,) float32
+    seconds: float
+
+
+@dataclass
+class StreamResult:
+    config: FamConfig
+    tokens: int
+    blocks: int
+    nll: np.ndarray  # (tokens,) float32, NaN for the first token
+    seconds: float
+    state_bytes: int
+    trace: Trace | None
+    block_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def nll_mean(self) -> float:
+        finite = self.nll[np.isfinite(self.nll)]
+        return float(finite.mean()) if finite.size else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+class Stream:
+    """One document's pass through a FAM/BSWA/full model.
+
+    ``channels``: trace channel patterns to record (None = all, see ``famviz.trace``);
+    ``record=False`` keeps only the per-token NLL. ``on_block`` is called after every block.
+    """
+
+    def __init__(self, model: LoadedModel | FamModel, config: FamConfig | None = None, *,
+                 channels: Iterable[str] | None = None, record: bool = True,
+                 fam_prompt: torch.Tensor | None = None,
+                 on_block: Callable[[BlockResult], None] | None = None):
+        if isinstance(model, FamModel):
+            if config is not None and config != model.config:
+                raise ValueError("config differs from the FamModel's own config")
+            self.fam_model = model
+        else:
+            self.fam_model = FamModel(model, config or FamConfig(), fam_prompt=fam_prompt)
+        self.config = self.fam_model.config
+        self.loaded = self.fam_model.loaded
+        self.state: StreamState = self.fam_model.initial_state()
+        self.pending: list[int] = []
+        self.on_block = on_block
+        self._nll: list[np.ndarray] = []
+        self._block_seconds: list[float] = []
+        self._seconds = 0.0
+        self._text_tokenizer: IncrementalTokenizer | None = None
+        n_layers = len(self.fam_model.layers)
+        self.selection = ChannelSelection(channels, n_layers, fam=self.fam_model.fam_len > 0) if record else None
+        self.trace = Trace(self._meta(), self.selection.layers) if record else None
+
+    def _meta(self) -> dict:
+        cfg = self.loaded.config
+        return {
+            "model": self.loaded.name,
+            "model_type": cfg.model_type,
+            "config": self.config.to_dict(),
+            "fam_len": self.fam_model.fam_len,
+            "n_layers": len(self.fam_model.layers),
+            "n_heads": self.fam_model.n_heads,
+            "hidden_size": self.fam_model.hidden_size,
+            "dtype": str(self.fam_model.dtype).replace("torch.", ""),
+            "device": str(self.fam_model.device),
+            "block_share_groups": ["fam", "memory", "block"],
+            "fam_share_groups": ["fam", "block"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+
+    # -- feeding -----------------------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        return self.state.position
+
+    def feed(self, token_ids: Sequence[int]) -> list[BlockResult]:
+        """Queue tokens and run every block that is complete."""
+        self.pending.extend(int(t) for t in token_ids)
+        results = []
+        block = self.config.block_size
+        while len(self.pending) >= block:
+            chunk, self.pending = self.pending[:block], self.pending[block:]
+            results.append(self._run_block(chunk))
+        return results
+
+    def feed_text(self, text: str) -> list[BlockResult]:
+        """Queue a piece of text; tokens are committed once later text cannot change them."""
+        if self._text_tokenizer is None:
+            self._text_tokenizer = IncrementalTokenizer(self.loaded.tokenizer)
+        ids, offsets = self._text_tokenizer.push(text)
+        self._record_text(offsets)
+        return self.feed(ids)
+
+    def finish(self) -> StreamResult:
+        """Run the final partial block (if any) and summarise the stream."""
+        if self._text_tokenizer is not None:
+            ids, offsets = self._text_tokenizer.flush()
+            self._record_text(offsets)
+            self.pending.extend(ids)
+        if self.pending:
+            chunk, self.pending = self.pending, []
+            self._run_block(chunk)
+        return self.result()
+
+    def run(self, token_ids: Sequence[int]) -> StreamResult:
+        self.feed(token_ids)
+        return self.finish()
+
+    def run_text(self, text: str) -> StreamResult:
+        self.feed_text(text)
+        return self.finish()
+
+    def _record_text(self, offsets: list[tuple[int, int]]) -> None:
+        if self.trace is not None:
+            self.trace.text = self._text_tokenizer.text
+            self.trace.offsets.extend(offsets)
+
+    def result(self) -> StreamResult:
+        nll = np.concatenate(self._nll) if self._nll else np.zeros(0, np.float32)
+        return StreamResult(config=self.config, tokens=self.state.position, blocks=len(self._nll), nll=nll,
+                            seconds=self._seconds, state_bytes=self.state.nbytes(), trace=self.trace,
+                            block_seconds=list(self._block_seconds))
+
+    # -- one block ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _run_block(self, chunk: list[int]) -> BlockResult:
+        started = time.perf_counter()
+        ids = torch.tensor([chunk], dtype=torch.long)
+        selection = self.selection
+        with_stats = selection is not None and any(key in selection for key in STAT_KEYS)
+        start = self.state.position
+        out = self.fam_model.forward_block(ids, self.state, with_stats=with_stats)
+        nll, last_logits = self.fam_model.next_token_nll(out.hidden, ids, self.state.last_logits)
+        self.state = StreamState(**{**out.state.__dict__, "last_logits": last_logits})
+        nll_np = nll[0].cpu().numpy()
+        if self.trace is not None:
+            self.trace.append_block(start, chunk, self._block_values(out, nll_np))
+        seconds = time.perf_counter() - started
+        self._seconds += seconds
+        self._nll.append(nll_np)
+        self._block_seconds.append(seconds)
+        result = BlockResult(index=len(self._nll) - 1, start=start, token_ids=chunk, nll=nll_np, seconds=seconds)
+        if self.on_block is not None:
+            self.on_block(result)
+        return result
+
+    def _block_values(self, out: BlockOutput, nll: np.ndarray) -> dict[str, np.ndarray]:
+        """The selected channels of one block, with only the recorded layers, on the CPU."""
+        layers = self.selection.layers
+        values: dict[str, np.ndarray] = {}
+        if "tokens.nll" in layers:
+            values["tokens.nll"] = nll.astype(np.float32)
+
+        def pick(key: str, per_layer: list[torch.Tensor], dtype=torch.float32) -> None:
+            if key in layers:
+                values[key] = torch.stack([per_layer[l] for l in layers[key]]).to(dtype).cpu().numpy()
+
+        if out.stats is not None:
+            pick("block.share", [s.block_share[0] for s in out.stats])
+            pick("fam.share", [s.fam_share[0] for s in out.stats])
+            pick("fam.read", [s.fam_read[0] for s in out.stats], torch.float16)
+        if self.fam_model.fam_len:
+            new_fam, old_fam = out.state.fam, out.fam_before
+            pick("fam.state", [f[0] for f in new_fam], torch.float16)
+            pick("fam.norm", [f[0].float().norm(dim=-1).mean() for f in new_fam])
+            pick("fam.update", [1 - torch.nn.functional.cosine_similarity(
+                new[0].float().flatten(), old[0].float().flatten(), dim=0) for new, old in zip(new_fam, old_fam)])
+        return values
+
+
+def stream_tokens(model: LoadedModel, config: FamConfig, token_ids: Sequence[int], **kwargs) -> StreamResult:
+    """Run a whole token sequence through a fresh stream."""
+    return Stream(model, config, **kwargs).run(token_ids)

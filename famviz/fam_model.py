@@ -1,0 +1,256 @@
+"""TransformerFAM on top of a pretrained decoder, with no new weights (FAM_SPEC §1-§4).
+
+``FamModel.forward_block`` is the whole algorithm for one block, readable top to bottom:
+for every layer, the layer's FAM rows are prepended to the block's hidden states, both go through
+the layer's own norms, projections, attention and MLP, the block rows continue up the stack and the
+FAM rows become that layer's FAM for the next block. ``full`` and ``bswa`` are the same code with
+no FAM rows and an unbounded / bounded key-value memory.
+
+Positions: a block only ever sees keys within its window, and RoPE depends only on relative
+distances, so positions are rebased to the window's start (exact in real arithmetic). In bounded
+modes the memory therefore keeps keys *before* RoPE and rotates them per block with the window's
+(cached) angles; ``full`` keeps rotated keys at absolute positions, like the model's own cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .attention import AttentionStats, WindowLayout, attend
+from .config import FamConfig
+from .models import LoadedModel
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """Everything a stream carries from one block to the next.
+
+    In ``bswa``/``fam`` modes its size is constant: per layer, at most mem_blocks·block_size token
+    keys/values plus fam_len FAM vectors. States are never modified in place, so a state can be
+    kept and resumed from any number of times (forking costs nothing).
+    """
+
+    position: int  # tokens consumed so far
+    fam: tuple[torch.Tensor, ...]  # per layer (batch, fam_len, d); empty tuple without FAM
+    fam_fresh: bool  # the FAM is still the context-free initial one (its first update drops the residual)
+    mem_k: tuple[torch.Tensor, ...]  # per layer (batch, kv_heads, M, head_dim)
+    mem_v: tuple[torch.Tensor, ...]
+    last_logits: torch.Tensor | None  # (batch, vocab) float32: prediction of the next token
+
+    def nbytes(self) -> int:
+        tensors = [*self.fam, *self.mem_k, *self.mem_v]
+        if self.last_logits is not None:
+            tensors.append(self.last_logits)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def memory_tokens(self) -> int:
+        return self.mem_k[0].shape[2] if self.mem_k else 0
+
+
+@dataclass
+class BlockOutput:
+    hidden: torch.Tensor  # (batch, n, d) after the final norm
+    state: StreamState
+    stats: list[AttentionStats] | None  # per layer, when requested
+    fam_before: tuple[torch.Tensor, ...]  # the FAM this block read (for update-size statistics)
+
+
+class FamModel:
+    """A pretrained causal LM run as TransformerFAM / BSWA / full attention over blocks."""
+
+    def __init__(self, loaded: LoadedModel, config: FamConfig, fam_prompt: torch.Tensor | None = None):
+        self.loaded = loaded
+        self.config = config
+        self.model = loaded.model
+        self.decoder = loaded.model.model
+        self.layers = list(self.decoder.layers)
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.scale = attn.scaling
+        self.n_heads = loaded.config.num_attention_heads
+        self.n_kv_heads = loaded.config.num_key_value_heads
+        self.hidden_size = loaded.config.hidden_size
+        self.fam_len = config.active_fam_len
+        self.memory_capacity = config.mem_blocks * config.block_size if config.bounded else None
+        if self.fam_len:
+            if fam_prompt is None:
+                from .fam_prompt import default_fam_prompt
+
+                fam_prompt = default_fam_prompt(loaded, self.fam_len)
+            if tuple(fam_prompt.shape) != (self.fam_len, self.hidden_size):
+                raise ValueError(f"FAM prompt has shape {tuple(fam_prompt.shape)}, expected ({self.fam_len}, {self.hidden_size})")
+        self.fam_prompt = fam_prompt
+        self._initial_fam: tuple[torch.Tensor, ...] | None = None
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.loaded.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.loaded.dtype
+
+    # -- state -------------------------------------------------------------------------------
+    def initial_state(self, batch: int = 1) -> StreamState:
+        empty = torch.zeros(batch, self.n_kv_heads, 0, self.head_dim, device=self.device, dtype=self.dtype)
+        fam = tuple(f.expand(batch, -1, -1) for f in self.initial_fam()) if self.fam_len else ()
+        return StreamState(position=0, fam=fam, fam_fresh=True, mem_k=(empty,) * len(self.layers),
+                           mem_v=(empty,) * len(self.layers), last_logits=None)
+
+    def initial_fam(self) -> tuple[torch.Tensor, ...]:
+        """Per layer (1, fam_len, d): the FAM prompt run alone up the stack (FAM_SPEC §3).
+
+        F^l_0 = P^l with P^0 = prompt and P^{l+1} = layer_l(P^l), FAM rows attending bidirectionally
+        to each other only. Context-free, so computed once.
+        """
+        if self._initial_fam is None:
+            self._initial_fam = self.run_prompt_up_the_stack(self.fam_prompt)
+        return self._initial_fam
+
+    def run_prompt_up_the_stack(self, prompt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Differentiable form of ``initial_fam`` (training learns the prompt through it)."""
+        f = prompt.shape[0]
+        layout = WindowLayout(memory=0, fam=f, block=0)
+        cos, sin = self._rope(torch.arange(f, device=self.device))
+        h = prompt.to(device=self.device, dtype=self.dtype).unsqueeze(0)
+        per_layer = []
+        for layer in self.layers:
+            per_layer.append(h)
+            q, k, v = self._qkv(layer, h)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            out, _ = attend(q, k, v, layout, self.scale)
+            a = h + self._o_proj(layer, out)
+            h = a + layer.mlp(layer.post_attention_layernorm(a))
+        return tuple(per_layer)
+
+    def invalidate_initial_fam(self) -> None:
+        self._initial_fam = None
+
+    # -- one block ---------------------------------------------------------------------------
+    def forward_block(self, input_ids: torch.Tensor, state: StreamState, with_stats: bool = False) -> BlockOutput:
+        """Run one block of tokens (batch, n) from ``state``; returns hidden states and the next state."""
+        batch, n = input_ids.shape
+        f, m = self.fam_len, state.memory_tokens
+        layout = WindowLayout(memory=m, fam=f, block=n)
+        rows_cos, rows_sin, mem_cos, mem_sin = self._window_angles(state.position, m, f, n)
+        x = self.decoder.embed_tokens(input_ids.to(self.device))
+        new_fam, new_k, new_v, stats = [], [], [], []
+        for index, layer in enumerate(self.layers):
+            fam = state.fam[index] if f else None
+            z = torch.cat([fam, x], dim=1) if f else x  # FAM rows are prepended: [F ; X]
+            q, k, v = self._qkv(layer, z)
+            q_rot, k_rot = _rotate(q, rows_cos, rows_sin), _rotate(k, rows_cos, rows_sin)
+            mem_k = state.mem_k[index]
+            if m and self.memory_capacity is not None:
+                mem_k = _rotate(mem_k, mem_cos, mem_sin)  # bounded memory holds pre-RoPE keys
+            keys = torch.cat([mem_k, k_rot], dim=2)
+            values = torch.cat([state.mem_v[index], v], dim=2)
+            out, layer_stats = attend(q_rot, keys, values, layout, self.scale, with_stats)
+            # The first update of the context-free initial FAM uses a zero residual (FAM_SPEC §3).
+            residual = torch.cat([torch.zeros_like(fam), x], dim=1) if f and state.fam_fresh else z
+            a = residual + self._o_proj(layer, out)
+            h = a + layer.mlp(layer.post_attention_layernorm(a))  # FAM rows go through the MLP too
+            if f:
+                new_fam.append(h[:, :f])
+            x = h[:, f:]
+            stored_k = k[:, :, f:] if self.memory_capacity is not None else k_rot[:, :, f:]
+            new_k.append(self._remember(state.mem_k[index], stored_k))
+            new_v.append(self._remember(state.mem_v[index], v[:, :, f:]))
+            if with_stats:
+                stats.append(layer_stats)
+        hidden = self.decoder.norm(x)
+        next_state = replace(state, position=state.position + n, fam=tuple(new_fam), fam_fresh=state.fam_fresh and not f,
+                             mem_k=tuple(new_k), mem_v=tuple(new_v))
+        return BlockOutput(hidden=hidden, state=next_state, stats=stats if with_stats else None, fam_before=state.fam)
+
+    def _remember(self, memory: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        if self.memory_capacity == 0:
+            return memory
+        joined = torch.cat([memory, new], dim=2)
+        if self.memory_capacity is not None and joined.shape[2] > self.memory_capacity:
+            joined = joined[:, :, -self.memory_capacity :]  # all blocks but the last are full: the last mem_blocks blocks
+        return joined
+
+    def _qkv(self, layer, z: torch.Tensor):
+        attn = layer.self_attn
+        h = layer.input_layernorm(z)
+        shape = (z.shape[0], z.shape[1], -1, self.head_dim)
+        q = attn.q_proj(h).view(shape)
+        k = attn.k_proj(h).view(shape)
+        if self.loaded.arch.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        v = attn.v_proj(h).view(shape)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    @staticmethod
+    def _o_proj(layer, out: torch.Tensor) -> torch.Tensor:
+        b, heads, n, d = out.shape
+        return layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, n, heads * d))
+
+    # -- positions ---------------------------------------------------------------------------
+    def _window_angles(self, position: int, m: int, f: int, n: int):
+        """RoPE angles for the query/key rows [FAM ; block] and for the memory keys of one window.
+
+        Absolute positions: memory = position-m … position-1, FAM = the last f positions of the
+        previous block (position-f … position-1; -f … -1 for the first block), block = position … .
+        Bounded modes rebase them to the window's start so they stay small on unbounded streams.
+        """
+        if self.memory_capacity is None:  # full attention: absolute positions, like the model itself
+            cos, sin = self._rope(torch.arange(position - f, position + n, device=self.device))
+            return cos, sin, None, None
+        start = position - max(m, f)
+        key = (m, f, n)
+        if key not in self._rope_cache:
+            rows = torch.cat([torch.arange(position - f, position), torch.arange(position, position + n)]) - start
+            memory = torch.arange(position - m, position) - start
+            cos_r, sin_r = self._rope(rows.to(self.device))
+            cos_m, sin_m = self._rope(memory.to(self.device))
+            if len(self._rope_cache) > 64:
+                self._rope_cache.clear()
+            self._rope_cache[key] = (cos_r, sin_r, cos_m, sin_m)
+        return self._rope_cache[key]
+
+    def _rope(self, positions: torch.Tensor):
+        probe = torch.empty(0, device=self.device, dtype=self.dtype)
+        cos, sin = self.decoder.rotary_emb(probe, positions.unsqueeze(0))  # angles computed in fp32
+        return cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, P, head_dim): broadcast over batch and heads
+
+    # -- outputs -----------------------------------------------------------------------------
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+    def next_token_nll(self, hidden: torch.Tensor, input_ids: torch.Tensor, previous_logits: torch.Tensor | None,
+                       chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token NLL of ``input_ids`` (batch, n) and the float32 logits of the last position.
+
+        Token i is scored by position i-1's logits; the block's first token by ``previous_logits``
+        (NaN at the start of a document). Logits are formed in chunks to bound memory.
+        """
+        batch, n = input_ids.shape
+        ids = input_ids.to(self.device)
+        nll = torch.full((batch, n), float("nan"), device=self.device)
+        if previous_logits is not None:
+            nll[:, 0] = torch.nn.functional.cross_entropy(previous_logits, ids[:, 0], reduction="none")
+        last = None
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            logits = self.logits(hidden[:, s:e]).float()
+            targets_end = min(e, n - 1)
+            if targets_end > s:
+                scored = logits[:, : targets_end - s]
+                nll[:, s + 1 : targets_end + 1] = torch.nn.functional.cross_entropy(
+                    scored.reshape(-1, scored.shape[-1]), ids[:, s + 1 : targets_end + 1].reshape(-1), reduction="none"
+                ).view(batch, -1)
+            if e == n:
+                last = logits[:, -1]
+        return nll, last
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE, the convention of Hugging Face checkpoints."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

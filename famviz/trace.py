@@ -1,0 +1,257 @@
+"""The trace: what the engine records about its memory, block by block.
+
+Every recorded quantity has a stable channel name (in the spirit of TransformerLens hook names).
+This table is the one place they are defined; ``{layer}`` is a decoder layer index.
+
+==========================  ============================  ===========================================
+channel                     shape (per block / per token)  meaning
+==========================  ============================  ===========================================
+``tokens.nll``              per token, scalar              next-token NLL: -log p(token_i | tokens < i)
+                                                           (NaN for the document's first token)
+``block.{layer}.share``     per block, (heads, 3)          share of attention mass that block queries
+                                                           put on [FAM, memory blocks, own block],
+                                                           mean over the block's queries
+``fam.{layer}.share``       per block, (heads, 2)          share that FAM queries put on
+                                                           [previous FAM, current block], mean over slots
+``fam.{layer}.read``        per token, scalar              attention probability FAM queries give the
+                                                           token, mean over heads and slots
+``fam.{layer}.state``       per block, (fam_len, d) fp16   the FAM this layer hands to the next block
+``fam.{layer}.norm``        per block, scalar              mean L2 norm of the state's slots
+``fam.{layer}.update``      per block, scalar              1 - cosine(flattened state, previous state)
+==========================  ============================  ===========================================
+
+Shares are exact (sums of softmax probabilities) and sum to 1 per query group. In ``full`` mode
+"memory blocks" means every earlier token; ``fam.*`` channels exist only in ``fam`` mode.
+
+A trace saves to one ``.npz`` file (arrays plus a JSON metadata record) and reloads without the model.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import FamvizError
+
+TRACE_FORMAT = "famviz-trace"
+TRACE_VERSION = 1
+
+BLOCK_GROUPS = ("fam", "memory", "block")
+FAM_GROUPS = ("fam", "block")
+
+
+@dataclass(frozen=True)
+class ChannelKind:
+    """One family of channels: ``pattern`` with ``{layer}``, or a single global channel."""
+
+    pattern: str
+    per_token: bool  # one value per token (else one entry per block)
+    fam_only: bool
+    dtype: str
+    doc: str
+
+    @property
+    def per_layer(self) -> bool:
+        return "{layer}" in self.pattern
+
+    def key(self) -> str:
+        """Storage key in a trace file: the pattern without the layer index."""
+        return self.pattern.replace(".{layer}", "")
+
+
+CHANNEL_KINDS: tuple[ChannelKind, ...] = (
+    ChannelKind("tokens.nll", True, False, "float32", "next-token negative log-likelihood"),
+    ChannelKind("block.{layer}.share", False, False, "float32", "block queries' attention share on [fam, memory, block] per head"),
+    ChannelKind("fam.{layer}.share", False, True, "float32", "FAM queries' attention share on [fam, block] per head"),
+    ChannelKind("fam.{layer}.read", True, True, "float16", "how much FAM queries read each token"),
+    ChannelKind("fam.{layer}.state", False, True, "float16", "FAM state handed to the next block"),
+    ChannelKind("fam.{layer}.norm", False, True, "float32", "mean slot L2 norm of the FAM state"),
+    ChannelKind("fam.{layer}.update", False, True, "float32", "1 - cosine to the previous FAM state"),
+)
+KINDS_BY_KEY = {kind.key(): kind for kind in CHANNEL_KINDS}
+
+
+def channel_names(n_layers: int, fam: bool = True) -> list[str]:
+    """Every channel name for a model with ``n_layers`` layers."""
+    names = []
+    for kind in CHANNEL_KINDS:
+        if kind.fam_only and not fam:
+            continue
+        if kind.per_layer:
+            names.extend(kind.pattern.format(layer=layer) for layer in range(n_layers))
+        else:
+            names.append(kind.pattern)
+    return names
+
+
+class ChannelSelection:
+    """Which channels to record: for each kind, the layers it is recorded at.
+
+    Patterns are shell-style (``fam.*.state``, ``block.3.share``, ``tokens.nll``, ``*``).
+    """
+
+    def __init__(self, patterns: Iterable[str] | None, n_layers: int, fam: bool):
+        patterns = ["*"] if patterns is None else list(patterns)
+        self.n_layers = n_layers
+        self.layers: dict[str, list[int]] = {}
+        for name in channel_names(n_layers, fam):
+            if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                continue
+            parts = name.split(".")
+            key = name if len(parts) == 2 else f"{parts[0]}.{parts[2]}"
+            layer = int(parts[1]) if len(parts) == 3 else -1
+            self.layers.setdefault(key, [])
+            if layer >= 0:
+                self.layers[key].append(layer)
+        unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in channel_names(n_layers, True))]
+        if unknown:
+            raise FamvizError(
+                f"unknown trace channel pattern(s): {', '.join(unknown)}; "
+                f"channels are {', '.join(k.pattern for k in CHANNEL_KINDS)}"
+            )
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.layers
+
+    @property
+    def empty(self) -> bool:
+        return not self.layers
+
+
+class Trace:
+    """Recorded channels of one streamed document.
+
+    Arrays are stored per kind with a layer axis holding only the recorded layers
+    (``layers_of(key)``); use ``trace["fam.3.state"]`` for one channel, or ``array(key)`` for a kind.
+    Per-block arrays have the block as first axis; per-token arrays the token as last axis.
+    """
+
+    def __init__(self, meta: dict, layers: dict[str, list[int]]):
+        self.meta = meta
+        self._layers = {k: list(v) for k, v in layers.items()}
+        self._chunks: dict[str, list[np.ndarray]] = {k: [] for k in layers}
+        self._stacked: dict[str, np.ndarray] = {}
+        self.token_ids: list[int] = []
+        self.block_starts: list[int] = []
+        self.text: str | None = None  # the document, when known (for token views)
+        self.offsets: list[tuple[int, int]] = []  # per token (start, end) character span in ``text``
+
+    # -- recording ---------------------------------------------------------------------------
+    def append_block(self, start: int, token_ids: Sequence[int], values: dict[str, np.ndarray]) -> None:
+        """Add one block: ``values[key]`` has a leading layer axis (recorded layers) where per layer."""
+        self.block_starts.append(int(start))
+        self.token_ids.extend(int(t) for t in token_ids)
+        for key, value in values.items():
+            self._chunks[key].append(value)
+            self._stacked.pop(key, None)
+
+    # -- reading -----------------------------------------------------------------------------
+    @property
+    def keys(self) -> list[str]:
+        return list(self._chunks)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.block_starts)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def layers_of(self, key: str) -> list[int]:
+        return self._layers[key]
+
+    def array(self, key: str) -> np.ndarray:
+        """The whole kind as one array (blocks first for per-block kinds; tokens last for per-token)."""
+        if key not in self._chunks:
+            raise KeyError(f"channel kind {key!r} was not recorded; recorded: {', '.join(self.keys)}")
+        if key not in self._stacked:
+            kind = KINDS_BY_KEY[key]
+            chunks = self._chunks[key]
+            if kind.per_token:
+                shape = (len(self._layers[key]), 0) if kind.per_layer else (0,)
+                self._stacked[key] = np.concatenate(chunks, axis=-1) if chunks else np.zeros(shape, kind.dtype)
+            else:
+                self._stacked[key] = np.stack(chunks) if chunks else np.zeros((0,), kind.dtype)
+        return self._stacked[key]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        parts = name.split(".")
+        if len(parts) == 2:
+            return self.array(name)
+        if len(parts) != 3 or not parts[1].isdigit():
+            raise KeyError(f"not a channel name: {name!r}")
+        key, layer = f"{parts[0]}.{parts[2]}", int(parts[1])
+        layers = self.layers_of(key) if key in self._layers else []
+        if layer not in layers:
+            raise KeyError(f"channel {name!r} was not recorded")
+        index = layers.index(layer)
+        arr = self.array(key)
+        return arr[index] if KINDS_BY_KEY[key].per_token else arr[:, index]
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self[name]
+        except KeyError:
+            return False
+        return True
+
+    @property
+    def channels(self) -> list[str]:
+        names = []
+        for key, layers in self._layers.items():
+            kind = KINDS_BY_KEY[key]
+            names.extend(kind.pattern.format(layer=l) for l in layers) if kind.per_layer else names.append(key)
+        return names
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes for chunks in self._chunks.values() for c in chunks)
+
+    # -- files -------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        meta = dict(self.meta, format=TRACE_FORMAT, version=TRACE_VERSION, layers=self._layers,
+                    has_text=self.text is not None)
+        arrays = {f"channel/{key}": self.array(key) for key in self.keys}
+        arrays["token_ids"] = np.asarray(self.token_ids, dtype=np.int64)
+        arrays["block_starts"] = np.asarray(self.block_starts, dtype=np.int64)
+        arrays["offsets"] = np.asarray(self.offsets, dtype=np.int64).reshape(-1, 2)
+        arrays["text_utf8"] = np.frombuffer((self.text or "").encode("utf-8"), dtype=np.uint8)
+        arrays["meta_json"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+        tmp = path.with_name(path.name + ".partial")
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trace":
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(bytes(data["meta_json"]).decode("utf-8"))
+                if meta.get("format") != TRACE_FORMAT:
+                    raise FamvizError(f"{path} is not a famviz trace")
+                if meta.get("version", 0) > TRACE_VERSION:
+                    raise FamvizError(f"{path} was written by a newer famviz (trace version {meta['version']})")
+                layers = {k: list(v) for k, v in meta.pop("layers").items()}
+                meta.pop("format"), meta.pop("version")
+                has_text = meta.pop("has_text", False)
+                trace = cls(meta, layers)
+                trace.token_ids = data["token_ids"].tolist()
+                trace.block_starts = data["block_starts"].tolist()
+                trace.offsets = [tuple(pair) for pair in data["offsets"].tolist()]
+                trace.text = bytes(data["text_utf8"]).decode("utf-8") if has_text else None
+                for key in layers:
+                    arr = data[f"channel/{key}"]
+                    trace._stacked[key] = arr
+                    trace._chunks[key] = [arr] if KINDS_BY_KEY[key].per_token else list(arr)
+        except FamvizError:
+            raise
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            raise FamvizError(f"cannot read trace file {path}: {exc}") from None
+        return trace

@@ -1,0 +1,95 @@
+"""The trace: channels, exact shares, save/load without the model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from famviz import FamConfig, Stream, Trace
+from famviz.errors import FamvizError
+from famviz.trace import CHANNEL_KINDS, ChannelSelection, channel_names
+
+from test_engine import random_ids
+
+
+@pytest.fixture(scope="module")
+def fam_trace(tiny_llama):
+    return Stream(tiny_llama, FamConfig("fam", 8, 4, 1)).run(random_ids(45)).trace
+
+
+def test_shares_sum_to_one(fam_trace):
+    block_share, fam_share = fam_trace.array("block.share"), fam_trace.array("fam.share")
+    n_layers, n_heads = 3, 4
+    assert block_share.shape == (6, n_layers, n_heads, 3) and fam_share.shape == (6, n_layers, n_heads, 2)
+    np.testing.assert_allclose(block_share.sum(-1), 1, atol=1e-5)
+    np.testing.assert_allclose(fam_share.sum(-1), 1, atol=1e-5)
+    assert (block_share[0, :, :, 1] == 0).all()  # block 0 has no memory yet
+
+
+def test_fam_read_is_consistent_with_fam_share(fam_trace):
+    read = fam_trace.array("fam.read").astype(np.float64)  # (layers, tokens)
+    assert read.shape == (3, 45)
+    starts = fam_trace.block_starts + [45]
+    for b in range(6):
+        per_block = read[:, starts[b] : starts[b + 1]].sum(-1)
+        np.testing.assert_allclose(per_block, fam_trace.array("fam.share")[b, :, :, 1].mean(-1), atol=2e-3)
+
+
+def test_fam_state_channels(fam_trace):
+    state = fam_trace["fam.2.state"]
+    assert state.shape == (6, 4, 64) and state.dtype == np.float16
+    norm = fam_trace["fam.2.norm"]
+    np.testing.assert_allclose(norm, np.linalg.norm(state.astype(np.float32), axis=-1).mean(-1), rtol=2e-3)
+    update = fam_trace["fam.2.update"]
+    a, b = state[2].astype(np.float32).ravel(), state[1].astype(np.float32).ravel()
+    np.testing.assert_allclose(update[2], 1 - a @ b / np.linalg.norm(a) / np.linalg.norm(b), atol=2e-3)
+    assert fam_trace["tokens.nll"].shape == (45,)
+
+
+def test_save_and_reload_without_model(fam_trace, tmp_path):
+    fam_trace.text = "some text"
+    fam_trace.offsets = [(i, i + 1) for i in range(45)]
+    path = fam_trace.save(tmp_path / "run.npz")
+    loaded = Trace.load(path)
+    assert loaded.meta == fam_trace.meta
+    assert loaded.channels == fam_trace.channels
+    assert loaded.token_ids == fam_trace.token_ids and loaded.block_starts == fam_trace.block_starts
+    assert loaded.text == "some text" and loaded.offsets == fam_trace.offsets
+    for key in fam_trace.keys:
+        np.testing.assert_array_equal(loaded.array(key), fam_trace.array(key))
+
+
+def test_channel_selection(tiny_llama):
+    trace = Stream(tiny_llama, FamConfig("fam", 8, 4, 1), channels=["fam.1.*", "tokens.nll"]).run(random_ids(20)).trace
+    assert set(trace.keys) == {"fam.share", "fam.read", "fam.state", "fam.norm", "fam.update", "tokens.nll"}
+    assert trace.layers_of("fam.state") == [1]
+    assert trace["fam.1.state"].shape == (3, 4, 64)
+    with pytest.raises(KeyError):
+        trace["fam.0.state"]
+    with pytest.raises(KeyError):
+        trace["block.1.share"]
+
+
+def test_unknown_channel_is_refused():
+    with pytest.raises(FamvizError, match="unknown trace channel"):
+        ChannelSelection(["fam.*.sate"], n_layers=2, fam=True)
+
+
+def test_modes_without_fam_have_no_fam_channels(tiny_llama):
+    trace = Stream(tiny_llama, FamConfig("bswa", 8, 4, 1)).run(random_ids(20)).trace
+    assert not any(key.startswith("fam.") for key in trace.keys)
+    assert "block.0.share" in trace
+
+
+def test_every_channel_kind_is_documented():
+    import famviz.trace as module
+
+    for kind in CHANNEL_KINDS:
+        assert f"``{kind.pattern}``" in module.__doc__
+    assert "fam.0.state" in channel_names(2) and "fam.0.state" not in channel_names(2, fam=False)
+
+
+def test_not_a_trace_file(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(FamvizError, match="cannot read trace"):
+        Trace.load(bad)
