@@ -6,8 +6,14 @@ Queries are the block's rows in the order [FAM rows | block tokens]. The mask (F
     FAM rows         masked     all     all (whole block)
     block token i    all        all     causal (j <= i)
 
-Two paths compute the same output: ``sdpa`` (PyTorch's fused kernel, no statistics) and
-``probs`` (explicit softmax, used when a trace is recorded: the probabilities give exact shares).
+Back ends compute the same output:
+- ``sdpa`` (default everywhere): PyTorch's fused kernel with the explicit boolean mask;
+- ``flex``: FlexAttention with a block mask, compiled once per window shape (a GPU back end; it
+  also compiles on CPU, where dense SDPA is faster);
+- ``flash``: flash-attn when importable (CUDA only). The table splits into two plain calls: FAM
+  rows over [FAM | block] without a mask, block rows over everything with a bottom-right aligned
+  causal mask (flash-attn's convention), which is exactly "all memory, all FAM, causal block".
+When a trace is recorded the explicit-softmax path runs instead: its probabilities give exact shares.
 """
 from __future__ import annotations
 
@@ -68,15 +74,96 @@ class AttentionStats:
     fam_read: torch.Tensor  # (batch, block): FAM queries' probability per block token, mean over heads and slots
 
 
+BACKENDS = ("sdpa", "flex", "flash")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Back ends usable on ``device``: sdpa always, flex where FlexAttention imports, flash on CUDA with flash-attn."""
+    names = ["sdpa"]
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+
+        names.append("flex")
+    except ImportError:
+        pass
+    if torch.device(device).type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            names.append("flash")
+        except ImportError:
+            pass
+    return names
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout, scale: float,
-           with_stats: bool = False) -> tuple[torch.Tensor, AttentionStats | None]:
+           with_stats: bool = False, backend: str = "sdpa") -> tuple[torch.Tensor, AttentionStats | None]:
     """Masked attention of q (b, heads, Q, d) over k, v (b, kv_heads, K, d); GQA without repeating K/V."""
-    mask = window_mask(layout, q.device)
-    if not with_stats:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
-        return out, None
-    return _attend_with_probs(q, k, v, layout, mask, scale)
+    if with_stats:
+        return _attend_with_probs(q, k, v, layout, window_mask(layout, q.device), scale)
+    if backend == "flex":
+        return _attend_flex(q, k, v, layout, scale), None
+    if backend == "flash":
+        return attend_split(q, k, v, layout, scale, _flash_kernel), None
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(layout, q.device), scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out, None
+
+
+# -- split form (flash-attn) -----------------------------------------------------------------------
+def attend_split(q, k, v, layout: WindowLayout, scale: float, kernel) -> torch.Tensor:
+    """The window mask as two unmasked/causal kernel calls; ``kernel(q, k, v, scale, causal)``
+    takes (b, heads, n, d) tensors, with causal meaning bottom-right aligned."""
+    m, f = layout.memory, layout.fam
+    parts = []
+    if f:
+        parts.append(kernel(q[:, :, :f], k[:, :, m:], v[:, :, m:], scale, False))
+    if layout.block:
+        parts.append(kernel(q[:, :, f:], k, v, scale, True))
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+
+def sdpa_kernel(q, k, v, scale: float, causal: bool) -> torch.Tensor:
+    """Reference kernel for ``attend_split`` (bottom-right causal via an explicit mask)."""
+    mask = None
+    if causal:
+        n_q, n_k = q.shape[2], k.shape[2]
+        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(diagonal=n_k - n_q)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _flash_kernel(q, k, v, scale: float, causal: bool) -> torch.Tensor:
+    from flash_attn import flash_attn_func  # (b, n, heads, d) layout, GQA native, causal bottom-right
+
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal)
+    return out.transpose(1, 2)
+
+
+# -- FlexAttention ---------------------------------------------------------------------------------
+_flex_masks: dict[tuple[WindowLayout, torch.device], object] = {}
+_compiled_flex = None
+
+
+def _attend_flex(q, k, v, layout: WindowLayout, scale: float) -> torch.Tensor:
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)  # uncompiled it materialises scores
+    key = (layout, q.device)
+    if key not in _flex_masks:
+        m, f = layout.memory, layout.fam
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            fam_row = q_idx < f
+            sees_as_fam = kv_idx >= m
+            sees_as_token = (kv_idx < m + f) | (kv_idx - m - f <= q_idx - f)
+            return (fam_row & sees_as_fam) | (~fam_row & sees_as_token)
+
+        if len(_flex_masks) > 32:
+            _flex_masks.clear()
+        _flex_masks[key] = create_block_mask(mask_mod, None, None, layout.n_queries, layout.n_keys, device=q.device)
+    return _compiled_flex(q, k, v, block_mask=_flex_masks[key], scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _attend_with_probs(q, k, v, layout: WindowLayout, mask, scale):

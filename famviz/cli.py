@@ -24,6 +24,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, metavar="DIR", help="trained FAM adapter directory")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    parser.add_argument("--backend", default="auto", choices=["auto", "sdpa", "flex", "flash"],
+                        help="attention kernel when no trace is recorded (auto: flash-attn on CUDA when installed, else sdpa)")
 
 
 def _add_fam_options(parser: argparse.ArgumentParser) -> None:
@@ -44,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fam_options(stream)
     _add_model_options(stream)
     stream.add_argument("--max-tokens", type=int, default=None, metavar="N", help="truncate the document to N tokens")
-    stream.add_argument("--trace", default=None, metavar="OUT", help="save the trace to OUT (.npz)")
-    stream.add_argument("--no-trace", action="store_true", help="record nothing but the per-token NLL (fastest)")
+    stream.add_argument("--trace", default=None, metavar="OUT",
+                        help="record the trace and save it to OUT (.npz); without it only the per-token NLL is kept")
+    stream.add_argument("--no-trace", action="store_true", help="record no trace even with --trace (fastest)")
     stream.add_argument("--channels", default=None, metavar="PATTERNS",
                         help="comma-separated trace channel patterns to record, e.g. 'block.*.share,tokens.nll'")
     stream.add_argument("--json", action="store_true", help="print one JSON object with the results")
@@ -99,8 +102,9 @@ def run_stream(args) -> int:
     if not ids:
         raise FamvizError(f"{args.path}: the document has no tokens")
     channels = args.channels.split(",") if args.channels else None
-    result = stream_with_progress(loaded, config, ids, fam_prompt=fam_prompt, record=not args.no_trace,
-                                  channels=channels)
+    record = bool(args.trace) and not args.no_trace  # nothing that grows with the document is kept otherwise
+    result = stream_with_progress(loaded, config, ids, fam_prompt=fam_prompt, record=record, channels=channels,
+                                  backend=resolve_backend(args.backend, loaded.device))
     trace_path = None
     if result.trace is not None:
         result.trace.text = text
@@ -137,6 +141,17 @@ def load_for_cli(args, config: FamConfig):
     log.info("model %s loaded in %.1f s on %s (%s)", loaded.name, time.perf_counter() - started, loaded.device,
              loaded.dtype)
     return loaded, fam_prompt
+
+
+def resolve_backend(name: str, device) -> str:
+    from .attention import available_backends
+
+    available = available_backends(device)
+    if name == "auto":
+        return "flash" if "flash" in available else "sdpa"
+    if name not in available:
+        raise FamvizError(f"attention back end {name!r} is not available on {device}; available: {', '.join(available)}")
+    return name
 
 
 def stream_with_progress(loaded, config: FamConfig, ids, **kwargs):

@@ -64,18 +64,19 @@ class Stream:
 
     ``channels``: trace channel patterns to record (None = all, see ``famviz.trace``);
     ``record=False`` keeps only the per-token NLL. ``on_block`` is called after every block.
+    ``backend``: attention kernel when no trace statistics are needed (see ``famviz.attention``).
     """
 
     def __init__(self, model: LoadedModel | FamModel, config: FamConfig | None = None, *,
                  channels: Iterable[str] | None = None, record: bool = True,
-                 fam_prompt: torch.Tensor | None = None,
+                 fam_prompt: torch.Tensor | None = None, backend: str = "sdpa",
                  on_block: Callable[[BlockResult], None] | None = None):
         if isinstance(model, FamModel):
             if config is not None and config != model.config:
                 raise ValueError("config differs from the FamModel's own config")
             self.fam_model = model
         else:
-            self.fam_model = FamModel(model, config or FamConfig(), fam_prompt=fam_prompt)
+            self.fam_model = FamModel(model, config or FamConfig(), fam_prompt=fam_prompt, backend=backend)
         self.config = self.fam_model.config
         self.loaded = self.fam_model.loaded
         self.state: StreamState = self.fam_model.initial_state()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .attention import AttentionStats, WindowLayout, attend
+from .attention import BACKENDS, AttentionStats, WindowLayout, attend
 from .config import FamConfig
 from .models import LoadedModel
 
@@ -60,7 +60,11 @@ class BlockOutput:
 class FamModel:
     """A pretrained causal LM run as TransformerFAM / BSWA / full attention over blocks."""
 
-    def __init__(self, loaded: LoadedModel, config: FamConfig, fam_prompt: torch.Tensor | None = None):
+    def __init__(self, loaded: LoadedModel, config: FamConfig, fam_prompt: torch.Tensor | None = None,
+                 backend: str = "sdpa"):
+        if backend not in BACKENDS:
+            raise ValueError(f"attention back end must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.backend = backend
         self.loaded = loaded
         self.config = config
         self.model = loaded.model
@@ -148,7 +152,7 @@ class FamModel:
                 mem_k = _rotate(mem_k, mem_cos, mem_sin)  # bounded memory holds pre-RoPE keys
             keys = torch.cat([mem_k, k_rot], dim=2)
             values = torch.cat([state.mem_v[index], v], dim=2)
-            out, layer_stats = attend(q_rot, keys, values, layout, self.scale, with_stats)
+            out, layer_stats = attend(q_rot, keys, values, layout, self.scale, with_stats, self.backend)
             # The first update of the context-free initial FAM uses a zero residual (FAM_SPEC §3).
             residual = torch.cat([torch.zeros_like(fam), x], dim=1) if f and state.fam_fresh else z
             a = residual + self._o_proj(layer, out)

@@ -1,0 +1,53 @@
+"""Optional attention back ends agree with the default SDPA path."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from famviz import FamConfig, Stream
+from famviz.attention import WindowLayout, attend, attend_split, available_backends, sdpa_kernel
+
+from test_engine import random_ids
+
+LAYOUTS = [WindowLayout(6, 3, 5), WindowLayout(0, 4, 7), WindowLayout(8, 0, 8), WindowLayout(0, 0, 5), WindowLayout(0, 4, 0)]
+
+
+def qkv(layout: WindowLayout, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, layout.n_queries, 16, generator=g)
+    return q, torch.randn(2, 2, layout.n_keys, 16, generator=g), torch.randn(2, 2, layout.n_keys, 16, generator=g)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_split_form_equals_masked_sdpa(layout):
+    """The two-call decomposition used for flash-attn is exactly the window mask."""
+    q, k, v = qkv(layout)
+    reference, _ = attend(q, k, v, layout, 0.25)
+    torch.testing.assert_close(attend_split(q, k, v, layout, 0.25, sdpa_kernel), reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("flex" not in available_backends("cpu"), reason="FlexAttention not available")
+def test_flex_stream_equals_sdpa_stream(tiny_llama):
+    """FlexAttention compiles on CPU too (slowly: one compile per window shape)."""
+    ids = random_ids(40)
+    config = FamConfig("fam", 16, 4, 1)
+    a = Stream(tiny_llama, config, record=False).run(ids)
+    b = Stream(tiny_llama, config, record=False, backend="flex").run(ids)
+    np.testing.assert_allclose(b.nll, a.nll, atol=1e-3)
+
+
+@pytest.mark.skipif("flash" not in available_backends("cuda" if torch.cuda.is_available() else "cpu"),
+                    reason="flash-attn needs CUDA and the flash_attn package")
+def test_flash_attention_equals_sdpa_on_gpu():
+    for layout in LAYOUTS[:3]:
+        q, k, v = (t.cuda().bfloat16() for t in qkv(layout))
+        reference, _ = attend(q, k, v, layout, 0.25)
+        flash, _ = attend(q, k, v, layout, 0.25, backend="flash")
+        torch.testing.assert_close(flash, reference, atol=2e-2, rtol=2e-2)
+
+
+def test_unknown_backend_is_refused(tiny_llama):
+    with pytest.raises(ValueError, match="back end"):
+        Stream(tiny_llama, FamConfig("fam", 8, 2, 1), backend="cuda-magic")
