@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # famviz never downloads at run time: hub ids resolve from the local HF cache only
+    # (set HF_HUB_OFFLINE=0 to allow downloads).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
@@ -92,8 +95,13 @@ def run_stream(args) -> int:
     config = FamConfig(mode=args.mode, block_size=args.block_size, fam_len=args.fam_len, mem_blocks=args.mem_blocks)
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise FamvizError(f"--max-tokens must be positive, got {args.max_tokens}")
+    trace_out = check_output_path(args.trace) if args.trace else None
     text = read_document(args.path)
     loaded, fam_prompt = load_for_cli(args, config)
+    channels = args.channels.split(",") if args.channels else None
+    from .trace import ChannelSelection
+
+    ChannelSelection(channels, loaded.config.num_hidden_layers, fam=config.active_fam_len > 0)  # fail before streaming
     from .tokenize import tokenize_document
 
     ids, offsets = tokenize_document(loaded.tokenizer, text)
@@ -101,7 +109,6 @@ def run_stream(args) -> int:
         ids, offsets = ids[: args.max_tokens], offsets[: args.max_tokens]
     if not ids:
         raise FamvizError(f"{args.path}: the document has no tokens")
-    channels = args.channels.split(",") if args.channels else None
     record = bool(args.trace) and not args.no_trace  # nothing that grows with the document is kept otherwise
     result = stream_with_progress(loaded, config, ids, fam_prompt=fam_prompt, record=record, channels=channels,
                                   backend=resolve_backend(args.backend, loaded.device))
@@ -109,8 +116,11 @@ def run_stream(args) -> int:
     if result.trace is not None:
         result.trace.text = text
         result.trace.offsets = list(offsets)
-        if args.trace:
-            trace_path = str(result.trace.save(args.trace))
+        if trace_out:
+            try:
+                trace_path = str(result.trace.save(trace_out))
+            except OSError as exc:
+                raise FamvizError(f"cannot write the trace to {trace_out}: {exc.strerror or exc}") from None
     summary = {
         "mode": config.mode, "tokens": result.tokens, "blocks": result.blocks, "block_size": config.block_size,
         "fam_len": config.active_fam_len, "mem_blocks": config.mem_blocks, "nll_mean": result.nll_mean,
@@ -125,6 +135,20 @@ def run_stream(args) -> int:
         for key, value in summary.items():
             print(f"{key:>13}: {value}")
     return 0
+
+
+def check_output_path(path: str) -> str:
+    """Refuse an unwritable output path before any work is done."""
+    from pathlib import Path
+
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise FamvizError(f"{path} is a directory; give a file name such as {target / 'trace.npz'}")
+    if not target.parent.is_dir():
+        raise FamvizError(f"cannot write {path}: folder {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK):
+        raise FamvizError(f"cannot write {path}: folder {target.parent} is not writable")
+    return str(target)
 
 
 def load_for_cli(args, config: FamConfig):

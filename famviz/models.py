@@ -116,7 +116,7 @@ def _manifest_ok(directory: Path, source_key: str) -> bool:
             if _sample_digest(directory / name) != digest:
                 return False
         return True
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # any damage means "rebuild"
         return False
 
 
@@ -230,6 +230,8 @@ def load_model(name_or_path: str | None = None, device: str = "auto", dtype: str
         path, name = bundled_model_dir(), BUNDLED_NAME
     else:
         path, name = name_or_path, str(name_or_path)
+        if str(path).startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+            raise UnsupportedModelError(f"model path {name!r} does not exist")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - every loading failure becomes one clear line

@@ -1,0 +1,146 @@
+"""Shared test helpers: tiny random models, and running the CLI in a subprocess or in-process.
+
+Imported as ``helpers`` (pytest puts ``tests/`` on ``sys.path``: the folder has no ``__init__.py``).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+# Geometry shared by every tiny model: 2 layers, 4 query heads of 16 dims, 2 KV heads.
+TINY_DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=4096)
+
+
+# -- models ---------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def bundled_tokenizer():
+    """The bundled SmolLM2 tokenizer (converts the bundled model once if it is not cached yet)."""
+    import transformers
+
+    import famviz.models
+
+    return transformers.AutoTokenizer.from_pretrained(famviz.models.bundled_model_dir())
+
+
+def tiny_config(family: str, vocab_size: int = 128):
+    """A tiny config of a supported family (``llama``, ``mistral``, ``qwen2``, ``qwen3``)."""
+    import transformers
+
+    if family == "llama":
+        return transformers.LlamaConfig(vocab_size=vocab_size, **TINY_DIMS)
+    if family == "mistral":
+        return transformers.MistralConfig(vocab_size=vocab_size, sliding_window=None, **TINY_DIMS)
+    if family == "qwen2":
+        return transformers.Qwen2Config(vocab_size=vocab_size, use_sliding_window=False, **TINY_DIMS)
+    if family == "qwen3":
+        return transformers.Qwen3Config(vocab_size=vocab_size, head_dim=16, use_sliding_window=False, **TINY_DIMS)
+    raise ValueError(f"no tiny config for {family!r}")
+
+
+def tiny_causal_lm(family: str, vocab_size: int = 128, seed: int = 0):
+    """A tiny random *ForCausalLM (float32, eval mode) of a supported family."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, vocab_size))
+    return model.eval()
+
+
+def tiny_gpt2():
+    """A tiny random GPT-2: an architecture the FAM engine does not support."""
+    import transformers
+
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100))
+
+
+def save_tiny_llama_dir(directory: Path) -> Path:
+    """A tiny random Llama with the bundled tokenizer, saved as a model directory for ``--model``."""
+    import torch
+    import transformers
+
+    tokenizer = bundled_tokenizer()
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), **TINY_DIMS)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def save_tiny_gpt2_dir(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    tiny_gpt2().save_pretrained(directory)
+    return directory
+
+
+# -- documents ------------------------------------------------------------------------------------
+def long_text(paragraphs: int = 40) -> str:
+    """Deterministic English-like text, a few thousand tokens long."""
+    topics = ["memory", "attention", "blocks", "feedback", "windows", "tokens", "layers", "states"]
+    lines = []
+    for i in range(paragraphs):
+        topic = topics[i % len(topics)]
+        lines.append(
+            f"Paragraph {i}: the model reads {topic} one block at a time, and keeps a small working "
+            f"memory of {i * 7 % 64} slots that it updates after every block of {topic}. "
+            f"Nothing here is meant to make sense; it only has to tokenize into many tokens.\n"
+        )
+    return "\n".join(lines)
+
+
+# -- running the CLI ------------------------------------------------------------------------------
+def cli_env() -> dict:
+    """Environment for CLI subprocesses: offline, as nothing here needs the Hub."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1")
+    return env
+
+
+def run_cli(args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m famviz ARGS`` in a subprocess, from the repository root, text output captured."""
+    return subprocess.run([sys.executable, "-m", "famviz", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO_ROOT, env=cli_env(), timeout=timeout)
+
+
+def run_cli_in_process(args, capfd) -> tuple[int, str, str]:
+    """``famviz.cli.main(ARGS)`` in this process: (exit status, stdout, stderr).
+
+    Much faster than a subprocess (no second torch/transformers import); an exception escaping
+    ``main`` is what the real CLI would print as a traceback, so it fails the test.
+    """
+    from famviz.cli import main
+
+    capfd.readouterr()  # drop anything earlier
+    try:
+        status = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse errors
+        status = exc.code
+    except BaseException as exc:  # noqa: BLE001
+        out, err = capfd.readouterr()
+        pytest.fail(f"famviz.cli.main{tuple(map(str, args))} raised {type(exc).__name__}: {exc} -- "
+                    f"the CLI would print a traceback (stderr so far: {err!r})")
+    out, err = capfd.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(status, stdout: str, stderr: str, *, contains: tuple[str, ...] = ()) -> str:
+    """The CLI's error contract: non-zero exit, empty stdout, exactly one non-empty stderr line, no traceback."""
+    assert status not in (0, None), f"expected a non-zero exit, got {status}; stdout={stdout!r}"
+    assert stdout == "", f"stdout must be empty on error, got {stdout!r}"
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected exactly one stderr line, got {len(lines)}: {stderr!r}"
+    for text in contains:
+        assert text in lines[0], f"{text!r} not in {lines[0]!r}"
+    return lines[0]
