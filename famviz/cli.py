@@ -85,7 +85,30 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of the whole process (model loading included)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def reset_window_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM) so a phase's own peak can be read (Linux only)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def window_peak_rss_mb() -> float | None:
+    """Peak RSS since the last ``reset_window_peak_rss`` (None where /proc is not available)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
 
 
 # -- stream ---------------------------------------------------------------------------------------
@@ -102,6 +125,11 @@ def run_stream(args) -> int:
     from .trace import ChannelSelection
 
     ChannelSelection(channels, loaded.config.num_hidden_layers, fam=config.active_fam_len > 0)  # fail before streaming
+    import gc
+
+    gc.collect()
+    load_peak_mb = peak_rss_mb()  # the reset below also resets getrusage's figure
+    can_window = reset_window_peak_rss()  # after loading: the stream's own peak, not the load's
     from .tokenize import tokenize_document
 
     ids, offsets = tokenize_document(loaded.tokenizer, text)
@@ -125,7 +153,8 @@ def run_stream(args) -> int:
         "mode": config.mode, "tokens": result.tokens, "blocks": result.blocks, "block_size": config.block_size,
         "fam_len": config.active_fam_len, "mem_blocks": config.mem_blocks, "nll_mean": result.nll_mean,
         "seconds": round(result.seconds, 4), "tokens_per_s": round(result.tokens_per_s, 2),
-        "peak_rss_mb": round(peak_rss_mb(), 1), "state_bytes": result.state_bytes,
+        "peak_rss_mb": round(max(load_peak_mb, peak_rss_mb()), 1),
+        "stream_peak_rss_mb": round(window_peak_rss_mb(), 1) if can_window else None, "state_bytes": result.state_bytes,
         "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""), "model": loaded.name,
         "trace": trace_path, "trace_bytes": result.trace.nbytes() if result.trace is not None else 0,
     }
