@@ -37,7 +37,7 @@ from famviz.documents import MAX_DOCUMENT_BYTES, SUPPORTED_SUFFIXES, read_docume
 from famviz.engine import Stream  # noqa: E402
 from famviz.errors import DocumentError, FamvizError  # noqa: E402
 from famviz.models import LoadedModel  # noqa: E402
-from famviz.tokenize import IncrementalTokenizer, tokenize_document  # noqa: E402
+from famviz.tokenize import tokenize_prefix  # noqa: E402
 from famviz.trace import Trace  # noqa: E402
 
 log = logging.getLogger("famviz.app")
@@ -53,7 +53,6 @@ MAX_BLOCK_SIZE = 8192
 MAX_FAM_LEN = 1024
 MAX_MEM_BLOCKS = 64
 MAX_TOKENS_LIMIT = 1_000_000
-TOKENIZE_PIECE_CHARS = 1 << 16  # long documents are tokenised in pieces until max tokens are reached
 DEFAULT_VIEW = "block-fam"
 
 
@@ -152,28 +151,6 @@ def read_input_document(source: str, upload: str | None, pasted: str | None) -> 
                                 f"upload a file or paste text instead.") from None
         return read_document_bytes(data, EXAMPLE_PATH.name), "GPL-3 licence"
     raise FamvizError(f"Unknown document source {source!r}; use one of {', '.join(SOURCES)}.")
-
-
-def tokenize_prefix(tokenizer, text: str, max_tokens: int,
-                    piece_chars: int = TOKENIZE_PIECE_CHARS) -> tuple[list[int], list[tuple[int, int]]]:
-    """The first ``max_tokens`` tokens of ``text`` (as tokenising the whole text gives them) and
-    their character spans, without tokenising all of a huge document."""
-    if len(text) <= piece_chars:
-        ids, offsets = tokenize_document(tokenizer, text)
-        return ids[:max_tokens], offsets[:max_tokens]
-    incremental = IncrementalTokenizer(tokenizer)
-    ids, offsets = [], []
-    for start in range(0, len(text), piece_chars):
-        new_ids, new_offsets = incremental.push(text[start:start + piece_chars])
-        ids += new_ids
-        offsets += new_offsets
-        if len(ids) >= max_tokens:
-            break
-    else:
-        new_ids, new_offsets = incremental.flush()
-        ids += new_ids
-        offsets += new_offsets
-    return ids[:max_tokens], offsets[:max_tokens]
 
 
 # -- a run as it streams ------------------------------------------------------------------------------------

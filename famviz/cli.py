@@ -130,11 +130,12 @@ def run_stream(args) -> int:
     gc.collect()
     load_peak_mb = peak_rss_mb()  # the reset below also resets getrusage's figure
     can_window = reset_window_peak_rss()  # after loading: the stream's own peak, not the load's
-    from .tokenize import tokenize_document
+    from .tokenize import tokenize_document, tokenize_prefix
 
-    ids, offsets = tokenize_document(loaded.tokenizer, text)
-    if args.max_tokens is not None:
-        ids, offsets = ids[: args.max_tokens], offsets[: args.max_tokens]
+    if args.max_tokens is not None:  # no need to tokenise the rest of a huge document
+        ids, offsets = tokenize_prefix(loaded.tokenizer, text, args.max_tokens)
+    else:
+        ids, offsets = tokenize_document(loaded.tokenizer, text)
     if not ids:
         raise FamvizError(f"{args.path}: the document has no tokens")
     record = bool(args.trace) and not args.no_trace  # nothing that grows with the document is kept otherwise

@@ -11,6 +11,7 @@ Tokens can be fed in pieces of any size (``feed`` / ``feed_text``): only whole b
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -170,7 +171,7 @@ class Stream:
         start = self.state.position
         out = self.fam_model.forward_block(ids, self.state, with_stats=with_stats)
         nll, last_logits = self.fam_model.next_token_nll(out.hidden, ids, self.state.last_logits)
-        self.state = StreamState(**{**out.state.__dict__, "last_logits": last_logits})
+        self.state = dataclasses.replace(out.state, last_logits=last_logits)
         nll_np = nll[0].cpu().numpy()
         if self.trace is not None:
             self.trace.append_block(start, chunk, self._block_values(out, nll_np))

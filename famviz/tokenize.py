@@ -70,3 +70,25 @@ class IncrementalTokenizer:
             self._committed_chars = len(self.text)
         prefix, self._prefix = self._prefix, []
         return prefix + ids, [(0, 0)] * len(prefix) + [(s + base, e + base) for s, e in spans]
+
+
+def tokenize_prefix(tokenizer, text: str, max_tokens: int,
+                    piece_chars: int = 1 << 16) -> tuple[list[int], list[tuple[int, int]]]:
+    """The first ``max_tokens`` tokens of ``text`` (as tokenising the whole text gives them) and
+    their character spans, without tokenising all of a huge document."""
+    if len(text) <= piece_chars:
+        ids, offsets = tokenize_document(tokenizer, text)
+        return ids[:max_tokens], offsets[:max_tokens]
+    incremental = IncrementalTokenizer(tokenizer)
+    ids, offsets = [], []
+    for start in range(0, len(text), piece_chars):
+        new_ids, new_offsets = incremental.push(text[start:start + piece_chars])
+        ids += new_ids
+        offsets += new_offsets
+        if len(ids) >= max_tokens:
+            break
+    else:
+        new_ids, new_offsets = incremental.flush()
+        ids += new_ids
+        offsets += new_offsets
+    return ids[:max_tokens], offsets[:max_tokens]
