@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
+import torch.utils.checkpoint
 
 from .attention import BACKENDS, AttentionStats, WindowLayout, attend
 from .config import FamConfig
@@ -88,6 +89,7 @@ class FamModel:
         self.fam_prompt = fam_prompt
         self._initial_fam: tuple[torch.Tensor, ...] | None = None
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.checkpoint_layers = False  # recompute layers in backward (set by training)
 
     @property
     def device(self) -> torch.device:
@@ -134,41 +136,64 @@ class FamModel:
         self._initial_fam = None
 
     # -- one block ---------------------------------------------------------------------------
-    def forward_block(self, input_ids: torch.Tensor, state: StreamState, with_stats: bool = False) -> BlockOutput:
-        """Run one block of tokens (batch, n) from ``state``; returns hidden states and the next state."""
+    def forward_block(self, input_ids: torch.Tensor, state: StreamState, with_stats: bool = False,
+                      window_kv: list | None = None) -> BlockOutput:
+        """Run one block of tokens (batch, n) from ``state``; returns hidden states and the next state.
+
+        ``window_kv``: when a list is given, each layer's attention keys (rotated) and values over the
+        whole window [memory | FAM | block] are appended to it, so a decoder can continue the block
+        token by token (``famviz.decode``).
+        """
         batch, n = input_ids.shape
         f, m = self.fam_len, state.memory_tokens
         layout = WindowLayout(memory=m, fam=f, block=n)
-        rows_cos, rows_sin, mem_cos, mem_sin = self._window_angles(state.position, m, f, n)
+        angles = self._window_angles(state.position, m, f, n)
         x = self.decoder.embed_tokens(input_ids.to(self.device))
         new_fam, new_k, new_v, stats = [], [], [], []
         for index, layer in enumerate(self.layers):
-            fam = state.fam[index] if f else None
-            z = torch.cat([fam, x], dim=1) if f else x  # FAM rows are prepended: [F ; X]
-            q, k, v = self._qkv(layer, z)
-            q_rot, k_rot = _rotate(q, rows_cos, rows_sin), _rotate(k, rows_cos, rows_sin)
-            mem_k = state.mem_k[index]
-            if m and self.memory_capacity is not None:
-                mem_k = _rotate(mem_k, mem_cos, mem_sin)  # bounded memory holds pre-RoPE keys
-            keys = torch.cat([mem_k, k_rot], dim=2)
-            values = torch.cat([state.mem_v[index], v], dim=2)
-            out, layer_stats = attend(q_rot, keys, values, layout, self.scale, with_stats, self.backend)
-            # The first update of the context-free initial FAM uses a zero residual (FAM_SPEC §3).
-            residual = torch.cat([torch.zeros_like(fam), x], dim=1) if f and state.fam_fresh else z
-            a = residual + self._o_proj(layer, out)
-            h = a + layer.mlp(layer.post_attention_layernorm(a))  # FAM rows go through the MLP too
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                # Training backpropagates through every block: recompute each layer instead of keeping it.
+                outputs = torch.utils.checkpoint.checkpoint(self._layer_block, index, x, state, layout, angles,
+                                                            with_stats, use_reentrant=False)
+            else:
+                outputs = self._layer_block(index, x, state, layout, angles, with_stats)
+            x, fam, stored_k, stored_v, layer_stats, keys, values = outputs
             if f:
-                new_fam.append(h[:, :f])
-            x = h[:, f:]
-            stored_k = k[:, :, f:] if self.memory_capacity is not None else k_rot[:, :, f:]
+                new_fam.append(fam)
             new_k.append(self._remember(state.mem_k[index], stored_k))
-            new_v.append(self._remember(state.mem_v[index], v[:, :, f:]))
+            new_v.append(self._remember(state.mem_v[index], stored_v))
             if with_stats:
                 stats.append(layer_stats)
+            if window_kv is not None:
+                window_kv.append((keys, values))
         hidden = self.decoder.norm(x)
         next_state = replace(state, position=state.position + n, fam=tuple(new_fam), fam_fresh=state.fam_fresh and not f,
                              mem_k=tuple(new_k), mem_v=tuple(new_v))
         return BlockOutput(hidden=hidden, state=next_state, stats=stats if with_stats else None, fam_before=state.fam)
+
+    def _layer_block(self, index: int, x: torch.Tensor, state: StreamState, layout: WindowLayout, angles,
+                     with_stats: bool):
+        """One layer over [FAM ; block]: the block rows for the next layer, this layer's new FAM, the
+        keys/values to remember, attention statistics and the window's keys/values."""
+        layer = self.layers[index]
+        f, m = layout.fam, layout.memory
+        rows_cos, rows_sin, mem_cos, mem_sin = angles
+        fam = state.fam[index] if f else None
+        z = torch.cat([fam, x], dim=1) if f else x  # FAM rows are prepended: [F ; X]
+        q, k, v = self._qkv(layer, z)
+        q_rot, k_rot = _rotate(q, rows_cos, rows_sin), _rotate(k, rows_cos, rows_sin)
+        mem_k = state.mem_k[index]
+        if m and self.memory_capacity is not None:
+            mem_k = _rotate(mem_k, mem_cos, mem_sin)  # bounded memory holds pre-RoPE keys
+        keys = torch.cat([mem_k, k_rot], dim=2)
+        values = torch.cat([state.mem_v[index], v], dim=2)
+        out, layer_stats = attend(q_rot, keys, values, layout, self.scale, with_stats, self.backend)
+        # The first update of the context-free initial FAM uses a zero residual (FAM_SPEC §3).
+        residual = torch.cat([torch.zeros_like(fam), x], dim=1) if f and state.fam_fresh else z
+        a = residual + self._o_proj(layer, out)
+        h = a + layer.mlp(layer.post_attention_layernorm(a))  # FAM rows go through the MLP too
+        stored_k = k[:, :, f:] if self.memory_capacity is not None else k_rot[:, :, f:]
+        return h[:, f:], (h[:, :f] if f else None), stored_k, v[:, :, f:], layer_stats, keys, values
 
     def _remember(self, memory: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         if self.memory_capacity == 0:
