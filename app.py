@@ -1,29 +1,36 @@
-"""famviz app: stream a document through TransformerFAM and watch its memory, block by block.
+"""famviz app: the live memory inspector. Stream a document through TransformerFAM and watch its
+working memory, block by block; export any plot for a paper.
 
     python app.py [--model ID_OR_PATH] [--adapter DIR] [--device auto|cpu|cuda]
                   [--dtype auto|bfloat16|float32] [--host 127.0.0.1] [--port 7860]
 
-The model is loaded once at startup (the bundled SmolLM2-135M by default). Pick a mode and block
-geometry, give a document (upload, paste, or the built-in example) and press Start: after every
-block the plots update with what the engine recorded. Stop keeps what was computed so far.
+The model given here (the bundled SmolLM2-135M by default) is loaded at startup; the Model panel
+can switch to another supported model or adapter (loaded on the next Start). Pick a mode and
+block geometry, give a document (upload, paste, or a built-in example) and press Start: after
+every block the plots update. Stop keeps what was computed so far. A run downloads as a trace
+file, and an uploaded trace replays every view without a model.
 
-``build_app(loaded)`` builds the UI around an already loaded model (tests use a tiny random one).
+``build_app(loaded)`` builds the UI around an already loaded model (tests use a tiny random one);
+the UI is a set of tabs, each built by one ``build_*_tab(context)`` call in ``build_app``.
 """
 from __future__ import annotations
 
 import os
 
-# Before gradio is imported: no usage statistics leave this machine.
+# Before gradio is imported: no usage statistics leave this machine; hub ids resolve offline.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Iterator  # noqa: E402
 
@@ -31,11 +38,13 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from famviz import figures  # noqa: E402
+from famviz import export, figures  # noqa: E402
 from famviz.config import MODES, FamConfig  # noqa: E402
 from famviz.documents import MAX_DOCUMENT_BYTES, SUPPORTED_SUFFIXES, read_document_bytes  # noqa: E402
 from famviz.engine import Stream  # noqa: E402
 from famviz.errors import DocumentError, FamvizError  # noqa: E402
+from famviz.inspector import (DEFAULT_VIEW, TRAJECTORY_METHODS, Run, StateFeatures, app_channels,  # noqa: E402
+                              default_trajectory_layers, parse_layers)
 from famviz.models import LoadedModel  # noqa: E402
 from famviz.tokenize import tokenize_prefix  # noqa: E402
 from famviz.trace import Trace  # noqa: E402
@@ -43,23 +52,26 @@ from famviz.trace import Trace  # noqa: E402
 log = logging.getLogger("famviz.app")
 
 EXAMPLE_PATH = Path("/usr/share/common-licenses/GPL-3")
-SOURCES = {"example": "Example: GPL-3 licence", "upload": "Upload a file", "paste": "Paste text"}
-# What the app records: everything its plots need, nothing per token and layer (fam.read) and no
-# FAM states (fam.state is fam_len × hidden per layer and block, megabytes per block).
-APP_CHANNELS = ("tokens.nll", "block.*.share", "fam.*.share", "fam.*.norm", "fam.*.update")
+SOURCES = {"example": "Example: GPL-3 licence", "passkey": "Example: PassKey haystack", "upload": "Upload a file",
+           "paste": "Paste text"}
 DEFAULT_SETTINGS = FamConfig(mode="fam", block_size=256, fam_len=64, mem_blocks=1)
 DEFAULT_MAX_TOKENS = 4096
+DEFAULT_PASSKEY_TOKENS = 2000
 MAX_BLOCK_SIZE = 8192
 MAX_FAM_LEN = 1024
 MAX_MEM_BLOCKS = 64
 MAX_TOKENS_LIMIT = 1_000_000
-DEFAULT_VIEW = "block-fam"
+MAX_UPLOAD = "512mb"  # what the server accepts; documents are then held to MAX_DOCUMENT_BYTES with a message
+MAX_TRACE_BYTES = 512 * 1024 ** 2
+NO_COMPARE = "off"
+MEAN_LAYER = "mean"
 
 
-# -- model and adapter --------------------------------------------------------------------------------
+# -- models and adapters --------------------------------------------------------------------------------
 @dataclass
 class AppAdapter:
-    """A trained adapter, applied once at startup (LoRA merged); its FAM prompt is used in fam mode."""
+    """A trained adapter, applied once when its model is loaded (LoRA merged); its FAM prompt is
+    used in fam mode."""
 
     adapter: object  # famviz.adapters.Adapter
     fam_prompt: torch.Tensor | None
@@ -90,6 +102,42 @@ def attach_adapter(loaded: LoadedModel, directory: str | Path) -> AppAdapter:
     probe = AppAdapter(adapter, None)
     prompt = apply_adapter(directory, loaded, dataclasses.replace(probe.settings(), mode="fam"))
     return AppAdapter(adapter, prompt)
+
+
+def _model_key(model, adapter, device, dtype) -> tuple:
+    clean = lambda value: (str(value).strip() or None) if value is not None else None  # noqa: E731
+    return clean(model), clean(adapter), device or "auto", dtype or "auto"
+
+
+class ModelHub:
+    """The models the app can stream with: the startup one, plus at most one other picked in the UI
+    (loaded on Start, inside the queued stream event, so sessions never load concurrently)."""
+
+    def __init__(self, loaded: LoadedModel, adapter: AppAdapter | None, key: tuple):
+        self.default_key = key
+        self._models: dict[tuple, tuple[LoadedModel, AppAdapter | None]] = {key: (loaded, adapter)}
+        self._lock = threading.Lock()
+
+    @property
+    def default(self) -> tuple[LoadedModel, AppAdapter | None]:
+        return self._models[self.default_key]
+
+    def is_loaded(self, key: tuple) -> bool:
+        return key in self._models
+
+    def get(self, model, adapter, device, dtype) -> tuple[LoadedModel, AppAdapter | None]:
+        key = _model_key(model, adapter, device, dtype)
+        with self._lock:
+            if key in self._models:
+                return self._models[key]
+            from famviz.models import load_model
+
+            loaded = load_model(key[0], device=key[2], dtype=key[3])
+            app_adapter = attach_adapter(loaded, key[1]) if key[1] else None
+            for other in [k for k in self._models if k != self.default_key]:
+                del self._models[other]  # keep memory bounded: one extra model at a time
+            self._models[key] = (loaded, app_adapter)
+            return loaded, app_adapter
 
 
 # -- one run's inputs ------------------------------------------------------------------------------------
@@ -127,11 +175,23 @@ def parse_settings(mode, block_size, fam_len, mem_blocks, max_tokens) -> tuple[F
     return config, _whole_number("Max tokens", max_tokens, 1, MAX_TOKENS_LIMIT)
 
 
-def read_input_document(source: str, upload: str | None, pasted: str | None) -> tuple[str, str]:
+def passkey_text(tokenizer, length) -> str:
+    """The PassKey haystack example (key at the start: the memory must carry it to the question)."""
+    try:
+        from famviz.passkey import make_passkey_document
+    except ImportError:
+        raise FamvizError("The PassKey example is not available in this famviz version; use the GPL-3 example.") \
+            from None
+    tokens = _whole_number("PassKey length", length, 64, MAX_TOKENS_LIMIT)
+    return make_passkey_document(tokenizer, tokens, depth=0.0, seed=0).text
+
+
+def read_input_document(source: str, upload: str | None, pasted: str | None, tokenizer=None,
+                        passkey_tokens=DEFAULT_PASSKEY_TOKENS) -> tuple[str, str]:
     """(text, name) of the chosen document, or a DocumentError/FamvizError saying what is wrong."""
     if source == "upload":
         if not upload:
-            raise FamvizError("No file uploaded: choose a file, or pick pasted text or the example.")
+            raise FamvizError("No file uploaded: choose a file, or pick pasted text or an example.")
         path = Path(upload)
         try:
             with open(path, "rb") as handle:
@@ -141,7 +201,7 @@ def read_input_document(source: str, upload: str | None, pasted: str | None) -> 
         return read_document_bytes(data, path.name), path.name
     if source == "paste":
         if not pasted or not pasted.strip():
-            raise FamvizError("No text pasted: paste some text, or pick a file or the example.")
+            raise FamvizError("No text pasted: paste some text, or pick a file or an example.")
         return pasted.replace("\r\n", "\n").replace("\r", "\n"), "pasted text"
     if source == "example":
         try:
@@ -150,111 +210,128 @@ def read_input_document(source: str, upload: str | None, pasted: str | None) -> 
             raise DocumentError(f"The example document {EXAMPLE_PATH} is not on this machine; "
                                 f"upload a file or paste text instead.") from None
         return read_document_bytes(data, EXAMPLE_PATH.name), "GPL-3 licence"
+    if source == "passkey":
+        if tokenizer is None:
+            raise FamvizError("The PassKey example needs the model's tokenizer.")
+        return passkey_text(tokenizer, passkey_tokens), f"PassKey haystack ({int(float(passkey_tokens)):,} tokens)"
     raise FamvizError(f"Unknown document source {source!r}; use one of {', '.join(SOURCES)}.")
 
 
-# -- a run as it streams ------------------------------------------------------------------------------------
-@dataclass
-class Run:
-    """One stream's progress and trace; kept in the session's gr.State so that the view dropdown
-    and the Stop button act on the run that is streaming."""
-
-    config: FamConfig
-    document: str
-    total_tokens: int
-    view: str = DEFAULT_VIEW
-    trace: Trace | None = None
-    blocks_done: int = 0
-    tokens_done: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    elapsed: float = 0.0
-    state: str = "streaming"  # streaming | done | stopped | failed
-    error: str = ""
-
-    @property
-    def total_blocks(self) -> int:
-        return -(-self.total_tokens // self.config.block_size)
-
-    def status(self) -> str:
-        cfg = self.config
-        geometry = f"block {cfg.block_size}, memory blocks {cfg.mem_blocks}" + \
-            (f", FAM {cfg.fam_len}" if cfg.mode == "fam" else "")
-        speed = self.tokens_done / self.elapsed if self.elapsed > 0 else 0.0
-        parts = [f"{self.blocks_done} / {self.total_blocks} blocks",
-                 f"{self.tokens_done:,} / {self.total_tokens:,} tokens",
-                 f"{speed:,.0f} tokens/s", f"{self.elapsed:.1f} s elapsed"]
-        if self.state == "done" and self.trace is not None and "tokens.nll" in self.trace.keys:
-            nll = self.trace.array("tokens.nll")
-            finite = nll[np.isfinite(nll)]
-            if finite.size:
-                parts.append(f"mean NLL {finite.mean():.3f} nats")
-        head = {"streaming": "Streaming", "done": "Done", "stopped": "Stopped", "failed": "Failed"}[self.state]
-        line = f"**{head}** · {self.document} · {cfg.mode} ({geometry}) · " + " · ".join(parts)
-        if self.error:
-            line += f"\n\n**Error:** {self.error}"
-        return line
-
-    def figures(self):
-        if self.trace is None or self.trace.n_blocks == 0:
-            blank = figures.empty_figure("no blocks yet")
-            return blank, blank, blank
-        return (figures.view_figure(self.trace, self.view),
-                figures.nll_per_block(self.trace.array("tokens.nll"), self.trace.block_starts),
-                figures.fam_figure(self.trace))
+# -- what every update sends -----------------------------------------------------------------------------
+# Outputs of a full refresh, in this order: status, heatmap, heads, document, trajectory, dynamics, nll,
+# block slider, layer dropdown, run state.
+N_OUTPUTS = 10
 
 
 def error_status(message: str) -> str:
     return f"**Error:** {message}"
 
 
-def stream_document(loaded: LoadedModel, adapter: AppAdapter | None, source, upload, pasted, mode, block_size,
-                    fam_len, mem_blocks, max_tokens, view, previous: Run | None) -> Iterator[tuple]:
-    """The Start handler: yields (status, heatmap, nll, fam, run) once per block.
+def _skips(n: int) -> list:
+    return [gr.skip() for _ in range(n)]
+
+
+def _layer_choices(run: Run) -> list:
+    n_layers = int(run.trace.meta.get("n_layers", 0)) if run.trace is not None else 0
+    return [("mean over layers", MEAN_LAYER)] + [(f"layer {i}", str(i)) for i in range(n_layers)]
+
+
+def refresh(run: Run, *, layer_choices: bool = False) -> tuple:
+    """Every view of ``run`` (one tuple per update: N_OUTPUTS items)."""
+    last = max(run.blocks_done - 1, 0)
+    slider = gr.update(maximum=max(last, 1), value=run.shown_block, interactive=run.blocks_done > 1)
+    layer = gr.update(choices=_layer_choices(run), value=MEAN_LAYER if run.layer is None else str(run.layer)) \
+        if layer_choices else gr.skip()
+    return (run.status(), run.heatmap(), run.heads(), run.document_html(), run.trajectory(), run.dynamics(),
+            run.loss(), slider, layer, run)
+
+
+def stream_document(hub: ModelHub, model, adapter_dir, device, dtype, source, upload, pasted, passkey_tokens,
+                    mode, compare, block_size, fam_len, mem_blocks, max_tokens, trajectory_layers,
+                    previous: Run | None) -> Iterator[tuple]:
+    """The Start handler: yields a full refresh once per block.
 
     Bad input yields one error status and leaves the plots (and the previous run) as they were.
     """
+    key = _model_key(model, adapter_dir, device, dtype)
     try:
         config, limit = parse_settings(mode, block_size, fam_len, mem_blocks, max_tokens)
-        text, name = read_input_document(source, upload, pasted)
+        compare = None if compare in (None, "", NO_COMPARE) else compare
+        if compare is not None and compare not in MODES:
+            raise FamvizError(f"compare mode must be one of {', '.join(MODES)} or {NO_COMPARE}, got {compare!r}.")
+        if compare == config.mode:
+            raise FamvizError(f"Compare needs a second mode different from {config.mode}.")
+        if not hub.is_loaded(key):
+            yield (f"Loading model **{key[0] or 'bundled'}**{' with adapter ' + key[1] if key[1] else ''}…",
+                   *_skips(N_OUTPUTS - 1))
+        loaded, adapter = hub.get(*key) if key != hub.default_key else hub.default
+        text, name = read_input_document(source, upload, pasted, loaded.tokenizer, passkey_tokens)
+        n_layers = loaded.config.num_hidden_layers
+        try:
+            layers = parse_layers(trajectory_layers, n_layers) if config.mode == "fam" else []
+        except ValueError as exc:
+            raise FamvizError(str(exc)) from None
         fam_prompt = adapter.prompt_for(loaded, config) if adapter is not None else None
         ids, offsets = tokenize_prefix(loaded.tokenizer, text, limit)
         if not ids:
             raise DocumentError(f"{name}: the document has no tokens.")
-        stream = Stream(loaded, config, channels=APP_CHANNELS, fam_prompt=fam_prompt)
+        primary = Stream(loaded, config, channels=app_channels(layers, config.mode == "fam"), fam_prompt=fam_prompt)
+        other = None
+        if compare is not None:
+            other_config = dataclasses.replace(config, mode=compare)
+            other_prompt = adapter.prompt_for(loaded, other_config) if adapter is not None else None
+            other = Stream(loaded, other_config, record=False, fam_prompt=other_prompt)
     except FamvizError as exc:
-        yield error_status(str(exc)), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        yield error_status(str(exc)), *_skips(N_OUTPUTS - 1)
         return
     except Exception as exc:  # noqa: BLE001 - the app must survive anything; details go to the log
         log.exception("could not start a stream")
-        yield error_status(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        yield error_status(f"could not start: {type(exc).__name__}: {exc}"), *_skips(N_OUTPUTS - 1)
         return
 
-    stream.trace.text, stream.trace.offsets = text, list(offsets)
-    run = Run(config=config, document=name, total_tokens=len(ids), trace=stream.trace,
-              view=view if view in figures.SHARE_VIEWS else DEFAULT_VIEW)
+    trace = primary.trace
+    trace.text, trace.offsets = text, list(offsets)
+    trace.meta["document"] = name
+    run = Run(config=config, document=name, total_tokens=len(ids), trace=trace, compare_mode=compare,
+              features=StateFeatures(layers) if layers else None)
+    if previous is not None:  # keep what the user was looking at
+        run.view, run.method = previous.view, previous.method
+        run.layer = previous.layer if previous.layer is not None and previous.layer < n_layers else None
+    if other is not None:
+        other.on_block = lambda block: run.record_compare(block.nll)
+    yield run.status(), *_skips(N_OUTPUTS - 2), run  # the run is the session's from now on (Stop acts on it)
+
     block = config.block_size
-    log.info("streaming %s: %d tokens, %d blocks, %s", name, len(ids), run.total_blocks, config)
+    log.info("streaming %s: %d tokens, %d blocks, %s%s", name, len(ids), run.total_blocks, config,
+             f" vs {compare}" if compare else "")
     for start in range(0, len(ids), block):
         if run.state != "streaming":  # stopped from the UI: the event is being cancelled
             return
+        chunk = ids[start:start + block]
+        last = start + block >= len(ids)
         try:
-            stream.feed(ids[start:start + block])
-            if start + block >= len(ids):
-                stream.finish()
+            began = time.perf_counter()
+            for stream in (primary, other):
+                if stream is not None:
+                    stream.feed(chunk)
+                    if last:
+                        stream.finish()
+            run.engine_seconds += time.perf_counter() - began
+            if config.mode == "fam":
+                run.record_fam_states(primary.state.fam)
         except Exception as exc:  # noqa: BLE001 - keep what was computed; say what went wrong
             log.exception("stream failed at block %d", run.blocks_done)
             run.state, run.error = "failed", f"{type(exc).__name__}: {exc}"
             run.elapsed = time.perf_counter() - run.started
-            yield run.status(), gr.skip(), gr.skip(), gr.skip(), run
+            yield run.status(), *_skips(N_OUTPUTS - 2), run
             return
         run.blocks_done += 1
-        run.tokens_done = stream.position
+        run.tokens_done = primary.position
         run.elapsed = time.perf_counter() - run.started
         if run.blocks_done == run.total_blocks:
             run.state = "done"
-        heatmap, nll, fam = run.figures()
-        yield run.status(), heatmap, nll, fam, run
-    log.info("done: %s", run.status().replace("**", ""))
+        yield refresh(run, layer_choices=run.blocks_done == 1)
+    log.info("done: %s (engine %.1f s of %.1f s)", run.status().replace("**", ""), run.engine_seconds, run.elapsed)
 
 
 def stop_run(run: Run | None):
@@ -266,19 +343,124 @@ def stop_run(run: Run | None):
     return run.status()
 
 
+# -- view controls (no model; each acts on the session's run only) ----------------------------------------------
 def change_view(view: str, run: Run | None):
-    """Switch the heatmap; a running stream picks the new view up at its next block."""
-    if view not in figures.SHARE_VIEWS:
-        return gr.skip()
-    if run is None:
-        return gr.skip()
+    """Switch the heatmap target; a running stream picks the new view up at its next block."""
+    if view not in figures.SHARE_VIEWS or run is None:
+        return gr.skip(), gr.skip()
     run.view = view
-    if run.trace is None or run.trace.n_blocks == 0:
-        return gr.skip()
-    return figures.view_figure(run.trace, view)
+    if not run.has_blocks():
+        return gr.skip(), gr.skip()
+    return run.heatmap(), run.heads()
 
 
-# -- the UI ------------------------------------------------------------------------------------------------
+def change_layer(layer, run: Run | None):
+    """The layer the document is shaded by (and framed in the drill-down)."""
+    if run is None:
+        return gr.skip(), gr.skip()
+    run.layer = None if layer in (None, "", MEAN_LAYER) else int(layer)
+    if not run.has_blocks():
+        return gr.skip(), gr.skip()
+    return run.heads(), run.document_html()
+
+
+def select_block(block, follow: bool, run: Run | None):
+    """Drill down into one block (or follow the latest): heatmap frame, head view, document window."""
+    if run is None or not run.has_blocks():
+        return gr.skip(), gr.skip(), gr.skip()
+    run.block = None if follow or block is None else int(block)
+    return run.heatmap(), run.heads(), run.document_html()
+
+
+def change_method(method: str, run: Run | None):
+    """PCA now; UMAP starts in the background and the timer shows it when it is ready."""
+    if method not in TRAJECTORY_METHODS or run is None:
+        return gr.skip(), gr.Timer(active=False)
+    run.method = method
+    if not run.has_blocks():
+        return gr.skip(), gr.Timer(active=False)
+    figure = run.trajectory()
+    return figure, gr.Timer(active=run.umap_pending())
+
+
+def poll_umap(run: Run | None):
+    """Timer tick while a UMAP fit runs: show it once done, then stop ticking."""
+    if run is None or run.method != "UMAP":
+        return gr.skip(), gr.Timer(active=False)
+    if run.umap_pending():
+        return gr.skip(), gr.skip()
+    return run.trajectory(), gr.Timer(active=run.umap_pending() or run.state == "streaming")
+
+
+# -- export, trace download and replay ----------------------------------------------------------------------------
+def _export_dir() -> Path:
+    folder = Path(tempfile.gettempdir()) / "famviz-exports"
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=folder))
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:40] or "run"
+
+
+def export_plot(name: str, fmt: str, run: Run | None):
+    """Write one figure of the session's run in a paper-ready format; returns (file, note)."""
+    if run is None or not run.has_blocks():
+        return gr.skip(), "Nothing to export yet: stream a document or replay a trace first."
+    try:
+        path = _export_dir() / f"famviz-{name}-{_slug(run.document)}.{fmt}"
+        export.export_run_figure(run, name, fmt, path)
+    except FamvizError as exc:
+        return gr.skip(), error_status(str(exc))
+    except Exception as exc:  # noqa: BLE001
+        log.exception("export failed")
+        return gr.skip(), error_status(f"export failed: {type(exc).__name__}: {exc}")
+    return str(path), f"Exported **{path.name}** ({path.stat().st_size / 1024:,.0f} KB)."
+
+
+def download_trace(run: Run | None):
+    """The whole run as an engine trace file (.npz) that the app and `famviz export` can replay."""
+    if run is None or run.trace is None or run.trace.n_blocks == 0:
+        return gr.skip(), "No run to download yet."
+    try:
+        path = run.trace.save(_export_dir() / f"famviz-trace-{_slug(run.document)}.npz")
+    except OSError as exc:
+        return gr.skip(), error_status(f"cannot write the trace: {exc.strerror or exc}")
+    return str(path), f"Trace **{path.name}** ({path.stat().st_size / 1024 ** 2:,.1f} MB): {run.blocks_done} blocks."
+
+
+def replay_trace(upload: str | None, previous: Run | None):
+    """Load an uploaded trace file and show every view of it, without a model."""
+    if not upload:
+        return (gr.skip(),) * N_OUTPUTS
+    path = Path(upload)
+    try:
+        if path.stat().st_size > MAX_TRACE_BYTES:
+            raise FamvizError(f"{path.name} is larger than the {MAX_TRACE_BYTES // 1024 ** 2} MB limit for traces.")
+        trace = Trace.load(path)
+        if trace.n_blocks == 0:
+            raise FamvizError(f"{path.name} holds no blocks.")
+        run = Run.from_trace(trace, name=path.name)
+    except FamvizError as exc:
+        return error_status(str(exc)), *_skips(N_OUTPUTS - 1)
+    except Exception as exc:  # noqa: BLE001
+        log.exception("replay failed")
+        return error_status(f"cannot replay {path.name}: {type(exc).__name__}: {exc}"), *_skips(N_OUTPUTS - 1)
+    if previous is not None:
+        run.view, run.method = previous.view, previous.method
+    return refresh(run, layer_choices=True)
+
+
+# -- the UI ------------------------------------------------------------------------------------------------------
+@dataclass
+class AppContext:
+    """What every tab can use: the models, and the session's current run (gr.State)."""
+
+    hub: ModelHub
+    run_state: gr.State
+    defaults: FamConfig
+
+
 def _model_summary(loaded: LoadedModel, adapter: AppAdapter | None) -> str:
     cfg = loaded.config
     dtype = str(loaded.dtype).replace("torch.", "")
@@ -289,24 +471,35 @@ def _model_summary(loaded: LoadedModel, adapter: AppAdapter | None) -> str:
     return line
 
 
-def build_app(loaded: LoadedModel, adapter: AppAdapter | str | Path | None = None) -> gr.Blocks:
-    """The app around a loaded model; ``adapter`` is an AppAdapter or an adapter directory (applied here)."""
-    if adapter is not None and not isinstance(adapter, AppAdapter):
-        adapter = attach_adapter(loaded, adapter)
-    defaults = adapter.settings() if adapter is not None else DEFAULT_SETTINGS
+def build_inspector_tab(context: AppContext) -> None:
+    """The live memory inspector: controls, per-block plots, document view, export."""
+    hub, run_state, defaults = context.hub, context.run_state, context.defaults
+    loaded, adapter = hub.default
+    n_layers = loaded.config.num_hidden_layers
     blank = figures.empty_figure("Press Start to stream a document")
     view_choices = [(spec.label, key) for key, spec in figures.SHARE_VIEWS.items()]
+    static_problem = export.static_export_problem()
+    model_key = hub.default_key
 
-    def start(*args):
-        yield from stream_document(loaded, adapter, *args)
-
-    with gr.Blocks(title="famviz: TransformerFAM memory", delete_cache=(3600, 24 * 3600)) as demo:
-        gr.Markdown("## famviz · watch TransformerFAM's working memory\n" + _model_summary(loaded, adapter))
-        run_state = gr.State(None)
+    with gr.Tab("Memory inspector", id="inspector", elem_id="tab-inspector"):
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
-                mode = gr.Radio(list(MODES), value=defaults.mode, label="Mode", elem_id="mode",
-                                info="fam: block sliding window + feedback memory; bswa: window only; full: all tokens")
+                with gr.Accordion("Model", open=False, elem_id="model-panel"):
+                    model = gr.Textbox(model_key[0] or "", label="Model (Hugging Face id or local path)",
+                                       placeholder="empty: bundled SmolLM2-135M", elem_id="model")
+                    adapter_dir = gr.Textbox(model_key[1] or "", label="Adapter directory", placeholder="none",
+                                             elem_id="adapter")
+                    with gr.Row():
+                        device = gr.Dropdown(["auto", "cpu", "cuda"], value=model_key[2], label="Device",
+                                             elem_id="device")
+                        dtype = gr.Dropdown(["auto", "bfloat16", "float32"], value=model_key[3], label="Dtype",
+                                            elem_id="dtype")
+                    gr.Markdown("A changed model is loaded when you press Start.")
+                with gr.Row():
+                    mode = gr.Radio(list(MODES), value=defaults.mode, label="Mode", elem_id="mode",
+                                    info="fam: window + feedback memory · bswa: window only · full: all tokens")
+                    compare = gr.Dropdown([NO_COMPARE, *MODES], value=NO_COMPARE, label="Compare with",
+                                          elem_id="compare", info="same document, second mode")
                 with gr.Row():
                     block_size = gr.Number(defaults.block_size, label="Block size", precision=0, elem_id="block-size")
                     fam_len = gr.Number(defaults.fam_len, label="FAM length", precision=0, elem_id="fam-len")
@@ -314,35 +507,113 @@ def build_app(loaded: LoadedModel, adapter: AppAdapter | str | Path | None = Non
                     mem_blocks = gr.Number(defaults.mem_blocks, label="Memory blocks", precision=0,
                                            elem_id="mem-blocks")
                     max_tokens = gr.Number(DEFAULT_MAX_TOKENS, label="Max tokens", precision=0, elem_id="max-tokens")
+                trajectory_layers = gr.Textbox(", ".join(map(str, default_trajectory_layers(n_layers))),
+                                               label="Trajectory layers (FAM states recorded)",
+                                               elem_id="trajectory-layers")
                 source = gr.Radio([(label, key) for key, label in SOURCES.items()], value="example", label="Document",
                                   elem_id="source")
-                upload = gr.File(label="Upload (.txt .md .pdf .html)", file_types=list(SUPPORTED_SUFFIXES),
-                                 type="filepath", elem_id="upload")
-                pasted = gr.Textbox(label="Or paste text", lines=6, max_lines=12, placeholder="Paste a document here",
+                passkey_tokens = gr.Number(DEFAULT_PASSKEY_TOKENS, label="PassKey haystack length (tokens; key at "
+                                           "the start)", precision=0, elem_id="passkey-tokens")
+                upload = gr.File(label=f"Upload (.txt .md .pdf .html, ≤ {MAX_DOCUMENT_BYTES // 1024 ** 2} MB)",
+                                 file_types=list(SUPPORTED_SUFFIXES), type="filepath", elem_id="upload")
+                pasted = gr.Textbox(label="Or paste text", lines=4, max_lines=10, placeholder="Paste a document here",
                                     elem_id="pasted")
                 with gr.Row():
                     start_button = gr.Button("Start", variant="primary", elem_id="start")
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                with gr.Accordion("Replay a trace file (no model needed)", open=False):
+                    trace_upload = gr.File(label="Trace (.npz from Download trace or `famviz stream --trace`)",
+                                           file_types=[".npz"], type="filepath", elem_id="trace-upload")
             with gr.Column(scale=3):
                 status = gr.Markdown("Ready: pick a document and press **Start**.", elem_id="status")
-                view = gr.Dropdown(view_choices, value=DEFAULT_VIEW, label="Heatmap: attention share (mean over heads)",
-                                   elem_id="heatmap-view")
-                heatmap = gr.Plot(blank, label="Attention share per layer and block", elem_id="heatmap")
                 with gr.Row():
-                    nll = gr.Plot(blank, label="Next-token loss per block", elem_id="nll")
-                    fam = gr.Plot(blank, label="FAM norm and update per layer", elem_id="fam")
+                    view = gr.Dropdown(view_choices, value=DEFAULT_VIEW, label="Attention share shown",
+                                       elem_id="heatmap-view")
+                    layer = gr.Dropdown([("mean over layers", MEAN_LAYER)] +
+                                        [(f"layer {i}", str(i)) for i in range(n_layers)], value=MEAN_LAYER,
+                                        label="Layer (document shading, drill-down frame)", elem_id="layer")
+                    with gr.Column(min_width=240):
+                        block = gr.Slider(0, 1, value=0, step=1, label="Drill-down block", interactive=False,
+                                          elem_id="block")
+                        follow = gr.Checkbox(True, label="follow the latest block", elem_id="follow")
+                with gr.Row():
+                    heatmap = gr.Plot(blank, label="Attention share: layer × block (mean over heads)",
+                                      elem_id="heatmap", scale=3)
+                    heads = gr.Plot(blank, label="Drill-down: layer × head of the selected block", elem_id="heads",
+                                    scale=2)
+                document = gr.HTML("<div id='famviz-doc'>No document streamed yet.</div>", label="Document",
+                                   elem_id="document")
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        method = gr.Radio(list(TRAJECTORY_METHODS), value="PCA", label="Trajectory projection",
+                                          elem_id="method")
+                        trajectory = gr.Plot(blank, label="FAM state trajectory", elem_id="trajectory")
+                    dynamics = gr.Plot(blank, label="FAM norm and update per layer", elem_id="dynamics", scale=1)
+                nll = gr.Plot(blank, label="Next-token loss per block", elem_id="nll")
+                with gr.Group():
+                    with gr.Row():
+                        figure_name = gr.Dropdown([(f"{name}: {spec.description}", name)
+                                                   for name, spec in export.FIGURES.items()], value="heatmap",
+                                                  label="Export figure", elem_id="export-figure", scale=2)
+                        formats = list(export.FORMATS) if static_problem is None else ["html"]
+                        export_format = gr.Radio(formats, value="svg" if static_problem is None else "html",
+                                                 label="Format", elem_id="export-format", scale=1)
+                    with gr.Row():
+                        export_button = gr.Button("Export figure", elem_id="export")
+                        trace_button = gr.Button("Download trace (.npz)", elem_id="download-trace")
+                    export_file = gr.File(label="Exported file", interactive=False, elem_id="export-file")
+                    export_note = gr.Markdown(
+                        "Exports are publication-styled (fixed size, caption with the run's settings)."
+                        + (f"\n\n**Note:** {static_problem}" if static_problem else ""), elem_id="export-note")
+        umap_timer = gr.Timer(1.0, active=False)
 
-        # Picking a file or typing text selects that source (in the browser, no round trip).
-        upload.upload(None, None, source, js="() => 'upload'")
-        pasted.input(None, None, source, js="() => 'paste'")
-        run_event = start_button.click(
-            start, [source, upload, pasted, mode, block_size, fam_len, mem_blocks, max_tokens, view, run_state],
-            [status, heatmap, nll, fam, run_state], api_name="stream", show_progress="hidden",
-        )
-        stop_button.click(stop_run, [run_state], [status], cancels=[run_event], api_name="stop",
-                          show_progress="hidden")
-        view.change(change_view, [view, run_state], [heatmap], api_name="view", show_progress="hidden")
-    demo.queue(default_concurrency_limit=1)
+    def start(*args):
+        yield from stream_document(hub, *args)
+
+    outputs = [status, heatmap, heads, document, trajectory, dynamics, nll, block, layer, run_state]
+    # Picking a file or typing text selects that source (in the browser, no round trip).
+    upload.upload(None, None, source, js="() => 'upload'")
+    pasted.input(None, None, source, js="() => 'paste'")
+    passkey_tokens.input(None, None, source, js="() => 'passkey'")
+    run_event = start_button.click(
+        start, [model, adapter_dir, device, dtype, source, upload, pasted, passkey_tokens, mode, compare, block_size,
+                fam_len, mem_blocks, max_tokens, trajectory_layers, run_state],
+        outputs, api_name="stream", show_progress="hidden", concurrency_id="model", concurrency_limit=1,
+    )
+    # While streaming with UMAP chosen, the timer picks up background fits as they finish.
+    run_event.then(lambda run: gr.Timer(active=run is not None and run.method == "UMAP"), [run_state], [umap_timer])
+    stop_button.click(stop_run, [run_state], [status], cancels=[run_event], api_name="stop", show_progress="hidden")
+    view.change(change_view, [view, run_state], [heatmap, heads], api_name="view", show_progress="hidden")
+    layer.input(change_layer, [layer, run_state], [heads, document], api_name="layer", show_progress="hidden")
+    block.release(select_block, [block, follow, run_state], [heatmap, heads, document], show_progress="hidden")
+    follow.input(select_block, [block, follow, run_state], [heatmap, heads, document], show_progress="hidden")
+    method.change(change_method, [method, run_state], [trajectory, umap_timer], api_name="method",
+                  show_progress="hidden")
+    umap_timer.tick(poll_umap, [run_state], [trajectory, umap_timer], show_progress="hidden")
+    export_button.click(export_plot, [figure_name, export_format, run_state], [export_file, export_note],
+                        api_name="export", concurrency_id="export", concurrency_limit=1)
+    trace_button.click(download_trace, [run_state], [export_file, export_note], api_name="download_trace")
+    trace_upload.upload(replay_trace, [trace_upload, run_state], outputs, api_name="replay", show_progress="hidden")
+
+
+def build_app(loaded: LoadedModel, adapter: AppAdapter | str | Path | None = None,
+              model_key: tuple | None = None) -> gr.Blocks:
+    """The app around a loaded model; ``adapter`` is an AppAdapter or an adapter directory (applied here).
+    ``model_key`` = (model, adapter, device, dtype) as given on the command line (for the Model panel)."""
+    if adapter is not None and not isinstance(adapter, AppAdapter):
+        adapter = attach_adapter(loaded, adapter)
+    key = model_key or (None if loaded.name.startswith("SmolLM2") else loaded.name,
+                        str(adapter.directory) if adapter is not None else None, "auto", "auto")
+    hub = ModelHub(loaded, adapter, key)
+    defaults = adapter.settings() if adapter is not None else DEFAULT_SETTINGS
+
+    with gr.Blocks(title="famviz: TransformerFAM memory", delete_cache=(3600, 24 * 3600)) as demo:
+        gr.Markdown("## famviz · watch TransformerFAM's working memory\n" + _model_summary(loaded, adapter))
+        context = AppContext(hub=hub, run_state=gr.State(None), defaults=defaults)
+        with gr.Tabs():
+            build_inspector_tab(context)
+            # Further tabs go here, one call each (e.g. the PassKey tab: build_passkey_tab(context)).
+    demo.queue(default_concurrency_limit=4)
     return demo
 
 
@@ -355,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
     parser.add_argument("-v", "--verbose", action="store_true", help="more logging on stderr")
     return parser
 
@@ -377,11 +648,11 @@ def main(argv: list[str] | None = None) -> int:
         adapter = attach_adapter(loaded, args.adapter) if args.adapter else None
         log.info("famviz: %s loaded in %.1f s on %s (%s)", loaded.name, time.perf_counter() - started,
                  loaded.device, str(loaded.dtype).replace("torch.", ""))
-        demo = build_app(loaded, adapter)
+        demo = build_app(loaded, adapter, model_key=_model_key(args.model, args.adapter, args.device, args.dtype))
     except FamvizError as exc:
         print(f"famviz: error: {exc}", file=sys.stderr)
         return 2
-    demo.launch(server_name=args.host, server_port=args.port, share=False, max_file_size="50mb")
+    demo.launch(server_name=args.host, server_port=args.port, share=False, max_file_size=MAX_UPLOAD)
     return 0
 
 

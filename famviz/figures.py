@@ -8,6 +8,12 @@ fixed 0..1 colour scale so that figures of different blocks, runs and modes comp
     >>> figures.view_figure(trace, "block-fam")                            # the same, by view name
     >>> figures.nll_per_block(trace.array("tokens.nll"), trace.block_starts)
     >>> figures.fam_dynamics(trace.array("fam.norm"), trace.array("fam.update"))
+    >>> figures.head_share_heatmap(trace.array("block.share")[7], "fam")   # one block: layer × head
+    >>> figures.fam_trajectory({12: coords}, method="PCA")                 # 2-D path of a layer's FAM
+    >>> figures.nll_compare(fam_means, bswa_means, "fam", "bswa")          # two modes + memory benefit
+
+Long documents stay light: block axes show at most ``MAX_BLOCK_COLUMNS`` columns, the most recent
+``RECENT_BLOCKS`` one per block and older ones averaged in bins (``block_bins``).
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ import plotly.graph_objects as go
 from .trace import BLOCK_GROUPS, FAM_GROUPS, Trace
 
 SHARE_COLORSCALE = "Viridis"
+MAX_BLOCK_COLUMNS = 240  # most block columns any figure draws
+RECENT_BLOCKS = 120  # the latest blocks always get one column each
 FONT = dict(family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif", size=12)
 
 
@@ -86,6 +94,62 @@ def _block_axis(n_blocks: int, block_starts: Sequence[int] | None) -> tuple[np.n
     return x, starts
 
 
+# -- long block axes ------------------------------------------------------------------------------
+def block_bins(n_blocks: int, max_columns: int = MAX_BLOCK_COLUMNS, recent: int = RECENT_BLOCKS) -> np.ndarray:
+    """Column edges over ``n_blocks`` blocks: (columns + 1,) increasing block indices.
+
+    Up to ``max_columns`` blocks get one column each. Beyond that the latest ``recent`` blocks keep
+    one column each and the older history is split into ``max_columns - recent`` equal bins, so a
+    figure's size stays bounded however long the document is.
+    """
+    if n_blocks <= max_columns:
+        return np.arange(n_blocks + 1)
+    recent = min(recent, max_columns - 1)
+    history = n_blocks - recent
+    old_edges = np.unique(np.linspace(0, history, max_columns - recent + 1).round().astype(np.int64))
+    return np.concatenate([old_edges, np.arange(history + 1, n_blocks + 1)])
+
+
+def bin_blocks(values: np.ndarray, edges: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Mean of ``values`` over each block bin along ``axis`` (NaN-aware: NaN only when all are NaN)."""
+    values = np.asarray(values, dtype=np.float32)
+    if len(edges) - 1 == values.shape[axis]:
+        return values
+    moved = np.moveaxis(values, axis, 0)
+    with np.errstate(invalid="ignore"), _nan_warnings_off():
+        out = np.stack([np.nanmean(moved[a:b], axis=0) for a, b in zip(edges[:-1], edges[1:])])
+    return np.moveaxis(out, 0, axis)
+
+
+class _nan_warnings_off:
+    """np.nanmean warns on all-NaN slices, which are expected here (e.g. a block with no NLL)."""
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def _block_columns(n_blocks: int, block_starts: Sequence[int] | None, max_columns: int):
+    """(edges, x, hover label per column) for a block axis of ``n_blocks`` blocks."""
+    edges = block_bins(n_blocks, max_columns)
+    first, last = edges[:-1], edges[1:] - 1
+    x = (first + last) / 2.0 if len(edges) - 1 < n_blocks else first.astype(np.float64)
+    starts = None if block_starts is None else np.asarray(block_starts, dtype=np.int64)[:n_blocks]
+    labels = []
+    for a, b in zip(first, last):
+        label = f"block {a}" if a == b else f"blocks {a}–{b} (mean)"
+        if starts is not None and len(starts) > a:
+            label += f" · tokens from {starts[a]:,}"
+        labels.append(label)
+    return edges, x, np.asarray(labels, dtype=object)
+
+
 # -- attention shares --------------------------------------------------------------------------------
 def head_mean_share(share: np.ndarray, group: str, groups: Sequence[str] = BLOCK_GROUPS) -> np.ndarray:
     """(blocks, layers, heads, groups) shares -> (layers, blocks): one group, mean over heads."""
@@ -99,30 +163,36 @@ def head_mean_share(share: np.ndarray, group: str, groups: Sequence[str] = BLOCK
 
 def share_heatmap(share: np.ndarray, group: str, *, groups: Sequence[str] = BLOCK_GROUPS,
                   layers: Sequence[int] | None = None, block_starts: Sequence[int] | None = None,
-                  title: str | None = None) -> go.Figure:
+                  title: str | None = None, selected_block: int | None = None,
+                  max_columns: int = MAX_BLOCK_COLUMNS) -> go.Figure:
     """Layer × block heatmap of the attention share on ``group``, mean over heads, colours 0..1.
 
     ``share``: (blocks, layers, heads, len(groups)), e.g. ``trace.array("block.share")`` with
     groups (fam, memory, block) or ``trace.array("fam.share")`` with groups (fam, block).
-    ``layers``: the model layer index of each row (default 0..layers-1).
+    ``layers``: the model layer index of each row (default 0..layers-1). ``selected_block`` draws a
+    frame around that block's column (the drill-down's block).
     """
     z = head_mean_share(share, group, groups)
     n_layers, n_blocks = z.shape
-    x, starts = _block_axis(n_blocks, block_starts)
+    edges, x, labels = _block_columns(n_blocks, block_starts, max_columns)
+    z = bin_blocks(z, edges, axis=1)
     y = np.arange(n_layers) if layers is None else np.asarray(layers)
-    if starts is not None:
-        custom = np.broadcast_to(starts[None, :], z.shape)
-        hover = "block %{x} (tokens from %{customdata})<br>layer %{y}<br>share %{z:.3f}<extra></extra>"
-    else:
-        custom, hover = None, "block %{x}<br>layer %{y}<br>share %{z:.3f}<extra></extra>"
+    custom = np.broadcast_to(labels[None, :], z.shape)
     heatmap = go.Heatmap(z=z, x=x, y=y, customdata=custom, zmin=0.0, zmax=1.0, colorscale=SHARE_COLORSCALE,
-                         colorbar=dict(title=dict(text=f"share on<br>{group}", side="right")), hovertemplate=hover)
-    return go.Figure(heatmap, layout=_layout(title or f"Attention share on {group} (mean over heads)",
+                         colorbar=dict(title=dict(text=f"share on<br>{group}", side="right")),
+                         hovertemplate="%{customdata}<br>layer %{y}<br>share %{z:.3f}<extra></extra>")
+    shapes = []
+    if selected_block is not None and 0 <= selected_block < n_blocks:
+        column = int(np.searchsorted(edges, selected_block, side="right") - 1)
+        half = 0.5 if len(edges) - 1 == n_blocks else max((edges[column + 1] - edges[column]) / 2.0, 0.5)
+        shapes.append(dict(type="rect", xref="x", yref="paper", x0=x[column] - half, x1=x[column] + half,
+                           y0=0, y1=1, line=dict(color="#e4572e", width=2)))
+    return go.Figure(heatmap, layout=_layout(title or f"Attention share on {group} (mean over heads)", shapes=shapes,
                                              xaxis=_axis("block", showgrid=False, **_block_ticks(n_blocks)),
                                              yaxis=_axis("layer", showgrid=False)))
 
 
-def view_figure(trace: Trace, view: str) -> go.Figure:
+def view_figure(trace: Trace, view: str, selected_block: int | None = None) -> go.Figure:
     """The share heatmap of one of ``SHARE_VIEWS`` for a trace, or a message when it has no such data."""
     spec = SHARE_VIEWS[view]
     if spec.key not in trace.keys:
@@ -131,7 +201,51 @@ def view_figure(trace: Trace, view: str) -> go.Figure:
     if trace.n_blocks == 0:
         return empty_figure("no blocks yet", spec.title)
     return share_heatmap(trace.array(spec.key), spec.group, groups=spec.groups, layers=trace.layers_of(spec.key),
-                         block_starts=trace.block_starts, title=spec.title)
+                         block_starts=trace.block_starts, title=spec.title, selected_block=selected_block)
+
+
+def head_share_heatmap(block_share: np.ndarray, group: str, *, groups: Sequence[str] = BLOCK_GROUPS,
+                       layers: Sequence[int] | None = None, block: int | None = None,
+                       selected_layer: int | None = None, title: str | None = None) -> go.Figure:
+    """Drill-down: layer × head heatmap of one block's attention share on ``group``, colours 0..1.
+
+    ``block_share``: (layers, heads, len(groups)), e.g. ``trace.array("block.share")[b]``.
+    ``selected_layer`` (a model layer index) is framed.
+    """
+    block_share = np.asarray(block_share, dtype=np.float32)
+    if block_share.ndim != 3 or block_share.shape[-1] != len(groups):
+        raise ValueError(f"expected one block's shares of shape (layers, heads, {len(groups)}), got {block_share.shape}")
+    if group not in groups:
+        raise ValueError(f"group must be one of {', '.join(groups)}, got {group!r}")
+    z = block_share[..., list(groups).index(group)]
+    n_layers, n_heads = z.shape
+    y = np.arange(n_layers) if layers is None else np.asarray(layers)
+    heatmap = go.Heatmap(z=z, x=np.arange(n_heads), y=y, zmin=0.0, zmax=1.0, colorscale=SHARE_COLORSCALE,
+                         colorbar=dict(title=dict(text=f"share on<br>{group}", side="right")),
+                         hovertemplate="layer %{y}<br>head %{x}<br>share %{z:.3f}<extra></extra>")
+    shapes = []
+    if selected_layer is not None and selected_layer in list(y):
+        row = list(y).index(selected_layer)
+        shapes.append(dict(type="rect", xref="paper", yref="y", x0=0, x1=1, y0=y[row] - 0.5, y1=y[row] + 0.5,
+                           line=dict(color="#e4572e", width=2)))
+    where = f"block {block}" if block is not None else "one block"
+    return go.Figure(heatmap, layout=_layout(title or f"{where}: share on {group} per head", shapes=shapes,
+                                             xaxis=_axis("head", showgrid=False, tick0=0, dtick=1),
+                                             yaxis=_axis("layer", showgrid=False)))
+
+
+def head_view_figure(trace: Trace, view: str, block: int, selected_layer: int | None = None) -> go.Figure:
+    """``head_share_heatmap`` of one block of a trace for one of ``SHARE_VIEWS``."""
+    spec = SHARE_VIEWS[view]
+    title = f"Block {block}: {spec.label} per head"
+    if spec.key not in trace.keys:
+        return empty_figure("FAM queries exist only in fam mode" if spec.key == "fam.share"
+                            else f"{spec.key} was not recorded", title)
+    if not 0 <= block < trace.n_blocks:
+        return empty_figure("no such block yet", title)
+    return head_share_heatmap(trace.array(spec.key)[block], spec.group, groups=spec.groups,
+                              layers=trace.layers_of(spec.key), block=block, selected_layer=selected_layer,
+                              title=title)
 
 
 # -- next-token loss ---------------------------------------------------------------------------------
@@ -148,27 +262,62 @@ def block_means(values: np.ndarray, block_starts: Sequence[int]) -> np.ndarray:
     return means
 
 
-def nll_per_block(nll: np.ndarray, block_starts: Sequence[int], *, title: str | None = None) -> go.Figure:
+def nll_per_block(nll: np.ndarray, block_starts: Sequence[int], *, title: str | None = None,
+                  max_columns: int = MAX_BLOCK_COLUMNS) -> go.Figure:
     """Line of the mean next-token NLL (nats) per block; ``nll`` per token (NaN for the first)."""
-    means = block_means(nll, block_starts)
-    x, starts = _block_axis(len(means), block_starts)
-    with np.errstate(over="ignore"):
-        ppl = np.exp(means)
-    line = go.Scatter(
-        x=x, y=means, mode="lines+markers", name="mean NLL", customdata=np.stack([starts, ppl], axis=-1),
-        hovertemplate="block %{x} (tokens from %{customdata[0]:.0f})<br>mean NLL %{y:.3f} nats"
-                      "<br>perplexity %{customdata[1]:.1f}<extra></extra>",
-        line=dict(color="#3b6fb6"), marker=dict(size=5),
-    )
-    return go.Figure(line, layout=_layout(
-        title or "Next-token loss per block", showlegend=False,
-        xaxis=_axis("block", range=[-0.5, max(len(means), 1) - 0.5], **_block_ticks(len(means))),
-        yaxis=_axis("mean next-token NLL (nats)", rangemode="tozero")))
+    return nll_compare(block_means(nll, block_starts), None, title=title, block_starts=block_starts,
+                       max_columns=max_columns)
+
+
+def nll_compare(primary: np.ndarray, other: np.ndarray | None, primary_label: str = "mean NLL",
+                other_label: str = "", *, block_starts: Sequence[int] | None = None, title: str | None = None,
+                max_columns: int = MAX_BLOCK_COLUMNS) -> go.Figure:
+    """Per-block mean NLL of one run, or of two runs side by side plus their difference.
+
+    ``primary``/``other``: per-block mean NLL (nats). With ``other`` a second panel shows
+    ``other - primary``: the memory benefit of the primary mode (positive: it predicts better).
+    """
+    primary = np.asarray(primary, dtype=np.float64)
+    n = len(primary)
+    edges, x, labels = _block_columns(n, block_starts, max_columns)
+    y = bin_blocks(primary, edges)
+    colors = ("#3b6fb6", "#e4572e")
+    hover = "%{customdata}<br>" + "%{fullData.name}: %{y:.3f} nats<extra></extra>"
+    lines = [go.Scatter(x=x, y=y, mode="lines+markers", name=primary_label, customdata=labels, hovertemplate=hover,
+                        line=dict(color=colors[0]), marker=dict(size=4), xaxis="x", yaxis="y")]
+    xrange = [-0.5, max(n, 1) - 0.5]
+    if other is None:
+        return go.Figure(lines, layout=_layout(
+            title or "Next-token loss per block", showlegend=False,
+            xaxis=_axis("block", range=xrange, **_block_ticks(n)),
+            yaxis=_axis("mean next-token NLL (nats)", rangemode="tozero")))
+    other = np.asarray(other, dtype=np.float64)
+    if other.shape != primary.shape:
+        raise ValueError(f"the two runs differ in blocks: {primary.shape} and {other.shape}")
+    y_other = bin_blocks(other, edges)
+    lines.append(go.Scatter(x=x, y=y_other, mode="lines+markers", name=other_label, customdata=labels,
+                            hovertemplate=hover, line=dict(color=colors[1]), marker=dict(size=4),
+                            xaxis="x", yaxis="y"))
+    benefit = y_other - y
+    lines.append(go.Bar(x=x, y=benefit, name=f"{other_label} − {primary_label}", customdata=labels,
+                        marker=dict(color=np.where(benefit >= 0, "#2a9d8f", "#b5654d")), xaxis="x2", yaxis="y2",
+                        hovertemplate="%{customdata}<br>memory benefit %{y:+.3f} nats<extra></extra>",
+                        showlegend=False))
+    top, bottom = (0.42, 1.0), (0.0, 0.3)
+    return go.Figure(lines, layout=_layout(
+        title or f"Next-token loss per block: {primary_label} vs {other_label}",
+        legend=dict(orientation="h", x=1.0, xanchor="right", y=1.02, yanchor="bottom"),
+        xaxis=_axis(None, anchor="y", range=xrange, matches="x2", showticklabels=False),
+        yaxis=_axis("NLL (nats)", domain=list(top), rangemode="tozero"),
+        xaxis2=_axis("block", anchor="y2", range=xrange, **_block_ticks(n)),
+        yaxis2=_axis(f"benefit of {primary_label}<br>({other_label} − {primary_label})", domain=list(bottom),
+                     zeroline=True, zerolinecolor="#999"),
+    ))
 
 
 # -- FAM dynamics --------------------------------------------------------------------------------------
 def fam_dynamics(norm: np.ndarray, update: np.ndarray, *, layers: Sequence[int] | None = None,
-                 title: str | None = None) -> go.Figure:
+                 title: str | None = None, max_columns: int = MAX_BLOCK_COLUMNS) -> go.Figure:
     """Two layer × block heatmaps: the FAM state's mean slot norm, and how much it changed.
 
     ``norm``, ``update``: (blocks, layers), i.e. ``trace.array("fam.norm")`` and ``trace.array("fam.update")``
@@ -178,19 +327,21 @@ def fam_dynamics(norm: np.ndarray, update: np.ndarray, *, layers: Sequence[int] 
     if norm.ndim != 2 or norm.shape != update.shape:
         raise ValueError(f"expected norm and update of the same shape (blocks, layers), got {norm.shape} and {update.shape}")
     n_blocks, n_layers = norm.shape
-    x = np.arange(n_blocks)
+    edges, x, labels = _block_columns(n_blocks, None, max_columns)
+    norm, update = bin_blocks(norm, edges), bin_blocks(update, edges)
     y = np.arange(n_layers) if layers is None else np.asarray(layers)
+    custom = np.broadcast_to(labels[None, :], (n_layers, len(x)))
     # Two rows sharing the block axis, laid out by hand (make_subplots is slow to build).
     top, bottom, gap = (0.56, 1.0), (0.0, 0.44), 0.02
     norm_map = go.Heatmap(
-        z=norm.T, x=x, y=y, colorscale="Cividis", zmin=0.0, xaxis="x", yaxis="y",
+        z=norm.T, x=x, y=y, customdata=custom, colorscale="Cividis", zmin=0.0, xaxis="x", yaxis="y",
         colorbar=dict(title=dict(text="norm", side="right"), y=sum(top) / 2, len=top[1] - top[0]),
-        hovertemplate="block %{x}<br>layer %{y}<br>norm %{z:.2f}<extra></extra>",
+        hovertemplate="%{customdata}<br>layer %{y}<br>norm %{z:.2f}<extra></extra>",
     )
     update_map = go.Heatmap(
-        z=update.T, x=x, y=y, colorscale="Magma", zmin=0.0, xaxis="x2", yaxis="y2",
+        z=update.T, x=x, y=y, customdata=custom, colorscale="Magma", zmin=0.0, xaxis="x2", yaxis="y2",
         colorbar=dict(title=dict(text="update", side="right"), y=sum(bottom) / 2, len=bottom[1] - bottom[0]),
-        hovertemplate="block %{x}<br>layer %{y}<br>update %{z:.4f}<extra></extra>",
+        hovertemplate="%{customdata}<br>layer %{y}<br>update %{z:.4f}<extra></extra>",
     )
     subtitles = [dict(text=text, x=0.5, y=domain[1] + gap, xref="paper", yref="paper", xanchor="center",
                       yanchor="bottom", showarrow=False, font=dict(size=12))
@@ -216,3 +367,58 @@ def fam_figure(trace: Trace) -> go.Figure:
     if layers != trace.layers_of("fam.update"):
         raise ValueError("fam.norm and fam.update were recorded at different layers")
     return fam_dynamics(trace.array("fam.norm"), trace.array("fam.update"), layers=layers)
+
+
+# -- FAM state trajectory -------------------------------------------------------------------------------
+TRAJECTORY_COLORS = ("#3b6fb6", "#e4572e", "#2a9d8f", "#8d5fd3", "#c9a227", "#555555")
+MAX_TRAJECTORY_POINTS = 400  # per layer; older points are thinned out beyond that
+
+
+def _thin(n: int, max_points: int, recent: int) -> np.ndarray:
+    """Indices of at most ``max_points`` of ``n`` points: all of the latest ``recent``, history evenly."""
+    if n <= max_points:
+        return np.arange(n)
+    history = np.unique(np.linspace(0, n - recent - 1, max_points - recent).round().astype(np.int64))
+    return np.concatenate([history, np.arange(n - recent, n)])
+
+
+def fam_trajectory(coords: dict[int, np.ndarray], *, method: str = "PCA", blocks: Sequence[int] | None = None,
+                   title: str | None = None, note: str = "",
+                   max_points: int = MAX_TRAJECTORY_POINTS) -> go.Figure:
+    """2-D path of each layer's FAM state across blocks; markers coloured by block, last one ringed.
+
+    ``coords``: layer -> (blocks, 2) projected states (each layer projected on its own axes, so
+    the panels share no scale); ``blocks``: the block index of each row (default 0..n-1).
+    """
+    if not coords:
+        raise ValueError("no layers to draw")
+    traces = []
+    n_max = 0
+    for i, (layer, points) in enumerate(coords.items()):
+        points = np.asarray(points, dtype=np.float32)
+        if points.ndim != 2 or points.shape[1] != 2:
+            raise ValueError(f"layer {layer}: expected (blocks, 2) coordinates, got {points.shape}")
+        n = len(points)
+        n_max = max(n_max, n)
+        index = np.arange(n) if blocks is None else np.asarray(blocks)[:n]
+        keep = _thin(n, max_points, min(RECENT_BLOCKS, max_points // 2))
+        color = TRAJECTORY_COLORS[i % len(TRAJECTORY_COLORS)]
+        traces.append(go.Scatter(
+            x=points[keep, 0], y=points[keep, 1], mode="lines+markers", name=f"layer {layer}",
+            customdata=index[keep], line=dict(color=color, width=1),
+            marker=dict(size=6, color=index[keep], colorscale="Greys", cmin=0, cmax=max(n - 1, 1),
+                        line=dict(color=color, width=1.5), showscale=False),
+            hovertemplate=f"layer {layer}<br>block %{{customdata}}<br>({method} %{{x:.2f}}, %{{y:.2f}})<extra></extra>",
+        ))
+        if n:
+            traces.append(go.Scatter(x=points[-1:, 0], y=points[-1:, 1], mode="markers", showlegend=False,
+                                     marker=dict(size=13, color="rgba(0,0,0,0)", line=dict(color=color, width=2.5)),
+                                     hoverinfo="skip"))
+    heading = title or f"FAM state trajectory ({method}, per layer)"
+    if note:
+        heading += f"<br><sup>{note}</sup>"
+    return go.Figure(traces, layout=_layout(
+        heading, legend=dict(orientation="h", x=1.0, xanchor="right", y=1.0, yanchor="bottom"),
+        xaxis=_axis(f"{method} 1"), yaxis=_axis(f"{method} 2"),
+        annotations=[dict(text="dark = later block; ringed = latest", x=0, y=-0.16, xref="paper", yref="paper",
+                          showarrow=False, xanchor="left", font=dict(size=11, color="#666"))]))

@@ -1,0 +1,444 @@
+"""The live memory inspector's model-free half: one run's views of a trace, kept per browser session.
+
+``Run`` wraps a trace as it grows (or one loaded from a file) and turns it into the app's figures
+and the shaded document. Nothing here needs gradio or a model, so the app, the export command and
+the tests share it.
+
+    >>> run = Run.from_trace(famviz.Trace.load("run.npz"), name="run.npz")
+    >>> run.heatmap(), run.heads(), run.trajectory(), run.dynamics(), run.loss(), run.document_html()
+
+Bounds for long documents: figures draw at most ``figures.MAX_BLOCK_COLUMNS`` block columns; the
+document view shows the selected block and the one before it (at most ``MAX_WINDOW_TOKENS``
+tokens) plus a downsampled list of the most-read words of earlier blocks; FAM trajectories keep a
+small random projection of each state (``TRAJECTORY_DIMS`` per slot), never the N×N attention.
+"""
+from __future__ import annotations
+
+import html
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import figures
+from .config import FamConfig
+from .trace import Trace
+
+DEFAULT_VIEW = "block-fam"
+TRAJECTORY_METHODS = ("PCA", "UMAP")
+TRAJECTORY_DIMS = 32  # random projection of each FAM slot: distances are kept (Johnson–Lindenstrauss)
+MAX_WINDOW_TOKENS = 1200  # tokens shaded in the document view
+MAX_HISTORY_ROWS = 40  # earlier blocks listed with their most-read words
+SHADES = 10  # shade classes in the document view (a class per token keeps the HTML small)
+
+
+def app_channels(trajectory_layers: list[int] | None, fam: bool) -> list[str]:
+    """What the inspector records: per-block aggregates, FAM reads per token, and the FAM states
+    of the trajectory layers only (a state is fam_len × hidden per layer and block)."""
+    channels = ["tokens.nll", "block.*.share"]
+    if fam:
+        channels += ["fam.*.share", "fam.*.read", "fam.*.norm", "fam.*.update"]
+        channels += [f"fam.{layer}.state" for layer in trajectory_layers or []]
+    return channels
+
+
+def default_trajectory_layers(n_layers: int) -> list[int]:
+    """First, middle and last layer."""
+    return sorted({0, n_layers // 2, n_layers - 1})
+
+
+def parse_layers(text: str | None, n_layers: int) -> list[int]:
+    """'0, 15, 29' -> [0, 15, 29]; empty -> the defaults. Raises ValueError with a readable message."""
+    if text is None or not str(text).strip():
+        return default_trajectory_layers(n_layers)
+    layers = []
+    for part in str(text).replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.lstrip("-").isdigit():
+            raise ValueError(f"trajectory layers must be whole numbers separated by commas, got {part!r}")
+        layer = int(part)
+        if layer < 0:
+            layer += n_layers
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"trajectory layer {part} does not exist: the model has layers 0 to {n_layers - 1}")
+        layers.append(layer)
+    if len(set(layers)) > len(figures.TRAJECTORY_COLORS):
+        raise ValueError(f"pick at most {len(figures.TRAJECTORY_COLORS)} trajectory layers")
+    return sorted(set(layers))
+
+
+# -- FAM state trajectories ------------------------------------------------------------------------------
+class StateFeatures:
+    """Compact per-block features of FAM states: each slot projected to ``TRAJECTORY_DIMS`` dims
+    with a fixed random matrix, so trajectories of long runs cost kilobytes, not megabytes."""
+
+    def __init__(self, layers: list[int]):
+        self.layers = list(layers)
+        self._rows: dict[int, list[np.ndarray]] = {layer: [] for layer in self.layers}
+        self._matrix: np.ndarray | None = None
+
+    def _project(self, state: np.ndarray) -> np.ndarray:
+        state = np.asarray(state, dtype=np.float32)
+        if self._matrix is None or self._matrix.shape[0] != state.shape[-1]:
+            rng = np.random.default_rng(0)
+            self._matrix = rng.standard_normal((state.shape[-1], TRAJECTORY_DIMS)).astype(np.float32)
+            self._matrix /= np.sqrt(TRAJECTORY_DIMS)
+        return (state @ self._matrix).reshape(-1)
+
+    def add(self, layer: int, state: np.ndarray) -> None:
+        """``state``: one layer's FAM after a block, (fam_len, hidden)."""
+        self._rows[layer].append(self._project(state))
+
+    def array(self, layer: int) -> np.ndarray:
+        rows = self._rows[layer]
+        return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
+
+    @property
+    def n_blocks(self) -> int:
+        return min((len(rows) for rows in self._rows.values()), default=0)
+
+    @classmethod
+    def from_trace(cls, trace: Trace) -> "StateFeatures":
+        layers = trace.layers_of("fam.state") if "fam.state" in trace.keys else []
+        features = cls(layers)
+        for layer in layers:
+            for state in trace.array("fam.state")[:, layers.index(layer)]:
+                features.add(layer, state)
+        return features
+
+
+def pca_2d(features: np.ndarray, max_fit: int = 600) -> np.ndarray:
+    """(n, D) -> (n, 2) principal components (fitted on at most ``max_fit`` evenly spread rows)."""
+    features = np.asarray(features, dtype=np.float64)
+    n = len(features)
+    if n == 0:
+        return np.zeros((0, 2))
+    mean = features.mean(axis=0)
+    centred = features - mean
+    fit = centred if n <= max_fit else centred[np.linspace(0, n - 1, max_fit).round().astype(int)]
+    if n < 2 or not np.any(fit):
+        return np.zeros((n, 2))
+    _, _, vt = np.linalg.svd(fit, full_matrices=False)
+    axes = vt[:2]
+    if axes.shape[0] < 2:
+        axes = np.vstack([axes, np.zeros((1, features.shape[1]))])
+    for k in range(2):  # a deterministic sign, so the picture does not flip from one block to the next
+        if axes[k, np.argmax(np.abs(axes[k]))] < 0:
+            axes[k] = -axes[k]
+    return centred @ axes.T
+
+
+def scaled(coords: np.ndarray) -> np.ndarray:
+    """Coordinates divided by their largest absolute value, so layers of very different state
+    norms share one plot (their shapes compare, their sizes do not)."""
+    top = float(np.abs(coords).max()) if coords.size else 0.0
+    return coords / top if top > 0 else coords
+
+
+def umap_2d(features: np.ndarray) -> np.ndarray:
+    """(n, D) -> (n, 2) with UMAP (slow: numba compiles on first use; call it off the UI thread)."""
+    n = len(features)
+    if n < 4:
+        return pca_2d(features)
+    import umap
+
+    reducer = umap.UMAP(n_components=2, n_neighbors=max(2, min(15, n - 1)), random_state=0, init="random",
+                        n_jobs=1)
+    return reducer.fit_transform(np.asarray(features, dtype=np.float32))
+
+
+_UMAP_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="famviz-umap")
+
+
+# -- the document, shaded by FAM reads --------------------------------------------------------------------
+def _shade_css(scope: str) -> str:
+    rules = [f"{scope} .tok{{white-space:pre-wrap;border-radius:2px}}",
+             f"{scope} .cur{{outline:2px solid #e4572e;outline-offset:2px;display:inline}}",
+             f"{scope} .doc{{font:13px/1.7 ui-monospace,Menlo,Consolas,monospace;max-height:420px;overflow:auto;"
+             "padding:6px;border:1px solid #ddd;border-radius:6px;background:#fff;color:#222}",
+             f"{scope} .hist{{font:12px/1.5 system-ui,sans-serif;color:#444;max-height:160px;overflow:auto}}",
+             f"{scope} .legend span{{display:inline-block;width:18px;height:12px}}"]
+    for level in range(1, SHADES + 1):
+        alpha = level / SHADES * 0.85
+        rules.append(f"{scope} .s{level}{{background:rgba(228,87,46,{alpha:.2f})}}")
+    return "<style>" + "\n".join(rules) + "</style>"
+
+
+def token_reads(trace: Trace, layer: int | None) -> np.ndarray | None:
+    """Per token, how much FAM queries read it: one layer's ``fam.read``, or the mean over layers."""
+    if "fam.read" not in trace.keys or trace.n_tokens == 0:
+        return None
+    reads = trace.array("fam.read")
+    if layer is None:
+        return reads.astype(np.float32).mean(axis=0)
+    layers = trace.layers_of("fam.read")
+    if layer not in layers:
+        return None
+    return reads[layers.index(layer)].astype(np.float32)
+
+
+def _token_texts(trace: Trace, start: int, stop: int, tokenizer=None) -> list[str]:
+    if trace.text is not None and len(trace.offsets) >= stop:
+        return [trace.text[a:b] for a, b in trace.offsets[start:stop]]
+    if tokenizer is not None:
+        return [tokenizer.decode([t]) for t in trace.token_ids[start:stop]]
+    return [f"‹{t}›" for t in trace.token_ids[start:stop]]
+
+
+def document_html(trace: Trace | None, block: int | None = None, layer: int | None = None,
+                  tokenizer=None) -> str:
+    """The document around ``block`` (default: the latest) with each token shaded by its FAM read.
+
+    Shades are relative to the largest read in the window (stated in the legend); hover a token
+    for its position and value. Earlier blocks appear as a short list of their most-read words.
+    """
+    scope = "#famviz-doc"
+    if trace is None or trace.n_blocks == 0:
+        return f'<div id="famviz-doc">{_shade_css(scope)}<div class="doc">No document streamed yet.</div></div>'
+    n_blocks = trace.n_blocks
+    block = n_blocks - 1 if block is None else int(min(max(block, 0), n_blocks - 1))
+    starts = list(trace.block_starts) + [trace.n_tokens]
+    reads = token_reads(trace, layer)
+    which = "mean over layers" if layer is None else f"layer {layer}"
+    first_block = max(0, block - 1)
+    lo = max(starts[first_block], starts[block + 1] - MAX_WINDOW_TOKENS)
+    hi = starts[block + 1]
+    texts = _token_texts(trace, lo, hi, tokenizer)
+    parts = [f'<div id="famviz-doc">{_shade_css(scope)}']
+    if reads is None:
+        parts.append('<p class="hist">No FAM reads in this run (they exist only in fam mode); tokens are unshaded.</p>')
+        window = np.zeros(hi - lo, np.float32)
+        top = 0.0
+    else:
+        window = reads[lo:hi]
+        finite = window[np.isfinite(window)]
+        top = float(np.quantile(finite, 0.99)) if finite.size else 0.0
+        legend = "".join(f'<span class="s{level}"></span>' for level in range(1, SHADES + 1))
+        parts.append(f'<p class="hist legend">FAM read ({which}), shade relative to {top:.4g} '
+                     f'(99th percentile in view): 0 {legend} ≥ {top:.3g}. Framed: block {block}.</p>')
+    parts.append('<div class="doc">')
+    in_current = False
+    for i, text in enumerate(texts):
+        position = lo + i
+        if position == starts[block] and not in_current:
+            parts.append('<span class="cur" title="block %d">' % block)
+            in_current = True
+        value = float(window[i])
+        level = 0 if top <= 0 or not np.isfinite(value) else min(SHADES, int(np.ceil(value / top * SHADES)))
+        klass = f"tok s{level}" if level else "tok"
+        block_of = block if position >= starts[block] else first_block
+        parts.append(f'<span class="{klass}" title="token {position:,} · block {block_of} · read {value:.4g}">'
+                     f"{html.escape(text)}</span>")
+    if in_current:
+        parts.append("</span>")
+    parts.append("</div>")
+    if reads is not None and first_block > 0:
+        parts.append(_history_html(trace, reads, starts, first_block, tokenizer))
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _history_html(trace: Trace, reads: np.ndarray, starts: list[int], before: int, tokenizer) -> str:
+    """Earlier blocks (at most ``MAX_HISTORY_ROWS``, evenly spread) with their three most-read words."""
+    rows = np.unique(np.linspace(0, before - 1, min(before, MAX_HISTORY_ROWS)).round().astype(int))
+    items = []
+    for b in rows[::-1]:
+        a, z = starts[b], starts[b + 1]
+        part = reads[a:z]
+        if not part.size:
+            continue
+        best = np.argsort(part)[::-1][:3]
+        words = [f"{html.escape(_token_texts(trace, a + int(j), a + int(j) + 1, tokenizer)[0].strip() or '␣')} "
+                 f"({part[j]:.3g})" for j in best]
+        items.append(f"<li>block {b}: {', '.join(words)}</li>")
+    shown = "all earlier blocks" if len(rows) == before else f"{len(rows)} of {before} earlier blocks"
+    return f'<div class="hist"><b>Most-read tokens, {shown}:</b><ul>{"".join(items)}</ul></div>'
+
+
+# -- one run ------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One streamed (or replayed) document and what the session is looking at.
+
+    Kept in the browser session's ``gr.State``: the stream handler appends to it, view controls
+    change its selections, Stop sets ``state``.
+    """
+
+    config: FamConfig
+    document: str
+    total_tokens: int
+    trace: Trace | None = None
+    compare_mode: str | None = None
+    compare_nll: list[float] = field(default_factory=list)  # per-block mean NLL of the compared mode
+    features: StateFeatures | None = None
+    view: str = DEFAULT_VIEW
+    layer: int | None = None  # the document's shading layer (None = mean over layers)
+    block: int | None = None  # drill-down block (None = follow the latest)
+    method: str = "PCA"
+    blocks_done: int = 0
+    tokens_done: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    elapsed: float = 0.0
+    engine_seconds: float = 0.0  # time spent inside the engine (the app's own cost is the rest)
+    state: str = "streaming"  # streaming | done | stopped | failed | replayed
+    error: str = ""
+    umap_result: tuple[int, dict] | None = None  # (blocks covered, layer -> coords)
+    umap_future: Future | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def from_trace(cls, trace: Trace, name: str) -> "Run":
+        """A finished run rebuilt from a saved trace (no model needed)."""
+        config = FamConfig(**trace.meta.get("config", {}))
+        compare = trace.meta.get("compare") or {}
+        run = cls(config=config, document=trace.meta.get("document", name), total_tokens=trace.n_tokens,
+                  trace=trace, compare_mode=compare.get("mode"),
+                  compare_nll=[float("nan") if v is None else float(v) for v in compare.get("block_nll", [])],
+                  features=StateFeatures.from_trace(trace), state="replayed")
+        run.blocks_done, run.tokens_done = trace.n_blocks, trace.n_tokens
+        return run
+
+    # -- progress -------------------------------------------------------------------------------------
+    @property
+    def total_blocks(self) -> int:
+        return -(-self.total_tokens // self.config.block_size)
+
+    @property
+    def shown_block(self) -> int:
+        last = max(self.blocks_done - 1, 0)
+        return last if self.block is None else min(max(self.block, 0), last)
+
+    def status(self) -> str:
+        cfg = self.config
+        geometry = f"block {cfg.block_size}, memory blocks {cfg.mem_blocks}" + \
+            (f", FAM {cfg.fam_len}" if cfg.mode == "fam" else "")
+        mode = cfg.mode + (f" vs {self.compare_mode}" if self.compare_mode else "")
+        parts = [f"{self.blocks_done} / {self.total_blocks} blocks",
+                 f"{self.tokens_done:,} / {self.total_tokens:,} tokens"]
+        if self.state != "replayed":
+            speed = self.tokens_done / self.elapsed if self.elapsed > 0 else 0.0
+            parts += [f"{speed:,.0f} tokens/s", f"{self.elapsed:.1f} s elapsed"]
+        nll = self.mean_nll()
+        if self.state in ("done", "replayed", "stopped") and np.isfinite(nll):
+            parts.append(f"mean NLL {nll:.3f} nats")
+        head = {"streaming": "Streaming", "done": "Done", "stopped": "Stopped", "failed": "Failed",
+                "replayed": "Replayed from trace"}[self.state]
+        line = f"**{head}** · {self.document} · {mode} ({geometry}) · " + " · ".join(parts)
+        if self.error:
+            line += f"\n\n**Error:** {self.error}"
+        return line
+
+    def mean_nll(self) -> float:
+        if self.trace is None or "tokens.nll" not in self.trace.keys:
+            return float("nan")
+        nll = self.trace.array("tokens.nll")
+        finite = nll[np.isfinite(nll)]
+        return float(finite.mean()) if finite.size else float("nan")
+
+    # -- recording ---------------------------------------------------------------------------------------
+    def record_fam_states(self, fam_states) -> None:
+        """After a block: the stream's FAM per layer ((1, fam_len, hidden) tensors) -> trajectory features."""
+        if self.features is None or not fam_states:
+            return
+        for layer in self.features.layers:
+            self.features.add(layer, fam_states[layer][0].float().cpu().numpy())
+
+    def record_compare(self, block_nll: np.ndarray) -> None:
+        values = np.asarray(block_nll, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        self.compare_nll.append(float(finite.mean()) if finite.size else float("nan"))
+        if self.trace is not None:  # travels with the trace file, so a replay shows the comparison
+            self.trace.meta["compare"] = {"mode": self.compare_mode,
+                                          "block_nll": [None if not np.isfinite(v) else v for v in self.compare_nll]}
+
+    # -- figures -------------------------------------------------------------------------------------------
+    def has_blocks(self) -> bool:
+        return self.trace is not None and self.trace.n_blocks > 0
+
+    def heatmap(self):
+        if not self.has_blocks():
+            return figures.empty_figure("no blocks yet")
+        return figures.view_figure(self.trace, self.view, selected_block=self.shown_block)
+
+    def heads(self):
+        if not self.has_blocks():
+            return figures.empty_figure("no blocks yet")
+        return figures.head_view_figure(self.trace, self.view, self.shown_block, selected_layer=self.layer)
+
+    def loss(self):
+        if not self.has_blocks() or "tokens.nll" not in self.trace.keys:
+            return figures.empty_figure("no blocks yet")
+        means = figures.block_means(self.trace.array("tokens.nll"), self.trace.block_starts)
+        if self.compare_mode and self.compare_nll:
+            n = min(len(means), len(self.compare_nll))
+            return figures.nll_compare(means[:n], np.asarray(self.compare_nll[:n]), self.config.mode,
+                                       self.compare_mode, block_starts=self.trace.block_starts)
+        return figures.nll_compare(means, None, block_starts=self.trace.block_starts)
+
+    def dynamics(self):
+        if not self.has_blocks():
+            return figures.empty_figure("no blocks yet")
+        return figures.fam_figure(self.trace)
+
+    def trajectory(self):
+        title = "FAM state trajectory"
+        if self.features is None or not self.features.layers:
+            return figures.empty_figure("FAM trajectories exist only in fam mode", title)
+        n = self.features.n_blocks
+        if n == 0:
+            return figures.empty_figure("no blocks yet", title)
+        if self.method == "UMAP":
+            with self._lock:
+                result = self.umap_result
+            self.request_umap()
+            if result is not None:
+                covered, coords = result
+                note = "" if covered == n else f"UMAP of blocks 0–{covered - 1}; updating off the UI thread…"
+                return figures.fam_trajectory(coords, method="UMAP", note=note)
+            return figures.fam_trajectory(self._pca(), method="PCA",
+                                          note="UMAP is computing off the UI thread; PCA meanwhile")
+        return figures.fam_trajectory(self._pca(), method="PCA", note="each layer scaled to ±1")
+
+    def _pca(self) -> dict[int, np.ndarray]:
+        return {layer: scaled(pca_2d(self.features.array(layer))) for layer in self.features.layers}
+
+    def request_umap(self) -> None:
+        """Start a UMAP fit of the current trajectories in the background (one at a time per run)."""
+        if self.features is None or not self.features.layers:
+            return
+        with self._lock:
+            n = self.features.n_blocks
+            busy = self.umap_future is not None and not self.umap_future.done()
+            fresh = self.umap_result is not None and self.umap_result[0] == n
+            if busy or fresh or n == 0:
+                return
+            snapshot = {layer: self.features.array(layer)[:n] for layer in self.features.layers}
+            self.umap_future = _UMAP_WORKER.submit(self._fit_umap, n, snapshot)
+
+    def _fit_umap(self, n: int, snapshot: dict[int, np.ndarray]) -> None:
+        coords = {layer: scaled(umap_2d(values)) for layer, values in snapshot.items()}
+        with self._lock:
+            if self.umap_result is None or self.umap_result[0] < n:
+                self.umap_result = (n, coords)
+
+    def umap_pending(self) -> bool:
+        with self._lock:
+            return self.method == "UMAP" and self.umap_future is not None and not self.umap_future.done()
+
+    def document_html(self, tokenizer=None) -> str:
+        return document_html(self.trace, self.shown_block, self.layer, tokenizer)
+
+    def caption(self) -> str:
+        """One line describing the run, for figure captions and file metadata."""
+        cfg = self.config
+        meta = self.trace.meta if self.trace is not None else {}
+        parts = [meta.get("model", "?"), f"mode {cfg.mode}" + (f" vs {self.compare_mode}" if self.compare_mode else ""),
+                 f"block {cfg.block_size}", f"memory blocks {cfg.mem_blocks}"]
+        if cfg.mode == "fam":
+            parts.append(f"FAM {cfg.fam_len}")
+        parts += [meta.get("dtype", ""), f"{self.tokens_done:,} tokens of {self.document}"]
+        return " · ".join(p for p in parts if p)
