@@ -53,7 +53,31 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated trace channel patterns to record, e.g. 'block.*.share,tokens.nll'")
     stream.add_argument("--json", action="store_true", help="print one JSON object with the results")
     stream.set_defaults(handler=run_stream)
+
+    from .export import FIGURES, FORMATS, figure_help
+
+    export = commands.add_parser("export", help="write a figure of a saved trace (png, svg, pdf or html; no model)",
+                                 description=f"Figures: {figure_help()}.")
+    export.add_argument("trace", metavar="TRACE", help="trace file (.npz) from `stream --trace` or the app")
+    export.add_argument("--figure", required=True, choices=list(FIGURES), metavar="NAME",
+                        help=f"one of: {', '.join(FIGURES)}")
+    export.add_argument("--format", default=None, choices=FORMATS, help="default: from --out's suffix")
+    export.add_argument("--out", required=True, metavar="PATH", help="file to write")
+    export.add_argument("--view", default=None, help="heatmap/heads: block-fam, block-memory, block-block or fam-block")
+    export.add_argument("--block", type=int, default=None, help="heads: the block to drill into (default: last)")
+    export.add_argument("--layer", type=int, default=None, help="heads: the layer to frame")
+    export.add_argument("--method", default="PCA", choices=["PCA", "UMAP"], help="trajectory projection")
+    export.set_defaults(handler=run_export)
     return parser
+
+
+def run_export(args) -> int:
+    from .export import export_trace_file
+
+    path = export_trace_file(args.trace, args.figure, args.format, args.out, view=args.view, block=args.block,
+                             layer=args.layer, method=args.method)
+    print(path)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
