@@ -1,0 +1,319 @@
+"""Figure factories (famviz/figures.py) and the inspector's model-free views (famviz/inspector.py),
+on tiny numpy arrays and hand-built traces: no model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from famviz import figures, inspector
+from famviz.config import FamConfig
+from famviz.trace import Trace
+
+def _share(blocks=3, layers=2, heads=4, groups=3, seed=0):
+    raw = np.random.default_rng(seed).random((blocks, layers, heads, groups)).astype(np.float32)
+    return raw / raw.sum(-1, keepdims=True)
+
+
+def _colorbar_title(trace) -> str:
+    return trace.colorbar.title.text
+
+
+def test_share_heatmap_is_layer_by_block_mean_over_heads_on_a_fixed_scale():
+    share = _share()
+    fig = figures.share_heatmap(share, "memory")
+    heat = fig.data[0]
+    z = np.asarray(heat.z)
+    assert z.shape == (2, 3)  # layers × blocks
+    np.testing.assert_allclose(z, share[..., 1].mean(axis=2).T, rtol=1e-6)
+    assert (heat.zmin, heat.zmax) == (0.0, 1.0)
+    assert "memory" in _colorbar_title(heat)
+    assert fig.layout.xaxis.title.text == "block"
+    assert fig.layout.yaxis.title.text == "layer"
+    assert fig.layout.title.text
+
+
+def test_share_heatmap_fam_groups_and_layer_labels():
+    share = _share(groups=2)
+    fig = figures.share_heatmap(share, "block", groups=figures.FAM_GROUPS, layers=[5, 7], block_starts=[0, 4, 8])
+    heat = fig.data[0]
+    np.testing.assert_allclose(np.asarray(heat.z), share[..., 1].mean(axis=2).T, rtol=1e-6)
+    assert list(heat.y) == [5, 7]
+    assert (heat.zmin, heat.zmax) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("shape, group", [((3, 2, 4), "fam"), ((3, 2, 4, 2), "fam"), ((3, 2, 4, 3), "nope")])
+def test_share_heatmap_refuses_bad_shapes_and_groups(shape, group):
+    with pytest.raises(ValueError):
+        figures.share_heatmap(np.zeros(shape), group)
+
+
+def test_every_share_view_has_a_known_channel_and_group():
+    for key, view in figures.SHARE_VIEWS.items():
+        assert view.key in ("block.share", "fam.share")
+        assert view.group in view.groups, key
+        assert view.label and view.title
+
+
+def _trace(blocks=3, layers=2, heads=4, block=4, fam=True) -> Trace:
+    kinds = {"tokens.nll": [], "block.share": list(range(layers))}
+    if fam:
+        kinds.update({"fam.share": list(range(layers)), "fam.norm": list(range(layers)),
+                      "fam.update": list(range(layers))})
+    trace = Trace({}, kinds)
+    rng = np.random.default_rng(1)
+    for b in range(blocks):
+        values = {"tokens.nll": rng.random(block).astype(np.float32),
+                  "block.share": _share(1, layers, heads, 3, seed=b)[0]}
+        if fam:
+            values["fam.share"] = _share(1, layers, heads, 2, seed=b)[0]
+            values["fam.norm"] = rng.random(layers).astype(np.float32)
+            values["fam.update"] = rng.random(layers).astype(np.float32)
+        trace.append_block(b * block, list(range(block)), values)
+    return trace
+
+
+def test_view_figure_from_a_trace():
+    trace = _trace()
+    for view in figures.SHARE_VIEWS:
+        fig = figures.view_figure(trace, view)
+        assert np.asarray(fig.data[0].z).shape == (2, 3)
+        assert fig.layout.title.text == figures.SHARE_VIEWS[view].title
+
+
+def test_view_figure_without_fam_says_so():
+    fig = figures.view_figure(_trace(fam=False), "fam-block")
+    assert not fig.data
+    assert "fam mode" in fig.layout.annotations[0].text
+    assert figures.view_figure(_trace(fam=False), "block-fam").data  # BSWA still has (zero) FAM shares
+
+
+def test_block_means_ignore_nan_and_keep_empty_blocks_nan():
+    nll = np.array([np.nan, 1.0, 3.0, np.nan, np.nan, 2.0, 4.0])
+    means = figures.block_means(nll, [0, 3, 5])
+    np.testing.assert_allclose(means[[0, 2]], [2.0, 3.0])
+    assert np.isnan(means[1])
+
+
+def test_nll_per_block_line():
+    nll = np.array([np.nan, 1.0, 3.0, 5.0, 7.0], dtype=np.float32)
+    fig = figures.nll_per_block(nll, [0, 3])
+    line = fig.data[0]
+    np.testing.assert_allclose(np.asarray(line.y), [2.0, 6.0])
+    assert list(line.x) == [0, 1]
+    assert fig.layout.xaxis.title.text == "block"
+    assert "NLL" in fig.layout.yaxis.title.text
+
+
+def test_fam_dynamics_two_labelled_heatmaps():
+    norm = np.arange(6, dtype=np.float32).reshape(3, 2)  # (blocks, layers)
+    update = norm / 10
+    fig = figures.fam_dynamics(norm, update)
+    assert len(fig.data) == 2
+    np.testing.assert_allclose(np.asarray(fig.data[0].z), norm.T)
+    np.testing.assert_allclose(np.asarray(fig.data[1].z), update.T)
+    assert [_colorbar_title(t) for t in fig.data] == ["norm", "update"]
+    assert fig.layout.xaxis2.title.text == "block"
+    assert fig.layout.yaxis.title.text == fig.layout.yaxis2.title.text == "layer"
+    with pytest.raises(ValueError):
+        figures.fam_dynamics(norm, update[:2])
+
+
+def test_fam_figure_from_traces():
+    assert len(figures.fam_figure(_trace()).data) == 2
+    fig = figures.fam_figure(_trace(fam=False))
+    assert not fig.data and "fam mode" in fig.layout.annotations[0].text
+
+
+def test_figures_of_a_single_block():
+    trace = _trace(blocks=1)
+    assert np.asarray(figures.view_figure(trace, "block-fam").data[0].z).shape == (2, 1)
+    assert len(figures.nll_per_block(trace.array("tokens.nll"), trace.block_starts).data[0].y) == 1
+    assert np.asarray(figures.fam_figure(trace).data[0].z).shape == (2, 1)
+
+
+# -- long documents stay bounded -------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 5, 240, 241, 1000, 100_000])
+def test_block_bins_cover_every_block_once_and_bound_the_columns(n):
+    edges = figures.block_bins(n, max_columns=240, recent=120)
+    assert edges[0] == 0 and edges[-1] == n
+    assert np.all(np.diff(edges) >= 1)
+    assert len(edges) - 1 == min(n, len(edges) - 1) <= 240
+    if n > 240:  # the latest blocks keep a column each
+        np.testing.assert_array_equal(np.diff(edges)[-120:], 1)
+
+
+def test_long_heatmap_is_binned_with_means():
+    share = _share(blocks=1000, layers=2, heads=1, groups=3)
+    fig = figures.share_heatmap(share, "fam", max_columns=100)
+    z = np.asarray(fig.data[0].z)
+    assert z.shape == (2, 100)
+    edges = figures.block_bins(1000, 100)
+    np.testing.assert_allclose(z[:, 0], share[edges[0]:edges[1], :, 0, 0].mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(z[:, -1], share[-1, :, 0, 0], rtol=1e-6)
+    assert "mean" in fig.data[0].customdata[0][0]
+
+
+def test_selected_block_is_framed():
+    fig = figures.share_heatmap(_share(blocks=5), "fam", selected_block=3)
+    (frame,) = fig.layout.shapes
+    assert (frame.x0, frame.x1) == (2.5, 3.5)
+    assert not figures.share_heatmap(_share(blocks=5), "fam").layout.shapes
+
+
+def test_head_share_heatmap_is_layer_by_head():
+    block_share = _share(blocks=1, layers=3, heads=4)[0]
+    fig = figures.head_share_heatmap(block_share, "memory", layers=[0, 5, 9], block=2, selected_layer=5)
+    heat = fig.data[0]
+    np.testing.assert_allclose(np.asarray(heat.z), block_share[..., 1])
+    assert np.asarray(heat.z).shape == (3, 4)
+    assert (heat.zmin, heat.zmax) == (0.0, 1.0)
+    assert fig.layout.xaxis.title.text == "head" and fig.layout.yaxis.title.text == "layer"
+    assert "memory" in heat.colorbar.title.text
+    assert fig.layout.shapes[0].y0 == 4.5 and fig.layout.shapes[0].y1 == 5.5
+    with pytest.raises(ValueError):
+        figures.head_share_heatmap(block_share[0], "fam")
+
+
+def test_head_view_figure_of_a_trace():
+    trace = _trace()
+    fig = figures.head_view_figure(trace, "fam-block", 1)
+    np.testing.assert_allclose(np.asarray(fig.data[0].z), trace.array("fam.share")[1][..., 1])
+    assert "Block 1" in fig.layout.title.text
+    assert not figures.head_view_figure(trace, "block-fam", 7).data
+
+
+def test_nll_compare_has_two_lines_and_the_benefit():
+    fam, bswa = np.array([3.0, 2.0, 1.5]), np.array([3.0, 2.5, 2.5])
+    fig = figures.nll_compare(fam, bswa, "fam", "bswa")
+    lines = [t for t in fig.data if t.type == "scatter"]
+    assert [t.name for t in lines] == ["fam", "bswa"]
+    (bar,) = [t for t in fig.data if t.type == "bar"]
+    np.testing.assert_allclose(np.asarray(bar.y), [0.0, 0.5, 1.0])
+    assert fig.layout.xaxis2.title.text == "block"
+    assert "benefit" in fig.layout.yaxis2.title.text
+    with pytest.raises(ValueError):
+        figures.nll_compare(fam, bswa[:2], "fam", "bswa")
+
+
+def test_fam_trajectory_one_path_per_layer_with_latest_ringed():
+    coords = {0: np.arange(10, dtype=np.float32).reshape(5, 2), 7: -np.ones((5, 2), np.float32)}
+    fig = figures.fam_trajectory(coords, method="PCA")
+    paths = [t for t in fig.data if t.name]
+    assert [t.name for t in paths] == ["layer 0", "layer 7"]
+    np.testing.assert_allclose(np.asarray(paths[0].x), coords[0][:, 0])
+    assert list(paths[0].customdata) == [0, 1, 2, 3, 4]
+    assert fig.layout.xaxis.title.text == "PCA 1" and fig.layout.yaxis.title.text == "PCA 2"
+    rings = [t for t in fig.data if not t.name]
+    assert len(rings) == 2 and list(rings[0].x) == [8.0]
+    with pytest.raises(ValueError):
+        figures.fam_trajectory({0: np.zeros((3, 3))})
+
+
+def test_fam_trajectory_thins_long_histories_but_keeps_the_latest():
+    coords = {0: np.random.default_rng(0).random((5000, 2)).astype(np.float32)}
+    fig = figures.fam_trajectory(coords, max_points=200)
+    path = fig.data[0]
+    assert len(path.x) <= 200 and path.customdata[-1] == 4999 and path.customdata[0] == 0
+
+
+# -- inspector: trajectories, document shading, runs --------------------------------------------------------
+def test_pca_2d_finds_the_main_direction_deterministically():
+    t = np.linspace(-1, 1, 50)
+    features = np.stack([10 * t, 0.1 * np.cos(3 * t), np.zeros_like(t)], axis=1)
+    coords = inspector.pca_2d(features)
+    assert coords.shape == (50, 2)
+    np.testing.assert_allclose(np.abs(coords[:, 0]), np.abs(features[:, 0] - features[:, 0].mean()), atol=1e-4)
+    np.testing.assert_allclose(coords, inspector.pca_2d(features))
+    assert inspector.pca_2d(features[:1]).shape == (1, 2)
+
+
+def test_state_features_are_compact_and_keep_distances():
+    rng = np.random.default_rng(0)
+    features = inspector.StateFeatures([3])
+    states = rng.standard_normal((2, 8, 256)).astype(np.float32)
+    for state in states:
+        features.add(3, state)
+    projected = features.array(3)
+    assert projected.shape == (2, 8 * inspector.TRAJECTORY_DIMS)
+    ratio = np.linalg.norm(projected[0] - projected[1]) / np.linalg.norm(states[0] - states[1])
+    assert 0.7 < ratio < 1.3  # a random projection keeps distances roughly
+
+
+def test_parse_layers():
+    assert inspector.parse_layers("", 30) == [0, 15, 29]
+    assert inspector.parse_layers("3, 1; -1", 30) == [1, 3, 29]
+    for bad, words in [("x", "whole numbers"), ("30", "layers 0 to 29"), ("0,1,2,3,4,5,6", "at most")]:
+        with pytest.raises(ValueError, match=words):
+            inspector.parse_layers(bad, 30)
+
+
+def _fam_trace(blocks=4, block=5, layers=2, heads=2, fam_len=3, hidden=8) -> Trace:
+    kinds = {"tokens.nll": [], "block.share": list(range(layers)), "fam.share": list(range(layers)),
+             "fam.read": list(range(layers)), "fam.norm": list(range(layers)), "fam.update": list(range(layers)),
+             "fam.state": [1]}
+    config = FamConfig(mode="fam", block_size=block, fam_len=fam_len, mem_blocks=1)
+    trace = Trace({"model": "tiny", "config": config.to_dict(), "n_layers": layers, "dtype": "float32"}, kinds)
+    rng = np.random.default_rng(3)
+    words = [f"w{i} " for i in range(blocks * block)]
+    trace.text = "".join(words)
+    at = 0
+    for w in words:
+        trace.offsets.append((at, at + len(w) - 1))
+        at += len(w)
+    for b in range(blocks):
+        read = rng.random((layers, block)).astype(np.float16)
+        read[0, 2] = 5.0  # one token of each block read far more by layer 0
+        trace.append_block(b * block, list(range(block)), {
+            "tokens.nll": rng.random(block).astype(np.float32),
+            "block.share": _share(1, layers, heads, 3, seed=b)[0], "fam.share": _share(1, layers, heads, 2, seed=b)[0],
+            "fam.read": read, "fam.norm": rng.random(layers).astype(np.float32),
+            "fam.update": rng.random(layers).astype(np.float32),
+            "fam.state": rng.standard_normal((1, fam_len, hidden)).astype(np.float16)})
+    return trace
+
+
+def test_document_html_shades_reads_and_frames_the_block():
+    trace = _fam_trace()
+    page = inspector.document_html(trace, block=2, layer=0)
+    assert 'class="cur"' in page and "block 2" in page
+    assert ">w10<" in page and ">w14<" in page and ">w5<" in page  # blocks 1 and 2 are shown...
+    assert ">w4" not in page  # ...block 0 only in the history list
+    assert 'class="tok s10" title="token 12 · block 2 · read 5' in page  # the most-read token, darkest
+    assert "Most-read tokens" in page and "block 0: w2" in page
+    assert "layer 0" in page
+    mean = inspector.document_html(trace, block=None, layer=None)
+    assert "mean over layers" in mean and "block 3" in mean
+
+
+def test_document_html_is_bounded_for_long_documents(monkeypatch):
+    monkeypatch.setattr(inspector, "MAX_WINDOW_TOKENS", 6)
+    monkeypatch.setattr(inspector, "MAX_HISTORY_ROWS", 2)
+    page = inspector.document_html(_fam_trace(blocks=20), layer=1)
+    assert page.count('title="token ') == 6
+    assert page.count("<li>") == 2 and "2 of 18 earlier blocks" in page
+
+
+def test_document_html_without_fam_reads_is_unshaded():
+    trace = _trace(fam=False)
+    trace.text = "abcdefghijkl"
+    trace.offsets = [(i, i + 1) for i in range(12)]
+    page = inspector.document_html(trace)
+    assert "only in fam mode" in page and " s1" not in page
+
+
+def test_run_views_from_a_trace():
+    trace = _fam_trace()
+    trace.meta["compare"] = {"mode": "bswa", "block_nll": [1.0, 2.0, None, 3.0]}
+    run = inspector.Run.from_trace(trace, name="t.npz")
+    assert run.state == "replayed" and run.blocks_done == 4 and run.compare_mode == "bswa"
+    assert run.features.layers == [1] and run.features.n_blocks == 4
+    assert np.asarray(run.heatmap().data[0].z).shape == (2, 4)
+    assert "Block 3" in run.heads().layout.title.text
+    run.block = 1
+    assert "Block 1" in run.heads().layout.title.text and run.heatmap().layout.shapes[0].x0 == 0.5
+    assert [t.name for t in run.loss().data][:2] == ["fam", "bswa"]
+    assert len(run.dynamics().data) == 2
+    path = run.trajectory().data[0]
+    assert path.name == "layer 1" and len(path.x) == 4 and np.abs(np.asarray(path.x)).max() == pytest.approx(1.0)
+    assert "Replayed" in run.status() and "fam vs bswa" in run.status()
+    assert "tiny" in run.caption() and "FAM 3" in run.caption()
