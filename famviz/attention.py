@@ -13,7 +13,15 @@ Back ends compute the same output:
 - ``flash``: flash-attn when importable (CUDA only). The table splits into two plain calls: FAM
   rows over [FAM | block] without a mask, block rows over everything with a bottom-right aligned
   causal mask (flash-attn's convention), which is exactly "all memory, all FAM, causal block".
-When a trace is recorded the explicit-softmax path runs instead: its probabilities give exact shares.
+When a trace is recorded, ``attend_with_stats`` runs instead. It never materialises the attention
+matrix: each key group (memory, FAM, block) is one fused kernel call that also returns its per-query
+log-sum-exp, and the groups are merged exactly (softmax over a union of key sets):
+
+    lse = logsumexp_g(lse_g),  share_g = exp(lse_g - lse),  out = sum_g share_g * out_g
+
+so the shares are exact by construction and cost nothing beyond the attention itself. Only the
+FAM rows' per-token probabilities (``fam.read``, fam_len x block per head) are formed explicitly.
+``attend_reference_stats`` is the plain explicit-softmax form the tests compare against.
 """
 from __future__ import annotations
 
@@ -100,7 +108,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayo
            with_stats: bool = False, backend: str = "sdpa") -> tuple[torch.Tensor, AttentionStats | None]:
     """Masked attention of q (b, heads, Q, d) over k, v (b, kv_heads, K, d); GQA without repeating K/V."""
     if with_stats:
-        return _attend_with_probs(q, k, v, layout, window_mask(layout, q.device), scale)
+        return attend_with_stats(q, k, v, layout, scale)
     if backend == "flex":
         return _attend_flex(q, k, v, layout, scale), None
     if backend == "flash":
@@ -164,6 +172,85 @@ def _attend_flex(q, k, v, layout: WindowLayout, scale: float) -> torch.Tensor:
             _flex_masks.clear()
         _flex_masks[key] = create_block_mask(mask_mod, None, None, layout.n_queries, layout.n_keys, device=q.device)
     return _compiled_flex(q, k, v, block_mask=_flex_masks[key], scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+# -- statistics from per-group log-sum-exps -------------------------------------------------------
+def attend_with_stats(q, k, v, layout: WindowLayout, scale: float) -> tuple[torch.Tensor, AttentionStats]:
+    """Window attention plus exact shares, merged from one fused kernel call per key group."""
+    m, f, n = layout.memory, layout.fam, layout.block
+    b, heads = q.shape[:2]
+    keys = {"memory": slice(0, m), "fam": slice(m, m + f), "block": slice(m + f, m + f + n)}
+    outputs = []
+    fam_read = q.new_zeros(b, n, dtype=torch.float32)
+    fam_share = q.new_zeros(b, heads, 2, dtype=torch.float32)
+    if f:  # FAM rows: [previous FAM, whole block], never memory
+        groups = [g for g in ("fam", "block") if keys[g].stop > keys[g].start]
+        out, weights, lse = _merge_groups(q[:, :, :f], k, v, scale, [(keys[g], False) for g in groups])
+        outputs.append(out)
+        by_group = dict(zip(groups, weights))
+        fam_share = torch.stack([by_group.get(g, torch.zeros_like(lse)) for g in ("fam", "block")], -1).mean(2)
+        if n:
+            fam_read = _token_probs(q[:, :, :f], k[:, :, keys["block"]], lse, scale).mean(dim=(1, 2))
+    block_share = q.new_zeros(b, heads, 3, dtype=torch.float32)
+    if n:  # block tokens: all memory, all FAM, their block causally
+        groups = [g for g in ("fam", "memory", "block") if keys[g].stop > keys[g].start]
+        out, weights, lse = _merge_groups(q[:, :, f:], k, v, scale, [(keys[g], g == "block") for g in groups])
+        outputs.append(out)
+        by_group = dict(zip(groups, weights))
+        block_share = torch.stack([by_group.get(g, torch.zeros_like(lse)) for g in ("fam", "memory", "block")], -1).mean(2)
+    out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+    return out, AttentionStats(block_share=block_share, fam_share=fam_share, fam_read=fam_read)
+
+
+def _merge_groups(q, k, v, scale: float, groups):
+    """Attention of q over the union of key ranges ``groups`` [(slice, causal)], plus each group's
+    softmax mass (b, heads, queries) and the union's log-sum-exp."""
+    parts = [_attention_with_lse(q, k[:, :, keys], v[:, :, keys], scale, causal) for keys, causal in groups]
+    lses = torch.stack([lse for _, lse in parts])
+    total = torch.logsumexp(lses, dim=0)
+    weights = torch.exp(lses - total)
+    if len(parts) == 1:
+        return parts[0][0], list(weights), total
+    out = sum(w.unsqueeze(-1) * o.float() for w, (o, _) in zip(weights, parts))
+    return out.to(q.dtype), list(weights), total
+
+
+def _attention_with_lse(q, k, v, scale: float, causal: bool):
+    """(output (b, heads, Q, d), log-sum-exp (b, heads, Q) float32); causal is top-left (Q == K here)."""
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out, lse
+    return _attention_with_lse_reference(q, k, v, scale, causal)
+
+
+def _attention_with_lse_reference(q, k, v, scale: float, causal: bool):
+    """Explicit form (any device): scores in float32, GQA by grouping query heads."""
+    b, heads, n_q, d = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    scores = torch.matmul(q.reshape(b, kv_heads, group * n_q, d), k.transpose(-1, -2)).float() * scale
+    scores = scores.view(b, kv_heads, group, n_q, n_k)
+    if causal:
+        allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    out = torch.matmul(probs.to(v.dtype).view(b, kv_heads, group * n_q, n_k), v).view(b, heads, n_q, d)
+    return out, lse.view(b, heads, n_q)
+
+
+def _token_probs(q, k, lse, scale: float) -> torch.Tensor:
+    """Softmax probabilities (b, heads, Q, K) of q on the keys k, given the rows' full log-sum-exp."""
+    b, heads, n_q, d = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    scores = torch.matmul(q.reshape(b, kv_heads, group * n_q, d), k.transpose(-1, -2)).float() * scale
+    return torch.exp(scores.view(b, heads, n_q, n_k) - lse.unsqueeze(-1))
+
+
+def attend_reference_stats(q, k, v, layout: WindowLayout, scale: float):
+    """The explicit-softmax form of ``attend_with_stats`` (materialises the probabilities; for tests)."""
+    return _attend_with_probs(q, k, v, layout, window_mask(layout, q.device), scale)
 
 
 def _attend_with_probs(q, k, v, layout: WindowLayout, mask, scale):

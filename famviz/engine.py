@@ -66,12 +66,14 @@ class Stream:
     ``channels``: trace channel patterns to record (None = all, see ``famviz.trace``);
     ``record=False`` keeps only the per-token NLL. ``on_block`` is called after every block.
     ``backend``: attention kernel when no trace statistics are needed (see ``famviz.attention``).
+    ``compact_trace``: record ``fam.*.state`` as the mean of the FAM slots (1, d) instead of every
+    slot (fam_len, d), so a trace of a very long document stays small (``famviz.trace``).
     """
 
     def __init__(self, model: LoadedModel | FamModel, config: FamConfig | None = None, *,
                  channels: Iterable[str] | None = None, record: bool = True,
                  fam_prompt: torch.Tensor | None = None, backend: str = "sdpa",
-                 on_block: Callable[[BlockResult], None] | None = None):
+                 on_block: Callable[[BlockResult], None] | None = None, compact_trace: bool = False):
         if isinstance(model, FamModel):
             if config is not None and config != model.config:
                 raise ValueError("config differs from the FamModel's own config")
@@ -83,6 +85,7 @@ class Stream:
         self.state: StreamState = self.fam_model.initial_state()
         self.pending: list[int] = []
         self.on_block = on_block
+        self.compact_trace = compact_trace
         self._nll: list[np.ndarray] = []
         self._block_seconds: list[float] = []
         self._seconds = 0.0
@@ -103,6 +106,7 @@ class Stream:
             "hidden_size": self.fam_model.hidden_size,
             "dtype": str(self.fam_model.dtype).replace("torch.", ""),
             "device": str(self.fam_model.device),
+            "fam_state_form": "slot-mean" if self.compact_trace else "slots",
             "block_share_groups": ["fam", "memory", "block"],
             "fam_share_groups": ["fam", "block"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -199,12 +203,22 @@ class Stream:
             pick("block.share", [s.block_share[0] for s in out.stats])
             pick("fam.share", [s.fam_share[0] for s in out.stats])
             pick("fam.read", [s.fam_read[0] for s in out.stats], torch.float16)
-        if self.fam_model.fam_len:
-            new_fam, old_fam = out.state.fam, out.fam_before
-            pick("fam.state", [f[0] for f in new_fam], torch.float16)
-            pick("fam.norm", [f[0].float().norm(dim=-1).mean() for f in new_fam])
-            pick("fam.update", [1 - torch.nn.functional.cosine_similarity(
-                new[0].float().flatten(), old[0].float().flatten(), dim=0) for new, old in zip(new_fam, old_fam)])
+        if self.fam_model.fam_len and any(key in layers for key in ("fam.state", "fam.norm", "fam.update")):
+            # One batched op per channel over the recorded layers (not one small op per layer).
+            wanted = sorted(set().union(*(layers.get(key, []) for key in ("fam.state", "fam.norm", "fam.update"))))
+            new = torch.stack([out.state.fam[l][0] for l in wanted]).float()  # (layers, fam_len, d)
+            row = {l: i for i, l in enumerate(wanted)}
+
+            def put(key: str, per_layer: torch.Tensor, dtype=torch.float32) -> None:
+                if key in layers:
+                    values[key] = per_layer[[row[l] for l in layers[key]]].to(dtype).cpu().numpy()
+
+            state = new.mean(dim=1, keepdim=True) if self.compact_trace else new  # compact: the slots' mean
+            put("fam.state", state, torch.float16)
+            put("fam.norm", new.norm(dim=-1).mean(dim=-1))
+            if "fam.update" in layers:
+                old = torch.stack([out.fam_before[l][0] for l in wanted]).float()
+                put("fam.update", 1 - torch.nn.functional.cosine_similarity(new.flatten(1), old.flatten(1), dim=1))
         return values
 
 

@@ -266,15 +266,16 @@ class FamModel:
         last = None
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            logits = self.logits(hidden[:, s:e]).float()
+            logits = self.logits(hidden[:, s:e])
             targets_end = min(e, n - 1)
             if targets_end > s:
-                scored = logits[:, : targets_end - s]
-                nll[:, s + 1 : targets_end + 1] = torch.nn.functional.cross_entropy(
-                    scored.reshape(-1, scored.shape[-1]), ids[:, s + 1 : targets_end + 1].reshape(-1), reduction="none"
-                ).view(batch, -1)
+                # -log softmax at the target = logsumexp - target logit, in float32 (the same value
+                # as cross_entropy without writing a vocab-sized log-probability array).
+                scored = logits[:, : targets_end - s].float()
+                target = ids[:, s + 1 : targets_end + 1].unsqueeze(-1)
+                nll[:, s + 1 : targets_end + 1] = torch.logsumexp(scored, dim=-1) - scored.gather(-1, target).squeeze(-1)
             if e == n:
-                last = logits[:, -1]
+                last = logits[:, -1].float()
         return nll, last
 
 

@@ -15,13 +15,20 @@ channel                     shape (per block / per token)  meaning
                                                            [previous FAM, current block], mean over slots
 ``fam.{layer}.read``        per token, scalar              attention probability FAM queries give the
                                                            token, mean over heads and slots
-``fam.{layer}.state``       per block, (fam_len, d) fp16   the FAM this layer hands to the next block
+``fam.{layer}.state``       per block, (fam_len, d) fp16   the FAM this layer hands to the next block;
+                            or (1, d) in the compact form  in the compact form the mean of its slots
 ``fam.{layer}.norm``        per block, scalar              mean L2 norm of the state's slots
 ``fam.{layer}.update``      per block, scalar              1 - cosine(flattened state, previous state)
 ==========================  ============================  ===========================================
 
 Shares are exact (sums of softmax probabilities) and sum to 1 per query group. In ``full`` mode
 "memory blocks" means every earlier token; ``fam.*`` channels exist only in ``fam`` mode.
+
+Compact form (``Stream(..., compact_trace=True)``, meta ``fam_state_form == "slot-mean"``): the full
+state is fam_len·d·2 bytes per layer per block (2.2 MB per block on the bundled model, 0.6 GB for a
+64k-token document), the only channel that grows that fast. The compact form keeps the mean over
+slots (1/fam_len of it, enough for state trajectories); ``fam.*.norm`` and ``fam.*.update`` are still
+computed from the full state, and every other channel is unchanged.
 
 A trace saves to one ``.npz`` file (arrays plus a JSON metadata record) and reloads without the model.
 """

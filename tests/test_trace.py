@@ -93,3 +93,16 @@ def test_not_a_trace_file(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(FamvizError, match="cannot read trace"):
         Trace.load(bad)
+
+
+def test_compact_trace_keeps_the_slot_mean(tiny_llama, fam_trace):
+    """The compact form stores each state as its slots' mean; the other channels are unchanged."""
+    compact = Stream(tiny_llama, FamConfig("fam", 8, 4, 1), compact_trace=True).run(random_ids(45)).trace
+    assert compact.meta["fam_state_form"] == "slot-mean" and fam_trace.meta["fam_state_form"] == "slots"
+    state = compact["fam.2.state"]
+    assert state.shape == (6, 1, 64) and state.dtype == np.float16
+    full = fam_trace["fam.2.state"].astype(np.float32)
+    np.testing.assert_allclose(state[:, 0].astype(np.float32), full.mean(axis=1), atol=2e-2, rtol=2e-3)
+    for key in ("fam.norm", "fam.update", "block.share", "fam.read", "tokens.nll"):
+        np.testing.assert_array_equal(compact.array(key), fam_trace.array(key))
+    assert compact.nbytes() < fam_trace.nbytes()
