@@ -90,3 +90,81 @@ def apply_adapter(directory: str | Path, loaded: LoadedModel, config: FamConfig)
     if adapter.fam_prompt is None or config.mode != "fam":
         return None
     return adapter.fam_prompt.to(device=loaded.device, dtype=loaded.dtype)
+
+
+# -- writing (``python -m famviz train``) ---------------------------------------------------------
+CARD_JSON = "training_card.json"
+CARD_MARKDOWN = "TRAINING_CARD.md"
+
+
+def adapter_meta(loaded: LoadedModel, config: FamConfig, has_prompt: bool) -> dict:
+    """The description ``read_adapter``/``check_compatible`` expect: base model and FAM geometry."""
+    cfg = loaded.config
+    return {"format": ADAPTER_FORMAT, "base_model": loaded.name, "model_type": cfg.model_type,
+            "hidden_size": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "fam": config.to_dict(),
+            "has_fam_prompt": has_prompt}
+
+
+def write_adapter(directory: str | Path, loaded: LoadedModel, config: FamConfig, fam_prompt: torch.Tensor | None,
+                  peft_model=None) -> Path:
+    """Write an adapter directory: description, FAM prompt (fam mode) and the peft LoRA weights."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if fam_prompt is not None:
+        if config.mode != "fam" or tuple(fam_prompt.shape) != (config.fam_len, loaded.config.hidden_size):
+            raise AdapterError(f"FAM prompt of shape {tuple(fam_prompt.shape)} does not fit {config}")
+        save_file({"fam_prompt": fam_prompt.detach().cpu().contiguous().clone()}, str(directory / PROMPT_FILE))
+    else:
+        (directory / PROMPT_FILE).unlink(missing_ok=True)
+    if peft_model is not None:
+        peft_model.save_pretrained(str(directory))
+    (directory / ADAPTER_META).write_text(json.dumps(adapter_meta(loaded, config, fam_prompt is not None), indent=2))
+    return directory
+
+
+def write_training_card(directory: str | Path, card: dict) -> None:
+    """The training card twice: ``training_card.json`` and a readable ``TRAINING_CARD.md``."""
+    directory = Path(directory)
+    (directory / CARD_JSON).write_text(json.dumps(card, indent=2))
+    (directory / CARD_MARKDOWN).write_text(card_markdown(card))
+
+
+def read_training_card(directory: str | Path) -> dict:
+    path = Path(directory) / CARD_JSON
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def card_markdown(card: dict) -> str:
+    lines = ["# famviz adapter: training card", ""]
+    if card.get("note"):
+        lines += [f"**{card['note']}**", ""]
+    fam = card.get("fam", {})
+    lines += [
+        f"- Base model: {card.get('base_model')}",
+        f"- Mode: {card.get('mode')}; block {fam.get('block_size')}, FAM {fam.get('fam_len')} slots, "
+        f"{fam.get('mem_blocks')} memory blocks",
+        f"- Command: `{card.get('command')}`",
+        f"- Steps: {card.get('steps')} (batch {card.get('batch_size')}, {card.get('tokens_seen')} tokens)"
+        + (" — stopped early by --max-minutes" if card.get("stopped_early") else ""),
+        f"- Optimiser: {card.get('optimizer')}",
+        f"- LoRA: {card.get('lora')}; FAM prompt: {card.get('fam_prompt')}",
+        f"- RPO: {card.get('rpo')}; RSP: {card.get('rsp')} (p = {card.get('rsp_prob')})",
+        f"- Data mixture: {json.dumps(card.get('data_mixture'))}",
+        f"- Hardware: {card.get('hardware')}, {card.get('dtype')}; wall time {card.get('wall_seconds')} s",
+        f"- Mean training loss over the last 50 steps: {card.get('final_loss_mean_last_50')}",
+        "",
+    ]
+    evals = card.get("held_out_passkey_during_training") or []
+    if evals:
+        lines += ["## Held-out PassKey during training (teacher-forced)", "", "| step | tokens | accuracy | key log-prob |",
+                  "|---|---|---|---|"]
+        lines += [f"| {e['step']} | {e['length']} | {e['accuracy']:.2f} | {e['key_logprob']:.2f} |" for e in evals]
+        lines.append("")
+    evaluation = card.get("evaluation") or {}
+    if evaluation:
+        lines += ["## Evaluation", "", "```json", json.dumps(evaluation, indent=2), "```", ""]
+        if evaluation.get("summary"):
+            lines += [evaluation["summary"], ""]
+    return "\n".join(lines)

@@ -68,7 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--layer", type=int, default=None, help="heads: the layer to frame")
     export.add_argument("--method", default="PCA", choices=["PCA", "UMAP"], help="trajectory projection")
     export.set_defaults(handler=run_export)
+
+    train = commands.add_parser("train", help="fine-tune the FAM (LoRA + learned FAM prompt) or a BSWA baseline")
+    from .train import add_train_arguments
+
+    add_train_arguments(train)
+    train.set_defaults(handler=run_train)
     return parser
+
+
+def run_train(args) -> int:
+    from .train import run_train as train_main
+
+    return train_main(args)
 
 
 def run_export(args) -> int:

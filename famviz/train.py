@@ -1,0 +1,684 @@
+"""FAM fine-tuning: LoRA + a learned initial FAM prompt (FAM_SPEC §3, §5, §6).
+
+``python -m famviz train --out DIR ...`` (or ``accelerate launch -m famviz train ...`` on several
+GPUs) trains, per step, on whole sequences streamed block by block through ``FamModel``:
+
+* LoRA (peft) on the attention and MLP projections; the FAM prompt trained in full; all else frozen.
+* Backpropagation through every block of a sequence, with no stop-gradient on the FAM or on memory
+  blocks; each layer is recomputed in backward (``FamModel.checkpoint_layers``) so memory stays
+  bounded by one layer's activations per block.
+* Random Position Offset (RPO): each sequence's RoPE positions are shifted by an offset drawn from
+  U[0, 2π·rope_theta), zeroed with probability 0.5. The engine rebases positions to each window's
+  start, so the offset is added to the rebased positions RoPE receives (``TrainingFamModel``).
+* Random State Passing (RSP): the final FAM of batch element 0 (every layer, detached) is kept; the
+  next step starts from it with probability p (0.8), else from the learned prompt's initial FAM.
+
+``--mode bswa`` trains the BSWA baseline with the same data and budget (LoRA only, no FAM).
+The output directory is an adapter directory (``famviz.adapters``) plus ``checkpoint/``,
+``train_log.jsonl``, ``train.log`` and ``loss_curve.html``. ``--resume DIR`` continues a run with
+its optimizer, step, data position and RNG states.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import FamConfig
+from .errors import ConfigError, FamvizError
+from .fam_model import FamModel, StreamState
+from .training_data import Example, ExampleStream, parse_mixture, parse_range
+
+log = logging.getLogger("famviz.train")
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CHECKPOINT_DIR = "checkpoint"
+TRAIN_CONFIG = "train_config.json"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    model: str | None = None  # None = the bundled model
+    mode: str = "fam"
+    block_size: int = 256
+    fam_len: int = 64
+    mem_blocks: int = 0
+    steps: int = 1000
+    lr: float = 5e-4
+    prompt_lr: float | None = None  # default: lr
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 1
+    lora_rank: int = 16
+    lora_alpha: float | None = None  # default: 2 × rank
+    data: str = "passkey:0.8,copy:0.2"
+    passkey_tokens: str = "256-2048"
+    passkey_depth_zero: float = 0.5
+    copy_text_tokens: str = "768-1536"
+    copy_len: int = 256
+    copy_weight: float = 0.1
+    text_weight: float = 0.0
+    rpo: bool = True
+    rsp: bool = True
+    rsp_prob: float = 0.8
+    eval_every: int = 100
+    eval_trials: int = 8
+    eval_tokens: int = 1024
+    checkpoint_every: int = 50
+    max_minutes: float | None = None  # stop (checkpoint + adapter) after this wall time
+    seed: int = 0
+    checkpoint_layers: bool = True  # recompute each layer in backward (bounded memory; ~30% slower)
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+    device: str = "auto"
+    dtype: str = "float32"
+    command: str = ""
+
+    def fam_config(self) -> FamConfig:
+        return FamConfig(mode=self.mode, block_size=self.block_size, fam_len=self.fam_len, mem_blocks=self.mem_blocks)
+
+    def validate(self) -> None:
+        if self.mode not in ("fam", "bswa"):
+            raise ConfigError(f"training mode must be fam or bswa, got {self.mode!r}")
+        self.fam_config()
+        for name in ("steps", "batch_size", "lora_rank", "copy_len", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.rsp_prob <= 1:
+            raise ConfigError(f"--rsp-prob must be within 0…1, got {self.rsp_prob}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        parse_mixture(self.data)
+        parse_range(self.passkey_tokens, "--passkey-tokens")
+        parse_range(self.copy_text_tokens, "--copy-text-tokens")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# -- the model being trained -----------------------------------------------------------------------
+class TrainingFamModel(FamModel):
+    """FamModel with a per-example RoPE position offset (RPO) added to the positions RoPE receives.
+
+    The engine rebases each window's positions to its start; RPO shifts those rebased positions of
+    every query and key of a sequence by the same offset, so attention scores are equal in exact
+    arithmetic but the model sees the rotations (and rounding) of large positions.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.position_offsets: torch.Tensor | None = None  # (batch,) float, or None
+
+    def _window_angles(self, position: int, m: int, f: int, n: int):
+        if self.position_offsets is None:
+            return super()._window_angles(position, m, f, n)
+        if self.memory_capacity is None:
+            rows, memory = torch.arange(position - f, position + n), None
+        else:
+            start = position - max(m, f)
+            rows = torch.cat([torch.arange(position - f, position), torch.arange(position, position + n)]) - start
+            memory = torch.arange(position - m, position) - start
+        cos_r, sin_r = self._offset_rope(rows)
+        if memory is None:
+            return cos_r, sin_r, None, None
+        cos_m, sin_m = self._offset_rope(memory)
+        return cos_r, sin_r, cos_m, sin_m
+
+    def _offset_rope(self, positions: torch.Tensor):
+        offsets = self.position_offsets.to(device=self.device, dtype=torch.float64)
+        shifted = positions.to(device=self.device, dtype=torch.float64).unsqueeze(0) + offsets.unsqueeze(1)
+        probe = torch.empty(0, device=self.device, dtype=self.dtype)
+        cos, sin = self.decoder.rotary_emb(probe, shifted.float())  # (batch, P, head_dim), fp32 angles
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+
+def rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta or getattr(config, "rope_theta", 10000.0))
+
+
+def draw_position_offsets(rng: random.Random, batch: int, theta: float) -> torch.Tensor:
+    """RPO offsets per example: U[0, 2π·theta), zeroed with probability 0.5 (FAM_SPEC §4)."""
+    return torch.tensor([0.0 if rng.random() < 0.5 else rng.uniform(0.0, 2 * math.pi * theta) for _ in range(batch)],
+                        dtype=torch.float64)
+
+
+class StatePassing:
+    """Random State Passing (FAM_SPEC §5): reuse batch element 0's final FAM with probability p."""
+
+    def __init__(self, prob: float):
+        self.prob = prob
+        self.saved: tuple[torch.Tensor, ...] | None = None
+
+    def choose(self, rng: random.Random) -> tuple[torch.Tensor, ...] | None:
+        """The FAM to start from (None = the learned initial FAM). Always draws, so RNG use is fixed."""
+        use = rng.random() < self.prob
+        return self.saved if use and self.saved is not None else None
+
+    def remember(self, final_fam: tuple[torch.Tensor, ...]) -> None:
+        self.saved = tuple(f[:1].detach().clone() for f in final_fam)
+
+
+def add_lora(loaded, rank: int, alpha: float | None):
+    """Wrap ``loaded.model`` with peft LoRA on the attention and MLP projections (modules patched in place)."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in loaded.model.named_modules()}
+    targets = [t for t in LORA_TARGETS if t in present]
+    lora = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(loaded.model, lora)
+
+
+def initial_training_state(fam_model: FamModel, batch: int, prompt: torch.Tensor | None,
+                           passed: tuple[torch.Tensor, ...] | None) -> StreamState:
+    """The state a training sequence starts from: the FAM prompt run up the stack (differentiable,
+    recomputed every step since the prompt changes) or a FAM passed on from the previous step."""
+    empty = torch.zeros(batch, fam_model.n_kv_heads, 0, fam_model.head_dim, device=fam_model.device, dtype=fam_model.dtype)
+    n_layers = len(fam_model.layers)
+    if not fam_model.fam_len:
+        fam, fresh = (), True
+    elif passed is not None:
+        fam, fresh = tuple(f.expand(batch, -1, -1) for f in passed), False
+    else:
+        fam, fresh = tuple(f.expand(batch, -1, -1) for f in fam_model.run_prompt_up_the_stack(prompt)), True
+    return StreamState(position=0, fam=fam, fam_fresh=fresh, mem_k=(empty,) * n_layers, mem_v=(empty,) * n_layers,
+                       last_logits=None)
+
+
+def sequence_loss(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState):
+    """Weighted next-token loss of whole sequences streamed block by block, and the final state.
+
+    ``weights[b, i]`` weighs predicting ``ids[b, i]``; logits are formed only where a weight is set.
+    Returns (loss, final state, weighted token count): the loss is Σ w·nll / #(w > 0).
+    """
+    block = fam_model.config.block_size
+    total = ids.shape[1]
+    target_mask = weights[:, 1:] > 0  # position i predicts token i+1
+    loss_sum = torch.zeros((), device=fam_model.device)
+    for start in range(0, total, block):
+        out = fam_model.forward_block(ids[:, start : start + block], state)
+        state = out.state
+        n = out.hidden.shape[1]
+        mask = target_mask[:, start : start + n]
+        if mask.shape[1] < n:
+            mask = F.pad(mask, (0, n - mask.shape[1]))
+        if mask.any():
+            rows = out.hidden[mask]
+            targets = ids[:, start + 1 : start + n + 1]
+            w = weights[:, start + 1 : start + n + 1]
+            if targets.shape[1] < n:
+                targets = F.pad(targets, (0, n - targets.shape[1]))
+                w = F.pad(w, (0, n - w.shape[1]))
+            nll = F.cross_entropy(fam_model.logits(rows).float(), targets[mask], reduction="none")
+            loss_sum = loss_sum + (nll * w[mask]).sum()
+    count = int(target_mask.sum())
+    return loss_sum / max(count, 1), state, count
+
+
+def collate(examples: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a batch (pad tokens carry no loss and come after everything that does)."""
+    length = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    weights = torch.zeros(len(examples), length)
+    for row, example in enumerate(examples):
+        ids[row, : len(example.ids)] = torch.tensor(example.ids)
+        weights[row, : len(example.weights)] = torch.tensor(example.weights)
+    return ids.to(device), weights.to(device)
+
+
+# -- held-out evaluation ---------------------------------------------------------------------------
+@torch.no_grad()
+def passkey_teacher_forced(fam_model: FamModel, tokenizer, prompt: torch.Tensor | None, length: int, trials: int,
+                           seed: int, depth: float = 0.0) -> dict:
+    """Held-out PassKey prompts scored teacher-forced: a trial counts when every key token is the argmax.
+
+    Cheap enough to run during training; ``famviz.passkey`` scores by greedy decoding for the report.
+    """
+    from .passkey import make_passkey_document
+
+    hits, logprobs = 0, []
+    for trial in range(trials):
+        document = make_passkey_document(tokenizer, length, depth=depth, seed=seed + trial)
+        answer = list(document.answer_ids)
+        key_tokens = tokenizer(" " + str(document.key), add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([list(document.token_ids) + answer], device=fam_model.device)
+        weights = torch.zeros_like(ids, dtype=torch.float32)
+        weights[0, len(document.token_ids) : len(document.token_ids) + len(key_tokens)] = 1.0
+        state = initial_training_state(fam_model, 1, prompt, None)
+        correct, lp = _score_answer(fam_model, ids, weights, state)
+        hits += int(correct)
+        logprobs.append(lp)
+    return {"length": length, "depth": depth, "trials": trials, "accuracy": hits / max(trials, 1),
+            "key_logprob": sum(logprobs) / max(len(logprobs), 1)}
+
+
+def _score_answer(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState):
+    block = fam_model.config.block_size
+    mask_all = weights[:, 1:] > 0
+    correct, logprob = True, 0.0
+    for start in range(0, ids.shape[1], block):
+        out = fam_model.forward_block(ids[:, start : start + block], state)
+        state = out.state
+        n = out.hidden.shape[1]
+        mask = mask_all[:, start : start + n]
+        if mask.shape[1] < n:
+            mask = F.pad(mask, (0, n - mask.shape[1]))
+        if mask.any():
+            logits = fam_model.logits(out.hidden[mask]).float()
+            targets = ids[:, start + 1 : start + n + 1]
+            targets = F.pad(targets, (0, n - targets.shape[1]))[mask]
+            correct &= bool((logits.argmax(-1) == targets).all())
+            logprob += float(-F.cross_entropy(logits, targets, reduction="sum"))
+    return correct, logprob
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def trainable_state(peft_model, prompt: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    state = {f"lora.{k}": v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    if prompt is not None:
+        state["fam_prompt"] = prompt.detach().cpu().clone()
+    return state
+
+
+def save_checkpoint(directory: Path, peft_model, prompt, optimizer, step: int, rng: random.Random,
+                    state_passing: StatePassing, history: list) -> None:
+    """Everything needed to continue exactly: weights, optimizer, step, data/RNG states, RSP state."""
+    from safetensors.torch import save_file
+
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(peft_model, prompt), str(tmp / "trainable.safetensors"))
+    torch.save({
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "python_rng": rng.getstate(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "rsp_saved": None if state_passing.saved is None else [t.cpu() for t in state_passing.saved],
+        "history": history,
+    }, tmp / "state.pt")
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)  # a checkpoint is either complete or absent
+
+
+def load_checkpoint(directory: Path, peft_model, prompt, optimizer, rng: random.Random,
+                    state_passing: StatePassing, device) -> tuple[int, list]:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not (directory / "state.pt").is_file():
+        raise ConfigError(f"{directory} holds no complete checkpoint to resume from")
+    tensors = load_file(str(directory / "trainable.safetensors"))
+    lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+    set_peft_model_state_dict(peft_model, lora)
+    if prompt is not None:
+        with torch.no_grad():
+            prompt.copy_(tensors["fam_prompt"].to(prompt.device))
+    saved = torch.load(directory / "state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    rng.setstate(saved["python_rng"])
+    torch.set_rng_state(saved["torch_rng"])
+    if saved.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    if saved["rsp_saved"] is not None:
+        state_passing.saved = tuple(t.to(device) for t in saved["rsp_saved"])
+    return saved["step"], saved["history"]
+
+
+# -- the run -------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, config: TrainConfig, loaded=None, accelerator=None, data=None):
+        """``loaded``: a LoadedModel (default: load ``config.model``); ``data``: anything with
+        ``draw(rng) -> Example`` (default: the mixture of ``config.data``)."""
+        config.validate()
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.out = Path(config.out)
+        if accelerator is None:
+            from accelerate import Accelerator
+
+            accelerator = Accelerator(cpu=config.device == "cpu")
+        self.accelerator = accelerator
+        if loaded is None:
+            from .models import load_model
+
+            device = str(accelerator.device) if config.device == "auto" else config.device
+            loaded = load_model(config.model, device=device, dtype=config.dtype)
+        self.loaded = loaded
+        self.peft_model = add_lora(loaded, config.lora_rank, config.lora_alpha)
+        fam_config = config.fam_config()
+        self.prompt = None
+        if fam_config.active_fam_len:
+            from .fam_prompt import default_fam_prompt
+
+            initial = default_fam_prompt(loaded, config.fam_len).float().to(loaded.device)
+            self.prompt = torch.nn.Parameter(initial.to(loaded.dtype))
+        self.fam_model = TrainingFamModel(loaded, fam_config, fam_prompt=self.prompt)
+        self.fam_model.checkpoint_layers = config.checkpoint_layers
+        self.theta = rope_theta(loaded.config)
+        lora_params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        groups = [{"params": lora_params, "lr": config.lr, "weight_decay": config.weight_decay}]
+        if self.prompt is not None:
+            groups.append({"params": [self.prompt], "lr": config.prompt_lr or config.lr, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.99))
+        self.base_lrs = [g["lr"] for g in groups]
+        self.rng = random.Random(config.seed + 7919 * accelerator.process_index)
+        torch.manual_seed(config.seed)
+        self.state_passing = StatePassing(config.rsp_prob if config.rsp and self.prompt is not None else 0.0)
+        self.step = 0
+        self.history: list[dict] = []
+        self.data = data if data is not None else ExampleStream(
+            loaded.tokenizer, parse_mixture(config.data), parse_range(config.passkey_tokens, "--passkey-tokens"),
+            parse_range(config.copy_text_tokens, "--copy-text-tokens"), config.copy_len, config.copy_weight,
+            config.text_weight, config.passkey_depth_zero)
+        pad = loaded.tokenizer.pad_token_id if loaded.tokenizer is not None else None
+        self.pad_id = pad if pad is not None else (loaded.config.eos_token_id or 0)
+        if isinstance(self.pad_id, list):
+            self.pad_id = self.pad_id[0]
+
+    @property
+    def trainable_parameters(self) -> list[torch.Tensor]:
+        params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        return params + ([self.prompt] if self.prompt is not None else [])
+
+    def resume(self) -> None:
+        self.step, self.history = load_checkpoint(self.out / CHECKPOINT_DIR, self.peft_model, self.prompt,
+                                                  self.optimizer, self.rng, self.state_passing, self.loaded.device)
+        log.info("resumed from %s at step %d", self.out / CHECKPOINT_DIR, self.step)
+
+    def train_step(self) -> dict:
+        """One optimiser step on one batch; returns its log record."""
+        config = self.config
+        examples = [self.data.draw(self.rng) for _ in range(config.batch_size)]
+        ids, weights = collate(examples, self.pad_id, self.loaded.device)
+        self.fam_model.position_offsets = (draw_position_offsets(self.rng, len(examples), self.theta)
+                                           if config.rpo else None)
+        passed = self.state_passing.choose(self.rng) if self.prompt is not None else None
+        lr_scale = min(1.0, (self.step + 1) / max(1, config.warmup_steps))
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * lr_scale
+        self.peft_model.train()
+        state = initial_training_state(self.fam_model, len(examples), self.prompt, passed)
+        loss, final, count = sequence_loss(self.fam_model, ids, weights, state)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = self.trainable_parameters
+        if self.accelerator.num_processes > 1:  # layers are called directly, so average gradients by hand
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+        self.optimizer.step()
+        self.fam_model.position_offsets = None
+        if self.prompt is not None:
+            self.state_passing.remember(final.fam)
+        self.step += 1
+        return {"step": self.step, "loss": loss.item(), "kind": "+".join(e.kind for e in examples),
+                "tokens": int(ids.numel()), "loss_tokens": count, "grad_norm": grad_norm,
+                "rsp": passed is not None, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def evaluate(self) -> dict:
+        config = self.config
+        self.peft_model.eval()
+        result = passkey_teacher_forced(self.fam_model, self.loaded.tokenizer, self.prompt, config.eval_tokens,
+                                        config.eval_trials, seed=1_000_000)
+        return {"step": self.step, "eval": result}
+
+    def run(self, resume: bool = False, progress: bool = True) -> Path:
+        config, acc = self.config, self.accelerator
+        main = acc.is_main_process
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / TRAIN_CONFIG).write_text(json.dumps(asdict(config), indent=2))
+        if resume:
+            self.resume()
+        started = time.time()
+        wall_before = sum(r.get("seconds", 0.0) for r in self.history if "loss" in r)
+        bar = None
+        if progress and main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=config.steps, initial=self.step, desc=f"train {config.mode}", unit="step",
+                       mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+        log_file = (self.out / LOG_FILE).open("a") if main else None
+        smoothed = None
+        stopped_early = False
+        try:
+            while self.step < config.steps:
+                t0 = time.time()
+                record = self.train_step()
+                record["seconds"] = time.time() - t0
+                record["tokens_per_s"] = record["tokens"] * acc.num_processes / max(record["seconds"], 1e-9)
+                self.history.append(record)
+                smoothed = record["loss"] if smoothed is None else 0.95 * smoothed + 0.05 * record["loss"]
+                if main:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{smoothed:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    if not sys.stderr.isatty() and self.step % 10 == 0:
+                        log.info("step %d loss %.4f (smoothed %.4f) %.0f tok/s", self.step, record["loss"], smoothed,
+                                 record["tokens_per_s"])
+                if config.eval_every and self.step % config.eval_every == 0 and main:
+                    evaluation = self.evaluate()
+                    self.history.append(evaluation)
+                    log_file.write(json.dumps(evaluation) + "\n")
+                    log_file.flush()
+                    log.info("step %d held-out PassKey (%d tokens, teacher-forced): %.0f%%, key log-prob %.2f",
+                             self.step, config.eval_tokens, 100 * evaluation["eval"]["accuracy"],
+                             evaluation["eval"]["key_logprob"])
+                if self.step % config.checkpoint_every == 0 and main:
+                    save_checkpoint(self.out / CHECKPOINT_DIR, self.peft_model, self.prompt, self.optimizer,
+                                    self.step, self.rng, self.state_passing, self.history)
+                if config.max_minutes is not None and time.time() - started > 60 * config.max_minutes:
+                    log.info("stopping after %.1f minutes (--max-minutes) at step %d", config.max_minutes, self.step)
+                    stopped_early = True
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            if log_file is not None:
+                log_file.close()
+        if main:
+            save_checkpoint(self.out / CHECKPOINT_DIR, self.peft_model, self.prompt, self.optimizer, self.step,
+                            self.rng, self.state_passing, self.history)
+            self.save_adapter(wall_seconds=wall_before + time.time() - started, stopped_early=stopped_early)
+            write_loss_curve(self.history, self.out)
+        acc.wait_for_everyone()
+        return self.out
+
+    def save_adapter(self, wall_seconds: float, stopped_early: bool = False) -> None:
+        from .adapters import write_adapter, write_training_card
+
+        write_adapter(self.out, self.loaded, self.config.fam_config(), self.prompt, self.peft_model)
+        write_training_card(self.out, training_card(self, wall_seconds, stopped_early))
+
+
+def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) -> dict:
+    config = trainer.config
+    steps = [r for r in trainer.history if "loss" in r]
+    evals = [r for r in trainer.history if "eval" in r]
+    device = trainer.loaded.device
+    if device.type == "cuda":
+        hardware = f"{trainer.accelerator.num_processes} × {torch.cuda.get_device_name(device)}"
+    else:
+        hardware = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    tail = steps[-50:]
+    return {
+        "command": config.command,
+        "base_model": trainer.loaded.name,
+        "mode": config.mode,
+        "fam": config.fam_config().to_dict(),
+        "steps": trainer.step,
+        "stopped_early": stopped_early,
+        "tokens_seen": sum(r["tokens"] for r in steps),
+        "batch_size": config.batch_size,
+        "optimizer": f"AdamW (betas 0.9/0.99), lr {config.lr}, prompt lr {config.prompt_lr or config.lr}, "
+                     f"warm-up {config.warmup_steps} steps then constant, grad clip {config.grad_clip}",
+        "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha or 2 * config.lora_rank,
+                 "targets": list(LORA_TARGETS)},
+        "fam_prompt": "trained in full" if config.mode == "fam" else None,
+        "data_mixture": {
+            "weights": parse_mixture(config.data),
+            "passkey_tokens": config.passkey_tokens,
+            "passkey_depth_zero": config.passkey_depth_zero,
+            "copy_text_tokens": config.copy_text_tokens, "copy_len": config.copy_len,
+            "copy_weight": config.copy_weight, "text_weight": config.text_weight,
+            "text_sources": "long text files under /usr/share/common-licenses and /usr/share/doc (GPL-3 held out)",
+        },
+        "checkpoint_layers": config.checkpoint_layers,
+        "rpo": config.rpo, "rsp": config.rsp, "rsp_prob": config.rsp_prob if config.rsp else None,
+        "hardware": hardware, "dtype": config.dtype, "wall_seconds": round(wall_seconds, 1),
+        "final_loss_mean_last_50": sum(r["loss"] for r in tail) / max(len(tail), 1),
+        "held_out_passkey_during_training": [dict(step=r["step"], **r["eval"]) for r in evals],
+        "evaluation": {},
+        "software": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+
+
+def write_loss_curve(history: list[dict], out: Path) -> Path | None:
+    """``loss_curve.html`` (training loss, its moving average and held-out PassKey accuracy); PNG when kaleido can."""
+    steps = [r for r in history if "loss" in r]
+    if not steps:
+        return None
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    x = [r["step"] for r in steps]
+    y = [r["loss"] for r in steps]
+    window = 25
+    smooth = [sum(y[max(0, i - window + 1) : i + 1]) / (i - max(0, i - window + 1) + 1) for i in range(len(y))]
+    figure = make_subplots(specs=[[{"secondary_y": True}]])
+    figure.add_trace(go.Scatter(x=x, y=y, mode="markers", marker=dict(size=3, opacity=0.35), name="loss per step"))
+    figure.add_trace(go.Scatter(x=x, y=smooth, mode="lines", name=f"loss, mean of {window}"))
+    evals = [r for r in history if "eval" in r]
+    if evals:
+        figure.add_trace(go.Scatter(x=[r["step"] for r in evals], y=[r["eval"]["accuracy"] for r in evals],
+                                    mode="lines+markers", name="held-out PassKey accuracy"), secondary_y=True)
+    figure.update_layout(title="FAM fine-tuning", xaxis_title="step", template="plotly_white", width=900, height=450)
+    figure.update_yaxes(title_text="weighted loss", secondary_y=False)
+    figure.update_yaxes(title_text="accuracy", range=[0, 1], secondary_y=True)
+    path = out / "loss_curve.html"
+    figure.write_html(str(path), include_plotlyjs=True)
+    try:
+        figure.write_image(str(out / "loss_curve.png"))
+    except Exception as exc:  # noqa: BLE001 - no Chromium: the HTML is the figure
+        log.info("no PNG loss curve (%s); loss_curve.html has it", type(exc).__name__)
+    return path
+
+
+# -- command line ----------------------------------------------------------------------------------
+def add_train_arguments(parser) -> None:
+    """Options of ``python -m famviz train`` (defaults: TrainConfig; None = keep the resumed run's)."""
+    d = TrainConfig(out="")
+    parser.add_argument("--out", metavar="DIR", help="output directory: the adapter, checkpoints, logs")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    parser.add_argument("--model", default=None, help="HF id or local path (default: the bundled SmolLM2-135M)")
+    parser.add_argument("--mode", choices=("fam", "bswa"), default=None, help=f"default {d.mode}")
+    for name, kind, help_text in (
+        ("block_size", int, "tokens per block"), ("fam_len", int, "FAM slots per layer"),
+        ("mem_blocks", int, "cached memory blocks"), ("steps", int, "optimiser steps in total"),
+        ("lr", float, "LoRA learning rate"), ("prompt_lr", float, "FAM prompt learning rate (default: --lr)"),
+        ("warmup_steps", int, "linear warm-up steps"), ("batch_size", int, "sequences per step (per process)"),
+        ("lora_rank", int, "LoRA rank"), ("lora_alpha", float, "LoRA alpha (default 2×rank)"),
+        ("data", str, "mixture, e.g. passkey:0.8,copy:0.2"),
+        ("passkey_tokens", str, "PassKey prompt length range in tokens, e.g. 256-2048"),
+        ("passkey_depth_zero", float, "share of PassKey prompts with the key at depth 0"),
+        ("copy_text_tokens", str, "text length range of copy examples"), ("copy_len", int, "tokens to repeat"),
+        ("copy_weight", float, "loss weight of repeated tokens (paper: 0.1)"),
+        ("text_weight", float, "loss weight of ordinary next-token prediction on the copy text"),
+        ("rsp_prob", float, "Random State Passing probability (paper: 0.8)"),
+        ("eval_every", int, "held-out PassKey evaluation every N steps (0 = never)"),
+        ("eval_trials", int, "held-out PassKey prompts per evaluation"),
+        ("eval_tokens", int, "length of held-out PassKey prompts"),
+        ("checkpoint_every", int, "checkpoint every N steps"),
+        ("max_minutes", float, "stop after this wall time (checkpoint and adapter are written)"),
+        ("seed", int, "random seed"), ("dtype", str, "float32 or bfloat16"),
+    ):
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                            help=f"{help_text} (default {getattr(d, name)})")
+    parser.add_argument("--no-rpo", dest="rpo", action="store_false", default=None, help="disable Random Position Offset")
+    parser.add_argument("--no-rsp", dest="rsp", action="store_false", default=None, help="disable Random State Passing")
+    parser.add_argument("--no-checkpoint-layers", dest="checkpoint_layers", action="store_false", default=None,
+                        help="keep every layer's activations instead of recomputing them in backward (faster, more memory)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument("--device", default=None, help="auto, cpu or cuda (default auto: Accelerate's device)")
+    parser.add_argument("--evaluate", metavar="ADAPTER_DIR",
+                        help="instead of training: evaluate ADAPTER_DIR (PassKey grid and in-window loss) into its card")
+    parser.add_argument("--eval-lengths", default="2048,4096,8192", help="PassKey lengths for --evaluate")
+    parser.add_argument("--eval-depth", type=float, default=0.0, help="PassKey depth for --evaluate")
+    parser.add_argument("--final-trials", type=int, default=50, help="PassKey trials per length for --evaluate")
+
+
+def config_from_args(args) -> tuple[TrainConfig, bool]:
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                 if f.name not in ("out", "command") and getattr(args, f.name, None) is not None}
+    argv = sys.argv[1:] if "train" in sys.argv[1:2] else []
+    command = "python -m famviz " + " ".join(shlex.quote(a) for a in argv) if argv else "python -m famviz train (from Python)"
+    if args.resume:
+        saved = Path(args.resume) / TRAIN_CONFIG
+        if not saved.is_file():
+            raise ConfigError(f"{args.resume} is not a training run to resume (no {TRAIN_CONFIG})")
+        config = TrainConfig.from_dict(json.loads(saved.read_text()))
+        config = replace(config, out=str(args.resume), **overrides)
+        config.command = f"{config.command}  (resumed: {command})"
+        return config, True
+    if not args.out:
+        raise ConfigError("train needs --out DIR (or --resume DIR)")
+    if (Path(args.out) / CHECKPOINT_DIR).exists():
+        raise ConfigError(f"{args.out} already holds a training run; use --resume {args.out} or another --out")
+    return replace(TrainConfig(out=args.out, command=command), **overrides), False
+
+
+def run_train(args) -> int:
+    if args.evaluate:
+        from .train_eval import evaluate_adapter_dir
+
+        evaluate_adapter_dir(args)
+        return 0
+    config, resume = config_from_args(args)
+    config.validate()  # before anything is written or logged
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("famviz").addHandler(handler)
+    logging.getLogger("famviz").setLevel(logging.INFO)
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in logging.getLogger().handlers + logging.getLogger("famviz").handlers):
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("famviz").addHandler(stream)
+    log.info("training %s: %s", config.mode, json.dumps(asdict(config)))
+    try:
+        trainer = Trainer(config)
+        trainer.run(resume=resume)
+    finally:
+        logging.getLogger("famviz").removeHandler(handler)
+        handler.close()
+    print(str(out))
+    return 0

@@ -1,0 +1,181 @@
+"""Training examples for FAM fine-tuning, all generated or read on this machine (FAM_SPEC §6).
+
+An example is a token sequence with a loss weight per token (the weight of predicting that token
+from the ones before it). Kinds:
+
+``passkey``  the PassKey prompt (FAM_SPEC §7, ``famviz.passkey``) with a filler length drawn from a
+             range, followed by its answer; loss on the answer tokens only.
+``copy``     the paper's memory incentive on long real text found on the machine (licences, package
+             documentation): text, then ``"[repeat random segment]:"`` and ``copy_len`` consecutive
+             tokens copied from earlier in the text, weight ``copy_weight`` (paper: 0.1); the text
+             itself may carry a small next-token weight (``text_weight``) to keep language modelling.
+
+Every draw comes from the ``random.Random`` passed in, so a saved RNG state reproduces the data.
+"""
+from __future__ import annotations
+
+import gzip
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+COPY_MARKER = "\n[repeat random segment]:"
+DATA_KINDS = ("passkey", "copy")
+# Held out from the training text: the ordinary-text evaluation reads it.
+HELD_OUT_TEXT = Path("/usr/share/common-licenses/GPL-3")
+TEXT_ROOTS = (Path("/usr/share/common-licenses"), Path("/usr/share/doc"))
+MIN_TEXT_CHARS = 12_000
+
+
+@dataclass
+class Example:
+    kind: str
+    ids: list[int]
+    weights: list[float]  # weights[i]: weight of the loss of predicting ids[i] from ids[:i]
+
+    def __post_init__(self) -> None:
+        assert len(self.ids) == len(self.weights)
+
+
+def parse_mixture(spec: str) -> dict[str, float]:
+    """``"passkey:0.8,copy:0.2"`` (or ``"passkey,copy"`` for equal parts) → normalised weights."""
+    mixture: dict[str, float] = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, weight = part.partition(":")
+        if name not in DATA_KINDS:
+            raise ConfigError(f"unknown training data kind {name!r}; choose from {', '.join(DATA_KINDS)}")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            raise ConfigError(f"data weight of {name!r} must be a number, got {weight!r}") from None
+        if value < 0:
+            raise ConfigError(f"data weight of {name!r} must not be negative")
+        mixture[name] = value
+    total = sum(mixture.values())
+    if not mixture or total <= 0:
+        raise ConfigError(f"the data mixture {spec!r} selects nothing")
+    return {name: value / total for name, value in mixture.items()}
+
+
+def parse_range(spec: str, what: str) -> tuple[int, int]:
+    """``"512-2048"`` or ``"1024"`` → (low, high)."""
+    low, _, high = spec.partition("-")
+    try:
+        lo, hi = int(low), int(high or low)
+    except ValueError:
+        raise ConfigError(f"{what} must look like 512-2048, got {spec!r}") from None
+    if lo <= 0 or hi < lo:
+        raise ConfigError(f"{what} must be a positive range low-high, got {spec!r}")
+    return lo, hi
+
+
+def find_text_files(roots=TEXT_ROOTS, min_chars: int = MIN_TEXT_CHARS, held_out=(HELD_OUT_TEXT,)) -> list[Path]:
+    """Long plain-text (or gzipped text) files on this machine, sorted for reproducibility."""
+    held = {p.resolve() for p in held_out if p.exists()}
+    files = []
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*")):
+            try:
+                if not path.is_file() or path.is_symlink() or path.resolve() in held:
+                    continue
+                size = path.stat().st_size
+            except OSError:
+                continue
+            if path.suffix == ".gz":
+                if size * 3 >= min_chars:
+                    files.append(path)
+            elif path.suffix in ("", ".txt", ".md", ".rst") and size >= min_chars:
+                files.append(path)
+    return files
+
+
+def read_text(path: Path) -> str:
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if b"\x00" in raw[:4096]:
+        return ""
+    return raw.decode("utf-8", errors="replace")
+
+
+class TextCorpus:
+    """Random windows of long text from the machine's documentation, tokenised on demand."""
+
+    def __init__(self, tokenizer, files: list[Path] | None = None, cache_size: int = 64):
+        self.tokenizer = tokenizer
+        self.files = find_text_files() if files is None else list(files)
+        self._cache: dict[Path, list[int]] = {}
+        self._cache_size = cache_size
+        if not self.files:
+            raise ConfigError("the copy task needs long text files on this machine; none found under "
+                              + ", ".join(str(r) for r in TEXT_ROOTS))
+
+    def tokens(self, path: Path) -> list[int]:
+        if path not in self._cache:
+            if len(self._cache) >= self._cache_size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[path] = self.tokenizer(read_text(path), add_special_tokens=False)["input_ids"]
+        return self._cache[path]
+
+    def window(self, rng: random.Random, length: int) -> list[int]:
+        """``length`` consecutive tokens from a random file long enough (files shorter are skipped)."""
+        for _ in range(100):
+            ids = self.tokens(self.files[rng.randrange(len(self.files))])
+            if len(ids) >= length:
+                start = rng.randrange(len(ids) - length + 1)
+                return ids[start : start + length]
+        raise ConfigError(f"no text file on this machine has {length} tokens; use shorter copy examples")
+
+
+def copy_example(corpus: TextCorpus, rng: random.Random, text_tokens: int, copy_len: int,
+                 copy_weight: float = 0.1, text_weight: float = 0.0) -> Example:
+    """Text, the copy marker, then ``copy_len`` tokens repeated from a random place in the text."""
+    if copy_len > text_tokens:
+        raise ConfigError(f"copy length {copy_len} is longer than the text ({text_tokens} tokens)")
+    text = corpus.window(rng, text_tokens)
+    marker = corpus.tokenizer(COPY_MARKER, add_special_tokens=False)["input_ids"]
+    start = rng.randrange(text_tokens - copy_len + 1)
+    segment = text[start : start + copy_len]
+    ids = text + marker + segment
+    weights = [0.0] + [text_weight] * (len(text) - 1) + [0.0] * len(marker) + [copy_weight] * len(segment)
+    return Example("copy", ids, weights)
+
+
+class ExampleStream:
+    """Draws training examples from a mixture; all randomness comes from ``rng``."""
+
+    def __init__(self, tokenizer, mixture: dict[str, float], passkey_tokens: tuple[int, int],
+                 copy_text_tokens: tuple[int, int], copy_len: int, copy_weight: float, text_weight: float,
+                 passkey_depth_zero: float = 0.5, corpus: TextCorpus | None = None):
+        self.tokenizer = tokenizer
+        self.mixture = mixture
+        self.passkey_tokens = passkey_tokens
+        self.copy_text_tokens = copy_text_tokens
+        self.copy_len = copy_len
+        self.copy_weight = copy_weight
+        self.text_weight = text_weight
+        self.passkey_depth_zero = passkey_depth_zero
+        self.corpus = corpus if corpus is not None or "copy" not in mixture else TextCorpus(tokenizer)
+
+    def draw(self, rng: random.Random) -> Example:
+        kinds = list(self.mixture)
+        kind = rng.choices(kinds, weights=[self.mixture[k] for k in kinds])[0]
+        if kind == "passkey":
+            length = rng.randint(*self.passkey_tokens)
+            return self._passkey(rng, length)
+        length = rng.randint(*self.copy_text_tokens)
+        return copy_example(self.corpus, rng, length, min(self.copy_len, length), self.copy_weight, self.text_weight)
+
+    def _passkey(self, rng: random.Random, length: int) -> Example:
+        from .passkey import make_passkey_document
+
+        # The evaluation asks at depth 0 (the paper's setting); half the training prompts do too.
+        depth = 0.0 if rng.random() < self.passkey_depth_zero else rng.random()
+        document = make_passkey_document(self.tokenizer, length, depth=depth, seed=rng.randrange(2**31))
+        prompt, answer = list(document.token_ids), list(document.answer_ids)
+        return Example("passkey", prompt + answer, [0.0] * len(prompt) + [1.0] * len(answer))

@@ -1,0 +1,250 @@
+"""FAM fine-tuning on tiny random models: loss goes down, RPO/RSP do what FAM_SPEC says, resume is exact."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from famviz import FamConfig, prepare_model
+from famviz.train import (
+    StatePassing, Trainer, TrainConfig, TrainingFamModel, draw_position_offsets, initial_training_state, sequence_loss,
+)
+from famviz.training_data import Example, copy_example, parse_mixture, parse_range
+from famviz.errors import ConfigError
+from helpers import assert_one_line_error, run_cli_in_process, tiny_causal_lm
+
+VOCAB = 128
+
+
+class KeyRecall:
+    """A miniature PassKey: a key token, filler, a question token, then the key again (loss on it only)."""
+
+    def __init__(self, length: int = 20, answer: int | None = None):
+        self.length = length
+        self.answer = answer  # a fixed answer token instead of the key: quick to learn
+
+    def draw(self, rng: random.Random) -> Example:
+        key = rng.randrange(10, 20)
+        filler = [rng.randrange(30, VOCAB) for _ in range(self.length - 3)]
+        ids = [1, key] + filler + [2, key if self.answer is None else self.answer]
+        return Example("passkey", ids, [0.0] * (len(ids) - 1) + [1.0])
+
+
+def tiny_loaded(seed: int = 0):
+    return prepare_model(tiny_causal_lm("llama", vocab_size=VOCAB, seed=seed), tokenizer=None, name="tiny-llama")
+
+
+def tiny_config(tmp_path, **overrides) -> TrainConfig:
+    values = dict(out=str(tmp_path / "run"), mode="fam", block_size=8, fam_len=4, mem_blocks=0, steps=4, lr=1e-2,
+                  warmup_steps=1, lora_rank=4, eval_every=0, checkpoint_every=2, seed=3, device="cpu")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def fixed_loss(trainer: Trainer, examples: list[Example]) -> float:
+    """Mean loss on fixed examples, each from the learned initial FAM, without RPO."""
+    total = 0.0
+    with torch.no_grad():
+        for example in examples:
+            ids = torch.tensor([example.ids])
+            weights = torch.tensor([example.weights])
+            state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
+            loss, _, _ = sequence_loss(trainer.fam_model, ids, weights, state)
+            total += float(loss)
+    return total / len(examples)
+
+
+@pytest.mark.parametrize("mode", ["fam", "bswa"])
+def test_a_few_steps_reduce_the_loss(tmp_path, mode):
+    data = KeyRecall(answer=5)
+    trainer = Trainer(tiny_config(tmp_path, mode=mode, steps=15, rsp=False), loaded=tiny_loaded(), data=data)
+    held = [data.draw(random.Random(100 + i)) for i in range(8)]
+    before = fixed_loss(trainer, held)
+    for _ in range(15):
+        trainer.train_step()
+    after = fixed_loss(trainer, held)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_only_lora_and_the_prompt_are_trained(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path), loaded=tiny_loaded(), data=KeyRecall())
+    frozen = {n: p.detach().clone() for n, p in trainer.peft_model.named_parameters() if not p.requires_grad}
+    trainable = {n for n, p in trainer.peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= targets
+    prompt_before = trainer.prompt.detach().clone()
+    for _ in range(2):
+        trainer.train_step()
+    for name, param in trainer.peft_model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name
+    assert not torch.equal(trainer.prompt, prompt_before)  # the FAM prompt is trained in full
+
+
+def test_gradient_reaches_the_first_block_through_the_fam(tmp_path):
+    """No stop-gradient: the loss on the last block reaches LoRA weights through the first block's FAM update."""
+    trainer = Trainer(tiny_config(tmp_path, rpo=False), loaded=tiny_loaded(), data=KeyRecall())
+    trainer.fam_model.checkpoint_layers = True
+    example = KeyRecall(24).draw(random.Random(0))
+    ids = torch.tensor([example.ids])
+    first_block = ids[:, :8]
+    state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
+    out = trainer.fam_model.forward_block(first_block, state)
+    fam_after_first = out.state.fam
+    loss, _, _ = sequence_loss(trainer.fam_model, ids[:, 8:], torch.tensor([example.weights[8:]]),
+                               out.state)
+    grads = torch.autograd.grad(loss, fam_after_first[0], allow_unused=True)
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+
+
+# -- Random Position Offset ------------------------------------------------------------------------
+def test_position_offsets_are_uniform_and_zeroed_half_the_time():
+    rng = random.Random(0)
+    theta = 10000.0
+    offsets = torch.cat([draw_position_offsets(rng, 4, theta) for _ in range(1000)])
+    zero = (offsets == 0).float().mean().item()
+    assert 0.45 < zero < 0.55
+    nonzero = offsets[offsets != 0]
+    assert nonzero.min() >= 0 and nonzero.max() < 2 * torch.pi * theta
+    assert nonzero.max() > 0.9 * 2 * torch.pi * theta  # spread over the whole range
+
+
+@pytest.mark.parametrize("mode,mem_blocks", [("fam", 0), ("fam", 1), ("bswa", 1)])
+def test_rpo_shifts_what_rope_sees_but_not_attention(mode, mem_blocks):
+    loaded = tiny_loaded()
+    config = FamConfig(mode=mode, block_size=8, fam_len=4, mem_blocks=mem_blocks)
+    model = TrainingFamModel(loaded, config)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    state = model.initial_state(2)
+    state = model.forward_block(ids, state).state  # a window with memory (when mem_blocks > 0) and a used FAM
+    plain_angles = model._window_angles(state.position, state.memory_tokens, model.fam_len, 8)
+    plain = model.forward_block(ids, state).hidden
+    model.position_offsets = torch.tensor([0.0, 1234.0], dtype=torch.float64)
+    shifted_angles = model._window_angles(state.position, state.memory_tokens, model.fam_len, 8)
+    shifted = model.forward_block(ids, state).hidden
+    # Element 0 has offset 0: the same angles; element 1 sees rotations of positions shifted by 1234.
+    assert torch.allclose(shifted_angles[0][0], plain_angles[0][0], atol=1e-6)
+    assert not torch.allclose(shifted_angles[0][1], plain_angles[0][0], atol=1e-2)
+    position, m, f = state.position, state.memory_tokens, model.fam_len
+    rebased = torch.arange(position - f, position + 8) - (position - max(m, f))  # the engine's window positions
+    expected_cos, _ = model.decoder.rotary_emb(torch.empty(0), (rebased.double() + 1234.0).float().unsqueeze(0))
+    assert torch.allclose(shifted_angles[0][1, 0], expected_cos[0], atol=1e-4)
+    # RoPE is relative: the same offset on every query and key leaves attention (nearly) unchanged.
+    assert torch.allclose(shifted, plain, atol=2e-3)
+
+
+def test_the_engine_alone_ignores_a_position_offset():
+    """Why RPO needs TrainingFamModel: bounded windows are rebased, so shifting state.position changes nothing."""
+    loaded = tiny_loaded()
+    model = TrainingFamModel(loaded, FamConfig(mode="fam", block_size=8, fam_len=4, mem_blocks=1))
+    assert model._window_angles(16, 8, 4, 8)[0].equal(model._window_angles(16 + 5000, 8, 4, 8)[0])
+
+
+# -- Random State Passing ------------------------------------------------------------------------------
+def test_state_passing_reuses_with_probability_p_and_detaches():
+    passing = StatePassing(0.8)
+    rng = random.Random(0)
+    assert passing.choose(rng) is None  # nothing saved yet
+    final = tuple(torch.randn(3, 4, 8, requires_grad=True) * 2 for _ in range(2))
+    passing.remember(final)
+    assert all(not t.requires_grad and t.shape == (1, 4, 8) for t in passing.saved)
+    assert all(torch.equal(s, f[:1].detach()) for s, f in zip(passing.saved, final))  # batch element 0
+    used = sum(passing.choose(rng) is not None for _ in range(4000)) / 4000
+    assert 0.77 < used < 0.83
+    assert StatePassing(0.0).choose(rng) is None
+
+
+def test_training_step_starts_from_the_passed_fam(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, rsp_prob=1.0, batch_size=2), loaded=tiny_loaded(), data=KeyRecall())
+    started = []
+    original = initial_training_state
+
+    def spy(fam_model, batch, prompt, passed):
+        state = original(fam_model, batch, prompt, passed)
+        started.append(state)
+        return state
+
+    monkeypatch.setattr("famviz.train.initial_training_state", spy)
+    trainer.train_step()
+    saved = trainer.state_passing.saved
+    trainer.train_step()
+    first, second = started
+    assert first.fam_fresh and not second.fam_fresh  # a passed FAM keeps its residual at the first update
+    for layer, fam in enumerate(second.fam):
+        assert not fam.requires_grad
+        assert torch.equal(fam[0], saved[layer][0]) and torch.equal(fam[1], saved[layer][0])
+
+
+def test_rsp_off_always_starts_from_the_prompt(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, rsp=False), loaded=tiny_loaded(), data=KeyRecall())
+    records = [trainer.train_step() for _ in range(3)]
+    assert not any(r["rsp"] for r in records)
+
+
+# -- checkpoints and resume ------------------------------------------------------------------------
+def test_resume_continues_identically(tmp_path):
+    straight = Trainer(tiny_config(tmp_path / "a", steps=4), loaded=tiny_loaded(), data=KeyRecall())
+    straight.run(progress=False)
+    interrupted = Trainer(tiny_config(tmp_path / "b", steps=2), loaded=tiny_loaded(), data=KeyRecall())
+    interrupted.run(progress=False)
+    resumed = Trainer(tiny_config(tmp_path / "b", steps=4), loaded=tiny_loaded(), data=KeyRecall())
+    resumed.run(resume=True, progress=False)
+
+    def losses(directory):
+        return [json.loads(line)["loss"] for line in (directory / "run" / "train_log.jsonl").read_text().splitlines()]
+
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    from famviz.train import trainable_state
+
+    a = trainable_state(straight.peft_model, straight.prompt)
+    b = trainable_state(resumed.peft_model, resumed.prompt)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.optimizer.state_dict()["state"].keys() == resumed.optimizer.state_dict()["state"].keys()
+
+
+def test_run_writes_adapter_card_log_and_curve(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, steps=3), loaded=tiny_loaded(), data=KeyRecall())
+    out = trainer.run(progress=False)
+    for name in ("famviz_adapter.json", "fam_prompt.safetensors", "adapter_model.safetensors", "adapter_config.json",
+                 "training_card.json", "TRAINING_CARD.md", "train_log.jsonl", "loss_curve.html", "train_config.json"):
+        assert (out / name).is_file(), name
+    card = json.loads((out / "training_card.json").read_text())
+    assert card["steps"] == 3 and card["lora"]["rank"] == 4 and card["rsp_prob"] == 0.8
+    assert card["data_mixture"]["weights"]
+
+
+# -- data ----------------------------------------------------------------------------------------------
+def test_copy_example_repeats_an_earlier_segment_with_weight():
+    class Corpus:
+        tokenizer = staticmethod(lambda text, add_special_tokens=False: {"input_ids": [7, 8, 9]})
+
+        def window(self, rng, length):
+            return list(range(100, 100 + length))
+
+    example = copy_example(Corpus(), random.Random(0), text_tokens=50, copy_len=10, copy_weight=0.1)
+    text, marker, segment = example.ids[:50], example.ids[50:53], example.ids[53:]
+    assert marker == [7, 8, 9] and len(segment) == 10
+    start = text.index(segment[0])
+    assert text[start : start + 10] == segment
+    assert example.weights[53:] == [0.1] * 10 and not any(example.weights[:53])
+
+
+def test_mixture_and_range_parsing():
+    assert parse_mixture("passkey:3,copy:1") == {"passkey": 0.75, "copy": 0.25}
+    assert parse_range("256-2048", "x") == (256, 2048)
+    with pytest.raises(ConfigError):
+        parse_mixture("passkey,poetry")
+    with pytest.raises(ConfigError):
+        parse_range("2048-256", "x")
+
+
+def test_cli_train_refuses_bad_input(tmp_path, capfd):
+    status, out, err = run_cli_in_process(["train"], capfd)
+    assert_one_line_error(status, out, err, contains=("--out",))
+    status, out, err = run_cli_in_process(["train", "--out", tmp_path / "r", "--data", "poetry"], capfd)
+    assert_one_line_error(status, out, err, contains=("poetry",))
+    status, out, err = run_cli_in_process(["train", "--resume", tmp_path / "nothing"], capfd)
+    assert_one_line_error(status, out, err, contains=("resume",))
