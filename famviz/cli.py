@@ -74,13 +74,152 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_arguments(train)
     train.set_defaults(handler=run_train)
+
+    passkey = commands.add_parser("passkey", help="PassKey retrieval: length × depth sweeps, or a live retention curve",
+                                  description="Hide a pass key in filler (FAM_SPEC §7) or your own document and ask "
+                                              "for it at the end; answers are scored by their first integer.")
+    passkey.add_argument("--modes", default="fam,bswa,full", metavar="LIST",
+                         help="comma-separated modes; MODE:N sets mode's memory blocks, e.g. fam:0,bswa:0,bswa:1,full")
+    passkey.add_argument("--lengths", default="1000,2000,4000", metavar="LIST", help="prompt lengths in tokens")
+    passkey.add_argument("--depths", default="0,0.5,1", metavar="LIST",
+                         help="key depths from 0 (right after the instruction) to 1 (right before the question)")
+    passkey.add_argument("--trials", type=int, default=10, metavar="N", help="keys per cell")
+    passkey.add_argument("--seed", type=int, default=0, metavar="S")
+    defaults = FamConfig()
+    passkey.add_argument("--block-size", type=int, default=defaults.block_size, metavar="N")
+    passkey.add_argument("--fam-len", type=int, default=defaults.fam_len, metavar="N")
+    passkey.add_argument("--mem-blocks", type=int, default=defaults.mem_blocks, metavar="N",
+                         help="memory blocks for modes given without :N")
+    _add_model_options(passkey)
+    passkey.add_argument("--document", default=None, metavar="PATH",
+                         help="hide the key in this document (cut to each length) instead of the standard filler")
+    passkey.add_argument("--retention", action="store_true",
+                         help="instead of a sweep: stream one prompt per cell and probe the memory as it goes")
+    passkey.add_argument("--probe-every", type=int, default=1, metavar="K", help="with --retention: probe every K blocks")
+    passkey.add_argument("--json", action="store_true", help="print one JSON object with the results")
+    passkey.add_argument("--figure", default=None, metavar="OUT",
+                         help="write the accuracy heatmap (or retention curves) to OUT (.png, .svg, .pdf or .html)")
+    passkey.set_defaults(handler=run_passkey)
     return parser
 
 
-def run_train(args) -> int:
-    from .train import run_train as train_main
+def _number_list(text: str, kind, name: str) -> list:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise FamvizError(f"{name} must be a comma-separated list of numbers, got {text!r}") from None
+    if not values:
+        raise FamvizError(f"{name} is empty")
+    return values
 
-    return train_main(args)
+
+def run_passkey(args) -> int:
+    from . import passkey as pk
+
+    try:
+        specs = [pk.ModeSpec.parse(part, args.mem_blocks) for part in args.modes.split(",") if part.strip()]
+        base = FamConfig(mode="fam", block_size=args.block_size, fam_len=args.fam_len, mem_blocks=args.mem_blocks)
+    except ValueError as exc:
+        raise FamvizError(str(exc)) from None
+    lengths = _number_list(args.lengths, int, "--lengths")
+    depths = _number_list(args.depths, float, "--depths")
+    if not specs:
+        raise FamvizError("--modes is empty")
+    if any(n <= 0 for n in lengths) or any(not 0 <= d <= 1 for d in depths):
+        raise FamvizError("lengths must be positive and depths between 0 and 1")
+    if args.trials < 1 or args.probe_every < 1:
+        raise FamvizError("--trials and --probe-every must be at least 1")
+    figure_out = check_output_path(args.figure) if args.figure else None
+    if figure_out and os.path.splitext(figure_out)[1].lower() not in (".png", ".svg", ".pdf", ".html"):
+        raise FamvizError("--figure must end in .png, .svg, .pdf or .html")
+    text = None
+    if args.document:
+        from .documents import read_document
+
+        text = read_document(args.document)
+    loaded, fam_prompt = load_for_cli(args, base)
+    backend = resolve_backend(args.backend, loaded.device)
+    config = {"block_size": args.block_size, "fam_len": args.fam_len, "modes": [s.label for s in specs],
+              "lengths": lengths, "depths": depths, "trials": args.trials, "seed": args.seed, "model": loaded.name,
+              "adapter": args.adapter, "document": args.document, "device": str(loaded.device),
+              "dtype": str(loaded.dtype).replace("torch.", "")}
+    started = time.perf_counter()
+    if args.retention:
+        output, figure = _passkey_retention(loaded, specs, base, lengths, depths, args, text, fam_prompt, backend)
+    else:
+        output, figure = _passkey_sweep(loaded, specs, base, lengths, depths, args, text, fam_prompt, backend)
+    output["config"] = config
+    output["seconds"] = round(time.perf_counter() - started, 2)
+    if figure_out:
+        from .export import write_figure
+
+        caption = (f"{loaded.name}; block {args.block_size}, fam_len {args.fam_len}; {args.trials} trials per cell, "
+                   f"seed {args.seed}")
+        output["figure"] = str(write_figure(figure, figure_out, caption=caption, metadata=config, size=(1100, 420)))
+    if args.json:
+        print(json.dumps(output))
+    return 0
+
+
+def _passkey_documents(tokenizer, text, length, depth, trials, seed):
+    from . import passkey as pk
+
+    if text is None:
+        return pk.trial_documents(tokenizer, length, depth, trials, seed)
+    return [pk.make_document_probe(tokenizer, text, depth, length, key=pk.random_key(pk.trial_rng(seed, length, depth, t)))
+            for t in range(trials)]
+
+
+def _passkey_sweep(loaded, specs, base, lengths, depths, args, text, fam_prompt, backend):
+    from tqdm import tqdm
+
+    from . import passkey as pk
+    from .fam_model import FamModel
+    from .passkey_figures import passkey_heatmap
+
+    documents = {(n, d): _passkey_documents(loaded.tokenizer, text, n, d, args.trials, args.seed)
+                 for n in lengths for d in depths}
+    cells = []
+    with tqdm(total=len(specs) * len(documents) * args.trials, unit="trial", file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for spec in specs:
+            fam_model = FamModel(loaded, pk.sweep_config(base, spec), backend=backend,
+                                 fam_prompt=fam_prompt if spec.mode == "fam" else None)
+            for (length, depth), docs in documents.items():
+                bar.set_description(f"{spec.label} {length} tok depth {depth:g}")
+                cell = pk.run_cell(fam_model, docs, spec, on_trial=lambda _: bar.update(1))
+                cells.append(cell)
+                if not args.json:
+                    bar.write(f"{cell.label:>14}  length {cell.length:>6}  depth {cell.depth:4g}  "
+                              f"accuracy {cell.accuracy:6.1%}  mean log p(key) {cell.mean_key_logprob:8.2f}  "
+                              f"({cell.seconds:.1f} s)")
+    return {"results": [cell.summary() for cell in cells]}, passkey_heatmap(cells)
+
+
+def _passkey_retention(loaded, specs, base, lengths, depths, args, text, fam_prompt, backend):
+    from . import passkey as pk
+    from .fam_model import FamModel
+    from .passkey_figures import retention_figure
+
+    curves, last = [], None
+    for spec in specs:
+        fam_model = FamModel(loaded, pk.sweep_config(base, spec), backend=backend,
+                             fam_prompt=fam_prompt if spec.mode == "fam" else None)
+        for length in lengths:
+            for depth in depths:
+                document = _passkey_documents(loaded.tokenizer, text, length, depth, 1, args.seed)[0]
+
+                def show(point, label=spec.label):
+                    if not args.json:
+                        print(f"{label:>14}  block {point.block:>4}  blocks since key {point.blocks_since_key:>4}  "
+                              f"{'retrieved' if point.correct else 'lost     '}  answer {point.predicted}  "
+                              f"log p(key) {point.key_logprob:8.2f}", flush=True)
+
+                points = pk.retention_curve(fam_model, document, args.probe_every, on_point=show)
+                last = (points, document.key)
+                curves.append({"mode": spec.mode, "mem_blocks": spec.mem_blocks, "label": spec.label, "length": length,
+                               "depth": depth, "key": document.key, "points": [vars(p) for p in points]})
+    return {"retention": curves}, retention_figure(*last)
 
 
 def run_export(args) -> int:
@@ -90,6 +229,12 @@ def run_export(args) -> int:
                              layer=args.layer, method=args.method)
     print(path)
     return 0
+
+
+def run_train(args) -> int:
+    from .train import run_train as train_main
+
+    return train_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
