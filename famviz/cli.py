@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     passkey.add_argument("--figure", default=None, metavar="OUT",
                          help="write the accuracy heatmap (or retention curves) to OUT (.png, .svg, .pdf or .html)")
     passkey.set_defaults(handler=run_passkey)
+
+    bench = commands.add_parser("bench", help="speed and memory figures of streaming, measured side by side")
+    bench.add_argument("--quick", action="store_true", help="smaller documents (a few minutes)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object with every figure")
+    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    bench.add_argument("--dtype", default="bfloat16", choices=["auto", "bfloat16", "float32"])
+    bench.add_argument("--model", default=None, help="Hugging Face model id or local path (default: bundled SmolLM2-135M)")
+    bench.set_defaults(handler=run_bench)
     return parser
 
 
@@ -228,6 +236,16 @@ def run_export(args) -> int:
     path = export_trace_file(args.trace, args.figure, args.format, args.out, view=args.view, block=args.block,
                              layer=args.layer, method=args.method)
     print(path)
+    return 0
+
+
+def run_bench(args) -> int:
+    from .bench import FULL, QUICK, format_table, run_bench as bench_main
+    from .models import load_model
+
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    figures = bench_main(loaded, QUICK if args.quick else FULL, progress=lambda message: log.warning("bench: %s", message))
+    print(json.dumps(figures) if args.json else format_table(figures))
     return 0
 
 

@@ -1,0 +1,274 @@
+"""``python -m famviz bench``: how fast and how flat streaming is, measured side by side in one run.
+
+Every figure of issue 6 comes from one process: the ratios compare runs made in the same minute,
+repeated in alternation (A B A B ...) and summarised by their medians, because the machines this
+runs on are shared and noisy. ``run_bench`` returns one flat dict (the ``--json`` object);
+``format_table`` prints it with the targets.
+
+Figures (fam = block 256, fam_len 64, mem_blocks 1, trace recorded in its compact form unless stated):
+
+- ``fam_vs_full``: fam tokens/s ÷ the model's own forward (one call, SDPA, same dtype) on the same document;
+- ``mfu``: 2 × parameters × fam tokens/s ÷ the bf16 matrix-multiply FLOP/s measured in the same run;
+- ``memory_growth``: peak RSS streaming the large document ÷ streaming the small one (16× fewer tokens);
+- ``trace_on_vs_off``, ``fam_vs_bswa``: time ratios on the small document;
+- ``probe_vs_block``: one live PassKey probe (question + greedy answer on a fork of the state) ÷ one block;
+- ``growth``: time for the large document ÷ (16 × time for the small one); 1.0 is linear.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from .config import FamConfig
+
+TARGETS = {  # figure: (comparison, target)
+    "fam_vs_full": (">=", 2.0),
+    "mfu": (">=", 0.50),
+    "memory_growth": ("<=", 1.10),
+    "trace_on_vs_off": ("<=", 1.10),
+    "fam_vs_bswa": ("<=", 1.30),
+    "probe_vs_block": ("<=", 0.5),
+    "growth": ("<=", 1.05),
+}
+LABELS = {
+    "fam_vs_full": "fam tok/s ÷ model's own full forward",
+    "mfu": "model-FLOP utilisation",
+    "memory_growth": "peak memory large ÷ small document",
+    "trace_on_vs_off": "trace on ÷ trace off (time)",
+    "fam_vs_bswa": "fam ÷ bswa (time)",
+    "probe_vs_block": "live PassKey probe ÷ one block",
+    "growth": "time large ÷ (16 × time small)",
+}
+
+
+@dataclass(frozen=True)
+class BenchSizes:
+    """Document lengths and repeats; ``FULL`` is the issue's setting, ``QUICK`` a few minutes' version."""
+
+    compare_tokens: int = 16384  # fam vs the model's own full forward
+    small_tokens: int = 4096  # trace on/off, fam/bswa, and the small side of growth and memory
+    growth_factor: int = 16  # the large document is growth_factor × small_tokens
+    matmul_size: int = 2048
+    repeats: int = 3  # alternating repeats of each comparison (the large document runs once)
+    block_size: int = 256
+    fam_len: int = 64
+    mem_blocks: int = 1
+
+
+FULL = BenchSizes()
+QUICK = BenchSizes(compare_tokens=2048, small_tokens=1024, repeats=2, matmul_size=1024)
+
+
+# -- measuring helpers ---------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    started = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def alternate(runs: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each run, the runs taken in turn ``repeats`` times (noise hits all alike)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(_timed(fn, device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def matmul_flops(size: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, repeats: int = 5) -> float:
+    """FLOP/s of a size³ matrix multiply (median of ``repeats`` after one warm-up)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    seconds = statistics.median(_timed(lambda: a @ b, device) for _ in range(repeats))
+    return 2 * size**3 / seconds
+
+
+def _reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        from .cli import reset_window_peak_rss
+
+        reset_window_peak_rss()
+
+
+def _peak_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    from .cli import window_peak_rss_mb
+
+    return window_peak_rss_mb()
+
+
+def document_ids(loaded, n_tokens: int) -> list[int]:
+    """``n_tokens`` of English text (the GPL-3 licence tiled), or random ids for a model without tokenizer."""
+    vocab = loaded.config.vocab_size
+    path = "/usr/share/common-licenses/GPL-3"
+    if loaded.tokenizer is not None and os.path.exists(path):
+        from .tokenize import tokenize_document
+
+        with open(path, encoding="utf-8") as handle:
+            base = tokenize_document(loaded.tokenizer, handle.read())[0]
+    else:
+        base = torch.randint(0, vocab, (4096,), generator=torch.Generator().manual_seed(0)).tolist()
+    return (base * (n_tokens // len(base) + 1))[:n_tokens]
+
+
+# -- the benchmark -------------------------------------------------------------------------------------
+def run_bench(loaded, sizes: BenchSizes = FULL, progress: Callable[[str], None] = lambda message: None) -> dict:
+    """Measure every figure on ``loaded`` (a ``famviz.LoadedModel``); returns one flat dict."""
+    from .engine import Stream
+    from .fam_model import FamModel
+
+    device = loaded.device
+    fam_config = FamConfig("fam", sizes.block_size, sizes.fam_len, sizes.mem_blocks)
+    bswa_config = FamConfig("bswa", sizes.block_size, 0, sizes.mem_blocks)
+    fam_model, bswa_model = FamModel(loaded, fam_config), FamModel(loaded, bswa_config)
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    large_tokens = sizes.small_tokens * sizes.growth_factor
+    compare_ids = document_ids(loaded, sizes.compare_tokens)
+    small_ids = document_ids(loaded, sizes.small_tokens)
+    large_ids = document_ids(loaded, large_tokens)
+
+    def stream(model, ids, record=True):
+        return Stream(model, record=record, compact_trace=True).run(ids)
+
+    figures: dict = {
+        "device": str(device), "dtype": str(loaded.dtype).replace("torch.", ""), "model": loaded.name,
+        "parameters": n_params, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "torch": torch.__version__,
+        "sizes": asdict(sizes),
+    }
+    progress("warming up")
+    stream(fam_model, small_ids[: 2 * sizes.block_size])
+    stream(bswa_model, small_ids[: 2 * sizes.block_size])
+    stream(fam_model, small_ids[: 2 * sizes.block_size], record=False)
+
+    progress(f"bf16 matrix multiply {sizes.matmul_size}³")
+    flops = matmul_flops(sizes.matmul_size, device)
+    figures["matmul_gflops"] = flops / 1e9
+
+    progress(f"fam vs the model's own forward on {sizes.compare_tokens} tokens")
+    whole = torch.tensor([compare_ids], device=device)
+
+    @torch.inference_mode()
+    def own_forward():
+        return loaded.model(whole).logits  # one call over the whole document, every position's logits
+
+    own_forward_small = torch.tensor([compare_ids[: sizes.block_size]], device=device)
+    with torch.inference_mode():
+        loaded.model(own_forward_small)
+    times = alternate({"fam": lambda: stream(fam_model, compare_ids), "full": own_forward}, sizes.repeats, device)
+    figures["fam_tokens_per_s"] = sizes.compare_tokens / times["fam"]
+    figures["full_forward_tokens_per_s"] = sizes.compare_tokens / times["full"]
+    figures["fam_vs_full"] = times["full"] / times["fam"]
+    figures["mfu"] = 2 * n_params * figures["fam_tokens_per_s"] / flops
+    del whole
+    gc.collect()
+
+    progress(f"trace on / off and fam / bswa on {sizes.small_tokens} tokens")
+    times = alternate({
+        "on": lambda: stream(fam_model, small_ids),
+        "off": lambda: stream(fam_model, small_ids, record=False),
+        "bswa": lambda: stream(bswa_model, small_ids),
+    }, sizes.repeats, device)
+    figures["trace_on_s"], figures["trace_off_s"], figures["bswa_s"] = times["on"], times["off"], times["bswa"]
+    figures["trace_on_vs_off"] = times["on"] / times["off"]
+    figures["fam_vs_bswa"] = times["on"] / times["bswa"]
+
+    progress("one live PassKey probe")
+    figures.update(_probe_figures(fam_model, small_ids, sizes, device))
+
+    progress(f"growth: {sizes.small_tokens} and {large_tokens} tokens, peak memory")
+    small_times, small_peaks = [], []
+    large_time = large_peak = None
+    for turn in range(max(2, sizes.repeats)):  # small, large, small[, small]: the large run once
+        _reset_peak(device)
+        small_times.append(_timed(lambda: stream(fam_model, small_ids), device))
+        small_peaks.append(_peak_mb(device))
+        if turn == 0:
+            _reset_peak(device)
+            large_time = _timed(lambda: stream(fam_model, large_ids), device)
+            large_peak = _peak_mb(device)
+    small_time = statistics.median(small_times)
+    figures["small_s"], figures["large_s"] = small_time, large_time
+    figures["growth"] = large_time / (sizes.growth_factor * small_time)
+    small_peak = max((p for p in small_peaks if p is not None), default=None)
+    figures["peak_small_mb"], figures["peak_large_mb"] = small_peak, large_peak
+    figures["memory_growth"] = large_peak / small_peak if small_peak and large_peak else None
+    figures["checks"] = {name: _meets(figures.get(name), *target) for name, target in TARGETS.items()}
+    return figures
+
+
+def _probe_figures(fam_model, ids, sizes: BenchSizes, device) -> dict:
+    """Time of one block and of one live probe from the state after ``ids`` (None without famviz.passkey)."""
+    from .engine import Stream
+
+    stream = Stream(fam_model, record=True, compact_trace=True)
+    stream.feed(ids[: (len(ids) // sizes.block_size) * sizes.block_size])
+    block_s = statistics.median(stream.result().block_seconds[1:] or stream.result().block_seconds)
+    figures = {"block_s": block_s, "probe_s": None, "probe_vs_block": None, "probe_note": None}
+    try:
+        from .passkey import live_probe
+    except ImportError as exc:
+        figures["probe_note"] = f"no live probe: {exc}"
+        return figures
+    if fam_model.loaded.tokenizer is None:
+        figures["probe_note"] = "no live probe: the model has no tokenizer"
+        return figures
+    live_probe(fam_model, stream.state, 12345)  # warm-up
+    probe_times = [_timed(lambda: live_probe(fam_model, stream.state, 12345), device) for _ in range(sizes.repeats)]
+    figures["probe_s"] = statistics.median(probe_times)
+    figures["probe_vs_block"] = figures["probe_s"] / block_s
+    return figures
+
+
+def _meets(value, comparison: str, target: float) -> bool | None:
+    if value is None:
+        return None
+    return value >= target if comparison == ">=" else value <= target
+
+
+def format_table(figures: dict) -> str:
+    """The figures as a Markdown table (figure, measured, target, met) plus the raw timings."""
+    lines = ["| figure | measured | target | met |", "|---|---|---|---|"]
+    for name, (comparison, target) in TARGETS.items():
+        value = figures.get(name)
+        shown = "n/a" if value is None else (f"{value:.1%}" if name == "mfu" else f"{value:.2f}")
+        goal = f"{comparison} {target:.0%}" if name == "mfu" else f"{comparison} {target:.2f}"
+        met = {True: "yes", False: "no", None: "-"}[figures["checks"].get(name)]
+        lines.append(f"| {LABELS[name]} | {shown} | {goal} | {met} |")
+    sizes = figures["sizes"]
+    large = sizes["small_tokens"] * sizes["growth_factor"]
+    raw = [
+        f"{figures['model']} ({figures['parameters'] / 1e6:.1f}M parameters), {figures['device']} {figures['dtype']}, "
+        f"{figures['threads']} threads, torch {figures['torch']}",
+        f"matmul {sizes['matmul_size']}³: {figures['matmul_gflops']:.0f} GFLOP/s; "
+        f"{sizes['compare_tokens']} tokens: fam {figures['fam_tokens_per_s']:.0f} tok/s, "
+        f"own forward {figures['full_forward_tokens_per_s']:.0f} tok/s",
+        f"{sizes['small_tokens']} tokens: trace on {figures['trace_on_s']:.2f} s, off {figures['trace_off_s']:.2f} s, "
+        f"bswa {figures['bswa_s']:.2f} s; one block {figures['block_s'] * 1e3:.0f} ms"
+        + (f", one probe {figures['probe_s'] * 1e3:.0f} ms" if figures.get("probe_s") else ""),
+        f"{large} tokens: {figures['large_s']:.1f} s (small {figures['small_s']:.2f} s); peak memory "
+        + (f"{figures['peak_large_mb']:.0f} MB vs {figures['peak_small_mb']:.0f} MB"
+           if figures.get("peak_large_mb") and figures.get("peak_small_mb") else "n/a"),
+    ]
+    if figures.get("probe_note"):
+        raw.append(figures["probe_note"])
+    return "\n".join(lines + [""] + raw)

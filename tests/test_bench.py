@@ -1,0 +1,76 @@
+"""The benchmark command: figures, table and JSON (tiny random model; the real run is slow)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from famviz.bench import TARGETS, BenchSizes, alternate, format_table, run_bench
+
+TINY = BenchSizes(compare_tokens=64, small_tokens=32, growth_factor=4, matmul_size=64, repeats=2,
+                  block_size=8, fam_len=4, mem_blocks=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_figures(tiny_llama):
+    return run_bench(tiny_llama, TINY)
+
+
+def test_every_target_has_a_figure(tiny_figures):
+    for name in TARGETS:
+        assert name in tiny_figures and name in tiny_figures["checks"]
+    for name in ("fam_vs_full", "mfu", "trace_on_vs_off", "fam_vs_bswa", "growth", "memory_growth"):
+        value = tiny_figures[name]
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, name
+        assert tiny_figures["checks"][name] in (True, False)
+    # the tiny model has no tokenizer: the probe is reported as missing, not invented
+    assert tiny_figures["probe_vs_block"] is None and "tokenizer" in tiny_figures["probe_note"]
+    assert tiny_figures["checks"]["probe_vs_block"] is None
+
+
+def test_figures_are_consistent(tiny_figures):
+    f = tiny_figures
+    assert f["fam_vs_full"] == pytest.approx(f["fam_tokens_per_s"] / f["full_forward_tokens_per_s"])
+    assert f["mfu"] == pytest.approx(2 * f["parameters"] * f["fam_tokens_per_s"] / (f["matmul_gflops"] * 1e9))
+    assert f["trace_on_vs_off"] == pytest.approx(f["trace_on_s"] / f["trace_off_s"])
+    assert f["growth"] == pytest.approx(f["large_s"] / (4 * f["small_s"]))
+    assert f["sizes"]["small_tokens"] == 32 and f["device"] == "cpu"
+
+
+def test_json_and_table(tiny_figures):
+    assert json.loads(json.dumps(tiny_figures)) == tiny_figures
+    table = format_table(tiny_figures)
+    assert table.startswith("| figure | measured | target | met |")
+    assert table.count("\n| ") == len(TARGETS)  # one row per figure
+    assert "GFLOP/s" in table and "n/a" in table  # no probe on the tiny model
+
+
+def test_alternate_takes_turns_and_reports_medians():
+    order = []
+    medians = alternate({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3, _cpu())
+    assert order == ["a", "b"] * 3 and set(medians) == {"a", "b"}
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+def test_cli_parses_bench_options():
+    from famviz.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--quick", "--json", "--device", "cpu"])
+    assert args.quick and args.json and args.device == "cpu" and args.handler.__name__ == "run_bench"
+
+
+@pytest.mark.slow
+def test_quick_bench_on_the_bundled_model(bundled_bf16):
+    """The quick figures on the real model (minutes): every figure, the live probe included."""
+    figures = run_bench(bundled_bf16, BenchSizes(compare_tokens=512, small_tokens=512, growth_factor=2,
+                                                 matmul_size=512, repeats=1))
+    for name in TARGETS:
+        assert figures[name] is not None or name == "probe_vs_block", name
+    pytest.importorskip("famviz.passkey")
+    assert figures["probe_s"] > 0 and figures["probe_vs_block"] > 0
