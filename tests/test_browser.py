@@ -1,0 +1,112 @@
+"""The app in a real browser: Playwright driving Debian's Chromium headless (never `playwright install`).
+
+Open the page, upload a file, Start, wait until the plots hold data, export an SVG, take a
+screenshot (kept under the test's tmp dir; set FAMVIZ_SCREENSHOT=PATH to keep a copy).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-dev-shm-usage"]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason="Debian's chromium is not installed"),
+]
+
+TEXT = "\n".join(f"Paragraph {i}: the memory keeps what the window forgets, block after block." for i in range(60))
+
+# True once a gr.Plot holds a drawn Plotly figure whose first trace has data (_fullData: numpy arrays
+# arrive base64-encoded and are decoded there).
+PLOT_HAS_DATA = """(id) => {
+    const plot = document.querySelector(`#${id} .js-plotly-plot`);
+    if (!plot || !plot._fullData || !plot._fullData.length) return false;
+    const trace = plot._fullData[0];
+    const values = trace.z || trace.y || trace.x;
+    return !!values && values.length > 0;
+}"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served_app():
+    import torch
+    import transformers
+
+    import app
+    import famviz
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(famviz.models.bundled_model_dir())
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                      max_position_embeddings=4096)
+    loaded = famviz.prepare_model(transformers.LlamaForCausalLM(config).float(), tokenizer, "tiny")
+    demo = app.build_app(loaded)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True,
+                            share=False, max_file_size=app.MAX_UPLOAD)
+    yield url
+    demo.close()
+
+
+def test_upload_stream_export_and_screenshot(served_app, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    document = tmp_path / "memory-notes.txt"
+    document.write_text(TEXT)
+    screenshot = tmp_path / "app.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1900})
+            page.goto(served_app, wait_until="load", timeout=120_000)
+            expect(page.locator("#status")).to_contain_text("Ready", timeout=60_000)
+
+            page.set_input_files("#upload input[type=file]", str(document))
+            expect(page.locator("#source input[value=upload]")).to_be_checked(timeout=30_000)
+            page.locator("#block-size input").fill("64")
+            page.locator("#fam-len input").fill("16")
+            page.locator("#start").click()
+
+            expect(page.locator("#status")).to_contain_text("Done", timeout=240_000)
+            expect(page.locator("#status")).to_contain_text("memory-notes.txt")
+            for plot in ("heatmap", "heads", "trajectory", "dynamics", "nll"):
+                page.wait_for_function(PLOT_HAS_DATA, arg=plot, timeout=60_000)
+            n_columns = page.evaluate("() => document.querySelector('#heatmap .js-plotly-plot')._fullData[0].z[0].length")
+            assert n_columns > 1  # one column per block
+            shaded = page.locator("#document .tok.s10")
+            assert shaded.count() >= 1  # the most-read tokens are drawn darkest
+            assert "read" in shaded.first.get_attribute("title")  # hover shows the value
+
+            page.locator("#export-format input[value=svg]").check()
+            page.locator("#export").click()
+            expect(page.locator("#export-note")).to_contain_text("Exported", timeout=120_000)
+            link = page.locator("#export-file a[href*='.svg']").first
+            expect(link).to_be_attached(timeout=30_000)
+            svg = page.request.get(link.get_attribute("href")).text()
+            assert svg.lstrip().startswith("<svg") and "share on" in svg
+
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 50_000  # a drawn page, not a blank one
+    if os.environ.get("FAMVIZ_SCREENSHOT"):
+        shutil.copy(screenshot, os.environ["FAMVIZ_SCREENSHOT"])
