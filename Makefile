@@ -7,7 +7,7 @@ STAMP := $(VENV)/.famviz-installed
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: setup app test fast-test bench clean-cache
+.PHONY: setup app test fast-test browser-test bench-app clean-cache
 
 setup: $(STAMP)
 
@@ -23,6 +23,13 @@ test: setup
 
 fast-test: setup
 	$(PY) -m pytest -q -m "not slow"
+
+browser-test: setup
+	$(PY) -m pytest -q tests/test_browser.py tests/test_export.py
+
+# App figures for the closing note: Start -> first plotted block, overhead per block, long-document responsiveness.
+bench-app: setup
+	$(PY) scripts/bench_app.py
 
 clean-cache:
 	rm -rf "$${FAMVIZ_CACHE_DIR:-$${XDG_CACHE_HOME:-$$HOME/.cache}/famviz}"

