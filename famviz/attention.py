@@ -211,7 +211,9 @@ def _merge_groups(q, k, v, scale: float, groups):
     weights = torch.exp(lses - total)
     if len(parts) == 1:
         return parts[0][0], list(weights), total
-    out = sum(w.unsqueeze(-1) * o.float() for w, (o, _) in zip(weights, parts))
+    out = weights[0].unsqueeze(-1) * parts[0][0]  # float32 (weights are float32)
+    for w, (o, _) in zip(weights[1:], parts[1:]):
+        out += w.unsqueeze(-1) * o
     return out.to(q.dtype), list(weights), total
 
 

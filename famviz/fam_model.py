@@ -198,6 +198,8 @@ class FamModel:
     def _remember(self, memory: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         if self.memory_capacity == 0:
             return memory
+        if self.memory_capacity is not None and new.shape[2] >= self.memory_capacity:
+            return new[:, :, -self.memory_capacity :]  # the new block alone fills the memory: no copy
         joined = torch.cat([memory, new], dim=2)
         if self.memory_capacity is not None and joined.shape[2] > self.memory_capacity:
             joined = joined[:, :, -self.memory_capacity :]  # all blocks but the last are full: the last mem_blocks blocks
