@@ -79,12 +79,18 @@ def _layout(title: str, **kwargs) -> dict:
     return layout
 
 
+def _figure(data, layout: dict) -> go.Figure:
+    """A figure from plain trace and layout dicts, without plotly's per-property validation: it costs
+    ~10x the building itself, and these figures are rebuilt after every block (their shapes are
+    checked by the tests instead)."""
+    return go.Figure(data=[data] if isinstance(data, dict) else list(data), layout=layout, _validate=False)
+
+
 def empty_figure(message: str, title: str = "") -> go.Figure:
     """A blank figure carrying one centred message (no data yet, or not available in this mode)."""
     note = dict(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
                 font=dict(size=14, color="#666"))
-    return go.Figure(layout=_layout(title, annotations=[note], xaxis=dict(visible=False),
-                                    yaxis=dict(visible=False)))
+    return _figure([], _layout(title, annotations=[note], xaxis=dict(visible=False), yaxis=dict(visible=False)))
 
 
 def _block_axis(n_blocks: int, block_starts: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -178,7 +184,7 @@ def share_heatmap(share: np.ndarray, group: str, *, groups: Sequence[str] = BLOC
     z = bin_blocks(z, edges, axis=1)
     y = np.arange(n_layers) if layers is None else np.asarray(layers)
     custom = np.broadcast_to(labels[None, :], z.shape)
-    heatmap = go.Heatmap(z=z, x=x, y=y, customdata=custom, zmin=0.0, zmax=1.0, colorscale=SHARE_COLORSCALE,
+    heatmap = dict(type="heatmap", z=z, x=x, y=y, customdata=custom, zmin=0.0, zmax=1.0, colorscale=SHARE_COLORSCALE,
                          colorbar=dict(title=dict(text=f"share on<br>{group}", side="right")),
                          hovertemplate="%{customdata}<br>layer %{y}<br>share %{z:.3f}<extra></extra>")
     shapes = []
@@ -187,7 +193,7 @@ def share_heatmap(share: np.ndarray, group: str, *, groups: Sequence[str] = BLOC
         half = 0.5 if len(edges) - 1 == n_blocks else max((edges[column + 1] - edges[column]) / 2.0, 0.5)
         shapes.append(dict(type="rect", xref="x", yref="paper", x0=x[column] - half, x1=x[column] + half,
                            y0=0, y1=1, line=dict(color="#e4572e", width=2)))
-    return go.Figure(heatmap, layout=_layout(title or f"Attention share on {group} (mean over heads)", shapes=shapes,
+    return _figure(heatmap, _layout(title or f"Attention share on {group} (mean over heads)", shapes=shapes,
                                              xaxis=_axis("block", showgrid=False, **_block_ticks(n_blocks)),
                                              yaxis=_axis("layer", showgrid=False)))
 
@@ -220,7 +226,7 @@ def head_share_heatmap(block_share: np.ndarray, group: str, *, groups: Sequence[
     z = block_share[..., list(groups).index(group)]
     n_layers, n_heads = z.shape
     y = np.arange(n_layers) if layers is None else np.asarray(layers)
-    heatmap = go.Heatmap(z=z, x=np.arange(n_heads), y=y, zmin=0.0, zmax=1.0, colorscale=SHARE_COLORSCALE,
+    heatmap = dict(type="heatmap", z=z, x=np.arange(n_heads), y=y, zmin=0.0, zmax=1.0, colorscale=SHARE_COLORSCALE,
                          colorbar=dict(title=dict(text=f"share on<br>{group}", side="right")),
                          hovertemplate="layer %{y}<br>head %{x}<br>share %{z:.3f}<extra></extra>")
     shapes = []
@@ -229,7 +235,7 @@ def head_share_heatmap(block_share: np.ndarray, group: str, *, groups: Sequence[
         shapes.append(dict(type="rect", xref="paper", yref="y", x0=0, x1=1, y0=y[row] - 0.5, y1=y[row] + 0.5,
                            line=dict(color="#e4572e", width=2)))
     where = f"block {block}" if block is not None else "one block"
-    return go.Figure(heatmap, layout=_layout(title or f"{where}: share on {group} per head", shapes=shapes,
+    return _figure(heatmap, _layout(title or f"{where}: share on {group} per head", shapes=shapes,
                                              xaxis=_axis("head", showgrid=False, tick0=0, dtick=1),
                                              yaxis=_axis("layer", showgrid=False)))
 
@@ -283,11 +289,11 @@ def nll_compare(primary: np.ndarray, other: np.ndarray | None, primary_label: st
     y = bin_blocks(primary, edges)
     colors = ("#3b6fb6", "#e4572e")
     hover = "%{customdata}<br>" + "%{fullData.name}: %{y:.3f} nats<extra></extra>"
-    lines = [go.Scatter(x=x, y=y, mode="lines+markers", name=primary_label, customdata=labels, hovertemplate=hover,
+    lines = [dict(type="scatter", x=x, y=y, mode="lines+markers", name=primary_label, customdata=labels, hovertemplate=hover,
                         line=dict(color=colors[0]), marker=dict(size=4), xaxis="x", yaxis="y")]
     xrange = [-0.5, max(n, 1) - 0.5]
     if other is None:
-        return go.Figure(lines, layout=_layout(
+        return _figure(lines, _layout(
             title or "Next-token loss per block", showlegend=False,
             xaxis=_axis("block", range=xrange, **_block_ticks(n)),
             yaxis=_axis("mean next-token NLL (nats)", rangemode="tozero")))
@@ -295,16 +301,16 @@ def nll_compare(primary: np.ndarray, other: np.ndarray | None, primary_label: st
     if other.shape != primary.shape:
         raise ValueError(f"the two runs differ in blocks: {primary.shape} and {other.shape}")
     y_other = bin_blocks(other, edges)
-    lines.append(go.Scatter(x=x, y=y_other, mode="lines+markers", name=other_label, customdata=labels,
+    lines.append(dict(type="scatter", x=x, y=y_other, mode="lines+markers", name=other_label, customdata=labels,
                             hovertemplate=hover, line=dict(color=colors[1]), marker=dict(size=4),
                             xaxis="x", yaxis="y"))
     benefit = y_other - y
-    lines.append(go.Bar(x=x, y=benefit, name=f"{other_label} − {primary_label}", customdata=labels,
+    lines.append(dict(type="bar", x=x, y=benefit, name=f"{other_label} − {primary_label}", customdata=labels,
                         marker=dict(color=np.where(benefit >= 0, "#2a9d8f", "#b5654d")), xaxis="x2", yaxis="y2",
                         hovertemplate="%{customdata}<br>memory benefit %{y:+.3f} nats<extra></extra>",
                         showlegend=False))
     top, bottom = (0.42, 1.0), (0.0, 0.3)
-    return go.Figure(lines, layout=_layout(
+    return _figure(lines, _layout(
         title or f"Next-token loss per block: {primary_label} vs {other_label}",
         legend=dict(orientation="h", x=1.0, xanchor="right", y=1.02, yanchor="bottom"),
         xaxis=_axis(None, anchor="y", range=xrange, matches="x2", showticklabels=False),
@@ -333,12 +339,12 @@ def fam_dynamics(norm: np.ndarray, update: np.ndarray, *, layers: Sequence[int] 
     custom = np.broadcast_to(labels[None, :], (n_layers, len(x)))
     # Two rows sharing the block axis, laid out by hand (make_subplots is slow to build).
     top, bottom, gap = (0.56, 1.0), (0.0, 0.44), 0.02
-    norm_map = go.Heatmap(
+    norm_map = dict(type="heatmap", 
         z=norm.T, x=x, y=y, customdata=custom, colorscale="Cividis", zmin=0.0, xaxis="x", yaxis="y",
         colorbar=dict(title=dict(text="norm", side="right"), y=sum(top) / 2, len=top[1] - top[0]),
         hovertemplate="%{customdata}<br>layer %{y}<br>norm %{z:.2f}<extra></extra>",
     )
-    update_map = go.Heatmap(
+    update_map = dict(type="heatmap", 
         z=update.T, x=x, y=y, customdata=custom, colorscale="Magma", zmin=0.0, xaxis="x2", yaxis="y2",
         colorbar=dict(title=dict(text="update", side="right"), y=sum(bottom) / 2, len=bottom[1] - bottom[0]),
         hovertemplate="%{customdata}<br>layer %{y}<br>update %{z:.4f}<extra></extra>",
@@ -354,7 +360,7 @@ def fam_dynamics(norm: np.ndarray, update: np.ndarray, *, layers: Sequence[int] 
         xaxis2=_axis("block", anchor="y2", showgrid=False, **_block_ticks(n_blocks)),
         yaxis2=_axis("layer", domain=list(bottom), showgrid=False),
     )
-    return go.Figure([norm_map, update_map], layout=layout)
+    return _figure([norm_map, update_map], layout)
 
 
 def fam_figure(trace: Trace) -> go.Figure:
@@ -403,7 +409,7 @@ def fam_trajectory(coords: dict[int, np.ndarray], *, method: str = "PCA", blocks
         index = np.arange(n) if blocks is None else np.asarray(blocks)[:n]
         keep = _thin(n, max_points, min(RECENT_BLOCKS, max_points // 2))
         color = TRAJECTORY_COLORS[i % len(TRAJECTORY_COLORS)]
-        traces.append(go.Scatter(
+        traces.append(dict(type="scatter", 
             x=points[keep, 0], y=points[keep, 1], mode="lines+markers", name=f"layer {layer}",
             customdata=index[keep], line=dict(color=color, width=1),
             marker=dict(size=6, color=index[keep], colorscale="Greys", cmin=0, cmax=max(n - 1, 1),
@@ -411,13 +417,13 @@ def fam_trajectory(coords: dict[int, np.ndarray], *, method: str = "PCA", blocks
             hovertemplate=f"layer {layer}<br>block %{{customdata}}<br>({method} %{{x:.2f}}, %{{y:.2f}})<extra></extra>",
         ))
         if n:
-            traces.append(go.Scatter(x=points[-1:, 0], y=points[-1:, 1], mode="markers", showlegend=False,
+            traces.append(dict(type="scatter", x=points[-1:, 0], y=points[-1:, 1], mode="markers", showlegend=False,
                                      marker=dict(size=13, color="rgba(0,0,0,0)", line=dict(color=color, width=2.5)),
                                      hoverinfo="skip"))
     heading = title or f"FAM state trajectory ({method}, per layer)"
     if note:
         heading += f"<br><sup>{note}</sup>"
-    return go.Figure(traces, layout=_layout(
+    return _figure(traces, _layout(
         heading, legend=dict(orientation="h", x=1.0, xanchor="right", y=1.0, yanchor="bottom"),
         xaxis=_axis(f"{method} 1"), yaxis=_axis(f"{method} 2"),
         annotations=[dict(text="dark = later block; ringed = latest", x=0, y=-0.16, xref="paper", yref="paper",

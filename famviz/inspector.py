@@ -112,23 +112,27 @@ class StateFeatures:
 
 
 def pca_2d(features: np.ndarray, max_fit: int = 600) -> np.ndarray:
-    """(n, D) -> (n, 2) principal components (fitted on at most ``max_fit`` evenly spread rows)."""
+    """(n, D) -> (n, 2) principal components (fitted on at most ``max_fit`` evenly spread rows).
+
+    Solved on the small n × n Gram matrix: LAPACK's SVD of a wide matrix is far slower (and threads
+    badly on a busy machine), and this runs after every block.
+    """
     features = np.asarray(features, dtype=np.float64)
     n = len(features)
     if n == 0:
         return np.zeros((0, 2))
-    mean = features.mean(axis=0)
-    centred = features - mean
+    centred = features - features.mean(axis=0)
     fit = centred if n <= max_fit else centred[np.linspace(0, n - 1, max_fit).round().astype(int)]
     if n < 2 or not np.any(fit):
         return np.zeros((n, 2))
-    _, _, vt = np.linalg.svd(fit, full_matrices=False)
-    axes = vt[:2]
-    if axes.shape[0] < 2:
-        axes = np.vstack([axes, np.zeros((1, features.shape[1]))])
-    for k in range(2):  # a deterministic sign, so the picture does not flip from one block to the next
-        if axes[k, np.argmax(np.abs(axes[k]))] < 0:
-            axes[k] = -axes[k]
+    values, vectors = np.linalg.eigh(fit @ fit.T)  # ascending
+    axes = np.zeros((2, features.shape[1]))
+    for k in range(2):
+        value = values[-1 - k]
+        if value > 1e-12 * max(values[-1], 1e-300):
+            axes[k] = fit.T @ vectors[:, -1 - k] / np.sqrt(value)  # unit principal direction
+            if axes[k, np.argmax(np.abs(axes[k]))] < 0:  # a fixed sign: the picture does not flip per block
+                axes[k] = -axes[k]
     return centred @ axes.T
 
 
