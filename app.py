@@ -344,6 +344,22 @@ def stop_run(run: Run | None):
 
 
 # -- view controls (no model; each acts on the session's run only) ----------------------------------------------
+def _view_handler(n_outputs: int):
+    """View handlers may run while the session's stream appends a block to the same trace; a figure
+    caught half-way is skipped (the stream's next update redraws it) instead of raising in the UI."""
+    def wrap(handler):
+        def safe(*args):
+            try:
+                return handler(*args)
+            except Exception:  # noqa: BLE001
+                log.debug("view update skipped", exc_info=True)
+                return tuple(gr.skip() for _ in range(n_outputs))
+        safe.__name__, safe.__doc__, safe.__wrapped__ = handler.__name__, handler.__doc__, handler
+        return safe
+    return wrap
+
+
+@_view_handler(2)
 def change_view(view: str, run: Run | None):
     """Switch the heatmap target; a running stream picks the new view up at its next block."""
     if view not in figures.SHARE_VIEWS or run is None:
@@ -354,6 +370,7 @@ def change_view(view: str, run: Run | None):
     return run.heatmap(), run.heads()
 
 
+@_view_handler(2)
 def change_layer(layer, run: Run | None):
     """The layer the document is shaded by (and framed in the drill-down)."""
     if run is None:
@@ -364,12 +381,20 @@ def change_layer(layer, run: Run | None):
     return run.heads(), run.document_html()
 
 
+@_view_handler(4)
 def select_block(block, follow: bool, run: Run | None):
-    """Drill down into one block (or follow the latest): heatmap frame, head view, document window."""
+    """Drill down into one block, or follow the latest: heatmap frame, head view, document window."""
     if run is None or not run.has_blocks():
-        return gr.skip(), gr.skip(), gr.skip()
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
     run.block = None if follow or block is None else int(block)
-    return run.heatmap(), run.heads(), run.document_html()
+    return run.heatmap(), run.heads(), run.document_html(), gr.skip()
+
+
+@_view_handler(4)
+def drag_block(block, run: Run | None):
+    """Moving the slider picks that block and stops following (else the next block would move it back)."""
+    heatmap, heads, document, _ = select_block.__wrapped__(block, False, run)
+    return heatmap, heads, document, False
 
 
 def change_method(method: str, run: Run | None):
@@ -585,8 +610,9 @@ def build_inspector_tab(context: AppContext) -> None:
     stop_button.click(stop_run, [run_state], [status], cancels=[run_event], api_name="stop", show_progress="hidden")
     view.change(change_view, [view, run_state], [heatmap, heads], api_name="view", show_progress="hidden")
     layer.input(change_layer, [layer, run_state], [heads, document], api_name="layer", show_progress="hidden")
-    block.release(select_block, [block, follow, run_state], [heatmap, heads, document], show_progress="hidden")
-    follow.input(select_block, [block, follow, run_state], [heatmap, heads, document], show_progress="hidden")
+    block.release(drag_block, [block, run_state], [heatmap, heads, document, follow], api_name="block",
+                  show_progress="hidden")
+    follow.input(select_block, [block, follow, run_state], [heatmap, heads, document, follow], show_progress="hidden")
     method.change(change_method, [method, run_state], [trajectory, umap_timer], api_name="method",
                   show_progress="hidden")
     umap_timer.tick(poll_umap, [run_state], [trajectory, umap_timer], show_progress="hidden")

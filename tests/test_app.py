@@ -231,15 +231,20 @@ def test_stream_errors_are_one_status_and_keep_the_plots(hub, app_module, kwargs
 
 
 def test_view_controls_act_on_the_run(hub, app_module):
+    import gradio as gr
+
     run = _run(app_module, hub)[-1][-1]
     heatmap, heads = app_module.change_view("fam-block", run)
     assert run.view == "fam-block" and heatmap.layout.title.text == figures.SHARE_VIEWS["fam-block"].title
     heads, document = app_module.change_layer("1", run)
     assert run.layer == 1 and "layer 1" in document and heads.layout.shapes
-    heatmap, heads, document = app_module.select_block(2, False, run)
+    heatmap, heads, document, follow = app_module.drag_block(2, run)
     assert run.shown_block == 2 and "Block 2" in heads.layout.title.text and "block 2" in document
+    assert follow is False  # dragging the slider stops following the latest block
     app_module.select_block(2, True, run)
     assert run.shown_block == run.blocks_done - 1
+    broken = app_module.Run(config=run.config, document="x", total_tokens=1, trace=object())  # half-built
+    assert all(type(item) is type(gr.skip()) for item in app_module.change_view("block-fam", broken))
     app_module.stop_run(run)
     assert run.state == "done"  # a finished run is not "stopped"
 
