@@ -528,7 +528,12 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
     else:
         hardware = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     tail = steps[-50:]
+    note = None
+    if device.type != "cuda":
+        note = ("Reduced CPU recipe: trained on a CPU with far fewer steps and shorter sequences than the paper's "
+                "GPU recipe (FAM_SPEC §6); see the evaluation before relying on it.")
     return {
+        "note": note,
         "command": config.command,
         "base_model": trainer.loaded.name,
         "mode": config.mode,
@@ -654,10 +659,84 @@ def config_from_args(args) -> tuple[TrainConfig, bool]:
     return replace(TrainConfig(out=args.out, command=command), **overrides), False
 
 
+def in_window_nll(loaded, config: FamConfig, fam_prompt: torch.Tensor | None, windows: list[list[int]]) -> float:
+    """Mean next-token NLL over windows, each streamed alone from a fresh state (one block each)."""
+    model = FamModel(loaded, config, fam_prompt=fam_prompt)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for window in windows:
+            ids = torch.tensor([window], device=loaded.device)
+            out = model.forward_block(ids, model.initial_state(1))
+            nll, _ = model.next_token_nll(out.hidden, ids, None)
+            values = nll[~torch.isnan(nll)]
+            total += float(values.sum())
+            count += values.numel()
+    return total / max(count, 1)
+
+
+def text_windows(tokenizer, length: int, count: int, path: Path | None = None) -> list[list[int]]:
+    """``count`` disjoint windows of ``length`` tokens of held-out ordinary text (GPL-3 by default)."""
+    from .training_data import HELD_OUT_TEXT
+
+    ids = tokenizer((path or HELD_OUT_TEXT).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    step = max(length, (len(ids) - length) // max(count, 1))
+    windows = [ids[s : s + length] for s in range(0, len(ids) - length + 1, step)][:count]
+    if not windows:
+        raise ConfigError(f"the held-out text has fewer than {length} tokens")
+    return windows
+
+
+def evaluate_adapter_dir(args) -> dict:
+    """PassKey grid (greedy decoding, ``famviz.passkey``) and in-window loss vs the untuned model with full
+    attention; the result goes into the adapter's training card."""
+    from . import passkey as pk
+    from .adapters import apply_adapter, read_adapter, read_training_card, write_training_card
+    from .models import load_model
+
+    logging.getLogger("famviz").setLevel(logging.INFO)
+    directory = Path(args.evaluate)
+    adapter = read_adapter(directory)
+    fam = adapter.fam_config
+    config = FamConfig(mode=fam.get("mode", "fam"), block_size=args.block_size or fam.get("block_size", 256),
+                       fam_len=args.fam_len or fam.get("fam_len", 64),
+                       mem_blocks=args.mem_blocks if args.mem_blocks is not None else fam.get("mem_blocks", 0))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = args.dtype or "float32"
+    lengths = [int(x) for x in args.eval_lengths.split(",") if x.strip()]
+    started = time.time()
+    base = load_model(args.model, device=args.device or "auto", dtype=dtype)
+    windows = text_windows(base.tokenizer, config.block_size, 8)
+    full_nll = in_window_nll(base, FamConfig(mode="full", block_size=config.block_size), None, windows)
+    tuned = load_model(args.model, device=args.device or "auto", dtype=dtype)
+    prompt = apply_adapter(directory, tuned, config)
+    tuned_nll = in_window_nll(tuned, config, prompt, windows)
+    log.info("in-window NLL: tuned %s %.4f, untuned full %.4f", config.mode, tuned_nll, full_nll)
+    spec = pk.ModeSpec(config.mode, config.mem_blocks)
+    cells = pk.sweep(tuned, [spec], lengths, [args.eval_depth], args.final_trials, seed=args.seed or 0, base=config,
+                     fam_prompt=prompt,
+                     on_cell=lambda c: log.info("PassKey %s %d tokens depth %g: %.0f%% of %d (log p(key) %.2f, %.0f s)",
+                                                c.label, c.length, c.depth, 100 * c.accuracy, c.trials,
+                                                c.mean_key_logprob, c.seconds))
+    evaluation = {
+        "passkey": [c.summary() for c in cells],
+        "passkey_scoring": "greedy decoding, first integer of the answer equals the key (famviz.passkey)",
+        "in_window_nll": {"tuned": tuned_nll, "untuned_full_attention": full_nll,
+                          "relative_change": tuned_nll / full_nll - 1, "windows": len(windows),
+                          "window_tokens": config.block_size, "text": "GPL-3 (held out from training)"},
+        "dtype": dtype, "seconds": round(time.time() - started, 1),
+    }
+    card = read_training_card(directory)
+    card.setdefault("evaluation", {})
+    key = f"{config.mode}_mem{config.mem_blocks}_block{config.block_size}"
+    card["evaluation"][key] = evaluation
+    write_training_card(directory, card)
+    print(json.dumps(evaluation))
+    return evaluation
+
+
 def run_train(args) -> int:
     if args.evaluate:
-        from .train_eval import evaluate_adapter_dir
-
         evaluate_adapter_dir(args)
         return 0
     config, resume = config_from_args(args)

@@ -248,3 +248,29 @@ def test_cli_train_refuses_bad_input(tmp_path, capfd):
     assert_one_line_error(status, out, err, contains=("poetry",))
     status, out, err = run_cli_in_process(["train", "--resume", tmp_path / "nothing"], capfd)
     assert_one_line_error(status, out, err, contains=("resume",))
+
+
+@pytest.mark.slow
+def test_cli_trains_resumes_and_evaluates_a_tiny_model(tmp_path, capfd):
+    """End to end through the CLI on a tiny Llama with the real tokenizer: PassKey + copy data, resume, evaluate."""
+    from helpers import save_tiny_llama_dir
+
+    model_dir = save_tiny_llama_dir(tmp_path / "model")
+    out = tmp_path / "run"
+    common = ["--threads", "1", "--eval-every", "0"]
+    status, stdout, err = run_cli_in_process(
+        ["train", "--out", out, "--model", model_dir, "--block-size", "64", "--fam-len", "8", "--steps", "2",
+         "--passkey-tokens", "90-140", "--copy-text-tokens", "100-140", "--copy-len", "32", "--data", "passkey,copy",
+         "--checkpoint-every", "1", *common], capfd)
+    assert status == 0, err
+    status, stdout, err = run_cli_in_process(["train", "--resume", out, "--steps", "3", *common], capfd)
+    assert status == 0, err
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    card = json.loads((out / "training_card.json").read_text())
+    assert card["steps"] == 3 and "resumed" in card["command"] and card["note"]
+    status, stdout, err = run_cli_in_process(["train", "--evaluate", out, "--model", model_dir, "--eval-lengths", "120",
+                                              "--final-trials", "1", "--threads", "1"], capfd)
+    assert status == 0, err
+    evaluation = json.loads((out / "training_card.json").read_text())["evaluation"]["fam_mem0_block64"]
+    assert evaluation["passkey"][0]["trials"] == 1 and evaluation["in_window_nll"]["tuned"] > 0
