@@ -197,10 +197,10 @@ def _passkey_sweep(loaded, specs, base, lengths, depths, args, text, fam_prompt,
                 bar.set_description(f"{spec.label} {length} tok depth {depth:g}")
                 cell = pk.run_cell(fam_model, docs, spec, on_trial=lambda _: bar.update(1))
                 cells.append(cell)
-                if not args.json:
-                    bar.write(f"{cell.label:>14}  length {cell.length:>6}  depth {cell.depth:4g}  "
-                              f"accuracy {cell.accuracy:6.1%}  mean log p(key) {cell.mean_key_logprob:8.2f}  "
-                              f"({cell.seconds:.1f} s)")
+                # One line per cell on stderr, also with --json: partial results survive an interruption.
+                bar.write(f"{cell.label:>14}  length {cell.length:>6}  depth {cell.depth:4g}  "
+                          f"accuracy {cell.accuracy:6.1%}  mean log p(key) {cell.mean_key_logprob:8.2f}  "
+                          f"({cell.seconds:.1f} s)", file=sys.stderr)
     return {"results": [cell.summary() for cell in cells]}, passkey_heatmap(cells)
 
 

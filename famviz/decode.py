@@ -47,6 +47,17 @@ class BlockCursor:
         twin.fam_model, twin._open = self.fam_model, self._open
         return twin
 
+    def rewound(self, count: int) -> "BlockCursor | None":
+        """A fork without the last ``count`` tokens, or None when they are not all in the open block."""
+        block = self._open
+        if count > len(block.tokens):
+            return None
+        keep = block.window_kv[0][0].shape[2] - count
+        twin = self.fork()
+        twin._open = replace(block, tokens=block.tokens[: len(block.tokens) - count],
+                             window_kv=tuple((k[:, :, :keep], v[:, :, :keep]) for k, v in block.window_kv))
+        return twin
+
     @torch.inference_mode()
     def extend(self, token_ids: Sequence[int]) -> torch.Tensor:
         ids = [int(t) for t in token_ids]

@@ -19,7 +19,7 @@ import math
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -192,17 +192,49 @@ def answer_question(fam_model: FamModel, cursor: BlockCursor, question_ids: Sequ
     """Feed the question on a fork of ``cursor``, greedy-decode the answer and score the key's log-prob."""
     started = time.perf_counter()
     tokenizer = fam_model.loaded.tokenizer
+    # One pass over the question and the key: the key's log-probability, and (speculatively) the greedy
+    # answer for as long as it agrees with the key. Decoding continues token by token only after a
+    # disagreement, so a correct answer costs one pass; the answer is exactly the greedy one either way.
     asked = cursor.fork()
-    first = asked.extend(question_ids)[-1]
-    # Teacher-force the key on a side fork: log p of each of its tokens.
-    forced = asked.fork().extend(answer_ids[:-1]) if len(answer_ids) > 1 else first[:0].unsqueeze(0)
-    logprobs = torch.log_softmax(torch.cat([first.unsqueeze(0), forced]), dim=-1)
-    key_logprob = float(logprobs.gather(1, torch.tensor(list(answer_ids)).unsqueeze(1)).sum())
-    out = asked.greedy(first, max_new_tokens, stop=lambda ids: _integer_closed(tokenizer.decode(ids)))
+    draft = list(answer_ids)
+    logits = asked.extend([*question_ids, *draft])
+    after_question = logits[len(question_ids) - 1 :]  # row i: the prediction after draft[:i]
+    logprobs = torch.log_softmax(after_question[: len(draft)], dim=-1)
+    key_logprob = float(logprobs.gather(1, torch.tensor(draft).unsqueeze(1)).sum())
+    out = _speculative_greedy(cursor, list(question_ids), asked, draft, after_question, max_new_tokens,
+                              stop=lambda ids: _integer_closed(tokenizer.decode(ids)))
     answer = tokenizer.decode(out)
     predicted = first_integer(answer)
     return ProbeResult(answer=answer, predicted=predicted, correct=predicted == key, key_logprob=key_logprob,
                        seconds=time.perf_counter() - started)
+
+
+def _speculative_greedy(base: BlockCursor, prompt: list[int], fed: BlockCursor, draft: list[int],
+                        draft_logits: torch.Tensor, max_new_tokens: int, stop: Callable[[list[int]], bool]) -> list[int]:
+    """Greedy decoding after ``prompt`` on ``base``; ``fed`` is ``base`` fed prompt + draft, with the
+    draft's logits (row i predicts the token after draft[:i])."""
+    eos = base.fam_model.model.config.eos_token_id
+    eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    out: list[int] = []
+    for row in draft_logits:
+        token = int(row.argmax())
+        if token in eos:
+            return out
+        out.append(token)
+        if len(out) == max_new_tokens or stop(out):
+            return out
+        if len(out) > len(draft) or token != draft[len(out) - 1]:
+            break  # the answer left the draft: go on from the cursor just before the disagreement
+    else:
+        return out  # unreachable: the draft's last row always decides a token
+    accepted = len(out) - 1
+    resumed = fed.rewound(len(draft) - accepted)
+    if resumed is None:  # the draft crossed a block boundary: replay prompt and answer so far
+        resumed = base.fork()
+        logits = resumed.extend(prompt + out)[-1]
+    else:
+        logits = resumed.extend([out[-1]])[-1]
+    return out + resumed.greedy(logits, max_new_tokens - len(out), stop=lambda ids: stop(out + ids))
 
 
 def question_ids(tokenizer) -> list[int]:
@@ -238,11 +270,17 @@ def advance(fam_model: FamModel, state: StreamState, token_ids: Sequence[int]) -
 
 
 def ask(fam_model: FamModel, document: PasskeyDocument, state: StreamState | None = None, done: int = 0,
-        max_new_tokens: int = MAX_ANSWER_TOKENS) -> ProbeResult:
-    """Answer one PassKey prompt; ``state`` (after ``done`` tokens of it, a block boundary) skips its start."""
+        max_new_tokens: int = MAX_ANSWER_TOKENS, skip_unseen: bool = True) -> ProbeResult:
+    """Answer one PassKey prompt; ``state`` (after ``done`` tokens of it, a block boundary) skips its start.
+
+    ``skip_unseen``: BSWA without memory carries nothing from block to block, so only the last block is
+    run (the answer is identical; set False to run every block, e.g. to test the window mask).
+    """
     block = fam_model.config.block_size
     haystack = document.haystack_ids
     full_end = (len(haystack) // block) * block
+    if skip_unseen and fam_model.fam_len == 0 and fam_model.memory_capacity == 0:
+        state, done = replace(fam_model.initial_state(), position=full_end), full_end
     state = advance(fam_model, state or fam_model.initial_state(), haystack[done:full_end])
     cursor = BlockCursor(fam_model, state)
     if full_end < len(haystack):
@@ -396,15 +434,17 @@ def trial_documents(tokenizer, length: int, depth: float, trials: int, seed: int
 
 
 def run_cell(fam_model: FamModel, documents: Sequence[PasskeyDocument], spec: ModeSpec,
-             on_trial: Callable[[TrialResult], None] | None = None) -> CellResult:
+             on_trial: Callable[[TrialResult], None] | None = None, skip_unseen: bool = True) -> CellResult:
     """All trials of one cell. The start they share (same filler before the key) runs once and is forked."""
     started = time.perf_counter()
     block = fam_model.config.block_size
     shared = shared_prefix_blocks([d.haystack_ids for d in documents], block)
+    if skip_unseen and fam_model.fam_len == 0 and fam_model.memory_capacity == 0:
+        shared = 0  # ask() runs the last block only
     state = advance(fam_model, fam_model.initial_state(), documents[0].token_ids[:shared])
     results = []
     for index, document in enumerate(documents):
-        probe = ask(fam_model, document, state, shared)
+        probe = ask(fam_model, document, state, shared, skip_unseen=skip_unseen)
         result = TrialResult(mode=spec.mode, mem_blocks=spec.mem_blocks, length=document.target_length,
                              depth=document.depth, trial=index, key=document.key, tokens=document.length,
                              answer=probe.answer, predicted=probe.predicted, correct=probe.correct,
@@ -427,8 +467,8 @@ def sweep_config(base: FamConfig, spec: ModeSpec) -> FamConfig:
 def sweep(loaded, specs: Sequence[ModeSpec], lengths: Sequence[int], depths: Sequence[float], trials: int,
           seed: int = 0, base: FamConfig | None = None, fam_prompt: torch.Tensor | None = None,
           backend: str = "sdpa", on_trial: Callable[[TrialResult], None] | None = None,
-          on_cell: Callable[[CellResult], None] | None = None, should_stop: Callable[[], bool] | None = None
-          ) -> list[CellResult]:
+          on_cell: Callable[[CellResult], None] | None = None, should_stop: Callable[[], bool] | None = None,
+          skip_unseen: bool = True) -> list[CellResult]:
     """Accuracy and key log-prob for every (mode, length, depth); seeded, so runs are reproducible."""
     base = base or FamConfig()
     if trials < 1:
@@ -443,7 +483,7 @@ def sweep(loaded, specs: Sequence[ModeSpec], lengths: Sequence[int], depths: Seq
             for depth in depths:
                 if should_stop is not None and should_stop():
                     return cells
-                cell = run_cell(fam_model, documents[(length, depth)], spec, on_trial)
+                cell = run_cell(fam_model, documents[(length, depth)], spec, on_trial, skip_unseen)
                 cells.append(cell)
                 if on_cell is not None:
                     on_cell(cell)

@@ -168,6 +168,13 @@ def test_shared_prefix_is_run_once_and_gives_the_same_answers(tiny_with_vocab, t
     assert cell.trials == 3 and 0 <= cell.accuracy <= 1
 
 
+def test_bswa_without_memory_needs_only_its_last_block(tiny_with_vocab, tokenizer):
+    fam = FamModel(tiny_with_vocab, FamConfig(mode="bswa", block_size=16, fam_len=0, mem_blocks=0))
+    for doc in pk.trial_documents(tokenizer, 130, 0.5, 2, seed=3):
+        short, whole = pk.ask(fam, doc), pk.ask(fam, doc, skip_unseen=False)
+        assert short.answer == whole.answer and short.key_logprob == pytest.approx(whole.key_logprob, abs=1e-4)
+
+
 def test_mode_specs_parse():
     assert pk.ModeSpec.parse("bswa:1", 3) == pk.ModeSpec("bswa", 1)
     assert pk.ModeSpec.parse("fam", 0) == pk.ModeSpec("fam", 0)
@@ -232,7 +239,7 @@ def test_full_attention_retrieves_the_key_at_1000_tokens(bundled_bf16):
 def test_bswa_without_memory_cannot_see_a_key_at_depth_zero(bundled_bf16):
     """Block 256, no memory blocks, 2000 tokens: the question's block never sees the key."""
     cell = pk.sweep(bundled_bf16, [pk.ModeSpec("bswa", 0)], [2000], [0.0], trials=10, seed=0,
-                    base=FamConfig(block_size=256))[0]
+                    base=FamConfig(block_size=256), skip_unseen=False)[0]  # every block really runs
     assert sum(r.correct for r in cell.results) <= 1, [r.answer for r in cell.results]
 
 
@@ -265,3 +272,22 @@ def test_live_retention_curve_on_the_bundled_model(bundled_bf16):
     points = pk.retention_curve(fam, doc, every=1)
     assert [p.blocks_since_key for p in points] == list(range(len(points))) and len(points) >= 4
     assert all(p.correct for p in points), [(p.predicted, doc.key) for p in points]
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_speculative_answer_is_exactly_the_greedy_answer(tiny_with_vocab, tokenizer, block_size):
+    """Answers decoded with the key as a draft equal plain greedy decoding, whether the model's
+    answer agrees with the draft or not, also when question and draft cross a block boundary."""
+    from famviz.decode import BlockCursor
+
+    fam = FamModel(tiny_with_vocab, FamConfig(mode="fam", block_size=block_size, fam_len=4, mem_blocks=0))
+    doc = pk.make_passkey_document(tokenizer, 90, depth=0.0, seed=9)
+    cursor = BlockCursor(fam, fam.initial_state())
+    cursor.extend(doc.haystack_ids)
+    question = doc.token_ids[doc.question_start :]
+    plain = cursor.fork()
+    expected = plain.greedy(plain.extend(question)[-1], 10)
+    model_answer = tokenizer.decode(expected)
+    for draft in (expected[:4], expected[:2] + [17, 18, 19], [5, 6], expected + [7]):
+        got = pk.answer_question(fam, cursor, question, key=1, answer_ids=draft)
+        assert got.answer == model_answer, (draft, got.answer, model_answer)
