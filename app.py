@@ -63,6 +63,10 @@ MAX_MEM_BLOCKS = 64
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_UPLOAD = "512mb"  # what the server accepts; documents are then held to MAX_DOCUMENT_BYTES with a message
 MAX_TRACE_BYTES = 512 * 1024 ** 2
+# While streaming, plots are redrawn at most this often; blocks that come faster update only the status
+# line (every block still sends one update). A browser on a small machine needs ~0.1-0.5 s to redraw
+# every plot, so fast blocks would otherwise queue up redraws and freeze the page.
+MIN_REDRAW_SECONDS = 0.5
 NO_COMPARE = "off"
 MEAN_LAYER = "mean"
 
@@ -198,7 +202,7 @@ def read_input_document(source: str, upload: str | None, pasted: str | None, tok
                 data = handle.read(MAX_DOCUMENT_BYTES + 1)
         except OSError as exc:
             raise DocumentError(f"{path.name}: cannot read the uploaded file ({exc.strerror or exc}).") from None
-        return read_document_bytes(data, path.name), path.name
+        return read_document_bytes(data, path.name, max_bytes=MAX_DOCUMENT_BYTES), path.name
     if source == "paste":
         if not pasted or not pasted.strip():
             raise FamvizError("No text pasted: paste some text, or pick a file or an example.")
@@ -302,6 +306,7 @@ def stream_document(hub: ModelHub, model, adapter_dir, device, dtype, source, up
     yield run.status(), *_skips(N_OUTPUTS - 2), run  # the run is the session's from now on (Stop acts on it)
 
     block = config.block_size
+    last_redraw = 0.0
     log.info("streaming %s: %d tokens, %d blocks, %s%s", name, len(ids), run.total_blocks, config,
              f" vs {compare}" if compare else "")
     for start in range(0, len(ids), block):
@@ -330,17 +335,25 @@ def stream_document(hub: ModelHub, model, adapter_dir, device, dtype, source, up
         run.elapsed = time.perf_counter() - run.started
         if run.blocks_done == run.total_blocks:
             run.state = "done"
-        yield refresh(run, layer_choices=run.blocks_done == 1)
+        if run.state == "done" or run.blocks_done == 1 or time.perf_counter() - last_redraw >= MIN_REDRAW_SECONDS:
+            yield refresh(run, layer_choices=run.blocks_done == 1)
+            last_redraw = time.perf_counter()
+        else:
+            yield run.status(), *_skips(N_OUTPUTS - 2), run
     log.info("done: %s (engine %.1f s of %.1f s)", run.status().replace("**", ""), run.engine_seconds, run.elapsed)
 
 
 def stop_run(run: Run | None):
-    """The Stop handler (runs beside the cancelled stream): say where the run stopped."""
+    """The Stop handler (runs beside the cancelled stream): every view as of the last finished block."""
     if run is None or run.state != "streaming":
-        return gr.skip()
+        return (gr.skip(),) * N_OUTPUTS
     run.state = "stopped"
     run.elapsed = time.perf_counter() - run.started
-    return run.status()
+    try:
+        return refresh(run)
+    except Exception:  # noqa: BLE001 - a block was being appended right now: the status is enough
+        log.debug("stop: views skipped", exc_info=True)
+        return run.status(), *_skips(N_OUTPUTS - 1)
 
 
 # -- view controls (no model; each acts on the session's run only) ----------------------------------------------
@@ -607,7 +620,7 @@ def build_inspector_tab(context: AppContext) -> None:
     )
     # While streaming with UMAP chosen, the timer picks up background fits as they finish.
     run_event.then(lambda run: gr.Timer(active=run is not None and run.method == "UMAP"), [run_state], [umap_timer])
-    stop_button.click(stop_run, [run_state], [status], cancels=[run_event], api_name="stop", show_progress="hidden")
+    stop_button.click(stop_run, [run_state], outputs, cancels=[run_event], api_name="stop", show_progress="hidden")
     view.change(change_view, [view, run_state], [heatmap, heads], api_name="view", show_progress="hidden")
     layer.input(change_layer, [layer, run_state], [heads, document], api_name="layer", show_progress="hidden")
     block.release(drag_block, [block, run_state], [heatmap, heads, document, follow], api_name="block",

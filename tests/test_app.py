@@ -96,15 +96,13 @@ def test_documents_from_each_source(app_module, tmp_path):
 
 
 def test_oversized_upload_states_the_limit(app_module, tmp_path, monkeypatch):
-    import famviz.documents
     from famviz.errors import DocumentError
 
     big = tmp_path / "big.txt"
     big.write_bytes(b"word " * 300)
     monkeypatch.setattr(app_module, "MAX_DOCUMENT_BYTES", 1000)
-    monkeypatch.setattr(famviz.documents, "MAX_DOCUMENT_BYTES", 1000)
-    with pytest.raises(DocumentError, match="limit|larger|too large"):
-        app_module.read_document_bytes(big.read_bytes()[:1001], "big.txt", max_bytes=1000)
+    with pytest.raises(DocumentError, match="big.txt.*(limit|larger)"):
+        app_module.read_input_document("upload", str(big), None)
 
 
 def _pdf_without_text() -> bytes:
@@ -249,13 +247,26 @@ def test_view_controls_act_on_the_run(hub, app_module):
     assert run.state == "done"  # a finished run is not "stopped"
 
 
-def test_stop_keeps_what_was_computed(hub, app_module):
+def test_fast_blocks_redraw_at_a_bounded_rate(hub, app_module, monkeypatch):
+    import gradio as gr
+
+    monkeypatch.setattr(app_module, "MIN_REDRAW_SECONDS", 3600.0)
+    updates = _run(app_module, hub)[1:]
+    drawn = [type(u[1]) is not type(gr.skip()) for u in updates]
+    assert drawn[0] and drawn[-1] and not any(drawn[1:-1])  # first and last block drawn, the rest: status only
+    assert all("blocks" in u[0] for u in updates)  # but every block sends its progress
+
+
+def test_stop_keeps_what_was_computed(hub, app_module, monkeypatch):
+    monkeypatch.setattr(app_module, "MIN_REDRAW_SECONDS", 0.0)
     stream = app_module.stream_document(hub, *_args())
     live = next(stream)[-1]
     next(stream)
     app_module.change_view("block-memory", live)  # while streaming: the next block shows the new view
     assert next(stream)[1].layout.title.text == figures.SHARE_VIEWS["block-memory"].title
-    assert app_module.stop_run(live).startswith("**Stopped**") and live.state == "stopped"
+    stopped = app_module.stop_run(live)
+    assert stopped[0].startswith("**Stopped**") and live.state == "stopped"
+    assert np.asarray(stopped[1].data[0].z).shape[1] == 2  # the plots show every finished block
     assert list(stream) == []  # a stopped run yields nothing more
     assert live.blocks_done == 2 and live.trace.n_blocks == 2
 
