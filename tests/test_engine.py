@@ -259,3 +259,22 @@ def test_trace_on_and_off_give_the_same_outputs(tiny_llama):
     on, off = Stream(tiny_llama, config).run(ids), Stream(tiny_llama, config, record=False).run(ids)
     np.testing.assert_allclose(on.nll, off.nll, atol=1e-4)
     assert off.trace is None
+
+
+def test_nll_over_row_chunks_matches_model_log_probs(tiny_llama):
+    """Blocks longer than the NLL's row chunk (and not a multiple of it) score every token once."""
+    ids = random_ids(150)
+    config = FamConfig("bswa", 70, 0, mem_blocks=2)  # memory covers the document: equals full attention
+    result = Stream(tiny_llama, config, record=False).run(ids)
+    logp = torch.log_softmax(hf_logits(tiny_llama, ids).float(), -1)
+    expected = -logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert FamModel.NLL_ROWS < 70 and np.isnan(result.nll[0])
+    np.testing.assert_allclose(result.nll[1:], expected.numpy(), atol=1e-4)
+
+
+def test_rotation_equals_rotate_half_formula():
+    from famviz.fam_model import _rotate
+
+    x, cos, sin = torch.randn(2, 3, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
+    rotated = torch.cat([-x[..., 4:], x[..., :4]], dim=-1)
+    torch.testing.assert_close(_rotate(x, cos, sin), x * cos + rotated * sin)
