@@ -20,7 +20,7 @@ import random
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -433,30 +433,42 @@ def trial_documents(tokenizer, length: int, depth: float, trials: int, seed: int
     return [make_passkey_document(tokenizer, length, depth, rng=trial_rng(seed, length, depth, t)) for t in range(trials)]
 
 
-def run_cell(fam_model: FamModel, documents: Sequence[PasskeyDocument], spec: ModeSpec,
-             on_trial: Callable[[TrialResult], None] | None = None, skip_unseen: bool = True) -> CellResult:
-    """All trials of one cell. The start they share (same filler before the key) runs once and is forked."""
-    started = time.perf_counter()
+def iter_trials(fam_model: FamModel, documents: Sequence[PasskeyDocument], spec: ModeSpec,
+                skip_unseen: bool = True) -> Iterator[TrialResult]:
+    """The trials of one cell, one at a time. The start they share (the same filler before the key)
+    runs once and is forked."""
     block = fam_model.config.block_size
     shared = shared_prefix_blocks([d.haystack_ids for d in documents], block)
     if skip_unseen and fam_model.fam_len == 0 and fam_model.memory_capacity == 0:
         shared = 0  # ask() runs the last block only
     state = advance(fam_model, fam_model.initial_state(), documents[0].token_ids[:shared])
-    results = []
     for index, document in enumerate(documents):
         probe = ask(fam_model, document, state, shared, skip_unseen=skip_unseen)
-        result = TrialResult(mode=spec.mode, mem_blocks=spec.mem_blocks, length=document.target_length,
-                             depth=document.depth, trial=index, key=document.key, tokens=document.length,
-                             answer=probe.answer, predicted=probe.predicted, correct=probe.correct,
-                             key_logprob=probe.key_logprob)
+        yield TrialResult(mode=spec.mode, mem_blocks=spec.mem_blocks, length=document.target_length,
+                          depth=document.depth, trial=index, key=document.key, tokens=document.length,
+                          answer=probe.answer, predicted=probe.predicted, correct=probe.correct,
+                          key_logprob=probe.key_logprob)
+
+
+def summarise_cell(spec: ModeSpec, results: Sequence[TrialResult], seconds: float) -> CellResult:
+    """A cell's accuracy and mean key log-prob over the trials done so far."""
+    return CellResult(mode=spec.mode, mem_blocks=spec.mem_blocks, label=spec.label, length=results[0].length,
+                      depth=results[0].depth, trials=len(results),
+                      accuracy=float(np.mean([r.correct for r in results])),
+                      mean_key_logprob=float(np.mean([r.key_logprob for r in results])), seconds=seconds,
+                      results=list(results))
+
+
+def run_cell(fam_model: FamModel, documents: Sequence[PasskeyDocument], spec: ModeSpec,
+             on_trial: Callable[[TrialResult], None] | None = None, skip_unseen: bool = True) -> CellResult:
+    """All trials of one cell."""
+    started = time.perf_counter()
+    results = []
+    for result in iter_trials(fam_model, documents, spec, skip_unseen):
         results.append(result)
         if on_trial is not None:
             on_trial(result)
-    return CellResult(mode=spec.mode, mem_blocks=spec.mem_blocks, label=spec.label,
-                      length=documents[0].target_length, depth=documents[0].depth, trials=len(results),
-                      accuracy=float(np.mean([r.correct for r in results])),
-                      mean_key_logprob=float(np.mean([r.key_logprob for r in results])),
-                      seconds=time.perf_counter() - started, results=results)
+    return summarise_cell(spec, results, time.perf_counter() - started)
 
 
 def sweep_config(base: FamConfig, spec: ModeSpec) -> FamConfig:

@@ -1,0 +1,345 @@
+"""The app's PassKey tab: watch retention live, and sweep length × depth as the heatmap fills.
+
+Built by ``build_passkey_tab(context)`` from ``app.py`` (``context.hub`` holds the models). Both
+handlers are generators: they yield after every block (retention) or every trial (sweep), keep what
+was computed when stopped, and turn bad input into a message instead of an exception.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import gradio as gr
+
+from . import export
+from . import passkey as pk
+from .config import FamConfig
+from .documents import MAX_DOCUMENT_BYTES, read_document_bytes
+from .engine import Stream
+from .errors import FamvizError
+from .fam_model import FamModel
+from .figures import empty_figure
+from .passkey_figures import passkey_heatmap, retention_figure
+
+log = logging.getLogger("famviz.app")
+
+MODE_CHOICES = [("FAM, no memory blocks", "fam:0"), ("FAM, 1 memory block", "fam:1"), ("BSWA, no memory", "bswa:0"),
+                ("BSWA, 1 memory block", "bswa:1"), ("full attention", "full")]
+FILLER, UPLOAD = "PassKey filler", "Your document (upload)"
+MAX_LENGTH = 1_000_000
+MAX_TRIALS = 1000
+MAX_CELLS = 400
+
+
+def _error(message: str) -> str:
+    return f"**Error:** {message}"
+
+
+def _int(label: str, value, low: int, high: int) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise FamvizError(f"{label} must be a whole number, got {value!r}.") from None
+    if number != int(number) or not low <= number <= high:
+        raise FamvizError(f"{label} must be a whole number from {low} to {high:,}, got {value!r}.")
+    return int(number)
+
+
+def _numbers(label: str, text: str, kind, low: float, high: float) -> list:
+    try:
+        values = [kind(part) for part in str(text).replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise FamvizError(f"{label} must be numbers separated by commas, got {text!r}.") from None
+    if not values:
+        raise FamvizError(f"{label} is empty.")
+    if any(not low <= v <= high for v in values):
+        raise FamvizError(f"{label} must lie between {low:g} and {high:,g}, got {text!r}.")
+    return sorted(set(values))
+
+
+def _base(block_size, fam_len) -> FamConfig:
+    return FamConfig(mode="fam", block_size=_int("Block size", block_size, 1, 8192),
+                     fam_len=_int("FAM length", fam_len, 1, 1024), mem_blocks=0)
+
+
+def _fam_model(context, spec: pk.ModeSpec, base: FamConfig) -> FamModel:
+    loaded, adapter = context.hub.default
+    config = pk.sweep_config(base, spec)
+    prompt = adapter.prompt_for(loaded, config) if adapter is not None and spec.mode == "fam" else None
+    return FamModel(loaded, config, fam_prompt=prompt)
+
+
+def _read_upload(upload) -> str:
+    if not upload:
+        raise FamvizError("No document uploaded: upload a file or use the PassKey filler.")
+    path = Path(upload)
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_DOCUMENT_BYTES + 1)
+    return read_document_bytes(data, path.name, max_bytes=MAX_DOCUMENT_BYTES)
+
+
+def _export_path(stem: str, fmt: str) -> Path:
+    folder = Path(tempfile.gettempdir()) / "famviz-exports"
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=folder)) / f"{stem}.{fmt}"
+
+
+@dataclass
+class PasskeySession:
+    """One browser session's PassKey results (gr.State): the latest retention curve and sweep."""
+
+    points: list = field(default_factory=list)
+    key: int | None = None
+    retention_caption: str = ""
+    cells: list = field(default_factory=list)
+    sweep_caption: str = ""
+    sweep_config: dict = field(default_factory=dict)
+
+
+# -- live retention -------------------------------------------------------------------------------------------
+def watch_retention(context, mode, mem_blocks, block_size, fam_len, length, depth, every, source, upload, seed,
+                    session: PasskeySession | None) -> Iterator[tuple]:
+    """Stream one PassKey prompt and probe the memory after every ``every`` blocks once the key went by.
+    Yields (status, retention figure, session) after every block."""
+    session = session or PasskeySession()
+    try:
+        spec = pk.ModeSpec.parse(f"{mode}:{_int('Memory blocks', mem_blocks, 0, 64)}", 0)
+        base = _base(block_size, fam_len)
+        length = _int("Length", length, 64, MAX_LENGTH)
+        every = _int("Probe every", every, 1, 10_000)
+        seed = _int("Seed", seed, 0, 2**31 - 1)
+        try:
+            depth = float(depth)
+        except (TypeError, ValueError):
+            raise FamvizError(f"Depth must be a number from 0 to 1, got {depth!r}.") from None
+        if not 0 <= depth <= 1:
+            raise FamvizError(f"Depth must be from 0 to 1, got {depth}.")
+        fam_model = _fam_model(context, spec, base)
+        tokenizer = fam_model.loaded.tokenizer
+        try:
+            if source == UPLOAD:
+                document = pk.make_document_probe(tokenizer, _read_upload(upload), depth, length, seed=seed)
+            else:
+                document = pk.make_passkey_document(tokenizer, length, depth, seed=seed)
+        except ValueError as exc:
+            raise FamvizError(str(exc)) from None
+    except FamvizError as exc:
+        yield _error(str(exc)), gr.skip(), session
+        return
+    except Exception as exc:  # noqa: BLE001 - the app stays up; details go to the log
+        log.exception("could not start the retention probe")
+        yield _error(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), session
+        return
+
+    session.points, session.key = [], document.key
+    session.retention_caption = (f"{spec.label}, block {base.block_size}, fam_len {base.fam_len}; "
+                                 f"{document.length} tokens, key at depth {depth:g}, probe every {every} block(s)")
+    stream = Stream(fam_model, record=False)
+    probe = pk.RetentionProbe(document.key, document.key_span[1], every).attach(stream)
+    probe.points = session.points  # the session sees every point as soon as it is measured
+    ids = document.haystack_ids
+    block = base.block_size
+    total = -(-len(ids) // block)
+    started = time.perf_counter()
+    yield f"Streaming {document.length:,} tokens ({total} blocks) with {spec.label}; key **{document.key}**…", \
+        retention_figure([], document.key), session
+    for index, start in enumerate(range(0, len(ids), block)):
+        try:
+            stream.feed(ids[start:start + block])
+            if start + block >= len(ids):
+                stream.finish()
+        except Exception as exc:  # noqa: BLE001 - keep the curve so far
+            log.exception("retention stream failed")
+            yield _error(f"stopped at block {index}: {type(exc).__name__}: {exc}"), gr.skip(), session
+            return
+        last = session.points[-1] if session.points else None
+        answer = "" if last is None else (f" · last probe: {'retrieved' if last.correct else 'lost'} "
+                                          f"(answer {last.predicted}, log p {last.key_logprob:.2f})")
+        status = (f"Block **{index + 1} / {total}** · {stream.position:,} tokens · "
+                  f"{time.perf_counter() - started:.1f} s · key {document.key}{answer}")
+        yield status, retention_figure(session.points, document.key), session
+    kept = sum(p.correct for p in session.points)
+    yield (f"Done: key retrieved in **{kept} of {len(session.points)}** probes · {document.length:,} tokens · "
+           f"{time.perf_counter() - started:.1f} s"), retention_figure(session.points, document.key), session
+
+
+# -- sweeps -------------------------------------------------------------------------------------------------------
+def _rows(cells) -> list[list]:
+    return [[c.label, c.length, c.depth, c.trials, round(c.accuracy, 3), round(c.mean_key_logprob, 3)] for c in cells]
+
+
+def run_sweep(context, modes, lengths, depths, trials, block_size, fam_len, seed,
+              session: PasskeySession | None) -> Iterator[tuple]:
+    """Every (mode, length, depth) cell, trial by trial; yields (status, heatmap, table, session)."""
+    session = session or PasskeySession()
+    try:
+        if not modes:
+            raise FamvizError("Pick at least one mode.")
+        specs = [pk.ModeSpec.parse(m, 0) for m in modes]
+        lengths = _numbers("Lengths", lengths, int, 64, MAX_LENGTH)
+        depths = _numbers("Depths", depths, float, 0.0, 1.0)
+        trials = _int("Trials", trials, 1, MAX_TRIALS)
+        seed = _int("Seed", seed, 0, 2**31 - 1)
+        base = _base(block_size, fam_len)
+        if len(specs) * len(lengths) * len(depths) > MAX_CELLS:
+            raise FamvizError(f"At most {MAX_CELLS} cells per sweep; use fewer modes, lengths or depths.")
+        loaded, _ = context.hub.default
+        try:
+            documents = {(n, d): pk.trial_documents(loaded.tokenizer, n, d, trials, seed) for n in lengths for d in depths}
+        except ValueError as exc:
+            raise FamvizError(str(exc)) from None
+    except FamvizError as exc:
+        yield _error(str(exc)), gr.skip(), gr.skip(), session
+        return
+    except Exception as exc:  # noqa: BLE001
+        log.exception("could not start the sweep")
+        yield _error(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), gr.skip(), session
+        return
+
+    session.cells = []
+    session.sweep_config = {"modes": [s.label for s in specs], "lengths": lengths, "depths": depths, "trials": trials,
+                            "seed": seed, "block_size": base.block_size, "fam_len": base.fam_len,
+                            "model": loaded.name}
+    session.sweep_caption = (f"{loaded.name}; block {base.block_size}, fam_len {base.fam_len}; {trials} trials per "
+                             f"cell, seed {seed}")
+    total = len(specs) * len(documents) * trials
+    done, started = 0, time.perf_counter()
+    yield f"Sweeping {len(specs) * len(documents)} cells × {trials} trials…", passkey_heatmap([]), [], session
+    for spec in specs:
+        fam_model = _fam_model(context, spec, base)
+        for (length, depth), docs in documents.items():
+            results, cell_started = [], time.perf_counter()
+            session.cells.append(None)  # this cell's slot, filled as its trials come in
+            try:
+                for result in pk.iter_trials(fam_model, docs, spec):
+                    results.append(result)
+                    done += 1
+                    session.cells[-1] = pk.summarise_cell(spec, results, time.perf_counter() - cell_started)
+                    elapsed = time.perf_counter() - started
+                    status = (f"Trial **{done} / {total}** · {spec.label}, {length:,} tokens, depth {depth:g} · "
+                              f"{elapsed:.0f} s elapsed")
+                    yield status, passkey_heatmap(session.cells), _rows(session.cells), session
+            except Exception as exc:  # noqa: BLE001 - keep the cells so far
+                log.exception("sweep failed")
+                if session.cells[-1] is None:
+                    session.cells.pop()
+                yield _error(f"stopped: {type(exc).__name__}: {exc}"), gr.skip(), gr.skip(), session
+                return
+    yield (f"Done: {len(session.cells)} cells, {total} trials in {time.perf_counter() - started:.0f} s"), \
+        passkey_heatmap(session.cells), _rows(session.cells), session
+
+
+def export_passkey(which: str, fmt: str, session: PasskeySession | None):
+    """The retention curve or the sweep heatmap as a paper-ready file; returns (file, note)."""
+    if session is None or (which == "heatmap" and not session.cells) or (which == "retention" and not session.points):
+        return gr.skip(), "Nothing to export yet: run it first."
+    try:
+        if which == "heatmap":
+            fig, caption, meta, size = (passkey_heatmap(session.cells), session.sweep_caption, session.sweep_config,
+                                        (1100, 420))
+        else:
+            fig, caption, meta, size = (retention_figure(session.points, session.key), session.retention_caption,
+                                        {"key": session.key}, (900, 520))
+        path = export.write_figure(fig, _export_path(f"famviz-passkey-{which}", fmt), fmt, caption=caption,
+                                   metadata=meta, size=size)
+    except FamvizError as exc:
+        return gr.skip(), _error(str(exc))
+    except Exception as exc:  # noqa: BLE001
+        log.exception("PassKey export failed")
+        return gr.skip(), _error(f"export failed: {type(exc).__name__}: {exc}")
+    return str(path), f"Exported **{path.name}** ({path.stat().st_size / 1024:,.0f} KB)."
+
+
+def download_results(session: PasskeySession | None):
+    """The sweep as the CLI's JSON: {"results": [...], "config": {...}}."""
+    if session is None or not session.cells:
+        return gr.skip(), "No sweep results yet."
+    path = _export_path("famviz-passkey-sweep", "json")
+    path.write_text(json.dumps({"results": [c.summary() for c in session.cells], "config": session.sweep_config},
+                               indent=1))
+    return str(path), f"Results **{path.name}**: {len(session.cells)} cells."
+
+
+# -- the tab --------------------------------------------------------------------------------------------------------
+def build_passkey_tab(context) -> None:
+    static_problem = export.static_export_problem()
+    formats = list(export.FORMATS) if static_problem is None else ["html"]
+    session = gr.State(None)
+    with gr.Tab("PassKey", id="passkey", elem_id="tab-passkey"):
+        gr.Markdown(
+            "Hide a pass key in irrelevant text and ask for it at the end (the paper's PassKey test). "
+            "**Watch retention** streams one prompt and, after every *k* blocks once the key has gone by, forks "
+            "the memory, asks the question and decodes the answer: does the memory still hold the key? "
+            "**Sweep** measures accuracy over lengths × depths for several modes. Depth 0 puts the key right "
+            "after the instruction (the paper's setting), 1 right before the question.")
+        with gr.Row():
+            block_size = gr.Number(value=256, precision=0, label="Block size", elem_id="pk-block-size")
+            fam_len = gr.Number(value=64, precision=0, label="FAM length", elem_id="pk-fam-len")
+            seed = gr.Number(value=0, precision=0, label="Seed", elem_id="pk-seed")
+        gr.Markdown("### Watch retention")
+        with gr.Row():
+            mode = gr.Radio(["fam", "bswa", "full"], value="fam", label="Mode", elem_id="pk-mode")
+            mem_blocks = gr.Number(value=0, precision=0, label="Memory blocks", elem_id="pk-mem-blocks")
+            length = gr.Number(value=2000, precision=0, label="Length (tokens)", elem_id="pk-length")
+            depth = gr.Slider(0, 1, value=0, step=0.05, label="Key depth", elem_id="pk-depth")
+            every = gr.Number(value=1, precision=0, label="Probe every k blocks", elem_id="pk-every")
+        with gr.Row():
+            source = gr.Radio([FILLER, UPLOAD], value=FILLER, label="Hide the key in", elem_id="pk-source")
+            upload = gr.File(label=f"Document (.txt .md .pdf .html, ≤ {MAX_DOCUMENT_BYTES // 1024 ** 2} MB)",
+                             file_types=[".txt", ".md", ".pdf", ".html", ".htm"], type="filepath", elem_id="pk-upload")
+        with gr.Row():
+            watch_button = gr.Button("Watch retention", variant="primary", elem_id="pk-watch")
+            watch_stop = gr.Button("Stop", variant="stop", elem_id="pk-watch-stop")
+        retention_status = gr.Markdown("", elem_id="pk-retention-status")
+        retention_plot = gr.Plot(retention_figure([]), label="Retention", elem_id="pk-retention")
+
+        gr.Markdown("### Sweep length × depth")
+        with gr.Row():
+            modes = gr.CheckboxGroup(MODE_CHOICES, value=["fam:0", "bswa:0", "full"], label="Modes",
+                                     elem_id="pk-modes")
+            lengths = gr.Textbox(value="1000,2000", label="Lengths (tokens)", elem_id="pk-lengths")
+            depths = gr.Textbox(value="0,0.5,1", label="Depths", elem_id="pk-depths")
+            trials = gr.Number(value=3, precision=0, label="Trials per cell", elem_id="pk-trials")
+        with gr.Row():
+            sweep_button = gr.Button("Run sweep", variant="primary", elem_id="pk-sweep")
+            sweep_stop = gr.Button("Stop", variant="stop", elem_id="pk-sweep-stop")
+        sweep_status = gr.Markdown("", elem_id="pk-sweep-status")
+        heatmap = gr.Plot(passkey_heatmap([]), label="Accuracy", elem_id="pk-heatmap")
+        table = gr.Dataframe(headers=["mode", "length", "depth", "trials", "accuracy", "mean log p(key)"],
+                             label="Cells", interactive=False, elem_id="pk-table")
+        with gr.Row():
+            which = gr.Radio([("Sweep heatmap", "heatmap"), ("Retention curve", "retention")], value="heatmap",
+                             label="Export", elem_id="pk-export-which")
+            fmt = gr.Radio(formats, value="svg" if static_problem is None else "html", label="Format",
+                           elem_id="pk-export-format")
+            export_button = gr.Button("Export figure", elem_id="pk-export")
+            json_button = gr.Button("Download results (.json)", elem_id="pk-download")
+        export_file = gr.File(label="Exported file", interactive=False, elem_id="pk-export-file")
+        export_note = gr.Markdown("" if static_problem is None else f"**Note:** {static_problem}",
+                                  elem_id="pk-export-note")
+
+    def watch(*args):
+        yield from watch_retention(context, *args)
+
+    def sweep(*args):
+        yield from run_sweep(context, *args)
+
+    # Queued on the model with the inspector's stream (concurrency_id "model"): one forward pass at a time.
+    watch_event = watch_button.click(
+        watch, [mode, mem_blocks, block_size, fam_len, length, depth, every, source, upload, seed, session],
+        [retention_status, retention_plot, session], api_name="passkey_retention", show_progress="hidden",
+        concurrency_id="model", concurrency_limit=1)
+    watch_stop.click(None, cancels=[watch_event])
+    sweep_event = sweep_button.click(
+        sweep, [modes, lengths, depths, trials, block_size, fam_len, seed, session],
+        [sweep_status, heatmap, table, session], api_name="passkey_sweep", show_progress="hidden",
+        concurrency_id="model", concurrency_limit=1)
+    sweep_stop.click(None, cancels=[sweep_event])
+    upload.upload(None, None, source, js=f"() => '{UPLOAD}'")
+    export_button.click(export_passkey, [which, fmt, session], [export_file, export_note], api_name="passkey_export")
+    json_button.click(download_results, [session], [export_file, export_note], api_name="passkey_download")

@@ -1,0 +1,101 @@
+"""The app's PassKey tab handlers (famviz.passkey_app), called directly on a tiny random model with
+the bundled tokenizer; the served tab through gradio_client on the bundled model (slow)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+from famviz import prepare_model  # noqa: E402
+from famviz import passkey_app as tab  # noqa: E402
+
+from helpers import bundled_tokenizer, tiny_causal_lm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def context():
+    tokenizer = bundled_tokenizer()
+    loaded = prepare_model(tiny_causal_lm("llama", vocab_size=len(tokenizer)), tokenizer=tokenizer, name="tiny-vocab")
+    return SimpleNamespace(hub=SimpleNamespace(default=(loaded, None)))
+
+
+def test_retention_yields_once_per_block_and_keeps_the_curve(context):
+    updates = list(tab.watch_retention(context, "fam", 0, 32, 4, 300, 0.0, 2, tab.FILLER, None, 1, None))
+    status, figure, session = updates[-1]
+    blocks = -(-(300 - 11) // 32)  # haystack = prompt minus the question line
+    assert len(updates) in (blocks + 1, blocks + 2)  # a start message, one per block, a final summary
+    assert "Done" in status and session.key is not None
+    assert len(session.points) >= 3 and [p.blocks_since_key for p in session.points][:3] == [0, 2, 4]
+    assert list(figure.data[0].x) == [p.blocks_since_key for p in session.points]
+
+
+def test_retention_in_an_uploaded_document(context, tmp_path, gpl_text):
+    path = tmp_path / "doc.txt"
+    path.write_text(gpl_text)
+    updates = list(tab.watch_retention(context, "bswa", 1, 64, 4, 400, 0.5, 1, tab.UPLOAD, str(path), 0, None))
+    assert "Done" in updates[-1][0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("fam", 0, 32, 4, 300, 2.0, 1, tab.FILLER, None, 0), "Depth"),
+    (("fam", 0, 32, 4, "x", 0.0, 1, tab.FILLER, None, 0), "Length"),
+    (("fam", 0, 32, 4, 300, 0.0, 1, tab.UPLOAD, None, 0), "No document"),
+    (("fam", 0, 0, 4, 300, 0.0, 1, tab.FILLER, None, 0), "Block size"),
+    (("fam", 0, 32, 4, 64, 0.0, 1, tab.FILLER, None, 0), "shorter than the prompt"),
+])
+def test_bad_retention_input_is_a_message_and_keeps_the_session(context, args, message):
+    previous = tab.PasskeySession(points=["kept"])
+    updates = list(tab.watch_retention(context, *args, previous))
+    assert len(updates) == 1 and message in updates[0][0] and "Error" in updates[0][0]
+    assert updates[0][2].points == ["kept"]
+
+
+def test_sweep_fills_the_heatmap_trial_by_trial(context, tmp_path):
+    updates = list(tab.run_sweep(context, ["fam:0", "bswa:0"], "200, 300", "0,1", 2, 64, 4, 0, None))
+    status, heatmap, rows, session = updates[-1]
+    assert "Done" in status and len(session.cells) == 8 and len(rows) == 8
+    assert len(updates) == 1 + 16 + 1  # start, one per trial, done
+    partial = updates[1][1]
+    assert sum(1 for v in partial.data[0].z.flatten() if v == v) == 1  # one cell drawn after the first trial
+    assert {trace.zmax for trace in heatmap.data} == {1.0}
+    file, note = tab.download_results(session)
+    assert Path(file).read_text().startswith("{") and "8 cells" in note
+    file, note = tab.export_passkey("heatmap", "html", session)
+    assert Path(file).stat().st_size > 10_000 and "Exported" in note
+
+
+def test_bad_sweep_input(context):
+    for args, message in [(([], "200", "0", 1), "at least one mode"), ((["fam:0"], "2k", "0", 1), "Lengths"),
+                          ((["fam:0"], "200", "0,2", 1), "Depths"), ((["fam:0"], "200", "0", 0), "Trials")]:
+        updates = list(tab.run_sweep(context, *args, 64, 4, 0, None))
+        assert len(updates) == 1 and message in updates[0][0]
+    assert "Nothing to export" in tab.export_passkey("heatmap", "svg", None)[1]
+
+
+@pytest.mark.slow
+def test_served_passkey_tab_streams_a_retention_curve(bundled_bf16):
+    """The real app on the bundled model: the retention event yields one update per block."""
+    from gradio_client import Client
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import app
+
+    demo = app.build_app(bundled_bf16)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        job = client.submit("full", 0, 128, 64, 600, 0.0, 1, tab.FILLER, None, 0, api_name="/passkey_retention")
+        updates = list(job)
+        assert len(updates) >= 5
+        assert "retrieved in" in updates[-1][0]
+        assert "retrieved in **" in updates[-1][0]
+    finally:
+        demo.close()
