@@ -46,6 +46,7 @@ from famviz.errors import DocumentError, FamvizError  # noqa: E402
 from famviz.inspector import (DEFAULT_VIEW, TRAJECTORY_METHODS, Run, StateFeatures, app_channels,  # noqa: E402
                               default_trajectory_layers, parse_layers)
 from famviz.models import LoadedModel  # noqa: E402
+from famviz.passkey_app import build_passkey_tab  # noqa: E402
 from famviz.tokenize import tokenize_prefix  # noqa: E402
 from famviz.trace import Trace  # noqa: E402
 
@@ -651,7 +652,7 @@ def build_app(loaded: LoadedModel, adapter: AppAdapter | str | Path | None = Non
         context = AppContext(hub=hub, run_state=gr.State(None), defaults=defaults)
         with gr.Tabs():
             build_inspector_tab(context)
-            # Further tabs go here, one call each (e.g. the PassKey tab: build_passkey_tab(context)).
+            build_passkey_tab(context)
     demo.queue(default_concurrency_limit=4)
     return demo
 
