@@ -455,6 +455,8 @@ class Trainer:
             (self.out / TRAIN_CONFIG).write_text(json.dumps(asdict(config), indent=2))
         if resume:
             self.resume()
+            if main:  # steps run after the last checkpoint were lost with the interruption: drop their records
+                (self.out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.history))
         started = time.time()
         wall_before = sum(r.get("seconds", 0.0) for r in self.history if "loss" in r)
         bar = None

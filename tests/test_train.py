@@ -188,8 +188,16 @@ def test_rsp_off_always_starts_from_the_prompt(tmp_path):
 def test_resume_continues_identically(tmp_path):
     straight = Trainer(tiny_config(tmp_path / "a", steps=4), loaded=tiny_loaded(), data=KeyRecall())
     straight.run(progress=False)
-    interrupted = Trainer(tiny_config(tmp_path / "b", steps=2), loaded=tiny_loaded(), data=KeyRecall())
-    interrupted.run(progress=False)
+    # Interrupted during step 3, after its checkpoint at step 2: step 3 is lost and must be redone identically.
+    interrupted = Trainer(tiny_config(tmp_path / "b", steps=4, eval_every=3), loaded=tiny_loaded(), data=KeyRecall())
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    interrupted.evaluate = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run(progress=False)
+    assert len((tmp_path / "b" / "run" / "train_log.jsonl").read_text().splitlines()) == 3
     resumed = Trainer(tiny_config(tmp_path / "b", steps=4), loaded=tiny_loaded(), data=KeyRecall())
     resumed.run(resume=True, progress=False)
 
