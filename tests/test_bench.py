@@ -35,13 +35,15 @@ def test_figures_are_consistent(tiny_figures):
     assert f["mfu"] == pytest.approx(2 * f["parameters"] * f["fam_tokens_per_s"] / (f["matmul_gflops"] * 1e9))
     assert f["trace_on_vs_off"] == pytest.approx(f["trace_on_s"] / f["trace_off_s"])
     assert f["growth"] == pytest.approx(f["large_s"] / (4 * f["small_s"]))
+    for name in ("fam_vs_full_cpu", "trace_on_vs_off_cpu", "fam_vs_bswa_cpu", "growth_cpu", "growth_per_block"):
+        assert math.isfinite(f[name]) and f[name] > 0, name
     assert f["sizes"]["small_tokens"] == 32 and f["device"] == "cpu"
 
 
 def test_json_and_table(tiny_figures):
     assert json.loads(json.dumps(tiny_figures)) == tiny_figures
     table = format_table(tiny_figures)
-    assert table.startswith("| figure | measured | target | met |")
+    assert table.startswith("| figure | measured | in CPU time | target | met |")
     assert table.count("\n| ") == len(TARGETS)  # one row per figure
     assert "GFLOP/s" in table and "n/a" in table  # no probe on the tiny model
 
