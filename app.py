@@ -65,9 +65,9 @@ MAX_TOKENS_LIMIT = 1_000_000
 MAX_UPLOAD = "512mb"  # what the server accepts; documents are then held to MAX_DOCUMENT_BYTES with a message
 MAX_TRACE_BYTES = 512 * 1024 ** 2
 # While streaming, plots are redrawn at most this often; blocks that come faster update only the status
-# line (every block still sends one update). A browser on a small machine needs ~0.1-0.5 s to redraw
-# every plot, so fast blocks would otherwise queue up redraws and freeze the page.
-MIN_REDRAW_SECONDS = 0.5
+# line (every block still sends one update). Redrawing every plot costs a browser ~0.2 s on a desktop
+# and 2-3 s on a busy 2-core machine; redraws sent faster than that queue up and freeze the page.
+MIN_REDRAW_SECONDS = 2.0
 NO_COMPARE = "off"
 MEAN_LAYER = "mean"
 
@@ -667,12 +667,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
+    parser.add_argument("--redraw-seconds", type=float, default=MIN_REDRAW_SECONDS, metavar="S",
+                        help=f"while blocks come faster, redraw the plots at most every S seconds "
+                             f"(default {MIN_REDRAW_SECONDS:g}; the status line updates after every block)")
     parser.add_argument("-v", "--verbose", action="store_true", help="more logging on stderr")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    global MIN_REDRAW_SECONDS
     args = build_parser().parse_args(argv)
+    if args.redraw_seconds < 0:
+        print("famviz: error: --redraw-seconds must be 0 or more", file=sys.stderr)
+        return 2
+    MIN_REDRAW_SECONDS = args.redraw_seconds
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.INFO if args.verbose else logging.WARNING)  # gradio's own pings
     if not args.verbose:

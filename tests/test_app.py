@@ -37,8 +37,9 @@ def test_command_line_options(app_module):
     assert (args.model, args.adapter, args.device, args.dtype, args.host, args.port) == \
         (None, None, "auto", "auto", "127.0.0.1", 7860)
     help_text = parser.format_help()
-    for option in ("--model", "--adapter", "--device", "--dtype", "--host", "--port"):
+    for option in ("--model", "--adapter", "--device", "--dtype", "--host", "--port", "--redraw-seconds"):
         assert option in help_text
+    assert args.redraw_seconds == app_module.MIN_REDRAW_SECONDS
 
 
 def test_parse_settings(app_module):
