@@ -146,10 +146,11 @@ def document_ids(loaded, n_tokens: int) -> list[int]:
 # -- the benchmark -------------------------------------------------------------------------------------
 def run_bench(loaded, sizes: BenchSizes = FULL, progress: Callable[[str], None] = lambda message: None) -> dict:
     """Measure every figure on ``loaded`` (a ``famviz.LoadedModel``); returns one flat dict."""
-    from .engine import Stream
+    from .engine import Stream, steady_heap
     from .fam_model import FamModel
 
     device = loaded.device
+    heap = steady_heap() if device.type == "cpu" else False  # RSS otherwise creeps with glibc's heap
     fam_config = FamConfig("fam", sizes.block_size, sizes.fam_len, sizes.mem_blocks)
     bswa_config = FamConfig("bswa", sizes.block_size, 0, sizes.mem_blocks)
     fam_model, bswa_model = FamModel(loaded, fam_config), FamModel(loaded, bswa_config)
@@ -166,7 +167,7 @@ def run_bench(loaded, sizes: BenchSizes = FULL, progress: Callable[[str], None] 
         "device": str(device), "dtype": str(loaded.dtype).replace("torch.", ""), "model": loaded.name,
         "parameters": n_params, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "torch": torch.__version__,
-        "sizes": asdict(sizes),
+        "sizes": asdict(sizes), "steady_heap": heap,
     }
     progress("warming up")
     stream(fam_model, small_ids[: 2 * sizes.block_size])
