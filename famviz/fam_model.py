@@ -279,7 +279,7 @@ class FamModel:
                 logp = torch.log_softmax(logits[:, r - s : r_end - s], dim=-1, dtype=torch.float32)
                 nll[:, r + 1 : r_end + 1] = -logp.gather(-1, ids[:, r + 1 : r_end + 1].unsqueeze(-1)).squeeze(-1)
             if e == n:
-                last = logits[:, -1].float()
+                last = logits[:, -1].to(torch.float32, copy=True)  # a copy: a view would keep the whole chunk alive
         return nll, last
 
 
