@@ -156,6 +156,11 @@ def _block_columns(n_blocks: int, block_starts: Sequence[int] | None, max_column
     return edges, x, np.asarray(labels, dtype=object)
 
 
+def _column_hover(n_blocks: int, n_columns: int) -> str:
+    """Hover text of a heatmap column: per-cell labels would cost ~35 bytes a cell on every update."""
+    return "block %{x}" if n_columns == n_blocks else "blocks around %{x:.0f} (bin mean)"
+
+
 # -- attention shares --------------------------------------------------------------------------------
 def head_mean_share(share: np.ndarray, group: str, groups: Sequence[str] = BLOCK_GROUPS) -> np.ndarray:
     """(blocks, layers, heads, groups) shares -> (layers, blocks): one group, mean over heads."""
@@ -183,10 +188,9 @@ def share_heatmap(share: np.ndarray, group: str, *, groups: Sequence[str] = BLOC
     edges, x, labels = _block_columns(n_blocks, block_starts, max_columns)
     z = bin_blocks(z, edges, axis=1)
     y = np.arange(n_layers) if layers is None else np.asarray(layers)
-    custom = np.broadcast_to(labels[None, :], z.shape)
-    heatmap = dict(type="heatmap", z=z, x=x, y=y, customdata=custom, zmin=0.0, zmax=1.0, colorscale=SHARE_COLORSCALE,
-                         colorbar=dict(title=dict(text=f"share on<br>{group}", side="right")),
-                         hovertemplate="%{customdata}<br>layer %{y}<br>share %{z:.3f}<extra></extra>")
+    heatmap = dict(type="heatmap", z=z, x=x, y=y, zmin=0.0, zmax=1.0, colorscale=SHARE_COLORSCALE,
+                   colorbar=dict(title=dict(text=f"share on<br>{group}", side="right")),
+                   hovertemplate=_column_hover(n_blocks, len(x)) + "<br>layer %{y}<br>share %{z:.3f}<extra></extra>")
     shapes = []
     if selected_block is not None and 0 <= selected_block < n_blocks:
         column = int(np.searchsorted(edges, selected_block, side="right") - 1)
@@ -336,18 +340,18 @@ def fam_dynamics(norm: np.ndarray, update: np.ndarray, *, layers: Sequence[int] 
     edges, x, labels = _block_columns(n_blocks, None, max_columns)
     norm, update = bin_blocks(norm, edges), bin_blocks(update, edges)
     y = np.arange(n_layers) if layers is None else np.asarray(layers)
-    custom = np.broadcast_to(labels[None, :], (n_layers, len(x)))
+    hover = _column_hover(n_blocks, len(x))
     # Two rows sharing the block axis, laid out by hand (make_subplots is slow to build).
     top, bottom, gap = (0.56, 1.0), (0.0, 0.44), 0.02
     norm_map = dict(type="heatmap", 
-        z=norm.T, x=x, y=y, customdata=custom, colorscale="Cividis", zmin=0.0, xaxis="x", yaxis="y",
+        z=norm.T, x=x, y=y, colorscale="Cividis", zmin=0.0, xaxis="x", yaxis="y",
         colorbar=dict(title=dict(text="norm", side="right"), y=sum(top) / 2, len=top[1] - top[0]),
-        hovertemplate="%{customdata}<br>layer %{y}<br>norm %{z:.2f}<extra></extra>",
+        hovertemplate=hover + "<br>layer %{y}<br>norm %{z:.2f}<extra></extra>",
     )
     update_map = dict(type="heatmap", 
-        z=update.T, x=x, y=y, customdata=custom, colorscale="Magma", zmin=0.0, xaxis="x2", yaxis="y2",
+        z=update.T, x=x, y=y, colorscale="Magma", zmin=0.0, xaxis="x2", yaxis="y2",
         colorbar=dict(title=dict(text="update", side="right"), y=sum(bottom) / 2, len=bottom[1] - bottom[0]),
-        hovertemplate="%{customdata}<br>layer %{y}<br>update %{z:.4f}<extra></extra>",
+        hovertemplate=hover + "<br>layer %{y}<br>update %{z:.4f}<extra></extra>",
     )
     subtitles = [dict(text=text, x=0.5, y=domain[1] + gap, xref="paper", yref="paper", xanchor="center",
                       yanchor="bottom", showarrow=False, font=dict(size=12))

@@ -111,7 +111,7 @@ class StateFeatures:
         return features
 
 
-def pca_2d(features: np.ndarray, max_fit: int = 600) -> np.ndarray:
+def pca_2d(features: np.ndarray, max_fit: int = 128) -> np.ndarray:
     """(n, D) -> (n, 2) principal components (fitted on at most ``max_fit`` evenly spread rows).
 
     Solved on the small n × n Gram matrix: LAPACK's SVD of a wide matrix is far slower (and threads

@@ -150,7 +150,7 @@ def test_long_heatmap_is_binned_with_means():
     edges = figures.block_bins(1000, 100)
     np.testing.assert_allclose(z[:, 0], share[edges[0]:edges[1], :, 0, 0].mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(z[:, -1], share[-1, :, 0, 0], rtol=1e-6)
-    assert "mean" in fig.data[0].customdata[0][0]
+    assert "bin mean" in fig.data[0].hovertemplate
 
 
 def test_selected_block_is_framed():
