@@ -122,9 +122,14 @@ class Stream:
         self.pending.extend(int(t) for t in token_ids)
         results = []
         block = self.config.block_size
-        while len(self.pending) >= block:
-            chunk, self.pending = self.pending[:block], self.pending[block:]
-            results.append(self._run_block(chunk))
+        done = 0  # consumed tokens are dropped once at the end: slicing the queue per block is quadratic
+        try:
+            while len(self.pending) - done >= block:
+                chunk = self.pending[done : done + block]
+                done += block
+                results.append(self._run_block(chunk))
+        finally:
+            del self.pending[:done]
         return results
 
     def feed_text(self, text: str) -> list[BlockResult]:
