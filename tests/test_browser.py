@@ -110,3 +110,39 @@ def test_upload_stream_export_and_screenshot(served_app, tmp_path):
     assert screenshot.stat().st_size > 50_000  # a drawn page, not a blank one
     if os.environ.get("FAMVIZ_SCREENSHOT"):
         shutil.copy(screenshot, os.environ["FAMVIZ_SCREENSHOT"])
+
+
+def test_passkey_tab_fills_heatmap_and_retention_curve(served_app, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    screenshot = tmp_path / "passkey.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1700})
+            page.goto(served_app, wait_until="load", timeout=120_000)
+            page.get_by_role("tab", name="PassKey").click()
+            page.locator("#pk-block-size input").fill("64")
+            page.locator("#pk-fam-len input").fill("8")
+            page.locator("#pk-lengths textarea, #pk-lengths input").first.fill("200,400")
+            page.locator("#pk-trials input").fill("2")
+            page.locator("#pk-sweep").click()
+            expect(page.locator("#pk-sweep-status")).to_contain_text("Done", timeout=240_000)
+            page.wait_for_function(PLOT_HAS_DATA, arg="pk-heatmap", timeout=60_000)
+            panels = page.evaluate("() => document.querySelector('#pk-heatmap .js-plotly-plot')._fullData.length")
+            assert panels == 3  # the three default modes
+
+            page.locator("#pk-length input").fill("500")
+            page.locator("#pk-watch").click()
+            expect(page.locator("#pk-retention-status")).to_contain_text("Done", timeout=240_000)
+            page.wait_for_function(PLOT_HAS_DATA, arg="pk-retention", timeout=60_000)
+
+            page.locator("#pk-export-format input[value=svg]").check()
+            page.locator("#pk-export").click()
+            expect(page.locator("#pk-export-note")).to_contain_text("Exported", timeout=120_000)
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 50_000
+    if os.environ.get("FAMVIZ_SCREENSHOT_PASSKEY"):
+        shutil.copy(screenshot, os.environ["FAMVIZ_SCREENSHOT_PASSKEY"])
