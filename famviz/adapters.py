@@ -119,6 +119,8 @@ def write_adapter(directory: str | Path, loaded: LoadedModel, config: FamConfig,
     else:
         (directory / PROMPT_FILE).unlink(missing_ok=True)
     if peft_model is not None:
+        for lora_config in peft_model.peft_config.values():  # the base model by name, not a local cache path
+            lora_config.base_model_name_or_path = loaded.name
         peft_model.save_pretrained(str(directory))
     (directory / ADAPTER_META).write_text(json.dumps(adapter_meta(loaded, config, fam_prompt is not None), indent=2))
     return directory
