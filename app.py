@@ -109,6 +109,18 @@ def attach_adapter(loaded: LoadedModel, directory: str | Path) -> AppAdapter:
     return AppAdapter(adapter, prompt)
 
 
+SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "assets" / "adapters"
+
+
+def shipped_adapters() -> list[tuple[str, str]]:
+    """(label, directory) of the adapters that come with famviz (trained with `famviz train`)."""
+    found = []
+    for marker in sorted(SHIPPED_ADAPTERS.glob("*/famviz_adapter.json")):
+        found.append((f"bundled model + tuned FAM: {marker.parent.name} (see its TRAINING_CARD.md)",
+                      str(marker.parent)))
+    return found
+
+
 def _model_key(model, adapter, device, dtype) -> tuple:
     clean = lambda value: (str(value).strip() or None) if value is not None else None  # noqa: E731
     return clean(model), clean(adapter), device or "auto", dtype or "auto"
@@ -526,8 +538,9 @@ def build_inspector_tab(context: AppContext) -> None:
                 with gr.Accordion("Model", open=False, elem_id="model-panel"):
                     model = gr.Textbox(model_key[0] or "", label="Model (Hugging Face id or local path)",
                                        placeholder="empty: bundled SmolLM2-135M", elem_id="model")
-                    adapter_dir = gr.Textbox(model_key[1] or "", label="Adapter directory", placeholder="none",
-                                             elem_id="adapter")
+                    adapter_dir = gr.Dropdown([("none", ""), *shipped_adapters()], value=model_key[1] or "",
+                                              allow_custom_value=True, label="Adapter (or type a directory)",
+                                              elem_id="adapter")
                     with gr.Row():
                         device = gr.Dropdown(["auto", "cpu", "cuda"], value=model_key[2], label="Device",
                                              elem_id="device")
