@@ -27,7 +27,6 @@ import dataclasses  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -444,12 +443,6 @@ def poll_umap(run: Run | None):
 
 
 # -- export, trace download and replay ----------------------------------------------------------------------------
-def _export_dir() -> Path:
-    folder = Path(tempfile.gettempdir()) / "famviz-exports"
-    folder.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=folder))
-
-
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:40] or "run"
 
@@ -459,7 +452,7 @@ def export_plot(name: str, fmt: str, run: Run | None):
     if run is None or not run.has_blocks():
         return gr.skip(), "Nothing to export yet: stream a document or replay a trace first."
     try:
-        path = _export_dir() / f"famviz-{name}-{_slug(run.document)}.{fmt}"
+        path = export.download_dir() / f"famviz-{name}-{_slug(run.document)}.{fmt}"
         export.export_run_figure(run, name, fmt, path)
     except FamvizError as exc:
         return gr.skip(), error_status(str(exc))
@@ -474,7 +467,7 @@ def download_trace(run: Run | None):
     if run is None or run.trace is None or run.trace.n_blocks == 0:
         return gr.skip(), "No run to download yet."
     try:
-        path = run.trace.save(_export_dir() / f"famviz-trace-{_slug(run.document)}.npz")
+        path = run.trace.save(export.download_dir() / f"famviz-trace-{_slug(run.document)}.npz")
     except OSError as exc:
         return gr.skip(), error_status(f"cannot write the trace: {exc.strerror or exc}")
     return str(path), f"Trace **{path.name}** ({path.stat().st_size / 1024 ** 2:,.1f} MB): {run.blocks_done} blocks."

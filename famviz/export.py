@@ -266,3 +266,12 @@ def export_trace_file(trace_path: str | Path, name: str, fmt: str, out: str | Pa
                            {layer_: umap_2d(run.features.array(layer_)) for layer_ in run.features.layers})
     run.method = method
     return export_run_figure(run, name, fmt, out)
+
+
+def download_dir() -> Path:
+    """A fresh folder for one file the app hands to the browser (Gradio serves files under the temp dir)."""
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / "famviz-exports"
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=folder))

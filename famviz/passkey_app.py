@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,9 +83,7 @@ def _read_upload(upload) -> str:
 
 
 def _export_path(stem: str, fmt: str) -> Path:
-    folder = Path(tempfile.gettempdir()) / "famviz-exports"
-    folder.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=folder)) / f"{stem}.{fmt}"
+    return export.download_dir() / f"{stem}.{fmt}"
 
 
 @dataclass

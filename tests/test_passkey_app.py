@@ -99,3 +99,16 @@ def test_served_passkey_tab_streams_a_retention_curve(bundled_bf16):
         assert "retrieved in **" in updates[-1][0]
     finally:
         demo.close()
+
+
+def test_the_app_offers_the_shipped_adapter():
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import app
+
+    from famviz.adapters import read_adapter
+
+    shipped = app.shipped_adapters()
+    assert shipped and all("tuned FAM" in label for label, _ in shipped)
+    for _, directory in shipped:
+        assert read_adapter(directory).meta["model_type"] == "llama"
