@@ -166,6 +166,11 @@ def run_passkey(args) -> int:
         output["figure"] = str(write_figure(figure, figure_out, caption=caption, metadata=config, size=(1100, 420)))
     if args.json:
         print(json.dumps(output))
+    elif not args.retention:
+        print(f"{'mode':>14}  {'length':>7}  {'depth':>5}  {'trials':>6}  {'accuracy':>8}  {'mean log p(key)':>15}")
+        for cell in output["results"]:
+            print(f"{cell['label']:>14}  {cell['length']:>7}  {cell['depth']:>5g}  {cell['trials']:>6}  "
+                  f"{cell['accuracy']:>8.1%}  {cell['mean_key_logprob']:>15.2f}")
     return 0
 
 

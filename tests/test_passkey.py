@@ -291,3 +291,20 @@ def test_speculative_answer_is_exactly_the_greedy_answer(tiny_with_vocab, tokeni
     for draft in (expected[:4], expected[:2] + [17, 18, 19], [5, 6], expected + [7]):
         got = pk.answer_question(fam, cursor, question, key=1, answer_ids=draft)
         assert got.answer == model_answer, (draft, got.answer, model_answer)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_cli_prints_a_retention_curve(tmp_path, capfd):
+    out = tmp_path / "retention.svg"
+    status, stdout, err = run_cli_in_process(
+        ["passkey", "--retention", "--modes", "full", "--lengths", "400", "--depths", "0", "--block-size", "128",
+         "--probe-every", "1", "--dtype", "bfloat16", "--figure", str(out)], capfd)
+    assert status == 0, err
+    lines = [line for line in stdout.splitlines() if "blocks since key" in line]
+    assert len(lines) >= 3 and all("retrieved" in line for line in lines), stdout
+    assert out.read_text().lstrip().startswith("<svg")
+    status, stdout, err = run_cli_in_process(
+        ["passkey", "--modes", "full", "--lengths", "300", "--depths", "0", "--trials", "1", "--block-size", "128",
+         "--dtype", "bfloat16"], capfd)
+    assert status == 0 and "accuracy" in stdout.splitlines()[0] and "100.0%" in stdout.splitlines()[1], stdout
