@@ -203,33 +203,41 @@ def initial_training_state(fam_model: FamModel, batch: int, prompt: torch.Tensor
                        last_logits=None)
 
 
-def sequence_loss(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState):
-    """Weighted next-token loss of whole sequences streamed block by block, and the final state.
+def weighted_predictions(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState):
+    """Stream whole sequences block by block; per block, yield the next state and, when any prediction in
+    the block is weighted, (float32 logits, targets, weights) of those predictions only.
 
-    ``weights[b, i]`` weighs predicting ``ids[b, i]``; logits are formed only where a weight is set.
-    Returns (loss, final state, weighted token count): the loss is Σ w·nll / #(w > 0).
+    ``weights[b, i]`` weighs predicting ``ids[b, i]`` (position i-1 predicts token i).
     """
     block = fam_model.config.block_size
-    total = ids.shape[1]
-    target_mask = weights[:, 1:] > 0  # position i predicts token i+1
-    loss_sum = torch.zeros((), device=fam_model.device)
-    for start in range(0, total, block):
+    target_mask = weights[:, 1:] > 0
+    for start in range(0, ids.shape[1], block):
         out = fam_model.forward_block(ids[:, start : start + block], state)
         state = out.state
         n = out.hidden.shape[1]
         mask = target_mask[:, start : start + n]
-        if mask.shape[1] < n:
-            mask = F.pad(mask, (0, n - mask.shape[1]))
-        if mask.any():
-            rows = out.hidden[mask]
-            targets = ids[:, start + 1 : start + n + 1]
-            w = weights[:, start + 1 : start + n + 1]
-            if targets.shape[1] < n:
-                targets = F.pad(targets, (0, n - targets.shape[1]))
-                w = F.pad(w, (0, n - w.shape[1]))
-            nll = F.cross_entropy(fam_model.logits(rows).float(), targets[mask], reduction="none")
-            loss_sum = loss_sum + (nll * w[mask]).sum()
-    count = int(target_mask.sum())
+        mask = F.pad(mask, (0, n - mask.shape[1]))  # the last position of a sequence predicts nothing
+        if not mask.any():
+            yield state, None
+            continue
+        targets = ids[:, start + 1 : start + n + 1]
+        w = weights[:, start + 1 : start + n + 1]
+        targets = F.pad(targets, (0, n - targets.shape[1]))[mask]
+        w = F.pad(w, (0, n - w.shape[1]))[mask]
+        yield state, (fam_model.logits(out.hidden[mask]).float(), targets, w)
+
+
+def sequence_loss(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState):
+    """Weighted next-token loss of whole sequences streamed block by block, and the final state.
+
+    Returns (loss, final state, weighted token count): the loss is Σ w·nll / #(w > 0).
+    """
+    loss_sum = torch.zeros((), device=fam_model.device)
+    for state, scored in weighted_predictions(fam_model, ids, weights, state):
+        if scored is not None:
+            logits, targets, w = scored
+            loss_sum = loss_sum + (F.cross_entropy(logits, targets, reduction="none") * w).sum()
+    count = int((weights[:, 1:] > 0).sum())
     return loss_sum / max(count, 1), state, count
 
 
@@ -271,20 +279,10 @@ def passkey_teacher_forced(fam_model: FamModel, tokenizer, prompt: torch.Tensor 
 
 
 def _score_answer(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState):
-    block = fam_model.config.block_size
-    mask_all = weights[:, 1:] > 0
     correct, logprob = True, 0.0
-    for start in range(0, ids.shape[1], block):
-        out = fam_model.forward_block(ids[:, start : start + block], state)
-        state = out.state
-        n = out.hidden.shape[1]
-        mask = mask_all[:, start : start + n]
-        if mask.shape[1] < n:
-            mask = F.pad(mask, (0, n - mask.shape[1]))
-        if mask.any():
-            logits = fam_model.logits(out.hidden[mask]).float()
-            targets = ids[:, start + 1 : start + n + 1]
-            targets = F.pad(targets, (0, n - targets.shape[1]))[mask]
+    for _, scored in weighted_predictions(fam_model, ids, weights, state):
+        if scored is not None:
+            logits, targets, _ = scored
             correct &= bool((logits.argmax(-1) == targets).all())
             logprob += float(-F.cross_entropy(logits, targets, reduction="sum"))
     return correct, logprob
