@@ -451,15 +451,9 @@ def export_plot(name: str, fmt: str, run: Run | None):
     """Write one figure of the session's run in a paper-ready format; returns (file, note)."""
     if run is None or not run.has_blocks():
         return gr.skip(), "Nothing to export yet: stream a document or replay a trace first."
-    try:
-        path = export.download_dir() / f"famviz-{name}-{_slug(run.document)}.{fmt}"
-        export.export_run_figure(run, name, fmt, path)
-    except FamvizError as exc:
-        return gr.skip(), error_status(str(exc))
-    except Exception as exc:  # noqa: BLE001
-        log.exception("export failed")
-        return gr.skip(), error_status(f"export failed: {type(exc).__name__}: {exc}")
-    return str(path), f"Exported **{path.name}** ({path.stat().st_size / 1024:,.0f} KB)."
+    path = export.download_dir() / f"famviz-{name}-{_slug(run.document)}.{fmt}"
+    file, note = export.export_for_download(lambda: export.export_run_figure(run, name, fmt, path))
+    return file or gr.skip(), note
 
 
 def download_trace(run: Run | None):

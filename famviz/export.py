@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html as html_lib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -275,3 +276,15 @@ def download_dir() -> Path:
     folder = Path(tempfile.gettempdir()) / "famviz-exports"
     folder.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=folder))
+
+
+def export_for_download(write: Callable[[], Path]) -> tuple[str | None, str]:
+    """Run one export from the app: (file, note), or (None, a message saying what went wrong)."""
+    try:
+        path = Path(write())
+    except FamvizError as exc:
+        return None, f"**Error:** {exc}"
+    except Exception as exc:  # noqa: BLE001 - the app stays up; details go to the log
+        logging.getLogger("famviz.app").exception("export failed")
+        return None, f"**Error:** export failed: {type(exc).__name__}: {exc}"
+    return str(path), f"Exported **{path.name}** ({path.stat().st_size / 1024:,.0f} KB)."

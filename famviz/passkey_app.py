@@ -235,21 +235,19 @@ def export_passkey(which: str, fmt: str, session: PasskeySession | None):
     """The retention curve or the sweep heatmap as a paper-ready file; returns (file, note)."""
     if session is None or (which == "heatmap" and not session.cells) or (which == "retention" and not session.points):
         return gr.skip(), "Nothing to export yet: run it first."
-    try:
+
+    def write():
         if which == "heatmap":
             fig, caption, meta, size = (passkey_heatmap(session.cells), session.sweep_caption, session.sweep_config,
                                         (1100, 420))
         else:
             fig, caption, meta, size = (retention_figure(session.points, session.key), session.retention_caption,
                                         {"key": session.key}, (900, 520))
-        path = export.write_figure(fig, _export_path(f"famviz-passkey-{which}", fmt), fmt, caption=caption,
+        return export.write_figure(fig, _export_path(f"famviz-passkey-{which}", fmt), fmt, caption=caption,
                                    metadata=meta, size=size)
-    except FamvizError as exc:
-        return gr.skip(), _error(str(exc))
-    except Exception as exc:  # noqa: BLE001
-        log.exception("PassKey export failed")
-        return gr.skip(), _error(f"export failed: {type(exc).__name__}: {exc}")
-    return str(path), f"Exported **{path.name}** ({path.stat().st_size / 1024:,.0f} KB)."
+
+    file, note = export.export_for_download(write)
+    return file or gr.skip(), note
 
 
 def download_results(session: PasskeySession | None):
