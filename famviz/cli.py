@@ -174,15 +174,6 @@ def run_passkey(args) -> int:
     return 0
 
 
-def _passkey_documents(tokenizer, text, length, depth, trials, seed):
-    from . import passkey as pk
-
-    if text is None:
-        return pk.trial_documents(tokenizer, length, depth, trials, seed)
-    return [pk.make_document_probe(tokenizer, text, depth, length, key=pk.random_key(pk.trial_rng(seed, length, depth, t)))
-            for t in range(trials)]
-
-
 def _passkey_sweep(loaded, specs, base, lengths, depths, args, text, fam_prompt, backend):
     from tqdm import tqdm
 
@@ -190,7 +181,7 @@ def _passkey_sweep(loaded, specs, base, lengths, depths, args, text, fam_prompt,
     from .fam_model import FamModel
     from .passkey_figures import passkey_heatmap
 
-    documents = {(n, d): _passkey_documents(loaded.tokenizer, text, n, d, args.trials, args.seed)
+    documents = {(n, d): pk.trial_documents(loaded.tokenizer, n, d, args.trials, args.seed, text)
                  for n in lengths for d in depths}
     cells = []
     with tqdm(total=len(specs) * len(documents) * args.trials, unit="trial", file=sys.stderr,
@@ -220,7 +211,7 @@ def _passkey_retention(loaded, specs, base, lengths, depths, args, text, fam_pro
                              fam_prompt=fam_prompt if spec.mode == "fam" else None)
         for length in lengths:
             for depth in depths:
-                document = _passkey_documents(loaded.tokenizer, text, length, depth, 1, args.seed)[0]
+                document = pk.trial_documents(loaded.tokenizer, length, depth, 1, args.seed, text)[0]
 
                 def show(point, label=spec.label):
                     if not args.json:

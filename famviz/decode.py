@@ -20,6 +20,12 @@ import torch.nn.functional as F
 from .fam_model import FamModel, StreamState, _rotate
 
 
+def end_of_sequence_ids(fam_model: FamModel) -> set:
+    """The token ids that end a generated answer (the model config's eos, one id or several)."""
+    eos = fam_model.model.config.eos_token_id
+    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
+
+
 @dataclass(frozen=True)
 class _OpenBlock:
     state: StreamState  # the state at the block's start
@@ -75,8 +81,7 @@ class BlockCursor:
     def greedy(self, first_logits: torch.Tensor, max_new_tokens: int,
                stop: Callable[[list[int]], bool] | None = None) -> list[int]:
         """Greedy continuation from the logits of the last fed token; ``stop(ids)`` ends it early."""
-        eos = self.fam_model.model.config.eos_token_id
-        eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+        eos = end_of_sequence_ids(self.fam_model)
         logits, out = first_logits, []
         for _ in range(max_new_tokens):
             token = int(logits.argmax())

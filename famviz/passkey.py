@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .config import FamConfig
-from .decode import BlockCursor
+from .decode import BlockCursor, end_of_sequence_ids
 from .errors import DocumentError
 from .fam_model import FamModel, StreamState
 from .tokenize import adds_leading_special, tokenize_document
@@ -213,8 +213,7 @@ def _speculative_greedy(base: BlockCursor, prompt: list[int], fed: BlockCursor, 
                         draft_logits: torch.Tensor, max_new_tokens: int, stop: Callable[[list[int]], bool]) -> list[int]:
     """Greedy decoding after ``prompt`` on ``base``; ``fed`` is ``base`` fed prompt + draft, with the
     draft's logits (row i predicts the token after draft[:i])."""
-    eos = base.fam_model.model.config.eos_token_id
-    eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    eos = end_of_sequence_ids(base.fam_model)
     out: list[int] = []
     for row in draft_logits:
         token = int(row.argmax())
@@ -269,6 +268,11 @@ def advance(fam_model: FamModel, state: StreamState, token_ids: Sequence[int]) -
     return state
 
 
+def _carries_nothing(fam_model: FamModel) -> bool:
+    """BSWA without memory blocks: no block sees anything of an earlier one."""
+    return fam_model.fam_len == 0 and fam_model.memory_capacity == 0
+
+
 def ask(fam_model: FamModel, document: PasskeyDocument, state: StreamState | None = None, done: int = 0,
         max_new_tokens: int = MAX_ANSWER_TOKENS, skip_unseen: bool = True) -> ProbeResult:
     """Answer one PassKey prompt; ``state`` (after ``done`` tokens of it, a block boundary) skips its start.
@@ -279,7 +283,7 @@ def ask(fam_model: FamModel, document: PasskeyDocument, state: StreamState | Non
     block = fam_model.config.block_size
     haystack = document.haystack_ids
     full_end = (len(haystack) // block) * block
-    if skip_unseen and fam_model.fam_len == 0 and fam_model.memory_capacity == 0:
+    if skip_unseen and _carries_nothing(fam_model):
         state, done = replace(fam_model.initial_state(), position=full_end), full_end
     state = advance(fam_model, state or fam_model.initial_state(), haystack[done:full_end])
     cursor = BlockCursor(fam_model, state)
@@ -428,9 +432,14 @@ class CellResult:
         return out
 
 
-def trial_documents(tokenizer, length: int, depth: float, trials: int, seed: int) -> list[PasskeyDocument]:
-    """The documents of one sweep cell; the same for every mode, so modes answer the same keys."""
-    return [make_passkey_document(tokenizer, length, depth, rng=trial_rng(seed, length, depth, t)) for t in range(trials)]
+def trial_documents(tokenizer, length: int, depth: float, trials: int, seed: int,
+                    text: str | None = None) -> list[PasskeyDocument]:
+    """The documents of one sweep cell; the same for every mode, so modes answer the same keys.
+    With ``text``, the key is hidden in that text (cut to ``length``) instead of the standard filler."""
+    keys = [random_key(trial_rng(seed, length, depth, t)) for t in range(trials)]
+    if text is None:
+        return [make_passkey_document(tokenizer, length, depth, key=key) for key in keys]
+    return [make_document_probe(tokenizer, text, depth, length, key=key) for key in keys]
 
 
 def iter_trials(fam_model: FamModel, documents: Sequence[PasskeyDocument], spec: ModeSpec,
@@ -439,7 +448,7 @@ def iter_trials(fam_model: FamModel, documents: Sequence[PasskeyDocument], spec:
     runs once and is forked."""
     block = fam_model.config.block_size
     shared = shared_prefix_blocks([d.haystack_ids for d in documents], block)
-    if skip_unseen and fam_model.fam_len == 0 and fam_model.memory_capacity == 0:
+    if skip_unseen and _carries_nothing(fam_model):
         shared = 0  # ask() runs the last block only
     state = advance(fam_model, fam_model.initial_state(), documents[0].token_ids[:shared])
     for index, document in enumerate(documents):
