@@ -5,6 +5,7 @@ screenshot (kept under the test's tmp dir; set FAMVIZ_SCREENSHOT=PATH to keep a 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -67,82 +68,85 @@ def served_app():
     demo.close()
 
 
+@contextlib.contextmanager
+def open_page(url: str, height: int):
+    """A page of the served app in headless Debian Chromium, closed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": height})
+            page.goto(url, wait_until="load", timeout=120_000)
+            yield page
+        finally:
+            browser.close()
+
+
 def test_upload_stream_export_and_screenshot(served_app, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     document = tmp_path / "memory-notes.txt"
     document.write_text(TEXT)
     screenshot = tmp_path / "app.png"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1900})
-            page.goto(served_app, wait_until="load", timeout=120_000)
-            expect(page.locator("#status")).to_contain_text("Ready", timeout=60_000)
+    with open_page(served_app, 1900) as page:
+        expect(page.locator("#status")).to_contain_text("Ready", timeout=60_000)
 
-            page.set_input_files("#upload input[type=file]", str(document))
-            expect(page.locator("#source input[value=upload]")).to_be_checked(timeout=30_000)
-            page.locator("#block-size input").fill("64")
-            page.locator("#fam-len input").fill("16")
-            page.locator("#start").click()
+        page.set_input_files("#upload input[type=file]", str(document))
+        expect(page.locator("#source input[value=upload]")).to_be_checked(timeout=30_000)
+        page.locator("#block-size input").fill("64")
+        page.locator("#fam-len input").fill("16")
+        page.locator("#start").click()
 
-            expect(page.locator("#status")).to_contain_text("Done", timeout=240_000)
-            expect(page.locator("#status")).to_contain_text("memory-notes.txt")
-            for plot in ("heatmap", "heads", "trajectory", "dynamics", "nll"):
-                page.wait_for_function(PLOT_HAS_DATA, arg=plot, timeout=60_000)
-            n_columns = page.evaluate("() => document.querySelector('#heatmap .js-plotly-plot')._fullData[0].z[0].length")
-            assert n_columns > 1  # one column per block
-            shaded = page.locator("#document .tok.s10")
-            assert shaded.count() >= 1  # the most-read tokens are drawn darkest
-            assert "read" in shaded.first.get_attribute("title")  # hover shows the value
+        expect(page.locator("#status")).to_contain_text("Done", timeout=240_000)
+        expect(page.locator("#status")).to_contain_text("memory-notes.txt")
+        for plot in ("heatmap", "heads", "trajectory", "dynamics", "nll"):
+            page.wait_for_function(PLOT_HAS_DATA, arg=plot, timeout=60_000)
+        n_columns = page.evaluate("() => document.querySelector('#heatmap .js-plotly-plot')._fullData[0].z[0].length")
+        assert n_columns > 1  # one column per block
+        shaded = page.locator("#document .tok.s10")
+        assert shaded.count() >= 1  # the most-read tokens are drawn darkest
+        assert "read" in shaded.first.get_attribute("title")  # hover shows the value
 
-            page.locator("#export-format input[value=svg]").check()
-            page.locator("#export").click()
-            expect(page.locator("#export-note")).to_contain_text("Exported", timeout=120_000)
-            link = page.locator("#export-file a[href*='.svg']").first
-            expect(link).to_be_attached(timeout=30_000)
-            svg = page.request.get(link.get_attribute("href")).text()
-            assert svg.lstrip().startswith("<svg") and "share on" in svg
+        page.locator("#export-format input[value=svg]").check()
+        page.locator("#export").click()
+        expect(page.locator("#export-note")).to_contain_text("Exported", timeout=120_000)
+        link = page.locator("#export-file a[href*='.svg']").first
+        expect(link).to_be_attached(timeout=30_000)
+        svg = page.request.get(link.get_attribute("href")).text()
+        assert svg.lstrip().startswith("<svg") and "share on" in svg
 
-            page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            browser.close()
+        page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 50_000  # a drawn page, not a blank one
     if os.environ.get("FAMVIZ_SCREENSHOT"):
         shutil.copy(screenshot, os.environ["FAMVIZ_SCREENSHOT"])
 
 
 def test_passkey_tab_fills_heatmap_and_retention_curve(served_app, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     screenshot = tmp_path / "passkey.png"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1700})
-            page.goto(served_app, wait_until="load", timeout=120_000)
-            page.get_by_role("tab", name="PassKey").click()
-            page.locator("#pk-block-size input").fill("64")
-            page.locator("#pk-fam-len input").fill("8")
-            page.locator("#pk-lengths textarea, #pk-lengths input").first.fill("200,400")
-            page.locator("#pk-trials input").fill("2")
-            page.locator("#pk-sweep").click()
-            expect(page.locator("#pk-sweep-status")).to_contain_text("Done", timeout=240_000)
-            page.wait_for_function(PLOT_HAS_DATA, arg="pk-heatmap", timeout=60_000)
-            panels = page.evaluate("() => document.querySelector('#pk-heatmap .js-plotly-plot')._fullData.length")
-            assert panels == 3  # the three default modes
+    with open_page(served_app, 1700) as page:
+        page.get_by_role("tab", name="PassKey").click()
+        page.locator("#pk-block-size input").fill("64")
+        page.locator("#pk-fam-len input").fill("8")
+        page.locator("#pk-lengths textarea, #pk-lengths input").first.fill("200,400")
+        page.locator("#pk-trials input").fill("2")
+        page.locator("#pk-sweep").click()
+        expect(page.locator("#pk-sweep-status")).to_contain_text("Done", timeout=240_000)
+        page.wait_for_function(PLOT_HAS_DATA, arg="pk-heatmap", timeout=60_000)
+        panels = page.evaluate("() => document.querySelector('#pk-heatmap .js-plotly-plot')._fullData.length")
+        assert panels == 3  # the three default modes
 
-            page.locator("#pk-length input").fill("500")
-            page.locator("#pk-watch").click()
-            expect(page.locator("#pk-retention-status")).to_contain_text("Done", timeout=240_000)
-            page.wait_for_function(PLOT_HAS_DATA, arg="pk-retention", timeout=60_000)
+        page.locator("#pk-length input").fill("500")
+        page.locator("#pk-watch").click()
+        expect(page.locator("#pk-retention-status")).to_contain_text("Done", timeout=240_000)
+        page.wait_for_function(PLOT_HAS_DATA, arg="pk-retention", timeout=60_000)
 
-            page.locator("#pk-export-format input[value=svg]").check()
-            page.locator("#pk-export").click()
-            expect(page.locator("#pk-export-note")).to_contain_text("Exported", timeout=120_000)
-            page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            browser.close()
+        page.locator("#pk-export-format input[value=svg]").check()
+        page.locator("#pk-export").click()
+        expect(page.locator("#pk-export-note")).to_contain_text("Exported", timeout=120_000)
+        page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 50_000
     if os.environ.get("FAMVIZ_SCREENSHOT_PASSKEY"):
         shutil.copy(screenshot, os.environ["FAMVIZ_SCREENSHOT_PASSKEY"])
