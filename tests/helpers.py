@@ -31,6 +31,22 @@ def bundled_tokenizer():
     return transformers.AutoTokenizer.from_pretrained(famviz.models.bundled_model_dir())
 
 
+def tiny_llama_with_bundled_tokenizer(n_layers: int = 2, seed: int = 0):
+    """A tiny random Llama (float32) with the bundled tokenizer and its vocabulary, as a LoadedModel:
+    the app's handlers and the browser tests run real text through it in seconds."""
+    import torch
+    import transformers
+
+    import famviz
+
+    tokenizer = bundled_tokenizer()
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                      max_position_embeddings=4096)
+    return famviz.prepare_model(transformers.LlamaForCausalLM(config).float(), tokenizer, "tiny")
+
+
 def tiny_config(family: str, vocab_size: int = 128):
     """A tiny config of a supported family (``llama``, ``mistral``, ``qwen2``, ``qwen3``)."""
     import transformers

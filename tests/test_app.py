@@ -121,18 +121,9 @@ def _pdf_without_text() -> bytes:
 # -- the stream handler on a tiny random model --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_loaded():
-    import torch
-    import transformers
+    from helpers import tiny_llama_with_bundled_tokenizer
 
-    import famviz
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(famviz.models.bundled_model_dir())
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                                      max_position_embeddings=4096)
-    model = transformers.LlamaForCausalLM(config).float()
-    return famviz.prepare_model(model, tokenizer, "tiny")
+    return tiny_llama_with_bundled_tokenizer(n_layers=2)
 
 
 @pytest.fixture(scope="module")

@@ -49,18 +49,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served_app():
-    import torch
-    import transformers
-
     import app
-    import famviz
+    from helpers import tiny_llama_with_bundled_tokenizer
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(famviz.models.bundled_model_dir())
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                                      max_position_embeddings=4096)
-    loaded = famviz.prepare_model(transformers.LlamaForCausalLM(config).float(), tokenizer, "tiny")
+    loaded = tiny_llama_with_bundled_tokenizer(n_layers=4)
     demo = app.build_app(loaded)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True,
                             share=False, max_file_size=app.MAX_UPLOAD)
