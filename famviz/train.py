@@ -628,6 +628,8 @@ def add_train_arguments(parser) -> None:
                             help=f"{help_text} (default {getattr(d, name)})")
     parser.add_argument("--no-rpo", dest="rpo", action="store_false", default=None, help="disable Random Position Offset")
     parser.add_argument("--no-rsp", dest="rsp", action="store_false", default=None, help="disable Random State Passing")
+    parser.add_argument("--rsp", dest="rsp", action="store_true", default=None,
+                        help="enable Random State Passing (the default; e.g. to turn it on when resuming a run)")
     parser.add_argument("--no-checkpoint-layers", dest="checkpoint_layers", action="store_false", default=None,
                         help="keep every layer's activations instead of recomputing them in backward (faster, more memory)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
@@ -708,10 +710,12 @@ def evaluate_adapter_dir(args) -> dict:
     base = load_model(args.model, device=args.device or "auto", dtype=dtype)
     windows = text_windows(base.tokenizer, config.block_size, 8)
     full_nll = in_window_nll(base, FamConfig(mode="full", block_size=config.block_size), None, windows)
+    untuned_nll = in_window_nll(base, config, None, windows)  # what the conversion alone costs in one window
     tuned = load_model(args.model, device=args.device or "auto", dtype=dtype)
     prompt = apply_adapter(directory, tuned, config)
     tuned_nll = in_window_nll(tuned, config, prompt, windows)
-    log.info("in-window NLL: tuned %s %.4f, untuned full %.4f", config.mode, tuned_nll, full_nll)
+    log.info("in-window NLL: tuned %s %.4f, untuned %s %.4f, untuned full %.4f", config.mode, tuned_nll,
+             config.mode, untuned_nll, full_nll)
     spec = pk.ModeSpec(config.mode, config.mem_blocks)
     cells = pk.sweep(tuned, [spec], lengths, [args.eval_depth], args.final_trials, seed=args.seed or 0, base=config,
                      fam_prompt=prompt,
@@ -721,7 +725,7 @@ def evaluate_adapter_dir(args) -> dict:
     evaluation = {
         "passkey": [c.summary() for c in cells],
         "passkey_scoring": "greedy decoding, first integer of the answer equals the key (famviz.passkey)",
-        "in_window_nll": {"tuned": tuned_nll, "untuned_full_attention": full_nll,
+        "in_window_nll": {"tuned": tuned_nll, "untuned_full_attention": full_nll, "untuned_same_mode": untuned_nll,
                           "relative_change": tuned_nll / full_nll - 1, "windows": len(windows),
                           "window_tokens": config.block_size, "text": "GPL-3 (held out from training)"},
         "dtype": dtype, "seconds": round(time.time() - started, 1),
