@@ -99,6 +99,11 @@ class FamModel:
     def dtype(self) -> torch.dtype:
         return self.loaded.dtype
 
+    @property
+    def blocks_independent(self) -> bool:
+        """BSWA without memory blocks: no block sees anything of an earlier one."""
+        return self.fam_len == 0 and self.memory_capacity == 0
+
     # -- state -------------------------------------------------------------------------------
     def initial_state(self, batch: int = 1) -> StreamState:
         empty = torch.zeros(batch, self.n_kv_heads, 0, self.head_dim, device=self.device, dtype=self.dtype)

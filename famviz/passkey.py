@@ -268,11 +268,6 @@ def advance(fam_model: FamModel, state: StreamState, token_ids: Sequence[int]) -
     return state
 
 
-def _carries_nothing(fam_model: FamModel) -> bool:
-    """BSWA without memory blocks: no block sees anything of an earlier one."""
-    return fam_model.fam_len == 0 and fam_model.memory_capacity == 0
-
-
 def ask(fam_model: FamModel, document: PasskeyDocument, state: StreamState | None = None, done: int = 0,
         max_new_tokens: int = MAX_ANSWER_TOKENS, skip_unseen: bool = True) -> ProbeResult:
     """Answer one PassKey prompt; ``state`` (after ``done`` tokens of it, a block boundary) skips its start.
@@ -283,7 +278,7 @@ def ask(fam_model: FamModel, document: PasskeyDocument, state: StreamState | Non
     block = fam_model.config.block_size
     haystack = document.haystack_ids
     full_end = (len(haystack) // block) * block
-    if skip_unseen and _carries_nothing(fam_model):
+    if skip_unseen and fam_model.blocks_independent:
         state, done = replace(fam_model.initial_state(), position=full_end), full_end
     state = advance(fam_model, state or fam_model.initial_state(), haystack[done:full_end])
     cursor = BlockCursor(fam_model, state)
@@ -448,7 +443,7 @@ def iter_trials(fam_model: FamModel, documents: Sequence[PasskeyDocument], spec:
     runs once and is forked."""
     block = fam_model.config.block_size
     shared = shared_prefix_blocks([d.haystack_ids for d in documents], block)
-    if skip_unseen and _carries_nothing(fam_model):
+    if skip_unseen and fam_model.blocks_independent:
         shared = 0  # ask() runs the last block only
     state = advance(fam_model, fam_model.initial_state(), documents[0].token_ids[:shared])
     for index, document in enumerate(documents):

@@ -203,20 +203,28 @@ def initial_training_state(fam_model: FamModel, batch: int, prompt: torch.Tensor
                        last_logits=None)
 
 
-def weighted_predictions(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState):
+def weighted_predictions(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState,
+                         skip_unseen: bool = True):
     """Stream whole sequences block by block; per block, yield the next state and, when any prediction in
     the block is weighted, (float32 logits, targets, weights) of those predictions only.
 
     ``weights[b, i]`` weighs predicting ``ids[b, i]`` (position i-1 predicts token i).
+    ``skip_unseen``: when blocks are independent (BSWA without memory), a block with no weighted
+    prediction affects nothing and is not run (losses and gradients are identical).
     """
     block = fam_model.config.block_size
     target_mask = weights[:, 1:] > 0
+    skip = skip_unseen and fam_model.blocks_independent
     for start in range(0, ids.shape[1], block):
-        out = fam_model.forward_block(ids[:, start : start + block], state)
-        state = out.state
-        n = out.hidden.shape[1]
+        n = min(block, ids.shape[1] - start)
         mask = target_mask[:, start : start + n]
         mask = F.pad(mask, (0, n - mask.shape[1]))  # the last position of a sequence predicts nothing
+        if skip and not mask.any():
+            state = replace(state, position=state.position + n)
+            yield state, None
+            continue
+        out = fam_model.forward_block(ids[:, start : start + block], state)
+        state = out.state
         if not mask.any():
             yield state, None
             continue
@@ -227,13 +235,14 @@ def weighted_predictions(fam_model: FamModel, ids: torch.Tensor, weights: torch.
         yield state, (fam_model.logits(out.hidden[mask]).float(), targets, w)
 
 
-def sequence_loss(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState):
+def sequence_loss(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState,
+                  skip_unseen: bool = True):
     """Weighted next-token loss of whole sequences streamed block by block, and the final state.
 
     Returns (loss, final state, weighted token count): the loss is Σ w·nll / #(w > 0).
     """
     loss_sum = torch.zeros((), device=fam_model.device)
-    for state, scored in weighted_predictions(fam_model, ids, weights, state):
+    for state, scored in weighted_predictions(fam_model, ids, weights, state, skip_unseen):
         if scored is not None:
             logits, targets, w = scored
             loss_sum = loss_sum + (F.cross_entropy(logits, targets, reduction="none") * w).sum()

@@ -101,6 +101,30 @@ def test_gradient_reaches_the_first_block_through_the_fam(tmp_path):
 
 
 # -- Random Position Offset ------------------------------------------------------------------------
+def test_bswa_without_memory_skips_unscored_blocks_exactly(tmp_path):
+    """BSWA with mem_blocks 0: blocks without a scored prediction reach nothing, so skipping them leaves the
+    loss and every gradient unchanged (the BSWA baseline trains on the same data for less compute)."""
+    trainer = Trainer(tiny_config(tmp_path, mode="bswa", mem_blocks=0), loaded=tiny_loaded(), data=KeyRecall(length=30))
+    assert trainer.fam_model.blocks_independent
+    example = KeyRecall(length=30).draw(random.Random(1))
+    ids, weights = torch.tensor([example.ids]), torch.tensor([example.weights])
+    calls = []
+    forward = trainer.fam_model.forward_block
+    trainer.fam_model.forward_block = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    results = []
+    for skip in (True, False):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        calls.clear()
+        state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
+        loss, final, _ = sequence_loss(trainer.fam_model, ids, weights, state, skip_unseen=skip)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in trainer.trainable_parameters], len(calls), final))
+    (loss_a, grads_a, calls_a, final_a), (loss_b, grads_b, calls_b, final_b) = results
+    assert calls_a == 1 and calls_b == 4  # 31 tokens in blocks of 8: only the answer's block is run
+    assert torch.equal(loss_a, loss_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert final_a.position == final_b.position == len(example.ids)
+
+
 def test_position_offsets_are_uniform_and_zeroed_half_the_time():
     rng = random.Random(0)
     theta = 10000.0
