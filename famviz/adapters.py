@@ -22,6 +22,7 @@ from .models import LoadedModel
 ADAPTER_FORMAT = "famviz-adapter"
 ADAPTER_META = "famviz_adapter.json"
 PROMPT_FILE = "fam_prompt.safetensors"
+LORA_FILE = "adapter_model.safetensors"  # written by peft
 
 
 @dataclass
@@ -106,9 +107,13 @@ def adapter_meta(loaded: LoadedModel, config: FamConfig, has_prompt: bool) -> di
 
 
 def write_adapter(directory: str | Path, loaded: LoadedModel, config: FamConfig, fam_prompt: torch.Tensor | None,
-                  peft_model=None) -> Path:
-    """Write an adapter directory: description, FAM prompt (fam mode) and the peft LoRA weights."""
-    from safetensors.torch import save_file
+                  peft_model=None, lora_dtype: torch.dtype | None = None) -> Path:
+    """Write an adapter directory: description, FAM prompt (fam mode) and the peft LoRA weights.
+
+    ``lora_dtype``: store the LoRA weights in this dtype (e.g. float16 halves the file; they are cast back
+    to the model's dtype when merged). None keeps the training dtype, so save/load round-trips exactly.
+    """
+    from safetensors.torch import load_file, save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -122,6 +127,10 @@ def write_adapter(directory: str | Path, loaded: LoadedModel, config: FamConfig,
         for lora_config in peft_model.peft_config.values():  # the base model by name, not a local cache path
             lora_config.base_model_name_or_path = loaded.name
         peft_model.save_pretrained(str(directory))
+        weights = directory / LORA_FILE
+        if lora_dtype is not None and weights.is_file():
+            tensors = load_file(str(weights))
+            save_file({k: v.to(lora_dtype) if v.is_floating_point() else v for k, v in tensors.items()}, str(weights))
     (directory / ADAPTER_META).write_text(json.dumps(adapter_meta(loaded, config, fam_prompt is not None), indent=2))
     return directory
 

@@ -86,6 +86,7 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads (None: torch's default)
     device: str = "auto"
     dtype: str = "float32"
+    adapter_dtype: str | None = None  # LoRA weights in the written adapter (None: as trained); checkpoints keep full precision
     command: str = ""
 
     def fam_config(self) -> FamConfig:
@@ -94,6 +95,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.mode not in ("fam", "bswa"):
             raise ConfigError(f"training mode must be fam or bswa, got {self.mode!r}")
+        if self.adapter_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ConfigError(f"--adapter-dtype must be float32, float16 or bfloat16, got {self.adapter_dtype!r}")
         self.fam_config()
         for name in ("steps", "batch_size", "lora_rank", "copy_len", "checkpoint_every"):
             if getattr(self, name) <= 0:
@@ -523,7 +526,8 @@ class Trainer:
     def save_adapter(self, wall_seconds: float, stopped_early: bool = False) -> None:
         from .adapters import write_adapter, write_training_card
 
-        write_adapter(self.out, self.loaded, self.config.fam_config(), self.prompt, self.peft_model)
+        lora_dtype = getattr(torch, self.config.adapter_dtype) if self.config.adapter_dtype else None
+        write_adapter(self.out, self.loaded, self.config.fam_config(), self.prompt, self.peft_model, lora_dtype)
         write_training_card(self.out, training_card(self, wall_seconds, stopped_early))
 
 
@@ -567,6 +571,7 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
         "checkpoint_layers": config.checkpoint_layers,
         "rpo": config.rpo, "rsp": config.rsp, "rsp_prob": config.rsp_prob if config.rsp else None,
         "hardware": hardware, "dtype": config.dtype, "wall_seconds": round(wall_seconds, 1),
+        "lora_storage_dtype": config.adapter_dtype or config.dtype,
         "final_loss_mean_last_50": sum(r["loss"] for r in tail) / max(len(tail), 1),
         "held_out_passkey_during_training": [dict(step=r["step"], **r["eval"]) for r in evals],
         "evaluation": {},
@@ -632,6 +637,7 @@ def add_train_arguments(parser) -> None:
         ("checkpoint_every", int, "checkpoint every N steps"),
         ("max_minutes", float, "stop after this wall time (checkpoint and adapter are written)"),
         ("seed", int, "random seed"), ("dtype", str, "float32 or bfloat16"),
+        ("adapter_dtype", str, "store the adapter's LoRA weights as float16/bfloat16 (half the file size)"),
     ):
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                             help=f"{help_text} (default {getattr(d, name)})")

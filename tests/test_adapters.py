@@ -73,6 +73,27 @@ def _stream_hidden(model: FamModel, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs, dim=1)
 
 
+def test_lora_stored_in_half_precision_applies_nearly_the_same(trained, tmp_path):
+    """--adapter-dtype float16 halves the file; merged into a float32 model it gives nearly the same outputs."""
+    from safetensors.torch import load_file
+
+    trainer, out = trained
+    config = FamConfig(mode="fam", block_size=8, fam_len=4, mem_blocks=0)
+    half = write_adapter(tmp_path / "half", trainer.loaded, config, trainer.prompt, trainer.peft_model,
+                         lora_dtype=torch.float16)
+    stored = load_file(str(half / "adapter_model.safetensors"))
+    assert stored and all(t.dtype == torch.float16 for t in stored.values())
+    ids = torch.tensor([KeyRecall(24).draw(random.Random(5)).ids])
+    with torch.no_grad():
+        outputs = []
+        for directory in (out, half):
+            fresh = tiny_loaded()
+            prompt = apply_adapter(directory, fresh, config)
+            outputs.append(_stream_hidden(FamModel(fresh, config, fam_prompt=prompt), ids))
+    assert outputs[0].dtype == outputs[1].dtype == torch.float32
+    torch.testing.assert_close(outputs[1], outputs[0], atol=2e-3, rtol=2e-3)
+
+
 def test_adapter_for_another_model_is_refused(trained):
     _, out = trained
     config = FamConfig(mode="fam", block_size=8, fam_len=4, mem_blocks=0)
