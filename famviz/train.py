@@ -519,7 +519,7 @@ class Trainer:
             save_checkpoint(self.out / CHECKPOINT_DIR, self.peft_model, self.prompt, self.optimizer, self.step,
                             self.rng, self.state_passing, self.history)
             self.save_adapter(wall_seconds=wall_before + time.time() - started, stopped_early=stopped_early)
-            write_loss_curve(self.history, self.out)
+            write_loss_curve(self.history, self.out, self.config.mode)
         acc.wait_for_everyone()
         return self.out
 
@@ -579,28 +579,40 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
     }
 
 
-def write_loss_curve(history: list[dict], out: Path) -> Path | None:
-    """``loss_curve.html`` (training loss, its moving average and held-out PassKey accuracy); PNG when kaleido can."""
+def write_loss_curve(history: list[dict], out: Path, mode: str = "fam") -> Path | None:
+    """``loss_curve.html`` (PNG too when kaleido can): the training loss per data kind (their scales differ:
+    a PassKey answer against a whole text) with moving means, and the held-out PassKey key log-probability
+    with the prompt length of each evaluation (curricula change it)."""
     steps = [r for r in history if "loss" in r]
     if not steps:
         return None
     import plotly.graph_objects as go
+    from plotly.colors import DEFAULT_PLOTLY_COLORS
     from plotly.subplots import make_subplots
 
-    x = [r["step"] for r in steps]
-    y = [r["loss"] for r in steps]
     window = 25
-    smooth = [sum(y[max(0, i - window + 1) : i + 1]) / (i - max(0, i - window + 1) + 1) for i in range(len(y))]
-    figure = make_subplots(specs=[[{"secondary_y": True}]])
-    figure.add_trace(go.Scatter(x=x, y=y, mode="markers", marker=dict(size=3, opacity=0.35), name="loss per step"))
-    figure.add_trace(go.Scatter(x=x, y=smooth, mode="lines", name=f"loss, mean of {window}"))
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.62, 0.38], vertical_spacing=0.08)
+    for index, kind in enumerate(sorted({r["kind"] for r in steps})):
+        rows = [r for r in steps if r["kind"] == kind]
+        x, y = [r["step"] for r in rows], [r["loss"] for r in rows]
+        smooth = [sum(y[max(0, i - window + 1) : i + 1]) / (i - max(0, i - window + 1) + 1) for i in range(len(y))]
+        color = DEFAULT_PLOTLY_COLORS[index % len(DEFAULT_PLOTLY_COLORS)]
+        figure.add_trace(go.Scatter(x=x, y=y, mode="markers", marker=dict(size=3, opacity=0.3, color=color),
+                                    name=f"{kind}: per step", legendgroup=kind), row=1, col=1)
+        figure.add_trace(go.Scatter(x=x, y=smooth, mode="lines", line=dict(color=color),
+                                    name=f"{kind}: mean of last {window} steps", legendgroup=kind), row=1, col=1)
     evals = [r for r in history if "eval" in r]
     if evals:
-        figure.add_trace(go.Scatter(x=[r["step"] for r in evals], y=[r["eval"]["accuracy"] for r in evals],
-                                    mode="lines+markers", name="held-out PassKey accuracy"), secondary_y=True)
-    figure.update_layout(title="FAM fine-tuning", xaxis_title="step", template="plotly_white", width=900, height=450)
-    figure.update_yaxes(title_text="weighted loss", secondary_y=False)
-    figure.update_yaxes(title_text="accuracy", range=[0, 1], secondary_y=True)
+        labels = [f"{r['eval']['length']} tokens, {r['eval']['accuracy']:.0%} of {r['eval']['trials']}" for r in evals]
+        figure.add_trace(go.Scatter(x=[r["step"] for r in evals], y=[r["eval"]["key_logprob"] for r in evals],
+                                    mode="lines+markers+text", text=[str(r["eval"]["length"]) for r in evals],
+                                    textposition="top center", cliponaxis=False, line=dict(color="#444"),
+                                    customdata=labels, name="key log-prob (label: tokens)",
+                                    hovertemplate="step %{x}: %{y:.2f}<br>%{customdata}<extra></extra>"), row=2, col=1)
+    figure.update_layout(title=f"{mode} fine-tuning", template="plotly_white", width=900, height=620)
+    figure.update_xaxes(title_text="step", row=2, col=1)
+    figure.update_yaxes(title_text="training loss (weighted)", row=1, col=1)
+    figure.update_yaxes(title_text="held-out log p(key)<br>depth 0, teacher-forced", row=2, col=1)
     path = out / "loss_curve.html"
     figure.write_html(str(path), include_plotlyjs=True)
     try:
