@@ -175,7 +175,36 @@ def card_markdown(card: dict) -> str:
         lines.append("")
     evaluation = card.get("evaluation") or {}
     if evaluation:
-        lines += ["## Evaluation", "", "```json", json.dumps(evaluation, indent=2), "```", ""]
-        if evaluation.get("summary"):
-            lines += [evaluation["summary"], ""]
+        lines += ["## Evaluation", ""] + _evaluation_markdown(evaluation)
+    baseline = card.get("baseline")
+    if baseline:
+        lines += [f"## Baseline trained with the same budget: {baseline.get('mode')}", "",
+                  f"- Command: `{baseline.get('command')}`",
+                  f"- Steps: {baseline.get('steps')}; wall time {baseline.get('wall_seconds')} s", ""]
+        lines += _evaluation_markdown(baseline.get("evaluation") or {})
     return "\n".join(lines)
+
+
+def _evaluation_markdown(evaluation: dict) -> list[str]:
+    """Each ``--evaluate`` result as a PassKey table plus the in-window loss; anything else as JSON."""
+    lines: list[str] = []
+    for name, result in evaluation.items():
+        if name == "summary":
+            continue
+        if not isinstance(result, dict) or "passkey" not in result:
+            lines += [f"### {name}", "", "```json", json.dumps(result, indent=2), "```", ""]
+            continue
+        lines += [f"### {name} ({result.get('dtype')}, {result.get('passkey_scoring', 'greedy decoding')})", "",
+                  "| tokens | depth | trials | retrieved | mean log p(key) |", "|---|---|---|---|---|"]
+        lines += [f"| {c['length']} | {c['depth']:g} | {c['trials']} | {c['accuracy']:.0%} | {c['mean_key_logprob']:.2f} |"
+                  for c in result["passkey"]]
+        nll = result.get("in_window_nll") or {}
+        if nll:
+            same = f", untuned same mode {nll['untuned_same_mode']:.4f}" if "untuned_same_mode" in nll else ""
+            lines += ["", f"Next-token loss inside one {nll.get('window_tokens')}-token window of {nll.get('text')}, "
+                          f"{nll.get('windows')} windows: tuned {nll['tuned']:.4f}, untuned full attention "
+                          f"{nll['untuned_full_attention']:.4f} ({nll['relative_change']:+.1%}){same}."]
+        lines.append("")
+    if evaluation.get("summary"):
+        lines += [evaluation["summary"], ""]
+    return lines

@@ -134,3 +134,19 @@ def test_training_card_is_written_twice(tmp_path):
     assert read_training_card(tmp_path) == card
     markdown = (tmp_path / "TRAINING_CARD.md").read_text()
     assert "python -m famviz train --out x" in markdown and "Steps: 7" in markdown
+
+
+def test_training_card_renders_evaluations_and_the_baseline_as_tables(tmp_path):
+    cell = {"mode": "fam", "mem_blocks": 0, "length": 2048, "depth": 0.0, "trials": 50, "accuracy": 0.06,
+            "mean_key_logprob": -8.13}
+    result = {"passkey": [cell], "dtype": "bfloat16", "passkey_scoring": "greedy",
+              "in_window_nll": {"tuned": 3.2, "untuned_full_attention": 3.35, "untuned_same_mode": 4.16,
+                                "relative_change": 3.2 / 3.35 - 1, "windows": 8, "window_tokens": 256, "text": "GPL-3"}}
+    card = {"steps": 9, "evaluation": {"fam_mem0_block256": result, "summary": "Result: SHORTFALL."},
+            "baseline": {"mode": "bswa", "command": "python -m famviz train --mode bswa", "steps": 9,
+                         "evaluation": {"bswa_mem0_block256": dict(result, passkey=[dict(cell, accuracy=0.0)])}}}
+    write_training_card(tmp_path, card)
+    markdown = (tmp_path / "TRAINING_CARD.md").read_text()
+    assert "| 2048 | 0 | 50 | 6% | -8.13 |" in markdown and "| 2048 | 0 | 50 | 0% | -8.13 |" in markdown
+    assert "tuned 3.2000, untuned full attention 3.3500 (-4.5%), untuned same mode 4.1600" in markdown
+    assert "Baseline trained with the same budget: bswa" in markdown and "Result: SHORTFALL." in markdown
