@@ -525,8 +525,9 @@ class Trainer:
 
     def save_adapter(self, wall_seconds: float, stopped_early: bool = False) -> None:
         from .adapters import write_adapter, write_training_card
+        from .models import resolve_dtype
 
-        lora_dtype = getattr(torch, self.config.adapter_dtype) if self.config.adapter_dtype else None
+        lora_dtype = resolve_dtype(self.config.adapter_dtype) if self.config.adapter_dtype else None
         write_adapter(self.out, self.loaded, self.config.fam_config(), self.prompt, self.peft_model, lora_dtype)
         write_training_card(self.out, training_card(self, wall_seconds, stopped_early))
 
