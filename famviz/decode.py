@@ -106,7 +106,7 @@ class BlockCursor:
             if m and bounded:
                 keys = _rotate(keys, mem_cos, mem_sin)  # bounded memory holds pre-RoPE keys
             if f:
-                _, fam_k, fam_v = fm._qkv(layer, state.fam[index])
+                _, fam_k, fam_v = fm.qkv(index, state.fam[index])
                 keys = torch.cat([keys, _rotate(fam_k, fam_cos, fam_sin)], dim=2)
                 values = torch.cat([values, fam_v], dim=2)
             window_kv.append((keys, values))
@@ -132,7 +132,7 @@ class BlockCursor:
         mask[:, n_cached:] = mask[:, n_cached:].tril()
         window_kv = []
         for index, layer in enumerate(fm.layers):
-            q, k, v = fm._qkv(layer, x)
+            q, k, v = fm.qkv(index, x)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             keys = torch.cat([block.window_kv[index][0], k], dim=2)
             values = torch.cat([block.window_kv[index][1], v], dim=2)
@@ -140,6 +140,6 @@ class BlockCursor:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=fm.scale,
                                                  enable_gqa=q.shape[1] != keys.shape[1])
             a = x + fm._o_proj(layer, out)
-            x = a + layer.mlp(layer.post_attention_layernorm(a))
+            x = a + fm.mlp(index, layer.post_attention_layernorm(a))
         self._open = replace(block, tokens=block.tokens + tuple(chunk), window_kv=tuple(window_kv))
         return fm.logits(fm.decoder.norm(x))[0].float()

@@ -18,9 +18,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.utils.checkpoint
 
-from .attention import BACKENDS, AttentionStats, WindowLayout, attend
+from .attention import BACKENDS, AttentionStats, WindowLayout, attend, window_mask
 from .config import FamConfig
 from .models import LoadedModel
+from .projections import ProjectionGroup
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,10 @@ class FamModel:
         self._initial_fam: tuple[torch.Tensor, ...] | None = None
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.checkpoint_layers = False  # recompute layers in backward (set by training)
+        # q/k/v and gate/up as one matrix multiply each (famviz.projections); training turns it on. It
+        # keeps a concatenated copy of those frozen weights, so inference, where it would double them, does not.
+        self.fused_projections = False
+        self._groups: dict[tuple[int, str], ProjectionGroup] = {}
 
     @property
     def device(self) -> torch.device:
@@ -128,13 +133,13 @@ class FamModel:
         cos, sin = self._rope(torch.arange(f, device=self.device))
         h = prompt.to(device=self.device, dtype=self.dtype).unsqueeze(0)
         per_layer = []
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             per_layer.append(h)
-            q, k, v = self._qkv(layer, h)
+            q, k, v = self.qkv(index, h)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             out, _ = attend(q, k, v, layout, self.scale)
             a = h + self._o_proj(layer, out)
-            h = a + layer.mlp(layer.post_attention_layernorm(a))
+            h = a + self.mlp(index, layer.post_attention_layernorm(a))
         return tuple(per_layer)
 
     def invalidate_initial_fam(self) -> None:
@@ -176,6 +181,33 @@ class FamModel:
                              mem_k=tuple(new_k), mem_v=tuple(new_v))
         return BlockOutput(hidden=hidden, state=next_state, stats=stats if with_stats else None, fam_before=state.fam)
 
+    def read_block(self, input_ids: torch.Tensor, state: StreamState) -> torch.Tensor:
+        """Hidden states (batch, n, d), after the final norm, of a side block that reads ``state`` but
+        changes nothing: the same as ``forward_block(input_ids, state).hidden`` (block rows never see
+        the FAM rows' outputs of their own block), without computing the FAM update.
+
+        Training asks a question this way after every block (a read-out probe of the current FAM).
+        """
+        batch, n = input_ids.shape
+        f, m = self.fam_len, state.memory_tokens
+        layout = WindowLayout(memory=m, fam=f, block=n)
+        rows_cos, rows_sin, mem_cos, mem_sin = self._window_angles(state.position, m, f, n)
+        mask = window_mask(layout, self.device)[f:]  # the block rows of the window's mask
+        x = self.decoder.embed_tokens(input_ids.to(self.device))
+        for index, layer in enumerate(self.layers):
+            z = torch.cat([state.fam[index], x], dim=1) if f else x
+            q, k, v = self.qkv(index, z)
+            q_rot, k_rot = _rotate(q[:, :, f:], rows_cos[:, :, f:], rows_sin[:, :, f:]), _rotate(k, rows_cos, rows_sin)
+            mem_k = state.mem_k[index]
+            if m and self.memory_capacity is not None:
+                mem_k = _rotate(mem_k, mem_cos, mem_sin)
+            keys, values = torch.cat([mem_k, k_rot], dim=2), torch.cat([state.mem_v[index], v], dim=2)
+            out = torch.nn.functional.scaled_dot_product_attention(q_rot, keys, values, attn_mask=mask, scale=self.scale,
+                                                                   enable_gqa=q.shape[1] != keys.shape[1])
+            a = x + self._o_proj(layer, out)
+            x = a + self.mlp(index, layer.post_attention_layernorm(a))
+        return self.decoder.norm(x)
+
     def _layer_block(self, index: int, x: torch.Tensor, state: StreamState, layout: WindowLayout, angles,
                      with_stats: bool):
         """One layer over [FAM ; block]: the block rows for the next layer, this layer's new FAM, the
@@ -185,7 +217,7 @@ class FamModel:
         rows_cos, rows_sin, mem_cos, mem_sin = angles
         fam = state.fam[index] if f else None
         z = torch.cat([fam, x], dim=1) if f else x  # FAM rows are prepended: [F ; X]
-        q, k, v = self._qkv(layer, z)
+        q, k, v = self.qkv(index, z)
         q_rot, k_rot = _rotate(q, rows_cos, rows_sin), _rotate(k, rows_cos, rows_sin)
         mem_k = state.mem_k[index]
         if m and self.memory_capacity is not None:
@@ -196,7 +228,7 @@ class FamModel:
         # The first update of the context-free initial FAM uses a zero residual (FAM_SPEC §3).
         residual = torch.cat([torch.zeros_like(fam), x], dim=1) if f and state.fam_fresh else z
         a = residual + self._o_proj(layer, out)
-        h = a + layer.mlp(layer.post_attention_layernorm(a))  # FAM rows go through the MLP too
+        h = a + self.mlp(index, layer.post_attention_layernorm(a))  # FAM rows go through the MLP too
         stored_k = k[:, :, f:] if self.memory_capacity is not None else k_rot[:, :, f:]
         return h[:, f:], (h[:, :f] if f else None), stored_k, v[:, :, f:], layer_stats, keys, values
 
@@ -210,16 +242,34 @@ class FamModel:
             joined = joined[:, :, -self.memory_capacity :]  # all blocks but the last are full: the last mem_blocks blocks
         return joined
 
-    def _qkv(self, layer, z: torch.Tensor):
+    def _group(self, index: int, name: str, modules) -> ProjectionGroup:
+        key = (index, name)
+        if key not in self._groups:
+            self._groups[key] = ProjectionGroup(list(modules))
+        return self._groups[key]
+
+    def qkv(self, index: int, z: torch.Tensor):
+        """Queries, keys, values (batch, heads, rows, head_dim) of rows z (batch, rows, d), before RoPE."""
+        layer = self.layers[index]
         attn = layer.self_attn
         h = layer.input_layernorm(z)
         shape = (z.shape[0], z.shape[1], -1, self.head_dim)
-        q = attn.q_proj(h).view(shape)
-        k = attn.k_proj(h).view(shape)
+        if self.fused_projections:
+            q, k, v = self._group(index, "qkv", (attn.q_proj, attn.k_proj, attn.v_proj))(h)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         if self.loaded.arch.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        v = attn.v_proj(h).view(shape)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def mlp(self, index: int, h: torch.Tensor) -> torch.Tensor:
+        """The layer's gated MLP, down(act(gate(h)) * up(h)), with gate/up fused when enabled."""
+        mlp = self.layers[index].mlp
+        if not self.fused_projections:
+            return mlp(h)
+        gate, up = self._group(index, "gate_up", (mlp.gate_proj, mlp.up_proj))(h)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
 
     @staticmethod
     def _o_proj(layer, out: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,10 @@ class TrainConfig:
     copy_len: int = 256
     copy_weight: float = 0.1
     text_weight: float = 0.0
+    readout_weight: float = 0.0  # PassKey read-out probe after every block (weight of its answer; 0 = off)
+    curriculum: str | None = None  # e.g. "2,4,8,16": PassKey prompts of up to n blocks, n raised when held-out
+    curriculum_threshold: float = 0.9  # ... accuracy at n blocks reaches this
+    init_from: str | None = None  # start from an adapter directory's LoRA and prompt (fresh optimizer)
     rpo: bool = True
     rsp: bool = True
     rsp_prob: float = 0.8
@@ -106,8 +110,23 @@ class TrainConfig:
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         parse_mixture(self.data)
+        self.curriculum_stages()
+        if self.readout_weight < 0:
+            raise ConfigError(f"--readout-weight must be 0 or more, got {self.readout_weight}")
         parse_range(self.passkey_tokens, "--passkey-tokens")
         parse_range(self.copy_text_tokens, "--copy-text-tokens")
+
+    def curriculum_stages(self) -> list[int]:
+        """The curriculum's PassKey lengths in blocks (empty without a curriculum)."""
+        if not self.curriculum:
+            return []
+        try:
+            stages = [int(x) for x in self.curriculum.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--curriculum must be block counts like 2,4,8,16, got {self.curriculum!r}") from None
+        if not stages or any(n <= 0 for n in stages) or stages != sorted(stages):
+            raise ConfigError(f"--curriculum must be increasing positive block counts, got {self.curriculum!r}")
+        return stages
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -179,6 +198,16 @@ class StatePassing:
         self.saved = tuple(f[:1].detach().clone() for f in final_fam)
 
 
+def resumed_stage(history: list[dict], stages: list[int]) -> int:
+    """The curriculum stage a resumed run continues at: after the last evaluation's stage (and its advance)."""
+    records = [r for r in history if "curriculum_blocks" in r]
+    if not stages or not records:
+        return 0
+    last = records[-1]
+    reached = last["curriculum_blocks"] if not last.get("advanced") else last["curriculum_blocks"] + 1
+    return min(next((i for i, n in enumerate(stages) if n >= reached), len(stages) - 1), len(stages) - 1)
+
+
 def add_lora(loaded, rank: int, alpha: float | None):
     """Wrap ``loaded.model`` with peft LoRA on the attention and MLP projections (modules patched in place)."""
     from peft import LoraConfig, get_peft_model
@@ -238,30 +267,69 @@ def weighted_predictions(fam_model: FamModel, ids: torch.Tensor, weights: torch.
         yield state, (fam_model.logits(out.hidden[mask]).float(), targets, w)
 
 
+@dataclass
+class ReadoutBatch:
+    """The read-out probes of a batch (``training_data.Readout``), right-padded; rows without one never match."""
+
+    ids: torch.Tensor  # (batch, P)
+    weights: torch.Tensor  # (batch, P)
+    first: torch.Tensor  # (batch,) long: block ends within [first, last] are probed
+    last: torch.Tensor
+
+
 def sequence_loss(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState,
-                  skip_unseen: bool = True):
+                  skip_unseen: bool = True, readout: ReadoutBatch | None = None):
     """Weighted next-token loss of whole sequences streamed block by block, and the final state.
 
-    Returns (loss, final state, weighted token count): the loss is Σ w·nll / #(w > 0).
+    With ``readout``, after every block whose end lies within a row's [first, last], the row's probe is
+    run as a side block on the state there (``FamModel.read_block``) and its weighted predictions join
+    the loss; the stream itself is unchanged by it.
+    Returns (loss, final state, weighted token count): the loss is Σ w·nll / #(w > 0), probes included.
     """
     loss_sum = torch.zeros((), device=fam_model.device)
+    count = int((weights[:, 1:] > 0).sum())
+    start = state.position
     for state, scored in weighted_predictions(fam_model, ids, weights, state, skip_unseen):
         if scored is not None:
             logits, targets, w = scored
             loss_sum = loss_sum + (F.cross_entropy(logits, targets, reduction="none") * w).sum()
-    count = int((weights[:, 1:] > 0).sum())
+        if readout is not None:
+            end = state.position - start
+            asked = (readout.first <= end) & (end <= readout.last)
+            if asked.any():
+                w = readout.weights[:, 1:] * asked.unsqueeze(1)
+                mask = w > 0
+                hidden = fam_model.read_block(readout.ids, state)[:, :-1]
+                logits = fam_model.logits(hidden[mask]).float()
+                nll = F.cross_entropy(logits, readout.ids[:, 1:][mask], reduction="none")
+                loss_sum = loss_sum + (nll * w[mask]).sum()
+                count += int(mask.sum())
     return loss_sum / max(count, 1), state, count
 
 
-def collate(examples: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad a batch (pad tokens carry no loss and come after everything that does)."""
+def collate(examples: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, ReadoutBatch | None]:
+    """Right-pad a batch (pad tokens carry no loss and come after everything that does), and its probes."""
     length = max(len(e.ids) for e in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     weights = torch.zeros(len(examples), length)
     for row, example in enumerate(examples):
         ids[row, : len(example.ids)] = torch.tensor(example.ids)
         weights[row, : len(example.weights)] = torch.tensor(example.weights)
-    return ids.to(device), weights.to(device)
+    readout = None
+    probes = [e.readout for e in examples]
+    if any(p is not None for p in probes):
+        width = max(len(p.ids) for p in probes if p is not None)
+        readout = ReadoutBatch(ids=torch.full((len(examples), width), pad_id, dtype=torch.long),
+                               weights=torch.zeros(len(examples), width),
+                               first=torch.full((len(examples),), 1, dtype=torch.long),
+                               last=torch.zeros(len(examples), dtype=torch.long))  # first > last: never asked
+        for row, probe in enumerate(probes):
+            if probe is not None:
+                readout.ids[row, : len(probe.ids)] = torch.tensor(probe.ids)
+                readout.weights[row, : len(probe.weights)] = torch.tensor(probe.weights)
+                readout.first[row], readout.last[row] = probe.first, probe.last
+        readout = ReadoutBatch(*(t.to(device) for t in (readout.ids, readout.weights, readout.first, readout.last)))
+    return ids.to(device), weights.to(device), readout
 
 
 # -- held-out evaluation ---------------------------------------------------------------------------
@@ -383,10 +451,12 @@ class Trainer:
         if fam_config.active_fam_len:
             from .fam_prompt import default_fam_prompt
 
-            initial = default_fam_prompt(loaded, config.fam_len).float().to(loaded.device)
-            self.prompt = torch.nn.Parameter(initial.to(loaded.dtype))
+            # float32 master weights, like the LoRA's (peft keeps those in float32): a bfloat16 step casts
+            # them inside the graph, so updates smaller than bfloat16's resolution are not lost.
+            self.prompt = torch.nn.Parameter(default_fam_prompt(loaded, config.fam_len).float().to(loaded.device))
         self.fam_model = TrainingFamModel(loaded, fam_config, fam_prompt=self.prompt)
         self.fam_model.checkpoint_layers = config.checkpoint_layers
+        self.fam_model.fused_projections = True
         self.theta = rope_theta(loaded.config)
         lora_params = [p for p in self.peft_model.parameters() if p.requires_grad]
         groups = [{"params": lora_params, "lr": config.lr, "weight_decay": config.weight_decay}]
@@ -402,7 +472,11 @@ class Trainer:
         self.data = data if data is not None else ExampleStream(
             loaded.tokenizer, parse_mixture(config.data), parse_range(config.passkey_tokens, "--passkey-tokens"),
             parse_range(config.copy_text_tokens, "--copy-text-tokens"), config.copy_len, config.copy_weight,
-            config.text_weight, config.passkey_depth_zero)
+            config.text_weight, config.passkey_depth_zero, readout_weight=config.readout_weight)
+        self.stages = config.curriculum_stages()
+        self.stage = 0
+        if config.init_from:
+            self.init_from(config.init_from)
         pad = loaded.tokenizer.pad_token_id if loaded.tokenizer is not None else None
         self.pad_id = pad if pad is not None else (loaded.config.eos_token_id or 0)
         if isinstance(self.pad_id, list):
@@ -416,13 +490,54 @@ class Trainer:
     def resume(self) -> None:
         self.step, self.history = load_checkpoint(self.out / CHECKPOINT_DIR, self.peft_model, self.prompt,
                                                   self.optimizer, self.rng, self.state_passing, self.loaded.device)
+        self.stage = resumed_stage(self.history, self.stages)
         log.info("resumed from %s at step %d", self.out / CHECKPOINT_DIR, self.step)
+
+    def init_from(self, directory: str) -> None:
+        """Start from an adapter's LoRA weights and FAM prompt (exactly as stored; the optimizer starts fresh)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from .adapters import LORA_FILE, check_compatible, read_adapter
+
+        adapter = read_adapter(directory)
+        check_compatible(adapter, self.loaded, self.config.fam_config())
+        lora_path = Path(directory) / LORA_FILE
+        if not lora_path.is_file():
+            raise ConfigError(f"--init-from {directory}: the adapter has no LoRA weights ({LORA_FILE})")
+        rank = json.loads((Path(directory) / "adapter_config.json").read_text()).get("r")
+        if rank != self.config.lora_rank:
+            raise ConfigError(f"--init-from {directory}: its LoRA rank is {rank}, this run's is {self.config.lora_rank} "
+                              f"(pass --lora-rank {rank})")
+        result = set_peft_model_state_dict(self.peft_model, load_file(str(lora_path)))
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        if missing:
+            raise ConfigError(f"--init-from {directory}: {len(missing)} LoRA weights missing, e.g. {missing[0]}")
+        if self.prompt is not None:
+            if adapter.fam_prompt is None:
+                raise ConfigError(f"--init-from {directory}: the adapter has no FAM prompt")
+            with torch.no_grad():
+                self.prompt.copy_(adapter.fam_prompt.to(self.prompt.device, self.prompt.dtype))
+        log.info("initialised from the adapter in %s", directory)
+
+    @property
+    def curriculum_blocks(self) -> int | None:
+        """The current curriculum stage: the longest PassKey prompt in blocks (None without a curriculum)."""
+        return self.stages[self.stage] if self.stages else None
+
+    def apply_curriculum(self) -> None:
+        """PassKey prompts of 1 … n blocks (uniform in tokens, so uniform in block count) at stage n."""
+        if self.stages and hasattr(self.data, "passkey_tokens"):
+            low = parse_range(self.config.passkey_tokens, "--passkey-tokens")[0]
+            high = self.curriculum_blocks * self.config.block_size
+            self.data.passkey_tokens = (min(low, high), high)
 
     def train_step(self) -> dict:
         """One optimiser step on one batch; returns its log record."""
         config = self.config
+        self.apply_curriculum()
         examples = [self.data.draw(self.rng) for _ in range(config.batch_size)]
-        ids, weights = collate(examples, self.pad_id, self.loaded.device)
+        ids, weights, readout = collate(examples, self.pad_id, self.loaded.device)
         self.fam_model.position_offsets = (draw_position_offsets(self.rng, len(examples), self.theta)
                                            if config.rpo else None)
         passed = self.state_passing.choose(self.rng) if self.prompt is not None else None
@@ -431,7 +546,7 @@ class Trainer:
             group["lr"] = base * lr_scale
         self.peft_model.train()
         state = initial_training_state(self.fam_model, len(examples), self.prompt, passed)
-        loss, final, count = sequence_loss(self.fam_model, ids, weights, state)
+        loss, final, count = sequence_loss(self.fam_model, ids, weights, state, readout=readout)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = self.trainable_parameters
@@ -451,11 +566,23 @@ class Trainer:
                 "rsp": passed is not None, "lr": self.optimizer.param_groups[0]["lr"]}
 
     def evaluate(self) -> dict:
+        """Held-out PassKey (teacher-forced) at --eval-tokens, or at the curriculum stage's length, which
+        advances to the next stage when the accuracy reaches the threshold."""
         config = self.config
         self.peft_model.eval()
-        result = passkey_teacher_forced(self.fam_model, self.loaded.tokenizer, self.prompt, config.eval_tokens,
+        length = self.curriculum_blocks * config.block_size if self.stages else config.eval_tokens
+        result = passkey_teacher_forced(self.fam_model, self.loaded.tokenizer, self.prompt, length,
                                         config.eval_trials, seed=1_000_000)
-        return {"step": self.step, "eval": result}
+        record = {"step": self.step, "eval": result}
+        if self.stages:
+            record["curriculum_blocks"] = self.curriculum_blocks
+            record["advanced"] = result["accuracy"] >= config.curriculum_threshold and self.stage + 1 < len(self.stages)
+            if record["advanced"]:
+                self.stage += 1
+                log.info("curriculum: %.0f%% at %d blocks, now PassKey prompts of up to %d blocks",
+                         100 * result["accuracy"], record["curriculum_blocks"], self.curriculum_blocks)
+        self.peft_model.train()
+        return record
 
     def run(self, resume: bool = False, progress: bool = True) -> Path:
         config, acc = self.config, self.accelerator
@@ -501,7 +628,7 @@ class Trainer:
                     log_file.write(json.dumps(evaluation) + "\n")
                     log_file.flush()
                     log.info("step %d held-out PassKey (%d tokens, teacher-forced): %.0f%%, key log-prob %.2f",
-                             self.step, config.eval_tokens, 100 * evaluation["eval"]["accuracy"],
+                             self.step, evaluation["eval"]["length"], 100 * evaluation["eval"]["accuracy"],
                              evaluation["eval"]["key_logprob"])
                 if self.step % config.checkpoint_every == 0 and main:
                     save_checkpoint(self.out / CHECKPOINT_DIR, self.peft_model, self.prompt, self.optimizer,
@@ -567,8 +694,12 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
             "passkey_depth_zero": config.passkey_depth_zero,
             "copy_text_tokens": config.copy_text_tokens, "copy_len": config.copy_len,
             "copy_weight": config.copy_weight, "text_weight": config.text_weight,
+            "readout_weight": config.readout_weight, "curriculum_blocks": config.curriculum,
+            "curriculum_threshold": config.curriculum_threshold if config.curriculum else None,
+            "curriculum_reached_blocks": trainer.curriculum_blocks,
             "text_sources": "long text files under /usr/share/common-licenses and /usr/share/doc (GPL-3 held out)",
         },
+        "initialised_from": config.init_from,
         "checkpoint_layers": config.checkpoint_layers,
         "rpo": config.rpo, "rsp": config.rsp, "rsp_prob": config.rsp_prob if config.rsp else None,
         "hardware": hardware, "dtype": config.dtype, "wall_seconds": round(wall_seconds, 1),
@@ -643,6 +774,10 @@ def add_train_arguments(parser) -> None:
         ("copy_text_tokens", str, "text length range of copy examples"), ("copy_len", int, "tokens to repeat"),
         ("copy_weight", float, "loss weight of repeated tokens (paper: 0.1)"),
         ("text_weight", float, "loss weight of ordinary next-token prediction on the copy text"),
+        ("readout_weight", float, "PassKey read-out probe after every block, weight of its answer (0 = off)"),
+        ("curriculum", str, "PassKey lengths in blocks, e.g. 2,4,8,16: the next when held-out accuracy reaches the threshold"),
+        ("curriculum_threshold", float, "held-out accuracy that advances the curriculum"),
+        ("init_from", str, "start from this adapter directory's LoRA and FAM prompt (fresh optimizer)"),
         ("rsp_prob", float, "Random State Passing probability (paper: 0.8)"),
         ("eval_every", int, "held-out PassKey evaluation every N steps (0 = never)"),
         ("eval_trials", int, "held-out PassKey prompts per evaluation"),

@@ -30,10 +30,26 @@ MIN_TEXT_CHARS = 12_000
 
 
 @dataclass
+class Readout:
+    """A side block asked after every block that ends at a position within ``[first, last]``: it reads the
+    FAM the stream holds there (``FamModel.read_block``) and leaves the stream unchanged. For PassKey it is
+    the question and the key, so one prompt teaches retention over every distance it spans."""
+
+    ids: list[int]
+    weights: list[float]  # as Example.weights, within the side block
+    first: int  # token positions (tokens consumed) between which block ends are probed
+    last: int
+
+    def __post_init__(self) -> None:
+        assert len(self.ids) == len(self.weights)
+
+
+@dataclass
 class Example:
     kind: str
     ids: list[int]
     weights: list[float]  # weights[i]: weight of the loss of predicting ids[i] from ids[:i]
+    readout: Readout | None = None
 
     def __post_init__(self) -> None:
         assert len(self.ids) == len(self.weights)
@@ -151,7 +167,7 @@ class ExampleStream:
 
     def __init__(self, tokenizer, mixture: dict[str, float], passkey_tokens: tuple[int, int],
                  copy_text_tokens: tuple[int, int], copy_len: int, copy_weight: float, text_weight: float,
-                 passkey_depth_zero: float = 0.5, corpus: TextCorpus | None = None):
+                 passkey_depth_zero: float = 0.5, corpus: TextCorpus | None = None, readout_weight: float = 0.0):
         self.tokenizer = tokenizer
         self.mixture = mixture
         self.passkey_tokens = passkey_tokens
@@ -160,6 +176,7 @@ class ExampleStream:
         self.copy_weight = copy_weight
         self.text_weight = text_weight
         self.passkey_depth_zero = passkey_depth_zero
+        self.readout_weight = readout_weight  # 0: PassKey prompts carry no read-out probes
         self.corpus = corpus if corpus is not None or "copy" not in mixture else TextCorpus(tokenizer)
 
     def draw(self, rng: random.Random) -> Example:
@@ -178,4 +195,12 @@ class ExampleStream:
         depth = 0.0 if rng.random() < self.passkey_depth_zero else rng.random()
         document = make_passkey_document(self.tokenizer, length, depth=depth, seed=rng.randrange(2**31))
         prompt, answer = list(document.token_ids), list(document.answer_ids)
-        return Example("passkey", prompt + answer, [0.0] * len(prompt) + [1.0] * len(answer))
+        readout = None
+        if self.readout_weight > 0:
+            from .passkey import question_ids
+
+            question = question_ids(self.tokenizer)
+            # Probed from the block that holds the whole key sentence up to the last one before the question.
+            readout = Readout(question + answer, [0.0] * len(question) + [self.readout_weight] * len(answer),
+                              first=document.key_span[1], last=document.question_start)
+        return Example("passkey", prompt + answer, [0.0] * len(prompt) + [1.0] * len(answer), readout)
