@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from famviz import export, figures  # noqa: E402
+from famviz.adapters import SHIPPED_ADAPTERS  # noqa: E402
 from famviz.config import MODES, FamConfig  # noqa: E402
 from famviz.documents import MAX_DOCUMENT_BYTES, SUPPORTED_SUFFIXES, read_document_bytes  # noqa: E402
 from famviz.engine import Stream  # noqa: E402
@@ -108,9 +109,6 @@ def attach_adapter(loaded: LoadedModel, directory: str | Path) -> AppAdapter:
     return AppAdapter(adapter, prompt)
 
 
-SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "assets" / "adapters"
-
-
 def shipped_adapters() -> list[tuple[str, str]]:
     """(label, directory) of the adapters that come with famviz (trained with `famviz train`)."""
     found = []
@@ -140,6 +138,11 @@ class ModelHub:
 
     def is_loaded(self, key: tuple) -> bool:
         return key in self._models
+
+    def for_choice(self, model, adapter, device, dtype) -> tuple[LoadedModel, AppAdapter | None]:
+        """The Model panel's choice: the startup model when it is the one chosen, else loaded by ``get``."""
+        key = _model_key(model, adapter, device, dtype)
+        return self.default if key == self.default_key else self.get(*key)
 
     def get(self, model, adapter, device, dtype) -> tuple[LoadedModel, AppAdapter | None]:
         key = _model_key(model, adapter, device, dtype)
@@ -280,7 +283,7 @@ def stream_document(hub: ModelHub, model, adapter_dir, device, dtype, source, up
         if not hub.is_loaded(key):
             yield (f"Loading model **{key[0] or 'bundled'}**{' with adapter ' + key[1] if key[1] else ''}…",
                    *_skips(N_OUTPUTS - 1))
-        loaded, adapter = hub.get(*key) if key != hub.default_key else hub.default
+        loaded, adapter = hub.for_choice(*key)
         text, name = read_input_document(source, upload, pasted, loaded.tokenizer, passkey_tokens)
         n_layers = loaded.config.num_hidden_layers
         try:
@@ -497,6 +500,7 @@ class AppContext:
     hub: ModelHub
     run_state: gr.State
     defaults: FamConfig
+    model_inputs: list = dataclasses.field(default_factory=list)  # the Model panel: model, adapter, device, dtype
 
 
 def _model_summary(loaded: LoadedModel, adapter: AppAdapter | None) -> str:
@@ -533,7 +537,8 @@ def build_inspector_tab(context: AppContext) -> None:
                                              elem_id="device")
                         dtype = gr.Dropdown(["auto", "bfloat16", "float32"], value=model_key[3], label="Dtype",
                                             elem_id="dtype")
-                    gr.Markdown("A changed model is loaded when you press Start.")
+                    gr.Markdown("A changed model is loaded when you press Start (here or in the PassKey tab).")
+                    context.model_inputs[:] = [model, adapter_dir, device, dtype]
                 with gr.Row():
                     mode = gr.Radio(list(MODES), value=defaults.mode, label="Mode", elem_id="mode",
                                     info="fam: window + feedback memory · bswa: window only · full: all tokens")

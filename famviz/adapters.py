@@ -22,6 +22,9 @@ from .models import LoadedModel
 ADAPTER_FORMAT = "famviz-adapter"
 ADAPTER_META = "famviz_adapter.json"
 PROMPT_FILE = "fam_prompt.safetensors"
+# Adapters trained with ``famviz train`` that come with the repository (assets/ beside the package).
+SHIPPED_ADAPTERS = Path(__file__).resolve().parent.parent / "assets" / "adapters"
+SHIPPED_ADAPTER = SHIPPED_ADAPTERS / "smollm2-135m-fam64-block256-mem0"  # the bundled model's tuned FAM
 LORA_FILE = "adapter_model.safetensors"  # written by peft
 
 
@@ -185,6 +188,21 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
+def _long_document_markdown(rows: list[dict]) -> list[str]:
+    """Long-document NLL per quarter (tuned, untuned BSWA, untuned full) and the FAM norm, one row a model."""
+    if not rows:
+        return []
+    lines = ["", "| document | model | mean NLL | quarter 1 | quarter 2 | quarter 3 | quarter 4 | FAM norm (blocks: norm) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for key, label in (("tuned", "tuned"), ("untuned_bswa", "untuned BSWA"), ("untuned_full", "untuned full")):
+            result = row[key]
+            norms = ", ".join(f"{k}: {v:.0f}" for k, v in result.get("fam_norm_after_blocks", {}).items()) or "-"
+            lines.append(f"| {row['document']} ({row['tokens']} tokens) | {label} | {result['nll']:.3f} | "
+                         + " | ".join(f"{q:.3f}" for q in result["nll_quarters"]) + f" | {norms} |")
+    return lines
+
+
 def _evaluation_markdown(evaluation: dict) -> list[str]:
     """Each ``--evaluate`` result as a PassKey table plus the in-window loss; anything else as JSON."""
     lines: list[str] = []
@@ -204,6 +222,7 @@ def _evaluation_markdown(evaluation: dict) -> list[str]:
             lines += ["", f"Next-token loss inside one {nll.get('window_tokens')}-token window of {nll.get('text')}, "
                           f"{nll.get('windows')} windows: tuned {nll['tuned']:.4f}, untuned full attention "
                           f"{nll['untuned_full_attention']:.4f} ({nll['relative_change']:+.1%}){same}."]
+        lines += _long_document_markdown(result.get("long_documents") or [])
         lines.append("")
     if evaluation.get("summary"):
         lines += [evaluation["summary"], ""]

@@ -17,6 +17,7 @@ Figures (fam = block 256, fam_len 64, mem_blocks 1, trace recorded in its compac
 from __future__ import annotations
 
 import gc
+import random
 import os
 import platform
 import statistics
@@ -320,3 +321,125 @@ def format_table(figures: dict) -> str:
     if figures.get("probe_note"):
         raw.append(figures["probe_note"])
     return "\n".join(lines + [""] + raw)
+
+
+# -- training against inference (``bench --train``) ------------------------------------------------------
+@dataclass(frozen=True)
+class TrainBenchSizes:
+    steps: int = 8  # training steps per turn (the same examples every turn)
+    stream_tokens: int = 4096  # the fam inference stream of each turn
+    repeats: int = 3
+
+
+TRAIN_QUICK = TrainBenchSizes(steps=4, stream_tokens=2048, repeats=2)
+TRAIN_TARGET = 0.4  # training tokens/s ÷ fam inference stream tokens/s
+
+
+class _FixedExamples:
+    """The same training examples, in turn (the bench's data: every turn trains on the same tokens)."""
+
+    def __init__(self, examples):
+        self.examples, self.next = list(examples), 0
+
+    def draw(self, rng):
+        example = self.examples[self.next % len(self.examples)]
+        self.next += 1
+        return example
+
+
+def recipe_config(recipe_dir, out: str, model: str | None, device: str, dtype: str):
+    """The training configuration of an adapter directory's run (its ``train_config.json``), for benchmarking."""
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .train import TRAIN_CONFIG, TrainConfig
+
+    path = Path(recipe_dir) / TRAIN_CONFIG
+    config = TrainConfig.from_dict(json.loads(path.read_text())) if path.is_file() else TrainConfig(out=out)
+    return replace(config, out=out, model=model, device=device, dtype=dtype, init_from=None, eval_every=0,
+                   max_minutes=None, threads=None, steps=10**9, checkpoint_every=10**9), path.is_file()
+
+
+def run_train_bench(model: str | None = None, device: str = "auto", dtype: str = "bfloat16",
+                    sizes: TrainBenchSizes = TrainBenchSizes(), recipe_dir=None,
+                    progress: Callable[[str], None] = lambda message: None) -> dict:
+    """Training tokens/s of the shipped recipe against the fam inference stream's tokens/s, one process,
+    turns taken in alternation (train, stream, train, ...), medians of the turns.
+
+    Training: the recipe's ``train_config.json`` (geometry, LoRA rank, data mixture, read-out probes, layer
+    recompute, the curriculum stage the adapter reached), on ``steps`` examples drawn once from its mixture.
+    Inference: the same geometry streamed over GPL-3 with the trace recorded, as the app streams, on a
+    second copy of the model without LoRA (the app merges an adapter, so its speed is the untuned one's).
+    """
+    import tempfile
+
+    from .adapters import SHIPPED_ADAPTER, read_training_card
+    from .engine import Stream
+    from .fam_model import FamModel
+    from .models import load_model
+    from .train import Trainer
+
+    recipe_dir = recipe_dir or SHIPPED_ADAPTER
+    with tempfile.TemporaryDirectory(prefix="famviz-bench-train-") as out:
+        config, from_recipe = recipe_config(recipe_dir, out, model, device, dtype)
+        progress(f"loading two copies of the model ({dtype})")
+        trainer = Trainer(config, loaded=load_model(model, device=device, dtype=dtype))
+        reached = (read_training_card(recipe_dir).get("data_mixture") or {}).get("curriculum_reached_blocks") \
+            if from_recipe else None
+        if reached and reached in trainer.stages:
+            trainer.stage = trainer.stages.index(reached)
+        trainer.apply_curriculum()
+        examples = [trainer.data.draw(random.Random(seed)) for seed in range(sizes.steps)]
+        trainer.data = _FixedExamples(examples)
+        streamed = load_model(model, device=device, dtype=dtype)
+        fam_model = FamModel(streamed, config.fam_config())
+        ids = document_ids(streamed, sizes.stream_tokens)
+        device_ = streamed.device
+
+        def train_turn():
+            return sum(trainer.train_step()["tokens"] for _ in range(sizes.steps))
+
+        def stream_turn():
+            Stream(fam_model, record=True, compact_trace=True).run(ids)
+
+        progress("warming up")
+        trainer.train_step()
+        Stream(fam_model, record=True, compact_trace=True).run(ids[: 2 * config.block_size])
+        train_rates, stream_rates = [], []
+        for turn in range(sizes.repeats):
+            progress(f"turn {turn + 1} of {sizes.repeats}: {sizes.steps} training steps, then {sizes.stream_tokens} tokens streamed")
+            tokens = [0]
+            seconds = _timed(lambda: tokens.__setitem__(0, train_turn()), device_)
+            train_rates.append(tokens[0] / seconds)
+            stream_rates.append(sizes.stream_tokens / _timed(stream_turn, device_))
+    train_rate, stream_rate = statistics.median(train_rates), statistics.median(stream_rates)
+    return {
+        "model": streamed.name, "device": str(device_), "dtype": dtype, "threads": torch.get_num_threads(),
+        "recipe": str(recipe_dir) if from_recipe else "TrainConfig defaults (no train_config.json found)",
+        "fam": config.fam_config().to_dict(), "lora_rank": config.lora_rank, "data": config.data,
+        "readout_weight": config.readout_weight, "checkpoint_layers": config.checkpoint_layers,
+        "curriculum_blocks": trainer.curriculum_blocks, "training_tokens_per_turn": sum(len(e.ids) for e in examples),
+        "sizes": asdict(sizes),
+        "train_tokens_per_s": train_rate, "stream_tokens_per_s": stream_rate,
+        "train_vs_stream": train_rate / stream_rate, "target": TRAIN_TARGET,
+        "met": train_rate / stream_rate >= TRAIN_TARGET,
+        "turns": {"train_tokens_per_s": train_rates, "stream_tokens_per_s": stream_rates},
+    }
+
+
+def format_train_table(figures: dict) -> str:
+    fam = figures["fam"]
+    return "\n".join([
+        "| figure | measured | target | met |", "|---|---|---|---|",
+        f"| training tok/s ÷ fam inference stream tok/s | {figures['train_vs_stream']:.2f} | >= {figures['target']:.2f} "
+        f"| {'yes' if figures['met'] else 'no'} |",
+        "",
+        f"{figures['model']}, {figures['device']} {figures['dtype']}, {figures['threads']} threads; "
+        f"block {fam['block_size']}, FAM {fam['fam_len']}, mem_blocks {fam['mem_blocks']}",
+        f"training {figures['train_tokens_per_s']:.0f} tok/s (recipe {figures['recipe']}: LoRA rank {figures['lora_rank']}, "
+        f"data {figures['data']}, read-out weight {figures['readout_weight']}, layer recompute "
+        f"{'on' if figures['checkpoint_layers'] else 'off'}, {figures['training_tokens_per_turn']} tokens a turn)",
+        f"fam inference stream {figures['stream_tokens_per_s']:.0f} tok/s (trace recorded, "
+        f"{figures['sizes']['stream_tokens']} tokens of GPL-3)",
+    ])

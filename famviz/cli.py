@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     bench.add_argument("--dtype", default="bfloat16", choices=["auto", "bfloat16", "float32"])
     bench.add_argument("--model", default=None, help="Hugging Face model id or local path (default: bundled SmolLM2-135M)")
+    bench.add_argument("--train", action="store_true",
+                       help="instead: training tok/s of the shipped recipe against the fam inference stream's tok/s")
+    bench.add_argument("--recipe", metavar="ADAPTER_DIR", default=None,
+                       help="with --train: the run whose train_config.json is the recipe (default: the shipped adapter)")
     bench.set_defaults(handler=run_bench)
     return parser
 
@@ -239,6 +243,13 @@ def run_bench(args) -> int:
     from .bench import FULL, QUICK, format_table, run_bench as bench_main
     from .models import load_model
 
+    if args.train:
+        from .bench import TRAIN_QUICK, TrainBenchSizes, format_train_table, run_train_bench
+
+        figures = run_train_bench(args.model, args.device, args.dtype, TRAIN_QUICK if args.quick else TrainBenchSizes(),
+                                  recipe_dir=args.recipe, progress=lambda message: log.warning("bench: %s", message))
+        print(json.dumps(figures) if args.json else format_train_table(figures))
+        return 0
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     figures = bench_main(loaded, QUICK if args.quick else FULL, progress=lambda message: log.warning("bench: %s", message))
     print(json.dumps(figures) if args.json else format_table(figures))

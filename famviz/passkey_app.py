@@ -66,8 +66,21 @@ def _base(block_size, fam_len) -> FamConfig:
                      fam_len=_int("FAM length", fam_len, 1, 1024), mem_blocks=0)
 
 
-def _fam_model(context, spec: pk.ModeSpec, base: FamConfig) -> FamModel:
-    loaded, adapter = context.hub.default
+def chosen_model(context, model_choice: tuple | None):
+    """(loaded model, app adapter or None) of the Model panel's choice (model, adapter, device, dtype);
+    the startup model when None. The hub loads a changed choice (inside the queued event)."""
+    if model_choice is None:
+        return context.hub.default
+    return context.hub.for_choice(*model_choice)
+
+
+def model_label(loaded, adapter) -> str:
+    """Which model and adapter produced a result, for status lines, captions and downloaded results."""
+    return f"{loaded.name} + adapter {Path(str(adapter.directory)).name}" if adapter is not None \
+        else f"{loaded.name} (untuned conversion)"
+
+
+def _fam_model(loaded, adapter, spec: pk.ModeSpec, base: FamConfig) -> FamModel:
     config = pk.sweep_config(base, spec)
     prompt = adapter.prompt_for(loaded, config) if adapter is not None and spec.mode == "fam" else None
     return FamModel(loaded, config, fam_prompt=prompt)
@@ -100,9 +113,10 @@ class PasskeySession:
 
 # -- live retention -------------------------------------------------------------------------------------------
 def watch_retention(context, mode, mem_blocks, block_size, fam_len, length, depth, every, source, upload, seed,
-                    session: PasskeySession | None) -> Iterator[tuple]:
-    """Stream one PassKey prompt and probe the memory after every ``every`` blocks once the key went by.
-    Yields (status, retention figure, session) after every block."""
+                    session: PasskeySession | None, model_choice: tuple | None = None) -> Iterator[tuple]:
+    """Stream one PassKey prompt and probe the memory after every ``every`` blocks once the key went by,
+    with the model of the Model panel (``model_choice``). Yields (status, retention figure, session) after
+    every block."""
     session = session or PasskeySession()
     try:
         spec = pk.ModeSpec.parse(f"{mode}:{_int('Memory blocks', mem_blocks, 0, 64)}", 0)
@@ -116,7 +130,9 @@ def watch_retention(context, mode, mem_blocks, block_size, fam_len, length, dept
             raise FamvizError(f"Depth must be a number from 0 to 1, got {depth!r}.") from None
         if not 0 <= depth <= 1:
             raise FamvizError(f"Depth must be from 0 to 1, got {depth}.")
-        fam_model = _fam_model(context, spec, base)
+        loaded, adapter = chosen_model(context, model_choice)
+        fam_model = _fam_model(loaded, adapter, spec, base)
+        label = model_label(loaded, adapter)
         tokenizer = fam_model.loaded.tokenizer
         try:
             if source == UPLOAD:
@@ -134,7 +150,7 @@ def watch_retention(context, mode, mem_blocks, block_size, fam_len, length, dept
         return
 
     session.points, session.key = [], document.key
-    session.retention_caption = (f"{spec.label}, block {base.block_size}, fam_len {base.fam_len}; "
+    session.retention_caption = (f"{label}; {spec.label}, block {base.block_size}, fam_len {base.fam_len}; "
                                  f"{document.length} tokens, key at depth {depth:g}, probe every {every} block(s)")
     stream = Stream(fam_model, record=False)
     probe = pk.RetentionProbe(document.key, document.key_span[1], every).attach(stream)
@@ -143,7 +159,7 @@ def watch_retention(context, mode, mem_blocks, block_size, fam_len, length, dept
     block = base.block_size
     total = -(-len(ids) // block)
     started = time.perf_counter()
-    yield f"Streaming {document.length:,} tokens ({total} blocks) with {spec.label}; key **{document.key}**…", \
+    yield f"Streaming {document.length:,} tokens ({total} blocks) with {spec.label} on {label}; key **{document.key}**…", \
         retention_figure([], document.key), session
     for index, start in enumerate(range(0, len(ids), block)):
         try:
@@ -162,7 +178,7 @@ def watch_retention(context, mode, mem_blocks, block_size, fam_len, length, dept
         yield status, retention_figure(session.points, document.key), session
     kept = sum(p.correct for p in session.points)
     yield (f"Done: key retrieved in **{kept} of {len(session.points)}** probes · {document.length:,} tokens · "
-           f"{time.perf_counter() - started:.1f} s"), retention_figure(session.points, document.key), session
+           f"{time.perf_counter() - started:.1f} s · {label}"), retention_figure(session.points, document.key), session
 
 
 # -- sweeps -------------------------------------------------------------------------------------------------------
@@ -171,8 +187,9 @@ def _rows(cells) -> list[list]:
 
 
 def run_sweep(context, modes, lengths, depths, trials, block_size, fam_len, seed,
-              session: PasskeySession | None) -> Iterator[tuple]:
-    """Every (mode, length, depth) cell, trial by trial; yields (status, heatmap, table, session)."""
+              session: PasskeySession | None, model_choice: tuple | None = None) -> Iterator[tuple]:
+    """Every (mode, length, depth) cell, trial by trial, with the Model panel's model (``model_choice``);
+    yields (status, heatmap, table, session)."""
     session = session or PasskeySession()
     try:
         if not modes:
@@ -185,7 +202,8 @@ def run_sweep(context, modes, lengths, depths, trials, block_size, fam_len, seed
         base = _base(block_size, fam_len)
         if len(specs) * len(lengths) * len(depths) > MAX_CELLS:
             raise FamvizError(f"At most {MAX_CELLS} cells per sweep; use fewer modes, lengths or depths.")
-        loaded, _ = context.hub.default
+        loaded, adapter = chosen_model(context, model_choice)
+        label = model_label(loaded, adapter)
         try:
             documents = {(n, d): pk.trial_documents(loaded.tokenizer, n, d, trials, seed) for n in lengths for d in depths}
         except ValueError as exc:
@@ -201,14 +219,16 @@ def run_sweep(context, modes, lengths, depths, trials, block_size, fam_len, seed
     session.cells = []
     session.sweep_config = {"modes": [s.label for s in specs], "lengths": lengths, "depths": depths, "trials": trials,
                             "seed": seed, "block_size": base.block_size, "fam_len": base.fam_len,
-                            "model": loaded.name}
-    session.sweep_caption = (f"{loaded.name}; block {base.block_size}, fam_len {base.fam_len}; {trials} trials per "
+                            "model": loaded.name,
+                            "adapter": str(adapter.directory) if adapter is not None else None}
+    session.sweep_caption = (f"{label}; block {base.block_size}, fam_len {base.fam_len}; {trials} trials per "
                              f"cell, seed {seed}")
     total = len(specs) * len(documents) * trials
     done, started = 0, time.perf_counter()
-    yield f"Sweeping {len(specs) * len(documents)} cells × {trials} trials…", passkey_heatmap([]), [], session
+    yield (f"Sweeping {len(specs) * len(documents)} cells × {trials} trials on {label}…", passkey_heatmap([]), [],
+           session)
     for spec in specs:
-        fam_model = _fam_model(context, spec, base)
+        fam_model = _fam_model(loaded, adapter, spec, base)
         for (length, depth), docs in documents.items():
             results, cell_started = [], time.perf_counter()
             session.cells.append(None)  # this cell's slot, filled as its trials come in
@@ -318,20 +338,22 @@ def build_passkey_tab(context) -> None:
         export_note = gr.Markdown("" if static_problem is None else f"**Note:** {static_problem}",
                                   elem_id="pk-export-note")
 
-    def watch(*args):
-        yield from watch_retention(context, *args)
+    # Both run the model chosen in the inspector's Model panel (its four inputs come first).
+    def watch(model, adapter_dir, device, dtype, *args):
+        yield from watch_retention(context, *args, model_choice=(model, adapter_dir, device, dtype))
 
-    def sweep(*args):
-        yield from run_sweep(context, *args)
+    def sweep(model, adapter_dir, device, dtype, *args):
+        yield from run_sweep(context, *args, model_choice=(model, adapter_dir, device, dtype))
 
     # Queued on the model with the inspector's stream (concurrency_id "model"): one forward pass at a time.
     watch_event = watch_button.click(
-        watch, [mode, mem_blocks, block_size, fam_len, length, depth, every, source, upload, seed, session],
+        watch, [*context.model_inputs, mode, mem_blocks, block_size, fam_len, length, depth, every, source, upload,
+                seed, session],
         [retention_status, retention_plot, session], api_name="passkey_retention", show_progress="hidden",
         concurrency_id="model", concurrency_limit=1)
     watch_stop.click(None, cancels=[watch_event])
     sweep_event = sweep_button.click(
-        sweep, [modes, lengths, depths, trials, block_size, fam_len, seed, session],
+        sweep, [*context.model_inputs, modes, lengths, depths, trials, block_size, fam_len, seed, session],
         [sweep_status, heatmap, table, session], api_name="passkey_sweep", show_progress="hidden",
         concurrency_id="model", concurrency_limit=1)
     sweep_stop.click(None, cancels=[sweep_event])

@@ -413,7 +413,7 @@ def load_checkpoint(directory: Path, peft_model, prompt, optimizer, rng: random.
     if prompt is not None:
         with torch.no_grad():
             prompt.copy_(tensors["fam_prompt"].to(prompt.device))
-    saved = torch.load(directory / "state.pt", map_location="cpu", weights_only=False)
+    saved = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)  # no pickled code runs
     optimizer.load_state_dict(saved["optimizer"])
     rng.setstate(saved["python_rng"])
     torch.set_rng_state(saved["torch_rng"])
@@ -802,6 +802,11 @@ def add_train_arguments(parser) -> None:
     parser.add_argument("--eval-lengths", default="2048,4096,8192", help="PassKey lengths for --evaluate")
     parser.add_argument("--eval-depth", type=float, default=0.0, help="PassKey depth for --evaluate")
     parser.add_argument("--final-trials", type=int, default=50, help="PassKey trials per length for --evaluate")
+    parser.add_argument("--long-tokens", type=int, default=8192,
+                        help="--evaluate: tokens of each long document (0 = no long-document check)")
+    parser.add_argument("--document", action="append", default=None, metavar="PATH",
+                        help="--evaluate: a held-out long document (repeatable; default GPL-3 and pydoc text)")
+    parser.add_argument("--skip-passkey", action="store_true", help="--evaluate: only the loss checks, no PassKey grid")
 
 
 def config_from_args(args) -> tuple[TrainConfig, bool]:
@@ -851,6 +856,29 @@ def text_windows(tokenizer, length: int, count: int, path: Path | None = None) -
     return windows
 
 
+def long_document_comparison(base, tuned, config: FamConfig, prompt, args) -> list[dict]:
+    """Per held-out document: NLL overall and per quarter of the tuned model, of the untuned model with BSWA
+    and the same memory blocks, and with full attention; the tuned FAM's norm after 4 and 64 blocks."""
+    from .evaluation import held_out_documents, long_document_eval
+
+    rows = []
+    bswa = FamConfig(mode="bswa", block_size=config.block_size, fam_len=0, mem_blocks=config.mem_blocks)
+    full = FamConfig(mode="full", block_size=config.block_size)
+    for document in held_out_documents(base.tokenizer, args.long_tokens, args.document):
+        row = {"document": document.name, "tokens": len(document.ids)}
+        row["tuned"] = long_document_eval(FamModel(tuned, config, fam_prompt=prompt), document.ids)
+        row["untuned_bswa"] = long_document_eval(FamModel(base, bswa), document.ids)
+        row["untuned_full"] = long_document_eval(FamModel(base, full), document.ids)
+        row["tuned_vs_bswa"] = row["tuned"]["nll"] / row["untuned_bswa"]["nll"]
+        log.info("%s (%d tokens): NLL tuned %s %.3f %s, bswa mem%d %.3f %s, full %.3f; FAM norm %s", document.name,
+                 len(document.ids), config.mode, row["tuned"]["nll"],
+                 [round(q, 3) for q in row["tuned"]["nll_quarters"]], config.mem_blocks, row["untuned_bswa"]["nll"],
+                 [round(q, 3) for q in row["untuned_bswa"]["nll_quarters"]], row["untuned_full"]["nll"],
+                 {k: round(v, 1) for k, v in row["tuned"]["fam_norm_after_blocks"].items()})
+        rows.append(row)
+    return rows
+
+
 def evaluate_adapter_dir(args) -> dict:
     """PassKey grid (greedy decoding, ``famviz.passkey``) and in-window loss vs the untuned model with full
     attention; the result goes into the adapter's training card."""
@@ -879,13 +907,17 @@ def evaluate_adapter_dir(args) -> dict:
     tuned_nll = in_window_nll(tuned, config, prompt, windows)
     log.info("in-window NLL: tuned %s %.4f, untuned %s %.4f, untuned full %.4f", config.mode, tuned_nll,
              config.mode, untuned_nll, full_nll)
-    spec = pk.ModeSpec(config.mode, config.mem_blocks)
-    cells = pk.sweep(tuned, [spec], lengths, [args.eval_depth], args.final_trials, seed=args.seed or 0, base=config,
-                     fam_prompt=prompt,
-                     on_cell=lambda c: log.info("PassKey %s %d tokens depth %g: %.0f%% of %d (log p(key) %.2f, %.0f s)",
-                                                c.label, c.length, c.depth, 100 * c.accuracy, c.trials,
-                                                c.mean_key_logprob, c.seconds))
+    long_documents = long_document_comparison(base, tuned, config, prompt, args) if args.long_tokens else []
+    cells = []
+    if not args.skip_passkey:
+        spec = pk.ModeSpec(config.mode, config.mem_blocks)
+        cells = pk.sweep(tuned, [spec], lengths, [args.eval_depth], args.final_trials, seed=args.seed or 0,
+                         base=config, fam_prompt=prompt,
+                         on_cell=lambda c: log.info("PassKey %s %d tokens depth %g: %.0f%% of %d (log p(key) %.2f, %.0f s)",
+                                                    c.label, c.length, c.depth, 100 * c.accuracy, c.trials,
+                                                    c.mean_key_logprob, c.seconds))
     evaluation = {
+        "long_documents": long_documents,
         "passkey": [c.summary() for c in cells],
         "passkey_scoring": "greedy decoding, first integer of the answer equals the key (famviz.passkey)",
         "in_window_nll": {"tuned": tuned_nll, "untuned_full_attention": full_nll, "untuned_same_mode": untuned_nll,

@@ -65,6 +65,9 @@ def test_cli_parses_bench_options():
 
     args = build_parser().parse_args(["bench", "--quick", "--json", "--device", "cpu"])
     assert args.quick and args.json and args.device == "cpu" and args.handler.__name__ == "run_bench"
+    assert not args.train
+    args = build_parser().parse_args(["bench", "--train", "--recipe", "DIR"])
+    assert args.train and args.recipe == "DIR"
 
 
 @pytest.mark.slow
@@ -76,3 +79,29 @@ def test_quick_bench_on_the_bundled_model(bundled_bf16):
         assert figures[name] is not None or name == "probe_vs_block", name
     pytest.importorskip("famviz.passkey")
     assert figures["probe_s"] > 0 and figures["probe_vs_block"] > 0
+
+
+def test_train_bench_reads_the_recipe_and_compares_in_one_run(tmp_path):
+    """``bench --train``: the recipe's geometry and data, training and streaming measured in turns."""
+    from dataclasses import asdict
+
+    from famviz.bench import TrainBenchSizes, format_train_table, run_train_bench
+    from famviz.train import TRAIN_CONFIG, TrainConfig
+    from helpers import save_tiny_llama_dir
+
+    model_dir = save_tiny_llama_dir(tmp_path / "tiny")
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    config = TrainConfig(out="DIR", block_size=16, fam_len=4, mem_blocks=0, lora_rank=2, data="passkey:1",
+                         passkey_tokens="60-90", readout_weight=1.0, checkpoint_layers=False)
+    (recipe / TRAIN_CONFIG).write_text(json.dumps(asdict(config)))
+    figures = run_train_bench(str(model_dir), device="cpu", dtype="float32",
+                              sizes=TrainBenchSizes(steps=2, stream_tokens=64, repeats=2), recipe_dir=recipe)
+    assert figures["fam"] == {"mode": "fam", "block_size": 16, "fam_len": 4, "mem_blocks": 0}
+    assert figures["lora_rank"] == 2 and figures["readout_weight"] == 1.0 and figures["recipe"] == str(recipe)
+    assert len(figures["turns"]["train_tokens_per_s"]) == 2
+    assert figures["train_vs_stream"] == pytest.approx(figures["train_tokens_per_s"] / figures["stream_tokens_per_s"])
+    assert figures["met"] == (figures["train_vs_stream"] >= 0.4)
+    json.dumps(figures)
+    table = format_train_table(figures)
+    assert "training tok/s ÷ fam inference stream tok/s" in table and "block 16, FAM 4" in table

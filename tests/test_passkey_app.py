@@ -92,7 +92,8 @@ def test_served_passkey_tab_streams_a_retention_curve(bundled_bf16):
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
     try:
         client = Client(url, verbose=False)
-        job = client.submit("full", 0, 128, 64, 600, 0.0, 1, tab.FILLER, None, 0, api_name="/passkey_retention")
+        job = client.submit("", "", "auto", "auto", "full", 0, 128, 64, 600, 0.0, 1, tab.FILLER, None, 0,
+                            api_name="/passkey_retention")
         updates = list(job)
         assert len(updates) >= 5
         assert "retrieved in" in updates[-1][0]
@@ -112,3 +113,48 @@ def test_the_app_offers_the_shipped_adapter():
     assert shipped and all("tuned FAM" in label for label, _ in shipped)
     for _, directory in shipped:
         assert read_adapter(directory).meta["model_type"] == "llama"
+
+
+def test_both_tabs_run_the_model_and_adapter_chosen_in_the_model_panel(tmp_path):
+    """The PassKey tab follows the Model panel: with an adapter chosen, retention and sweep differ from the
+    untuned run, and every status and result names the model and adapter that produced it."""
+    import torch
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import app
+
+    from famviz import FamConfig
+    from famviz.adapters import write_adapter
+    from famviz.train import add_lora
+    from helpers import save_tiny_llama_dir
+
+    model_dir = save_tiny_llama_dir(tmp_path / "tiny")
+    from famviz.models import load_model
+
+    trained = load_model(str(model_dir), device="cpu", dtype="float32")
+    peft_model = add_lora(trained, rank=2, alpha=None)
+    torch.manual_seed(0)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    geometry = FamConfig("fam", 32, 4, 0)
+    adapter_dir = write_adapter(tmp_path / "adapter", trained, geometry,
+                                torch.randn(4, trained.config.hidden_size), peft_model)
+    startup = load_model(str(model_dir), device="cpu", dtype="float32")
+    hub = app.ModelHub(startup, None, app._model_key(str(model_dir), "", "cpu", "float32"))
+    context = SimpleNamespace(hub=hub)
+    runs = {}
+    for name, adapter in (("untuned", ""), ("tuned", str(adapter_dir))):
+        choice = (str(model_dir), adapter, "cpu", "float32")
+        updates = list(tab.watch_retention(context, "fam", 0, 32, 4, 300, 0.0, 1, tab.FILLER, None, 1, None,
+                                           model_choice=choice))
+        status, _, session = updates[-1]
+        sweep = list(tab.run_sweep(context, ["fam:0"], "200", "0", 1, 32, 4, 0, None, model_choice=choice))[-1]
+        runs[name] = (status, [p.key_logprob for p in session.points], session.retention_caption, sweep)
+    assert "untuned conversion" in runs["untuned"][0] and "adapter adapter" in runs["tuned"][0]
+    assert "adapter adapter" in runs["tuned"][2] and "untuned conversion" in runs["untuned"][2]
+    assert runs["tuned"][1] != runs["untuned"][1]  # the adapter changed what the memory holds
+    tuned_sweep, untuned_sweep = runs["tuned"][3][3], runs["untuned"][3][3]
+    assert tuned_sweep.sweep_config["adapter"] == str(adapter_dir) and untuned_sweep.sweep_config["adapter"] is None
+    assert tuned_sweep.cells[0].mean_key_logprob != untuned_sweep.cells[0].mean_key_logprob

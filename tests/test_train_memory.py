@@ -1,0 +1,260 @@
+"""Training mechanisms for the memory (issue 11), on tiny random models: fused projections, read-out probes,
+the PassKey curriculum, --init-from and float32 master weights under a bfloat16 model."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from famviz import FamConfig, prepare_model
+from famviz.errors import ConfigError
+from famviz.fam_model import FamModel
+from famviz.projections import ProjectionGroup, linear_parts
+from famviz.train import (
+    Trainer, TrainConfig, add_lora, collate, initial_training_state, resumed_stage, sequence_loss,
+)
+from famviz.training_data import Example, ExampleStream, Readout
+from helpers import tiny_causal_lm
+
+VOCAB = 128
+
+
+def tiny_loaded(family: str = "llama", seed: int = 0, dtype=torch.float32):
+    model = tiny_causal_lm(family, vocab_size=VOCAB, seed=seed).to(dtype)
+    return prepare_model(model, tokenizer=None, name=f"tiny-{family}")
+
+
+def tiny_config(tmp_path, **overrides) -> TrainConfig:
+    values = dict(out=str(tmp_path / "run"), mode="fam", block_size=8, fam_len=4, mem_blocks=0, steps=4, lr=1e-2,
+                  warmup_steps=1, lora_rank=4, eval_every=0, checkpoint_every=2, seed=3, device="cpu", rpo=False,
+                  rsp=False)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+class KeyWithProbe:
+    """A key token, filler, a question and the key; the read-out probe asks [question, key] after every block."""
+
+    def __init__(self, length: int = 30, readout: bool = True):
+        self.length, self.readout = length, readout
+
+    def draw(self, rng: random.Random) -> Example:
+        key = rng.randrange(10, 20)
+        filler = [rng.randrange(30, VOCAB) for _ in range(self.length - 3)]
+        ids = [1, key] + filler + [2, key]
+        probe = Readout([2, key], [0.0, 1.0], first=2, last=len(ids) - 2) if self.readout else None
+        return Example("passkey", ids, [0.0] * (len(ids) - 1) + [1.0], probe)
+
+
+# -- fused projections -------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_fused_projections_equal_peft_modules_in_value_and_gradient(family):
+    """q/k/v and gate/up as one matrix multiply (with LoRA) give the module-by-module results and gradients."""
+    loaded = tiny_loaded(family)
+    peft_model = add_lora(loaded, rank=4, alpha=None)
+    for name, param in peft_model.named_parameters():  # LoRA B starts at zero: make the adapters matter
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    model = FamModel(loaded, FamConfig("fam", 8, 4, 1))
+    ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(0))
+    results = []
+    for fused in (False, True):
+        model.fused_projections = fused
+        peft_model.zero_grad(set_to_none=True)
+        model.invalidate_initial_fam()
+        state = model.initial_state(2)
+        total = 0
+        for start in range(0, ids.shape[1], 8):
+            out = model.forward_block(ids[:, start : start + 8], state)
+            state = out.state
+            total = total + out.hidden.pow(2).mean()
+        total.backward()
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        results.append((total.detach(), state.fam, grads))
+    (loss_a, fam_a, grads_a), (loss_b, fam_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fam_a, fam_b))
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_fused_group_falls_back_for_anything_but_plain_lora():
+    loaded = tiny_loaded()
+    add_lora(loaded, rank=4, alpha=None)
+    attn = FamModel(loaded, FamConfig("fam", 8, 4, 0)).layers[0].self_attn
+    assert linear_parts(attn.q_proj) is not None and len(linear_parts(attn.q_proj).lora) == 1
+    attn.q_proj.lora_dropout["default"] = torch.nn.Dropout(0.5)
+    attn.q_proj.train()
+    assert linear_parts(attn.q_proj) is None  # dropout in training: computed module by module
+    group = ProjectionGroup([attn.q_proj, attn.k_proj])
+    x = torch.randn(1, 3, attn.q_proj.in_features)
+    torch.manual_seed(0)
+    expected = [attn.q_proj(x), attn.k_proj(x)]
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(group(x), expected))
+
+
+def test_fused_group_follows_a_change_of_the_frozen_weights():
+    """The concatenated copy is rebuilt when a weight changes (an adapter merged in place, say)."""
+    linear = [torch.nn.Linear(6, 4, bias=False), torch.nn.Linear(6, 2, bias=True)]
+    for module in linear:
+        module.requires_grad_(False)
+    group = ProjectionGroup(linear)
+    x = torch.randn(3, 6)
+    group(x)
+    with torch.no_grad():
+        linear[0].weight.add_(1.0)
+    assert all(torch.allclose(a, m(x)) for a, m in zip(group(x), linear))
+
+
+# -- read-out probes ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode,mem_blocks", [("fam", 0), ("fam", 2), ("bswa", 1), ("full", 0)])
+def test_read_block_equals_the_block_rows_of_a_forward_block(mode, mem_blocks):
+    model = FamModel(tiny_loaded(), FamConfig(mode, 8, 4 if mode == "fam" else 0, mem_blocks))
+    gen = torch.Generator().manual_seed(1)
+    state = model.initial_state(2)
+    with torch.no_grad():
+        for _ in range(3):
+            state = model.forward_block(torch.randint(0, VOCAB, (2, 8), generator=gen), state).state
+        probe = torch.randint(0, VOCAB, (2, 5), generator=gen)
+        assert torch.allclose(model.read_block(probe, state), model.forward_block(probe, state).hidden, atol=1e-5)
+
+
+def test_readout_probes_leave_the_main_stream_unchanged_and_add_their_loss(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path), loaded=tiny_loaded(), data=KeyWithProbe())
+    example = KeyWithProbe().draw(random.Random(0))
+    ids, weights, readout = collate([example], pad_id=0, device="cpu")
+    assert readout is not None and readout.first.tolist() == [2] and readout.last.tolist() == [len(example.ids) - 2]
+    with torch.no_grad():
+        state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
+        plain, final_plain, count_plain = sequence_loss(trainer.fam_model, ids, weights, state)
+        probed, final_probed, count_probed = sequence_loss(trainer.fam_model, ids, weights, state, readout=readout)
+    assert all(torch.equal(a, b) for a, b in zip(final_plain.fam, final_probed.fam))
+    # 32 tokens in blocks of 8: block ends 8, 16, 24 lie within [2, 30], 32 does not: three probes of one answer
+    assert count_plain == 1 and count_probed == 4
+    # the probed loss is the mean over the main answer and the three probe answers, each a fresh read of the FAM
+    with torch.no_grad():
+        manual, s = [], state
+        for start in range(0, 24, 8):
+            s = trainer.fam_model.forward_block(ids[:, start : start + 8], s).state
+            logits = trainer.fam_model.logits(trainer.fam_model.read_block(readout.ids, s))[0, 0]
+            manual.append(float(torch.nn.functional.cross_entropy(logits[None], readout.ids[0, 1:])))
+    assert probed.item() == pytest.approx((plain.item() + sum(manual)) / 4, rel=1e-5)
+
+
+def test_readout_probes_train_the_memory_faster(tmp_path):
+    """With probes after every block the same steps lower the held-out answer loss more than without."""
+    losses = {}
+    for readout in (False, True):
+        trainer = Trainer(tiny_config(tmp_path / str(readout), steps=25, lr=2e-2), loaded=tiny_loaded(),
+                          data=KeyWithProbe(readout=readout))
+        for _ in range(25):
+            trainer.train_step()
+        held = [KeyWithProbe(readout=False).draw(random.Random(1000 + i)) for i in range(16)]
+        total = 0.0
+        with torch.no_grad():
+            for example in held:
+                ids, weights, _ = collate([example], 0, "cpu")
+                loss, _, _ = sequence_loss(trainer.fam_model, ids, weights,
+                                           initial_training_state(trainer.fam_model, 1, trainer.prompt, None))
+                total += float(loss)
+        losses[readout] = total / len(held)
+    assert losses[True] < losses[False], losses
+
+
+def test_passkey_examples_carry_a_probe_from_the_key_to_the_question():
+    from famviz.passkey import make_passkey_document, question_ids
+    from helpers import bundled_tokenizer
+
+    tokenizer = bundled_tokenizer()
+    stream = ExampleStream(tokenizer, {"passkey": 1.0}, (900, 1000), (10, 20), 4, 0.1, 0.0,
+                           passkey_depth_zero=0.0, readout_weight=0.5)
+    rng = random.Random(5)
+    example = stream.draw(rng)
+    probe = example.readout
+    question = question_ids(tokenizer)
+    answer = example.ids[len(example.ids) - sum(w > 0 for w in example.weights):]
+    assert probe.ids == question + answer and probe.weights == [0.0] * len(question) + [0.5] * len(answer)
+    assert tokenizer.decode(answer).strip().isdigit()
+    key_text = tokenizer.decode(example.ids[: probe.first])
+    assert key_text.rstrip().endswith("is the pass key.")  # probes start once the whole key sentence is read
+    assert tokenizer.decode(example.ids[probe.last :]).strip().startswith("What is the pass key?")
+    assert ExampleStream(tokenizer, {"passkey": 1.0}, (900, 1000), (10, 20), 4, 0.1, 0.0).draw(rng).readout is None
+
+
+# -- curriculum --------------------------------------------------------------------------------------
+def test_curriculum_draws_up_to_n_blocks_and_advances_on_the_threshold(tmp_path, monkeypatch):
+    import famviz.train as train
+
+    class Lengths:
+        passkey_tokens = (3, 100)
+
+        def draw(self, rng):
+            return KeyWithProbe(length=rng.randint(*self.passkey_tokens)).draw(rng)
+
+    data = Lengths()
+    trainer = Trainer(tiny_config(tmp_path, curriculum="2,4", passkey_tokens="5-9"), loaded=tiny_loaded(), data=data)
+    trainer.train_step()
+    assert data.passkey_tokens == (5, 16)  # stage 1: up to 2 blocks of 8 tokens
+    scores = iter([0.5, 0.9])
+    asked = []
+
+    def fake_eval(model, tokenizer, prompt, length, trials, seed, depth=0.0):
+        asked.append(length)
+        return {"length": length, "depth": depth, "trials": trials, "accuracy": next(scores), "key_logprob": -1.0}
+
+    monkeypatch.setattr(train, "passkey_teacher_forced", fake_eval)
+    first, second = trainer.evaluate(), trainer.evaluate()
+    assert asked == [16, 16] and not first["advanced"] and second["advanced"]
+    trainer.train_step()
+    assert data.passkey_tokens == (5, 32) and trainer.curriculum_blocks == 4
+    assert resumed_stage(trainer.history + [first, second], [2, 4]) == 1
+    assert resumed_stage([first], [2, 4]) == 0
+
+
+def test_uniform_lengths_give_uniform_block_counts():
+    rng = random.Random(0)
+    counts = [0] * 4
+    for _ in range(4000):
+        counts[(rng.randint(1, 32) - 1) // 8] += 1
+    assert max(counts) - min(counts) < 200
+
+
+@pytest.mark.parametrize("spec", ["4,2", "0,2", "a,b", ","])
+def test_bad_curricula_are_refused(tmp_path, spec):
+    with pytest.raises(ConfigError):
+        tiny_config(tmp_path, curriculum=spec).validate()
+
+
+# -- --init-from -------------------------------------------------------------------------------------
+def test_init_from_loads_the_adapter_exactly(tmp_path):
+    from famviz.train import trainable_state
+
+    source = Trainer(tiny_config(tmp_path / "a", steps=3), loaded=tiny_loaded(), data=KeyWithProbe())
+    source.run(progress=False)
+    started = Trainer(tiny_config(tmp_path / "b", init_from=str(tmp_path / "a" / "run")), loaded=tiny_loaded(),
+                      data=KeyWithProbe())
+    a = trainable_state(source.peft_model, source.prompt)
+    b = trainable_state(started.peft_model, started.prompt)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not started.optimizer.state_dict()["state"]  # a fresh optimizer
+    with pytest.raises(ConfigError, match="rank"):
+        Trainer(tiny_config(tmp_path / "c", init_from=str(tmp_path / "a" / "run"), lora_rank=2),
+                loaded=tiny_loaded(), data=KeyWithProbe())
+
+
+# -- mixed precision ---------------------------------------------------------------------------------
+def test_bfloat16_model_keeps_float32_master_weights_and_updates(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, lr=1e-6, warmup_steps=1), loaded=tiny_loaded(dtype=torch.bfloat16), data=KeyWithProbe())
+    assert trainer.loaded.dtype == torch.bfloat16 and trainer.prompt.dtype == torch.float32
+    lora = [p for p in trainer.peft_model.parameters() if p.requires_grad]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    before = trainer.prompt.detach().clone()
+    trainer.train_step()
+    change = (trainer.prompt.detach() - before).abs()
+    # Adam's first step moves every coordinate by about lr: far below bfloat16's resolution at these magnitudes,
+    # so a bfloat16 parameter would keep most of them unchanged.
+    resolution = before.abs().clamp_min(1e-3) * 2 ** -8
+    assert (change > 0).float().mean() > 0.9 and (change < resolution).float().mean() > 0.9
