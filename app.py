@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from famviz import export, figures  # noqa: E402
 from famviz.adapters import SHIPPED_ADAPTERS  # noqa: E402
 from famviz.config import MODES, FamConfig  # noqa: E402
-from famviz.documents import MAX_DOCUMENT_BYTES, SUPPORTED_SUFFIXES, read_document_bytes  # noqa: E402
+from famviz.documents import MAX_DOCUMENT_BYTES, SUPPORTED_SUFFIXES, read_document, read_upload  # noqa: E402
 from famviz.engine import Stream  # noqa: E402
 from famviz.errors import DocumentError, FamvizError  # noqa: E402
 from famviz.inspector import (DEFAULT_VIEW, TRAJECTORY_METHODS, Run, StateFeatures, app_channels,  # noqa: E402
@@ -56,7 +56,7 @@ EXAMPLE_PATH = Path("/usr/share/common-licenses/GPL-3")
 SOURCES = {"example": "Example: GPL-3 licence", "passkey": "Example: PassKey haystack", "upload": "Upload a file",
            "paste": "Paste text"}
 DEFAULT_SETTINGS = FamConfig(mode="fam", block_size=256, fam_len=64, mem_blocks=1)
-DEFAULT_MAX_TOKENS = 4096
+DEFAULT_MAX_TOKENS = 8192  # a whole typical document (GPL-3 is 7,658 tokens)
 DEFAULT_PASSKEY_TOKENS = 2000
 MAX_BLOCK_SIZE = 8192
 MAX_FAM_LEN = 1024
@@ -194,6 +194,17 @@ def parse_settings(mode, block_size, fam_len, mem_blocks, max_tokens) -> tuple[F
     return config, _whole_number("Max tokens", max_tokens, 1, MAX_TOKENS_LIMIT)
 
 
+def document_cut(tokenizer, text: str, ids: list[int], offsets: list[tuple[int, int]],
+                 count_up_to: int = 2_000_000) -> str | None:
+    """None when ``ids`` cover the whole document; else how much it holds: "of 7,658 tokens" (counted for
+    documents up to ``count_up_to`` characters), or the share of its characters streamed for larger ones."""
+    if not offsets or offsets[-1][1] >= len(text.rstrip()):
+        return None
+    if len(text) <= count_up_to:
+        return f"of {len(tokenizer(text, add_special_tokens=False)['input_ids']):,} tokens"
+    return f"{offsets[-1][1] / len(text):.0%} of its {len(text):,} characters"
+
+
 def passkey_text(tokenizer, length) -> str:
     """The PassKey haystack example (key at the start: the memory must carry it to the question)."""
     try:
@@ -211,24 +222,16 @@ def read_input_document(source: str, upload: str | None, pasted: str | None, tok
     if source == "upload":
         if not upload:
             raise FamvizError("No file uploaded: choose a file, or pick pasted text or an example.")
-        path = Path(upload)
-        try:
-            with open(path, "rb") as handle:
-                data = handle.read(MAX_DOCUMENT_BYTES + 1)
-        except OSError as exc:
-            raise DocumentError(f"{path.name}: cannot read the uploaded file ({exc.strerror or exc}).") from None
-        return read_document_bytes(data, path.name, max_bytes=MAX_DOCUMENT_BYTES), path.name
+        return read_upload(upload)
     if source == "paste":
         if not pasted or not pasted.strip():
             raise FamvizError("No text pasted: paste some text, or pick a file or an example.")
         return pasted.replace("\r\n", "\n").replace("\r", "\n"), "pasted text"
     if source == "example":
-        try:
-            data = EXAMPLE_PATH.read_bytes()
-        except OSError:
+        if not EXAMPLE_PATH.is_file():
             raise DocumentError(f"The example document {EXAMPLE_PATH} is not on this machine; "
-                                f"upload a file or paste text instead.") from None
-        return read_document_bytes(data, EXAMPLE_PATH.name), "GPL-3 licence"
+                                f"upload a file or paste text instead.")
+        return read_document(EXAMPLE_PATH, name=EXAMPLE_PATH.name), "GPL-3 licence"
     if source == "passkey":
         if tokenizer is None:
             raise FamvizError("The PassKey example needs the model's tokenizer.")
@@ -312,6 +315,7 @@ def stream_document(hub: ModelHub, model, adapter_dir, device, dtype, source, up
     trace.text, trace.offsets = text, list(offsets)
     trace.meta["document"] = name
     run = Run(config=config, document=name, total_tokens=len(ids), trace=trace, compare_mode=compare,
+              document_cut=document_cut(loaded.tokenizer, text, ids, offsets),
               features=StateFeatures(layers) if layers else None)
     if previous is not None:  # keep what the user was looking at
         run.view, run.method = previous.view, previous.method
@@ -545,12 +549,14 @@ def build_inspector_tab(context: AppContext) -> None:
                     compare = gr.Dropdown([NO_COMPARE, *MODES], value=NO_COMPARE, label="Compare with",
                                           elem_id="compare", info="same document, second mode")
                 with gr.Row():
-                    block_size = gr.Number(defaults.block_size, label="Block size", precision=0, elem_id="block-size")
-                    fam_len = gr.Number(defaults.fam_len, label="FAM length", precision=0, elem_id="fam-len")
+                    block_size = gr.Number(defaults.block_size, label="Block size (tokens)", precision=None, step=1,
+                                           elem_id="block-size")
+                    fam_len = gr.Number(defaults.fam_len, label="FAM length (slots)", precision=None, step=1,
+                                        elem_id="fam-len")
                 with gr.Row():
-                    mem_blocks = gr.Number(defaults.mem_blocks, label="Memory blocks", precision=0,
+                    mem_blocks = gr.Number(defaults.mem_blocks, label="Memory blocks", precision=None, step=1,
                                            elem_id="mem-blocks")
-                    max_tokens = gr.Number(DEFAULT_MAX_TOKENS, label="Max tokens", precision=0, elem_id="max-tokens")
+                    max_tokens = gr.Number(DEFAULT_MAX_TOKENS, label="Max tokens", precision=None, step=1, elem_id="max-tokens")
                 trajectory_layers = gr.Textbox(", ".join(map(str, default_trajectory_layers(n_layers))),
                                                label="Trajectory layers (FAM states recorded)",
                                                elem_id="trajectory-layers")

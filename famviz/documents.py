@@ -81,10 +81,14 @@ _MB = 1024 * 1024
 logging.getLogger("pypdf").addHandler(logging.NullHandler())
 
 
-def read_document(path: str | os.PathLike[str], max_bytes: int = MAX_DOCUMENT_BYTES) -> str:
-    """Return the text of the document at ``path``; raise DocumentError if it can't be read."""
+def read_document(path: str | os.PathLike[str], max_bytes: int = MAX_DOCUMENT_BYTES, name: str | None = None) -> str:
+    """Return the text of the document at ``path``; raise DocumentError if it can't be read.
+
+    ``name`` names the file in messages (the app passes the upload's own name, never its server path);
+    sizes in messages are the file's true size on disk.
+    """
     path = Path(path)
-    name = str(path)
+    name = name or str(path)
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -113,7 +117,17 @@ def read_document(path: str | os.PathLike[str], max_bytes: int = MAX_DOCUMENT_BY
         raise DocumentError(f"{name}: is a directory, not a document; pass a file inside it.") from None
     except OSError as error:
         raise DocumentError(f"{name}: cannot read the file ({error.strerror or error}).") from None
+    if len(data) > max_bytes:
+        raise _too_large(name, max(info.st_size, len(data)), max_bytes)
     return read_document_bytes(data, name, max_bytes)
+
+
+def read_upload(upload: str | os.PathLike[str] | None, max_bytes: int = MAX_DOCUMENT_BYTES) -> tuple[str, str]:
+    """(text, file name) of a file uploaded to the app (every tab reads uploads through here)."""
+    if not upload:
+        raise DocumentError("No file uploaded: choose a file first.")
+    path = Path(upload)
+    return read_document(path, max_bytes, name=path.name), path.name
 
 
 def read_document_bytes(data: bytes, name: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> str:

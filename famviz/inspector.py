@@ -274,8 +274,9 @@ class Run:
 
     config: FamConfig
     document: str
-    total_tokens: int
+    total_tokens: int  # tokens this run streams
     trace: Trace | None = None
+    document_cut: str | None = None  # how much of the document max tokens left out, e.g. "of 7,658 tokens"
     compare_mode: str | None = None
     compare_nll: list[float] = field(default_factory=list)  # per-block mean NLL of the compared mode
     features: StateFeatures | None = None
@@ -321,8 +322,10 @@ class Run:
         geometry = f"block {cfg.block_size}, memory blocks {cfg.mem_blocks}" + \
             (f", FAM {cfg.fam_len}" if cfg.mode == "fam" else "")
         mode = cfg.mode + (f" vs {self.compare_mode}" if self.compare_mode else "")
-        parts = [f"{self.blocks_done} / {self.total_blocks} blocks",
-                 f"{self.tokens_done:,} / {self.total_tokens:,} tokens"]
+        tokens = f"{self.tokens_done:,} / {self.total_tokens:,} tokens"
+        if self.document_cut:
+            tokens += f" ({self.document_cut}: document cut at max tokens)"
+        parts = [f"{self.blocks_done} / {self.total_blocks} blocks", tokens]
         if self.state != "replayed":
             speed = self.tokens_done / self.elapsed if self.elapsed > 0 else 0.0
             parts += [f"{speed:,.0f} tokens/s", f"{self.elapsed:.1f} s elapsed"]

@@ -18,7 +18,7 @@ import gradio as gr
 from . import export
 from . import passkey as pk
 from .config import FamConfig
-from .documents import MAX_DOCUMENT_BYTES, read_document_bytes
+from .documents import MAX_DOCUMENT_BYTES, read_upload
 from .engine import Stream
 from .errors import FamvizError
 from .fam_model import FamModel
@@ -89,10 +89,7 @@ def _fam_model(loaded, adapter, spec: pk.ModeSpec, base: FamConfig) -> FamModel:
 def _read_upload(upload) -> str:
     if not upload:
         raise FamvizError("No document uploaded: upload a file or use the PassKey filler.")
-    path = Path(upload)
-    with open(path, "rb") as handle:
-        data = handle.read(MAX_DOCUMENT_BYTES + 1)
-    return read_document_bytes(data, path.name, max_bytes=MAX_DOCUMENT_BYTES)
+    return read_upload(upload)[0]
 
 
 def _export_path(stem: str, fmt: str) -> Path:
@@ -293,16 +290,17 @@ def build_passkey_tab(context) -> None:
             "**Sweep** measures accuracy over lengths × depths for several modes. Depth 0 puts the key right "
             "after the instruction (the paper's setting), 1 right before the question.")
         with gr.Row():
-            block_size = gr.Number(value=256, precision=0, label="Block size", elem_id="pk-block-size")
-            fam_len = gr.Number(value=64, precision=0, label="FAM length", elem_id="pk-fam-len")
-            seed = gr.Number(value=0, precision=0, label="Seed", elem_id="pk-seed")
+            block_size = gr.Number(value=256, precision=None, step=1, label="Block size (tokens)",
+                                   elem_id="pk-block-size")
+            fam_len = gr.Number(value=64, precision=None, step=1, label="FAM length (slots)", elem_id="pk-fam-len")
+            seed = gr.Number(value=0, precision=None, step=1, label="Seed", elem_id="pk-seed")
         gr.Markdown("### Watch retention")
         with gr.Row():
             mode = gr.Radio(["fam", "bswa", "full"], value="fam", label="Mode", elem_id="pk-mode")
-            mem_blocks = gr.Number(value=0, precision=0, label="Memory blocks", elem_id="pk-mem-blocks")
-            length = gr.Number(value=2000, precision=0, label="Length (tokens)", elem_id="pk-length")
+            mem_blocks = gr.Number(value=0, precision=None, step=1, label="Memory blocks", elem_id="pk-mem-blocks")
+            length = gr.Number(value=2000, precision=None, step=1, label="Length (tokens)", elem_id="pk-length")
             depth = gr.Slider(0, 1, value=0, step=0.05, label="Key depth", elem_id="pk-depth")
-            every = gr.Number(value=1, precision=0, label="Probe every k blocks", elem_id="pk-every")
+            every = gr.Number(value=1, precision=None, step=1, label="Probe every k blocks", elem_id="pk-every")
         with gr.Row():
             source = gr.Radio([FILLER, UPLOAD], value=FILLER, label="Hide the key in", elem_id="pk-source")
             upload = gr.File(label=f"Document (.txt .md .pdf .html, ≤ {MAX_DOCUMENT_BYTES // 1024 ** 2} MB)",
@@ -319,7 +317,7 @@ def build_passkey_tab(context) -> None:
                                      elem_id="pk-modes")
             lengths = gr.Textbox(value="1000,2000", label="Lengths (tokens)", elem_id="pk-lengths")
             depths = gr.Textbox(value="0,0.5,1", label="Depths", elem_id="pk-depths")
-            trials = gr.Number(value=3, precision=0, label="Trials per cell", elem_id="pk-trials")
+            trials = gr.Number(value=3, precision=None, step=1, label="Trials per cell", elem_id="pk-trials")
         with gr.Row():
             sweep_button = gr.Button("Run sweep", variant="primary", elem_id="pk-sweep")
             sweep_stop = gr.Button("Stop", variant="stop", elem_id="pk-sweep-stop")

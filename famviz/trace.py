@@ -237,14 +237,16 @@ class Trace:
 
     @classmethod
     def load(cls, path: str | Path) -> "Trace":
+        """Read a trace written by ``save``. Every failure is one ``FamvizError`` line naming the file (not
+        its directory: in the app it is a server path) and why; nothing in the file is ever unpickled."""
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(bytes(data["meta_json"]).decode("utf-8"))
                 if meta.get("format") != TRACE_FORMAT:
-                    raise FamvizError(f"{path} is not a famviz trace")
+                    raise FamvizError(f"{path.name} is not a famviz trace file (an .npz archive of something else)")
                 if meta.get("version", 0) > TRACE_VERSION:
-                    raise FamvizError(f"{path} was written by a newer famviz (trace version {meta['version']})")
+                    raise FamvizError(f"{path.name} was written by a newer famviz (trace version {meta['version']})")
                 layers = {k: list(v) for k, v in meta.pop("layers").items()}
                 meta.pop("format"), meta.pop("version")
                 has_text = meta.pop("has_text", False)
@@ -259,6 +261,26 @@ class Trace:
                     trace._chunks[key] = [arr] if KINDS_BY_KEY[key].per_token else list(arr)
         except FamvizError:
             raise
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            raise FamvizError(f"cannot read trace file {path}: {exc}") from None
+        except FileNotFoundError:
+            raise FamvizError(f"trace file {path.name} does not exist") from None
+        except Exception as exc:  # noqa: BLE001 - any damage to the file is the same message
+            reason = "the file is empty" if path.is_file() and path.stat().st_size == 0 else _unreadable_reason(exc)
+            raise FamvizError(f"{path.name} is not a famviz trace file ({reason})") from None
         return trace
+
+
+def _unreadable_reason(exc: Exception) -> str:
+    """Why a file is no readable trace, in words (numpy's own messages suggest unsafe pickle loading)."""
+    import zipfile
+
+    if isinstance(exc, (zipfile.BadZipFile, EOFError)):
+        return "the archive is damaged or cut short"
+    if isinstance(exc, KeyError):
+        return f"it lacks the entry {exc.args[0] if exc.args else '?'}"
+    if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
+        return "its description is unreadable"
+    if isinstance(exc, ValueError):
+        return "not a NumPy .npz archive"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return type(exc).__name__

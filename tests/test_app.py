@@ -353,5 +353,27 @@ def test_served_app_streams_one_update_per_block(tiny_loaded, app_module, tmp_pa
         result = client.predict("tiny", "", "auto", "auto", "upload", handle_file(str(bad)), None, 300, "fam", "off", 32,
                                 8, 1, 4096, "", api_name="/stream")
         assert result[0].startswith("**Error:**") and "binary" in result[0]
+
+        # A fractional block size reaches the validator as typed (not rounded by the component).
+        result = client.predict("tiny", "", "auto", "auto", "paste", None, TEXT, 300, "fam", "off", 2.5,
+                                8, 1, 4096, "", api_name="/stream")
+        assert result[0].startswith("**Error:**") and "Block size must be a whole number, got 2.5" in result[0]
     finally:
         demo.close()
+
+
+def test_status_says_when_max_tokens_cut_the_document(app_module, hub):
+    updates = _run(app_module, hub, max_tokens=40)
+    status = updates[-1][0]
+    total = len(hub.default[0].tokenizer(TEXT, add_special_tokens=False)["input_ids"])
+    assert f"40 / 40 tokens (of {total:,} tokens: document cut at max tokens)" in status
+    whole = _run(app_module, hub)[-1][0]
+    assert "document cut" not in whole
+
+
+def test_document_cut_for_huge_documents_gives_the_character_share(app_module, hub):
+    tokenizer = hub.default[0].tokenizer
+    text = "word " * 1000
+    assert app_module.document_cut(tokenizer, text, [1, 2], [(0, 4), (5, 9)], count_up_to=100) == \
+        "0% of its 5,000 characters"
+    assert app_module.document_cut(tokenizer, "a b", [1, 2], [(0, 1), (2, 3)]) is None

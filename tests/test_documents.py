@@ -383,3 +383,21 @@ def test_read_document_calls_the_bytes_path(tmp_path, monkeypatch):
     path = write(tmp_path, "n.txt", b"abc")
     assert read_document(path, max_bytes=10) == "ok"
     assert seen == [(b"abc", str(path), 10)]
+
+
+def test_uploads_report_their_true_size_and_name_in_both_tabs(tmp_path):
+    """One reader for uploads (inspector and PassKey tab): the file's real size, its name, no server path."""
+    from famviz import passkey_app
+    from famviz.documents import read_upload
+
+    big = tmp_path / "server" / "uploads" / "big.txt"
+    big.parent.mkdir(parents=True)
+    with open(big, "wb") as handle:
+        handle.truncate(62_915_028)  # 60 MB of zero bytes: sparse, nothing is written
+    message = error_message(read_upload, big)
+    assert message.startswith("big.txt: file is 60.0 MB, over the 50.0 MB limit")
+    assert str(big.parent) not in message
+    with pytest.raises(DocumentError) as caught:
+        passkey_app._read_upload(str(big))
+    assert str(caught.value) == message
+    assert "No file uploaded" in error_message(read_upload, None)

@@ -91,8 +91,43 @@ def test_every_channel_kind_is_documented():
 def test_not_a_trace_file(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip")
-    with pytest.raises(FamvizError, match="cannot read trace"):
+    with pytest.raises(FamvizError, match="bad.npz is not a famviz trace file"):
         Trace.load(bad)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda raw: raw[: len(raw) // 2], "the archive is damaged or cut short"),  # a download cut short
+    (lambda raw: bytes(range(256)) * 40, "not a NumPy .npz archive"),  # random bytes
+    (lambda raw: b"PK\x03\x04" + bytes(500), "the archive is damaged or cut short"),
+    (lambda raw: b"", "the file is empty"),
+])
+def test_damaged_trace_files_get_one_true_line(fam_trace, tmp_path, damage, reason):
+    """Never numpy's advice to allow pickle, never the file's directory (a server path in the app)."""
+    good = fam_trace.save(tmp_path / "good.npz")
+    bad = tmp_path / "sub" / "bad.npz"
+    bad.parent.mkdir()
+    bad.write_bytes(damage(good.read_bytes()))
+    with pytest.raises(FamvizError) as info:
+        Trace.load(bad)
+    message = str(info.value)
+    assert message == f"bad.npz is not a famviz trace file ({reason})"
+    assert "pickle" not in message and str(tmp_path) not in message
+    other = tmp_path / "other.npz"
+    np.savez(other, x=np.zeros(3))
+    with pytest.raises(FamvizError, match="other.npz is not a famviz trace file"):
+        Trace.load(other)
+
+
+def test_cli_export_of_a_truncated_trace_is_one_line(fam_trace, tmp_path, capfd):
+    from helpers import assert_one_line_error, run_cli_in_process
+
+    good = fam_trace.save(tmp_path / "good.npz")
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(good.read_bytes()[:1000])
+    status, out, err = run_cli_in_process(["export", str(cut), "--figure", "heatmap", "--format", "html",
+                                           "--out", str(tmp_path / "x.html")], capfd)
+    assert status == 2
+    assert_one_line_error(status, out, err, contains=("cut.npz is not a famviz trace file", "cut short"))
 
 
 def test_compact_trace_keeps_the_slot_mean(tiny_llama, fam_trace):
