@@ -170,6 +170,33 @@ def card_markdown(card: dict) -> str:
         f"- Mean training loss over the last 50 steps: {card.get('final_loss_mean_last_50')}",
         "",
     ]
+    origin = card.get("initialised_from")
+    if origin:
+        lines += [f"Initialised from `{origin.get('directory')}` ({origin.get('steps')} steps, "
+                  f"{origin.get('tokens_seen')} tokens, {origin.get('wall_seconds')} s; its card lists its own stages).", ""]
+    stages = card.get("stages") or []
+    if stages:
+        lines += ["## Stages", "", "| stage | steps | tokens | wall time | held-out PassKey at its end (teacher-forced) | command |",
+                  "|---|---|---|---|---|---|"]
+        for stage in stages:
+            held = stage.get("held_out")
+            held_text = (f"{held['length']} tokens: {held['accuracy']:.0%}, log p {held['key_logprob']:.2f}"
+                         if held else "-")
+            lines.append(f"| {stage['stage']} | {stage['first_step']}-{stage['last_step']} | {stage['tokens']:,} | "
+                         f"{stage['wall_seconds'] / 60:.0f} min | {held_text} | `{stage['command']}` |")
+        lines.append("")
+    stage_evaluations = card.get("stage_evaluations") or []
+    if stage_evaluations:
+        lines += ["## Evaluations after stages", "",
+                  "| after step | PassKey (greedy): tokens: retrieved (log p) | long documents: tuned ÷ untuned BSWA NLL |",
+                  "|---|---|---|"]
+        for entry in stage_evaluations:
+            cells = ", ".join(f"{c['length']}@{c['depth']:g}: {c['accuracy']:.0%} ({c['mean_key_logprob']:.1f})"
+                              for c in entry.get("passkey") or []) or "-"
+            docs = ", ".join(f"{d['document']} {d['tuned']['nll']:.3f} ÷ {d['untuned_bswa']['nll']:.3f} "
+                             f"= {d['tuned_vs_bswa']:.2f}" for d in entry.get("long_documents") or []) or "-"
+            lines.append(f"| {entry.get('after_step')} | {cells} | {docs} |")
+        lines.append("")
     evals = card.get("held_out_passkey_during_training") or []
     if evals:
         lines += ["## Held-out PassKey during training (teacher-forced)", "", "| step | tokens | accuracy | key log-prob |",

@@ -91,7 +91,8 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "float32"
     adapter_dtype: str | None = None  # LoRA weights in the written adapter (None: as trained); checkpoints keep full precision
-    command: str = ""
+    command: str = ""  # every invocation of the run, resumes included
+    stage_command: str = ""  # this invocation alone (a stage of the training card)
 
     def fam_config(self) -> FamConfig:
         return FamConfig(mode=self.mode, block_size=self.block_size, fam_len=self.fam_len, mem_blocks=self.mem_blocks)
@@ -593,7 +594,9 @@ class Trainer:
         if resume:
             self.resume()
             if main:  # steps run after the last checkpoint were lost with the interruption: drop their records
-                (self.out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.history))
+                (self.out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.history
+                                                         if "stage" not in r))  # stages are in the card
+        self.history.append({"stage": "start", "from_step": self.step, "command": config.stage_command or config.command})
         started = time.time()
         wall_before = sum(r.get("seconds", 0.0) for r in self.history if "loss" in r)
         bar = None
@@ -659,6 +662,53 @@ class Trainer:
         write_training_card(self.out, training_card(self, wall_seconds, stopped_early))
 
 
+def stage_summaries(history: list[dict], first_command: str = "") -> list[dict]:
+    """One record per invocation of a run (``stage`` markers in the history): its command, steps, tokens,
+    wall time and the last held-out PassKey evaluation it made. Steps recorded before any marker (runs
+    made before famviz kept them) form one first stage with ``first_command``."""
+    stages: list[dict] = []
+
+    def start(from_step: int, command: str) -> None:
+        stages.append({"stage": len(stages) + 1, "command": command, "first_step": from_step + 1,
+                       "last_step": from_step, "tokens": 0, "wall_seconds": 0.0, "held_out": None})
+
+    for record in history:
+        if "stage" in record:
+            start(record["from_step"], record["command"])
+            continue
+        if not stages and ("loss" in record or "eval" in record):
+            start(0, first_command or "(not recorded)")
+        if "loss" in record:
+            stage = stages[-1]
+            stage["last_step"] = record["step"]
+            stage["tokens"] += record["tokens"]
+            stage["wall_seconds"] = round(stage["wall_seconds"] + record.get("seconds", 0.0), 1)
+        elif "eval" in record:
+            stages[-1]["held_out"] = dict(step=record["step"], **record["eval"],
+                                          **({"curriculum_blocks": record["curriculum_blocks"]}
+                                             if "curriculum_blocks" in record else {}))
+    return stages
+
+
+def previous_card(directory: Path) -> dict:
+    from .adapters import read_training_card
+
+    try:
+        return read_training_card(directory)
+    except Exception:  # noqa: BLE001 - no card yet (a new run) or an unreadable one: nothing to carry over
+        return {}
+
+
+def initialised_from(directory: str | None) -> dict | None:
+    """What a run started from with --init-from: the source adapter's own card in brief."""
+    if not directory:
+        return None
+    card = previous_card(Path(directory))
+    return {"directory": directory, "steps": card.get("steps"), "tokens_seen": card.get("tokens_seen"),
+            "wall_seconds": card.get("wall_seconds"), "command": card.get("command"),
+            "stages": card.get("stages") or None, "stage_evaluations": card.get("stage_evaluations") or None}
+
+
 def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) -> dict:
     config = trainer.config
     steps = [r for r in trainer.history if "loss" in r]
@@ -699,7 +749,9 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
             "curriculum_reached_blocks": trainer.curriculum_blocks,
             "text_sources": "long text files under /usr/share/common-licenses and /usr/share/doc (GPL-3 held out)",
         },
-        "initialised_from": config.init_from,
+        "initialised_from": initialised_from(config.init_from),
+        "stages": stage_summaries(trainer.history, config.command.split("  (resumed: ")[0]),
+        "stage_evaluations": previous_card(trainer.out).get("stage_evaluations", []),
         "checkpoint_layers": config.checkpoint_layers,
         "rpo": config.rpo, "rsp": config.rsp, "rsp_prob": config.rsp_prob if config.rsp else None,
         "hardware": hardware, "dtype": config.dtype, "wall_seconds": round(wall_seconds, 1),
@@ -819,14 +871,14 @@ def config_from_args(args) -> tuple[TrainConfig, bool]:
         if not saved.is_file():
             raise ConfigError(f"{args.resume} is not a training run to resume (no {TRAIN_CONFIG})")
         config = TrainConfig.from_dict(json.loads(saved.read_text()))
-        config = replace(config, out=str(args.resume), **overrides)
+        config = replace(config, out=str(args.resume), stage_command=command, **overrides)
         config.command = f"{config.command}  (resumed: {command})"
         return config, True
     if not args.out:
         raise ConfigError("train needs --out DIR (or --resume DIR)")
     if (Path(args.out) / CHECKPOINT_DIR).exists():
         raise ConfigError(f"{args.out} already holds a training run; use --resume {args.out} or another --out")
-    return replace(TrainConfig(out=args.out, command=command), **overrides), False
+    return replace(TrainConfig(out=args.out, command=command, stage_command=command), **overrides), False
 
 
 def in_window_nll(loaded, config: FamConfig, fam_prompt: torch.Tensor | None, windows: list[list[int]]) -> float:
@@ -929,6 +981,7 @@ def evaluate_adapter_dir(args) -> dict:
     card.setdefault("evaluation", {})
     key = f"{config.mode}_mem{config.mem_blocks}_block{config.block_size}"
     card["evaluation"][key] = evaluation
+    card.setdefault("stage_evaluations", []).append({"after_step": card.get("steps"), "key": key, **evaluation})
     write_training_card(directory, card)
     print(json.dumps(evaluation))
     return evaluation

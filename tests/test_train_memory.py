@@ -258,3 +258,41 @@ def test_bfloat16_model_keeps_float32_master_weights_and_updates(tmp_path):
     # so a bfloat16 parameter would keep most of them unchanged.
     resolution = before.abs().clamp_min(1e-3) * 2 ** -8
     assert (change > 0).float().mean() > 0.9 and (change < resolution).float().mean() > 0.9
+
+
+# -- the training card records every stage -------------------------------------------------------------
+def test_card_records_each_stage_and_keeps_evaluations_across_resumes(tmp_path):
+    import json
+
+    from dataclasses import replace
+
+    from famviz.adapters import card_markdown, read_training_card, write_training_card
+
+    first = tiny_config(tmp_path, steps=2, stage_command="python -m famviz train --out RUN --steps 2")
+    Trainer(first, loaded=tiny_loaded(), data=KeyWithProbe()).run(progress=False)
+    run = tmp_path / "run"
+    card = read_training_card(run)
+    card.setdefault("stage_evaluations", []).append({"after_step": 2, "passkey": [], "long_documents": []})
+    write_training_card(run, card)  # as `train --evaluate` leaves it after stage 1
+    second = replace(first, steps=4, stage_command="python -m famviz train --resume RUN --steps 4")
+    Trainer(second, loaded=tiny_loaded(), data=KeyWithProbe()).run(resume=True, progress=False)
+    card = read_training_card(run)
+    stages = card["stages"]
+    assert [(s["stage"], s["first_step"], s["last_step"]) for s in stages] == [(1, 1, 2), (2, 3, 4)]
+    assert stages[1]["command"].endswith("--resume RUN --steps 4") and all(s["tokens"] > 0 for s in stages)
+    assert card["stage_evaluations"] == [{"after_step": 2, "passkey": [], "long_documents": []}]
+    text = card_markdown(card)
+    assert "## Stages" in text and "| 2 | 3-4 |" in text and "## Evaluations after stages" in text
+    log_lines = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert all("loss" in r or "eval" in r for r in log_lines)
+
+
+def test_steps_from_before_stage_records_form_a_first_stage():
+    from famviz.train import stage_summaries
+
+    history = [{"step": 1, "loss": 1.0, "tokens": 5, "seconds": 2.0}, {"step": 1, "eval": {"length": 8, "accuracy": 0.5}},
+               {"stage": "start", "from_step": 1, "command": "B"}, {"step": 2, "loss": 1.0, "tokens": 7, "seconds": 1.0}]
+    stages = stage_summaries(history, "A")
+    assert [(s["stage"], s["command"], s["first_step"], s["last_step"], s["tokens"]) for s in stages] == \
+        [(1, "A", 1, 1, 5), (2, "B", 2, 2, 7)]
+    assert stages[0]["held_out"]["accuracy"] == 0.5 and stages[1]["held_out"] is None
