@@ -513,7 +513,11 @@ def _model_summary(loaded: LoadedModel, adapter: AppAdapter | None) -> str:
     line = (f"**Model:** {loaded.name} · {cfg.num_hidden_layers} layers · {cfg.num_attention_heads} heads · "
             f"{loaded.device} · {dtype}")
     if adapter is not None:
-        line += f" · adapter `{adapter.directory}`"
+        line += f" · adapter `{Path(str(adapter.directory)).name}` (tuned FAM)"
+    else:
+        line += (" · untuned conversion: the FAM is the model's own layers run on a fixed prompt, never trained "
+                 "to remember, so expect its loss to rise over a long document (choose a tuned adapter in the "
+                 "Model panel)")
     return line
 
 
@@ -533,7 +537,7 @@ def build_inspector_tab(context: AppContext) -> None:
                 with gr.Accordion("Model", open=False, elem_id="model-panel"):
                     model = gr.Textbox(model_key[0] or "", label="Model (Hugging Face id or local path)",
                                        placeholder="empty: bundled SmolLM2-135M", elem_id="model")
-                    adapter_dir = gr.Dropdown([("none", ""), *shipped_adapters()], value=model_key[1] or "",
+                    adapter_dir = gr.Dropdown([("none: untuned conversion (memory not trained)", ""), *shipped_adapters()], value=model_key[1] or "",
                                               allow_custom_value=True, label="Adapter (or type a directory)",
                                               elem_id="adapter")
                     with gr.Row():
@@ -673,7 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python app.py", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, metavar="ID_OR_PATH",
                         help="Hugging Face model id or local path (default: bundled SmolLM2-135M)")
-    parser.add_argument("--adapter", default=None, metavar="DIR", help="trained FAM adapter directory")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="trained FAM adapter directory; 'none' for the untuned conversion (default: the "
+                             "shipped tuned FAM adapter with the bundled model, none with --model)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
@@ -683,6 +689,15 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default {MIN_REDRAW_SECONDS:g}; the status line updates after every block)")
     parser.add_argument("-v", "--verbose", action="store_true", help="more logging on stderr")
     return parser
+
+
+def startup_adapter(model: str | None, adapter: str | None) -> str | None:
+    """The adapter the app starts with: the one given ('none': the untuned conversion), else the shipped
+    tuned FAM with the bundled model (other models have no shipped adapter)."""
+    if adapter is not None:
+        return None if adapter.strip().lower() in ("", "none") else adapter
+    shipped = shipped_adapters()
+    return shipped[0][1] if model is None and shipped else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -704,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
 
         started = time.perf_counter()
         loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+        args.adapter = startup_adapter(args.model, args.adapter)
         adapter = attach_adapter(loaded, args.adapter) if args.adapter else None
         log.info("famviz: %s loaded in %.1f s on %s (%s)", loaded.name, time.perf_counter() - started,
                  loaded.device, str(loaded.dtype).replace("torch.", ""))

@@ -377,3 +377,11 @@ def test_document_cut_for_huge_documents_gives_the_character_share(app_module, h
     assert app_module.document_cut(tokenizer, text, [1, 2], [(0, 4), (5, 9)], count_up_to=100) == \
         "0% of its 5,000 characters"
     assert app_module.document_cut(tokenizer, "a b", [1, 2], [(0, 1), (2, 3)]) is None
+
+
+def test_the_app_starts_on_the_shipped_tuned_adapter_unless_told_otherwise(app_module):
+    shipped = app_module.shipped_adapters()[0][1]
+    assert app_module.startup_adapter(None, None) == shipped
+    assert app_module.startup_adapter(None, "none") is None and app_module.startup_adapter(None, "") is None
+    assert app_module.startup_adapter("my/model", None) is None  # no shipped adapter fits another model
+    assert app_module.startup_adapter(None, "/some/dir") == "/some/dir"
