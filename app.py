@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from famviz import export, figures  # noqa: E402
 from famviz.adapters import SHIPPED_ADAPTERS  # noqa: E402
-from famviz.config import MODES, FamConfig  # noqa: E402
+from famviz.config import LIMITS, MODES, TOOL_DEFAULTS, FamConfig  # noqa: E402
 from famviz.documents import MAX_DOCUMENT_BYTES, SUPPORTED_SUFFIXES, read_document, read_upload  # noqa: E402
 from famviz.engine import Stream  # noqa: E402
 from famviz.errors import DocumentError, FamvizError  # noqa: E402
@@ -55,13 +55,13 @@ log = logging.getLogger("famviz.app")
 EXAMPLE_PATH = Path("/usr/share/common-licenses/GPL-3")
 SOURCES = {"example": "Example: GPL-3 licence", "passkey": "Example: PassKey haystack", "upload": "Upload a file",
            "paste": "Paste text"}
-DEFAULT_SETTINGS = FamConfig(mode="fam", block_size=256, fam_len=64, mem_blocks=1)
+DEFAULT_SETTINGS = TOOL_DEFAULTS
 DEFAULT_MAX_TOKENS = 8192  # a whole typical document (GPL-3 is 7,658 tokens)
 DEFAULT_PASSKEY_TOKENS = 2000
-MAX_BLOCK_SIZE = 8192
-MAX_FAM_LEN = 1024
-MAX_MEM_BLOCKS = 64
-MAX_TOKENS_LIMIT = 1_000_000
+MAX_BLOCK_SIZE = LIMITS["block_size"][1]
+MAX_FAM_LEN = LIMITS["fam_len"][1]
+MAX_MEM_BLOCKS = LIMITS["mem_blocks"][1]
+MAX_TOKENS_LIMIT = LIMITS["max_tokens"][1]
 MAX_UPLOAD = "512mb"  # what the server accepts; documents are then held to MAX_DOCUMENT_BYTES with a message
 MAX_TRACE_BYTES = 512 * 1024 ** 2
 # While streaming, plots are redrawn at most this often; blocks that come faster update only the status

@@ -13,7 +13,7 @@ import resource
 import sys
 import time
 
-from .config import MODES, FamConfig
+from .config import MODES, TOOL_DEFAULTS, FamConfig, check_limits
 from .errors import FamvizError
 
 log = logging.getLogger("famviz")
@@ -29,7 +29,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_fam_options(parser: argparse.ArgumentParser) -> None:
-    defaults = FamConfig()
+    defaults = TOOL_DEFAULTS
     parser.add_argument("--mode", default=defaults.mode, choices=MODES)
     parser.add_argument("--block-size", type=int, default=defaults.block_size, metavar="N")
     parser.add_argument("--fam-len", type=int, default=defaults.fam_len, metavar="N")
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="key depths from 0 (right after the instruction) to 1 (right before the question)")
     passkey.add_argument("--trials", type=int, default=10, metavar="N", help="keys per cell")
     passkey.add_argument("--seed", type=int, default=0, metavar="S")
-    defaults = FamConfig()
+    defaults = TOOL_DEFAULTS
     passkey.add_argument("--block-size", type=int, default=defaults.block_size, metavar="N")
     passkey.add_argument("--fam-len", type=int, default=defaults.fam_len, metavar="N")
     passkey.add_argument("--mem-blocks", type=int, default=defaults.mem_blocks, metavar="N",
@@ -130,7 +130,8 @@ def run_passkey(args) -> int:
 
     try:
         specs = [pk.ModeSpec.parse(part, args.mem_blocks) for part in args.modes.split(",") if part.strip()]
-        base = FamConfig(mode="fam", block_size=args.block_size, fam_len=args.fam_len, mem_blocks=args.mem_blocks)
+        base = check_limits(FamConfig(mode="fam", block_size=args.block_size, fam_len=args.fam_len,
+                                      mem_blocks=args.mem_blocks))
     except ValueError as exc:
         raise FamvizError(str(exc)) from None
     lengths = _number_list(args.lengths, int, "--lengths")
@@ -321,7 +322,8 @@ def window_peak_rss_mb() -> float | None:
 def run_stream(args) -> int:
     from .documents import read_document
 
-    config = FamConfig(mode=args.mode, block_size=args.block_size, fam_len=args.fam_len, mem_blocks=args.mem_blocks)
+    config = check_limits(FamConfig(mode=args.mode, block_size=args.block_size, fam_len=args.fam_len,
+                                    mem_blocks=args.mem_blocks))
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise FamvizError(f"--max-tokens must be positive, got {args.max_tokens}")
     trace_out = check_output_path(args.trace) if args.trace else None

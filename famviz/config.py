@@ -51,3 +51,28 @@ class FamConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# One table of defaults and limits for every front end (the app's tabs and the CLI). The FAM length is the
+# paper's; block 256 and one memory block instead of its 1024 and 3 fit the bundled 135M model on a laptop
+# CPU (a 2k-token prompt then spans 8 FAM updates) and are the shipped adapter's geometry.
+TOOL_DEFAULTS = FamConfig(mode="fam", block_size=256, fam_len=64, mem_blocks=1)
+LIMITS = {"block_size": (1, 8192), "fam_len": (1, 1024), "mem_blocks": (0, 64), "max_tokens": (1, 1_000_000)}
+LABELS = {"block_size": "block size", "fam_len": "FAM length", "mem_blocks": "memory blocks", "max_tokens": "max tokens"}
+
+
+def check_limits(config: FamConfig) -> FamConfig:
+    """``config`` if its numbers lie within ``LIMITS`` (the FAM length only matters in fam mode), else a
+    ConfigError naming the first one that does not."""
+    for name in ("block_size", "fam_len", "mem_blocks"):
+        if name == "fam_len" and config.mode != "fam":
+            continue
+        check_limit(name, getattr(config, name))
+    return config
+
+
+def check_limit(name: str, value: int) -> int:
+    low, high = LIMITS[name]
+    if not low <= value <= high:
+        raise ConfigError(f"{LABELS[name]} must be from {low} to {high:,}, got {value:,}")
+    return value

@@ -181,17 +181,22 @@ class FamModel:
                              mem_k=tuple(new_k), mem_v=tuple(new_v))
         return BlockOutput(hidden=hidden, state=next_state, stats=stats if with_stats else None, fam_before=state.fam)
 
-    def read_block(self, input_ids: torch.Tensor, state: StreamState) -> torch.Tensor:
+    def read_block(self, input_ids: torch.Tensor, state: StreamState, offset: int = 0) -> torch.Tensor:
         """Hidden states (batch, n, d), after the final norm, of a side block that reads ``state`` but
-        changes nothing: the same as ``forward_block(input_ids, state).hidden`` (block rows never see
-        the FAM rows' outputs of their own block), without computing the FAM update.
+        changes nothing: with ``offset`` 0 the same as ``forward_block(input_ids, state).hidden`` (block
+        rows never see the FAM rows' outputs of their own block), without computing the FAM update.
 
-        Training asks a question this way after every block (a read-out probe of the current FAM).
+        ``offset``: the rows sit at positions offset … offset+n-1 of the block (RoPE), as if ``offset``
+        tokens came first, unseen. Training asks a question this way after every block (a read-out probe
+        of the current FAM), at varied offsets, since a real question can come anywhere in its block.
         """
         batch, n = input_ids.shape
         f, m = self.fam_len, state.memory_tokens
         layout = WindowLayout(memory=m, fam=f, block=n)
-        rows_cos, rows_sin, mem_cos, mem_sin = self._window_angles(state.position, m, f, n)
+        rows_cos, rows_sin, mem_cos, mem_sin = self._window_angles(state.position, m, f, offset + n)
+        if offset:  # the FAM rows' angles, then those of the block rows from ``offset`` on
+            rows_cos = torch.cat([rows_cos[:, :, :f], rows_cos[:, :, f + offset :]], dim=2)
+            rows_sin = torch.cat([rows_sin[:, :, :f], rows_sin[:, :, f + offset :]], dim=2)
         mask = window_mask(layout, self.device)[f:]  # the block rows of the window's mask
         x = self.decoder.embed_tokens(input_ids.to(self.device))
         for index, layer in enumerate(self.layers):

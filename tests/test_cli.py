@@ -402,3 +402,27 @@ def test_stream_bundled_model_subprocess():
     assert "Traceback" not in proc.stderr
     print(f"bundled model, 600 tokens: {summary['seconds']} s, {summary['tokens_per_s']} tok/s, "
           f"nll {summary['nll_mean']:.3f}, peak RSS {summary['peak_rss_mb']} MB")
+
+
+def test_cli_and_app_share_one_table_of_defaults_and_limits(capfd, tmp_path):
+    """The CLI's defaults are the app's (famviz.config.TOOL_DEFAULTS), and it refuses what the app refuses."""
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    from famviz.cli import build_parser
+    from famviz.config import TOOL_DEFAULTS
+
+    root = str(_Path(__file__).resolve().parents[1])
+    if root not in _sys.path:
+        _sys.path.insert(0, root)
+    import app
+
+    assert app.DEFAULT_SETTINGS == TOOL_DEFAULTS
+    for command in (["stream", "x.txt"], ["passkey"]):
+        args = build_parser().parse_args(command)
+        assert (args.block_size, args.fam_len, args.mem_blocks) == \
+            (TOOL_DEFAULTS.block_size, TOOL_DEFAULTS.fam_len, TOOL_DEFAULTS.mem_blocks)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("some words " * 50)
+    status, out, err = run_cli_in_process(["stream", str(doc), "--mode", "fam", "--fam-len", "0"], capfd)
+    assert_one_line_error(status, out, err, contains=("FAM length must be from 1",))

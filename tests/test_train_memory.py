@@ -122,6 +122,21 @@ def test_read_block_equals_the_block_rows_of_a_forward_block(mode, mem_blocks):
         assert torch.allclose(model.read_block(probe, state), model.forward_block(probe, state).hidden, atol=1e-5)
 
 
+def test_read_block_offset_moves_the_rows_away_from_the_fam_only():
+    """At offset k the rows keep their distances to each other (a block alone gives the same output) and
+    are k positions further from the FAM they read (so its output changes)."""
+    loaded = tiny_loaded()
+    gen = torch.Generator().manual_seed(2)
+    probe = torch.randint(0, VOCAB, (1, 5), generator=gen)
+    with torch.no_grad():
+        alone = FamModel(loaded, FamConfig("bswa", 16, 0, 0))
+        state = alone.forward_block(torch.randint(0, VOCAB, (1, 16), generator=gen), alone.initial_state(1)).state
+        assert torch.allclose(alone.read_block(probe, state, 7), alone.read_block(probe, state), atol=1e-5)
+        fam = FamModel(loaded, FamConfig("fam", 16, 4, 0))
+        state = fam.forward_block(torch.randint(0, VOCAB, (1, 16), generator=gen), fam.initial_state(1)).state
+        assert not torch.allclose(fam.read_block(probe, state, 7), fam.read_block(probe, state), atol=1e-4)
+
+
 def test_readout_probes_leave_the_main_stream_unchanged_and_add_their_loss(tmp_path):
     trainer = Trainer(tiny_config(tmp_path), loaded=tiny_loaded(), data=KeyWithProbe())
     example = KeyWithProbe().draw(random.Random(0))
