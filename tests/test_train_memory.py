@@ -157,6 +157,11 @@ def test_readout_probes_leave_the_main_stream_unchanged_and_add_their_loss(tmp_p
             logits = trainer.fam_model.logits(trainer.fam_model.read_block(readout.ids, s))[0, 0]
             manual.append(float(torch.nn.functional.cross_entropy(logits[None], readout.ids[0, 1:])))
     assert probed.item() == pytest.approx((plain.item() + sum(manual)) / 4, rel=1e-5)
+    parts = {}
+    with torch.no_grad():
+        sequence_loss(trainer.fam_model, ids, weights, state, readout=readout, parts=parts)
+    assert parts["main"] == pytest.approx(plain.item(), rel=1e-5)
+    assert parts["readout"] == pytest.approx(sum(manual) / 3, rel=1e-5)
 
 
 def test_readout_probes_train_the_memory_faster(tmp_path):
