@@ -168,8 +168,9 @@ def watch_retention(context, mode, mem_blocks, block_size, fam_len, length, dept
             yield _error(f"stopped at block {index}: {type(exc).__name__}: {exc}"), gr.skip(), session
             return
         last = session.points[-1] if session.points else None
+        said = "no number" if last is None or last.predicted is None else last.predicted
         answer = "" if last is None else (f" · last probe: {'retrieved' if last.correct else 'lost'} "
-                                          f"(answer {last.predicted}, log p {last.key_logprob:.2f})")
+                                          f"(answer {said}, log p {last.key_logprob:.2f})")
         status = (f"Block **{index + 1} / {total}** · {stream.position:,} tokens · "
                   f"{time.perf_counter() - started:.1f} s · key {document.key}{answer}")
         yield status, retention_figure(session.points, document.key), session

@@ -4,6 +4,8 @@ Pure functions of plain results (``famviz.passkey`` cells and retention points),
 """
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import numpy as np
@@ -68,7 +70,9 @@ def retention_figure(points: Sequence[RetentionPoint], key: int | None = None,
     subtitle = f" (key {key})" if key is not None else ""
     fig.update_layout(title=dict(text=title + subtitle, x=0.01, xanchor="left"), plot_bgcolor="white",
                       paper_bgcolor="white", legend=dict(orientation="h", y=-0.2), margin=dict(l=60, r=60, t=50, b=60))
-    fig.update_xaxes(title_text="blocks since the key went by", tickformat="d")
+    # Whole blocks only: with "d" alone, plotly's fractional ticks of a short curve read "0 1 1 2 2".
+    fig.update_xaxes(title_text="blocks since the key went by", tickformat="d", tick0=0,
+                     dtick=max(1, math.ceil(max((p.blocks_since_key for p in points), default=1) / 10)))
     fig.update_yaxes(title_text="log p(key tokens)", secondary_y=False)
     fig.update_yaxes(title_text="retrieved", range=[-0.15, 1.15], tickvals=[0, 1], ticktext=["no", "yes"],
                      secondary_y=True)

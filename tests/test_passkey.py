@@ -210,6 +210,10 @@ def test_retention_figure():
     fig = retention_figure(points, key=7)
     assert list(fig.data[0].x) == [0, 1, 2, 3] and list(fig.data[1].y) == [1.0, 1.0, 0.0, 0.0]
     assert "blocks since" in fig.layout.xaxis.title.text
+    assert fig.layout.xaxis.dtick == 1 and fig.layout.xaxis.tick0 == 0  # whole-block ticks, never "0 1 1 2 2"
+    many = [pk.RetentionPoint(block=i, tokens=i, blocks_since_key=i, correct=True, predicted=7, key_logprob=0.0,
+                              seconds=0.1) for i in range(95)]
+    assert retention_figure(many, key=7).layout.xaxis.dtick == 10
     assert retention_figure([]).layout.annotations[0].text.startswith("no probe")
 
 
