@@ -222,7 +222,7 @@ def read_input_document(source: str, upload: str | None, pasted: str | None, tok
     if source == "upload":
         if not upload:
             raise FamvizError("No file uploaded: choose a file, or pick pasted text or an example.")
-        return read_upload(upload)
+        return read_upload(upload, MAX_DOCUMENT_BYTES)
     if source == "paste":
         if not pasted or not pasted.strip():
             raise FamvizError("No text pasted: paste some text, or pick a file or an example.")
