@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from famviz import export, figures  # noqa: E402
-from famviz.adapters import SHIPPED_ADAPTERS  # noqa: E402
+from famviz.adapters import SHIPPED_ADAPTER, SHIPPED_ADAPTERS  # noqa: E402
 from famviz.config import LIMITS, MODES, TOOL_DEFAULTS, FamConfig  # noqa: E402
 from famviz.documents import MAX_DOCUMENT_BYTES, SUPPORTED_SUFFIXES, read_document, read_upload  # noqa: E402
 from famviz.engine import Stream  # noqa: E402
@@ -112,7 +112,8 @@ def attach_adapter(loaded: LoadedModel, directory: str | Path) -> AppAdapter:
 def shipped_adapters() -> list[tuple[str, str]]:
     """(label, directory) of the adapters that come with famviz (trained with `famviz train`)."""
     found = []
-    for marker in sorted(SHIPPED_ADAPTERS.glob("*/famviz_adapter.json")):
+    markers = sorted(SHIPPED_ADAPTERS.glob("*/famviz_adapter.json"), key=lambda m: (m.parent != SHIPPED_ADAPTER, m))
+    for marker in markers:  # the default adapter first
         found.append((f"bundled model + tuned FAM: {marker.parent.name} (see its TRAINING_CARD.md)",
                       str(marker.parent)))
     return found
@@ -537,7 +538,8 @@ def build_inspector_tab(context: AppContext) -> None:
                 with gr.Accordion("Model", open=False, elem_id="model-panel"):
                     model = gr.Textbox(model_key[0] or "", label="Model (Hugging Face id or local path)",
                                        placeholder="empty: bundled SmolLM2-135M", elem_id="model")
-                    adapter_dir = gr.Dropdown([("none: untuned conversion (memory not trained)", ""), *shipped_adapters()], value=model_key[1] or "",
+                    adapter_dir = gr.Dropdown([("none: untuned conversion (memory not trained)", ""),
+                                               *shipped_adapters()], value=model_key[1] or "",
                                               allow_custom_value=True, label="Adapter (or type a directory)",
                                               elem_id="adapter")
                     with gr.Row():
@@ -696,8 +698,7 @@ def startup_adapter(model: str | None, adapter: str | None) -> str | None:
     tuned FAM with the bundled model (other models have no shipped adapter)."""
     if adapter is not None:
         return None if adapter.strip().lower() in ("", "none") else adapter
-    shipped = shipped_adapters()
-    return shipped[0][1] if model is None and shipped else None
+    return str(SHIPPED_ADAPTER) if model is None and (SHIPPED_ADAPTER / "famviz_adapter.json").is_file() else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -380,8 +380,10 @@ def test_document_cut_for_huge_documents_gives_the_character_share(app_module, h
 
 
 def test_the_app_starts_on_the_shipped_tuned_adapter_unless_told_otherwise(app_module):
-    shipped = app_module.shipped_adapters()[0][1]
-    assert app_module.startup_adapter(None, None) == shipped
+    from famviz.adapters import SHIPPED_ADAPTER
+
+    shipped = app_module.shipped_adapters()[0][1]  # listed first, too
+    assert shipped == str(SHIPPED_ADAPTER) == app_module.startup_adapter(None, None)
     assert app_module.startup_adapter(None, "none") is None and app_module.startup_adapter(None, "") is None
     assert app_module.startup_adapter("my/model", None) is None  # no shipped adapter fits another model
     assert app_module.startup_adapter(None, "/some/dir") == "/some/dir"
