@@ -72,20 +72,26 @@ def long_document_eval(fam_model: FamModel, ids: list[int], quarters: int = 4,
     blocks in ``norm_after`` (the document is streamed again, repeated, where it has fewer blocks)."""
     from .engine import Stream
 
-    result = Stream(fam_model, record=False).run(ids)
-    nll = result.nll
+    fam = bool(fam_model.fam_len and norm_after)
+    block = fam_model.config.block_size
+    longest = max(norm_after, default=0) * block
+    # One stream: the document, repeated where the norm is asked after more blocks than it has (causal, so
+    # the document's own losses are those of streaming it alone).
+    streamed = (ids * (longest // len(ids) + 1))[: max(len(ids), longest)] if fam else ids
+    norms: dict[str, float] = {}
+    stream = Stream(fam_model, record=False)
+    if fam:
+        norms["0"] = fam_norm(stream.state.fam)
+
+        def on_block(result) -> None:
+            if result.index + 1 in norm_after:
+                norms[str(result.index + 1)] = fam_norm(stream.state.fam)
+
+        stream.on_block = on_block
+    nll = stream.run(streamed).nll[: len(ids)]
     edges = np.linspace(0, len(nll), quarters + 1).astype(int)
     parts = [nll[a:b][np.isfinite(nll[a:b])] for a, b in zip(edges[:-1], edges[1:])]
-    summary = {"tokens": len(ids), "nll": result.nll_mean, "nll_quarters": [float(p.mean()) for p in parts],
-               "fam_norm_after_blocks": {}}
-    if fam_model.fam_len and norm_after:
-        block = fam_model.config.block_size
-        longest = max(norm_after) * block
-        repeated = (ids * (longest // len(ids) + 1))[:longest]
-        state = fam_model.initial_state(1)
-        summary["fam_norm_after_blocks"]["0"] = fam_norm(state.fam)
-        for index in range(max(norm_after)):
-            state = fam_model.forward_block(torch.tensor([repeated[index * block : (index + 1) * block]]), state).state
-            if index + 1 in norm_after:
-                summary["fam_norm_after_blocks"][str(index + 1)] = fam_norm(state.fam)
+    finite = nll[np.isfinite(nll)]
+    summary = {"tokens": len(ids), "nll": float(finite.mean()), "nll_quarters": [float(p.mean()) for p in parts],
+               "fam_norm_after_blocks": norms}
     return summary

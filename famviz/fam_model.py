@@ -203,10 +203,7 @@ class FamModel:
             z = torch.cat([state.fam[index], x], dim=1) if f else x
             q, k, v = self.qkv(index, z)
             q_rot, k_rot = _rotate(q[:, :, f:], rows_cos[:, :, f:], rows_sin[:, :, f:]), _rotate(k, rows_cos, rows_sin)
-            mem_k = state.mem_k[index]
-            if m and self.memory_capacity is not None:
-                mem_k = _rotate(mem_k, mem_cos, mem_sin)
-            keys, values = torch.cat([mem_k, k_rot], dim=2), torch.cat([state.mem_v[index], v], dim=2)
+            keys, values = self._window_kv(index, state, k_rot, v, mem_cos, mem_sin)
             out = torch.nn.functional.scaled_dot_product_attention(q_rot, keys, values, attn_mask=mask, scale=self.scale,
                                                                    enable_gqa=q.shape[1] != keys.shape[1])
             a = x + self._o_proj(layer, out)
@@ -218,17 +215,13 @@ class FamModel:
         """One layer over [FAM ; block]: the block rows for the next layer, this layer's new FAM, the
         keys/values to remember, attention statistics and the window's keys/values."""
         layer = self.layers[index]
-        f, m = layout.fam, layout.memory
+        f = layout.fam
         rows_cos, rows_sin, mem_cos, mem_sin = angles
         fam = state.fam[index] if f else None
         z = torch.cat([fam, x], dim=1) if f else x  # FAM rows are prepended: [F ; X]
         q, k, v = self.qkv(index, z)
         q_rot, k_rot = _rotate(q, rows_cos, rows_sin), _rotate(k, rows_cos, rows_sin)
-        mem_k = state.mem_k[index]
-        if m and self.memory_capacity is not None:
-            mem_k = _rotate(mem_k, mem_cos, mem_sin)  # bounded memory holds pre-RoPE keys
-        keys = torch.cat([mem_k, k_rot], dim=2)
-        values = torch.cat([state.mem_v[index], v], dim=2)
+        keys, values = self._window_kv(index, state, k_rot, v, mem_cos, mem_sin)
         out, layer_stats = attend(q_rot, keys, values, layout, self.scale, with_stats, self.backend)
         # The first update of the context-free initial FAM uses a zero residual (FAM_SPEC §3).
         residual = torch.cat([torch.zeros_like(fam), x], dim=1) if f and state.fam_fresh else z
@@ -236,6 +229,13 @@ class FamModel:
         h = a + self.mlp(index, layer.post_attention_layernorm(a))  # FAM rows go through the MLP too
         stored_k = k[:, :, f:] if self.memory_capacity is not None else k_rot[:, :, f:]
         return h[:, f:], (h[:, :f] if f else None), stored_k, v[:, :, f:], layer_stats, keys, values
+
+    def _window_kv(self, index: int, state: StreamState, k_rot: torch.Tensor, v: torch.Tensor, mem_cos, mem_sin):
+        """A layer's window keys (rotated) and values: the memory blocks', then the rows' [FAM ; block]."""
+        mem_k = state.mem_k[index]
+        if state.memory_tokens and self.memory_capacity is not None:
+            mem_k = _rotate(mem_k, mem_cos, mem_sin)  # bounded memory holds pre-RoPE keys
+        return torch.cat([mem_k, k_rot], dim=2), torch.cat([state.mem_v[index], v], dim=2)
 
     def _remember(self, memory: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         if self.memory_capacity == 0:

@@ -206,7 +206,7 @@ def resumed_stage(history: list[dict], stages: list[int]) -> int:
         return 0
     last = records[-1]
     reached = last["curriculum_blocks"] if not last.get("advanced") else last["curriculum_blocks"] + 1
-    return min(next((i for i, n in enumerate(stages) if n >= reached), len(stages) - 1), len(stages) - 1)
+    return next((i for i, n in enumerate(stages) if n >= reached), len(stages) - 1)
 
 
 def add_lora(loaded, rank: int, alpha: float | None):
