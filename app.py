@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
@@ -39,7 +40,8 @@ import torch  # noqa: E402
 
 from famviz import export, figures  # noqa: E402
 from famviz.adapters import SHIPPED_ADAPTER, SHIPPED_ADAPTERS  # noqa: E402
-from famviz.config import LIMITS, MODES, TOOL_DEFAULTS, FamConfig  # noqa: E402
+from famviz.config import (LIMITS, MODES, TOOL_DEFAULTS, FamConfig, geometry_warnings,  # noqa: E402
+                           trained_geometry_differences)
 from famviz.documents import MAX_DOCUMENT_BYTES, SUPPORTED_SUFFIXES, read_document, read_upload  # noqa: E402
 from famviz.engine import Stream  # noqa: E402
 from famviz.errors import DocumentError, FamvizError  # noqa: E402
@@ -87,9 +89,11 @@ class AppAdapter:
 
     def settings(self) -> FamConfig:
         """The FAM geometry the adapter was trained with (the app's defaults when it is loaded)."""
-        names = {f.name for f in dataclasses.fields(FamConfig)}
-        trained = {k: v for k, v in self.adapter.fam_config.items() if k in names}
-        return dataclasses.replace(DEFAULT_SETTINGS, **trained)
+        return self.adapter.trained_config()
+
+    def notes(self, config: FamConfig) -> list[str]:
+        """How a run's geometry differs from the adapter's (allowed, but said beside the results)."""
+        return trained_geometry_differences(self.settings(), config, self.directory.name)
 
     def prompt_for(self, loaded: LoadedModel, config: FamConfig) -> torch.Tensor | None:
         """The FAM prompt for a run, or an AdapterError when the run's settings don't fit the adapter."""
@@ -139,6 +143,11 @@ class ModelHub:
 
     def is_loaded(self, key: tuple) -> bool:
         return key in self._models
+
+    def loaded_choice(self, model, adapter, device, dtype) -> tuple[LoadedModel, AppAdapter | None] | None:
+        """The Model panel's choice if it is loaded already (None: it loads on the next Start)."""
+        key = _model_key(model, adapter, device, dtype)
+        return self._models.get(key)
 
     def for_choice(self, model, adapter, device, dtype) -> tuple[LoadedModel, AppAdapter | None]:
         """The Model panel's choice: the startup model when it is the one chosen, else loaded by ``get``."""
@@ -315,9 +324,11 @@ def stream_document(hub: ModelHub, model, adapter_dir, device, dtype, source, up
     trace = primary.trace
     trace.text, trace.offsets = text, list(offsets)
     trace.meta["document"] = name
+    notes = geometry_warnings(config) + (adapter.notes(config) if adapter is not None else [])
+    trace.meta["notes"] = notes
     run = Run(config=config, document=name, total_tokens=len(ids), trace=trace, compare_mode=compare,
               document_cut=document_cut(loaded.tokenizer, text, ids, offsets),
-              features=StateFeatures(layers) if layers else None)
+              features=StateFeatures(layers) if layers else None, notes=notes)
     if previous is not None:  # keep what the user was looking at
         run.view, run.method = previous.view, previous.method
         run.layer = previous.layer if previous.layer is not None and previous.layer < n_layers else None
@@ -506,6 +517,14 @@ class AppContext:
     run_state: gr.State
     defaults: FamConfig
     model_inputs: list = dataclasses.field(default_factory=list)  # the Model panel: model, adapter, device, dtype
+    header: object = None  # the page's model line (gr.Markdown), redrawn when the choice changes or a run ends
+    adapter_note: object = None  # under the adapter choice: the geometry it applied
+    geometry_fields: list = dataclasses.field(default_factory=list)  # per tab: (block size, FAM length, memory blocks)
+
+    def refresh_header_after(self, event) -> None:
+        """After ``event`` (a run of either tab), the header names the model that ran."""
+        event.then(lambda *choice: model_header(self.hub, *choice), self.model_inputs, self.header,
+                   show_progress="hidden")
 
 
 def _model_summary(loaded: LoadedModel, adapter: AppAdapter | None) -> str:
@@ -520,6 +539,37 @@ def _model_summary(loaded: LoadedModel, adapter: AppAdapter | None) -> str:
                  "to remember, so expect its loss to rise over a long document (choose a tuned adapter in the "
                  "Model panel)")
     return line
+
+
+def model_header(hub: ModelHub, model, adapter, device, dtype) -> str:
+    """The page's model line for the Model panel's choice: the loaded model's summary, or what loads next."""
+    choice = hub.loaded_choice(model, adapter, device, dtype)
+    if choice is not None:
+        return _model_summary(*choice)
+    name = (model or "").strip() or "bundled SmolLM2-135M"
+    adapter = (adapter or "").strip()
+    return (f"**Model (chosen, loaded on the next Start):** {name}"
+            + (f" · adapter `{Path(adapter).name}`" if adapter else " · untuned conversion"))
+
+
+def adapter_geometry(groups: int, directory):
+    """The adapter choice: its trained geometry goes into every tab's block size, FAM length and memory
+    blocks (``groups`` tabs), and the note under the choice says so."""
+    directory = (directory or "").strip()
+    keep = [gr.skip()] * (3 * groups)
+    if not directory:
+        return *keep, ("Untuned conversion: the FAM is the model's own layers run on a fixed prompt, never "
+                       "trained to remember; expect its loss to rise over a long document.")
+    try:
+        from famviz.adapters import read_adapter
+
+        trained = AppAdapter(read_adapter(directory), None).settings()
+    except FamvizError as exc:
+        return *keep, error_status(str(exc))
+    values = [trained.block_size, trained.fam_len, trained.mem_blocks] * groups
+    return *values, (f"Adapter `{Path(directory).name}` was trained with block {trained.block_size} tokens, "
+                     f"FAM {trained.fam_len} slots, memory blocks {trained.mem_blocks}: these settings are now "
+                     f"set in every tab. Other settings are allowed; the status then says how a run differs.")
 
 
 def build_inspector_tab(context: AppContext) -> None:
@@ -547,6 +597,7 @@ def build_inspector_tab(context: AppContext) -> None:
                                              elem_id="device")
                         dtype = gr.Dropdown(["auto", "bfloat16", "float32"], value=model_key[3], label="Dtype",
                                             elem_id="dtype")
+                    context.adapter_note = gr.Markdown("", elem_id="adapter-note")
                     gr.Markdown("A changed model is loaded when you press Start (here or in the PassKey tab).")
                     context.model_inputs[:] = [model, adapter_dir, device, dtype]
                 with gr.Row():
@@ -563,6 +614,7 @@ def build_inspector_tab(context: AppContext) -> None:
                     mem_blocks = gr.Number(defaults.mem_blocks, label="Memory blocks", precision=None, step=1,
                                            elem_id="mem-blocks")
                     max_tokens = gr.Number(DEFAULT_MAX_TOKENS, label="Max tokens", precision=None, step=1, elem_id="max-tokens")
+                context.geometry_fields.append((block_size, fam_len, mem_blocks))
                 trajectory_layers = gr.Textbox(", ".join(map(str, default_trajectory_layers(n_layers))),
                                                label="Trajectory layers (FAM states recorded)",
                                                elem_id="trajectory-layers")
@@ -636,6 +688,7 @@ def build_inspector_tab(context: AppContext) -> None:
                 fam_len, mem_blocks, max_tokens, trajectory_layers, run_state],
         outputs, api_name="stream", show_progress="hidden", concurrency_id="model", concurrency_limit=1,
     )
+    context.refresh_header_after(run_event)
     # While streaming with UMAP chosen, the timer picks up background fits as they finish.
     run_event.then(lambda run: gr.Timer(active=run is not None and run.method == "UMAP"), [run_state], [umap_timer])
     stop_button.click(stop_run, [run_state], outputs, cancels=[run_event], api_name="stop", show_progress="hidden")
@@ -665,11 +718,18 @@ def build_app(loaded: LoadedModel, adapter: AppAdapter | str | Path | None = Non
     defaults = adapter.settings() if adapter is not None else DEFAULT_SETTINGS
 
     with gr.Blocks(title="famviz: TransformerFAM memory", delete_cache=(3600, 24 * 3600)) as demo:
-        gr.Markdown("## famviz · watch TransformerFAM's working memory\n" + _model_summary(loaded, adapter))
-        context = AppContext(hub=hub, run_state=gr.State(None), defaults=defaults)
+        gr.Markdown("## famviz · watch TransformerFAM's working memory")
+        header = gr.Markdown(_model_summary(loaded, adapter), elem_id="model-summary")
+        context = AppContext(hub=hub, run_state=gr.State(None), defaults=defaults, header=header)
         with gr.Tabs():
             build_inspector_tab(context)
             build_passkey_tab(context)
+        for choice in context.model_inputs:
+            choice.change(lambda *c: model_header(hub, *c), context.model_inputs, header, show_progress="hidden")
+        fields = [field for group in context.geometry_fields for field in group]
+        context.model_inputs[1].input(functools.partial(adapter_geometry, len(context.geometry_fields)),
+                                      [context.model_inputs[1]], [*fields, context.adapter_note],
+                                      show_progress="hidden")
     demo.queue(default_concurrency_limit=4)
     return demo
 

@@ -9,13 +9,14 @@ Training (``python -m famviz train``) writes these; ``--adapter DIR`` reads them
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import FamConfig
+from .config import TOOL_DEFAULTS, FamConfig
 from .errors import AdapterError
 from .models import LoadedModel
 
@@ -37,6 +38,11 @@ class Adapter:
     @property
     def fam_config(self) -> dict:
         return self.meta.get("fam", {})
+
+    def trained_config(self) -> FamConfig:
+        """The FAM geometry the adapter was trained with (the tool's defaults for anything not recorded)."""
+        names = {f.name for f in dataclasses.fields(FamConfig)}
+        return dataclasses.replace(TOOL_DEFAULTS, **{k: v for k, v in self.fam_config.items() if k in names})
 
 
 def read_adapter(directory: str | Path) -> Adapter:
@@ -91,6 +97,7 @@ def apply_adapter(directory: str | Path, loaded: LoadedModel, config: FamConfig)
         except Exception as exc:  # noqa: BLE001
             raise AdapterError(f"cannot apply the LoRA weights in {adapter.directory}: {exc}") from None
         loaded.model = merged.eval().requires_grad_(False)
+    loaded.adapter = adapter.directory.name
     if adapter.fam_prompt is None or config.mode != "fam":
         return None
     return adapter.fam_prompt.to(device=loaded.device, dtype=loaded.dtype)

@@ -365,7 +365,7 @@ def run_stream(args) -> int:
         "peak_rss_mb": round(max(load_peak_mb, peak_rss_mb()), 1),
         "stream_peak_rss_mb": round(window_peak_rss_mb(), 1) if can_window else None, "state_bytes": result.state_bytes,
         "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""), "model": loaded.name,
-        "trace": trace_path, "trace_bytes": result.trace.nbytes() if result.trace is not None else 0,
+        "adapter": loaded.adapter, "trace": trace_path, "trace_bytes": result.trace.nbytes() if result.trace is not None else 0,
     }
     if args.json:
         print(json.dumps(summary))
@@ -395,11 +395,18 @@ def load_for_cli(args, config: FamConfig):
 
     started = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    from .config import geometry_warnings
+
+    notes = geometry_warnings(config)
     fam_prompt = None
     if args.adapter:
-        from .adapters import apply_adapter
+        from .adapters import apply_adapter, read_adapter
+        from .config import trained_geometry_differences
 
         fam_prompt = apply_adapter(args.adapter, loaded, config)
+        notes += trained_geometry_differences(read_adapter(args.adapter).trained_config(), config, loaded.adapter)
+    for note in notes:
+        print(f"famviz: note: {note}", file=sys.stderr)
     log.info("model %s loaded in %.1f s on %s (%s)", loaded.name, time.perf_counter() - started, loaded.device,
              loaded.dtype)
     return loaded, fam_prompt

@@ -76,3 +76,21 @@ def check_limit(name: str, value: int) -> int:
     if not low <= value <= high:
         raise ConfigError(f"{LABELS[name]} must be from {low} to {high:,}, got {value:,}")
     return value
+
+
+def geometry_warnings(config: FamConfig) -> list[str]:
+    """Settings that run but are unlikely to be what was meant (shown beside the results, never refused)."""
+    warnings = []
+    if config.mode == "fam" and config.fam_len and config.block_size < config.fam_len:
+        warnings.append(f"the block ({config.block_size} tokens) is shorter than the FAM ({config.fam_len} slots): "
+                        f"each update compresses fewer tokens than the memory holds, and streaming is slow")
+    return warnings
+
+
+def trained_geometry_differences(trained: FamConfig, config: FamConfig, adapter: str) -> list[str]:
+    """One line per geometry setting in which a run differs from what its adapter was trained with (the
+    mode may differ: comparing a tuned model's fam run with bswa or full is routine)."""
+    names = ["block_size", "mem_blocks"] + (["fam_len"] if config.mode == "fam" else [])
+    return [f"adapter {adapter} was trained with {LABELS.get(name, name)} {getattr(trained, name)}, "
+            f"this run uses {getattr(config, name)}"
+            for name in names if getattr(trained, name) != getattr(config, name)]

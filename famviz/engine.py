@@ -98,6 +98,7 @@ class Stream:
         cfg = self.loaded.config
         return {
             "model": self.loaded.name,
+            "adapter": self.loaded.adapter,  # None: the untuned conversion
             "model_type": cfg.model_type,
             "config": self.config.to_dict(),
             "fam_len": self.fam_model.fam_len,

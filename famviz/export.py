@@ -75,7 +75,8 @@ def caption_of(run) -> str:
 def metadata_of(run) -> dict:
     """What reproduces a figure: model, engine config, document, and the figure's own choices."""
     meta = run.trace.meta if run.trace is not None else {}
-    return {"generator": "famviz", "model": meta.get("model"), "config": run.config.to_dict(),
+    return {"generator": "famviz", "model": meta.get("model"),
+            "adapter": meta.get("adapter"), "model_label": run.model_label, "config": run.config.to_dict(),
             "dtype": meta.get("dtype"), "document": run.document, "tokens": run.tokens_done,
             "blocks": run.blocks_done, "compare_mode": run.compare_mode, "view": run.view,
             "block": run.shown_block, "layer": run.layer, "trajectory_method": run.method}

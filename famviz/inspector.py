@@ -24,6 +24,7 @@ import numpy as np
 
 from . import figures
 from .config import FamConfig
+from .models import describe_model
 from .trace import Trace
 
 DEFAULT_VIEW = "block-fam"
@@ -291,6 +292,7 @@ class Run:
     engine_seconds: float = 0.0  # time spent inside the engine (the app's own cost is the rest)
     state: str = "streaming"  # streaming | done | stopped | failed | replayed
     error: str = ""
+    notes: list[str] = field(default_factory=list)  # shown under the status, e.g. settings the adapter was not trained with
     umap_result: tuple[int, dict] | None = None  # (blocks covered, layer -> coords)
     umap_future: Future | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -303,7 +305,7 @@ class Run:
         run = cls(config=config, document=trace.meta.get("document", name), total_tokens=trace.n_tokens,
                   trace=trace, compare_mode=compare.get("mode"),
                   compare_nll=[float("nan") if v is None else float(v) for v in compare.get("block_nll", [])],
-                  features=StateFeatures.from_trace(trace), state="replayed")
+                  features=StateFeatures.from_trace(trace), state="replayed", notes=list(trace.meta.get("notes", [])))
         run.blocks_done, run.tokens_done = trace.n_blocks, trace.n_tokens
         return run
 
@@ -334,7 +336,9 @@ class Run:
             parts.append(f"mean NLL {nll:.3f} nats")
         head = {"streaming": "Streaming", "done": "Done", "stopped": "Stopped", "failed": "Failed",
                 "replayed": "Replayed from trace"}[self.state]
-        line = f"**{head}** · {self.document} · {mode} ({geometry}) · " + " · ".join(parts)
+        line = f"**{head}** · {self.model_label} · {self.document} · {mode} ({geometry}) · " + " · ".join(parts)
+        for note in self.notes:
+            line += f"\n\n**Note:** {note}"
         if self.error:
             line += f"\n\n**Error:** {self.error}"
         return line
@@ -439,11 +443,17 @@ class Run:
     def document_html(self, tokenizer=None) -> str:
         return document_html(self.trace, self.shown_block, self.layer, tokenizer)
 
+    @property
+    def model_label(self) -> str:
+        """The model and adapter that produced the run, as recorded in its trace."""
+        meta = self.trace.meta if self.trace is not None else {}
+        return describe_model(meta.get("model"), meta.get("adapter"), adapter_known="adapter" in meta)
+
     def caption(self) -> str:
         """One line describing the run, for figure captions and file metadata."""
         cfg = self.config
         meta = self.trace.meta if self.trace is not None else {}
-        parts = [meta.get("model", "?"), f"mode {cfg.mode}" + (f" vs {self.compare_mode}" if self.compare_mode else ""),
+        parts = [self.model_label, f"mode {cfg.mode}" + (f" vs {self.compare_mode}" if self.compare_mode else ""),
                  f"block {cfg.block_size}", f"memory blocks {cfg.mem_blocks}"]
         if cfg.mode == "fam":
             parts.append(f"FAM {cfg.fam_len}")

@@ -54,6 +54,18 @@ def supported_families() -> str:
     return ", ".join(sorted(ARCHITECTURES))
 
 
+UNTUNED_LABEL = "untuned conversion"
+
+
+def describe_model(name: str | None, adapter: str | None, *, adapter_known: bool = True) -> str:
+    """"NAME + adapter X", or "NAME (untuned conversion)" when no adapter was merged; with
+    ``adapter_known`` False (an old trace that did not record it) just the name."""
+    name = name or "unknown model"
+    if adapter:
+        return f"{name} + adapter {adapter}"
+    return f"{name} ({UNTUNED_LABEL})" if adapter_known else name
+
+
 @dataclass
 class LoadedModel:
     """A causal LM ready for the FAM engine."""
@@ -62,6 +74,12 @@ class LoadedModel:
     tokenizer: object
     name: str
     arch: ArchSpec
+    adapter: str | None = None  # the name of the adapter merged into ``model`` (set by ``apply_adapter``)
+
+    @property
+    def label(self) -> str:
+        """Which model and adapter produce results: for status lines, captions and saved results."""
+        return describe_model(self.name, self.adapter)
 
     @property
     def config(self):

@@ -17,7 +17,7 @@ import gradio as gr
 
 from . import export
 from . import passkey as pk
-from .config import FamConfig
+from .config import FamConfig, geometry_warnings
 from .documents import MAX_DOCUMENT_BYTES, read_upload
 from .engine import Stream
 from .errors import FamvizError
@@ -74,10 +74,14 @@ def chosen_model(context, model_choice: tuple | None):
     return context.hub.for_choice(*model_choice)
 
 
-def model_label(loaded, adapter) -> str:
-    """Which model and adapter produced a result, for status lines, captions and downloaded results."""
-    return f"{loaded.name} + adapter {Path(str(adapter.directory)).name}" if adapter is not None \
-        else f"{loaded.name} (untuned conversion)"
+def _notes(adapter, configs) -> str:
+    """Geometry warnings and differences from the adapter's training, as note lines under a status."""
+    notes = []
+    for config in configs:
+        for note in geometry_warnings(config) + (adapter.notes(config) if adapter is not None else []):
+            if note not in notes:
+                notes.append(note)
+    return "".join(f"\n\n**Note:** {note}" for note in notes)
 
 
 def _fam_model(loaded, adapter, spec: pk.ModeSpec, base: FamConfig) -> FamModel:
@@ -129,7 +133,7 @@ def watch_retention(context, mode, mem_blocks, block_size, fam_len, length, dept
             raise FamvizError(f"Depth must be from 0 to 1, got {depth}.")
         loaded, adapter = chosen_model(context, model_choice)
         fam_model = _fam_model(loaded, adapter, spec, base)
-        label = model_label(loaded, adapter)
+        label = loaded.label
         tokenizer = fam_model.loaded.tokenizer
         try:
             if source == UPLOAD:
@@ -156,8 +160,9 @@ def watch_retention(context, mode, mem_blocks, block_size, fam_len, length, dept
     block = base.block_size
     total = -(-len(ids) // block)
     started = time.perf_counter()
-    yield f"Streaming {document.length:,} tokens ({total} blocks) with {spec.label} on {label}; key **{document.key}**…", \
-        retention_figure([], document.key), session
+    notes = _notes(adapter, [fam_model.config])
+    yield (f"Streaming {document.length:,} tokens ({total} blocks) with {spec.label} on {label}; key "
+           f"**{document.key}**…{notes}"), retention_figure([], document.key), session
     for index, start in enumerate(range(0, len(ids), block)):
         try:
             stream.feed(ids[start:start + block])
@@ -172,11 +177,11 @@ def watch_retention(context, mode, mem_blocks, block_size, fam_len, length, dept
         answer = "" if last is None else (f" · last probe: {'retrieved' if last.correct else 'lost'} "
                                           f"(answer {said}, log p {last.key_logprob:.2f})")
         status = (f"Block **{index + 1} / {total}** · {stream.position:,} tokens · "
-                  f"{time.perf_counter() - started:.1f} s · key {document.key}{answer}")
+                  f"{time.perf_counter() - started:.1f} s · key {document.key}{answer}{notes}")
         yield status, retention_figure(session.points, document.key), session
     kept = sum(p.correct for p in session.points)
     yield (f"Done: key retrieved in **{kept} of {len(session.points)}** probes · {document.length:,} tokens · "
-           f"{time.perf_counter() - started:.1f} s · {label}"), retention_figure(session.points, document.key), session
+           f"{time.perf_counter() - started:.1f} s · {label}{notes}"), retention_figure(session.points, document.key), session
 
 
 # -- sweeps -------------------------------------------------------------------------------------------------------
@@ -201,7 +206,7 @@ def run_sweep(context, modes, lengths, depths, trials, block_size, fam_len, seed
         if len(specs) * len(lengths) * len(depths) > MAX_CELLS:
             raise FamvizError(f"At most {MAX_CELLS} cells per sweep; use fewer modes, lengths or depths.")
         loaded, adapter = chosen_model(context, model_choice)
-        label = model_label(loaded, adapter)
+        label = loaded.label
         try:
             documents = {(n, d): pk.trial_documents(loaded.tokenizer, n, d, trials, seed) for n in lengths for d in depths}
         except ValueError as exc:
@@ -223,8 +228,9 @@ def run_sweep(context, modes, lengths, depths, trials, block_size, fam_len, seed
                              f"cell, seed {seed}")
     total = len(specs) * len(documents) * trials
     done, started = 0, time.perf_counter()
-    yield (f"Sweeping {len(specs) * len(documents)} cells × {trials} trials on {label}…", passkey_heatmap([]), [],
-           session)
+    notes = _notes(adapter, [pk.sweep_config(base, spec) for spec in specs])
+    yield (f"Sweeping {len(specs) * len(documents)} cells × {trials} trials on {label}…{notes}", passkey_heatmap([]),
+           [], session)
     for spec in specs:
         fam_model = _fam_model(loaded, adapter, spec, base)
         for (length, depth), docs in documents.items():
@@ -237,7 +243,7 @@ def run_sweep(context, modes, lengths, depths, trials, block_size, fam_len, seed
                     session.cells[-1] = pk.summarise_cell(spec, results, time.perf_counter() - cell_started)
                     elapsed = time.perf_counter() - started
                     status = (f"Trial **{done} / {total}** · {spec.label}, {length:,} tokens, depth {depth:g} · "
-                              f"{elapsed:.0f} s elapsed")
+                              f"{elapsed:.0f} s elapsed · {label}{notes}")
                     yield status, passkey_heatmap(session.cells), _rows(session.cells), session
             except Exception as exc:  # noqa: BLE001 - keep the cells so far
                 log.exception("sweep failed")
@@ -245,7 +251,8 @@ def run_sweep(context, modes, lengths, depths, trials, block_size, fam_len, seed
                     session.cells.pop()
                 yield _error(f"stopped: {type(exc).__name__}: {exc}"), gr.skip(), gr.skip(), session
                 return
-    yield (f"Done: {len(session.cells)} cells, {total} trials in {time.perf_counter() - started:.0f} s"), \
+    yield (f"Done: {len(session.cells)} cells, {total} trials in {time.perf_counter() - started:.0f} s · "
+           f"{label}{notes}"), \
         passkey_heatmap(session.cells), _rows(session.cells), session
 
 
@@ -291,17 +298,19 @@ def build_passkey_tab(context) -> None:
             "**Sweep** measures accuracy over lengths × depths for several modes. Depth 0 puts the key right "
             "after the instruction (the paper's setting), 1 right before the question.")
         with gr.Row():
-            block_size = gr.Number(value=256, precision=None, step=1, label="Block size (tokens)",
+            trained = context.defaults  # the startup adapter's geometry (the tool's defaults without one)
+            block_size = gr.Number(value=trained.block_size, precision=None, step=1, label="Block size (tokens)",
                                    elem_id="pk-block-size")
-            fam_len = gr.Number(value=64, precision=None, step=1, label="FAM length (slots)", elem_id="pk-fam-len")
+            fam_len = gr.Number(value=trained.fam_len, precision=None, step=1, label="FAM length (slots)", elem_id="pk-fam-len")
             seed = gr.Number(value=0, precision=None, step=1, label="Seed", elem_id="pk-seed")
         gr.Markdown("### Watch retention")
         with gr.Row():
             mode = gr.Radio(["fam", "bswa", "full"], value="fam", label="Mode", elem_id="pk-mode")
-            mem_blocks = gr.Number(value=0, precision=None, step=1, label="Memory blocks", elem_id="pk-mem-blocks")
+            mem_blocks = gr.Number(value=trained.mem_blocks if context.hub.default[1] else 0, precision=None, step=1, label="Memory blocks", elem_id="pk-mem-blocks")
             length = gr.Number(value=2000, precision=None, step=1, label="Length (tokens)", elem_id="pk-length")
             depth = gr.Slider(0, 1, value=0, step=0.05, label="Key depth", elem_id="pk-depth")
             every = gr.Number(value=1, precision=None, step=1, label="Probe every k blocks", elem_id="pk-every")
+        context.geometry_fields.append((block_size, fam_len, mem_blocks))
         with gr.Row():
             source = gr.Radio([FILLER, UPLOAD], value=FILLER, label="Hide the key in", elem_id="pk-source")
             upload = gr.File(label=f"Document (.txt .md .pdf .html, ≤ {MAX_DOCUMENT_BYTES // 1024 ** 2} MB)",
@@ -356,6 +365,8 @@ def build_passkey_tab(context) -> None:
         [sweep_status, heatmap, table, session], api_name="passkey_sweep", show_progress="hidden",
         concurrency_id="model", concurrency_limit=1)
     sweep_stop.click(None, cancels=[sweep_event])
+    context.refresh_header_after(watch_event)
+    context.refresh_header_after(sweep_event)
     upload.upload(None, None, source, js=f"() => '{UPLOAD}'")
     export_button.click(export_passkey, [which, fmt, session], [export_file, export_note], api_name="passkey_export")
     json_button.click(download_results, [session], [export_file, export_note], api_name="passkey_download")

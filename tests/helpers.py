@@ -160,3 +160,26 @@ def assert_one_line_error(status, stdout: str, stderr: str, *, contains: tuple[s
     for text in contains:
         assert text in lines[0], f"{text!r} not in {lines[0]!r}"
     return lines[0]
+
+
+def write_random_lora_adapter(directory: Path, fam_len: int = 4, block_size: int = 32, mem_blocks: int = 0):
+    """(model dir, adapter dir): a saved tiny llama and an adapter for it whose LoRA is random (not zero)
+    and whose FAM prompt is random, so results with and without it differ."""
+    import torch
+
+    from famviz import FamConfig
+    from famviz.adapters import write_adapter
+    from famviz.models import load_model
+    from famviz.train import add_lora
+
+    model_dir = save_tiny_llama_dir(directory / "tiny")
+    trained = load_model(str(model_dir), device="cpu", dtype="float32")
+    peft_model = add_lora(trained, rank=2, alpha=None)
+    torch.manual_seed(0)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    geometry = FamConfig("fam", block_size, fam_len, mem_blocks)
+    adapter_dir = write_adapter(directory / "adapter", trained, geometry,
+                                torch.randn(fam_len, trained.config.hidden_size), peft_model)
+    return model_dir, adapter_dir

@@ -387,3 +387,43 @@ def test_the_app_starts_on_the_shipped_tuned_adapter_unless_told_otherwise(app_m
     assert app_module.startup_adapter(None, "none") is None and app_module.startup_adapter(None, "") is None
     assert app_module.startup_adapter("my/model", None) is None  # no shipped adapter fits another model
     assert app_module.startup_adapter(None, "/some/dir") == "/some/dir"
+
+
+def test_runs_exports_and_traces_name_the_model_and_adapter(app_module, tmp_path):
+    """Both the status and what leaves the app (figure caption and metadata, trace file) say which model and
+    adapter produced a run; a geometry other than the adapter's runs, with a note; choosing an adapter in
+    the Model panel fills in its geometry and says so; the header follows the choice."""
+    from famviz import export
+    from famviz.inspector import Run
+    from famviz.models import load_model
+    from famviz.trace import Trace
+    from helpers import write_random_lora_adapter
+
+    model_dir, adapter_dir = write_random_lora_adapter(tmp_path)
+    startup = load_model(str(model_dir), device="cpu", dtype="float32")
+    hub = app_module.ModelHub(startup, None, app_module._model_key(str(model_dir), "", "cpu", "float32"))
+    common = dict(model=str(model_dir), device="cpu", dtype="float32", fam_len=4, mem_blocks=0)
+    untuned = _run(app_module, hub, adapter="", **common)[-1]
+    tuned = _run(app_module, hub, adapter=str(adapter_dir), **common)[-1]
+    assert "(untuned conversion)" in untuned[0] and "+ adapter adapter" in tuned[0]
+    assert "Note:" not in tuned[0]
+    run = tuned[-1]
+    assert "+ adapter adapter" in run.caption() and export.metadata_of(run)["adapter"] == "adapter"
+    path = run.trace.save(tmp_path / "run.npz")
+    replayed = Run.from_trace(Trace.load(path), name="run.npz")
+    assert "+ adapter adapter" in replayed.caption() and "+ adapter adapter" in replayed.status()
+
+    other = _run(app_module, hub, adapter=str(adapter_dir), **dict(common, mem_blocks=1))[-1][0]
+    assert "**Note:** adapter adapter was trained with memory blocks 0, this run uses 1" in other
+    short = _run(app_module, hub, adapter="", **dict(common, block_size=2))[-1][0]
+    assert "shorter than the FAM (4 slots)" in short
+
+    *values, note = app_module.adapter_geometry(2, str(adapter_dir))
+    assert values == [32, 4, 0, 32, 4, 0] and "trained with block 32 tokens, FAM 4 slots, memory blocks 0" in note
+    *kept, note = app_module.adapter_geometry(1, "")
+    assert "Untuned conversion" in note
+    assert app_module.adapter_geometry(1, str(tmp_path))[-1].startswith("**Error:**")
+
+    header = app_module.model_header(hub, str(model_dir), str(adapter_dir), "cpu", "float32")
+    assert "adapter `adapter` (tuned FAM)" in header  # loaded by the run above
+    assert "loaded on the next Start" in app_module.model_header(hub, "other/model", "", "cpu", "float32")

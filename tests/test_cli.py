@@ -255,6 +255,22 @@ def test_stream_json_and_trace_in_process(mode, tiny_model_dir, document, tmp_pa
     assert "Traceback" not in err
 
 
+def test_stream_with_an_adapter_names_it_and_notes_another_geometry(document, tmp_path, capfd):
+    from helpers import write_random_lora_adapter
+
+    model_dir, adapter_dir = write_random_lora_adapter(tmp_path)  # trained with block 32, FAM 4, memory 0
+    out_path = tmp_path / "run.npz"
+    args = ["stream", document, "--model", model_dir, "--adapter", adapter_dir, "--mode", "fam", "--block-size", 32,
+            "--fam-len", 4, "--mem-blocks", 1, "--max-tokens", 64, "--json", "--dtype", "float32", "--trace", out_path]
+    status, out, err = run_cli_in_process(args, capfd)
+    assert status == 0, err
+    assert parse_summary(out)["adapter"] == "adapter" and famviz.Trace.load(out_path).meta["adapter"] == "adapter"
+    assert "famviz: note: adapter adapter was trained with memory blocks 0, this run uses 1" in err
+    own = [0 if previous == "--mem-blocks" else a for previous, a in zip([None, *args], args)]
+    status, out, err = run_cli_in_process(own, capfd)  # the adapter's own geometry: nothing to note
+    assert status == 0 and "note:" not in err
+
+
 def test_no_trace_in_process(tiny_model_dir, document, capfd):
     args = stream_args(document, tiny_model_dir, "fam", **GEOMETRY, extra=["--no-trace"])
     status, out, err = run_cli_in_process(args, capfd)

@@ -124,23 +124,10 @@ def test_both_tabs_run_the_model_and_adapter_chosen_in_the_model_panel(tmp_path)
         sys.path.insert(0, str(ROOT))
     import app
 
-    from famviz import FamConfig
-    from famviz.adapters import write_adapter
-    from famviz.train import add_lora
-    from helpers import save_tiny_llama_dir
-
-    model_dir = save_tiny_llama_dir(tmp_path / "tiny")
     from famviz.models import load_model
+    from helpers import write_random_lora_adapter
 
-    trained = load_model(str(model_dir), device="cpu", dtype="float32")
-    peft_model = add_lora(trained, rank=2, alpha=None)
-    torch.manual_seed(0)
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)
-    geometry = FamConfig("fam", 32, 4, 0)
-    adapter_dir = write_adapter(tmp_path / "adapter", trained, geometry,
-                                torch.randn(4, trained.config.hidden_size), peft_model)
+    model_dir, adapter_dir = write_random_lora_adapter(tmp_path)
     startup = load_model(str(model_dir), device="cpu", dtype="float32")
     hub = app.ModelHub(startup, None, app._model_key(str(model_dir), "", "cpu", "float32"))
     context = SimpleNamespace(hub=hub)
@@ -158,3 +145,9 @@ def test_both_tabs_run_the_model_and_adapter_chosen_in_the_model_panel(tmp_path)
     tuned_sweep, untuned_sweep = runs["tuned"][3][3], runs["untuned"][3][3]
     assert tuned_sweep.sweep_config["adapter"] == str(adapter_dir) and untuned_sweep.sweep_config["adapter"] is None
     assert tuned_sweep.cells[0].mean_key_logprob != untuned_sweep.cells[0].mean_key_logprob
+    assert "adapter adapter" in runs["tuned"][3][0] and "untuned conversion" in runs["untuned"][3][0]  # the sweep's status
+    assert "Note:" not in runs["tuned"][0]  # the adapter's own geometry: nothing to note
+    # Another geometry than the adapter's runs, and the status says so.
+    other = list(tab.watch_retention(context, "fam", 1, 32, 4, 300, 0.0, 1, tab.FILLER, None, 1, None,
+                                     model_choice=(str(model_dir), str(adapter_dir), "cpu", "float32")))[-1][0]
+    assert "adapter adapter was trained with memory blocks 0, this run uses 1" in other
