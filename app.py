@@ -32,7 +32,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Iterator  # noqa: E402
+from typing import Iterator, NamedTuple  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
@@ -42,7 +42,8 @@ from famviz import export, figures  # noqa: E402
 from famviz.adapters import SHIPPED_ADAPTER, SHIPPED_ADAPTERS  # noqa: E402
 from famviz.config import (LIMITS, MODES, TOOL_DEFAULTS, FamConfig, geometry_warnings,  # noqa: E402
                            trained_geometry_differences)
-from famviz.documents import MAX_DOCUMENT_BYTES, SUPPORTED_SUFFIXES, read_document, read_upload  # noqa: E402
+from famviz.documents import (MAX_DOCUMENT_BYTES, SUPPORTED_SUFFIXES, head_bytes_for, read_document,  # noqa: E402
+                              read_upload_start)
 from famviz.engine import Stream  # noqa: E402
 from famviz.errors import DocumentError, FamvizError  # noqa: E402
 from famviz.inspector import (DEFAULT_VIEW, TRAJECTORY_METHODS, Run, StateFeatures, app_channels,  # noqa: E402
@@ -226,26 +227,35 @@ def passkey_text(tokenizer, length) -> str:
     return make_passkey_document(tokenizer, tokens, depth=0.0, seed=0).text
 
 
+class InputDocument(NamedTuple):
+    text: str
+    name: str
+    read_cut: str | None = None  # only the start of a large file was read, e.g. "the first 0.5 MB of a 60.0 MB file"
+
+
 def read_input_document(source: str, upload: str | None, pasted: str | None, tokenizer=None,
-                        passkey_tokens=DEFAULT_PASSKEY_TOKENS) -> tuple[str, str]:
-    """(text, name) of the chosen document, or a DocumentError/FamvizError saying what is wrong."""
+                        passkey_tokens=DEFAULT_PASSKEY_TOKENS, max_tokens: int | None = None) -> InputDocument:
+    """The chosen document, or a DocumentError/FamvizError saying what is wrong. An upload over the size
+    limit is read only as far as ``max_tokens`` can need (plain text only)."""
     if source == "upload":
         if not upload:
             raise FamvizError("No file uploaded: choose a file, or pick pasted text or an example.")
-        return read_upload(upload, MAX_DOCUMENT_BYTES)
+        start, name = read_upload_start(upload, MAX_DOCUMENT_BYTES, head_bytes_for(max_tokens))
+        return InputDocument(start.text, name, start.cut)
     if source == "paste":
         if not pasted or not pasted.strip():
             raise FamvizError("No text pasted: paste some text, or pick a file or an example.")
-        return pasted.replace("\r\n", "\n").replace("\r", "\n"), "pasted text"
+        return InputDocument(pasted.replace("\r\n", "\n").replace("\r", "\n"), "pasted text")
     if source == "example":
         if not EXAMPLE_PATH.is_file():
             raise DocumentError(f"The example document {EXAMPLE_PATH} is not on this machine; "
                                 f"upload a file or paste text instead.")
-        return read_document(EXAMPLE_PATH, name=EXAMPLE_PATH.name), "GPL-3 licence"
+        return InputDocument(read_document(EXAMPLE_PATH, name=EXAMPLE_PATH.name), "GPL-3 licence")
     if source == "passkey":
         if tokenizer is None:
             raise FamvizError("The PassKey example needs the model's tokenizer.")
-        return passkey_text(tokenizer, passkey_tokens), f"PassKey haystack ({int(float(passkey_tokens)):,} tokens)"
+        return InputDocument(passkey_text(tokenizer, passkey_tokens),
+                             f"PassKey haystack ({int(float(passkey_tokens)):,} tokens)")
     raise FamvizError(f"Unknown document source {source!r}; use one of {', '.join(SOURCES)}.")
 
 
@@ -297,7 +307,7 @@ def stream_document(hub: ModelHub, model, adapter_dir, device, dtype, source, up
             yield (f"Loading model **{key[0] or 'bundled'}**{' with adapter ' + key[1] if key[1] else ''}…",
                    *_skips(N_OUTPUTS - 1))
         loaded, adapter = hub.for_choice(*key)
-        text, name = read_input_document(source, upload, pasted, loaded.tokenizer, passkey_tokens)
+        text, name, read_cut = read_input_document(source, upload, pasted, loaded.tokenizer, passkey_tokens, limit)
         n_layers = loaded.config.num_hidden_layers
         try:
             layers = parse_layers(trajectory_layers, n_layers) if config.mode == "fam" else []
@@ -327,7 +337,7 @@ def stream_document(hub: ModelHub, model, adapter_dir, device, dtype, source, up
     notes = geometry_warnings(config) + (adapter.notes(config) if adapter is not None else [])
     trace.meta["notes"] = notes
     run = Run(config=config, document=name, total_tokens=len(ids), trace=trace, compare_mode=compare,
-              document_cut=document_cut(loaded.tokenizer, text, ids, offsets),
+              document_cut=read_cut or document_cut(loaded.tokenizer, text, ids, offsets),
               features=StateFeatures(layers) if layers else None, notes=notes)
     if previous is not None:  # keep what the user was looking at
         run.view, run.method = previous.view, previous.method

@@ -320,14 +320,17 @@ def window_peak_rss_mb() -> float | None:
 
 # -- stream ---------------------------------------------------------------------------------------
 def run_stream(args) -> int:
-    from .documents import read_document
+    from .documents import head_bytes_for, read_document_start
 
     config = check_limits(FamConfig(mode=args.mode, block_size=args.block_size, fam_len=args.fam_len,
                                     mem_blocks=args.mem_blocks))
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise FamvizError(f"--max-tokens must be positive, got {args.max_tokens}")
     trace_out = check_output_path(args.trace) if args.trace else None
-    text = read_document(args.path)
+    document = read_document_start(args.path, head_bytes_for(args.max_tokens))
+    if document.cut:  # a large text file: only the part --max-tokens can use was read
+        print(f"famviz: note: read {document.cut} (enough for --max-tokens {args.max_tokens:,})", file=sys.stderr)
+    text = document.text
     loaded, fam_prompt = load_for_cli(args, config)
     channels = args.channels.split(",") if args.channels else None
     from .trace import ChannelSelection

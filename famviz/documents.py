@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DocumentError
@@ -89,6 +90,98 @@ def read_document(path: str | os.PathLike[str], max_bytes: int = MAX_DOCUMENT_BY
     """
     path = Path(path)
     name = name or str(path)
+    size = _regular_file_size(path, name)
+    if size > max_bytes:
+        raise _too_large(name, size, max_bytes)
+    try:
+        with open(path, "rb") as file:
+            # One byte over the limit is enough to tell that it is too large (the file may
+            # have grown since stat, and /proc-like files report size 0).
+            data = file.read(max_bytes + 1)
+    except PermissionError:
+        raise DocumentError(f"{name}: permission denied; check the file's permissions.") from None
+    except IsADirectoryError:
+        raise DocumentError(f"{name}: is a directory, not a document; pass a file inside it.") from None
+    except OSError as error:
+        raise DocumentError(f"{name}: cannot read the file ({error.strerror or error}).") from None
+    if len(data) > max_bytes:
+        raise _too_large(name, max(size, len(data)), max_bytes)
+    return read_document_bytes(data, name, max_bytes)
+
+
+# Reading only the start of a text file for N tokens: no token of a real tokenizer is longer than this.
+HEAD_BYTES_PER_TOKEN = 64
+
+
+@dataclass
+class DocumentStart:
+    """The text of a document, or of the start of a large plain-text file (``read_bytes < file_bytes``)."""
+
+    text: str
+    read_bytes: int
+    file_bytes: int
+
+    @property
+    def cut(self) -> str | None:
+        """None for a whole document; else e.g. "the first 0.5 MB of a 60.0 MB file"."""
+        if self.read_bytes >= self.file_bytes:
+            return None
+        return f"the first {_format_size(self.read_bytes)} of a {_format_size(self.file_bytes)} file"
+
+
+def head_bytes_for(max_tokens: int | None) -> int | None:
+    """How much of a plain-text file ``max_tokens`` tokens can need (None: all of it)."""
+    return None if max_tokens is None else max(int(max_tokens), 1) * HEAD_BYTES_PER_TOKEN
+
+
+def read_document_start(path: str | os.PathLike[str], head_bytes: int | None, max_bytes: int = MAX_DOCUMENT_BYTES,
+                        name: str | None = None) -> DocumentStart:
+    """Like ``read_document``, but a plain-text file over ``max_bytes`` is read only as far as ``head_bytes``
+    (at most ``max_bytes``), so a file of any size can be streamed for a few tokens: the limit is on what is
+    read, not on what is on disk. PDF and HTML files are always read whole, within ``max_bytes``."""
+    path = Path(path)
+    name = name or str(path)
+    size = _regular_file_size(path, name)
+    suffix = path.suffix.lower() if name == str(path) else Path(name).suffix.lower()
+    if head_bytes is None or size <= max_bytes or suffix in _PDF_SUFFIXES + _HTML_SUFFIXES:
+        if size > max_bytes and head_bytes is not None:  # PDF or HTML
+            raise DocumentError(f"{name}: file is {_format_size(size)}, over the {_format_size(max_bytes)} limit; "
+                                f"PDF and HTML files are read whole: split it into smaller parts.")
+        text = read_document(path, max_bytes, name)
+        return DocumentStart(text, size, size)
+    limit = min(head_bytes, max_bytes)
+    try:
+        with open(path, "rb") as file:
+            data = file.read(limit)
+    except OSError as error:
+        raise DocumentError(f"{name}: cannot read the file ({error.strerror or error}).") from None
+    if data.startswith(_PDF_MAGIC):
+        raise DocumentError(f"{name}: a PDF is read whole, and this one is {_format_size(size)}, over the "
+                            f"{_format_size(max_bytes)} limit; split it into smaller parts.")
+    text = _normalise_newlines(_decode_text(data, name, partial=True))
+    if not text.strip():
+        raise DocumentError(f"{name}: the first {_format_size(len(data))} contain only whitespace, no text.")
+    return DocumentStart(text, len(data), size)
+
+
+def read_upload(upload: str | os.PathLike[str] | None, max_bytes: int = MAX_DOCUMENT_BYTES,
+                head_bytes: int | None = None) -> tuple[str, str]:
+    """(text, file name) of a file uploaded to the app (every tab reads uploads through here); with
+    ``head_bytes``, only the start of a large plain-text file (``read_document_start``)."""
+    start, name = read_upload_start(upload, max_bytes, head_bytes)
+    return start.text, name
+
+
+def read_upload_start(upload, max_bytes: int = MAX_DOCUMENT_BYTES,
+                      head_bytes: int | None = None) -> tuple[DocumentStart, str]:
+    if not upload:
+        raise DocumentError("No file uploaded: choose a file first.")
+    path = Path(upload)
+    return read_document_start(path, head_bytes, max_bytes, name=path.name), path.name
+
+
+def _regular_file_size(path: Path, name: str) -> int:
+    """The size of the regular file at ``path``, or a DocumentError saying why it cannot be read."""
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -104,30 +197,7 @@ def read_document(path: str | os.PathLike[str], max_bytes: int = MAX_DOCUMENT_BY
     # Pipes and devices could block forever or never end; only regular files are read.
     if not stat.S_ISREG(info.st_mode):
         raise DocumentError(f"{name}: not a regular file; pass a text, Markdown, PDF or HTML file.")
-    if info.st_size > max_bytes:
-        raise _too_large(name, info.st_size, max_bytes)
-    try:
-        with open(path, "rb") as file:
-            # One byte over the limit is enough to tell that it is too large (the file may
-            # have grown since stat, and /proc-like files report size 0).
-            data = file.read(max_bytes + 1)
-    except PermissionError:
-        raise DocumentError(f"{name}: permission denied; check the file's permissions.") from None
-    except IsADirectoryError:
-        raise DocumentError(f"{name}: is a directory, not a document; pass a file inside it.") from None
-    except OSError as error:
-        raise DocumentError(f"{name}: cannot read the file ({error.strerror or error}).") from None
-    if len(data) > max_bytes:
-        raise _too_large(name, max(info.st_size, len(data)), max_bytes)
-    return read_document_bytes(data, name, max_bytes)
-
-
-def read_upload(upload: str | os.PathLike[str] | None, max_bytes: int = MAX_DOCUMENT_BYTES) -> tuple[str, str]:
-    """(text, file name) of a file uploaded to the app (every tab reads uploads through here)."""
-    if not upload:
-        raise DocumentError("No file uploaded: choose a file first.")
-    path = Path(upload)
-    return read_document(path, max_bytes, name=path.name), path.name
+    return info.st_size
 
 
 def read_document_bytes(data: bytes, name: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> str:
@@ -175,24 +245,27 @@ def _normalise_newlines(text: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _decode_text(data: bytes, name: str) -> str:
-    """Decode text by its BOM, else as UTF-8; refuse binary data before trying."""
+def _decode_text(data: bytes, name: str, partial: bool = False) -> str:
+    """Decode text by its BOM, else as UTF-8; refuse binary data before trying. ``partial``: ``data`` is
+    the start of a file, so a character cut at its end is dropped, not an error."""
     for bom, encoding, label in _BOM_ENCODINGS:
         if data.startswith(bom):
             # UTF-16/32 text is full of NUL bytes, so binary sniffing only applies to UTF-8.
             if label == "UTF-8":
                 _refuse_binary(data, name)
-            return _decode_strict(data, len(bom), encoding, label, name)
+            return _decode_strict(data, len(bom), encoding, label, name, partial)
     _refuse_binary(data, name)
-    return _decode_strict(data, 0, "utf-8", "UTF-8", name)
+    return _decode_strict(data, 0, "utf-8", "UTF-8", name, partial)
 
 
 class _NotDecodableError(DocumentError):
     """Text that is not binary but not valid in its encoding either."""
 
 
-def _decode_strict(data: bytes, start: int, encoding: str, label: str, name: str) -> str:
+def _decode_strict(data: bytes, start: int, encoding: str, label: str, name: str, partial: bool = False) -> str:
     try:
+        if partial:  # an incremental decoder keeps a cut character back instead of failing on it
+            return codecs.getincrementaldecoder(encoding)("strict").decode(data[start:], final=False)
         return data[start:].decode(encoding)
     except UnicodeDecodeError as error:
         offset = start + error.start

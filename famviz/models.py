@@ -253,6 +253,8 @@ def load_model(name_or_path: str | None = None, device: str = "auto", dtype: str
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - every loading failure becomes one clear line
+        if isinstance(exc, OSError) and not Path(str(path)).expanduser().exists():
+            raise UnsupportedModelError(not_cached_message(name)) from None
         raise UnsupportedModelError(f"cannot load model {name!r}: {_first_line(exc)}") from None
     if getattr(config, "model_type", None) not in ARCHITECTURES:
         raise UnsupportedModelError(
@@ -266,6 +268,14 @@ def load_model(name_or_path: str | None = None, device: str = "auto", dtype: str
         raise UnsupportedModelError(f"cannot load model {name!r}: {_first_line(exc)}") from None
     model.to(torch_device)
     return prepare_model(model, tokenizer, name)
+
+
+def not_cached_message(name: str) -> str:
+    """A hub id that is not on this machine: famviz never downloads (the hub's own message would talk about
+    connecting to huggingface.co), so say where it looked and what to do instead."""
+    return (f"model {name!r} is not a local directory and not in the local Hugging Face cache; famviz works "
+            f"offline and never downloads: fetch it once yourself (e.g. `hf download {name}`) or pass the "
+            f"path of a local model directory")
 
 
 def _first_line(exc: Exception) -> str:

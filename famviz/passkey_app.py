@@ -18,7 +18,7 @@ import gradio as gr
 from . import export
 from . import passkey as pk
 from .config import FamConfig, geometry_warnings
-from .documents import MAX_DOCUMENT_BYTES, read_upload
+from .documents import MAX_DOCUMENT_BYTES, head_bytes_for, read_upload
 from .engine import Stream
 from .errors import FamvizError
 from .fam_model import FamModel
@@ -90,10 +90,11 @@ def _fam_model(loaded, adapter, spec: pk.ModeSpec, base: FamConfig) -> FamModel:
     return FamModel(loaded, config, fam_prompt=prompt)
 
 
-def _read_upload(upload) -> str:
+def _read_upload(upload, tokens: int) -> str:
+    """The uploaded document's text; of a file over the size limit, the start that ``tokens`` can need."""
     if not upload:
         raise FamvizError("No document uploaded: upload a file or use the PassKey filler.")
-    return read_upload(upload)[0]
+    return read_upload(upload, MAX_DOCUMENT_BYTES, head_bytes_for(tokens))[0]
 
 
 def _export_path(stem: str, fmt: str) -> Path:
@@ -137,7 +138,7 @@ def watch_retention(context, mode, mem_blocks, block_size, fam_len, length, dept
         tokenizer = fam_model.loaded.tokenizer
         try:
             if source == UPLOAD:
-                document = pk.make_document_probe(tokenizer, _read_upload(upload), depth, length, seed=seed)
+                document = pk.make_document_probe(tokenizer, _read_upload(upload, length), depth, length, seed=seed)
             else:
                 document = pk.make_passkey_document(tokenizer, length, depth, seed=seed)
         except ValueError as exc:

@@ -70,10 +70,10 @@ def test_documents_from_each_source(app_module, tmp_path):
 
     doc = tmp_path / "notes.md"
     doc.write_text("# Title\r\nSome text.\r\n")
-    assert app_module.read_input_document("upload", str(doc), None) == ("# Title\nSome text.\n", "notes.md")
-    assert app_module.read_input_document("paste", None, "a\r\nb") == ("a\nb", "pasted text")
+    assert app_module.read_input_document("upload", str(doc), None) == ("# Title\nSome text.\n", "notes.md", None)
+    assert app_module.read_input_document("paste", None, "a\r\nb") == ("a\nb", "pasted text", None)
     if GPL3.exists():
-        text, name = app_module.read_input_document("example", None, None)
+        text, name, _ = app_module.read_input_document("example", None, None)
         assert "GNU GENERAL PUBLIC LICENSE" in text and name
     binary = tmp_path / "data.txt"
     binary.write_bytes(bytes(range(256)) * 4)
@@ -104,6 +104,21 @@ def test_oversized_upload_states_the_limit(app_module, tmp_path, monkeypatch):
     monkeypatch.setattr(app_module, "MAX_DOCUMENT_BYTES", 1000)
     with pytest.raises(DocumentError, match="big.txt.*(limit|larger)"):
         app_module.read_input_document("upload", str(big), None)
+    # With few max tokens, only the start that they can need is read (plain text; 64 bytes a token).
+    text, name, cut = app_module.read_input_document("upload", str(big), None, max_tokens=5)
+    assert text == ("word " * 64) and name == "big.txt" and cut == "the first 320 bytes of a 1,500 bytes file"
+    page = tmp_path / "big.html"
+    page.write_bytes(b"<p>" + b"word " * 300 + b"</p>")
+    with pytest.raises(DocumentError, match="big.html.*HTML files are read whole"):
+        app_module.read_input_document("upload", str(page), None, max_tokens=5)
+
+
+def test_a_large_upload_streams_its_start_and_says_so(app_module, hub, tmp_path, monkeypatch):
+    big = tmp_path / "big.txt"
+    big.write_text(TEXT * 3)
+    monkeypatch.setattr(app_module, "MAX_DOCUMENT_BYTES", 2000)
+    status = _run(app_module, hub, source="upload", upload=str(big), max_tokens=40)[-1][0]
+    assert f"40 / 40 tokens (the first 2,000 bytes of a {big.stat().st_size:,} bytes file: document cut" in status
 
 
 def _pdf_without_text() -> bytes:

@@ -167,6 +167,8 @@ BAD_INPUTS = {
     "max-tokens-0": (lambda c: _doc(c, "--max-tokens", "0"), ("--max-tokens",)),
     "unsupported-model": (lambda c: ["stream", c["doc"], "--model", c["gpt2"]], ("gpt2", *SUPPORTED_FAMILIES)),
     "nonexistent-model": (lambda c: ["stream", c["doc"], "--model", c["root"] / "no-such-model"], ("no-such-model",)),
+    "uncached-hub-id": (lambda c: ["stream", c["doc"], "--model", "no-such-org/no-such-model"],
+                        ("not in the local Hugging Face cache", "never downloads", "local model directory")),
     "bad-adapter": (lambda c: _doc(c, "--adapter", c["root"] / "no-such-adapter"), ("no-such-adapter",)),
     # one block: no progress bar (see test_unknown_channel_with_progress_bar_is_one_line_error)
     "unknown-channel": (lambda c: _doc(c, "--channels", "no.such.channel", "--max-tokens", "10",
@@ -269,6 +271,23 @@ def test_stream_with_an_adapter_names_it_and_notes_another_geometry(document, tm
     own = [0 if previous == "--mem-blocks" else a for previous, a in zip([None, *args], args)]
     status, out, err = run_cli_in_process(own, capfd)  # the adapter's own geometry: nothing to note
     assert status == 0 and "note:" not in err
+
+
+def test_max_tokens_streams_the_start_of_a_file_over_the_size_limit(tiny_model_dir, tmp_path, capfd):
+    from famviz.documents import MAX_DOCUMENT_BYTES
+
+    big = tmp_path / "big.txt"
+    line = b"The memory keeps what the window forgets.\n"
+    with open(big, "wb") as file:
+        file.write(line * ((MAX_DOCUMENT_BYTES + 5 * 1024 ** 2) // len(line)))
+    size = f"{big.stat().st_size / 1024 ** 2:.1f} MB"
+    args = ["stream", big, "--model", tiny_model_dir, "--max-tokens", 50, "--no-trace", "--json", "--dtype", "float32"]
+    status, out, err = run_cli_in_process(args, capfd)
+    assert status == 0, err
+    assert parse_summary(out)["tokens"] == 50
+    assert f"famviz: note: read the first 3,200 bytes of a {size} file (enough for --max-tokens 50)" in err
+    status, out, err = run_cli_in_process(args[:3] + args[5:], capfd)  # the whole file: refused, one line
+    assert_one_line_error(status, out, err, contains=("big.txt", f"file is {size}, over the 50.0 MB limit"))
 
 
 def test_no_trace_in_process(tiny_model_dir, document, capfd):

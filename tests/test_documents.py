@@ -184,6 +184,28 @@ def test_file_over_limit(tmp_path):
     assert read_document(path, max_bytes=101) == "a" * 101
 
 
+def test_the_start_of_a_file_over_the_limit_is_read_when_only_the_start_is_needed(tmp_path):
+    from famviz.documents import read_document_start
+
+    text = "héllo wörld " * 20  # 2-byte characters: a cut can fall inside one
+    path = write(tmp_path, "big.txt", text.encode("utf-8"))
+    size = path.stat().st_size
+    whole = read_document_start(path, head_bytes=None, max_bytes=size)
+    assert whole.text == text and whole.cut is None
+    for head in range(20, 40):  # every cut position, inside a character or not: decoded up to the cut
+        start = read_document_start(path, head_bytes=head, max_bytes=100)
+        assert text.startswith(start.text) and len(start.text.encode("utf-8")) in (head, head - 1)
+        assert start.cut == f"the first {head} bytes of a {size} bytes file"
+    utf16 = write(tmp_path, "wide.txt", text.encode("utf-16"))  # with its BOM
+    assert text.startswith(read_document_start(utf16, head_bytes=41, max_bytes=100).text)
+    assert "limit" in error_message(read_document, path, max_bytes=100)  # the whole file is still refused
+    for name, data in (("big.pdf", b"%PDF-1.4 " + b"x" * 200), ("page.html", b"<p>" + b"x" * 200)):
+        message = error_message(read_document_start, write(tmp_path, name, data), head_bytes=64, max_bytes=100)
+        assert name in message and "read whole" in message
+    disguised = write(tmp_path, "paper.txt", b"%PDF-1.4 " + b"x" * 200)
+    assert "PDF" in error_message(read_document_start, disguised, head_bytes=64, max_bytes=100)
+
+
 def test_size_message_in_megabytes():
     megabyte = 1024 * 1024
     message = error_message(read_document_bytes, b"a" * (2 * megabyte), "big.txt", max_bytes=megabyte)
@@ -397,7 +419,7 @@ def test_uploads_report_their_true_size_and_name_in_both_tabs(tmp_path):
     message = error_message(read_upload, big)
     assert message.startswith("big.txt: file is 60.0 MB, over the 50.0 MB limit")
     assert str(big.parent) not in message
-    with pytest.raises(DocumentError) as caught:
-        passkey_app._read_upload(str(big))
-    assert str(caught.value) == message
+    with pytest.raises(DocumentError) as caught:  # the PassKey tab reads the start it needs: zero bytes
+        passkey_app._read_upload(str(big), 100)
+    assert str(caught.value).startswith("big.txt: binary file") and str(big.parent) not in str(caught.value)
     assert "No file uploaded" in error_message(read_upload, None)
