@@ -259,6 +259,32 @@ def read_input_document(source: str, upload: str | None, pasted: str | None, tok
     raise FamvizError(f"Unknown document source {source!r}; use one of {', '.join(SOURCES)}.")
 
 
+# What each plot shows, under it: a first-time user should not need the paper to read the page.
+PLOT_NOTES = {
+    "heatmap": "Each cell: the share of one layer's attention (mean over heads and the block's tokens) that "
+               "goes to the chosen target; the rows of a block sum to 1 over FAM, memory blocks and own block. "
+               "A high FAM share means the block leans on the memory. An untrained memory often draws a large "
+               "share as a *sink* (attention parked there, little read from it), so read it with the loss below.",
+    "trajectory": "Each point: the FAM state of one recorded layer after one block, projected to 2-D (PCA, or "
+                  "UMAP). Long steps: the memory is rewritten; points that stay put: it holds what it has.",
+    "dynamics": "FAM norm: mean L2 norm of the FAM slots per layer. Update: 1 − cosine between the FAM before "
+                "and after one block (0 = unchanged in direction, 1 = unrelated). A working memory stays "
+                "bounded; a norm that keeps growing block after block is drift.",
+    "nll": "Mean next-token loss (nats) of each block's tokens; lower is better. Pick **Compare with: bswa** "
+           "to draw the same document with the same window and no memory: the gap is what the memory adds.",
+}
+
+
+PAGE_CSS = ".plot-note { font-size: 0.85em; opacity: 0.8; }"
+
+
+def error_beside_start(status: str) -> str:
+    """The error part of a status, repeated beside Start (the status line sits far above it)."""
+    text = status or ""
+    at = text.find("**Error:**")
+    return text[at:] if at >= 0 else ""
+
+
 # -- what every update sends -----------------------------------------------------------------------------
 # Outputs of a full refresh, in this order: status, heatmap, heads, document, trajectory, dynamics, nll,
 # block slider, layer dropdown, run state.
@@ -639,6 +665,7 @@ def build_inspector_tab(context: AppContext) -> None:
                 with gr.Row():
                     start_button = gr.Button("Start", variant="primary", elem_id="start")
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                start_error = gr.Markdown("", elem_id="start-error")
                 with gr.Accordion("Replay a trace file (no model needed)", open=False):
                     trace_upload = gr.File(label="Trace (.npz from Download trace or `famviz stream --trace`)",
                                            file_types=[".npz"], type="filepath", elem_id="trace-upload")
@@ -659,6 +686,7 @@ def build_inspector_tab(context: AppContext) -> None:
                                       elem_id="heatmap", scale=3)
                     heads = gr.Plot(blank, label="Drill-down: layer × head of the selected block", elem_id="heads",
                                     scale=2)
+                gr.Markdown(PLOT_NOTES["heatmap"], elem_classes="plot-note")
                 document = gr.HTML("<div id='famviz-doc'>No document streamed yet.</div>", label="Document",
                                    elem_id="document")
                 with gr.Row():
@@ -666,8 +694,12 @@ def build_inspector_tab(context: AppContext) -> None:
                         method = gr.Radio(list(TRAJECTORY_METHODS), value="PCA", label="Trajectory projection",
                                           elem_id="method")
                         trajectory = gr.Plot(blank, label="FAM state trajectory", elem_id="trajectory")
-                    dynamics = gr.Plot(blank, label="FAM norm and update per layer", elem_id="dynamics", scale=1)
+                        gr.Markdown(PLOT_NOTES["trajectory"], elem_classes="plot-note")
+                    with gr.Column(scale=1):
+                        dynamics = gr.Plot(blank, label="FAM norm and update per layer", elem_id="dynamics")
+                        gr.Markdown(PLOT_NOTES["dynamics"], elem_classes="plot-note")
                 nll = gr.Plot(blank, label="Next-token loss per block", elem_id="nll")
+                gr.Markdown(PLOT_NOTES["nll"], elem_classes="plot-note")
                 with gr.Group():
                     with gr.Row():
                         figure_name = gr.Dropdown([(f"{name}: {spec.description}", name)
@@ -699,6 +731,8 @@ def build_inspector_tab(context: AppContext) -> None:
         outputs, api_name="stream", show_progress="hidden", concurrency_id="model", concurrency_limit=1,
     )
     context.refresh_header_after(run_event)
+    start_button.click(lambda: "", None, start_error, show_progress="hidden", queue=False)
+    run_event.then(error_beside_start, [status], [start_error], show_progress="hidden")
     # While streaming with UMAP chosen, the timer picks up background fits as they finish.
     run_event.then(lambda run: gr.Timer(active=run is not None and run.method == "UMAP"), [run_state], [umap_timer])
     stop_button.click(stop_run, [run_state], outputs, cancels=[run_event], api_name="stop", show_progress="hidden")
@@ -727,7 +761,7 @@ def build_app(loaded: LoadedModel, adapter: AppAdapter | str | Path | None = Non
     hub = ModelHub(loaded, adapter, key)
     defaults = adapter.settings() if adapter is not None else DEFAULT_SETTINGS
 
-    with gr.Blocks(title="famviz: TransformerFAM memory", delete_cache=(3600, 24 * 3600)) as demo:
+    with gr.Blocks(title="famviz: TransformerFAM memory", delete_cache=(3600, 24 * 3600), css=PAGE_CSS) as demo:
         gr.Markdown("## famviz · watch TransformerFAM's working memory")
         header = gr.Markdown(_model_summary(loaded, adapter), elem_id="model-summary")
         context = AppContext(hub=hub, run_state=gr.State(None), defaults=defaults, header=header)
@@ -741,6 +775,7 @@ def build_app(loaded: LoadedModel, adapter: AppAdapter | str | Path | None = Non
                                       [context.model_inputs[1]], [*fields, context.adapter_note],
                                       show_progress="hidden")
     demo.queue(default_concurrency_limit=4)
+    demo.famviz_hub, demo.famviz_defaults = hub, defaults  # for warm_up and tests
     return demo
 
 
@@ -771,6 +806,20 @@ def startup_adapter(model: str | None, adapter: str | None) -> str | None:
     return str(SHIPPED_ADAPTER) if model is None and (SHIPPED_ADAPTER / "famviz_adapter.json").is_file() else None
 
 
+def warm_up(hub: ModelHub, defaults: FamConfig) -> float:
+    """Stream two short blocks and draw every view once before the page is served, so that one-time costs
+    (kernel selection, first allocations, plotly's first figures) never fall on a user's first run and
+    nothing warms up in the background while a user streams. Returns the seconds it took."""
+    started = time.perf_counter()
+    settings = dataclasses.replace(defaults, block_size=min(defaults.block_size, 64))
+    text = " ".join(f"Warm-up sentence {i} for the memory inspector." for i in range(40))
+    args = [*hub.default_key, "paste", None, text, DEFAULT_PASSKEY_TOKENS, settings.mode, NO_COMPARE,
+            settings.block_size, settings.fam_len, settings.mem_blocks, 2 * settings.block_size, "", None]
+    for _ in stream_document(hub, *args):
+        pass
+    return time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     global MIN_REDRAW_SECONDS
     args = build_parser().parse_args(argv)
@@ -795,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("famviz: %s loaded in %.1f s on %s (%s)", loaded.name, time.perf_counter() - started,
                  loaded.device, str(loaded.dtype).replace("torch.", ""))
         demo = build_app(loaded, adapter, model_key=_model_key(args.model, args.adapter, args.device, args.dtype))
+        log.info("famviz: warmed up in %.1f s", warm_up(demo.famviz_hub, demo.famviz_defaults))
     except FamvizError as exc:
         print(f"famviz: error: {exc}", file=sys.stderr)
         return 2

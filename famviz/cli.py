@@ -12,6 +12,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 from .config import MODES, TOOL_DEFAULTS, FamConfig, check_limits
 from .errors import FamvizError
@@ -152,6 +153,7 @@ def run_passkey(args) -> int:
         text = read_document(args.document)
     loaded, fam_prompt = load_for_cli(args, base)
     backend = resolve_backend(args.backend, loaded.device)
+    print_geometry_notes(args, base)
     config = {"block_size": args.block_size, "fam_len": args.fam_len, "modes": [s.label for s in specs],
               "lengths": lengths, "depths": depths, "trials": args.trials, "seed": args.seed, "model": loaded.name,
               "adapter": args.adapter, "document": args.document, "device": str(loaded.device),
@@ -336,6 +338,7 @@ def run_stream(args) -> int:
     from .trace import ChannelSelection
 
     ChannelSelection(channels, loaded.config.num_hidden_layers, fam=config.active_fam_len > 0)  # fail before streaming
+    print_geometry_notes(args, config)
     import gc
 
     gc.collect()
@@ -380,8 +383,6 @@ def run_stream(args) -> int:
 
 def check_output_path(path: str) -> str:
     """Refuse an unwritable output path before any work is done."""
-    from pathlib import Path
-
     target = Path(path).expanduser()
     if target.is_dir():
         raise FamvizError(f"{path} is a directory; give a file name such as {target / 'trace.npz'}")
@@ -398,21 +399,29 @@ def load_for_cli(args, config: FamConfig):
 
     started = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    from .config import geometry_warnings
-
-    notes = geometry_warnings(config)
     fam_prompt = None
     if args.adapter:
-        from .adapters import apply_adapter, read_adapter
-        from .config import trained_geometry_differences
+        from .adapters import apply_adapter
 
         fam_prompt = apply_adapter(args.adapter, loaded, config)
-        notes += trained_geometry_differences(read_adapter(args.adapter).trained_config(), config, loaded.adapter)
-    for note in notes:
-        print(f"famviz: note: {note}", file=sys.stderr)
     log.info("model %s loaded in %.1f s on %s (%s)", loaded.name, time.perf_counter() - started, loaded.device,
              loaded.dtype)
     return loaded, fam_prompt
+
+
+def print_geometry_notes(args, config: FamConfig) -> None:
+    """On stderr, once the run is about to start: settings that are allowed but probably not meant (a block
+    shorter than the FAM), and how they differ from what ``--adapter`` was trained with."""
+    from .config import geometry_warnings, trained_geometry_differences
+
+    notes = geometry_warnings(config)
+    if args.adapter:
+        from .adapters import read_adapter
+
+        notes += trained_geometry_differences(read_adapter(args.adapter).trained_config(), config,
+                                              Path(args.adapter).name)
+    for note in notes:
+        print(f"famviz: note: {note}", file=sys.stderr)
 
 
 def resolve_backend(name: str, device) -> str:

@@ -42,16 +42,17 @@ class FigureSpec:
     description: str
     build: Callable  # (Run) -> go.Figure
     size: tuple[int, int]  # exported width, height in px (at scale 1; PNG is written at scale 2)
+    cli_options: str = ""  # the `famviz export` options that choose what it shows (the app has controls)
 
 
 def _specs() -> dict[str, FigureSpec]:
     specs = [
-        FigureSpec("heatmap", "layer × block share of attention on the chosen target (--view)",
-                   lambda run: run.heatmap(), (900, 520)),
-        FigureSpec("heads", "drill-down: layer × head shares of one block (--block, --view)",
-                   lambda run: run.heads(), (640, 620)),
-        FigureSpec("trajectory", "2-D trajectory of FAM states across blocks (PCA; --method UMAP)",
-                   lambda run: run.trajectory(), (760, 560)),
+        FigureSpec("heatmap", "layer × block share of attention on the chosen target",
+                   lambda run: run.heatmap(), (900, 520), "--view"),
+        FigureSpec("heads", "drill-down: layer × head shares of one block",
+                   lambda run: run.heads(), (640, 620), "--block, --view"),
+        FigureSpec("trajectory", "2-D trajectory of FAM states across blocks (PCA or UMAP)",
+                   lambda run: run.trajectory(), (760, 560), "--method"),
         FigureSpec("dynamics", "FAM norm and update size per layer over blocks",
                    lambda run: run.dynamics(), (900, 620)),
         FigureSpec("nll", "next-token loss per block (two modes and the memory benefit when compared)",
@@ -64,7 +65,8 @@ FIGURES: dict[str, FigureSpec] = _specs()
 
 
 def figure_help() -> str:
-    return "; ".join(f"{spec.name}: {spec.description}" for spec in FIGURES.values())
+    return "; ".join(f"{spec.name}: {spec.description}" + (f" ({spec.cli_options})" if spec.cli_options else "")
+                     for spec in FIGURES.values())
 
 
 # -- configuration caption ---------------------------------------------------------------------------------

@@ -442,3 +442,11 @@ def test_runs_exports_and_traces_name_the_model_and_adapter(app_module, tmp_path
     header = app_module.model_header(hub, str(model_dir), str(adapter_dir), "cpu", "float32")
     assert "adapter `adapter` (tuned FAM)" in header  # loaded by the run above
     assert "loaded on the next Start" in app_module.model_header(hub, "other/model", "", "cpu", "float32")
+
+
+def test_errors_are_repeated_beside_start_and_the_plots_are_explained(app_module, hub):
+    assert app_module.error_beside_start("**Failed** · doc\n\n**Error:** RuntimeError: boom") == \
+        "**Error:** RuntimeError: boom"
+    assert app_module.error_beside_start("**Done** · doc · 3 / 3 blocks") == ""
+    assert set(app_module.PLOT_NOTES) == {"heatmap", "trajectory", "dynamics", "nll"}
+    assert app_module.warm_up(hub, app_module.FamConfig("fam", 32, 8, 1)) > 0  # runs the real stream handler
