@@ -275,14 +275,10 @@ PLOT_NOTES = {
 }
 
 
-PAGE_CSS = ".plot-note { font-size: 0.85em; opacity: 0.8; }"
-
-
-def error_beside_start(status: str) -> str:
-    """The error part of a status, repeated beside Start (the status line sits far above it)."""
-    text = status or ""
-    at = text.find("**Error:**")
-    return text[at:] if at >= 0 else ""
+ERROR_MARK = "**Error:**"
+# The error part of the status, repeated beside Start (the status line sits far above it).
+ERROR_BESIDE_START_JS = f"(status) => {{ const at = (status || '').indexOf('{ERROR_MARK}'); " \
+                        f"return at < 0 ? '' : status.slice(at); }}"
 
 
 # -- what every update sends -----------------------------------------------------------------------------
@@ -292,7 +288,7 @@ N_OUTPUTS = 10
 
 
 def error_status(message: str) -> str:
-    return f"**Error:** {message}"
+    return f"{ERROR_MARK} {message}"
 
 
 def _skips(n: int) -> list:
@@ -686,7 +682,7 @@ def build_inspector_tab(context: AppContext) -> None:
                                       elem_id="heatmap", scale=3)
                     heads = gr.Plot(blank, label="Drill-down: layer × head of the selected block", elem_id="heads",
                                     scale=2)
-                gr.Markdown(PLOT_NOTES["heatmap"], elem_classes="plot-note")
+                gr.Markdown(PLOT_NOTES["heatmap"], elem_id="note-heatmap", container=False)
                 document = gr.HTML("<div id='famviz-doc'>No document streamed yet.</div>", label="Document",
                                    elem_id="document")
                 with gr.Row():
@@ -694,12 +690,12 @@ def build_inspector_tab(context: AppContext) -> None:
                         method = gr.Radio(list(TRAJECTORY_METHODS), value="PCA", label="Trajectory projection",
                                           elem_id="method")
                         trajectory = gr.Plot(blank, label="FAM state trajectory", elem_id="trajectory")
-                        gr.Markdown(PLOT_NOTES["trajectory"], elem_classes="plot-note")
+                        gr.Markdown(PLOT_NOTES["trajectory"], elem_id="note-trajectory", container=False)
                     with gr.Column(scale=1):
                         dynamics = gr.Plot(blank, label="FAM norm and update per layer", elem_id="dynamics")
-                        gr.Markdown(PLOT_NOTES["dynamics"], elem_classes="plot-note")
+                        gr.Markdown(PLOT_NOTES["dynamics"], elem_id="note-dynamics", container=False)
                 nll = gr.Plot(blank, label="Next-token loss per block", elem_id="nll")
-                gr.Markdown(PLOT_NOTES["nll"], elem_classes="plot-note")
+                gr.Markdown(PLOT_NOTES["nll"], elem_id="note-nll", container=False)
                 with gr.Group():
                     with gr.Row():
                         figure_name = gr.Dropdown([(f"{name}: {spec.description}", name)
@@ -731,8 +727,8 @@ def build_inspector_tab(context: AppContext) -> None:
         outputs, api_name="stream", show_progress="hidden", concurrency_id="model", concurrency_limit=1,
     )
     context.refresh_header_after(run_event)
-    start_button.click(lambda: "", None, start_error, show_progress="hidden", queue=False)
-    run_event.then(error_beside_start, [status], [start_error], show_progress="hidden")
+    # In the browser (no server round trip per block): the status's error part, or nothing.
+    status.change(None, [status], [start_error], js=ERROR_BESIDE_START_JS)
     # While streaming with UMAP chosen, the timer picks up background fits as they finish.
     run_event.then(lambda run: gr.Timer(active=run is not None and run.method == "UMAP"), [run_state], [umap_timer])
     stop_button.click(stop_run, [run_state], outputs, cancels=[run_event], api_name="stop", show_progress="hidden")
@@ -761,7 +757,7 @@ def build_app(loaded: LoadedModel, adapter: AppAdapter | str | Path | None = Non
     hub = ModelHub(loaded, adapter, key)
     defaults = adapter.settings() if adapter is not None else DEFAULT_SETTINGS
 
-    with gr.Blocks(title="famviz: TransformerFAM memory", delete_cache=(3600, 24 * 3600), css=PAGE_CSS) as demo:
+    with gr.Blocks(title="famviz: TransformerFAM memory", delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown("## famviz · watch TransformerFAM's working memory")
         header = gr.Markdown(_model_summary(loaded, adapter), elem_id="model-summary")
         context = AppContext(hub=hub, run_state=gr.State(None), defaults=defaults, header=header)

@@ -65,8 +65,14 @@ def _axis(title: str | None = None, **kwargs) -> dict:
 
 
 def _block_ticks(n_blocks: int) -> dict:
-    """Whole-number ticks on a block axis (plotly would label a short axis 0, 0.5, 1...)."""
+    """Whole-number ticks on a block (or layer) axis (plotly would label a short axis 0, 0.5, 1...)."""
     return dict(tick0=0, dtick=1) if n_blocks <= 12 else dict(tickformat="d")
+
+
+def _layer_axis(layers) -> dict:
+    """A layer axis: a tick on every row when there are few (they may skip layers), whole numbers always."""
+    layers = [int(v) for v in layers]
+    return dict(showgrid=False, tickvals=layers) if len(layers) <= 12 else dict(showgrid=False, tickformat="d")
 
 
 def _layout(title: str, **kwargs) -> dict:
@@ -199,7 +205,7 @@ def share_heatmap(share: np.ndarray, group: str, *, groups: Sequence[str] = BLOC
                            y0=0, y1=1, line=dict(color="#e4572e", width=2)))
     return _figure(heatmap, _layout(title or f"Attention share on {group} (mean over heads)", shapes=shapes,
                                              xaxis=_axis("block", showgrid=False, **_block_ticks(n_blocks)),
-                                             yaxis=_axis("layer", showgrid=False)))
+                                             yaxis=_axis("layer", **_layer_axis(y))))
 
 
 def view_figure(trace: Trace, view: str, selected_block: int | None = None) -> go.Figure:
@@ -241,7 +247,7 @@ def head_share_heatmap(block_share: np.ndarray, group: str, *, groups: Sequence[
     where = f"block {block}" if block is not None else "one block"
     return _figure(heatmap, _layout(title or f"{where}: share on {group} per head", shapes=shapes,
                                              xaxis=_axis("head", showgrid=False, tick0=0, dtick=1),
-                                             yaxis=_axis("layer", showgrid=False)))
+                                             yaxis=_axis("layer", **_layer_axis(y))))
 
 
 def head_view_figure(trace: Trace, view: str, block: int, selected_layer: int | None = None) -> go.Figure:
@@ -360,9 +366,9 @@ def fam_dynamics(norm: np.ndarray, update: np.ndarray, *, layers: Sequence[int] 
     layout = _layout(
         title or "FAM dynamics per layer", annotations=subtitles, margin=dict(l=60, r=20, t=70, b=50),
         xaxis=_axis(None, anchor="y", showgrid=False, showticklabels=False, matches="x2"),
-        yaxis=_axis("layer", domain=list(top), showgrid=False),
+        yaxis=_axis("layer", domain=list(top), **_layer_axis(y)),
         xaxis2=_axis("block", anchor="y2", showgrid=False, **_block_ticks(n_blocks)),
-        yaxis2=_axis("layer", domain=list(bottom), showgrid=False),
+        yaxis2=_axis("layer", domain=list(bottom), **_layer_axis(y)),
     )
     return _figure([norm_map, update_map], layout)
 

@@ -290,8 +290,8 @@ def download_results(session: PasskeySession | None):
 def build_passkey_tab(context) -> None:
     static_problem = export.static_export_problem()
     formats = list(export.FORMATS) if static_problem is None else ["html"]
-    session = gr.State(None)
     with gr.Tab("PassKey", id="passkey", elem_id="tab-passkey"):
+        session = gr.State(None)  # inside the tab: another child of gr.Tabs would show as a second tab label
         gr.Markdown(
             "Hide a pass key in irrelevant text and ask for it at the end (the paper's PassKey test). "
             "**Watch retention** streams one prompt and, after every *k* blocks once the key has gone by, forks "

@@ -142,3 +142,37 @@ def test_passkey_tab_fills_heatmap_and_retention_curve(served_app, tmp_path):
     assert screenshot.stat().st_size > 50_000
     if os.environ.get("FAMVIZ_SCREENSHOT_PASSKEY"):
         shutil.copy(screenshot, os.environ["FAMVIZ_SCREENSHOT_PASSKEY"])
+
+
+def test_page_reads_right_errors_beside_start_one_tab_label_clean_stop(served_app, tmp_path):
+    """What a first-time user sees: each plot explained, a bad number reported beside Start as well as in
+    the status, Stop leaving no stray error markers, each tab named once after it is opened."""
+    from playwright.sync_api import expect
+
+    tab_labels = "() => [...document.querySelectorAll('[role=tab]')].map(e => e.textContent.trim())"
+    error_markers = ("() => [...document.querySelectorAll('*')].filter(e => !e.children.length && "
+                     "e.textContent.trim() === 'Error').length")
+    with open_page(served_app, 1900) as page:
+        expect(page.locator("#status")).to_contain_text("Ready", timeout=60_000)
+        for plot in ("heatmap", "trajectory", "dynamics", "nll"):
+            expect(page.locator(f"#note-{plot}")).to_be_visible()
+        page.locator("#block-size input").fill("0")
+        page.locator("#start").click()
+        expect(page.locator("#start-error")).to_contain_text("Block size must be from 1", timeout=60_000)
+        expect(page.locator("#status")).to_contain_text("Block size must be from 1")
+
+        page.locator("#block-size input").fill("16")
+        page.locator("#fam-len input").fill("8")
+        page.locator("#pasted textarea").fill(TEXT * 6)
+        page.locator("#start").click()
+        expect(page.locator("#start-error")).to_have_text("", timeout=30_000)  # cleared by the next Start
+        expect(page.locator("#status")).to_contain_text("Streaming", timeout=120_000)
+        page.locator("#stop").click()
+        expect(page.locator("#status")).to_contain_text("Stopped", timeout=120_000)
+        page.wait_for_timeout(1500)
+        assert page.evaluate(error_markers) == 0
+
+        page.get_by_role("tab", name="PassKey").click()
+        expect(page.locator("#pk-sweep")).to_be_visible(timeout=30_000)
+        assert page.evaluate(tab_labels) == ["Memory inspector", "PassKey"]
+        page.screenshot(path=str(tmp_path / "passkey-tab.png"))

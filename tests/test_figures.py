@@ -317,3 +317,14 @@ def test_run_views_from_a_trace():
     assert path.name == "layer 1" and len(path.x) == 4 and np.abs(np.asarray(path.x)).max() == pytest.approx(1.0)
     assert "Replayed" in run.status() and "fam vs bswa" in run.status()
     assert "tiny" in run.caption() and "FAM 3" in run.caption()
+
+
+def test_layer_axes_label_whole_layers_only():
+    """A 4-layer model once read "0 0.5 1 1.5..." on its layer axes; recorded layers may also skip some."""
+    rng = np.random.default_rng(0)
+    fig = figures.share_heatmap(rng.random((3, 4, 2, 3)), "fam")
+    assert list(fig.layout.yaxis.tickvals) == [0, 1, 2, 3]
+    dynamics = figures.fam_dynamics(rng.random((5, 3)), rng.random((5, 3)), layers=[0, 10, 29])
+    assert list(dynamics.layout.yaxis.tickvals) == list(dynamics.layout.yaxis2.tickvals) == [0, 10, 29]
+    many = figures.share_heatmap(rng.random((3, 30, 2, 3)), "fam")
+    assert many.layout.yaxis.tickformat == "d"
