@@ -103,29 +103,19 @@ def alternate(runs: dict[str, Callable[[], object]], repeats: int, device: torch
 
 def _reset_peak(device: torch.device) -> None:
     gc.collect()
-    _trim_heap()
+    trim_heap()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        from .cli import reset_window_peak_rss
+        from .process import reset_window_peak_rss
 
         reset_window_peak_rss()
-
-
-def _trim_heap() -> None:
-    """Give freed heap pages back to the OS (glibc), so a peak counts live memory, not old slack."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _peak_mb(device: torch.device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    from .cli import window_peak_rss_mb
+    from .process import window_peak_rss_mb
 
     return window_peak_rss_mb()
 
@@ -147,7 +137,8 @@ def document_ids(loaded, n_tokens: int) -> list[int]:
 # -- the benchmark -------------------------------------------------------------------------------------
 def run_bench(loaded, sizes: BenchSizes = FULL, progress: Callable[[str], None] = lambda message: None) -> dict:
     """Measure every figure on ``loaded`` (a ``famviz.LoadedModel``); returns one flat dict."""
-    from .engine import Stream, steady_heap
+    from .engine import Stream
+    from .process import steady_heap
     from .fam_model import FamModel
 
     device = loaded.device

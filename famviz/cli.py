@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -293,33 +292,6 @@ def _quiet_libraries(verbose: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of the whole process (model loading included)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-
-def reset_window_peak_rss() -> bool:
-    """Restart the kernel's peak-RSS counter (VmHWM) so a phase's own peak can be read (Linux only)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def window_peak_rss_mb() -> float | None:
-    """Peak RSS since the last ``reset_window_peak_rss`` (None where /proc is not available)."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
 # -- stream ---------------------------------------------------------------------------------------
 def run_stream(args) -> int:
     from .documents import head_bytes_for, read_document_start
@@ -342,6 +314,8 @@ def run_stream(args) -> int:
     import gc
 
     gc.collect()
+    from .process import peak_rss_mb, reset_window_peak_rss, window_peak_rss_mb
+
     load_peak_mb = peak_rss_mb()  # the reset below also resets getrusage's figure
     can_window = reset_window_peak_rss()  # after loading: the stream's own peak, not the load's
     from .tokenize import tokenize_document, tokenize_prefix

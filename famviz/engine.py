@@ -228,20 +228,6 @@ class Stream:
         return values
 
 
-def steady_heap(threshold: int = 64 * 1024) -> bool:
-    """Make glibc serve allocations over ``threshold`` bytes with mmap, so every freed block tensor goes
-    back to the OS at once. By default glibc raises that threshold as it goes and the heap fragments:
-    a CPU stream's RSS then creeps by a few MB per block (measured: 822 -> 970 MB over 24 blocks on the
-    bundled model; flat at 804 MB with this). Process-wide, so it is opt-in: the bench calls it.
-    Returns False where it does not apply (not glibc)."""
-    import ctypes
-
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
 def stream_tokens(model: LoadedModel, config: FamConfig, token_ids: Sequence[int], **kwargs) -> StreamResult:
     """Run a whole token sequence through a fresh stream."""
     return Stream(model, config, **kwargs).run(token_ids)

@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -355,7 +356,7 @@ def test_served_app_streams_one_update_per_block(tiny_loaded, app_module, tmp_pa
         updates = list(job)
         statuses = [update[0] for update in updates]
         block_statuses = [s for s in statuses if s.startswith(("**Streaming**", "**Done**")) and " · 0 / " not in s]
-        assert [s.split(" · ")[3] for s in block_statuses] == \
+        assert [s.split(" · ")[4] for s in block_statuses] == \
             [f"{i} / {n_blocks} blocks" for i in range(1, n_blocks + 1)], statuses
         assert statuses[-1].startswith("**Done**") and "doc.md" in statuses[-1]
         heatmap = updates[-1][1]
@@ -373,6 +374,71 @@ def test_served_app_streams_one_update_per_block(tiny_loaded, app_module, tmp_pa
         result = client.predict("tiny", "", "auto", "auto", "paste", None, TEXT, 300, "fam", "off", 2.5,
                                 8, 1, 4096, "", api_name="/stream")
         assert result[0].startswith("**Error:**") and "Block size must be a whole number, got 2.5" in result[0]
+    finally:
+        demo.close()
+
+
+SESSION_WORDS = ("apple", "river", "violin", "granite", "comet", "lantern", "meadow", "harbor")
+
+
+@pytest.mark.slow
+def test_load_eight_sessions_at_once_each_get_their_own_results_and_memory_returns(tiny_loaded, app_module):
+    """Eight gradio_client sessions stream different documents at once: all finish, each sees only its own
+    document (its last block's text, and the mean loss a solo run of it gives), the app's resident memory
+    is back within 10% of its idle level afterwards, and a stopped session frees the model for the next."""
+    import gc
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    from famviz.process import current_rss_mb, trim_heap
+
+    def text_of(word: str, sentences: int = 60) -> str:
+        return " ".join(f"The {word} session number {i} streams its own {word} text." for i in range(sentences))
+
+    def stream(url: str, text: str, block: int = 32) -> list:
+        client = Client(url, verbose=False)
+        try:
+            return list(client.submit("tiny", "", "auto", "auto", "paste", None, text, 300, "fam", "off", block, 8, 1,
+                                      4096, "", api_name="/stream"))
+        finally:
+            client.close()
+
+    def settled_rss() -> float:
+        gc.collect()
+        trim_heap()
+        return current_rss_mb()
+
+    demo = app_module.build_app(tiny_loaded)
+    try:
+        _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True,
+                                quiet=True, share=False)
+        stream(url, text_of("warm-up"))  # first-call costs are not a leak
+        idle = settled_rss()
+        with ThreadPoolExecutor(max_workers=len(SESSION_WORDS)) as pool:
+            results = list(pool.map(lambda word: stream(url, text_of(word)), SESSION_WORDS))
+        for word, updates in zip(SESSION_WORDS, results):
+            status, document_html = updates[-1][0], updates[-1][3]
+            assert status.startswith("**Done**"), status
+            assert word in document_html and not any(other in document_html for other in SESSION_WORDS if other != word)
+            solo = _run(app_module, app_module.ModelHub(tiny_loaded, None, ("tiny", None, "auto", "auto")),
+                        pasted=text_of(word), mode="fam", fam_len=8, mem_blocks=1)[-1][0]
+            assert status.split("mean NLL ")[1] == solo.split("mean NLL ")[1]
+        after = settled_rss()
+        assert after <= 1.10 * idle, f"resident memory {after:.0f} MB after the sessions, {idle:.0f} MB idle"
+
+        # A stopped session frees the model: the next session's run starts and finishes.
+        long_client = Client(url, verbose=False)
+        job = long_client.submit("tiny", "", "auto", "auto", "paste", None, text_of("endless", 2000), 300, "fam", "off",
+                                 4, 8, 1, 100_000, "", api_name="/stream")
+        deadline = time.monotonic() + 120
+        while not any(str(update[0]).startswith("**Streaming**") for update in job.outputs()):
+            assert time.monotonic() < deadline, "the long run never started"
+            time.sleep(0.05)  # until it holds the model
+        job.cancel()
+        assert stream(url, text_of("next"))[-1][0].startswith("**Done**")
+        assert not any(str(update[0]).startswith("**Done**") for update in job.outputs())
+        long_client.close()
     finally:
         demo.close()
 
