@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .config import MODES, TOOL_DEFAULTS, FamConfig, check_limits
+from . import __version__
 from .errors import FamvizError
 
 log = logging.getLogger("famviz")
@@ -39,6 +40,7 @@ def _add_fam_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m famviz", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="more logging on stderr")
+    parser.add_argument("--version", action="version", version=f"famviz {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     stream = commands.add_parser("stream", help="stream a document through the model, block by block")

@@ -1,0 +1,59 @@
+"""famviz installs like any Python package: declared dependencies and extras, one version, a working
+`famviz` command and `import famviz` from the installed copy (not the checkout)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """``pip install .`` into a fresh target directory (dependencies come from this environment)."""
+    target = tmp_path_factory.mktemp("site")
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                             "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return target
+
+
+def _run(installed: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(installed))
+    return subprocess.run(list(args), capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_metadata_declares_dependencies_extras_and_the_one_version(installed):
+    import famviz
+
+    (info,) = installed.glob("famviz-*.dist-info")
+    metadata = (info / "METADATA").read_text()
+    assert f"Version: {famviz.__version__}" in metadata
+    for requirement in ("torch>=", "transformers>=", "safetensors>=", "numpy>=", "plotly>="):
+        assert f"Requires-Dist: {requirement}" in metadata
+    for extra, package in (("app", "gradio"), ("train", "peft"), ("train", "accelerate"), ("gpu", "flash-attn")):
+        assert f"Provides-Extra: {extra}" in metadata
+        assert any(line.startswith(f"Requires-Dist: {package}>=") and f'extra == "{extra}"' in line
+                   for line in metadata.splitlines())
+    # Every package the set-up commands pin (requirements.txt) is declared, with a lower bound.
+    normal = lambda name: name.strip().lower().replace("_", "-")  # noqa: E731
+    pinned = {normal(line.split("==")[0]) for line in (ROOT / "requirements.txt").read_text().splitlines()
+              if "==" in line and not line.startswith("#")}
+    declared = {normal(line.split()[1].split(">=")[0]) for line in metadata.splitlines()
+                if line.startswith("Requires-Dist:")}
+    assert pinned <= declared, f"pinned but not declared: {sorted(pinned - declared)}"
+
+
+def test_the_installed_command_and_package_work_outside_the_checkout(installed, tmp_path):
+    import famviz
+
+    version = _run(installed, str(installed / "bin" / "famviz"), "--version", cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.strip() == f"famviz {famviz.__version__}"
+    where = _run(installed, sys.executable, "-c", "import famviz; print(famviz.__file__)", cwd=tmp_path)
+    assert where.returncode == 0 and where.stdout.strip().startswith(str(installed))
+    help_text = _run(installed, str(installed / "bin" / "famviz"), "stream", "--help", cwd=tmp_path)
+    assert help_text.returncode == 0 and "--block-size" in help_text.stdout
