@@ -198,7 +198,8 @@ def card_markdown(card: dict) -> str:
                   "| after step | PassKey (greedy): tokens: retrieved (log p) | long documents: tuned ÷ untuned BSWA NLL |",
                   "|---|---|---|"]
         for entry in stage_evaluations:
-            cells = ", ".join(f"{c['length']}@{c['depth']:g}: {c['accuracy']:.0%} ({c['mean_key_logprob']:.1f})"
+            cells = ", ".join(f"{c.get('label', '')} {c['length']}@{c['depth']:g}: {c['accuracy']:.0%} "
+                              f"({c['mean_key_logprob']:.1f})"
                               for c in entry.get("passkey") or []) or "-"
             docs = ", ".join(f"{d['document']} {d['tuned']['nll']:.3f} ÷ {d['untuned_bswa']['nll']:.3f} "
                              f"= {d['tuned_vs_bswa']:.2f}" for d in entry.get("long_documents") or []) or "-"
@@ -247,9 +248,9 @@ def _evaluation_markdown(evaluation: dict) -> list[str]:
             lines += [f"### {name}", "", "```json", json.dumps(result, indent=2), "```", ""]
             continue
         lines += [f"### {name} ({result.get('dtype')}, {result.get('passkey_scoring', 'greedy decoding')})", "",
-                  "| tokens | depth | trials | retrieved | mean log p(key) |", "|---|---|---|---|---|"]
-        lines += [f"| {c['length']} | {c['depth']:g} | {c['trials']} | {c['accuracy']:.0%} | {c['mean_key_logprob']:.2f} |"
-                  for c in result["passkey"]]
+                  "| mode | tokens | depth | trials | retrieved | mean log p(key) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {c.get('label', name)} | {c['length']} | {c['depth']:g} | {c['trials']} | {c['accuracy']:.0%} | "
+                  f"{c['mean_key_logprob']:.2f} |" for c in result["passkey"]]
         nll = result.get("in_window_nll") or {}
         if nll:
             same = f", untuned same mode {nll['untuned_same_mode']:.4f}" if "untuned_same_mode" in nll else ""

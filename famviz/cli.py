@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(train)
     train.set_defaults(handler=run_train)
 
+    evaluate = commands.add_parser(
+        "evaluate", help="every check of an adapter (or the untuned conversion): PassKey grid against bswa and full, "
+                         "long-document NLL per quarter, in-window loss, FAM norm",
+        description="Results go to stdout (a table, or JSON with --json) and, for an adapter, into its training card.")
+    from .evaluation import add_evaluate_arguments, run_evaluate
+
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(handler=run_evaluate)
+
     passkey = commands.add_parser("passkey", help="PassKey retrieval: length × depth sweeps, or a live retention curve",
                                   description="Hide a pass key in filler (FAM_SPEC §7) or your own document and ask "
                                               "for it at the end; answers are scored by their first integer.")

@@ -10,14 +10,21 @@ documentation of a fixed list of Python standard-library modules (``pydoc``), wh
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from .config import FamConfig
 from .errors import ConfigError
 from .fam_model import FamModel
+
+log = logging.getLogger(__name__)
 
 PYDOC_MODULES = ("argparse", "collections", "contextlib", "dataclasses", "functools", "itertools", "json",
                  "logging", "pathlib", "re", "subprocess", "threading", "typing", "unittest")
@@ -49,7 +56,9 @@ def held_out_documents(tokenizer, tokens: int, paths: list[str] | None = None) -
     """
     from .training_data import HELD_OUT_TEXT
 
-    sources = [(Path(p).name, Path(p).read_text(encoding="utf-8", errors="replace")) for p in paths] if paths else \
+    from .documents import read_document
+
+    sources = [(Path(p).name, read_document(p)) for p in paths] if paths else \
         [("GPL-3", HELD_OUT_TEXT.read_text(encoding="utf-8")), ("pydoc", pydoc_text())]
     documents = []
     for name, text in sources:
@@ -95,3 +104,247 @@ def long_document_eval(fam_model: FamModel, ids: list[int], quarters: int = 4,
     summary = {"tokens": len(ids), "nll": float(finite.mean()), "nll_quarters": [float(p.mean()) for p in parts],
                "fam_norm_after_blocks": norms}
     return summary
+def in_window_nll(loaded, config: FamConfig, fam_prompt: torch.Tensor | None, windows: list[list[int]]) -> float:
+    """Mean next-token NLL over windows, each streamed alone from a fresh state (one block each)."""
+    model = FamModel(loaded, config, fam_prompt=fam_prompt)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for window in windows:
+            ids = torch.tensor([window], device=loaded.device)
+            out = model.forward_block(ids, model.initial_state(1))
+            nll, _ = model.next_token_nll(out.hidden, ids, None)
+            values = nll[~torch.isnan(nll)]
+            total += float(values.sum())
+            count += values.numel()
+    return total / max(count, 1)
+
+
+def text_windows(tokenizer, length: int, count: int, path: Path | None = None) -> list[list[int]]:
+    """``count`` disjoint windows of ``length`` tokens of held-out ordinary text (GPL-3 by default)."""
+    from .training_data import HELD_OUT_TEXT
+
+    ids = tokenizer((path or HELD_OUT_TEXT).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    step = max(length, (len(ids) - length) // max(count, 1))
+    windows = [ids[s : s + length] for s in range(0, len(ids) - length + 1, step)][:count]
+    if not windows:
+        raise ConfigError(f"the held-out text has fewer than {length} tokens")
+    return windows
+
+
+# -- the comparison behind `famviz evaluate` ------------------------------------------------------------------
+def long_document_comparison(base, tuned, config: FamConfig, prompt, long_tokens: int, paths: list[str] | None,
+                             on_done: Callable[[], None] | None = None) -> list[dict]:
+    """Per held-out document: NLL overall and per quarter of the evaluated model ("tuned": ``tuned`` in
+    ``config``'s mode, with ``prompt``), of the untuned model with BSWA and the same memory blocks, and with
+    full attention; the evaluated FAM's norm after 0, 4 and 64 blocks. ``on_done`` after each stream."""
+    rows = []
+    bswa = FamConfig(mode="bswa", block_size=config.block_size, fam_len=0, mem_blocks=config.mem_blocks)
+    full = FamConfig(mode="full", block_size=config.block_size)
+    for document in held_out_documents(base.tokenizer, long_tokens, paths):
+        row = {"document": document.name, "tokens": len(document.ids)}
+        for key, model in (("tuned", FamModel(tuned, config, fam_prompt=prompt)), ("untuned_bswa", FamModel(base, bswa)),
+                           ("untuned_full", FamModel(base, full))):
+            row[key] = long_document_eval(model, document.ids)
+            if on_done is not None:
+                on_done()
+        row["tuned_vs_bswa"] = row["tuned"]["nll"] / row["untuned_bswa"]["nll"]
+        log.info("%s (%d tokens): NLL tuned %s %.3f %s, bswa mem%d %.3f %s, full %.3f; FAM norm %s", document.name,
+                 len(document.ids), config.mode, row["tuned"]["nll"],
+                 [round(q, 3) for q in row["tuned"]["nll_quarters"]], config.mem_blocks, row["untuned_bswa"]["nll"],
+                 [round(q, 3) for q in row["untuned_bswa"]["nll_quarters"]], row["untuned_full"]["nll"],
+                 {k: round(v, 1) for k, v in row["tuned"]["fam_norm_after_blocks"].items()})
+        rows.append(row)
+    return rows
+
+
+# -- `famviz evaluate`: every check of a (tuned) model in one command -------------------------------------------
+def add_evaluate_arguments(parser) -> None:
+    from .config import TOOL_DEFAULTS
+
+    parser.add_argument("adapter", nargs="?", default=None, metavar="ADAPTER_DIR",
+                        help="the adapter to evaluate (its results go into its training card); none: the untuned "
+                             "conversion")
+    parser.add_argument("--model", default=None, help="Hugging Face model id or local path (default: bundled SmolLM2-135M)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--block-size", type=int, default=None, metavar="N",
+                        help=f"default: the adapter's (else {TOOL_DEFAULTS.block_size})")
+    parser.add_argument("--fam-len", type=int, default=None, metavar="N",
+                        help=f"default: the adapter's (else {TOOL_DEFAULTS.fam_len})")
+    parser.add_argument("--mem-blocks", type=int, default=None, metavar="N",
+                        help="default: the adapter's (else 0, the paper's PassKey setting)")
+    parser.add_argument("--modes", default="fam,bswa,full", metavar="LIST",
+                        help="PassKey modes, all on the same keys; MODE:N sets memory blocks (default: --mem-blocks)")
+    parser.add_argument("--lengths", default="2048,4096,8192", metavar="LIST", help="PassKey prompt lengths (tokens)")
+    parser.add_argument("--depths", default="0", metavar="LIST", help="PassKey key depths, 0…1")
+    parser.add_argument("--trials", type=int, default=50, metavar="N", help="PassKey keys per cell")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="PassKey keys' seed")
+    parser.add_argument("--skip-passkey", action="store_true", help="only the loss checks")
+    parser.add_argument("--document", action="append", default=None, metavar="PATH",
+                        help="a held-out long document (repeatable; default: GPL-3 and pydoc text)")
+    parser.add_argument("--long-tokens", type=int, default=8192, metavar="N",
+                        help="tokens of each long document (0: no long-document check)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def _geometry(args, adapter) -> FamConfig:
+    from .config import TOOL_DEFAULTS, check_limits
+
+    trained = adapter.trained_config() if adapter is not None else dataclasses.replace(TOOL_DEFAULTS, mem_blocks=0)
+    return check_limits(FamConfig(mode="fam",
+                                  block_size=trained.block_size if args.block_size is None else args.block_size,
+                                  fam_len=trained.fam_len if args.fam_len is None else args.fam_len,
+                                  mem_blocks=trained.mem_blocks if args.mem_blocks is None else args.mem_blocks))
+
+
+def _numbers(text: str, kind, name: str) -> list:
+    try:
+        values = [kind(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--{name} must be a comma-separated list of numbers, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"--{name} is empty")
+    return values
+
+
+@dataclass
+class EvaluationPlan:
+    """What `famviz evaluate` will run, checked before anything is loaded."""
+
+    adapter: object  # famviz.adapters.Adapter or None
+    config: FamConfig
+    lengths: list[int]
+    depths: list[float]
+    specs: list  # famviz.passkey.ModeSpec
+
+
+def plan_evaluation(args) -> EvaluationPlan:
+    """The checked plan, or a FamvizError with one clear message (bad numbers, modes, files, adapter)."""
+    from . import passkey as pk
+    from .adapters import read_adapter
+    from .documents import read_document
+
+    adapter = read_adapter(args.adapter) if args.adapter else None
+    config = _geometry(args, adapter)
+    lengths = _numbers(args.lengths, int, "lengths")
+    depths = _numbers(args.depths, float, "depths")
+    if any(n < 64 for n in lengths) or any(not 0 <= d <= 1 for d in depths) or args.trials < 1:
+        raise ConfigError("PassKey lengths must be at least 64 tokens, depths within 0…1 and --trials at least 1")
+    try:
+        specs = [pk.ModeSpec.parse(m, config.mem_blocks) for m in args.modes.split(",") if m.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--modes: {exc}") from None
+    if args.long_tokens and args.long_tokens < MIN_LONG_TOKENS:
+        raise ConfigError(f"--long-tokens must be 0 or at least {MIN_LONG_TOKENS}, got {args.long_tokens}")
+    for path in args.document or []:
+        read_document(path)  # unreadable documents fail now, not after the model has loaded
+    return EvaluationPlan(adapter, config, lengths, depths, specs)
+
+
+def evaluate(args, plan: EvaluationPlan, result: dict, progress=None) -> dict:
+    """Fill ``result`` step by step (so an interruption keeps what is done): in-window loss, long-document
+    NLL per quarter with the FAM norm, and the PassKey grid of every mode on the same keys."""
+    from . import passkey as pk
+    from .adapters import apply_adapter
+    from .models import load_model
+
+    adapter, config, lengths, depths, specs = plan.adapter, plan.config, plan.lengths, plan.depths, plan.specs
+    base = load_model(args.model, device=args.device, dtype=args.dtype)
+    tuned = load_model(args.model, device=args.device, dtype=args.dtype) if adapter is not None else base
+    prompt = apply_adapter(args.adapter, tuned, config) if adapter is not None else None
+    result.update(model=base.name, adapter=str(adapter.directory) if adapter else None, label=tuned.label,
+                  config=config.to_dict(), dtype=str(base.dtype).replace("torch.", ""), device=str(base.device))
+    n_docs = len(args.document) if args.document else 2
+    total = 3 + (3 * n_docs if args.long_tokens else 0) + \
+        (0 if args.skip_passkey else len(specs) * len(lengths) * len(depths) * args.trials)
+    if progress is not None:
+        progress.reset(total=total)
+    tick = (lambda *_: progress.update(1)) if progress is not None else (lambda *_: None)
+
+    windows = text_windows(base.tokenizer, config.block_size, 8)
+    nll = {"windows": len(windows), "window_tokens": config.block_size, "text": "GPL-3 (held out from training)"}
+    nll["untuned_full_attention"] = in_window_nll(base, FamConfig(mode="full", block_size=config.block_size), None, windows)
+    tick()
+    nll["untuned_same_mode"] = in_window_nll(base, config, None, windows)  # what the conversion alone costs
+    tick()
+    nll["tuned"] = in_window_nll(tuned, config, prompt, windows)
+    tick()
+    nll["relative_change"] = nll["tuned"] / nll["untuned_full_attention"] - 1
+    result["in_window_nll"] = nll
+    result["long_documents"] = []
+    if args.long_tokens:
+        result["long_documents"] = long_document_comparison(base, tuned, config, prompt, args.long_tokens,
+                                                            args.document, on_done=tick)
+    result["passkey"] = []
+    if not args.skip_passkey:
+        result["passkey_scoring"] = "greedy decoding, first integer of the answer equals the key (famviz.passkey)"
+        pk.sweep(tuned, specs, lengths, depths, args.trials, seed=args.seed, base=config, fam_prompt=prompt,
+                 on_trial=tick, on_cell=lambda cell: result["passkey"].append(cell.summary()))
+    return result
+
+
+def evaluation_table(result: dict) -> str:
+    """The evaluation as plain-text tables for a terminal."""
+    lines = [f"famviz evaluate · {result.get('label')} · {result.get('config')} · {result.get('dtype')}"
+             + (" · INTERRUPTED: partial results" if result.get("interrupted") else "")]
+    nll = result.get("in_window_nll")
+    if nll:
+        lines += ["", f"In one window ({nll['windows']} windows of {nll['window_tokens']} tokens of {nll['text']}):",
+                  f"  evaluated {nll['tuned']:.4f}   untuned same mode {nll['untuned_same_mode']:.4f}   "
+                  f"untuned full attention {nll['untuned_full_attention']:.4f}   ({nll['relative_change']:+.1%} vs full)"]
+    for row in result.get("long_documents") or []:
+        lines += ["", f"Long document {row['document']} ({row['tokens']:,} tokens): mean NLL [quarters]"]
+        for key, label in (("tuned", "evaluated"), ("untuned_bswa", "untuned bswa"), ("untuned_full", "untuned full")):
+            part = row[key]
+            lines.append(f"  {label:<13} {part['nll']:.3f}  [" + " ".join(f"{q:.3f}" for q in part["nll_quarters"]) + "]")
+        norms = row["tuned"].get("fam_norm_after_blocks") or {}
+        lines.append(f"  evaluated ÷ bswa {row['tuned_vs_bswa']:.3f}" + (
+            "; FAM norm after blocks " + ", ".join(f"{k}: {v:,.0f}" for k, v in norms.items()) if norms else ""))
+    cells = result.get("passkey") or []
+    if cells:
+        lines += ["", "PassKey (greedy): retrieved (mean log p(key)), trials per cell in brackets"]
+        columns = sorted({(c["length"], c["depth"]) for c in cells})
+        lines.append("  " + f"{'mode':<14}" + "".join(f"{f'{n}@{d:g}':>20}" for n, d in columns))
+        for label in dict.fromkeys(c["label"] for c in cells):
+            by = {(c["length"], c["depth"]): c for c in cells if c["label"] == label}
+            row = [f"{by[k]['accuracy']:.0%} ({by[k]['mean_key_logprob']:.2f}) [{by[k]['trials']}]" if k in by else "-"
+                   for k in columns]
+            lines.append("  " + f"{label:<14}" + "".join(f"{cell:>20}" for cell in row))
+    return "\n".join(lines)
+
+
+def run_evaluate(args) -> int:
+    """`famviz evaluate`: the result to stdout (table, or JSON with --json) and, with an adapter, into its card;
+    a progress bar on stderr; Ctrl-C keeps and reports what was done (exit status 130)."""
+    import json
+    import time
+
+    from tqdm import tqdm
+
+    from .adapters import read_training_card, write_training_card
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plan = plan_evaluation(args)
+    result: dict = {}
+    started = time.time()
+    status = 0
+    with tqdm(total=1, desc="evaluate", unit="step", file=sys.stderr, dynamic_ncols=True) as progress:
+        try:
+            evaluate(args, plan, result, progress)
+        except KeyboardInterrupt:
+            result["interrupted"] = True
+            status = 130
+    if not result.get("config"):  # interrupted while loading: nothing to report
+        return status
+    result["seconds"] = round(time.time() - started, 1)
+    if args.adapter:
+        directory = Path(args.adapter)
+        card = read_training_card(directory)
+        key = f"{result['config']['mode']}_mem{result['config']['mem_blocks']}_block{result['config']['block_size']}"
+        card.setdefault("evaluation", {})[key] = result
+        card.setdefault("stage_evaluations", []).append({"after_step": card.get("steps"), "key": key, **result})
+        write_training_card(directory, card)
+    print(json.dumps(result) if args.json else evaluation_table(result))
+    return status

@@ -23,21 +23,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import platform
 import random
 import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .config import FamConfig
-from .errors import ConfigError, FamvizError
+from .errors import ConfigError
 from .fam_model import FamModel, StreamState
 from .training_data import Example, ExampleStream, parse_mixture, parse_range
 
@@ -875,16 +874,6 @@ def add_train_arguments(parser) -> None:
                         help="keep every layer's activations instead of recomputing them in backward (faster, more memory)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--device", default=None, help="auto, cpu or cuda (default auto: Accelerate's device)")
-    parser.add_argument("--evaluate", metavar="ADAPTER_DIR",
-                        help="instead of training: evaluate ADAPTER_DIR (PassKey grid and in-window loss) into its card")
-    parser.add_argument("--eval-lengths", default="2048,4096,8192", help="PassKey lengths for --evaluate")
-    parser.add_argument("--eval-depth", type=float, default=0.0, help="PassKey depth for --evaluate")
-    parser.add_argument("--final-trials", type=int, default=50, help="PassKey trials per length for --evaluate")
-    parser.add_argument("--long-tokens", type=int, default=8192,
-                        help="--evaluate: tokens of each long document (0 = no long-document check)")
-    parser.add_argument("--document", action="append", default=None, metavar="PATH",
-                        help="--evaluate: a held-out long document (repeatable; default GPL-3 and pydoc text)")
-    parser.add_argument("--skip-passkey", action="store_true", help="--evaluate: only the loss checks, no PassKey grid")
 
 
 def config_from_args(args) -> tuple[TrainConfig, bool]:
@@ -907,116 +896,7 @@ def config_from_args(args) -> tuple[TrainConfig, bool]:
     return replace(TrainConfig(out=args.out, command=command, stage_command=command), **overrides), False
 
 
-def in_window_nll(loaded, config: FamConfig, fam_prompt: torch.Tensor | None, windows: list[list[int]]) -> float:
-    """Mean next-token NLL over windows, each streamed alone from a fresh state (one block each)."""
-    model = FamModel(loaded, config, fam_prompt=fam_prompt)
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for window in windows:
-            ids = torch.tensor([window], device=loaded.device)
-            out = model.forward_block(ids, model.initial_state(1))
-            nll, _ = model.next_token_nll(out.hidden, ids, None)
-            values = nll[~torch.isnan(nll)]
-            total += float(values.sum())
-            count += values.numel()
-    return total / max(count, 1)
-
-
-def text_windows(tokenizer, length: int, count: int, path: Path | None = None) -> list[list[int]]:
-    """``count`` disjoint windows of ``length`` tokens of held-out ordinary text (GPL-3 by default)."""
-    from .training_data import HELD_OUT_TEXT
-
-    ids = tokenizer((path or HELD_OUT_TEXT).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-    step = max(length, (len(ids) - length) // max(count, 1))
-    windows = [ids[s : s + length] for s in range(0, len(ids) - length + 1, step)][:count]
-    if not windows:
-        raise ConfigError(f"the held-out text has fewer than {length} tokens")
-    return windows
-
-
-def long_document_comparison(base, tuned, config: FamConfig, prompt, args) -> list[dict]:
-    """Per held-out document: NLL overall and per quarter of the tuned model, of the untuned model with BSWA
-    and the same memory blocks, and with full attention; the tuned FAM's norm after 4 and 64 blocks."""
-    from .evaluation import held_out_documents, long_document_eval
-
-    rows = []
-    bswa = FamConfig(mode="bswa", block_size=config.block_size, fam_len=0, mem_blocks=config.mem_blocks)
-    full = FamConfig(mode="full", block_size=config.block_size)
-    for document in held_out_documents(base.tokenizer, args.long_tokens, args.document):
-        row = {"document": document.name, "tokens": len(document.ids)}
-        row["tuned"] = long_document_eval(FamModel(tuned, config, fam_prompt=prompt), document.ids)
-        row["untuned_bswa"] = long_document_eval(FamModel(base, bswa), document.ids)
-        row["untuned_full"] = long_document_eval(FamModel(base, full), document.ids)
-        row["tuned_vs_bswa"] = row["tuned"]["nll"] / row["untuned_bswa"]["nll"]
-        log.info("%s (%d tokens): NLL tuned %s %.3f %s, bswa mem%d %.3f %s, full %.3f; FAM norm %s", document.name,
-                 len(document.ids), config.mode, row["tuned"]["nll"],
-                 [round(q, 3) for q in row["tuned"]["nll_quarters"]], config.mem_blocks, row["untuned_bswa"]["nll"],
-                 [round(q, 3) for q in row["untuned_bswa"]["nll_quarters"]], row["untuned_full"]["nll"],
-                 {k: round(v, 1) for k, v in row["tuned"]["fam_norm_after_blocks"].items()})
-        rows.append(row)
-    return rows
-
-
-def evaluate_adapter_dir(args) -> dict:
-    """PassKey grid (greedy decoding, ``famviz.passkey``) and in-window loss vs the untuned model with full
-    attention; the result goes into the adapter's training card."""
-    from . import passkey as pk
-    from .adapters import apply_adapter, read_adapter, read_training_card, write_training_card
-    from .models import load_model
-
-    logging.getLogger("famviz").setLevel(logging.INFO)
-    directory = Path(args.evaluate)
-    adapter = read_adapter(directory)
-    fam = adapter.fam_config
-    config = FamConfig(mode=fam.get("mode", "fam"), block_size=args.block_size or fam.get("block_size", 256),
-                       fam_len=args.fam_len or fam.get("fam_len", 64),
-                       mem_blocks=args.mem_blocks if args.mem_blocks is not None else fam.get("mem_blocks", 0))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = args.dtype or "float32"
-    lengths = [int(x) for x in args.eval_lengths.split(",") if x.strip()]
-    started = time.time()
-    base = load_model(args.model, device=args.device or "auto", dtype=dtype)
-    windows = text_windows(base.tokenizer, config.block_size, 8)
-    full_nll = in_window_nll(base, FamConfig(mode="full", block_size=config.block_size), None, windows)
-    untuned_nll = in_window_nll(base, config, None, windows)  # what the conversion alone costs in one window
-    tuned = load_model(args.model, device=args.device or "auto", dtype=dtype)
-    prompt = apply_adapter(directory, tuned, config)
-    tuned_nll = in_window_nll(tuned, config, prompt, windows)
-    log.info("in-window NLL: tuned %s %.4f, untuned %s %.4f, untuned full %.4f", config.mode, tuned_nll,
-             config.mode, untuned_nll, full_nll)
-    long_documents = long_document_comparison(base, tuned, config, prompt, args) if args.long_tokens else []
-    cells = []
-    if not args.skip_passkey:
-        spec = pk.ModeSpec(config.mode, config.mem_blocks)
-        cells = pk.sweep(tuned, [spec], lengths, [args.eval_depth], args.final_trials, seed=args.seed or 0,
-                         base=config, fam_prompt=prompt,
-                         on_cell=lambda c: log.info("PassKey %s %d tokens depth %g: %.0f%% of %d (log p(key) %.2f, %.0f s)",
-                                                    c.label, c.length, c.depth, 100 * c.accuracy, c.trials,
-                                                    c.mean_key_logprob, c.seconds))
-    evaluation = {
-        "long_documents": long_documents,
-        "passkey": [c.summary() for c in cells],
-        "passkey_scoring": "greedy decoding, first integer of the answer equals the key (famviz.passkey)",
-        "in_window_nll": {"tuned": tuned_nll, "untuned_full_attention": full_nll, "untuned_same_mode": untuned_nll,
-                          "relative_change": tuned_nll / full_nll - 1, "windows": len(windows),
-                          "window_tokens": config.block_size, "text": "GPL-3 (held out from training)"},
-        "dtype": dtype, "seconds": round(time.time() - started, 1),
-    }
-    card = read_training_card(directory)
-    card.setdefault("evaluation", {})
-    key = f"{config.mode}_mem{config.mem_blocks}_block{config.block_size}"
-    card["evaluation"][key] = evaluation
-    card.setdefault("stage_evaluations", []).append({"after_step": card.get("steps"), "key": key, **evaluation})
-    write_training_card(directory, card)
-    print(json.dumps(evaluation))
-    return evaluation
-
-
 def run_train(args) -> int:
-    if args.evaluate:
-        evaluate_adapter_dir(args)
-        return 0
     config, resume = config_from_args(args)
     config.validate()  # before anything is written or logged
     out = Path(config.out)

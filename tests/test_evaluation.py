@@ -54,3 +54,84 @@ def test_held_out_documents_default_and_given(tmp_path):
     short.write_text("only a few words")
     with pytest.raises(ConfigError, match="fewer than"):
         held_out_documents(tokenizer, 2000, [str(short)])
+
+
+# -- `famviz evaluate` ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory):
+    from helpers import write_random_lora_adapter
+
+    return write_random_lora_adapter(tmp_path_factory.mktemp("evaluate"), fam_len=4, block_size=64)
+
+
+def _document(tmp_path, sentences: int = 200):
+    path = tmp_path / "held-out.txt"
+    path.write_text(" ".join(f"Held-out sentence {i} tells the memory something new." for i in range(sentences)))
+    return path
+
+
+def test_evaluate_prints_tables_and_fills_the_card(tiny_adapter, tmp_path, capfd):
+    import json
+
+    from helpers import run_cli_in_process
+
+    model_dir, adapter_dir = tiny_adapter
+    args = ["evaluate", adapter_dir, "--model", model_dir, "--dtype", "float32", "--lengths", "150,300", "--trials", "2",
+            "--modes", "fam,bswa", "--document", _document(tmp_path), "--long-tokens", "1024", "--threads", "1"]
+    status, out, err = run_cli_in_process(args, capfd)
+    assert status == 0, err
+    assert "Long document held-out.txt (1,024 tokens)" in out and "evaluated ÷ bswa" in out
+    assert "fam (mem 0)" in out and "bswa (mem 0)" in out and "150@0" in out and "300@0" in out
+    assert "evaluate" in err  # the progress bar
+    card = json.loads((adapter_dir / "training_card.json").read_text())
+    result = card["evaluation"]["fam_mem0_block64"]
+    assert result["adapter"] == str(adapter_dir) and result["label"].endswith("+ adapter adapter")
+    assert [(c["label"], c["length"]) for c in result["passkey"]] == \
+        [("fam (mem 0)", 150), ("fam (mem 0)", 300), ("bswa (mem 0)", 150), ("bswa (mem 0)", 300)]
+    row = result["long_documents"][0]
+    assert set(row["tuned"]["fam_norm_after_blocks"]) == {"0", "4", "64"} and len(row["tuned"]["nll_quarters"]) == 4
+    assert card["stage_evaluations"][-1]["key"] == "fam_mem0_block64"
+    assert "| mode |" in (adapter_dir / "TRAINING_CARD.md").read_text()
+
+
+def test_evaluate_keeps_partial_results_when_interrupted(tiny_adapter, tmp_path, capfd, monkeypatch):
+    import json
+
+    from famviz import passkey
+    from helpers import run_cli_in_process
+
+    model_dir, _ = tiny_adapter
+    real_sweep = passkey.sweep
+
+    def interrupted_sweep(*args, on_cell=None, **kwargs):
+        def first_cell_then_stop(cell):
+            on_cell(cell)
+            raise KeyboardInterrupt
+        return real_sweep(*args, on_cell=first_cell_then_stop, **kwargs)
+
+    monkeypatch.setattr(passkey, "sweep", interrupted_sweep)
+    status, out, err = run_cli_in_process(["evaluate", "--model", model_dir, "--dtype", "float32", "--lengths", "150,300",
+                                           "--trials", "1", "--long-tokens", "0", "--json", "--block-size", "64",
+                                           "--fam-len", "4"], capfd)
+    assert status == 130
+    result = json.loads(out)
+    assert result["interrupted"] and len(result["passkey"]) == 1 and result["in_window_nll"]["tuned"] > 0
+    assert result["adapter"] is None and result["label"].endswith("(untuned conversion)")
+
+
+@pytest.mark.parametrize("bad, words", [
+    (["--lengths", "10"], ("lengths",)),
+    (["--depths", "2"], ("depths",)),
+    (["--trials", "0"], ("--trials",)),
+    (["--long-tokens", "100"], ("--long-tokens",)),
+    (["--modes", "fam,poetry"], ("poetry",)),
+    (["--document", "/no/such/file.txt"], ("file.txt", "not found")),
+    (["--block-size", "0"], ("block size",)),
+])
+def test_evaluate_refuses_bad_arguments_with_one_line(tiny_adapter, bad, words, capfd):
+    from helpers import assert_one_line_error, run_cli_in_process
+
+    model_dir, _ = tiny_adapter
+    status, out, err = run_cli_in_process(["evaluate", "--model", model_dir, "--dtype", "float32", *bad], capfd)
+    assert status == 2
+    assert_one_line_error(status, out, err, contains=words)

@@ -320,9 +320,11 @@ def test_cli_trains_resumes_and_evaluates_a_tiny_model(tmp_path, capfd):
     assert steps == [1, 2, 3]
     card = json.loads((out / "training_card.json").read_text())
     assert card["steps"] == 3 and "resumed" in card["command"] and card["note"]
-    status, stdout, err = run_cli_in_process(["train", "--evaluate", out, "--model", model_dir, "--eval-lengths", "120",
-                                              "--final-trials", "1", "--threads", "1"], capfd)
+    status, stdout, err = run_cli_in_process(["evaluate", out, "--model", model_dir, "--lengths", "120", "--trials", "1",
+                                              "--threads", "1", "--long-tokens", "0", "--json"], capfd)
     assert status == 0, err
     evaluation = json.loads((out / "training_card.json").read_text())["evaluation"]["fam_mem0_block64"]
-    assert evaluation["passkey"][0]["trials"] == 1
+    assert evaluation == json.loads(stdout)  # the card holds what was printed
+    assert [c["label"] for c in evaluation["passkey"]] == ["fam (mem 0)", "bswa (mem 0)", "full"]  # the same keys for each mode
+    assert all(c["trials"] == 1 for c in evaluation["passkey"])
     assert all(evaluation["in_window_nll"][k] > 0 for k in ("tuned", "untuned_same_mode", "untuned_full_attention"))
