@@ -31,6 +31,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from .config import BLOCK_GROUPS, FAM_GROUPS
+
 
 @dataclass(frozen=True)
 class WindowLayout:
@@ -184,20 +186,20 @@ def attend_with_stats(q, k, v, layout: WindowLayout, scale: float) -> tuple[torc
     fam_read = q.new_zeros(b, n, dtype=torch.float32)
     fam_share = q.new_zeros(b, heads, 2, dtype=torch.float32)
     if f:  # FAM rows: [previous FAM, whole block], never memory
-        groups = [g for g in ("fam", "block") if keys[g].stop > keys[g].start]
+        groups = [g for g in FAM_GROUPS if keys[g].stop > keys[g].start]
         out, weights, lse = _merge_groups(q[:, :, :f], k, v, scale, [(keys[g], False) for g in groups])
         outputs.append(out)
         by_group = dict(zip(groups, weights))
-        fam_share = torch.stack([by_group.get(g, torch.zeros_like(lse)) for g in ("fam", "block")], -1).mean(2)
+        fam_share = torch.stack([by_group.get(g, torch.zeros_like(lse)) for g in FAM_GROUPS], -1).mean(2)
         if n:
             fam_read = _token_probs(q[:, :, :f], k[:, :, keys["block"]], lse, scale).mean(dim=(1, 2))
     block_share = q.new_zeros(b, heads, 3, dtype=torch.float32)
     if n:  # block tokens: all memory, all FAM, their block causally
-        groups = [g for g in ("fam", "memory", "block") if keys[g].stop > keys[g].start]
+        groups = [g for g in BLOCK_GROUPS if keys[g].stop > keys[g].start]
         out, weights, lse = _merge_groups(q[:, :, f:], k, v, scale, [(keys[g], g == "block") for g in groups])
         outputs.append(out)
         by_group = dict(zip(groups, weights))
-        block_share = torch.stack([by_group.get(g, torch.zeros_like(lse)) for g in ("fam", "memory", "block")], -1).mean(2)
+        block_share = torch.stack([by_group.get(g, torch.zeros_like(lse)) for g in BLOCK_GROUPS], -1).mean(2)
     out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
     return out, AttentionStats(block_share=block_share, fam_share=fam_share, fam_read=fam_read)
 

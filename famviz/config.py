@@ -9,6 +9,10 @@ from dataclasses import asdict, dataclass
 from .errors import ConfigError
 
 MODES = ("full", "bswa", "fam")
+# The key groups attention shares are measured over (FAM_SPEC §2's window): what block queries and what FAM
+# queries attend to. Engine, trace, figures and app all take them from here.
+BLOCK_GROUPS = ("fam", "memory", "block")
+FAM_GROUPS = ("fam", "block")
 
 
 @dataclass(frozen=True)

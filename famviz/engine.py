@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .config import FamConfig
+from .config import BLOCK_GROUPS, FAM_GROUPS, FamConfig
 from .fam_model import BlockOutput, FamModel, StreamState
 from .models import LoadedModel
 from .tokenize import IncrementalTokenizer
@@ -108,8 +108,8 @@ class Stream:
             "dtype": str(self.fam_model.dtype).replace("torch.", ""),
             "device": str(self.fam_model.device),
             "fam_state_form": "slot-mean" if self.compact_trace else "slots",
-            "block_share_groups": ["fam", "memory", "block"],
-            "fam_share_groups": ["fam", "block"],
+            "block_share_groups": list(BLOCK_GROUPS),
+            "fam_share_groups": list(FAM_GROUPS),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
 

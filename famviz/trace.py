@@ -42,13 +42,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .config import BLOCK_GROUPS, FAM_GROUPS  # noqa: F401 - re-exported: a trace's share groups
 from .errors import FamvizError
 
 TRACE_FORMAT = "famviz-trace"
 TRACE_VERSION = 1
-
-BLOCK_GROUPS = ("fam", "memory", "block")
-FAM_GROUPS = ("fam", "block")
 
 
 @dataclass(frozen=True)
