@@ -93,17 +93,9 @@ def read_document(path: str | os.PathLike[str], max_bytes: int = MAX_DOCUMENT_BY
     size = _regular_file_size(path, name)
     if size > max_bytes:
         raise _too_large(name, size, max_bytes)
-    try:
-        with open(path, "rb") as file:
-            # One byte over the limit is enough to tell that it is too large (the file may
-            # have grown since stat, and /proc-like files report size 0).
-            data = file.read(max_bytes + 1)
-    except PermissionError:
-        raise DocumentError(f"{name}: permission denied; check the file's permissions.") from None
-    except IsADirectoryError:
-        raise DocumentError(f"{name}: is a directory, not a document; pass a file inside it.") from None
-    except OSError as error:
-        raise DocumentError(f"{name}: cannot read the file ({error.strerror or error}).") from None
+    # One byte over the limit is enough to tell that it is too large (the file may have grown since stat,
+    # and /proc-like files report size 0).
+    data = _read_bytes(path, name, max_bytes + 1)
     if len(data) > max_bytes:
         raise _too_large(name, max(size, len(data)), max_bytes)
     return read_document_bytes(data, name, max_bytes)
@@ -149,12 +141,7 @@ def read_document_start(path: str | os.PathLike[str], head_bytes: int | None, ma
                                 f"PDF and HTML files are read whole: split it into smaller parts.")
         text = read_document(path, max_bytes, name)
         return DocumentStart(text, size, size)
-    limit = min(head_bytes, max_bytes)
-    try:
-        with open(path, "rb") as file:
-            data = file.read(limit)
-    except OSError as error:
-        raise DocumentError(f"{name}: cannot read the file ({error.strerror or error}).") from None
+    data = _read_bytes(path, name, min(head_bytes, max_bytes))
     if data.startswith(_PDF_MAGIC):
         raise DocumentError(f"{name}: a PDF is read whole, and this one is {_format_size(size)}, over the "
                             f"{_format_size(max_bytes)} limit; split it into smaller parts.")
@@ -178,6 +165,19 @@ def read_upload_start(upload, max_bytes: int = MAX_DOCUMENT_BYTES,
         raise DocumentError("No file uploaded: choose a file first.")
     path = Path(upload)
     return read_document_start(path, head_bytes, max_bytes, name=path.name), path.name
+
+
+def _read_bytes(path: Path, name: str, count: int) -> bytes:
+    """The first ``count`` bytes of the file, or a DocumentError saying why they cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(count)
+    except PermissionError:
+        raise DocumentError(f"{name}: permission denied; check the file's permissions.") from None
+    except IsADirectoryError:
+        raise DocumentError(f"{name}: is a directory, not a document; pass a file inside it.") from None
+    except OSError as error:
+        raise DocumentError(f"{name}: cannot read the file ({error.strerror or error}).") from None
 
 
 def _regular_file_size(path: Path, name: str) -> int:
