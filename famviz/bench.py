@@ -102,13 +102,13 @@ def alternate(runs: dict[str, Callable[[], object]], repeats: int, device: torch
 
 
 def _reset_peak(device: torch.device) -> None:
+    from .process import reset_window_peak_rss, trim_heap
+
     gc.collect()
     trim_heap()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        from .process import reset_window_peak_rss
-
         reset_window_peak_rss()
 
 
