@@ -343,7 +343,9 @@ def run_evaluate(args) -> int:
         directory = Path(args.adapter)
         card = read_training_card(directory)
         key = f"{result['config']['mode']}_mem{result['config']['mem_blocks']}_block{result['config']['block_size']}"
-        card.setdefault("evaluation", {})[key] = result
+        earlier = card.setdefault("evaluation", {}).get(key, {})
+        # A run that skipped a part (e.g. --skip-passkey) keeps the card's earlier figures for it.
+        card["evaluation"][key] = {**earlier, **{k: v for k, v in result.items() if v or k not in earlier}}
         card.setdefault("stage_evaluations", []).append({"after_step": card.get("steps"), "key": key, **result})
         write_training_card(directory, card)
     print(json.dumps(result) if args.json else evaluation_table(result))
