@@ -231,7 +231,10 @@ def _long_document_markdown(rows: list[dict]) -> list[str]:
     lines = ["", "| document | model | mean NLL | quarter 1 | quarter 2 | quarter 3 | quarter 4 | FAM norm (blocks: norm) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        for key, label in (("tuned", "tuned"), ("untuned_bswa", "untuned BSWA"), ("untuned_full", "untuned full")):
+        for key, label in (("tuned", "tuned"), ("tuned_bswa", "tuned weights, BSWA"), ("untuned_bswa", "untuned BSWA"),
+                           ("untuned_full", "untuned full")):
+            if key not in row:
+                continue
             result = row[key]
             norms = ", ".join(f"{k}: {v:.0f}" for k, v in result.get("fam_norm_after_blocks", {}).items()) or "-"
             lines.append(f"| {row['document']} ({row['tokens']} tokens) | {label} | {result['nll']:.3f} | "

@@ -80,7 +80,8 @@ def test_evaluate_prints_tables_and_fills_the_card(tiny_adapter, tmp_path, capfd
             "--modes", "fam,bswa", "--document", _document(tmp_path), "--long-tokens", "1024", "--threads", "1"]
     status, out, err = run_cli_in_process(args, capfd)
     assert status == 0, err
-    assert "Long document held-out.txt (1,024 tokens)" in out and "evaluated ÷ bswa" in out
+    assert "Long document held-out.txt (1,024 tokens)" in out and "evaluated ÷ untuned bswa" in out
+    assert "same weights, bswa" in out and "÷ same weights in bswa" in out  # the memory's own effect
     assert "fam (mem 0)" in out and "bswa (mem 0)" in out and "150@0" in out and "300@0" in out
     assert "evaluate" in err  # the progress bar
     card = json.loads((adapter_dir / "training_card.json").read_text())
@@ -89,6 +90,7 @@ def test_evaluate_prints_tables_and_fills_the_card(tiny_adapter, tmp_path, capfd
     assert [(c["label"], c["length"]) for c in result["passkey"]] == \
         [("fam (mem 0)", 150), ("fam (mem 0)", 300), ("bswa (mem 0)", 150), ("bswa (mem 0)", 300)]
     row = result["long_documents"][0]
+    assert row["tuned_vs_tuned_bswa"] == pytest.approx(row["tuned"]["nll"] / row["tuned_bswa"]["nll"])
     assert set(row["tuned"]["fam_norm_after_blocks"]) == {"0", "4", "64"} and len(row["tuned"]["nll_quarters"]) == 4
     assert card["stage_evaluations"][-1]["key"] == "fam_mem0_block64"
     assert "| mode |" in (adapter_dir / "TRAINING_CARD.md").read_text()
