@@ -39,9 +39,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from famviz import export, figures  # noqa: E402
-from famviz.adapters import SHIPPED_ADAPTER, SHIPPED_ADAPTERS  # noqa: E402
-from famviz.config import (LIMITS, MODES, TOOL_DEFAULTS, FamConfig, geometry_warnings,  # noqa: E402
-                           trained_geometry_differences)
+from famviz.adapters import SHIPPED_ADAPTER, SHIPPED_ADAPTERS, run_notes  # noqa: E402
+from famviz.config import LIMITS, MODES, TOOL_DEFAULTS, FamConfig  # noqa: E402
 from famviz.documents import (MAX_DOCUMENT_BYTES, SUPPORTED_SUFFIXES, head_bytes_for, read_document,  # noqa: E402
                               read_upload_start)
 from famviz.engine import Stream  # noqa: E402
@@ -91,10 +90,6 @@ class AppAdapter:
     def settings(self) -> FamConfig:
         """The FAM geometry the adapter was trained with (the app's defaults when it is loaded)."""
         return self.adapter.trained_config()
-
-    def notes(self, config: FamConfig) -> list[str]:
-        """How a run's geometry differs from the adapter's (allowed, but said beside the results)."""
-        return trained_geometry_differences(self.settings(), config, self.directory.name)
 
     def prompt_for(self, loaded: LoadedModel, config: FamConfig) -> torch.Tensor | None:
         """The FAM prompt for a run, or an AdapterError when the run's settings don't fit the adapter."""
@@ -356,7 +351,7 @@ def stream_document(hub: ModelHub, model, adapter_dir, device, dtype, source, up
     trace = primary.trace
     trace.text, trace.offsets = text, list(offsets)
     trace.meta["document"] = name
-    notes = geometry_warnings(config) + (adapter.notes(config) if adapter is not None else [])
+    notes = run_notes(config, adapter.adapter if adapter is not None else None)
     trace.meta["notes"] = notes
     run = Run(config=config, document=name, total_tokens=len(ids), trace=trace, compare_mode=compare,
               document_cut=read_cut or document_cut(loaded.tokenizer, text, ids, offsets),

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import MODES, TOOL_DEFAULTS, FamConfig, check_limits
+from .config import MODES, TOOL_DEFAULTS, FamConfig, check_limits, number_list
 from . import __version__
 from .errors import FamvizError
 
@@ -126,16 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _number_list(text: str, kind, name: str) -> list:
-    try:
-        values = [kind(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise FamvizError(f"{name} must be a comma-separated list of numbers, got {text!r}") from None
-    if not values:
-        raise FamvizError(f"{name} is empty")
-    return values
-
-
 def run_passkey(args) -> int:
     from . import passkey as pk
 
@@ -145,8 +135,8 @@ def run_passkey(args) -> int:
                                       mem_blocks=args.mem_blocks))
     except ValueError as exc:
         raise FamvizError(str(exc)) from None
-    lengths = _number_list(args.lengths, int, "--lengths")
-    depths = _number_list(args.depths, float, "--depths")
+    lengths = number_list(args.lengths, int, "--lengths")
+    depths = number_list(args.depths, float, "--depths")
     if not specs:
         raise FamvizError("--modes is empty")
     if any(n <= 0 for n in lengths) or any(not 0 <= d <= 1 for d in depths):
@@ -397,15 +387,9 @@ def load_for_cli(args, config: FamConfig):
 def print_geometry_notes(args, config: FamConfig) -> None:
     """On stderr, once the run is about to start: settings that are allowed but probably not meant (a block
     shorter than the FAM), and how they differ from what ``--adapter`` was trained with."""
-    from .config import geometry_warnings, trained_geometry_differences
+    from .adapters import read_adapter, run_notes
 
-    notes = geometry_warnings(config)
-    if args.adapter:
-        from .adapters import read_adapter
-
-        notes += trained_geometry_differences(read_adapter(args.adapter).trained_config(), config,
-                                              Path(args.adapter).name)
-    for note in notes:
+    for note in run_notes(config, read_adapter(args.adapter) if args.adapter else None):
         print(f"famviz: note: {note}", file=sys.stderr)
 
 

@@ -98,3 +98,14 @@ def trained_geometry_differences(trained: FamConfig, config: FamConfig, adapter:
     return [f"adapter {adapter} was trained with {LABELS.get(name, name)} {getattr(trained, name)}, "
             f"this run uses {getattr(config, name)}"
             for name in names if getattr(trained, name) != getattr(config, name)]
+
+
+def number_list(text, kind, name: str) -> list:
+    """``"1000,2000"`` -> [1000, 2000] (``kind`` int or float), or a ConfigError naming the option."""
+    try:
+        values = [kind(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{name} must be a comma-separated list of numbers, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{name} is empty")
+    return values

@@ -134,7 +134,7 @@ def read_document_start(path: str | os.PathLike[str], head_bytes: int | None, ma
     path = Path(path)
     name = name or str(path)
     size = _regular_file_size(path, name)
-    suffix = path.suffix.lower() if name == str(path) else Path(name).suffix.lower()
+    suffix = Path(name).suffix.lower()  # the upload's own name picks the format, like read_document_bytes
     if head_bytes is None or size <= max_bytes or suffix in _PDF_SUFFIXES + _HTML_SUFFIXES:
         if size > max_bytes and head_bytes is not None:  # PDF or HTML
             raise DocumentError(f"{name}: file is {_format_size(size)}, over the {_format_size(max_bytes)} limit; "

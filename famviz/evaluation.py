@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import FamConfig
+from .config import FamConfig, number_list
 from .errors import ConfigError
 from .fam_model import FamModel
 
@@ -205,16 +205,6 @@ def _geometry(args, adapter) -> FamConfig:
                                   mem_blocks=trained.mem_blocks if args.mem_blocks is None else args.mem_blocks))
 
 
-def _numbers(text: str, kind, name: str) -> list:
-    try:
-        values = [kind(part) for part in str(text).split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"--{name} must be a comma-separated list of numbers, got {text!r}") from None
-    if not values:
-        raise ConfigError(f"--{name} is empty")
-    return values
-
-
 @dataclass
 class EvaluationPlan:
     """What `famviz evaluate` will run, checked before anything is loaded."""
@@ -234,8 +224,8 @@ def plan_evaluation(args) -> EvaluationPlan:
 
     adapter = read_adapter(args.adapter) if args.adapter else None
     config = _geometry(args, adapter)
-    lengths = _numbers(args.lengths, int, "lengths")
-    depths = _numbers(args.depths, float, "depths")
+    lengths = number_list(args.lengths, int, "--lengths")
+    depths = number_list(args.depths, float, "--depths")
     if any(n < 64 for n in lengths) or any(not 0 <= d <= 1 for d in depths) or args.trials < 1:
         raise ConfigError("PassKey lengths must be at least 64 tokens, depths within 0…1 and --trials at least 1")
     try:

@@ -17,7 +17,8 @@ import gradio as gr
 
 from . import export
 from . import passkey as pk
-from .config import FamConfig, geometry_warnings
+from .adapters import run_notes
+from .config import FamConfig
 from .documents import MAX_DOCUMENT_BYTES, head_bytes_for, read_upload
 from .engine import Stream
 from .errors import FamvizError
@@ -78,7 +79,7 @@ def _notes(adapter, configs) -> str:
     """Geometry warnings and differences from the adapter's training, as note lines under a status."""
     notes = []
     for config in configs:
-        for note in geometry_warnings(config) + (adapter.notes(config) if adapter is not None else []):
+        for note in run_notes(config, adapter.adapter if adapter is not None else None):
             if note not in notes:
                 notes.append(note)
     return "".join(f"\n\n**Note:** {note}" for note in notes)

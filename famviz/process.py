@@ -22,28 +22,26 @@ def reset_window_peak_rss() -> bool:
         return False
 
 
-def window_peak_rss_mb() -> float | None:
-    """Peak RSS since the last ``reset_window_peak_rss`` (None where /proc is not available)."""
+def _status_mb(field: str) -> float | None:
+    """A memory figure (kB) of /proc/self/status in MB; None where /proc is not available."""
     try:
         with open("/proc/self/status") as handle:
             for line in handle:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
     return None
+
+
+def window_peak_rss_mb() -> float | None:
+    """Peak RSS since the last ``reset_window_peak_rss`` (None where /proc is not available)."""
+    return _status_mb("VmHWM")
 
 
 def current_rss_mb() -> float | None:
     """Resident memory of the process now (None where /proc is not available)."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
+    return _status_mb("VmRSS")
 
 
 def trim_heap() -> None:
