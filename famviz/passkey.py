@@ -63,6 +63,9 @@ class PasskeyDocument:
     key_span: tuple[int, int]  # token indices [start, end) of the key sentence
     question_start: int  # token index where the question line starts (its newline included)
     answer_ids: list[int]  # tokens of " K" as the model would continue the prompt
+    # The tokens that close the answer (" K" then these is " K."): training targets them too, because a
+    # model never taught to end the number keeps writing digits and greedy scoring reads a wrong integer.
+    closing_ids: list[int] = field(default_factory=list)
 
     @property
     def length(self) -> int:
@@ -127,10 +130,13 @@ def _build(tokenizer, filler: str, length: int, depth: float, key: int, instruct
     key_tokens = [i for i, (s, e) in enumerate(offsets) if e > span[0] and s < span[1]]
     question_char = len(text) - len(QUESTION) - 1  # its newline
     question_start = next(i for i, (s, e) in enumerate(offsets) if s >= question_char and e > s)
-    answer_ids = tokenizer(text + f" {key}", add_special_tokens=False)["input_ids"][len(ids) - len(adds_leading_special(tokenizer)):]
+    prompt_len = len(ids) - len(adds_leading_special(tokenizer))
+    answer_ids = tokenizer(text + f" {key}", add_special_tokens=False)["input_ids"][prompt_len:]
+    closed = tokenizer(text + f" {key}.", add_special_tokens=False)["input_ids"][prompt_len:]
+    closing_ids = closed[len(answer_ids):] if closed[: len(answer_ids)] == answer_ids else []
     return PasskeyDocument(text=text, key=key, depth=depth, target_length=length, token_ids=ids,
                            key_span=(key_tokens[0], key_tokens[-1] + 1), question_start=question_start,
-                           answer_ids=answer_ids)
+                           answer_ids=answer_ids, closing_ids=closing_ids)
 
 
 def _repeated_filler(chars: int) -> str:

@@ -68,6 +68,7 @@ class TrainConfig:
     data: str = "passkey:0.8,copy:0.2"
     passkey_tokens: str = "256-2048"
     passkey_depth_zero: float = 0.5
+    passkey_aligned: float = 0.0  # share of PassKey prompts whose answer starts in (or crosses into) a new block
     copy_text_tokens: str = "768-1536"
     copy_len: int = 256
     copy_weight: float = 0.1
@@ -107,6 +108,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0 <= self.rsp_prob <= 1:
             raise ConfigError(f"--rsp-prob must be within 0…1, got {self.rsp_prob}")
+        if not 0 <= self.passkey_aligned <= 1:
+            raise ConfigError(f"--passkey-aligned must be within 0…1, got {self.passkey_aligned}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         parse_mixture(self.data)
@@ -345,7 +348,8 @@ def collate(examples: list[Example], pad_id: int, device) -> tuple[torch.Tensor,
 @torch.no_grad()
 def passkey_teacher_forced(fam_model: FamModel, tokenizer, prompt: torch.Tensor | None, length: int, trials: int,
                            seed: int, depth: float = 0.0) -> dict:
-    """Held-out PassKey prompts scored teacher-forced: a trial counts when every key token is the argmax.
+    """Held-out PassKey prompts scored teacher-forced: a trial counts when every key token and the token
+    that ends the number are the argmax (so a model that keeps writing digits fails, as greedy scoring does).
 
     Cheap enough to run during training; ``famviz.passkey`` scores by greedy decoding for the report.
     """
@@ -354,27 +358,30 @@ def passkey_teacher_forced(fam_model: FamModel, tokenizer, prompt: torch.Tensor 
     hits, logprobs = 0, []
     for trial in range(trials):
         document = make_passkey_document(tokenizer, length, depth=depth, seed=seed + trial)
-        answer = list(document.answer_ids)
-        key_tokens = tokenizer(" " + str(document.key), add_special_tokens=False)["input_ids"]
+        answer = list(document.answer_ids) + list(document.closing_ids)
+        start, key_end = len(document.token_ids), len(document.token_ids) + len(document.answer_ids)
         ids = torch.tensor([list(document.token_ids) + answer], device=fam_model.device)
-        weights = torch.zeros_like(ids, dtype=torch.float32)
-        weights[0, len(document.token_ids) : len(document.token_ids) + len(key_tokens)] = 1.0
         state = initial_training_state(fam_model, 1, prompt, None)
-        correct, lp = _score_answer(fam_model, ids, weights, state)
+        weights = torch.zeros_like(ids, dtype=torch.float32)
+        weights[0, start:] = 1.0
+        hit, logprob = _score_tokens(fam_model, ids, weights, state)  # one entry per answer token
+        correct, lp = bool(hit.all()), float(logprob[: key_end - start].sum())
         hits += int(correct)
         logprobs.append(lp)
     return {"length": length, "depth": depth, "trials": trials, "accuracy": hits / max(trials, 1),
             "key_logprob": sum(logprobs) / max(len(logprobs), 1)}
 
 
-def _score_answer(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState):
-    correct, logprob = True, 0.0
+def _score_tokens(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor,
+                  state: StreamState) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each weighted token in order: whether it is the argmax, and its log-probability."""
+    hits, logprobs = [], []
     for _, scored in weighted_predictions(fam_model, ids, weights, state):
         if scored is not None:
             logits, targets, _ = scored
-            correct &= bool((logits.argmax(-1) == targets).all())
-            logprob += float(-F.cross_entropy(logits, targets, reduction="sum"))
-    return correct, logprob
+            hits.append(logits.argmax(-1) == targets)
+            logprobs.append(-F.cross_entropy(logits.float(), targets, reduction="none"))
+    return torch.cat(hits), torch.cat(logprobs)
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -481,7 +488,8 @@ class Trainer:
         self.data = data if data is not None else ExampleStream(
             loaded.tokenizer, parse_mixture(config.data), parse_range(config.passkey_tokens, "--passkey-tokens"),
             parse_range(config.copy_text_tokens, "--copy-text-tokens"), config.copy_len, config.copy_weight,
-            config.text_weight, config.passkey_depth_zero, readout_weight=config.readout_weight)
+            config.text_weight, config.passkey_depth_zero, readout_weight=config.readout_weight,
+            passkey_aligned=config.passkey_aligned, block_size=config.block_size)
         self.stages = config.curriculum_stages()
         self.stage = 0
         if config.init_from:
@@ -756,7 +764,7 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
         "data_mixture": {
             "weights": parse_mixture(config.data),
             "passkey_tokens": config.passkey_tokens,
-            "passkey_depth_zero": config.passkey_depth_zero,
+            "passkey_depth_zero": config.passkey_depth_zero, "passkey_aligned": config.passkey_aligned,
             "copy_text_tokens": config.copy_text_tokens, "copy_len": config.copy_len,
             "copy_weight": config.copy_weight, "text_weight": config.text_weight,
             "readout_weight": config.readout_weight, "curriculum_blocks": config.curriculum,
@@ -848,6 +856,8 @@ def add_train_arguments(parser) -> None:
         ("data", str, "mixture, e.g. passkey:0.8,copy:0.2"),
         ("passkey_tokens", str, "PassKey prompt length range in tokens, e.g. 256-2048"),
         ("passkey_depth_zero", float, "share of PassKey prompts with the key at depth 0"),
+        ("passkey_aligned", float, "share of PassKey prompts a whole number of blocks long (minus 0-6 tokens), "
+                                   "so that the answer is read from the FAM alone"),
         ("copy_text_tokens", str, "text length range of copy examples"), ("copy_len", int, "tokens to repeat"),
         ("copy_weight", float, "loss weight of repeated tokens (paper: 0.1)"),
         ("text_weight", float, "loss weight of ordinary next-token prediction on the copy text"),

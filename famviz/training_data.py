@@ -4,7 +4,7 @@ An example is a token sequence with a loss weight per token (the weight of predi
 from the ones before it). Kinds:
 
 ``passkey``  the PassKey prompt (FAM_SPEC §7, ``famviz.passkey``) with a filler length drawn from a
-             range, followed by its answer; loss on the answer tokens only.
+             range, followed by its answer and the full stop that ends it; loss on those tokens only.
 ``copy``     the paper's memory incentive on long real text found on the machine (licences, package
              documentation): text, then ``"[repeat random segment]:"`` and ``copy_len`` consecutive
              tokens copied from earlier in the text, weight ``copy_weight`` (paper: 0.1); the text
@@ -167,7 +167,8 @@ class ExampleStream:
 
     def __init__(self, tokenizer, mixture: dict[str, float], passkey_tokens: tuple[int, int],
                  copy_text_tokens: tuple[int, int], copy_len: int, copy_weight: float, text_weight: float,
-                 passkey_depth_zero: float = 0.5, corpus: TextCorpus | None = None, readout_weight: float = 0.0):
+                 passkey_depth_zero: float = 0.5, corpus: TextCorpus | None = None, readout_weight: float = 0.0,
+                 passkey_aligned: float = 0.0, block_size: int = 0):
         self.tokenizer = tokenizer
         self.mixture = mixture
         self.passkey_tokens = passkey_tokens
@@ -177,16 +178,31 @@ class ExampleStream:
         self.text_weight = text_weight
         self.passkey_depth_zero = passkey_depth_zero
         self.readout_weight = readout_weight  # 0: PassKey prompts carry no read-out probes
+        self.passkey_aligned = passkey_aligned
+        self.block_size = block_size
         self.corpus = corpus if corpus is not None or "copy" not in mixture else TextCorpus(tokenizer)
 
     def draw(self, rng: random.Random) -> Example:
         kinds = list(self.mixture)
         kind = rng.choices(kinds, weights=[self.mixture[k] for k in kinds])[0]
         if kind == "passkey":
-            length = rng.randint(*self.passkey_tokens)
-            return self._passkey(rng, length)
+            return self._passkey(rng, self._passkey_length(rng))
         length = rng.randint(*self.copy_text_tokens)
         return copy_example(self.corpus, rng, length, min(self.copy_len, length), self.copy_weight, self.text_weight)
+
+    def _passkey_length(self, rng: random.Random) -> int:
+        """Uniform in the range, or (with probability ``passkey_aligned``) a whole number of blocks minus
+        0-6 tokens: then the answer starts in a new block, or crosses into one, and must be read from the
+        FAM alone. Uniform lengths put the answer there only ~2% of the time, yet every round length
+        (512, 2048, ...) of the evaluation does."""
+        low, high = self.passkey_tokens
+        length = rng.randint(low, high)
+        block = self.block_size
+        if block and rng.random() < self.passkey_aligned:
+            fewest, most = max(1, -(-low // block)), high // block
+            if fewest <= most:
+                length = max(low, rng.randint(fewest, most) * block - rng.randint(0, 6))
+        return length
 
     def _passkey(self, rng: random.Random, length: int) -> Example:
         from .passkey import make_passkey_document
@@ -194,7 +210,7 @@ class ExampleStream:
         # The evaluation asks at depth 0 (the paper's setting); half the training prompts do too.
         depth = 0.0 if rng.random() < self.passkey_depth_zero else rng.random()
         document = make_passkey_document(self.tokenizer, length, depth=depth, seed=rng.randrange(2**31))
-        prompt, answer = list(document.token_ids), list(document.answer_ids)
+        prompt, answer = list(document.token_ids), list(document.answer_ids) + list(document.closing_ids)
         readout = None
         if self.readout_weight > 0:
             from .passkey import question_ids

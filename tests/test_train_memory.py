@@ -197,11 +197,49 @@ def test_passkey_examples_carry_a_probe_from_the_key_to_the_question():
     question = question_ids(tokenizer)
     answer = example.ids[len(example.ids) - sum(w > 0 for w in example.weights):]
     assert probe.ids == question + answer and probe.weights == [0.0] * len(question) + [0.5] * len(answer)
-    assert tokenizer.decode(answer).strip().isdigit()
+    assert tokenizer.decode(answer) == f" {example_key(tokenizer, example)}."  # the number, then its end
     key_text = tokenizer.decode(example.ids[: probe.first])
     assert key_text.rstrip().endswith("is the pass key.")  # probes start once the whole key sentence is read
     assert tokenizer.decode(example.ids[probe.last :]).strip().startswith("What is the pass key?")
     assert ExampleStream(tokenizer, {"passkey": 1.0}, (900, 1000), (10, 20), 4, 0.1, 0.0).draw(rng).readout is None
+
+
+def example_key(tokenizer, example) -> int:
+    import re
+
+    return int(re.search(r"The pass key is (\d+)\.", tokenizer.decode(example.ids)).group(1))
+
+
+def test_passkey_answers_end_the_number_and_the_held_out_score_requires_it():
+    """Without a target after the digits a tuned model kept writing digits (" 384333333" for 3843), which
+    greedy scoring reads as a wrong integer: the training answer closes the number."""
+    from famviz.passkey import make_passkey_document
+    from helpers import bundled_tokenizer
+
+    tokenizer = bundled_tokenizer()
+    document = make_passkey_document(tokenizer, 300, seed=3)
+    assert tokenizer.decode(document.answer_ids + document.closing_ids) == f" {document.key}."
+    whole = tokenizer(document.text + f" {document.key}.", add_special_tokens=False)["input_ids"]
+    assert whole[-len(document.closing_ids) - len(document.answer_ids):] == document.answer_ids + document.closing_ids
+    example = ExampleStream(tokenizer, {"passkey": 1.0}, (300, 400), (10, 20), 4, 0.1, 0.0).draw(random.Random(1))
+    scored = [t for t, w in zip(example.ids, example.weights) if w > 0]
+    assert tokenizer.decode(scored) == f" {example_key(tokenizer, example)}."
+
+
+def test_aligned_passkey_lengths_put_the_answer_at_a_block_boundary():
+    from helpers import bundled_tokenizer
+
+    tokenizer = bundled_tokenizer()
+    stream = ExampleStream(tokenizer, {"passkey": 1.0}, (300, 1100), (10, 20), 4, 0.1, 0.0,
+                           passkey_aligned=1.0, block_size=256)
+    rng = random.Random(2)
+    lengths = [stream._passkey_length(rng) for _ in range(200)]
+    assert all(256 * k - 6 <= n <= 256 * k for n in lengths for k in [round(n / 256)])
+    assert {round(n / 256) for n in lengths} == {2, 3, 4}  # every whole block count the range allows
+    uniform = ExampleStream(tokenizer, {"passkey": 1.0}, (300, 1100), (10, 20), 4, 0.1, 0.0, block_size=256)
+    assert len({uniform._passkey_length(rng) for _ in range(200)}) > 100
+    with pytest.raises(ConfigError, match="passkey-aligned"):
+        TrainConfig(out="x", passkey_aligned=1.5).validate()
 
 
 # -- curriculum --------------------------------------------------------------------------------------
