@@ -257,7 +257,8 @@ def read_input_document(source: str, upload: str | None, pasted: str | None, tok
 # What each plot shows, under it: a first-time user should not need the paper to read the page.
 PLOT_NOTES = {
     "heatmap": "Each cell: the share of one layer's attention (mean over heads and the block's tokens) that "
-               "goes to the chosen target; the rows of a block sum to 1 over FAM, memory blocks and own block. "
+               "goes to the chosen target; the rows of a block sum to 1 over FAM, memory blocks, own block and (sink mode) "
+               "the kept first tokens. "
                "A high FAM share means the block leans on the memory. An untrained memory often draws a large "
                "share as a *sink* (attention parked there, little read from it), so read it with the loss below.",
     "trajectory": "Each point: the FAM state of one recorded layer after one block, projected to 2-D (PCA, or "
@@ -629,7 +630,8 @@ def build_inspector_tab(context: AppContext) -> None:
                     context.model_inputs[:] = [model, adapter_dir, device, dtype]
                 with gr.Row():
                     mode = gr.Radio(list(MODES), value=defaults.mode, label="Mode", elem_id="mode",
-                                    info="fam: window + feedback memory · bswa: window only · full: all tokens")
+                                    info="fam: window + feedback memory · bswa: window only · sink: window + the first 4 tokens "
+                                         "(StreamingLLM) · full: all tokens")
                     compare = gr.Dropdown([NO_COMPARE, *MODES], value=NO_COMPARE, label="Compare with",
                                           elem_id="compare", info="same document, second mode")
                 with gr.Row():

@@ -236,6 +236,11 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
+# The models of a long-document comparison (``famviz.evaluation.long_document_comparison``), in table order.
+LONG_DOCUMENT_MODELS = (("tuned", "tuned"), ("tuned_bswa", "tuned weights, BSWA"), ("untuned_bswa", "untuned BSWA"),
+                        ("untuned_sink", "untuned sink (StreamingLLM)"), ("untuned_full", "untuned full"))
+
+
 def _long_document_markdown(rows: list[dict]) -> list[str]:
     """Long-document NLL per quarter (tuned, untuned BSWA, untuned full) and the FAM norm, one row a model."""
     if not rows:
@@ -243,8 +248,7 @@ def _long_document_markdown(rows: list[dict]) -> list[str]:
     lines = ["", "| document | model | mean NLL | quarter 1 | quarter 2 | quarter 3 | quarter 4 | FAM norm (blocks: norm) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        for key, label in (("tuned", "tuned"), ("tuned_bswa", "tuned weights, BSWA"), ("untuned_bswa", "untuned BSWA"),
-                           ("untuned_full", "untuned full")):
+        for key, label in LONG_DOCUMENT_MODELS:
             if key not in row:
                 continue
             result = row[key]

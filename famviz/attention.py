@@ -1,5 +1,8 @@
 """Attention over one block's window: [memory blocks | FAM | current block].
 
+In sink mode the memory region starts with the stream's first tokens (``WindowLayout.sink`` of them),
+masked exactly like memory; only the statistics count them as a group of their own.
+
 Queries are the block's rows in the order [FAM rows | block tokens]. The mask (FAM_SPEC §2):
 
     query \\ key     memory     FAM     block
@@ -38,9 +41,10 @@ from .config import BLOCK_GROUPS, FAM_GROUPS
 class WindowLayout:
     """Sizes of the key groups and query groups of one block's attention."""
 
-    memory: int  # cached token keys from earlier blocks
+    memory: int  # cached token keys from earlier blocks (the sink tokens included)
     fam: int  # FAM rows (queries and keys)
     block: int  # tokens of the current block (queries and keys)
+    sink: int = 0  # of the memory keys, how many (the first) are kept sink tokens
 
     @property
     def n_queries(self) -> int:
@@ -79,7 +83,7 @@ def window_mask(layout: WindowLayout, device: torch.device | str = "cpu") -> tor
 class AttentionStats:
     """Exact attention shares of one layer for one block (batch first)."""
 
-    block_share: torch.Tensor  # (batch, heads, 3): block queries on [fam, memory, block], mean over queries
+    block_share: torch.Tensor  # (batch, heads, 4): block queries on BLOCK_GROUPS [fam, memory, block, sink]
     fam_share: torch.Tensor  # (batch, heads, 2): FAM queries on [fam, block], mean over slots
     fam_read: torch.Tensor  # (batch, block): FAM queries' probability per block token, mean over heads and slots
 
@@ -179,9 +183,9 @@ def _attend_flex(q, k, v, layout: WindowLayout, scale: float) -> torch.Tensor:
 # -- statistics from per-group log-sum-exps -------------------------------------------------------
 def attend_with_stats(q, k, v, layout: WindowLayout, scale: float) -> tuple[torch.Tensor, AttentionStats]:
     """Window attention plus exact shares, merged from one fused kernel call per key group."""
-    m, f, n = layout.memory, layout.fam, layout.block
+    m, f, n, s = layout.memory, layout.fam, layout.block, layout.sink
     b, heads = q.shape[:2]
-    keys = {"memory": slice(0, m), "fam": slice(m, m + f), "block": slice(m + f, m + f + n)}
+    keys = {"sink": slice(0, s), "memory": slice(s, m), "fam": slice(m, m + f), "block": slice(m + f, m + f + n)}
     outputs = []
     fam_read = q.new_zeros(b, n, dtype=torch.float32)
     fam_share = q.new_zeros(b, heads, 2, dtype=torch.float32)
@@ -193,8 +197,8 @@ def attend_with_stats(q, k, v, layout: WindowLayout, scale: float) -> tuple[torc
         fam_share = torch.stack([by_group.get(g, torch.zeros_like(lse)) for g in FAM_GROUPS], -1).mean(2)
         if n:
             fam_read = _token_probs(q[:, :, :f], k[:, :, keys["block"]], lse, scale).mean(dim=(1, 2))
-    block_share = q.new_zeros(b, heads, 3, dtype=torch.float32)
-    if n:  # block tokens: all memory, all FAM, their block causally
+    block_share = q.new_zeros(b, heads, len(BLOCK_GROUPS), dtype=torch.float32)
+    if n:  # block tokens: all sinks and memory, all FAM, their block causally
         groups = [g for g in BLOCK_GROUPS if keys[g].stop > keys[g].start]
         out, weights, lse = _merge_groups(q[:, :, f:], k, v, scale, [(keys[g], g == "block") for g in groups])
         outputs.append(out)
@@ -272,17 +276,14 @@ def _attend_with_probs(q, k, v, layout: WindowLayout, mask, scale):
 
 
 def _shares(probs: torch.Tensor, layout: WindowLayout) -> AttentionStats:
-    m, f, n = layout.memory, layout.fam, layout.block
+    m, f, n, s = layout.memory, layout.fam, layout.block, layout.sink
     b, heads = probs.shape[:2]
     block_rows = probs[:, :, f:]
     if n:
-        block_share = torch.stack([
-            block_rows[..., m : m + f].sum(-1),
-            block_rows[..., :m].sum(-1),
-            block_rows[..., m + f :].sum(-1),
-        ], dim=-1).mean(dim=2)
+        columns = {"fam": slice(m, m + f), "memory": slice(s, m), "block": slice(m + f, None), "sink": slice(0, s)}
+        block_share = torch.stack([block_rows[..., columns[g]].sum(-1) for g in BLOCK_GROUPS], dim=-1).mean(dim=2)
     else:
-        block_share = probs.new_zeros(b, heads, 3)
+        block_share = probs.new_zeros(b, heads, len(BLOCK_GROUPS))
     if f:
         fam_rows = probs[:, :, :f]
         fam_share = torch.stack([fam_rows[..., m : m + f].sum(-1), fam_rows[..., m + f :].sum(-1)], dim=-1).mean(dim=2)

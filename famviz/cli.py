@@ -35,6 +35,12 @@ def _add_fam_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=defaults.block_size, metavar="N")
     parser.add_argument("--fam-len", type=int, default=defaults.fam_len, metavar="N")
     parser.add_argument("--mem-blocks", type=int, default=defaults.mem_blocks, metavar="N")
+    _add_sink_option(parser)
+
+
+def _add_sink_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sink-tokens", type=int, default=TOOL_DEFAULTS.sink_tokens, metavar="S",
+                        help="sink mode: the stream's first S tokens stay visible for ever (StreamingLLM; default 4)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"one of: {', '.join(FIGURES)}")
     export.add_argument("--format", default=None, choices=FORMATS, help="default: from --out's suffix")
     export.add_argument("--out", required=True, metavar="PATH", help="file to write")
-    export.add_argument("--view", default=None, help="heatmap/heads: block-fam, block-memory, block-block or fam-block")
+    export.add_argument("--view", default=None, help="heatmap/heads: block-fam, block-memory, block-block, block-sink or fam-block")
     export.add_argument("--block", type=int, default=None, help="heads: the block to drill into (default: last)")
     export.add_argument("--layer", type=int, default=None, help="heads: the layer to frame")
     export.add_argument("--method", default="PCA", choices=["PCA", "UMAP"], help="trajectory projection")
@@ -101,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     passkey.add_argument("--fam-len", type=int, default=defaults.fam_len, metavar="N")
     passkey.add_argument("--mem-blocks", type=int, default=defaults.mem_blocks, metavar="N",
                          help="memory blocks for modes given without :N")
+    _add_sink_option(passkey)
     _add_model_options(passkey)
     passkey.add_argument("--document", default=None, metavar="PATH",
                          help="hide the key in this document (cut to each length) instead of the standard filler")
@@ -132,7 +139,9 @@ def run_passkey(args) -> int:
     try:
         specs = [pk.ModeSpec.parse(part, args.mem_blocks) for part in args.modes.split(",") if part.strip()]
         base = check_limits(FamConfig(mode="fam", block_size=args.block_size, fam_len=args.fam_len,
-                                      mem_blocks=args.mem_blocks))
+                                      mem_blocks=args.mem_blocks, sink_tokens=args.sink_tokens))
+        for spec in specs:
+            check_limits(pk.sweep_config(base, spec))
     except ValueError as exc:
         raise FamvizError(str(exc)) from None
     lengths = number_list(args.lengths, int, "--lengths")
@@ -153,8 +162,11 @@ def run_passkey(args) -> int:
         text = read_document(args.document)
     loaded, fam_prompt = load_for_cli(args, base)
     backend = resolve_backend(args.backend, loaded.device)
-    print_geometry_notes(args, base)
-    config = {"block_size": args.block_size, "fam_len": args.fam_len, "modes": [s.label for s in specs],
+    # Notes about the runs the adapter is used in (a sweep's fam columns), not about the --mem-blocks default.
+    tuned = [pk.sweep_config(base, spec) for spec in specs if spec.mode == "fam"]
+    print_geometry_notes(args, *(tuned or [base]))
+    config = {"block_size": args.block_size, "fam_len": args.fam_len, "sink_tokens": args.sink_tokens,
+              "modes": [s.label for s in specs],
               "lengths": lengths, "depths": depths, "trials": args.trials, "seed": args.seed, "model": loaded.name,
               "adapter": args.adapter, "document": args.document, "device": str(loaded.device),
               "dtype": str(loaded.dtype).replace("torch.", "")}
@@ -298,7 +310,7 @@ def run_stream(args) -> int:
     from .documents import head_bytes_for, read_document_start
 
     config = check_limits(FamConfig(mode=args.mode, block_size=args.block_size, fam_len=args.fam_len,
-                                    mem_blocks=args.mem_blocks))
+                                    mem_blocks=args.mem_blocks, sink_tokens=args.sink_tokens))
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise FamvizError(f"--max-tokens must be positive, got {args.max_tokens}")
     trace_out = check_output_path(args.trace) if args.trace else None
@@ -341,7 +353,8 @@ def run_stream(args) -> int:
                 raise FamvizError(f"cannot write the trace to {trace_out}: {exc.strerror or exc}") from None
     summary = {
         "mode": config.mode, "tokens": result.tokens, "blocks": result.blocks, "block_size": config.block_size,
-        "fam_len": config.active_fam_len, "mem_blocks": config.mem_blocks, "nll_mean": result.nll_mean,
+        "fam_len": config.active_fam_len, "mem_blocks": config.mem_blocks, "sink_tokens": config.active_sink_tokens,
+        "nll_mean": result.nll_mean,
         "seconds": round(result.seconds, 4), "tokens_per_s": round(result.tokens_per_s, 2),
         "peak_rss_mb": round(max(load_peak_mb, peak_rss_mb()), 1),
         "stream_peak_rss_mb": round(window_peak_rss_mb(), 1) if can_window else None, "state_bytes": result.state_bytes,
@@ -384,12 +397,14 @@ def load_for_cli(args, config: FamConfig):
     return loaded, fam_prompt
 
 
-def print_geometry_notes(args, config: FamConfig) -> None:
+def print_geometry_notes(args, *configs: FamConfig) -> None:
     """On stderr, once the run is about to start: settings that are allowed but probably not meant (a block
-    shorter than the FAM), and how they differ from what ``--adapter`` was trained with."""
+    shorter than the FAM), and how the runs' ``configs`` differ from what ``--adapter`` was trained with."""
     from .adapters import read_adapter, run_notes
 
-    for note in run_notes(config, read_adapter(args.adapter) if args.adapter else None):
+    adapter = read_adapter(args.adapter) if args.adapter else None
+    notes = [note for config in configs for note in run_notes(config, adapter)]
+    for note in dict.fromkeys(notes):
         print(f"famviz: note: {note}", file=sys.stderr)
 
 

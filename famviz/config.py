@@ -8,10 +8,11 @@ from dataclasses import asdict, dataclass
 
 from .errors import ConfigError
 
-MODES = ("full", "bswa", "fam")
+MODES = ("full", "bswa", "fam", "sink")
 # The key groups attention shares are measured over (FAM_SPEC §2's window): what block queries and what FAM
-# queries attend to. Engine, trace, figures and app all take them from here.
-BLOCK_GROUPS = ("fam", "memory", "block")
+# queries attend to. Engine, trace, figures and app all take them from here. "sink" (the first tokens kept
+# by sink mode) comes last, so traces written before it existed keep their group indices.
+BLOCK_GROUPS = ("fam", "memory", "block", "sink")
 FAM_GROUPS = ("fam", "block")
 
 
@@ -20,20 +21,24 @@ class FamConfig:
     """How a document is streamed.
 
     mode: ``full`` (the model's own causal attention, unbounded cache), ``bswa`` (block sliding
-    window attention) or ``fam`` (BSWA plus Feedback Attention Memory).
+    window attention), ``fam`` (BSWA plus Feedback Attention Memory) or ``sink`` (BSWA plus the
+    keys/values of the stream's first ``sink_tokens`` tokens kept for ever: StreamingLLM's attention
+    sinks, the training-free streaming baseline).
     block_size: tokens per block. fam_len: FAM slots per layer (used by ``fam`` only).
-    mem_blocks: cached past blocks of token keys/values per layer (``bswa`` and ``fam``).
+    mem_blocks: cached past blocks of token keys/values per layer (``bswa``, ``fam`` and ``sink``).
+    sink_tokens: kept first tokens (used by ``sink`` only; StreamingLLM's default is 4).
     """
 
     mode: str = "fam"
     block_size: int = 1024
     fam_len: int = 64
     mem_blocks: int = 3
+    sink_tokens: int = 4
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name in ("block_size", "fam_len", "mem_blocks"):
+        for name in ("block_size", "fam_len", "mem_blocks", "sink_tokens"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
         if self.block_size <= 0:
@@ -42,6 +47,8 @@ class FamConfig:
             raise ConfigError(f"FAM length must be 0 or more slots, got {self.fam_len}")
         if self.mem_blocks < 0:
             raise ConfigError(f"memory blocks must be 0 or more, got {self.mem_blocks}")
+        if self.sink_tokens < 0:
+            raise ConfigError(f"sink tokens must be 0 or more, got {self.sink_tokens}")
 
     @property
     def active_fam_len(self) -> int:
@@ -49,27 +56,39 @@ class FamConfig:
         return self.fam_len if self.mode == "fam" else 0
 
     @property
+    def active_sink_tokens(self) -> int:
+        """First tokens kept for ever: only ``sink`` mode keeps any."""
+        return self.sink_tokens if self.mode == "sink" else 0
+
+    @property
     def bounded(self) -> bool:
         """Whether the carried state has constant size (every mode but ``full``)."""
         return self.mode != "full"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings; ``sink_tokens`` only in sink mode (where it means something), so records of the
+        other modes read as they always have."""
+        settings = asdict(self)
+        if self.mode != "sink":
+            settings.pop("sink_tokens")
+        return settings
 
 
 # One table of defaults and limits for every front end (the app's tabs and the CLI). The FAM length is the
 # paper's; block 256 and one memory block instead of its 1024 and 3 fit the bundled 135M model on a laptop
 # CPU (a 2k-token prompt then spans 8 FAM updates) and are the shipped adapter's geometry.
 TOOL_DEFAULTS = FamConfig(mode="fam", block_size=256, fam_len=64, mem_blocks=1)
-LIMITS = {"block_size": (1, 8192), "fam_len": (1, 1024), "mem_blocks": (0, 64), "max_tokens": (1, 1_000_000)}
-LABELS = {"block_size": "block size", "fam_len": "FAM length", "mem_blocks": "memory blocks", "max_tokens": "max tokens"}
+LIMITS = {"block_size": (1, 8192), "fam_len": (1, 1024), "mem_blocks": (0, 64), "sink_tokens": (0, 8192),
+          "max_tokens": (1, 1_000_000)}
+LABELS = {"block_size": "block size", "fam_len": "FAM length", "mem_blocks": "memory blocks",
+          "sink_tokens": "sink tokens", "max_tokens": "max tokens"}
 
 
 def check_limits(config: FamConfig) -> FamConfig:
     """``config`` if its numbers lie within ``LIMITS`` (the FAM length only matters in fam mode), else a
     ConfigError naming the first one that does not."""
-    for name in ("block_size", "fam_len", "mem_blocks"):
-        if name == "fam_len" and config.mode != "fam":
+    for name in ("block_size", "fam_len", "mem_blocks", "sink_tokens"):
+        if (name == "fam_len" and config.mode != "fam") or (name == "sink_tokens" and config.mode != "sink"):
             continue
         check_limit(name, getattr(config, name))
     return config

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .adapters import LONG_DOCUMENT_MODELS
 from .config import FamConfig, number_list
 from .errors import ConfigError
 from .fam_model import FamModel
@@ -137,17 +138,20 @@ def long_document_comparison(base, tuned, config: FamConfig, prompt, long_tokens
     """Per held-out document: NLL overall and per quarter of the evaluated model ("tuned": ``tuned`` in
     ``config``'s mode, with ``prompt``), of the same weights with BSWA and the same memory blocks
     ("tuned_bswa": what the memory itself adds, with fine-tuning's other gains equal; only when ``tuned``
-    differs from ``base``), of the untuned model with BSWA, and with full attention; the evaluated FAM's norm
-    after 0, 4 and 64 blocks. ``on_done`` after each stream."""
+    differs from ``base``), of the untuned model with BSWA, with BSWA plus attention sinks (StreamingLLM, the
+    training-free streaming baseline) and with full attention; the evaluated FAM's norm after 0, 4 and 64
+    blocks. ``on_done`` after each stream."""
     rows = []
     bswa = FamConfig(mode="bswa", block_size=config.block_size, fam_len=0, mem_blocks=config.mem_blocks)
+    sink = FamConfig(mode="sink", block_size=config.block_size, fam_len=0, mem_blocks=config.mem_blocks)
     full = FamConfig(mode="full", block_size=config.block_size)
     for document in held_out_documents(base.tokenizer, long_tokens, paths):
         row = {"document": document.name, "tokens": len(document.ids)}
         models = [("tuned", FamModel(tuned, config, fam_prompt=prompt))]
         if tuned is not base:
             models.append(("tuned_bswa", FamModel(tuned, bswa)))
-        models += [("untuned_bswa", FamModel(base, bswa)), ("untuned_full", FamModel(base, full))]
+        models += [("untuned_bswa", FamModel(base, bswa)), ("untuned_sink", FamModel(base, sink)),
+                   ("untuned_full", FamModel(base, full))]
         for key, model in models:
             row[key] = long_document_eval(model, document.ids)
             if on_done is not None:
@@ -253,7 +257,7 @@ def evaluate(args, plan: EvaluationPlan, result: dict, progress=None) -> dict:
     result.update(model=base.name, adapter=str(adapter.directory) if adapter else None, label=tuned.label,
                   config=config.to_dict(), dtype=str(base.dtype).replace("torch.", ""), device=str(base.device))
     n_docs = len(args.document) if args.document else 2
-    total = 3 + ((3 + (adapter is not None)) * n_docs if args.long_tokens else 0) + \
+    total = 3 + ((4 + (adapter is not None)) * n_docs if args.long_tokens else 0) + \
         (0 if args.skip_passkey else len(specs) * len(lengths) * len(depths) * args.trials)
     if progress is not None:
         progress.reset(total=total)
@@ -292,12 +296,11 @@ def evaluation_table(result: dict) -> str:
                   f"untuned full attention {nll['untuned_full_attention']:.4f}   ({nll['relative_change']:+.1%} vs full)"]
     for row in result.get("long_documents") or []:
         lines += ["", f"Long document {row['document']} ({row['tokens']:,} tokens): mean NLL [quarters]"]
-        for key, label in (("tuned", "evaluated"), ("tuned_bswa", "same weights, bswa"), ("untuned_bswa", "untuned bswa"),
-                           ("untuned_full", "untuned full")):
+        for key, label in LONG_DOCUMENT_MODELS:
             if key not in row:
                 continue
             part = row[key]
-            lines.append(f"  {label:<19} {part['nll']:.3f}  [" + " ".join(f"{q:.3f}" for q in part["nll_quarters"]) + "]")
+            lines.append(f"  {label:<27} {part['nll']:.3f}  [" + " ".join(f"{q:.3f}" for q in part["nll_quarters"]) + "]")
         norms = row["tuned"].get("fam_norm_after_blocks") or {}
         same = f", ÷ same weights in bswa {row['tuned_vs_tuned_bswa']:.3f}" if "tuned_vs_tuned_bswa" in row else ""
         lines.append(f"  evaluated ÷ untuned bswa {row['tuned_vs_bswa']:.3f}{same}" + (

@@ -4,7 +4,9 @@
 for every layer, the layer's FAM rows are prepended to the block's hidden states, both go through
 the layer's own norms, projections, attention and MLP, the block rows continue up the stack and the
 FAM rows become that layer's FAM for the next block. ``full`` and ``bswa`` are the same code with
-no FAM rows and an unbounded / bounded key-value memory.
+no FAM rows and an unbounded / bounded key-value memory; ``sink`` is ``bswa`` whose memory also keeps
+the stream's first tokens for ever (StreamingLLM), at the positions just before the recent blocks
+(positions within the cache, as StreamingLLM assigns them).
 
 Positions: a block only ever sees keys within its window, and RoPE depends only on relative
 distances, so positions are rebased to the window's start (exact in real arithmetic). In bounded
@@ -80,6 +82,7 @@ class FamModel:
         self.hidden_size = loaded.config.hidden_size
         self.fam_len = config.active_fam_len
         self.memory_capacity = config.mem_blocks * config.block_size if config.bounded else None
+        self.sink_tokens = config.active_sink_tokens  # kept in memory before the recent blocks' tokens
         if self.fam_len:
             if fam_prompt is None:
                 from .fam_prompt import default_fam_prompt
@@ -107,7 +110,7 @@ class FamModel:
     @property
     def blocks_independent(self) -> bool:
         """BSWA without memory blocks: no block sees anything of an earlier one."""
-        return self.fam_len == 0 and self.memory_capacity == 0
+        return self.fam_len == 0 and self.memory_capacity == 0 and self.sink_tokens == 0
 
     # -- state -------------------------------------------------------------------------------
     def initial_state(self, batch: int = 1) -> StreamState:
@@ -156,7 +159,7 @@ class FamModel:
         """
         batch, n = input_ids.shape
         f, m = self.fam_len, state.memory_tokens
-        layout = WindowLayout(memory=m, fam=f, block=n)
+        layout = WindowLayout(memory=m, fam=f, block=n, sink=min(self.sink_tokens, m))
         angles = self._window_angles(state.position, m, f, n)
         x = self.decoder.embed_tokens(input_ids.to(self.device))
         new_fam, new_k, new_v, stats = [], [], [], []
@@ -238,13 +241,20 @@ class FamModel:
         return torch.cat([mem_k, k_rot], dim=2), torch.cat([state.mem_v[index], v], dim=2)
 
     def _remember(self, memory: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        if self.memory_capacity == 0:
+        """The memory after a block: the last mem_blocks blocks' tokens, after the sink tokens if any.
+
+        Sink mode's memory always starts with the stream's first min(sink_tokens, position) tokens, so
+        the first ``sink_tokens`` of memory + block are the stream's first tokens."""
+        capacity, sinks = self.memory_capacity, self.sink_tokens
+        if capacity == 0 and not sinks:
             return memory
-        if self.memory_capacity is not None and new.shape[2] >= self.memory_capacity:
-            return new[:, :, -self.memory_capacity :]  # the new block alone fills the memory: no copy
+        if capacity is not None and not sinks and new.shape[2] >= capacity:
+            return new[:, :, -capacity:]  # the new block alone fills the memory: no copy
         joined = torch.cat([memory, new], dim=2)
-        if self.memory_capacity is not None and joined.shape[2] > self.memory_capacity:
-            joined = joined[:, :, -self.memory_capacity :]  # all blocks but the last are full: the last mem_blocks blocks
+        kept = min(sinks, joined.shape[2])
+        if capacity is not None and joined.shape[2] > kept + capacity:
+            recent = joined[:, :, joined.shape[2] - capacity :]  # the last mem_blocks blocks
+            joined = torch.cat([joined[:, :, :kept], recent], dim=2) if kept else recent
         return joined
 
     def _group(self, index: int, name: str, modules) -> ProjectionGroup:

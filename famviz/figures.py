@@ -52,6 +52,8 @@ SHARE_VIEWS: dict[str, ShareView] = {
                               "Share of attention that block queries give to memory blocks"),
     "block-block": ShareView("block.share", "block", "Block queries → own block",
                              "Share of attention that block queries give to their own block"),
+    "block-sink": ShareView("block.share", "sink", "Block queries → sink tokens",
+                            "Share of attention that block queries give to the kept first tokens (sink mode)"),
     "fam-block": ShareView("fam.share", "block", "FAM queries → block",
                            "Share of attention that FAM queries give to the current block"),
 }
@@ -185,7 +187,7 @@ def share_heatmap(share: np.ndarray, group: str, *, groups: Sequence[str] = BLOC
     """Layer × block heatmap of the attention share on ``group``, mean over heads, colours 0..1.
 
     ``share``: (blocks, layers, heads, len(groups)), e.g. ``trace.array("block.share")`` with
-    groups (fam, memory, block) or ``trace.array("fam.share")`` with groups (fam, block).
+    groups (fam, memory, block, sink) or ``trace.array("fam.share")`` with groups (fam, block).
     ``layers``: the model layer index of each row (default 0..layers-1). ``selected_block`` draws a
     frame around that block's column (the drill-down's block).
     """

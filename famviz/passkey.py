@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .config import FamConfig
+from .config import MODES, FamConfig
 from .decode import BlockCursor, end_of_sequence_ids
 from .errors import DocumentError
 from .fam_model import FamModel, StreamState
@@ -388,8 +388,8 @@ class ModeSpec:
     @classmethod
     def parse(cls, text: str, default_mem_blocks: int) -> "ModeSpec":
         mode, _, mem = text.strip().partition(":")
-        if mode not in ("full", "bswa", "fam"):
-            raise ValueError(f"unknown mode {mode!r} (use fam, bswa or full, optionally with :MEM_BLOCKS)")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r} (use {', '.join(MODES)}, optionally with :MEM_BLOCKS)")
         try:
             mem_blocks = int(mem) if mem else default_mem_blocks
         except ValueError:
@@ -483,7 +483,8 @@ def run_cell(fam_model: FamModel, documents: Sequence[PasskeyDocument], spec: Mo
 
 def sweep_config(base: FamConfig, spec: ModeSpec) -> FamConfig:
     fam_len = base.fam_len if spec.mode == "fam" else 0
-    return FamConfig(mode=spec.mode, block_size=base.block_size, fam_len=fam_len, mem_blocks=spec.mem_blocks)
+    return FamConfig(mode=spec.mode, block_size=base.block_size, fam_len=fam_len, mem_blocks=spec.mem_blocks,
+                     sink_tokens=base.sink_tokens)
 
 
 def sweep(loaded, specs: Sequence[ModeSpec], lengths: Sequence[int], depths: Sequence[float], trials: int,

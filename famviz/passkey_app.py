@@ -29,7 +29,8 @@ from .passkey_figures import passkey_heatmap, retention_figure
 log = logging.getLogger("famviz.app")
 
 MODE_CHOICES = [("FAM, no memory blocks", "fam:0"), ("FAM, 1 memory block", "fam:1"), ("BSWA, no memory", "bswa:0"),
-                ("BSWA, 1 memory block", "bswa:1"), ("full attention", "full")]
+                ("BSWA, 1 memory block", "bswa:1"), ("attention sinks (StreamingLLM), no memory", "sink:0"),
+                ("full attention", "full")]
 FILLER, UPLOAD = "PassKey filler", "Your document (upload)"
 MAX_LENGTH = 1_000_000
 MAX_TRIALS = 1000
@@ -307,7 +308,7 @@ def build_passkey_tab(context) -> None:
             seed = gr.Number(value=0, precision=None, step=1, label="Seed", elem_id="pk-seed")
         gr.Markdown("### Watch retention")
         with gr.Row():
-            mode = gr.Radio(["fam", "bswa", "full"], value="fam", label="Mode", elem_id="pk-mode")
+            mode = gr.Radio(["fam", "bswa", "sink", "full"], value="fam", label="Mode", elem_id="pk-mode")
             mem_blocks = gr.Number(value=trained.mem_blocks if context.hub.default[1] else 0, precision=None, step=1, label="Memory blocks", elem_id="pk-mem-blocks")
             length = gr.Number(value=2000, precision=None, step=1, label="Length (tokens)", elem_id="pk-length")
             depth = gr.Slider(0, 1, value=0, step=0.05, label="Key depth", elem_id="pk-depth")

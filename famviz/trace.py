@@ -8,9 +8,9 @@ channel                     shape (per block / per token)  meaning
 ==========================  ============================  ===========================================
 ``tokens.nll``              per token, scalar              next-token NLL: -log p(token_i | tokens < i)
                                                            (NaN for the document's first token)
-``block.{layer}.share``     per block, (heads, 3)          share of attention mass that block queries
-                                                           put on [FAM, memory blocks, own block],
-                                                           mean over the block's queries
+``block.{layer}.share``     per block, (heads, 4)          share of attention mass that block queries
+                                                           put on [FAM, memory blocks, own block, sink
+                                                           tokens], mean over the block's queries
 ``fam.{layer}.share``       per block, (heads, 2)          share that FAM queries put on
                                                            [previous FAM, current block], mean over slots
 ``fam.{layer}.read``        per token, scalar              attention probability FAM queries give the
@@ -70,7 +70,7 @@ class ChannelKind:
 
 CHANNEL_KINDS: tuple[ChannelKind, ...] = (
     ChannelKind("tokens.nll", True, False, "float32", "next-token negative log-likelihood"),
-    ChannelKind("block.{layer}.share", False, False, "float32", "block queries' attention share on [fam, memory, block] per head"),
+    ChannelKind("block.{layer}.share", False, False, "float32", "block queries' attention share on [fam, memory, block, sink] per head"),
     ChannelKind("fam.{layer}.share", False, True, "float32", "FAM queries' attention share on [fam, block] per head"),
     ChannelKind("fam.{layer}.read", True, True, "float16", "how much FAM queries read each token"),
     ChannelKind("fam.{layer}.state", False, True, "float16", "FAM state handed to the next block"),
@@ -255,6 +255,9 @@ class Trace:
                 trace.text = bytes(data["text_utf8"]).decode("utf-8") if has_text else None
                 for key in layers:
                     arr = data[f"channel/{key}"]
+                    if key == "block.share" and arr.shape[-1] == len(BLOCK_GROUPS) - 1:
+                        arr = _with_sink_column(arr)  # written before sink mode: no sink tokens, share 0
+                        trace.meta["block_share_groups"] = list(BLOCK_GROUPS)
                     trace._stacked[key] = arr
                     trace._chunks[key] = [arr] if KINDS_BY_KEY[key].per_token else list(arr)
         except FamvizError:
@@ -265,6 +268,10 @@ class Trace:
             reason = "the file is empty" if path.is_file() and path.stat().st_size == 0 else _unreadable_reason(exc)
             raise FamvizError(f"{path.name} is not a famviz trace file ({reason})") from None
         return trace
+
+
+def _with_sink_column(share: np.ndarray) -> np.ndarray:
+    return np.concatenate([share, np.zeros(share.shape[:-1] + (1,), share.dtype)], axis=-1)
 
 
 def _unreadable_reason(exc: Exception) -> str:

@@ -72,7 +72,8 @@ def test_bswa_differs_from_full_once_memory_is_short(tiny_llama):
 
 
 # -- check 4: mask semantics by perturbation -----------------------------------------------------
-MODES = [FamConfig("full", B, 0, 0), FamConfig("bswa", B, 0, 1), FamConfig("fam", B, 4, 0), FamConfig("fam", B, 4, 1)]
+MODES = [FamConfig("full", B, 0, 0), FamConfig("bswa", B, 0, 1), FamConfig("fam", B, 4, 0), FamConfig("fam", B, 4, 1),
+         FamConfig("sink", B, 0, 1, sink_tokens=3)]
 
 
 @pytest.mark.parametrize("config", MODES, ids=lambda c: f"{c.mode}-m{c.mem_blocks}")
@@ -234,6 +235,65 @@ def test_nll_matches_model_log_probs(tiny_llama):
     expected = -logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
     assert np.isnan(result.nll[0])
     np.testing.assert_allclose(result.nll[1:], expected.numpy(), atol=1e-4)
+
+
+# -- sink mode (StreamingLLM's attention sinks) ----------------------------------------------------
+def test_sink_mode_without_sinks_is_bswa(tiny_llama):
+    ids = random_ids(43)
+    for mem_blocks in (0, 1):
+        sink = engine_logits(tiny_llama, FamConfig("sink", B, 0, mem_blocks, sink_tokens=0), ids)
+        torch.testing.assert_close(sink, engine_logits(tiny_llama, FamConfig("bswa", B, 0, mem_blocks), ids), **TOL)
+
+
+@pytest.mark.parametrize("sinks", [43, 100])
+def test_sinks_covering_the_document_are_full_attention(tiny_family, sinks):
+    ids = random_ids(43)
+    sink = engine_logits(tiny_family, FamConfig("sink", B, 0, mem_blocks=0, sink_tokens=sinks), ids)
+    torch.testing.assert_close(sink, engine_logits(tiny_family, FamConfig("full", B, 0, 0), ids), **TOL)
+
+
+def test_sink_mode_keeps_the_first_tokens_and_the_last_blocks(tiny_llama):
+    """Memory = the stream's first S tokens, then the last mem_blocks blocks; its size stays bounded; a
+    token change in the sinks reaches every later block, one between them and the window does not."""
+    config = FamConfig("sink", B, 0, mem_blocks=1, sink_tokens=3)
+    fam, state = FamModel(tiny_llama, config), None
+    ids = random_ids(8 * B)
+    state = fam.initial_state()
+    with torch.no_grad():
+        first_keys = fam.qkv(0, tiny_llama.model.model.embed_tokens(torch.tensor([ids[:3]])))[1]
+        for s in range(0, len(ids), B):
+            state = fam.forward_block(torch.tensor([ids[s : s + B]]), state).state
+            assert state.memory_tokens == min(s + B, 3 + B)
+    torch.testing.assert_close(state.mem_k[0][:, :, :3], first_keys)  # layer 0's keys of tokens 0-2, pre-RoPE
+    base = engine_logits(tiny_llama, config, ids)
+    for changed, reaches_end in ((1, True), (4, False)):
+        other = list(ids)
+        other[changed] = (other[changed] + 1) % 97
+        moved = (engine_logits(tiny_llama, config, other)[-B:] - base[-B:]).abs().max() > 1e-4
+        assert bool(moved) == reaches_end
+
+
+def test_sink_shares_are_their_own_group_and_sum_to_one(tiny_llama):
+    from famviz.config import BLOCK_GROUPS
+
+    result = Stream(tiny_llama, FamConfig("sink", B, 0, mem_blocks=1, sink_tokens=3)).run(random_ids(40))
+    share = result.trace.array("block.share")  # (blocks, layers, heads, groups)
+    assert result.trace.meta["block_share_groups"] == list(BLOCK_GROUPS)
+    np.testing.assert_allclose(share.sum(-1), 1, atol=1e-5)
+    sink, memory, fam = (share[..., BLOCK_GROUPS.index(g)] for g in ("sink", "memory", "fam"))
+    assert (sink[0] == 0).all() and (sink[1:] > 0).all()  # block 0 has no earlier tokens
+    assert (memory[1:] > 0).all() and (fam == 0).all()  # block 1 sees block 0: tokens 0-2 as sinks, 3-7 as memory
+
+
+def test_sink_stats_match_the_explicit_softmax():
+    from famviz.attention import attend_reference_stats
+
+    torch.manual_seed(1)
+    layout = WindowLayout(memory=6, fam=0, block=5, sink=2)
+    q, k, v = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 11, 16), torch.randn(1, 2, 11, 16)
+    _, fast = attend(q, k, v, layout, 0.25, with_stats=True)
+    _, slow = attend_reference_stats(q, k, v, layout, 0.25)
+    torch.testing.assert_close(fast.block_share, slow.block_share, atol=1e-5, rtol=1e-5)
 
 
 # -- attention paths -----------------------------------------------------------------------------

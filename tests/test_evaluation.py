@@ -77,19 +77,22 @@ def test_evaluate_prints_tables_and_fills_the_card(tiny_adapter, tmp_path, capfd
 
     model_dir, adapter_dir = tiny_adapter
     args = ["evaluate", adapter_dir, "--model", model_dir, "--dtype", "float32", "--lengths", "150,300", "--trials", "2",
-            "--modes", "fam,bswa", "--document", _document(tmp_path), "--long-tokens", "1024", "--threads", "1"]
+            "--modes", "fam,bswa,sink", "--document", _document(tmp_path), "--long-tokens", "1024", "--threads", "1"]
     status, out, err = run_cli_in_process(args, capfd)
     assert status == 0, err
     assert "Long document held-out.txt (1,024 tokens)" in out and "evaluated ÷ untuned bswa" in out
-    assert "same weights, bswa" in out and "÷ same weights in bswa" in out  # the memory's own effect
+    assert "tuned weights, BSWA" in out and "÷ same weights in bswa" in out  # the memory's own effect
     assert "fam (mem 0)" in out and "bswa (mem 0)" in out and "150@0" in out and "300@0" in out
+    assert "sink (mem 0)" in out and "untuned sink (StreamingLLM)" in out  # the streaming baseline beside FAM
     assert "evaluate" in err  # the progress bar
     card = json.loads((adapter_dir / "training_card.json").read_text())
     result = card["evaluation"]["fam_mem0_block64"]
     assert result["adapter"] == str(adapter_dir) and result["label"].endswith("+ adapter adapter")
     assert [(c["label"], c["length"]) for c in result["passkey"]] == \
-        [("fam (mem 0)", 150), ("fam (mem 0)", 300), ("bswa (mem 0)", 150), ("bswa (mem 0)", 300)]
+        [("fam (mem 0)", 150), ("fam (mem 0)", 300), ("bswa (mem 0)", 150), ("bswa (mem 0)", 300),
+         ("sink (mem 0)", 150), ("sink (mem 0)", 300)]
     row = result["long_documents"][0]
+    assert row["untuned_sink"]["nll"] != row["untuned_bswa"]["nll"]
     assert row["tuned_vs_tuned_bswa"] == pytest.approx(row["tuned"]["nll"] / row["tuned_bswa"]["nll"])
     assert set(row["tuned"]["fam_norm_after_blocks"]) == {"0", "4", "64"} and len(row["tuned"]["nll_quarters"]) == 4
     assert card["stage_evaluations"][-1]["key"] == "fam_mem0_block64"

@@ -9,7 +9,7 @@ from famviz import figures, inspector
 from famviz.config import FamConfig
 from famviz.trace import Trace
 
-def _share(blocks=3, layers=2, heads=4, groups=3, seed=0):
+def _share(blocks=3, layers=2, heads=4, groups=4, seed=0):
     raw = np.random.default_rng(seed).random((blocks, layers, heads, groups)).astype(np.float32)
     return raw / raw.sum(-1, keepdims=True)
 
@@ -63,7 +63,7 @@ def _trace(blocks=3, layers=2, heads=4, block=4, fam=True) -> Trace:
     rng = np.random.default_rng(1)
     for b in range(blocks):
         values = {"tokens.nll": rng.random(block).astype(np.float32),
-                  "block.share": _share(1, layers, heads, 3, seed=b)[0]}
+                  "block.share": _share(1, layers, heads, 4, seed=b)[0]}
         if fam:
             values["fam.share"] = _share(1, layers, heads, 2, seed=b)[0]
             values["fam.norm"] = rng.random(layers).astype(np.float32)
@@ -143,7 +143,7 @@ def test_block_bins_cover_every_block_once_and_bound_the_columns(n):
 
 
 def test_long_heatmap_is_binned_with_means():
-    share = _share(blocks=1000, layers=2, heads=1, groups=3)
+    share = _share(blocks=1000, layers=2, heads=1, groups=4)
     fig = figures.share_heatmap(share, "fam", max_columns=100)
     z = np.asarray(fig.data[0].z)
     assert z.shape == (2, 100)
@@ -265,7 +265,7 @@ def _fam_trace(blocks=4, block=5, layers=2, heads=2, fam_len=3, hidden=8) -> Tra
         read[0, 2] = 5.0  # one token of each block read far more by layer 0
         trace.append_block(b * block, list(range(block)), {
             "tokens.nll": rng.random(block).astype(np.float32),
-            "block.share": _share(1, layers, heads, 3, seed=b)[0], "fam.share": _share(1, layers, heads, 2, seed=b)[0],
+            "block.share": _share(1, layers, heads, 4, seed=b)[0], "fam.share": _share(1, layers, heads, 2, seed=b)[0],
             "fam.read": read, "fam.norm": rng.random(layers).astype(np.float32),
             "fam.update": rng.random(layers).astype(np.float32),
             "fam.state": rng.standard_normal((1, fam_len, hidden)).astype(np.float16)})
@@ -322,9 +322,9 @@ def test_run_views_from_a_trace():
 def test_layer_axes_label_whole_layers_only():
     """A 4-layer model once read "0 0.5 1 1.5..." on its layer axes; recorded layers may also skip some."""
     rng = np.random.default_rng(0)
-    fig = figures.share_heatmap(rng.random((3, 4, 2, 3)), "fam")
+    fig = figures.share_heatmap(rng.random((3, 4, 2, 4)), "fam")
     assert list(fig.layout.yaxis.tickvals) == [0, 1, 2, 3]
     dynamics = figures.fam_dynamics(rng.random((5, 3)), rng.random((5, 3)), layers=[0, 10, 29])
     assert list(dynamics.layout.yaxis.tickvals) == list(dynamics.layout.yaxis2.tickvals) == [0, 10, 29]
-    many = figures.share_heatmap(rng.random((3, 30, 2, 3)), "fam")
+    many = figures.share_heatmap(rng.random((3, 30, 2, 4)), "fam")
     assert many.layout.yaxis.tickformat == "d"

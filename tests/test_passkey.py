@@ -178,9 +178,23 @@ def test_bswa_without_memory_needs_only_its_last_block(tiny_with_vocab, tokenize
 def test_mode_specs_parse():
     assert pk.ModeSpec.parse("bswa:1", 3) == pk.ModeSpec("bswa", 1)
     assert pk.ModeSpec.parse("fam", 0) == pk.ModeSpec("fam", 0)
+    assert pk.ModeSpec.parse("sink:0", 1) == pk.ModeSpec("sink", 0)
+    assert pk.sweep_config(FamConfig(block_size=8, sink_tokens=6), pk.ModeSpec("sink", 0)).active_sink_tokens == 6
     for bad in ("gru", "fam:x", "bswa:-1"):
         with pytest.raises(ValueError):
             pk.ModeSpec.parse(bad, 0)
+
+
+def test_sink_mode_answers_from_the_kept_first_tokens(tiny_with_vocab, tokenizer):
+    """Unlike BSWA without memory, sink mode cannot skip to the last block: its window keeps the first tokens."""
+    config = FamConfig(mode="sink", block_size=16, fam_len=0, mem_blocks=0, sink_tokens=4)
+    fam = FamModel(tiny_with_vocab, config)
+    assert not fam.blocks_independent
+    bswa = FamModel(tiny_with_vocab, FamConfig(mode="bswa", block_size=16, fam_len=0, mem_blocks=0))
+    doc = pk.trial_documents(tokenizer, 130, 0.5, 1, seed=3)[0]
+    sink, no_sinks = pk.ask(fam, doc), pk.ask(bswa, doc)
+    assert sink.key_logprob == pytest.approx(pk.ask(fam, doc, skip_unseen=False).key_logprob, abs=1e-5)
+    assert sink.key_logprob != pytest.approx(no_sinks.key_logprob, abs=1e-4)
 
 
 # -- figures ------------------------------------------------------------------------------------------------

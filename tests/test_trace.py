@@ -6,7 +6,7 @@ import pytest
 
 from famviz import FamConfig, Stream, Trace
 from famviz.errors import FamvizError
-from famviz.trace import CHANNEL_KINDS, ChannelSelection, channel_names
+from famviz.trace import CHANNEL_KINDS, KINDS_BY_KEY, ChannelSelection, channel_names
 
 from test_engine import random_ids
 
@@ -19,7 +19,7 @@ def fam_trace(tiny_llama):
 def test_shares_sum_to_one(fam_trace):
     block_share, fam_share = fam_trace.array("block.share"), fam_trace.array("fam.share")
     n_layers, n_heads = 3, 4
-    assert block_share.shape == (6, n_layers, n_heads, 3) and fam_share.shape == (6, n_layers, n_heads, 2)
+    assert block_share.shape == (6, n_layers, n_heads, 4) and fam_share.shape == (6, n_layers, n_heads, 2)
     np.testing.assert_allclose(block_share.sum(-1), 1, atol=1e-5)
     np.testing.assert_allclose(fam_share.sum(-1), 1, atol=1e-5)
     assert (block_share[0, :, :, 1] == 0).all()  # block 0 has no memory yet
@@ -56,6 +56,21 @@ def test_save_and_reload_without_model(fam_trace, tmp_path):
     assert loaded.text == "some text" and loaded.offsets == fam_trace.offsets
     for key in fam_trace.keys:
         np.testing.assert_array_equal(loaded.array(key), fam_trace.array(key))
+
+
+def test_traces_from_before_sink_mode_load_with_an_empty_sink_group(fam_trace, tmp_path):
+    from famviz.config import BLOCK_GROUPS
+
+    old = Trace(dict(fam_trace.meta, block_share_groups=["fam", "memory", "block"]), fam_trace._layers)
+    for b, start in enumerate(fam_trace.block_starts):
+        values = {key: fam_trace.array(key)[b] for key in fam_trace.keys if not KINDS_BY_KEY[key].per_token}
+        values["block.share"] = values["block.share"][..., :3]
+        old.append_block(start, fam_trace.token_ids[start : start + 8], values)
+    loaded = Trace.load(old.save(tmp_path / "old.npz"))
+    share = loaded.array("block.share")
+    assert share.shape[-1] == len(BLOCK_GROUPS) and loaded.meta["block_share_groups"] == list(BLOCK_GROUPS)
+    np.testing.assert_array_equal(share[..., :3], fam_trace.array("block.share")[..., :3])
+    assert (share[..., BLOCK_GROUPS.index("sink")] == 0).all()
 
 
 def test_channel_selection(tiny_llama):
