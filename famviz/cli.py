@@ -119,6 +119,34 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write the accuracy heatmap (or retention curves) to OUT (.png, .svg, .pdf or .html)")
     passkey.set_defaults(handler=run_passkey)
 
+    ablate = commands.add_parser(
+        "ablate", help="where the memory keeps the key: FAM ablation and patching, per layer and block",
+        description="Replace the FAM of one layer (or all) after a block by the initial FAM (ablate), by the FAM of "
+                    "the same prompt with another key (patch), or patch the clean FAM into that corrupted run "
+                    "(write-time), and measure log p(target) at the question.")
+    ablate.add_argument("--method", default="ablate", metavar="NAME", help="ablate, patch or write-time")
+    ablate.add_argument("--length", type=int, default=1024, metavar="N", help="PassKey prompt length in tokens")
+    ablate.add_argument("--depth", type=float, default=0.0, metavar="D", help="key depth, 0…1")
+    ablate.add_argument("--trials", type=int, default=4, metavar="N", help="keys to average over")
+    ablate.add_argument("--seed", type=int, default=0, metavar="S")
+    ablate.add_argument("--blocks", default=None, metavar="LIST",
+                        help="after which blocks the FAM is replaced: a list or 'all' (default: the last; "
+                             "write-time: all)")
+    ablate.add_argument("--layers", default=None, metavar="LIST", help="layers to intervene on one at a time "
+                                                                       "(default: all; a row 'all' does every layer at once)")
+    ablate.add_argument("--head-layer", type=int, default=None, metavar="L",
+                        help="also replace one KV head group at a time of layer L (at the last block)")
+    ablate.add_argument("--text", default=None, metavar="PATH",
+                        help="instead of a PassKey prompt: this document as the prompt (with --target)")
+    ablate.add_argument("--target", default=None, metavar="STRING", help="with --text: the continuation to score")
+    ablate.add_argument("--block-size", type=int, default=TOOL_DEFAULTS.block_size, metavar="N")
+    ablate.add_argument("--fam-len", type=int, default=TOOL_DEFAULTS.fam_len, metavar="N")
+    ablate.add_argument("--mem-blocks", type=int, default=0, metavar="N", help="default 0 (the FAM alone carries the key)")
+    _add_model_options(ablate)
+    ablate.add_argument("--json", action="store_true", help="print one JSON object with the results")
+    ablate.add_argument("--figure", default=None, metavar="OUT", help="the layer × block heatmap (.png, .svg, .pdf, .html)")
+    ablate.set_defaults(handler=run_ablate)
+
     bench = commands.add_parser("bench", help="speed and memory figures of streaming, measured side by side")
     bench.add_argument("--quick", action="store_true", help="smaller documents (a few minutes)")
     bench.add_argument("--json", action="store_true", help="print one JSON object with every figure")
@@ -191,6 +219,80 @@ def run_passkey(args) -> int:
             print(f"{cell['label']:>14}  {cell['length']:>7}  {cell['depth']:>5g}  {cell['trials']:>6}  "
                   f"{cell['accuracy']:>8.1%}  {cell['mean_key_logprob']:>15.2f}")
     return 0
+
+
+def run_ablate(args) -> int:
+    from . import ablation as ab
+
+    ab.check_method(args.method)
+    config = check_limits(FamConfig(mode="fam", block_size=args.block_size, fam_len=args.fam_len,
+                                    mem_blocks=args.mem_blocks))
+    if args.trials < 1 or args.length < 1 or not 0 <= args.depth <= 1:
+        raise FamvizError("--trials and --length must be at least 1 and --depth between 0 and 1")
+    if (args.text is None) != (args.target is None):
+        raise FamvizError("--text and --target go together")
+    if args.text is not None and args.method != "ablate":
+        raise FamvizError(f"--method {args.method} needs a corrupted prompt: use it with PassKey prompts (no --text)")
+    blocks = None if args.blocks in (None, "all") else number_list(args.blocks, int, "--blocks")
+    layers = None if args.layers is None else number_list(args.layers, int, "--layers")
+    figure_out = check_output_path(args.figure) if args.figure else None
+    if figure_out and os.path.splitext(figure_out)[1].lower() not in (".png", ".svg", ".pdf", ".html"):
+        raise FamvizError("--figure must end in .png, .svg, .pdf or .html")
+    text = None
+    if args.text is not None:
+        from .documents import read_document
+
+        text = read_document(args.text)
+    loaded, fam_prompt = load_for_cli(args, config)
+    print_geometry_notes(args, config)
+    from .fam_model import FamModel
+
+    fam_model = FamModel(loaded, config, fam_prompt=fam_prompt)
+    if text is not None:
+        cases = [(ab.text_case(loaded.tokenizer, text, args.target, config.block_size), None)]
+    else:
+        cases = ab.passkey_cases(loaded.tokenizer, config.block_size, args.length, args.depth, args.trials, args.seed)
+    n_blocks = cases[0][0].blocks(config.block_size)
+    if args.blocks == "all":
+        blocks = list(range(1, n_blocks + 1))
+    started = time.perf_counter()
+    from tqdm import tqdm
+
+    with tqdm(desc=f"{args.method}", unit="intervention", file=sys.stderr, dynamic_ncols=True,
+              disable=args.json and not sys.stderr.isatty()) as progress:
+        result = ab.run_interventions(fam_model, cases, args.method, blocks=blocks, layers=layers,
+                                      head_layer=args.head_layer, on_update=lambda _: progress.update(1))
+    result.config = {"model": loaded.name, "adapter": args.adapter, "length": args.length, "depth": args.depth,
+                     "seed": args.seed, "text": args.text, "target": args.target, **config.to_dict(),
+                     "dtype": str(loaded.dtype).replace("torch.", ""), "device": str(loaded.device)}
+    output = result.to_dict()
+    output["seconds"] = round(time.perf_counter() - started, 2)
+    if figure_out:
+        from .export import write_figure
+        from .passkey_figures import intervention_heatmap
+
+        caption = describe_run(loaded.name, args.adapter, config, f"{result.trials} trials, seed {args.seed}")
+        output["figure"] = str(write_figure(intervention_heatmap(output), figure_out, caption=caption,
+                                            metadata=result.config, size=(1100, 700)))
+    if args.json:
+        print(json.dumps(output))
+    else:
+        print(f"log p(target), mean over {result.trials} trials: " +
+              ", ".join(f"{k} {v:.2f}" for k, v in result.values.items()))
+        print(f"Δ log p against the {result.reference} run (rows: layers; columns: FAM replaced after block …)")
+        print("layer  " + "".join(f"{b:>8}" for b in result.blocks))
+        for layer, row in zip(result.layers, result.delta):
+            print(f"{str(layer):>5}  " + "".join(f"{v:>+8.2f}" for v in row))
+        if result.head_delta is not None:
+            print(f"layer {result.head_layer}, KV head groups: " + "  ".join(f"{v:+.2f}" for v in result.head_delta))
+    return 0
+
+
+def describe_run(model: str, adapter: str | None, config: FamConfig, extra: str) -> str:
+    from .models import describe_model
+
+    return f"{describe_model(model, adapter)}; block {config.block_size}, FAM {config.fam_len}, " \
+           f"memory blocks {config.mem_blocks}; {extra}"
 
 
 def _passkey_sweep(loaded, specs, base, lengths, depths, args, text, fam_prompt, backend):

@@ -26,6 +26,13 @@ def end_of_sequence_ids(fam_model: FamModel) -> set:
     return set(eos) if isinstance(eos, (list, tuple)) else {eos}
 
 
+def fam_keys_values(fam_model: FamModel, state: StreamState, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's FAM keys (rotated to the slots' positions) and values as the next block reads them."""
+    fam_cos, fam_sin, _, _ = fam_model._window_angles(state.position, state.memory_tokens, fam_model.fam_len, 0)
+    _, keys, values = fam_model.qkv(layer, state.fam[layer])
+    return _rotate(keys, fam_cos, fam_sin), values
+
+
 @dataclass(frozen=True)
 class _OpenBlock:
     state: StreamState  # the state at the block's start
@@ -38,11 +45,16 @@ class BlockCursor:
     """Feeds tokens one or a few at a time from a ``StreamState`` at a block boundary.
 
     ``extend(ids)`` returns float32 logits (len(ids), vocab): row i predicts the token after ids[i].
+
+    ``fam_kv_edit(layer, keys, values)``: optional; given one layer's FAM keys (rotated) and values
+    (batch, kv_heads, fam_len, head_dim) as the first block reads them, returns the ones to read instead
+    (an intervention on the reading of the memory, ``famviz.ablation``; later blocks are not edited).
     """
 
-    def __init__(self, fam_model: FamModel, state: StreamState):
+    def __init__(self, fam_model: FamModel, state: StreamState,
+                 fam_kv_edit: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None):
         self.fam_model = fam_model
-        self._open = self._open_block(state)
+        self._open = self._open_block(state, fam_kv_edit)
 
     @property
     def position(self) -> int:
@@ -94,11 +106,11 @@ class BlockCursor:
         return out
 
     # -- internals ---------------------------------------------------------------------------
-    def _open_block(self, state: StreamState) -> _OpenBlock:
+    def _open_block(self, state: StreamState, fam_kv_edit=None) -> _OpenBlock:
         """Cache each layer's window keys/values before any token of the block: memory and FAM."""
         fm = self.fam_model
         f, m = fm.fam_len, state.memory_tokens
-        fam_cos, fam_sin, mem_cos, mem_sin = fm._window_angles(state.position, m, f, 0)
+        _, _, mem_cos, mem_sin = fm._window_angles(state.position, m, f, 0)
         bounded = fm.memory_capacity is not None
         window_kv = []
         for index, layer in enumerate(fm.layers):
@@ -106,8 +118,10 @@ class BlockCursor:
             if m and bounded:
                 keys = _rotate(keys, mem_cos, mem_sin)  # bounded memory holds pre-RoPE keys
             if f:
-                _, fam_k, fam_v = fm.qkv(index, state.fam[index])
-                keys = torch.cat([keys, _rotate(fam_k, fam_cos, fam_sin)], dim=2)
+                fam_k, fam_v = fam_keys_values(fm, state, index)
+                if fam_kv_edit is not None:
+                    fam_k, fam_v = fam_kv_edit(index, fam_k, fam_v)
+                keys = torch.cat([keys, fam_k], dim=2)
                 values = torch.cat([values, fam_v], dim=2)
             window_kv.append((keys, values))
         origin = state.position - max(m, f) if bounded else 0  # as in FamModel._window_angles

@@ -24,7 +24,7 @@ from .engine import Stream
 from .errors import FamvizError
 from .fam_model import FamModel
 from .figures import empty_figure
-from .passkey_figures import passkey_heatmap, retention_figure
+from .passkey_figures import intervention_heatmap, passkey_heatmap, retention_figure
 
 log = logging.getLogger("famviz.app")
 
@@ -113,6 +113,8 @@ class PasskeySession:
     cells: list = field(default_factory=list)
     sweep_caption: str = ""
     sweep_config: dict = field(default_factory=dict)
+    intervention: dict | None = None  # the latest FAM intervention result (famviz.ablation's to_dict())
+    intervention_caption: str = ""
 
 
 # -- live retention -------------------------------------------------------------------------------------------
@@ -259,13 +261,77 @@ def run_sweep(context, modes, lengths, depths, trials, block_size, fam_len, seed
         passkey_heatmap(session.cells), _rows(session.cells), session
 
 
+# -- interventions ------------------------------------------------------------------------------------------------
+REDRAW_SECONDS = 1.0  # the heatmap is redrawn at most this often while interventions come in
+INTERVENTION_METHODS = [("ablate: initial FAM instead", "ablate"), ("patch: FAM of another key", "patch"),
+                        ("write time: clean FAM into the other key's run", "write-time")]
+
+
+def run_interventions_tab(context, method, length, depth, trials, layers, blocks, block_size, fam_len, seed,
+                          session: PasskeySession | None, model_choice: tuple | None = None) -> Iterator[tuple]:
+    """FAM ablation / patching (``famviz.ablation``) with the Model panel's model; yields (status, heatmap,
+    session) as the interventions finish, the heatmap redrawn about once a second."""
+    from . import ablation as ab
+
+    session = session or PasskeySession()
+    try:
+        ab.check_method(method)
+        length = _int("Length", length, 64, MAX_LENGTH)
+        trials = _int("Trials", trials, 1, 100)
+        seed = _int("Seed", seed, 0, 2**31 - 1)
+        depth = float(depth)
+        base = _base(block_size, fam_len)
+        layer_list = None if not str(layers).strip() else [int(v) for v in _numbers("Layers", layers, float, 0, 4096)]
+        loaded, adapter = chosen_model(context, model_choice)
+        fam_model = _fam_model(loaded, adapter, pk.ModeSpec("fam", 0), base)
+        cases = ab.passkey_cases(loaded.tokenizer, base.block_size, length, depth, trials, seed)
+        n_blocks = cases[0][0].blocks(base.block_size)
+        block_list = list(range(1, n_blocks + 1)) if blocks == "all" else None
+        results = ab.iter_interventions(fam_model, cases, method, blocks=block_list, layers=layer_list)
+    except (FamvizError, ValueError) as exc:
+        yield _error(str(exc)), gr.skip(), session
+        return
+    except Exception as exc:  # noqa: BLE001
+        log.exception("could not start the interventions")
+        yield _error(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), session
+        return
+    label = loaded.label
+    session.intervention_caption = (f"{label}; block {base.block_size}, FAM {base.fam_len}, memory blocks 0; "
+                                    f"PassKey {length} tokens, depth {depth:g}; {trials} trials, seed {seed}")
+    config = {"model": loaded.name, "adapter": str(adapter.directory) if adapter is not None else None,
+              "length": length, "depth": depth, "seed": seed, **fam_model.config.to_dict()}
+    notes = _notes(adapter, [fam_model.config])
+    yield f"Intervening ({method}) on {label}…{notes}", intervention_heatmap({}), session
+    started, drawn, done, result = time.perf_counter(), 0.0, 0, None
+    try:
+        for result in results:
+            done += 1
+            session.intervention = dict(result.to_dict(), config=config)
+            if time.perf_counter() - drawn >= REDRAW_SECONDS:
+                drawn = time.perf_counter()
+                yield (f"Intervention **{done}** · trial {result.trials} / {trials} · "
+                       f"{drawn - started:.0f} s elapsed · {label}{notes}"), \
+                    intervention_heatmap(session.intervention), session
+    except Exception as exc:  # noqa: BLE001 - keep what was measured
+        log.exception("interventions failed")
+        yield _error(f"stopped: {type(exc).__name__}: {exc}"), gr.skip(), session
+        return
+    values = ", ".join(f"{k} {v:.2f}" for k, v in (result.values if result else {}).items())
+    yield (f"Done: {done} interventions in {time.perf_counter() - started:.0f} s · mean log p(key): {values} · "
+           f"{label}{notes}"), intervention_heatmap(session.intervention or {}), session
+
+
 def export_passkey(which: str, fmt: str, session: PasskeySession | None):
     """The retention curve or the sweep heatmap as a paper-ready file; returns (file, note)."""
-    if session is None or (which == "heatmap" and not session.cells) or (which == "retention" and not session.points):
+    if session is None or (which == "heatmap" and not session.cells) or (which == "retention" and not session.points) \
+            or (which == "interventions" and not session.intervention):
         return gr.skip(), "Nothing to export yet: run it first."
 
     def write():
-        if which == "heatmap":
+        if which == "interventions":
+            fig, caption, meta, size = (intervention_heatmap(session.intervention), session.intervention_caption,
+                                        session.intervention["config"], (1100, 700))
+        elif which == "heatmap":
             fig, caption, meta, size = (passkey_heatmap(session.cells), session.sweep_caption, session.sweep_config,
                                         (1100, 420))
         else:
@@ -338,8 +404,33 @@ def build_passkey_tab(context) -> None:
         heatmap = gr.Plot(passkey_heatmap([]), label="Accuracy", elem_id="pk-heatmap")
         table = gr.Dataframe(headers=["mode", "length", "depth", "trials", "accuracy", "mean log p(key)"],
                              label="Cells", interactive=False, elem_id="pk-table")
+
+        gr.Markdown("### Where the memory keeps the key: interventions on the FAM")
+        gr.Markdown(
+            "Attention shares say where a query looks; interventions say what the memory is used for. Each cell "
+            "replaces the FAM of one layer (or of all) as it stands after a block, then streams on to the question "
+            "and scores log p(key): **ablate** puts the initial FAM there (what the model knows without memory), "
+            "**patch** the FAM of the same prompt with another key (the key's causal path), **write time** patches "
+            "the clean FAM into that other key's run after each block (when the key entered memory, and where it "
+            "stays). Red: the key became less likely; blue: more. FAM mode, no memory blocks, the Model panel's model.",
+            elem_id="note-interventions")
         with gr.Row():
-            which = gr.Radio([("Sweep heatmap", "heatmap"), ("Retention curve", "retention")], value="heatmap",
+            method = gr.Radio(INTERVENTION_METHODS, value="ablate", label="Method", elem_id="ab-method")
+            ab_length = gr.Number(value=1024, precision=None, step=1, label="Length (tokens)", elem_id="ab-length")
+            ab_depth = gr.Slider(0, 1, value=0, step=0.05, label="Key depth", elem_id="ab-depth")
+            ab_trials = gr.Number(value=1, precision=None, step=1, label="Trials", elem_id="ab-trials")
+            ab_layers = gr.Textbox(value="", label="Layers (empty: all)", elem_id="ab-layers")
+            ab_blocks = gr.Radio([("the question block's FAM", "last"), ("after every block", "all")], value="last",
+                                 label="Replace the FAM after", elem_id="ab-blocks",
+                                 info="write time always uses every block")
+        with gr.Row():
+            ab_button = gr.Button("Run interventions", variant="primary", elem_id="ab-run")
+            ab_stop = gr.Button("Stop", variant="stop", elem_id="ab-stop")
+        ab_status = gr.Markdown("", elem_id="ab-status")
+        ab_plot = gr.Plot(intervention_heatmap({}), label="Δ log p(key)", elem_id="ab-heatmap")
+        with gr.Row():
+            which = gr.Radio([("Sweep heatmap", "heatmap"), ("Retention curve", "retention"),
+                              ("Intervention heatmap", "interventions")], value="heatmap",
                              label="Export", elem_id="pk-export-which")
             fmt = gr.Radio(formats, value="svg" if static_problem is None else "html", label="Format",
                            elem_id="pk-export-format")
@@ -356,6 +447,9 @@ def build_passkey_tab(context) -> None:
     def sweep(model, adapter_dir, device, dtype, *args):
         yield from run_sweep(context, *args, model_choice=(model, adapter_dir, device, dtype))
 
+    def intervene(model, adapter_dir, device, dtype, *args):
+        yield from run_interventions_tab(context, *args, model_choice=(model, adapter_dir, device, dtype))
+
     # Queued on the model with the inspector's stream (concurrency_id "model"): one forward pass at a time.
     watch_event = watch_button.click(
         watch, [*context.model_inputs, mode, mem_blocks, block_size, fam_len, length, depth, every, source, upload,
@@ -368,8 +462,15 @@ def build_passkey_tab(context) -> None:
         [sweep_status, heatmap, table, session], api_name="passkey_sweep", show_progress="hidden",
         concurrency_id="model", concurrency_limit=1)
     sweep_stop.click(None, cancels=[sweep_event])
+    ab_event = ab_button.click(
+        intervene, [*context.model_inputs, method, ab_length, ab_depth, ab_trials, ab_layers, ab_blocks, block_size,
+                    fam_len, seed, session],
+        [ab_status, ab_plot, session], api_name="passkey_interventions", show_progress="hidden",
+        concurrency_id="model", concurrency_limit=1)
+    ab_stop.click(None, cancels=[ab_event])
     context.refresh_header_after(watch_event)
     context.refresh_header_after(sweep_event)
+    context.refresh_header_after(ab_event)
     upload.upload(None, None, source, js=f"() => '{UPLOAD}'")
     export_button.click(export_passkey, [which, fmt, session], [export_file, export_note], api_name="passkey_export")
     json_button.click(download_results, [session], [export_file, export_note], api_name="passkey_download")

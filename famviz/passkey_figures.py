@@ -77,3 +77,44 @@ def retention_figure(points: Sequence[RetentionPoint], key: int | None = None,
     fig.update_yaxes(title_text="retrieved", range=[-0.15, 1.15], tickvals=[0, 1], ticktext=["no", "yes"],
                      secondary_y=True)
     return fig
+
+
+def intervention_heatmap(result: dict, title: str | None = None) -> go.Figure:
+    """Δ log p(target) per (layer, block) of a FAM intervention (``famviz.ablation``'s ``to_dict()``), on a
+    diverging scale centred on 0; cells not measured yet stay blank. A second panel shows the head groups
+    of the chosen layer when they were measured."""
+    delta = result.get("delta_logprob")
+    if not delta:
+        return empty_figure("no interventions yet", title or "FAM interventions")
+    z = np.array([[np.nan if v is None else v for v in row] for row in delta], dtype=float)
+    rows = [str(layer) for layer in result["layers"]]
+    columns = [f"after {b}" for b in result["blocks"]]
+    values = result.get("logprob", {})
+    reference = result.get("reference", "clean")
+    heads = result.get("head_group_delta_logprob")
+    bound = max(1e-3, float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0)
+    if heads:
+        fig = make_subplots(rows=1, cols=2, column_widths=[0.8, 0.2], horizontal_spacing=0.08,
+                            subplot_titles=["layers × blocks", f"layer {result['head_layer']}: KV head groups"])
+    else:
+        fig = make_subplots(rows=1, cols=1)
+    fig.add_trace(go.Heatmap(
+        z=z, x=columns, y=rows, zmid=0.0, zmin=-bound, zmax=bound, colorscale="RdBu",
+        text=[["" if np.isnan(v) else f"{v:+.1f}" for v in row] for row in z],
+        texttemplate="%{text}" if z.size <= 200 else None,
+        hovertemplate="layer %{y}<br>FAM replaced %{x} blocks<br>Δ log p %{z:+.2f}<extra></extra>",
+        colorbar=dict(title=dict(text="Δ log p")), showscale=True), row=1, col=1)
+    if heads:
+        hz = np.array([[np.nan if v is None else v for v in heads]], dtype=float).T
+        fig.add_trace(go.Heatmap(z=hz, x=["Δ"], y=[f"group {g}" for g in range(len(heads))], zmid=0.0,
+                                 zmin=-bound, zmax=bound, colorscale="RdBu", showscale=False,
+                                 hovertemplate="%{y}<br>Δ log p %{z:+.2f}<extra></extra>"), row=1, col=2)
+    fig.update_xaxes(title_text="FAM replaced after block", type="category", row=1, col=1)
+    fig.update_yaxes(title_text="layer", type="category", row=1, col=1)
+    summary = ", ".join(f"{k} {v:.2f}" for k, v in values.items())
+    heading = title or (f"FAM {result.get('method', '')}: Δ log p(target) against the {reference} run"
+                        + (f" (mean log p: {summary}; {result.get('trials', 0)} trials)" if summary else ""))
+    fig.update_layout(title=dict(text=heading, x=0.01, xanchor="left", font=dict(size=13)), plot_bgcolor="white",
+                      paper_bgcolor="white", margin=dict(l=60, r=20, t=70, b=50),
+                      height=max(320, 16 * len(rows) + 140))
+    return fig

@@ -138,6 +138,18 @@ def test_passkey_tab_fills_heatmap_and_retention_curve(served_app, tmp_path):
         page.locator("#pk-export-format input[value=svg]").check()
         page.locator("#pk-export").click()
         expect(page.locator("#pk-export-note")).to_contain_text("Exported", timeout=120_000)
+
+        # FAM interventions: the layer x block heatmap fills, then exports like every figure.
+        page.locator("#ab-method input[value=write-time]").check()
+        page.locator("#ab-length input").fill("300")
+        page.locator("#ab-run").click()
+        expect(page.locator("#ab-status")).to_contain_text("Done", timeout=240_000)
+        page.wait_for_function(PLOT_HAS_DATA, arg="ab-heatmap", timeout=60_000)
+        rows = page.evaluate("() => document.querySelector('#ab-heatmap .js-plotly-plot')._fullData[0].y.length")
+        assert rows == 4 + 1  # the tiny model's 4 layers and "all"
+        page.locator("#pk-export-which input[value=interventions]").check()
+        page.locator("#pk-export").click()
+        expect(page.locator("#pk-export-note")).to_contain_text("interventions", timeout=120_000)
         page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 50_000
     if os.environ.get("FAMVIZ_SCREENSHOT_PASSKEY"):

@@ -79,6 +79,31 @@ def test_bad_sweep_input(context):
     assert "Nothing to export" in tab.export_passkey("heatmap", "svg", None)[1]
 
 
+def test_interventions_fill_their_heatmap_and_export(context, monkeypatch):
+    monkeypatch.setattr(tab, "REDRAW_SECONDS", 0.0)
+    updates = list(tab.run_interventions_tab(context, "write-time", 200, 0.0, 1, "0,1", "last", 64, 4, 0, None))
+    status, figure, session = updates[-1]
+    assert "Done" in status and "clean" in status
+    assert session.intervention["layers"] == [0, 1, "all"] and session.intervention["blocks"] == [1, 2]
+    assert len(updates) == 1 + 6 + 1  # start, one per cell (3 rows x 2 blocks), done
+    first = updates[1][1].data[0].z
+    assert sum(1 for row in first for v in row if v == v) == 1  # the first cell drawn alone
+    assert session.intervention["config"]["adapter"] is None and session.intervention_caption.startswith("tiny-vocab")
+    file, note = tab.export_passkey("interventions", "html", session)
+    assert Path(file).stat().st_size > 10_000 and "Exported" in note
+
+
+@pytest.mark.parametrize("args, message", [
+    (("sideways", 200, 0.0, 1, "", "last"), "--method"), (("ablate", "x", 0.0, 1, "", "last"), "Length"),
+    (("ablate", 200, 2.0, 1, "", "last"), "depth"), (("ablate", 200, 0.0, 1, "0,99", "last"), "layers must be"),
+    (("patch", 60, 0.0, 1, "", "last"), "Length"),
+])
+def test_bad_intervention_input_is_a_message(context, args, message):
+    updates = list(tab.run_interventions_tab(context, *args, 64, 4, 0, tab.PasskeySession(points=["kept"])))
+    assert len(updates) == 1 and message in updates[0][0] and "Error" in updates[0][0]
+    assert updates[0][2].points == ["kept"]
+
+
 @pytest.mark.slow
 def test_served_passkey_tab_streams_a_retention_curve(bundled_bf16):
     """The real app on the bundled model: the retention event yields one update per block."""
