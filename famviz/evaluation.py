@@ -70,6 +70,33 @@ def held_out_documents(tokenizer, tokens: int, paths: list[str] | None = None) -
     return documents
 
 
+CORPUS_DOCUMENTS = 2  # held-out documents of a corpus used for the long-document check
+
+
+def corpus_documents(tokenizer, tokens: int, corpus_paths: list[str], count: int = CORPUS_DOCUMENTS) -> list[HeldOutDocument]:
+    """The first ``count`` held-out documents of the corpus (``famviz.corpus``'s fixed split) with at least
+    ``MIN_LONG_TOKENS`` tokens, cut to ``tokens``: text the training never drew from."""
+    from .corpus import Corpus
+    from .errors import DocumentError
+
+    corpus = Corpus(corpus_paths)
+    documents = []
+    for index in corpus.held_out:
+        try:
+            text = corpus.text(int(index))
+        except (DocumentError, OSError):
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= MIN_LONG_TOKENS:
+            documents.append(HeldOutDocument(corpus.doc_id(int(index)), ids[:tokens]))
+        if len(documents) == count:
+            break
+    if not documents:
+        raise ConfigError(f"no held-out document of the corpus ({len(corpus.held_out)} held out) has the "
+                          f"{MIN_LONG_TOKENS} tokens a long-document check needs")
+    return documents
+
+
 def fam_norm(fam: tuple[torch.Tensor, ...]) -> float:
     """Mean over layers and slots of the FAM slots' L2 norms (batch element 0)."""
     return float(torch.stack([f[0].float().norm(dim=-1).mean() for f in fam]).mean())
@@ -133,7 +160,7 @@ def text_windows(tokenizer, length: int, count: int, path: Path | None = None) -
 
 
 # -- the comparison behind `famviz evaluate` ------------------------------------------------------------------
-def long_document_comparison(base, tuned, config: FamConfig, prompt, long_tokens: int, paths: list[str] | None,
+def long_document_comparison(base, tuned, config: FamConfig, prompt, documents: list[HeldOutDocument],
                              on_done: Callable[[], None] | None = None) -> list[dict]:
     """Per held-out document: NLL overall and per quarter of the evaluated model ("tuned": ``tuned`` in
     ``config``'s mode, with ``prompt``), of the same weights with BSWA and the same memory blocks
@@ -145,7 +172,7 @@ def long_document_comparison(base, tuned, config: FamConfig, prompt, long_tokens
     bswa = FamConfig(mode="bswa", block_size=config.block_size, fam_len=0, mem_blocks=config.mem_blocks)
     sink = FamConfig(mode="sink", block_size=config.block_size, fam_len=0, mem_blocks=config.mem_blocks)
     full = FamConfig(mode="full", block_size=config.block_size)
-    for document in held_out_documents(base.tokenizer, long_tokens, paths):
+    for document in documents:
         row = {"document": document.name, "tokens": len(document.ids)}
         models = [("tuned", FamModel(tuned, config, fam_prompt=prompt))]
         if tuned is not base:
@@ -194,6 +221,9 @@ def add_evaluate_arguments(parser) -> None:
     parser.add_argument("--skip-passkey", action="store_true", help="only the loss checks")
     parser.add_argument("--document", action="append", default=None, metavar="PATH",
                         help="a held-out long document (repeatable; default: GPL-3 and pydoc text)")
+    parser.add_argument("--corpus", action="append", default=None, metavar="PATH",
+                        help="long documents from this corpus's held-out split (as `train --corpus`; default for an "
+                             "adapter trained on a corpus, unless --document is given)")
     parser.add_argument("--long-tokens", type=int, default=8192, metavar="N",
                         help="tokens of each long document (0: no long-document check)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -218,6 +248,7 @@ class EvaluationPlan:
     lengths: list[int]
     depths: list[float]
     specs: list  # famviz.passkey.ModeSpec
+    corpus: list[str] | None = None  # long documents from this corpus's held-out split
 
 
 def plan_evaluation(args) -> EvaluationPlan:
@@ -240,7 +271,25 @@ def plan_evaluation(args) -> EvaluationPlan:
         raise ConfigError(f"--long-tokens must be 0 or at least {MIN_LONG_TOKENS}, got {args.long_tokens}")
     for path in args.document or []:
         read_document(path)  # unreadable documents fail now, not after the model has loaded
-    return EvaluationPlan(adapter, config, lengths, depths, specs)
+    corpus = getattr(args, "corpus", None)
+    if corpus is None and not args.document and adapter is not None:
+        corpus = trained_corpus(adapter.directory)  # the held-out split of the adapter's own training text
+    if corpus:
+        from .corpus import Corpus
+
+        Corpus(corpus)  # a missing or unreadable corpus fails now
+    return EvaluationPlan(adapter, config, lengths, depths, specs, corpus or None)
+
+
+def trained_corpus(directory) -> list[str] | None:
+    """The corpus paths an adapter was trained on, from its training card (None: the machine's text)."""
+    from .adapters import read_training_card
+
+    try:
+        sources = read_training_card(directory).get("data_mixture", {}).get("text_sources")
+    except (OSError, ValueError):
+        return None
+    return list(sources["paths"]) if isinstance(sources, dict) and sources.get("paths") else None
 
 
 def evaluate(args, plan: EvaluationPlan, result: dict, progress=None) -> dict:
@@ -256,7 +305,11 @@ def evaluate(args, plan: EvaluationPlan, result: dict, progress=None) -> dict:
     prompt = apply_adapter(args.adapter, tuned, config) if adapter is not None else None
     result.update(model=base.name, adapter=str(adapter.directory) if adapter else None, label=tuned.label,
                   config=config.to_dict(), dtype=str(base.dtype).replace("torch.", ""), device=str(base.device))
-    n_docs = len(args.document) if args.document else 2
+    documents = []
+    if args.long_tokens:
+        documents = corpus_documents(base.tokenizer, args.long_tokens, plan.corpus) if plan.corpus else \
+            held_out_documents(base.tokenizer, args.long_tokens, args.document)
+    n_docs = len(documents)
     total = 3 + ((4 + (adapter is not None)) * n_docs if args.long_tokens else 0) + \
         (0 if args.skip_passkey else len(specs) * len(lengths) * len(depths) * args.trials)
     if progress is not None:
@@ -275,8 +328,9 @@ def evaluate(args, plan: EvaluationPlan, result: dict, progress=None) -> dict:
     result["in_window_nll"] = nll
     result["long_documents"] = []
     if args.long_tokens:
-        result["long_documents"] = long_document_comparison(base, tuned, config, prompt, args.long_tokens,
-                                                            args.document, on_done=tick)
+        result["long_documents"] = long_document_comparison(base, tuned, config, prompt, documents, on_done=tick)
+        if plan.corpus:
+            result["long_documents_source"] = {"corpus": plan.corpus, "split": "held out (famviz.corpus)"}
     result["passkey"] = []
     if not args.skip_passkey:
         result["passkey_scoring"] = "greedy decoding, first integer of the answer equals the key (famviz.passkey)"

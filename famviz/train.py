@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .config import FamConfig
 from .errors import ConfigError
 from .fam_model import FamModel, StreamState
-from .training_data import Example, ExampleStream, parse_mixture, parse_range
+from .training_data import Example, ExampleStream, TextCorpus, parse_mixture, parse_range
 
 log = logging.getLogger("famviz.train")
 
@@ -69,6 +69,7 @@ class TrainConfig:
     passkey_tokens: str = "256-2048"
     passkey_depth_zero: float = 0.5
     passkey_aligned: float = 0.0  # share of PassKey prompts whose answer starts in (or crosses into) a new block
+    corpus: list[str] | None = None  # training text paths (famviz.corpus); None: the machine's text files
     copy_text_tokens: str = "768-1536"
     copy_len: int = 256
     copy_weight: float = 0.1
@@ -485,10 +486,19 @@ class Trainer:
         self.state_passing = StatePassing(config.rsp_prob if config.rsp and self.prompt is not None else 0.0)
         self.step = 0
         self.history: list[dict] = []
+        self.text = None  # the copy examples' text: the machine's, or --corpus (training split only)
+        if data is None and "copy" in parse_mixture(config.data):
+            documents = None
+            if config.corpus:
+                from .corpus import Corpus
+
+                documents = Corpus(config.corpus)
+            self.text = TextCorpus(loaded.tokenizer, documents=documents)
+            self.text.check_long_enough(parse_range(config.copy_text_tokens, "--copy-text-tokens")[0])
         self.data = data if data is not None else ExampleStream(
             loaded.tokenizer, parse_mixture(config.data), parse_range(config.passkey_tokens, "--passkey-tokens"),
             parse_range(config.copy_text_tokens, "--copy-text-tokens"), config.copy_len, config.copy_weight,
-            config.text_weight, config.passkey_depth_zero, readout_weight=config.readout_weight,
+            config.text_weight, config.passkey_depth_zero, corpus=self.text, readout_weight=config.readout_weight,
             passkey_aligned=config.passkey_aligned, block_size=config.block_size)
         self.stages = config.curriculum_stages()
         self.stage = 0
@@ -732,6 +742,17 @@ def initialised_from(directory: str | None) -> dict | None:
             "stages": card.get("stages") or None, "stage_evaluations": card.get("stage_evaluations") or None}
 
 
+def text_sources(trainer: Trainer):
+    """The card's record of the training text: the corpus (paths, counts, held-out split, unreadable
+    documents skipped) or the machine's text files."""
+    if trainer.text is None:
+        return None
+    described = trainer.text.documents.describe()
+    if isinstance(described, dict):
+        described = dict(described, unreadable_skipped=len(trainer.text.unreadable))
+    return described
+
+
 def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) -> dict:
     config = trainer.config
     steps = [r for r in trainer.history if "loss" in r]
@@ -770,7 +791,7 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
             "readout_weight": config.readout_weight, "curriculum_blocks": config.curriculum,
             "curriculum_threshold": config.curriculum_threshold if config.curriculum else None,
             "curriculum_reached_blocks": trainer.curriculum_blocks,
-            "text_sources": "long text files under /usr/share/common-licenses and /usr/share/doc (GPL-3 held out)",
+            "text_sources": text_sources(trainer),
         },
         "initialised_from": initialised_from(config.init_from),
         "stages": stage_summaries(trainer.history, config.command.split("  (resumed: ")[0]),
@@ -876,6 +897,10 @@ def add_train_arguments(parser) -> None:
     ):
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                             help=f"{help_text} (default {getattr(d, name)})")
+    parser.add_argument("--corpus", action="append", default=None, metavar="PATH",
+                        help="train on your own text (repeatable): a directory of documents (.txt .md .pdf .html), "
+                             "a .jsonl file with a 'text' field, or a Hugging Face dataset (.parquet/.arrow files or a "
+                             "save_to_disk directory); ~1%% of its documents are held out. Default: the machine's text")
     parser.add_argument("--no-rpo", dest="rpo", action="store_false", default=None, help="disable Random Position Offset")
     parser.add_argument("--no-rsp", dest="rsp", action="store_false", default=None, help="disable Random State Passing")
     parser.add_argument("--rsp", dest="rsp", action="store_true", default=None,

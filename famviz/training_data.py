@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, DocumentError
 
 COPY_MARKER = "\n[repeat random segment]:"
 DATA_KINDS = ("passkey", "copy")
@@ -119,33 +119,67 @@ def read_text(path: Path) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
-class TextCorpus:
-    """Random windows of long text from the machine's documentation, tokenised on demand."""
+class MachineText:
+    """The default training text: long text files found on this machine (``find_text_files``)."""
 
-    def __init__(self, tokenizer, files: list[Path] | None = None, cache_size: int = 64):
-        self.tokenizer = tokenizer
+    def __init__(self, files: list[Path] | None = None):
         self.files = find_text_files() if files is None else list(files)
-        self._cache: dict[Path, list[int]] = {}
-        self._cache_size = cache_size
         if not self.files:
             raise ConfigError("the copy task needs long text files on this machine; none found under "
                               + ", ".join(str(r) for r in TEXT_ROOTS))
+        self.training = self.files
 
-    def tokens(self, path: Path) -> list[int]:
-        if path not in self._cache:
+    def text(self, path: Path) -> str:
+        return read_text(path)
+
+    def describe(self) -> str:
+        return "long text files under /usr/share/common-licenses and /usr/share/doc (GPL-3 held out)"
+
+
+class TextCorpus:
+    """Random windows of long text, tokenised on demand: the machine's documentation by default, or a
+    researcher's own corpus (``famviz.corpus.Corpus``: its training split only). Documents that cannot be
+    read are skipped and counted (``unreadable``)."""
+
+    def __init__(self, tokenizer, files: list[Path] | None = None, cache_size: int = 64, documents=None):
+        self.tokenizer = tokenizer
+        self.documents = documents if documents is not None else MachineText(files)
+        self._cache: dict = {}
+        self._cache_size = cache_size
+        self.unreadable: set = set()
+
+    def tokens(self, ref) -> list[int]:
+        ref = ref if isinstance(ref, Path) else int(ref)  # a file, or a corpus document's index
+        if ref not in self._cache:
             if len(self._cache) >= self._cache_size:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[path] = self.tokenizer(read_text(path), add_special_tokens=False)["input_ids"]
-        return self._cache[path]
+            try:
+                text = self.documents.text(ref)
+            except (DocumentError, OSError, UnicodeDecodeError):
+                self.unreadable.add(ref)
+                text = ""
+            self._cache[ref] = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        return self._cache[ref]
 
     def window(self, rng: random.Random, length: int) -> list[int]:
-        """``length`` consecutive tokens from a random file long enough (files shorter are skipped)."""
+        """``length`` consecutive tokens from a random document long enough (shorter ones are skipped)."""
+        candidates = self.documents.training
         for _ in range(100):
-            ids = self.tokens(self.files[rng.randrange(len(self.files))])
+            ids = self.tokens(candidates[rng.randrange(len(candidates))])
             if len(ids) >= length:
                 start = rng.randrange(len(ids) - length + 1)
                 return ids[start : start + length]
-        raise ConfigError(f"no text file on this machine has {length} tokens; use shorter copy examples")
+        raise ConfigError(f"no training document has {length} tokens; use shorter copy examples "
+                          f"(--copy-text-tokens) or longer documents")
+
+    def check_long_enough(self, length: int, scan: int = 200) -> None:
+        """ConfigError unless some training document (of the first ``scan``) has ``length`` tokens."""
+        for ref in self.documents.training[:scan]:
+            if len(self.tokens(ref)) >= length:
+                return
+        skipped = f"; {len(self.unreadable)} could not be read" if self.unreadable else ""
+        raise ConfigError(f"the corpus's documents are shorter than one training sequence ({length} tokens)"
+                          f"{skipped}")
 
 
 def copy_example(corpus: TextCorpus, rng: random.Random, text_tokens: int, copy_len: int,
