@@ -454,7 +454,8 @@ class Trainer:
         if accelerator is None:
             from accelerate import Accelerator
 
-            accelerator = Accelerator(cpu=config.device == "cpu")
+            # cpu=True also where no GPU exists: Accelerate then runs launched processes as MULTI_CPU (gloo)
+            accelerator = Accelerator(cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()))
         self.accelerator = accelerator
         if loaded is None:
             from .models import load_model
@@ -462,6 +463,7 @@ class Trainer:
             device = str(accelerator.device) if config.device == "auto" else config.device
             loaded = load_model(config.model, device=device, dtype=config.dtype)
         self.loaded = loaded
+        torch.manual_seed(config.seed)  # LoRA's random init: the same in every run and on every process
         self.peft_model = add_lora(loaded, config.lora_rank, config.lora_alpha)
         fam_config = config.fam_config()
         self.prompt = None
@@ -481,8 +483,7 @@ class Trainer:
             groups.append({"params": [self.prompt], "lr": config.prompt_lr or config.lr, "weight_decay": 0.0})
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.99))
         self.base_lrs = [g["lr"] for g in groups]
-        self.rng = random.Random(config.seed + 7919 * accelerator.process_index)
-        torch.manual_seed(config.seed)
+        self.rng = random.Random(config.seed)  # the same on every process: each takes its slice of a global batch
         self.state_passing = StatePassing(config.rsp_prob if config.rsp and self.prompt is not None else 0.0)
         self.step = 0
         self.history: list[dict] = []
@@ -563,10 +564,14 @@ class Trainer:
         """One optimiser step on one batch; returns its log record."""
         config = self.config
         self.apply_curriculum()
-        examples = [self.data.draw(self.rng) for _ in range(config.batch_size)]
+        # Every process draws the whole global batch from the same generator and keeps its own slice, so
+        # N processes with batch b train on exactly the examples of one process with batch N·b.
+        world, rank, batch = self.accelerator.num_processes, self.accelerator.process_index, config.batch_size
+        drawn = [self.data.draw(self.rng) for _ in range(batch * world)]
+        examples = drawn[rank * batch : (rank + 1) * batch]
         ids, weights, readout = collate(examples, self.pad_id, self.loaded.device)
-        self.fam_model.position_offsets = (draw_position_offsets(self.rng, len(examples), self.theta)
-                                           if config.rpo else None)
+        offsets = draw_position_offsets(self.rng, len(drawn), self.theta) if config.rpo else None
+        self.fam_model.position_offsets = offsets[rank * batch : (rank + 1) * batch] if offsets is not None else None
         passed = self.state_passing.choose(self.rng) if self.prompt is not None else None
         lr_scale = min(1.0, (self.step + 1) / max(1, config.warmup_steps))
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
@@ -576,23 +581,39 @@ class Trainer:
         # Probes at a random place in their block: read only right after the FAM, they teach a reading that
         # fails for the real question, which sits at the end of its block (measured: probe loss 0.003 vs
         # main answer 1.3 per token on the same prompt).
-        offset = self.rng.randint(0, max(0, config.block_size - readout.ids.shape[1])) if readout is not None else 0
+        # Drawn from the global batch's probes, so that every process consumes the generator alike.
+        probes = [len(e.readout.ids) for e in drawn if e.readout is not None]
+        offset = self.rng.randint(0, max(0, config.block_size - max(probes))) if probes else 0
         parts: dict = {}
         loss, final, count = sequence_loss(self.fam_model, ids, weights, state, readout=readout, readout_offset=offset,
                                            parts=parts)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         params = self.trainable_parameters
-        if self.accelerator.num_processes > 1:  # layers are called directly, so average gradients by hand
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        if world > 1:
+            # The loss is Σ w·nll over the global batch ÷ its weighted count: scaled so that the mean of the
+            # processes' gradients is that (each process alone knows only its own count).
+            total = float(self.accelerator.reduce(torch.tensor([float(count)], device=loss.device), reduction="sum"))
+            local = loss * count
+            (local * (world / max(total, 1.0))).backward()
+            loss = self.accelerator.reduce(local.detach().reshape(1), reduction="sum")[0] / max(total, 1.0)
+            for p in params:  # layers are called directly, so average gradients by hand
+                # A parameter without a gradient (the prompt, on a step that starts from a passed FAM) has none
+                # on every process: that choice comes from the shared generator. It stays None, as in one
+                # process, so the optimiser leaves it alone (a zero gradient would still move it by momentum).
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        else:
+            loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
         self.optimizer.step()
         self.fam_model.position_offsets = None
         if self.prompt is not None:
-            self.state_passing.remember(final.fam)
+            fam = final.fam
+            if world > 1:  # the global batch's element 0 is process 0's: every process passes on the same FAM
+                from accelerate.utils import broadcast
+
+                fam = tuple(broadcast(f[:1].detach().contiguous(), from_process=0) for f in fam)
+            self.state_passing.remember(fam)
         self.step += 1
         return {"step": self.step, "loss": loss.item(), "loss_main": parts["main"], "loss_readout": parts["readout"],
                 "kind": "+".join(e.kind for e in examples),
@@ -658,9 +679,11 @@ class Trainer:
                     if not sys.stderr.isatty() and self.step % 10 == 0:
                         log.info("step %d loss %.4f (smoothed %.4f) %.0f tok/s", self.step, record["loss"], smoothed,
                                  record["tokens_per_s"])
-                if config.eval_every and self.step % config.eval_every == 0 and main:
+                if config.eval_every and self.step % config.eval_every == 0:
+                    # on every process: the curriculum it may advance decides every process's data
                     evaluation = self.evaluate()
                     self.history.append(evaluation)
+                if config.eval_every and self.step % config.eval_every == 0 and main:
                     log_file.write(json.dumps(evaluation) + "\n")
                     log_file.flush()
                     log.info("step %d held-out PassKey (%d tokens, teacher-forced): %.0f%%, key log-prob %.2f",
@@ -762,6 +785,8 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
         hardware = f"{trainer.accelerator.num_processes} × {torch.cuda.get_device_name(device)}"
     else:
         hardware = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        if trainer.accelerator.num_processes > 1:
+            hardware = f"{trainer.accelerator.num_processes} processes × {hardware}"
     tail = steps[-50:]
     note = None
     if device.type != "cuda":
