@@ -12,6 +12,10 @@ on to the question block as usual:
                 blocks it shows when the key entered memory, over layers where it stays.
 
 Δ log p is measured against the run intervened on (clean for ablate/patch, corrupted for write-time).
+Ablating one layer keeps the stream's other layers as they are, so that layer's next FAM update keeps
+the residual of the initial FAM put there (a stream restarted from the initial FAM drops it, FAM_SPEC §3):
+exactly "no memory" only in the row that ablates every layer, or at the last block, where no update follows
+before the question.
 At the last block (the FAM the question block reads) an intervention costs one question block: the
 stream's states are computed once per trial and forked. At an earlier block k the blocks k+1 … T run
 again from the patched state. For one layer, ``head_layer`` also replaces the FAM keys/values of one
@@ -147,7 +151,10 @@ def intervened_logprob(fam_model: FamModel, trial: Trial, method: str, layer: in
 
 def head_group_logprob(fam_model: FamModel, trial: Trial, method: str, layer: int, group: int) -> float:
     """As ``intervened_logprob`` at the last block, for one key-value head group of ``layer`` only: the
-    question block reads that group's FAM keys/values from the replacement."""
+    question block reads that group's FAM keys/values from the replacement. NaN when the question and target
+    run past the question block's end: the next block reads a FAM the edit cannot reach."""
+    if len(trial.clean.prompt) - trial.clean.split + len(trial.clean.target) > fam_model.config.block_size:
+        return float("nan")
     if method == "write-time":
         case, state, other = trial.corrupted, trial.corrupted_states[-1], trial.clean_states[-1]
     else:
@@ -278,8 +285,10 @@ def _interventions(fam_model, cases, method, blocks, rows, head_layer) -> Iterat
                 yield updated()
         if head_layer is not None:
             for group in range(groups):
-                head_sums[group] += head_group_logprob(fam_model, trial, method, head_layer, group) - reference
-                head_counts[group] += 1
+                value = head_group_logprob(fam_model, trial, method, head_layer, group)
+                if np.isfinite(value):  # a trial whose answer crosses into the next block is not measurable
+                    head_sums[group] += value - reference
+                    head_counts[group] += 1
                 yield updated()
 
 

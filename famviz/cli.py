@@ -248,10 +248,14 @@ def run_ablate(args) -> int:
     from .fam_model import FamModel
 
     fam_model = FamModel(loaded, config, fam_prompt=fam_prompt)
-    if text is not None:
-        cases = [(ab.text_case(loaded.tokenizer, text, args.target, config.block_size), None)]
-    else:
-        cases = ab.passkey_cases(loaded.tokenizer, config.block_size, args.length, args.depth, args.trials, args.seed)
+    try:
+        if text is not None:
+            cases = [(ab.text_case(loaded.tokenizer, text, args.target, config.block_size), None)]
+        else:
+            cases = ab.passkey_cases(loaded.tokenizer, config.block_size, args.length, args.depth, args.trials,
+                                     args.seed)
+    except ValueError as exc:  # e.g. a length shorter than the prompt without filler
+        raise FamvizError(str(exc)) from None
     n_blocks = cases[0][0].blocks(config.block_size)
     if args.blocks == "all":
         blocks = list(range(1, n_blocks + 1))

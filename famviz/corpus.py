@@ -8,9 +8,11 @@ A corpus is one or more paths, each of them
 - a Hugging Face dataset: ``.parquet`` / ``.arrow`` files (or a directory of them), or a directory written
   by ``datasets.save_to_disk``; read with the ``datasets`` library, memory-mapped, with a ``text`` column.
 
-Every document has a stable id (its relative path, or ``file:line`` / ``dataset:row``). A fixed ~1% of
-them, chosen by a hash of the id, is held out from training for the long-document evaluation (at least one
-when the corpus has two or more documents), so the split is the same in every run and on every machine.
+Every document has a stable id (``root/relative path``, or ``file:record`` counting non-blank lines, or
+``dataset:row``). A fixed ~1% of them, chosen by a hash of the id, is held out from training for the
+long-document evaluation (at least one when the corpus has two or more documents), so the split is the same
+in every run and on every machine, as long as the corpus is given the same way (ids are relative to each
+path given: a subfolder given alone names its documents differently).
 """
 from __future__ import annotations
 
@@ -90,13 +92,13 @@ class _JsonLines:
         try:
             return json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DocumentError(f"line {index + 1} of {self.path.name} is not JSON ({exc.__class__.__name__})") from None
+            raise DocumentError(f"record {index + 1} of {self.path.name} is not JSON ({exc.__class__.__name__})") from None
 
     def text(self, index: int) -> str:
         record = self._record(index)
         value = record.get(TEXT_FIELD) if isinstance(record, dict) else None
         if not isinstance(value, str):
-            raise DocumentError(f"line {index + 1} of {self.path.name} has no {TEXT_FIELD!r} string")
+            raise DocumentError(f"record {index + 1} of {self.path.name} has no {TEXT_FIELD!r} string")
         return value[:MAX_DOCUMENT_CHARS]
 
 
@@ -152,8 +154,10 @@ def _open_source(path: Path):
             return _Documents(path)
         raise ConfigError(f"corpus file {path} is not a document ({', '.join(SUPPORTED_SUFFIXES)}), a .jsonl file "
                           f"or a dataset ({', '.join(DATASET_SUFFIXES)})")
+    # A dataset snapshot keeps its data files in subfolders (data/train-*.parquet) beside a README.md: any
+    # parquet/arrow file makes the folder a dataset, not a folder of documents.
     if any((path / name).exists() for name in SAVED_DATASET_FILES) or \
-            (any(path.glob("*.parquet")) or any(path.glob("*.arrow"))):
+            any(p.suffix in DATASET_SUFFIXES for p in path.rglob("*")):
         return _HuggingFaceDataset(path)
     return _Documents(path)
 
@@ -167,7 +171,7 @@ class Corpus:
     """
 
     def __init__(self, paths):
-        self.paths = [Path(p).expanduser() for p in paths]
+        self.paths = [Path(p).expanduser().resolve() for p in paths]  # as the card records them
         if not self.paths:
             raise ConfigError("no corpus path given")
         self.sources = [_open_source(p) for p in self.paths]

@@ -272,13 +272,19 @@ def plan_evaluation(args) -> EvaluationPlan:
     for path in args.document or []:
         read_document(path)  # unreadable documents fail now, not after the model has loaded
     corpus = getattr(args, "corpus", None)
-    if corpus is None and not args.document and adapter is not None:
-        corpus = trained_corpus(adapter.directory)  # the held-out split of the adapter's own training text
-    if corpus:
+    if corpus and args.document:
+        raise ConfigError("give --document or --corpus, not both")
+    if corpus and args.long_tokens:
         from .corpus import Corpus
 
         Corpus(corpus)  # a missing or unreadable corpus fails now
-    return EvaluationPlan(adapter, config, lengths, depths, specs, corpus or None)
+    elif not args.document and args.long_tokens and adapter is not None:
+        corpus = trained_corpus(adapter.directory)  # the held-out split of the adapter's own training text
+        if corpus and not all(Path(p).exists() for p in corpus):
+            log.warning("the corpus the adapter was trained on (%s) is not here: long documents are GPL-3 and pydoc",
+                        ", ".join(corpus))
+            corpus = None
+    return EvaluationPlan(adapter, config, lengths, depths, specs, corpus if args.long_tokens else None)
 
 
 def trained_corpus(directory) -> list[str] | None:

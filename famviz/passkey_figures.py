@@ -92,7 +92,8 @@ def intervention_heatmap(result: dict, title: str | None = None) -> go.Figure:
     values = result.get("logprob", {})
     reference = result.get("reference", "clean")
     heads = result.get("head_group_delta_logprob")
-    bound = max(1e-3, float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0)
+    everything = np.concatenate([z.ravel(), np.array([np.nan if v is None else v for v in (heads or [])], dtype=float)])
+    bound = max(1e-3, float(np.nanmax(np.abs(everything))) if np.isfinite(everything).any() else 1.0)
     if heads:
         fig = make_subplots(rows=1, cols=2, column_widths=[0.8, 0.2], horizontal_spacing=0.08,
                             subplot_titles=["layers × blocks", f"layer {result['head_layer']}: KV head groups"])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import random
 import shlex
@@ -114,6 +115,8 @@ class TrainConfig:
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         parse_mixture(self.data)
+        if self.corpus and "copy" not in parse_mixture(self.data):
+            raise ConfigError("--corpus is the text of copy examples: add copy to --data (e.g. --data passkey:0.5,copy:0.5)")
         self.curriculum_stages()
         if self.readout_weight < 0:
             raise ConfigError(f"--readout-weight must be 0 or more, got {self.readout_weight}")
@@ -316,13 +319,24 @@ def sequence_loss(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor,
     if parts is not None:
         parts["main"] = float(main_sum) / max(main_count, 1)
         parts["readout"] = float(probe_sum) / probe_count if probe_count else None
+        parts.update(main_sum=float(main_sum), main_count=main_count, probe_sum=float(probe_sum), probe_count=probe_count)
     count = main_count + probe_count
     return (main_sum + probe_sum) / max(count, 1), state, count
 
 
-def collate(examples: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, ReadoutBatch | None]:
-    """Right-pad a batch (pad tokens carry no loss and come after everything that does), and its probes."""
-    length = max(len(e.ids) for e in examples)
+def global_parts(accelerator, parts: dict) -> dict:
+    """``sequence_loss``'s per-part mean losses over every process's tokens (the log's loss_main/loss_readout)."""
+    keys = ("main_sum", "main_count", "probe_sum", "probe_count")
+    totals = accelerator.reduce(torch.tensor([float(parts[k]) for k in keys], device=accelerator.device), reduction="sum")
+    main_sum, main_count, probe_sum, probe_count = totals.tolist()
+    return dict(parts, main=main_sum / max(main_count, 1.0), readout=probe_sum / probe_count if probe_count else None)
+
+
+def collate(examples: list[Example], pad_id: int, device,
+            length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, ReadoutBatch | None]:
+    """Right-pad a batch (pad tokens carry no loss and come after everything that does), and its probes;
+    to ``length`` tokens when given (a process's slice is padded like the whole global batch)."""
+    length = max(max(len(e.ids) for e in examples), length or 0)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     weights = torch.zeros(len(examples), length)
     for row, example in enumerate(examples):
@@ -460,7 +474,8 @@ class Trainer:
         if loaded is None:
             from .models import load_model
 
-            device = str(accelerator.device) if config.device == "auto" else config.device
+            # several processes: each on its own device (accelerate's cuda:LOCAL_RANK), whatever --device says
+            device = str(accelerator.device) if config.device == "auto" or accelerator.num_processes > 1 else config.device
             loaded = load_model(config.model, device=device, dtype=config.dtype)
         self.loaded = loaded
         torch.manual_seed(config.seed)  # LoRA's random init: the same in every run and on every process
@@ -495,7 +510,7 @@ class Trainer:
 
                 documents = Corpus(config.corpus)
             self.text = TextCorpus(loaded.tokenizer, documents=documents)
-            self.text.check_long_enough(parse_range(config.copy_text_tokens, "--copy-text-tokens")[0])
+            self.text.check_long_enough(parse_range(config.copy_text_tokens, "--copy-text-tokens")[1])
         self.data = data if data is not None else ExampleStream(
             loaded.tokenizer, parse_mixture(config.data), parse_range(config.passkey_tokens, "--passkey-tokens"),
             parse_range(config.copy_text_tokens, "--copy-text-tokens"), config.copy_len, config.copy_weight,
@@ -569,7 +584,9 @@ class Trainer:
         world, rank, batch = self.accelerator.num_processes, self.accelerator.process_index, config.batch_size
         drawn = [self.data.draw(self.rng) for _ in range(batch * world)]
         examples = drawn[rank * batch : (rank + 1) * batch]
-        ids, weights, readout = collate(examples, self.pad_id, self.loaded.device)
+        # Padded to the global batch's longest sequence: FAM rows read a block's pad tokens too, so a slice
+        # padded less would pass on (RSP) a different FAM than the same row in one process's batch.
+        ids, weights, readout = collate(examples, self.pad_id, self.loaded.device, max(len(e.ids) for e in drawn))
         offsets = draw_position_offsets(self.rng, len(drawn), self.theta) if config.rpo else None
         self.fam_model.position_offsets = offsets[rank * batch : (rank + 1) * batch] if offsets is not None else None
         passed = self.state_passing.choose(self.rng) if self.prompt is not None else None
@@ -596,6 +613,7 @@ class Trainer:
             local = loss * count
             (local * (world / max(total, 1.0))).backward()
             loss = self.accelerator.reduce(local.detach().reshape(1), reduction="sum")[0] / max(total, 1.0)
+            parts = global_parts(self.accelerator, parts)
             for p in params:  # layers are called directly, so average gradients by hand
                 # A parameter without a gradient (the prompt, on a step that starts from a passed FAM) has none
                 # on every process: that choice comes from the shared generator. It stays None, as in one
@@ -616,9 +634,20 @@ class Trainer:
             self.state_passing.remember(fam)
         self.step += 1
         return {"step": self.step, "loss": loss.item(), "loss_main": parts["main"], "loss_readout": parts["readout"],
+                "lengths": [len(e.ids) for e in drawn],
                 "kind": "+".join(e.kind for e in examples),
-                "tokens": int(ids.numel()), "loss_tokens": count, "grad_norm": grad_norm,
+                "tokens": int(ids.numel()) * world, "loss_tokens": count, "grad_norm": grad_norm,
                 "rsp": passed is not None, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def agreed(self, decision: bool) -> bool:
+        """The main process's decision, on every process: processes deciding alone (a clock that started a
+        few seconds apart, an accuracy that differs in the last bit) would leave their collectives unmatched."""
+        if self.accelerator.num_processes == 1:
+            return decision
+        from accelerate.utils import broadcast
+
+        flag = torch.tensor([1.0 if decision else 0.0], device=self.accelerator.device)
+        return bool(broadcast(flag, from_process=0).item())
 
     def evaluate(self) -> dict:
         """Held-out PassKey (teacher-forced) at --eval-tokens, or at the curriculum stage's length, which
@@ -631,7 +660,8 @@ class Trainer:
         record = {"step": self.step, "eval": result}
         if self.stages:
             record["curriculum_blocks"] = self.curriculum_blocks
-            record["advanced"] = result["accuracy"] >= config.curriculum_threshold and self.stage + 1 < len(self.stages)
+            record["advanced"] = self.agreed(result["accuracy"] >= config.curriculum_threshold
+                                             and self.stage + 1 < len(self.stages))
             if record["advanced"]:
                 self.stage += 1
                 log.info("curriculum: %.0f%% at %d blocks, now PassKey prompts of up to %d blocks",
@@ -667,7 +697,7 @@ class Trainer:
                 t0 = time.time()
                 record = self.train_step()
                 record["seconds"] = time.time() - t0
-                record["tokens_per_s"] = record["tokens"] * acc.num_processes / max(record["seconds"], 1e-9)
+                record["tokens_per_s"] = record["tokens"] / max(record["seconds"], 1e-9)  # the global batch's tokens
                 self.history.append(record)
                 smoothed = record["loss"] if smoothed is None else 0.95 * smoothed + 0.05 * record["loss"]
                 if main:
@@ -692,7 +722,7 @@ class Trainer:
                 if self.step % config.checkpoint_every == 0 and main:
                     save_checkpoint(self.out / CHECKPOINT_DIR, self.peft_model, self.prompt, self.optimizer,
                                     self.step, self.rng, self.state_passing, self.history)
-                if config.max_minutes is not None and time.time() - started > 60 * config.max_minutes:
+                if self.agreed(config.max_minutes is not None and time.time() - started > 60 * config.max_minutes):
                     log.info("stopping after %.1f minutes (--max-minutes) at step %d", config.max_minutes, self.step)
                     stopped_early = True
                     break
@@ -961,7 +991,8 @@ def run_train(args) -> int:
     config.validate()  # before anything is written or logged
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "train.log")
+    # train.log is the main process's (RANK is set by accelerate launch / torchrun for every process)
+    handler = logging.FileHandler(out / "train.log") if os.environ.get("RANK", "0") == "0" else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("famviz").addHandler(handler)
     logging.getLogger("famviz").setLevel(logging.INFO)

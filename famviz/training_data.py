@@ -138,44 +138,70 @@ class MachineText:
 
 class TextCorpus:
     """Random windows of long text, tokenised on demand: the machine's documentation by default, or a
-    researcher's own corpus (``famviz.corpus.Corpus``: its training split only). Documents that cannot be
-    read are skipped and counted (``unreadable``)."""
+    researcher's own corpus (``famviz.corpus.Corpus``: its training split only).
+
+    A window is cut from a random span of a document's characters (about 8 per token), so only that span is
+    tokenised: a draw costs the same for a 500-page book as for a short file, and the cache holds texts
+    (``cache_size`` documents), not token lists. Documents that cannot be read are skipped and counted
+    (``unreadable``); documents once found long enough are remembered, so a corpus where few are long
+    still gives every window.
+    """
+
+    CHARS_PER_TOKEN = 8  # a span this many characters per wanted token always holds enough tokens
 
     def __init__(self, tokenizer, files: list[Path] | None = None, cache_size: int = 64, documents=None):
         self.tokenizer = tokenizer
         self.documents = documents if documents is not None else MachineText(files)
-        self._cache: dict = {}
+        self._texts: dict = {}
         self._cache_size = cache_size
         self.unreadable: set = set()
+        self._long: dict = {}  # document -> the longest window (tokens) it gave
 
-    def tokens(self, ref) -> list[int]:
+    def text(self, ref) -> str:
         ref = ref if isinstance(ref, Path) else int(ref)  # a file, or a corpus document's index
-        if ref not in self._cache:
-            if len(self._cache) >= self._cache_size:
-                self._cache.pop(next(iter(self._cache)))
+        if ref not in self._texts:
+            if len(self._texts) >= self._cache_size:
+                self._texts.pop(next(iter(self._texts)))
             try:
-                text = self.documents.text(ref)
+                self._texts[ref] = self.documents.text(ref)
             except (DocumentError, OSError, UnicodeDecodeError):
                 self.unreadable.add(ref)
-                text = ""
-            self._cache[ref] = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-        return self._cache[ref]
+                self._texts[ref] = ""
+        return self._texts[ref]
+
+    def _span_tokens(self, ref, rng: random.Random | None, length: int) -> list[int]:
+        """The tokens of a span of the document long enough for ``length`` tokens (from its start
+        without ``rng``); a span that starts inside the text loses its first, partial token."""
+        text = self.text(ref)
+        span = min(len(text), self.CHARS_PER_TOKEN * length + 64)
+        begin = rng.randrange(len(text) - span + 1) if rng is not None and len(text) > span else 0
+        ids = self.tokenizer(text[begin : begin + span], add_special_tokens=False)["input_ids"] if span else []
+        return ids[1:] if begin else ids
 
     def window(self, rng: random.Random, length: int) -> list[int]:
-        """``length`` consecutive tokens from a random document long enough (shorter ones are skipped)."""
+        """``length`` consecutive tokens from a random training document long enough."""
         candidates = self.documents.training
-        for _ in range(100):
-            ids = self.tokens(candidates[rng.randrange(len(candidates))])
+        for attempt in range(100):
+            known = [ref for ref, most in self._long.items() if most >= length]
+            if attempt >= 20 and known:  # few documents are this long: draw among those seen to be
+                ref = known[rng.randrange(len(known))]
+            else:
+                ref = candidates[rng.randrange(len(candidates))]
+            ids = self._span_tokens(ref, rng, length)
             if len(ids) >= length:
+                self._long[ref] = max(self._long.get(ref, 0), len(ids))
                 start = rng.randrange(len(ids) - length + 1)
                 return ids[start : start + length]
         raise ConfigError(f"no training document has {length} tokens; use shorter copy examples "
                           f"(--copy-text-tokens) or longer documents")
 
     def check_long_enough(self, length: int, scan: int = 200) -> None:
-        """ConfigError unless some training document (of the first ``scan``) has ``length`` tokens."""
-        for ref in self.documents.training[:scan]:
-            if len(self.tokens(ref)) >= length:
+        """ConfigError unless one of the first ``scan`` training documents gives ``length`` tokens (the
+        longest copy example), which ``window`` then always finds."""
+        for ref in list(self.documents.training[:scan]):
+            ids = self._span_tokens(ref, None, length)
+            if len(ids) >= length:
+                self._long[ref if isinstance(ref, Path) else int(ref)] = len(ids)
                 return
         skipped = f"; {len(self.unreadable)} could not be read" if self.unreadable else ""
         raise ConfigError(f"the corpus's documents are shorter than one training sequence ({length} tokens)"

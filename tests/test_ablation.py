@@ -90,6 +90,19 @@ def test_interventions_fill_a_layer_by_block_grid(fam, cases):
     json.dumps(patch.to_dict())
 
 
+def test_patching_one_layer_changes_that_layer_only_and_moves_the_key(fam, cases):
+    clean, corrupted = cases[0]
+    trial = ab.prepare_trial(fam, clean, corrupted)
+    block = clean.blocks(BLOCK)
+    patched = ab.with_layer_fam(trial.clean_states[block], 1, trial.corrupted_states[block].fam)
+    assert patched.fam[1] is trial.corrupted_states[block].fam[1]
+    assert all(patched.fam[i] is trial.clean_states[block].fam[i] for i in range(len(patched.fam)) if i != 1)
+    result = ab.run_interventions(fam, [(clean, corrupted)], "patch", layers=[0, 1])
+    assert np.abs(result.delta).max() > 1e-3  # another key in the memory changes log p(key)
+    # patching every layer into the clean run before the question gives the corrupted run's value
+    assert result.delta[-1, 0] + result.values["clean"] == pytest.approx(result.values["corrupted"], abs=1e-4)
+
+
 def test_head_groups_of_a_layer(fam, cases):
     result = ab.run_interventions(fam, cases[:1], "ablate", layers=[], head_layer=1)
     assert result.head_delta.shape == (fam.n_kv_heads,) and np.isfinite(result.head_delta).all()
@@ -151,6 +164,7 @@ def test_cli_prints_one_json_object_and_writes_the_figure(tiny_model_dir, tmp_pa
 @pytest.mark.parametrize("argv, message", [
     (["--method", "sideways"], "--method"), (["--depth", "2"], "--depth"), (["--text", "x.txt"], "--target"),
     (["--blocks", "0"], "blocks must be"), (["--layers", "a"], "--layers"), (["--mode-x"], "unrecognized"),
+    (["--length", "20"], "shorter than the prompt"),
 ])
 def test_cli_refuses_bad_arguments_in_one_line(tiny_model_dir, capfd, argv, message):
     from helpers import run_cli_in_process

@@ -17,7 +17,7 @@ from helpers import run_cli_in_process
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ["--block-size", "64", "--fam-len", "8", "--data", "passkey:0.5,copy:0.5", "--passkey-tokens", "90-200",
           "--copy-text-tokens", "100-180", "--copy-len", "32", "--readout-weight", "1", "--eval-every", "0",
-          "--checkpoint-every", "1", "--threads", "1", "--lr", "3e-3", "--seed", "3"]
+          "--checkpoint-every", "1", "--threads", "1", "--lr", "3e-3", "--seed", "0"]
 
 
 def _free_port() -> int:
@@ -50,23 +50,30 @@ def test_two_processes_train_like_one_with_the_global_batch_and_resume(tmp_path,
     model = save_tiny_llama_dir(tmp_path / "model")
     single = tmp_path / "single"
     status, _, err = run_cli_in_process(["train", "--out", single, "--model", model, "--batch-size", "2",
-                                         "--steps", "3", *RECIPE], capfd)
+                                         "--steps", "4", *RECIPE], capfd)
     assert status == 0, err
 
     double = tmp_path / "double"
     first = _launch_two(["--out", double, "--model", model, "--batch-size", "1", "--steps", "2", *RECIPE], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    resumed = _launch_two(["--resume", double, "--steps", "3"], tmp_path)
+    resumed = _launch_two(["--resume", double, "--steps", "4"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     losses_one = [json.loads(line)["loss"] for line in (single / "train_log.jsonl").read_text().splitlines()]
     records = [json.loads(line) for line in (double / "train_log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in records] == pytest.approx(losses_one, rel=1e-4)  # the global batch's loss
+    assert [r["tokens"] for r in records] == [json.loads(line)["tokens"] for line in
+                                              (single / "train_log.jsonl").read_text().splitlines()]
+    # The case that needs the global padding: a step starting from a FAM passed on (RSP) by a global element
+    # 0 that was shorter than its batch, so its FAM read pad tokens.
+    assert any(now["rsp"] and before["lengths"][0] < max(before["lengths"]) for before, now in zip(records, records[1:]))
     one, two = _weights(single), _weights(double)
     assert one.keys() == two.keys() and len(one) > 10
     for name in one:  # the same examples, the same global loss: the same weights, to float tolerance
         torch.testing.assert_close(two[name].float(), one[name].float(), atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
-    # Only the main process writes: one record per step, one card, one adapter.
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    # Only the main process writes: one record per step, one card, one adapter, one train.log.
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    log_lines = (double / "train.log").read_text().splitlines()
+    assert sum("training fam" in line for line in log_lines) == 2  # the first run and the resumed one, once each
     card = json.loads((double / "training_card.json").read_text())
-    assert card["steps"] == 3 and card["hardware"].startswith("2 processes")
+    assert card["steps"] == 4 and card["hardware"].startswith("2 processes")

@@ -226,6 +226,34 @@ def test_passkey_answers_end_the_number_and_the_held_out_score_requires_it():
     assert tokenizer.decode(scored) == f" {example_key(tokenizer, example)}."
 
 
+def test_the_held_out_score_fails_a_model_that_does_not_end_the_number(monkeypatch):
+    """passkey_teacher_forced counts a trial only when the closing token is the argmax too; its log p is
+    the key's tokens only."""
+    import famviz.train as train
+    from helpers import bundled_tokenizer
+
+    tokenizer = bundled_tokenizer()
+    seen = {}
+
+    def fake_scores(fam_model, ids, weights, state):
+        n = int((weights > 0).sum())
+        seen["n"] = n
+        hits = torch.ones(n, dtype=torch.bool)
+        hits[-1] = seen["closing_right"]
+        return hits, torch.full((n,), -0.5)
+
+    monkeypatch.setattr(train, "_score_tokens", fake_scores)
+    monkeypatch.setattr(train, "initial_training_state", lambda *a, **k: None)
+    fake_model = type("M", (), {"device": torch.device("cpu")})()
+    document = __import__("famviz.passkey", fromlist=["x"]).make_passkey_document(tokenizer, 200, seed=1_000_000)
+    for closing_right, accuracy in ((True, 1.0), (False, 0.0)):
+        seen["closing_right"] = closing_right
+        result = train.passkey_teacher_forced(fake_model, tokenizer, None, 200, 1, seed=1_000_000)
+        assert result["accuracy"] == accuracy
+    assert seen["n"] == len(document.answer_ids) + len(document.closing_ids)
+    assert result["key_logprob"] == pytest.approx(-0.5 * len(document.answer_ids))
+
+
 def test_aligned_passkey_lengths_put_the_answer_at_a_block_boundary():
     from helpers import bundled_tokenizer
 
