@@ -101,7 +101,7 @@ def intervention_heatmap(result: dict, title: str | None = None) -> go.Figure:
         fig = make_subplots(rows=1, cols=1)
     fig.add_trace(go.Heatmap(
         z=z, x=columns, y=rows, zmid=0.0, zmin=-bound, zmax=bound, colorscale="RdBu",
-        text=[["" if np.isnan(v) else f"{v:+.1f}" for v in row] for row in z],
+        text=[["" if np.isnan(v) else (f"{v:+.2f}" if bound < 1 else f"{v:+.1f}") for v in row] for row in z],
         texttemplate="%{text}" if z.size <= 200 else None,
         hovertemplate="layer %{y}<br>FAM replaced %{x} blocks<br>Δ log p %{z:+.2f}<extra></extra>",
         colorbar=dict(title=dict(text="Δ log p")), showscale=True), row=1, col=1)

@@ -317,9 +317,10 @@ def sequence_loss(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor,
                 probe_sum = probe_sum + (nll * w[mask]).sum()
                 probe_count += int(mask.sum())
     if parts is not None:
-        parts["main"] = float(main_sum) / max(main_count, 1)
-        parts["readout"] = float(probe_sum) / probe_count if probe_count else None
-        parts.update(main_sum=float(main_sum), main_count=main_count, probe_sum=float(probe_sum), probe_count=probe_count)
+        main_value, probe_value = float(main_sum.detach()), float(probe_sum.detach())
+        parts["main"] = main_value / max(main_count, 1)
+        parts["readout"] = probe_value / probe_count if probe_count else None
+        parts.update(main_sum=main_value, main_count=main_count, probe_sum=probe_value, probe_count=probe_count)
     count = main_count + probe_count
     return (main_sum + probe_sum) / max(count, 1), state, count
 
