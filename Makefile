@@ -7,7 +7,7 @@ STAMP := $(VENV)/.famviz-installed
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: setup app test fast-test browser-test bench-app clean-cache
+.PHONY: setup app test lint format fast-test browser-test bench-app clean-cache
 
 setup: $(STAMP)
 
@@ -20,6 +20,14 @@ app: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Lint: ruff's checks as configured in pyproject.toml (CI runs them before the tests).
+lint: setup
+	$(VENV)/bin/ruff check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 fast-test: setup
 	$(PY) -m pytest -q -m "not slow"

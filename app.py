@@ -30,23 +30,29 @@ import math  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Iterator, NamedTuple  # noqa: E402
+from typing import NamedTuple
 
 import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from famviz import export, figures  # noqa: E402
 from famviz.adapters import SHIPPED_ADAPTER, SHIPPED_ADAPTERS, run_notes  # noqa: E402
 from famviz.config import LIMITS, MODES, TOOL_DEFAULTS, FamConfig  # noqa: E402
-from famviz.documents import (MAX_DOCUMENT_BYTES, SUPPORTED_SUFFIXES, head_bytes_for, read_document,  # noqa: E402
-                              read_upload_start)
+from famviz.documents import MAX_DOCUMENT_BYTES, SUPPORTED_SUFFIXES, head_bytes_for, read_document, read_upload_start  # noqa: E402
 from famviz.engine import Stream  # noqa: E402
 from famviz.errors import DocumentError, FamvizError  # noqa: E402
-from famviz.inspector import (DEFAULT_VIEW, TRAJECTORY_METHODS, Run, StateFeatures, app_channels,  # noqa: E402
-                              default_trajectory_layers, parse_layers)
+from famviz.inspector import (  # noqa: E402
+    DEFAULT_VIEW,
+    TRAJECTORY_METHODS,
+    Run,
+    StateFeatures,
+    app_channels,
+    default_trajectory_layers,
+    parse_layers,
+)
 from famviz.models import LoadedModel  # noqa: E402
 from famviz.passkey_app import build_passkey_tab  # noqa: E402
 from famviz.tokenize import tokenize_prefix  # noqa: E402

@@ -24,8 +24,8 @@ key-value head group at a time, as the question block reads them.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -249,8 +249,8 @@ def iter_interventions(fam_model: FamModel, cases: Sequence[tuple[Case, Case | N
     if not blocks or blocks[0] < 1 or blocks[-1] > n_blocks:
         raise ConfigError(f"blocks must be from 1 to {n_blocks} (the prompt's whole blocks before the question)")
     n_layers = len(fam_model.layers)
-    layer_list = list(range(n_layers)) if layers is None else sorted(set(int(l) for l in layers))
-    if any(not 0 <= l < n_layers for l in layer_list):
+    layer_list = list(range(n_layers)) if layers is None else sorted({int(layer) for layer in layers})
+    if any(not 0 <= layer < n_layers for layer in layer_list):
         raise ConfigError(f"layers must be from 0 to {n_layers - 1}")
     if head_layer is not None and not 0 <= head_layer < n_layers:
         raise ConfigError(f"--head-layer must be from 0 to {n_layers - 1}")

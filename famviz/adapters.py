@@ -69,7 +69,7 @@ def read_adapter(directory: str | Path) -> Adapter:
     return Adapter(directory=directory, meta=meta, fam_prompt=prompt)
 
 
-def run_notes(config: FamConfig, adapter: "Adapter | None") -> list[str]:
+def run_notes(config: FamConfig, adapter: Adapter | None) -> list[str]:
     """What a run's status (or the CLI's stderr) should say about its settings: geometry that is allowed but
     probably not meant, and how it differs from what ``adapter`` was trained with."""
     from .config import geometry_warnings, trained_geometry_differences

@@ -17,13 +17,13 @@ Figures (fam = block 256, fam_len 64, mem_blocks 1, trace recorded in its compac
 from __future__ import annotations
 
 import gc
-import random
 import os
 import platform
+import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 
@@ -138,8 +138,8 @@ def document_ids(loaded, n_tokens: int) -> list[int]:
 def run_bench(loaded, sizes: BenchSizes = FULL, progress: Callable[[str], None] = lambda message: None) -> dict:
     """Measure every figure on ``loaded`` (a ``famviz.LoadedModel``); returns one flat dict."""
     from .engine import Stream
-    from .process import steady_heap
     from .fam_model import FamModel
+    from .process import steady_heap
 
     device = loaded.device
     heap = steady_heap() if device.type == "cpu" else False  # RSS otherwise creeps with glibc's heap
@@ -231,7 +231,7 @@ def run_bench(loaded, sizes: BenchSizes = FULL, progress: Callable[[str], None] 
     figures["full_forward_tokens_per_s"] = sizes.compare_tokens / times["full"]
     figures["fam_vs_full"] = times["full"] / times["fam"]
     figures["mfu"] = 2 * n_params * figures["fam_tokens_per_s"] / flops
-    del whole
+    whole = None  # frees the document-long input before the next measurements
     gc.collect()
 
     progress(f"trace on / off and fam / bswa on {sizes.small_tokens} tokens")
@@ -400,9 +400,9 @@ def run_train_bench(model: str | None = None, device: str = "auto", dtype: str =
         train_rates, stream_rates = [], []
         for turn in range(sizes.repeats):
             progress(f"turn {turn + 1} of {sizes.repeats}: {sizes.steps} training steps, then {sizes.stream_tokens} tokens streamed")
-            tokens = [0]
-            seconds = _timed(lambda: tokens.__setitem__(0, train_turn()), device_)
-            train_rates.append(tokens[0] / seconds)
+            trained = []  # train_turn's token count, kept by the timed call
+            seconds = _timed(lambda: trained.append(train_turn()), device_)  # noqa: B023 - called at once
+            train_rates.append(trained[0] / seconds)
             stream_rates.append(sizes.stream_tokens / _timed(stream_turn, device_))
     train_rate, stream_rate = statistics.median(train_rates), statistics.median(stream_rates)
     return {

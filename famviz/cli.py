@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import MODES, TOOL_DEFAULTS, FamConfig, check_limits, number_list
 from . import __version__
+from .config import MODES, TOOL_DEFAULTS, FamConfig, check_limits, number_list
 from .errors import FamvizError
 
 log = logging.getLogger("famviz")
@@ -361,7 +361,8 @@ def run_export(args) -> int:
 
 
 def run_bench(args) -> int:
-    from .bench import FULL, QUICK, format_table, run_bench as bench_main
+    from .bench import FULL, QUICK, format_table
+    from .bench import run_bench as bench_main
     from .models import load_model
 
     if args.train:

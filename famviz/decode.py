@@ -11,8 +11,8 @@ ask its question and answer, and leave the stream exactly as it was.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,12 +60,12 @@ class BlockCursor:
     def position(self) -> int:
         return self._open.state.position + len(self._open.tokens)
 
-    def fork(self) -> "BlockCursor":
+    def fork(self) -> BlockCursor:
         twin = object.__new__(BlockCursor)
         twin.fam_model, twin._open = self.fam_model, self._open
         return twin
 
-    def rewound(self, count: int) -> "BlockCursor | None":
+    def rewound(self, count: int) -> BlockCursor | None:
         """A fork without the last ``count`` tokens, or None when they are not all in the open block."""
         block = self._open
         if count > len(block.tokens):
@@ -113,7 +113,7 @@ class BlockCursor:
         _, _, mem_cos, mem_sin = fm._window_angles(state.position, m, f, 0)
         bounded = fm.memory_capacity is not None
         window_kv = []
-        for index, layer in enumerate(fm.layers):
+        for index in range(len(fm.layers)):
             keys, values = state.mem_k[index], state.mem_v[index]
             if m and bounded:
                 keys = _rotate(keys, mem_cos, mem_sin)  # bounded memory holds pre-RoPE keys

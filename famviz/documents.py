@@ -305,7 +305,7 @@ def _pdf_text(data: bytes, name: str) -> str:
         page_texts = [(page.extract_text() or "").strip() for page in reader.pages]
     except DocumentError:
         raise
-    except Exception as error:  # pypdf raises many types on damaged files; none may escape
+    except Exception as error:  # noqa: BLE001 - pypdf raises many types on damaged files; none may escape
         reason = str(error).splitlines()[0].strip() if str(error).strip() else type(error).__name__
         raise DocumentError(
             f"{name}: cannot read this PDF; it is corrupt, truncated or not a PDF ({reason})."
@@ -324,7 +324,7 @@ def _decrypt_without_password(reader) -> bool:
     """Open PDFs that are encrypted only with an empty user password (view restrictions)."""
     try:
         return bool(reader.decrypt(""))
-    except Exception:  # e.g. an AES PDF without the optional cryptography package
+    except Exception:  # noqa: BLE001 - e.g. an AES PDF without the optional cryptography package
         return False
 
 
@@ -363,5 +363,5 @@ def _declared_html_charset(data: bytes) -> str | None:
         from bs4.dammit import EncodingDetector
 
         return EncodingDetector.find_declared_encoding(data, is_html=True, search_entire_document=False)
-    except Exception:  # only a hint; a failure here just means "no declared charset"
+    except Exception:  # noqa: BLE001 - only a hint; a failure here just means "no declared charset"
         return None

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -203,7 +203,7 @@ class Stream:
 
         def pick(key: str, per_layer: list[torch.Tensor], dtype=torch.float32) -> None:
             if key in layers:
-                values[key] = torch.stack([per_layer[l] for l in layers[key]]).to(dtype).cpu().numpy()
+                values[key] = torch.stack([per_layer[layer] for layer in layers[key]]).to(dtype).cpu().numpy()
 
         if out.stats is not None:
             pick("block.share", [s.block_share[0] for s in out.stats])
@@ -212,18 +212,18 @@ class Stream:
         if self.fam_model.fam_len and any(key in layers for key in ("fam.state", "fam.norm", "fam.update")):
             # One batched op per channel over the recorded layers (not one small op per layer).
             wanted = sorted(set().union(*(layers.get(key, []) for key in ("fam.state", "fam.norm", "fam.update"))))
-            new = torch.stack([out.state.fam[l][0] for l in wanted]).float()  # (layers, fam_len, d)
-            row = {l: i for i, l in enumerate(wanted)}
+            new = torch.stack([out.state.fam[layer][0] for layer in wanted]).float()  # (layers, fam_len, d)
+            row = {layer: i for i, layer in enumerate(wanted)}
 
             def put(key: str, per_layer: torch.Tensor, dtype=torch.float32) -> None:
                 if key in layers:
-                    values[key] = per_layer[[row[l] for l in layers[key]]].to(dtype).cpu().numpy()
+                    values[key] = per_layer[[row[layer] for layer in layers[key]]].to(dtype).cpu().numpy()
 
             state = new.mean(dim=1, keepdim=True) if self.compact_trace else new  # compact: the slots' mean
             put("fam.state", state, torch.float16)
             put("fam.norm", new.norm(dim=-1).mean(dim=-1))
             if "fam.update" in layers:
-                old = torch.stack([out.fam_before[l][0] for l in wanted]).float()
+                old = torch.stack([out.fam_before[layer][0] for layer in wanted]).float()
                 put("fam.update", 1 - torch.nn.functional.cosine_similarity(new.flatten(1), old.flatten(1), dim=1))
         return values
 

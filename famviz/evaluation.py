@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -55,9 +55,8 @@ def held_out_documents(tokenizer, tokens: int, paths: list[str] | None = None) -
     """The first ``tokens`` tokens of each given file, or of GPL-3 (7,658 tokens: used whole) and the pydoc
     text by default. A document shorter than ``MIN_LONG_TOKENS`` is refused: it would check nothing long.
     """
-    from .training_data import HELD_OUT_TEXT
-
     from .documents import read_document
+    from .training_data import HELD_OUT_TEXT
 
     sources = [(Path(p).name, read_document(p)) for p in paths] if paths else \
         [("GPL-3", HELD_OUT_TEXT.read_text(encoding="utf-8")), ("pydoc", pydoc_text())]

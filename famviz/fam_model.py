@@ -163,7 +163,7 @@ class FamModel:
         angles = self._window_angles(state.position, m, f, n)
         x = self.decoder.embed_tokens(input_ids.to(self.device))
         new_fam, new_k, new_v, stats = [], [], [], []
-        for index, layer in enumerate(self.layers):
+        for index in range(len(self.layers)):
             if self.checkpoint_layers and torch.is_grad_enabled():
                 # Training backpropagates through every block: recompute each layer instead of keeping it.
                 outputs = torch.utils.checkpoint.checkpoint(self._layer_block, index, x, state, layout, angles,

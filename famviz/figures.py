@@ -17,8 +17,8 @@ Long documents stay light: block axes show at most ``MAX_BLOCK_COLUMNS`` columns
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -351,12 +351,12 @@ def fam_dynamics(norm: np.ndarray, update: np.ndarray, *, layers: Sequence[int] 
     hover = _column_hover(n_blocks, len(x))
     # Two rows sharing the block axis, laid out by hand (make_subplots is slow to build).
     top, bottom, gap = (0.56, 1.0), (0.0, 0.44), 0.02
-    norm_map = dict(type="heatmap", 
+    norm_map = dict(type="heatmap",
         z=norm.T, x=x, y=y, colorscale="Cividis", zmin=0.0, xaxis="x", yaxis="y",
         colorbar=dict(title=dict(text="norm", side="right"), y=sum(top) / 2, len=top[1] - top[0]),
         hovertemplate=hover + "<br>layer %{y}<br>norm %{z:.2f}<extra></extra>",
     )
-    update_map = dict(type="heatmap", 
+    update_map = dict(type="heatmap",
         z=update.T, x=x, y=y, colorscale="Magma", zmin=0.0, xaxis="x2", yaxis="y2",
         colorbar=dict(title=dict(text="update", side="right"), y=sum(bottom) / 2, len=bottom[1] - bottom[0]),
         hovertemplate=hover + "<br>layer %{y}<br>update %{z:.4f}<extra></extra>",
@@ -421,7 +421,7 @@ def fam_trajectory(coords: dict[int, np.ndarray], *, method: str = "PCA", blocks
         index = np.arange(n) if blocks is None else np.asarray(blocks)[:n]
         keep = _thin(n, max_points, min(RECENT_BLOCKS, max_points // 2))
         color = TRAJECTORY_COLORS[i % len(TRAJECTORY_COLORS)]
-        traces.append(dict(type="scatter", 
+        traces.append(dict(type="scatter",
             x=points[keep, 0], y=points[keep, 1], mode="lines+markers", name=f"layer {layer}",
             customdata=index[keep], line=dict(color=color, width=1),
             marker=dict(size=6, color=index[keep], colorscale="Greys", cmin=0, cmax=max(n - 1, 1),

@@ -103,7 +103,7 @@ class StateFeatures:
         return min((len(rows) for rows in self._rows.values()), default=0)
 
     @classmethod
-    def from_trace(cls, trace: Trace) -> "StateFeatures":
+    def from_trace(cls, trace: Trace) -> StateFeatures:
         layers = trace.layers_of("fam.state") if "fam.state" in trace.keys else []
         features = cls(layers)
         for layer in layers:
@@ -230,7 +230,7 @@ def document_html(trace: Trace | None, block: int | None = None, layer: int | No
     for i, text in enumerate(texts):
         position = lo + i
         if position == starts[block] and not in_current:
-            parts.append('<span class="cur" title="block %d">' % block)
+            parts.append(f'<span class="cur" title="block {block}">')
             in_current = True
         value = float(window[i])
         level = 0 if top <= 0 or not np.isfinite(value) else min(SHADES, int(np.ceil(value / top * SHADES)))
@@ -298,7 +298,7 @@ class Run:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def from_trace(cls, trace: Trace, name: str) -> "Run":
+    def from_trace(cls, trace: Trace, name: str) -> Run:
         """A finished run rebuilt from a saved trace (no model needed)."""
         config = FamConfig(**trace.meta.get("config", {}))
         compare = trace.meta.get("compare") or {}

@@ -19,8 +19,8 @@ import math
 import random
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -332,7 +332,7 @@ class RetentionProbe:
         self.stream = None  # set by attach()
         self._key_block: int | None = None
 
-    def attach(self, stream) -> "RetentionProbe":
+    def attach(self, stream) -> RetentionProbe:
         self.stream = stream
         previous = stream.on_block
 
@@ -386,7 +386,7 @@ class ModeSpec:
         return f"{self.mode}" if self.mode == "full" else f"{self.mode} (mem {self.mem_blocks})"
 
     @classmethod
-    def parse(cls, text: str, default_mem_blocks: int) -> "ModeSpec":
+    def parse(cls, text: str, default_mem_blocks: int) -> ModeSpec:
         mode, _, mem = text.strip().partition(":")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (use {', '.join(MODES)}, optionally with :MEM_BLOCKS)")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import gradio as gr
 
@@ -23,7 +23,6 @@ from .documents import MAX_DOCUMENT_BYTES, head_bytes_for, read_upload
 from .engine import Stream
 from .errors import FamvizError
 from .fam_model import FamModel
-from .figures import empty_figure
 from .passkey_figures import intervention_heatmap, passkey_heatmap, retention_figure
 
 log = logging.getLogger("famviz.app")

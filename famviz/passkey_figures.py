@@ -5,8 +5,7 @@ Pure functions of plain results (``famviz.passkey`` cells and retention points),
 from __future__ import annotations
 
 import math
-
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import plotly.graph_objects as go

@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -210,7 +210,7 @@ class Trace:
         names = []
         for key, layers in self._layers.items():
             kind = KINDS_BY_KEY[key]
-            names.extend(kind.pattern.format(layer=l) for l in layers) if kind.per_layer else names.append(key)
+            names.extend(kind.pattern.format(layer=layer) for layer in layers) if kind.per_layer else names.append(key)
         return names
 
     def nbytes(self) -> int:
@@ -234,7 +234,7 @@ class Trace:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Trace":
+    def load(cls, path: str | Path) -> Trace:
         """Read a trace written by ``save``. Every failure is one ``FamvizError`` line naming the file (not
         its directory: in the app it is a server path) and why; nothing in the file is ever unpickled."""
         path = Path(path)

@@ -136,7 +136,7 @@ class TrainConfig:
         return stages
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -301,7 +301,7 @@ def sequence_loss(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor,
     main_count = int((weights[:, 1:] > 0).sum())
     probe_count = 0
     start = state.position
-    for state, scored in weighted_predictions(fam_model, ids, weights, state, skip_unseen):
+    for state, scored in weighted_predictions(fam_model, ids, weights, state, skip_unseen):  # noqa: B020 - each block's state replaces the one before
         if scored is not None:
             logits, targets, w = scored
             main_sum = main_sum + (F.cross_entropy(logits, targets, reduction="none") * w).sum()

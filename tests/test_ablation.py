@@ -6,12 +6,12 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from helpers import bundled_tokenizer, tiny_causal_lm
 
 from famviz import FamConfig, FamModel, prepare_model
 from famviz import ablation as ab
 from famviz import passkey as pk
 from famviz.errors import ConfigError
-from helpers import bundled_tokenizer, tiny_causal_lm
 
 BLOCK = 32
 

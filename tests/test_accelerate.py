@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from helpers import run_cli_in_process
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ["--block-size", "64", "--fam-len", "8", "--data", "passkey:0.5,copy:0.5", "--passkey-tokens", "90-200",
@@ -70,7 +69,7 @@ def test_two_processes_train_like_one_with_the_global_batch_and_resume(tmp_path,
     one, two = _weights(single), _weights(double)
     assert one.keys() == two.keys() and len(one) > 10
     for name in one:  # the same examples, the same global loss: the same weights, to float tolerance
-        torch.testing.assert_close(two[name].float(), one[name].float(), atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(two[name].float(), one[name].float(), atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     # Only the main process writes: one record per step, one card, one adapter, one train.log.
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     log_lines = (double / "train.log").read_text().splitlines()

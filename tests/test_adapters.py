@@ -6,15 +6,20 @@ import random
 
 import pytest
 import torch
+from helpers import tiny_causal_lm
+from test_train import VOCAB, KeyRecall
 
 from famviz import FamConfig, FamModel, prepare_model
 from famviz.adapters import (
-    ADAPTER_META, apply_adapter, read_adapter, read_training_card, write_adapter, write_training_card,
+    ADAPTER_META,
+    apply_adapter,
+    read_adapter,
+    read_training_card,
+    write_adapter,
+    write_training_card,
 )
 from famviz.errors import AdapterError
-from famviz.train import Trainer, TrainConfig
-from helpers import tiny_causal_lm
-from test_train import KeyRecall, VOCAB
+from famviz.train import TrainConfig, Trainer
 
 
 def tiny_loaded(family: str = "llama", seed: int = 0):

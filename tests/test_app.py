@@ -124,8 +124,9 @@ def test_a_large_upload_streams_its_start_and_says_so(app_module, hub, tmp_path,
 
 def _pdf_without_text() -> bytes:
     """A one-page PDF with no text layer (what a scan looks like to a text extractor)."""
-    from pypdf import PdfWriter
     import io
+
+    from pypdf import PdfWriter
 
     writer = PdfWriter()
     writer.add_blank_page(width=200, height=200)
@@ -474,11 +475,12 @@ def test_runs_exports_and_traces_name_the_model_and_adapter(app_module, tmp_path
     """Both the status and what leaves the app (figure caption and metadata, trace file) say which model and
     adapter produced a run; a geometry other than the adapter's runs, with a note; choosing an adapter in
     the Model panel fills in its geometry and says so; the header follows the choice."""
+    from helpers import write_random_lora_adapter
+
     from famviz import export
     from famviz.inspector import Run
     from famviz.models import load_model
     from famviz.trace import Trace
-    from helpers import write_random_lora_adapter
 
     model_dir, adapter_dir = write_random_lora_adapter(tmp_path)
     startup = load_model(str(model_dir), device="cpu", dtype="float32")

@@ -4,11 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_engine import random_ids
 
 from famviz import FamConfig, Stream
 from famviz.attention import WindowLayout, attend, attend_split, available_backends, sdpa_kernel
-
-from test_engine import random_ids
 
 LAYOUTS = [WindowLayout(6, 3, 5), WindowLayout(0, 4, 7), WindowLayout(8, 0, 8), WindowLayout(0, 0, 5), WindowLayout(0, 4, 0)]
 

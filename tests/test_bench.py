@@ -85,9 +85,10 @@ def test_train_bench_reads_the_recipe_and_compares_in_one_run(tmp_path):
     """``bench --train``: the recipe's geometry and data, training and streaming measured in turns."""
     from dataclasses import asdict
 
+    from helpers import save_tiny_llama_dir
+
     from famviz.bench import TrainBenchSizes, format_train_table, run_train_bench
     from famviz.train import TRAIN_CONFIG, TrainConfig
-    from helpers import save_tiny_llama_dir
 
     model_dir = save_tiny_llama_dir(tmp_path / "tiny")
     recipe = tmp_path / "recipe"

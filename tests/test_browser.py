@@ -49,8 +49,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served_app():
-    import app
     from helpers import tiny_llama_with_bundled_tokenizer
+
+    import app
 
     loaded = tiny_llama_with_bundled_tokenizer(n_layers=4)
     demo = app.build_app(loaded)

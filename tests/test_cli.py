@@ -22,8 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import famviz
 from helpers import (
     SUPPORTED_FAMILIES,
     assert_one_line_error,
@@ -34,6 +32,8 @@ from helpers import (
     save_tiny_gpt2_dir,
     save_tiny_llama_dir,
 )
+
+import famviz
 
 SUMMARY_TYPES = {
     "mode": str, "tokens": int, "blocks": int, "block_size": int, "fam_len": int, "mem_blocks": int,

@@ -6,11 +6,11 @@ import random
 import tracemalloc
 
 import pytest
+from helpers import assert_one_line_error, bundled_tokenizer, run_cli_in_process
 
 from famviz.corpus import Corpus, is_held_out
 from famviz.errors import ConfigError
 from famviz.training_data import TextCorpus
-from helpers import assert_one_line_error, bundled_tokenizer, run_cli_in_process
 
 SENTENCE = "Researchers bring their own text, and the memory should learn from it. "
 

@@ -86,7 +86,7 @@ def test_constants():
 
 
 def test_utf8_text(tmp_path):
-    path = write(tmp_path, "notes.txt", "Grüße, 世界 — ok\n".encode("utf-8"))
+    path = write(tmp_path, "notes.txt", "Grüße, 世界 — ok\n".encode())
     assert read_document(path) == "Grüße, 世界 — ok\n"
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_causal_lm
 
 from famviz import FamConfig, prepare_model
 from famviz.engine import Stream
 from famviz.errors import ConfigError
 from famviz.evaluation import fam_norm, held_out_documents, long_document_eval, pydoc_text
 from famviz.fam_model import FamModel
-from helpers import tiny_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,9 @@ def test_evaluate_prints_tables_and_fills_the_card(tiny_adapter, tmp_path, capfd
 def test_evaluate_keeps_partial_results_when_interrupted(tiny_adapter, tmp_path, capfd, monkeypatch):
     import json
 
-    from famviz import passkey
     from helpers import run_cli_in_process
+
+    from famviz import passkey
 
     model_dir, _ = tiny_adapter
     real_sweep = passkey.sweep

@@ -9,6 +9,7 @@ from famviz import figures, inspector
 from famviz.config import FamConfig
 from famviz.trace import Trace
 
+
 def _share(blocks=3, layers=2, heads=4, groups=4, seed=0):
     raw = np.random.default_rng(seed).random((blocks, layers, heads, groups)).astype(np.float32)
     return raw / raw.sum(-1, keepdims=True)

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SUPPORTED_FAMILIES, bundled_tokenizer, tiny_causal_lm, tiny_gpt2
 
 import famviz
 import famviz.models as models
 from famviz.errors import FamvizError, UnsupportedModelError
-from helpers import SUPPORTED_FAMILIES, bundled_tokenizer, tiny_causal_lm, tiny_gpt2
 
 CACHE_NAME = "smollm2-135m-instruct-f32"
 
@@ -264,11 +264,11 @@ def test_manifest_detects_a_deleted_file(cached_dir):
 
 
 @pytest.mark.parametrize("content", [
-    "", "not json", '{"source": "x"}', '{"files": {}}', '{"source": "%s"}' % KEY,
-    '{"source": "%s", "files": {"gone.bin": "0"}}' % KEY,
+    "", "not json", '{"source": "x"}', '{"files": {}}', json.dumps({"source": KEY}),
+    json.dumps({"source": KEY, "files": {"gone.bin": "0"}}),
     pytest.param("[]", id="list"),
     pytest.param("null", id="null"),
-    pytest.param('{"source": "%s", "files": null}' % KEY, id="files-null"),
+    pytest.param(json.dumps({"source": KEY, "files": None}), id="files-null"),
 ])
 def test_manifest_malformed(cached_dir, content):
     (cached_dir / models.MANIFEST).write_text(content)

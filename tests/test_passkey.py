@@ -10,12 +10,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import bundled_tokenizer, run_cli_in_process, tiny_causal_lm
 
 from famviz import FamConfig, FamModel, Stream, prepare_model
 from famviz import passkey as pk
 from famviz.passkey_figures import passkey_heatmap, retention_figure
-
-from helpers import bundled_tokenizer, run_cli_in_process, tiny_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -288,8 +287,8 @@ def test_the_shipped_adapter_carries_the_key_through_its_memory(bundled_bf16):
 def test_the_default_adapter_retrieves_pass_keys_through_its_memory(bundled_bf16):
     """The app's default adapter retrieves keys that only its FAM can hold (its card, 50 trials: 32% at 512
     and 18% at 2,048 tokens; BSWA, which cannot see the key, 0%). Fixed trials at 512 tokens, greedy."""
-    from famviz.adapters import SHIPPED_ADAPTER, apply_adapter
     from famviz import load_model
+    from famviz.adapters import SHIPPED_ADAPTER, apply_adapter
 
     config = FamConfig(mode="fam", block_size=256, fam_len=64, mem_blocks=0)
     tuned = load_model(dtype="bfloat16")

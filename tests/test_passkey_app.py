@@ -11,10 +11,10 @@ import pytest
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
-from famviz import prepare_model  # noqa: E402
-from famviz import passkey_app as tab  # noqa: E402
-
 from helpers import bundled_tokenizer, tiny_causal_lm  # noqa: E402
+
+from famviz import passkey_app as tab  # noqa: E402
+from famviz import prepare_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,6 @@ def test_the_app_offers_the_shipped_adapter():
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     import app
-
     from famviz.adapters import read_adapter
 
     shipped = app.shipped_adapters()
@@ -143,14 +142,13 @@ def test_the_app_offers_the_shipped_adapter():
 def test_both_tabs_run_the_model_and_adapter_chosen_in_the_model_panel(tmp_path):
     """The PassKey tab follows the Model panel: with an adapter chosen, retention and sweep differ from the
     untuned run, and every status and result names the model and adapter that produced it."""
-    import torch
 
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    import app
-
-    from famviz.models import load_model
     from helpers import write_random_lora_adapter
+
+    import app
+    from famviz.models import load_model
 
     model_dir, adapter_dir = write_random_lora_adapter(tmp_path)
     startup = load_model(str(model_dir), device="cpu", dtype="float32")

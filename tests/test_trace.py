@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_engine import random_ids
 
 from famviz import FamConfig, Stream, Trace
 from famviz.errors import FamvizError
 from famviz.trace import CHANNEL_KINDS, KINDS_BY_KEY, ChannelSelection, channel_names
-
-from test_engine import random_ids
 
 
 @pytest.fixture(scope="module")

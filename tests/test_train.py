@@ -6,14 +6,20 @@ import random
 
 import pytest
 import torch
+from helpers import assert_one_line_error, run_cli_in_process, tiny_causal_lm
 
 from famviz import FamConfig, prepare_model
+from famviz.errors import ConfigError
 from famviz.train import (
-    StatePassing, Trainer, TrainConfig, TrainingFamModel, draw_position_offsets, initial_training_state, sequence_loss,
+    StatePassing,
+    TrainConfig,
+    Trainer,
+    TrainingFamModel,
+    draw_position_offsets,
+    initial_training_state,
+    sequence_loss,
 )
 from famviz.training_data import Example, copy_example, parse_mixture, parse_range
-from famviz.errors import ConfigError
-from helpers import assert_one_line_error, run_cli_in_process, tiny_causal_lm
 
 VOCAB = 128
 

@@ -6,16 +6,22 @@ import random
 
 import pytest
 import torch
+from helpers import tiny_causal_lm
 
 from famviz import FamConfig, prepare_model
 from famviz.errors import ConfigError
 from famviz.fam_model import FamModel
 from famviz.projections import ProjectionGroup, linear_parts
 from famviz.train import (
-    Trainer, TrainConfig, add_lora, collate, initial_training_state, resumed_stage, sequence_loss,
+    TrainConfig,
+    Trainer,
+    add_lora,
+    collate,
+    initial_training_state,
+    resumed_stage,
+    sequence_loss,
 )
 from famviz.training_data import Example, ExampleStream, Readout
-from helpers import tiny_causal_lm
 
 VOCAB = 128
 
@@ -185,8 +191,9 @@ def test_readout_probes_train_the_memory_faster(tmp_path):
 
 
 def test_passkey_examples_carry_a_probe_from_the_key_to_the_question():
-    from famviz.passkey import make_passkey_document, question_ids
     from helpers import bundled_tokenizer
+
+    from famviz.passkey import question_ids
 
     tokenizer = bundled_tokenizer()
     stream = ExampleStream(tokenizer, {"passkey": 1.0}, (900, 1000), (10, 20), 4, 0.1, 0.0,
@@ -213,8 +220,9 @@ def example_key(tokenizer, example) -> int:
 def test_passkey_answers_end_the_number_and_the_held_out_score_requires_it():
     """Without a target after the digits a tuned model kept writing digits (" 384333333" for 3843), which
     greedy scoring reads as a wrong integer: the training answer closes the number."""
-    from famviz.passkey import make_passkey_document
     from helpers import bundled_tokenizer
+
+    from famviz.passkey import make_passkey_document
 
     tokenizer = bundled_tokenizer()
     document = make_passkey_document(tokenizer, 300, seed=3)
@@ -229,8 +237,9 @@ def test_passkey_answers_end_the_number_and_the_held_out_score_requires_it():
 def test_the_held_out_score_fails_a_model_that_does_not_end_the_number(monkeypatch):
     """passkey_teacher_forced counts a trial only when the closing token is the argmax too; its log p is
     the key's tokens only."""
-    import famviz.train as train
     from helpers import bundled_tokenizer
+
+    import famviz.train as train
 
     tokenizer = bundled_tokenizer()
     seen = {}
@@ -349,7 +358,6 @@ def test_bfloat16_model_keeps_float32_master_weights_and_updates(tmp_path):
 # -- the training card records every stage -------------------------------------------------------------
 def test_card_records_each_stage_and_keeps_evaluations_across_resumes(tmp_path):
     import json
-
     from dataclasses import replace
 
     from famviz.adapters import card_markdown, read_training_card, write_training_card
