@@ -13,7 +13,7 @@ on to the question block as usual:
 
 Δ log p is measured against the run intervened on (clean for ablate/patch, corrupted for write-time).
 Ablating one layer keeps the stream's other layers as they are, so that layer's next FAM update keeps
-the residual of the initial FAM put there (a stream restarted from the initial FAM drops it, FAM_SPEC §3):
+the residual of the initial FAM put there (a stream restarted from the initial FAM drops it, docs/algorithm.md §3):
 exactly "no memory" only in the row that ablates every layer, or at the last block, where no update follows
 before the question.
 At the last block (the FAM the question block reads) an intervention costs one question block: the

@@ -3,7 +3,7 @@
 In sink mode the memory region starts with the stream's first tokens (``WindowLayout.sink`` of them),
 masked exactly like memory; only the statistics count them as a group of their own.
 
-Queries are the block's rows in the order [FAM rows | block tokens]. The mask (FAM_SPEC §2):
+Queries are the block's rows in the order [FAM rows | block tokens]. The mask (docs/algorithm.md §2):
 
     query \\ key     memory     FAM     block
     FAM rows         masked     all     all (whole block)

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=run_evaluate)
 
     passkey = commands.add_parser("passkey", help="PassKey retrieval: length × depth sweeps, or a live retention curve",
-                                  description="Hide a pass key in filler (FAM_SPEC §7) or your own document and ask "
+                                  description="Hide a pass key in filler (docs/algorithm.md §7) or your own document and ask "
                                               "for it at the end; answers are scored by their first integer.")
     passkey.add_argument("--modes", default="fam,bswa,full", metavar="LIST",
                          help="comma-separated modes; MODE:N sets mode's memory blocks, e.g. fam:0,bswa:0,bswa:1,full")

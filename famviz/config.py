@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from .errors import ConfigError
 
 MODES = ("full", "bswa", "fam", "sink")
-# The key groups attention shares are measured over (FAM_SPEC §2's window): what block queries and what FAM
+# The key groups attention shares are measured over (docs/algorithm.md §2's window): what block queries and what FAM
 # queries attend to. Engine, trace, figures and app all take them from here. "sink" (the first tokens kept
 # by sink mode) comes last, so traces written before it existed keep their group indices.
 BLOCK_GROUPS = ("fam", "memory", "block", "sink")

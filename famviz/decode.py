@@ -1,7 +1,7 @@
 """Continuing a stream token by token: exact incremental decoding inside the current block.
 
 A block's token rows see every memory key, every FAM key and the earlier tokens of their own block
-(FAM_SPEC §2), and the FAM keys of a layer depend only on the state's FAM for that layer, not on the
+(docs/algorithm.md §2), and the FAM keys of a layer depend only on the state's FAM for that layer, not on the
 block. So once the window's keys and values are cached, new tokens need only their own rows: the
 logits equal ``forward_block`` on the whole block. When a block fills up, it is run once as a
 block to get the next state (its FAM update needs the whole block), and decoding goes on in the next.

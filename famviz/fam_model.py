@@ -1,4 +1,4 @@
-"""TransformerFAM on top of a pretrained decoder, with no new weights (FAM_SPEC §1-§4).
+"""TransformerFAM on top of a pretrained decoder, with no new weights (docs/algorithm.md §1-§4).
 
 ``FamModel.forward_block`` is the whole algorithm for one block, readable top to bottom:
 for every layer, the layer's FAM rows are prepended to the block's hidden states, both go through
@@ -120,7 +120,7 @@ class FamModel:
                            mem_v=(empty,) * len(self.layers), last_logits=None)
 
     def initial_fam(self) -> tuple[torch.Tensor, ...]:
-        """Per layer (1, fam_len, d): the FAM prompt run alone up the stack (FAM_SPEC §3).
+        """Per layer (1, fam_len, d): the FAM prompt run alone up the stack (docs/algorithm.md §3).
 
         F^l_0 = P^l with P^0 = prompt and P^{l+1} = layer_l(P^l), FAM rows attending bidirectionally
         to each other only. Context-free, so computed once.
@@ -226,7 +226,7 @@ class FamModel:
         q_rot, k_rot = _rotate(q, rows_cos, rows_sin), _rotate(k, rows_cos, rows_sin)
         keys, values = self._window_kv(index, state, k_rot, v, mem_cos, mem_sin)
         out, layer_stats = attend(q_rot, keys, values, layout, self.scale, with_stats, self.backend)
-        # The first update of the context-free initial FAM uses a zero residual (FAM_SPEC §3).
+        # The first update of the context-free initial FAM uses a zero residual (docs/algorithm.md §3).
         residual = torch.cat([torch.zeros_like(fam), x], dim=1) if f and state.fam_fresh else z
         a = residual + self._o_proj(layer, out)
         h = a + self.mlp(index, layer.post_attention_layernorm(a))  # FAM rows go through the MLP too

@@ -1,4 +1,4 @@
-"""The FAM prompt: the embedding-level initial FAM (FAM_SPEC §3).
+"""The FAM prompt: the embedding-level initial FAM (docs/algorithm.md §3).
 
 Without training, famviz derives it deterministically from the model's own token embeddings:
 the embeddings of a fixed neutral text (``UNTRAINED_PROMPT_TEXT``) tokenised without special

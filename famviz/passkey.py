@@ -1,4 +1,4 @@
-"""PassKey retrieval (FAM_SPEC §7): documents, scoring, probes and length × depth sweeps.
+"""PassKey retrieval (docs/algorithm.md §7): documents, scoring, probes and length × depth sweeps.
 
 The prompt is the Landmark Attention / TransformerFAM format, one part per line:
 
@@ -173,7 +173,7 @@ def first_integer(answer: str) -> int | None:
 
 
 def score_answer(answer: str, key: int) -> bool:
-    """The first integer in the answer must equal the key (FAM_SPEC §7)."""
+    """The first integer in the answer must equal the key (docs/algorithm.md §7)."""
     return first_integer(answer) == key
 
 

@@ -1,4 +1,4 @@
-"""FAM fine-tuning: LoRA + a learned initial FAM prompt (FAM_SPEC §3, §5, §6).
+"""FAM fine-tuning: LoRA + a learned initial FAM prompt (docs/algorithm.md §3, §5, §6).
 
 ``python -m famviz train --out DIR ...`` (or ``accelerate launch -m famviz train ...`` on several
 GPUs) trains, per step, on whole sequences streamed block by block through ``FamModel``:
@@ -184,13 +184,13 @@ def rope_theta(config) -> float:
 
 
 def draw_position_offsets(rng: random.Random, batch: int, theta: float) -> torch.Tensor:
-    """RPO offsets per example: U[0, 2π·theta), zeroed with probability 0.5 (FAM_SPEC §4)."""
+    """RPO offsets per example: U[0, 2π·theta), zeroed with probability 0.5 (docs/algorithm.md §4)."""
     return torch.tensor([0.0 if rng.random() < 0.5 else rng.uniform(0.0, 2 * math.pi * theta) for _ in range(batch)],
                         dtype=torch.float64)
 
 
 class StatePassing:
-    """Random State Passing (FAM_SPEC §5): reuse batch element 0's final FAM with probability p."""
+    """Random State Passing (docs/algorithm.md §5): reuse batch element 0's final FAM with probability p."""
 
     def __init__(self, prob: float):
         self.prob = prob
@@ -822,7 +822,7 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
     note = None
     if device.type != "cuda":
         note = ("Reduced CPU recipe: trained on a CPU with far fewer steps and shorter sequences than the paper's "
-                "GPU recipe (FAM_SPEC §6); see the evaluation before relying on it.")
+                "GPU recipe (docs/algorithm.md §6); see the evaluation before relying on it.")
     return {
         "note": note,
         "command": config.command,

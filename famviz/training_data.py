@@ -1,9 +1,9 @@
-"""Training examples for FAM fine-tuning, all generated or read on this machine (FAM_SPEC §6).
+"""Training examples for FAM fine-tuning, all generated or read on this machine (docs/algorithm.md §6).
 
 An example is a token sequence with a loss weight per token (the weight of predicting that token
 from the ones before it). Kinds:
 
-``passkey``  the PassKey prompt (FAM_SPEC §7, ``famviz.passkey``) with a filler length drawn from a
+``passkey``  the PassKey prompt (docs/algorithm.md §7, ``famviz.passkey``) with a filler length drawn from a
              range, followed by its answer and the full stop that ends it; loss on those tokens only.
 ``copy``     the paper's memory incentive on long real text found on the machine (licences, package
              documentation): text, then ``"[repeat random segment]:"`` and ``copy_len`` consecutive

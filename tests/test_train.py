@@ -1,4 +1,4 @@
-"""FAM fine-tuning on tiny random models: loss goes down, RPO/RSP do what FAM_SPEC says, resume is exact."""
+"""FAM fine-tuning on tiny random models: loss goes down, RPO/RSP do what docs/algorithm.md §5 says, resume is exact."""
 from __future__ import annotations
 
 import json
