@@ -388,8 +388,10 @@ def run_train_bench(model: str | None = None, device: str = "auto", dtype: str =
         ids = document_ids(streamed, sizes.stream_tokens)
         device_ = streamed.device
 
+        turn_tokens: list[int] = []  # tokens trained in each turn, read after its timing
+
         def train_turn():
-            return sum(trainer.train_step()["tokens"] for _ in range(sizes.steps))
+            turn_tokens.append(sum(trainer.train_step()["tokens"] for _ in range(sizes.steps)))
 
         def stream_turn():
             Stream(fam_model, record=True, compact_trace=True).run(ids)
@@ -400,9 +402,8 @@ def run_train_bench(model: str | None = None, device: str = "auto", dtype: str =
         train_rates, stream_rates = [], []
         for turn in range(sizes.repeats):
             progress(f"turn {turn + 1} of {sizes.repeats}: {sizes.steps} training steps, then {sizes.stream_tokens} tokens streamed")
-            trained = []  # train_turn's token count, kept by the timed call
-            seconds = _timed(lambda: trained.append(train_turn()), device_)  # noqa: B023 - called at once
-            train_rates.append(trained[0] / seconds)
+            seconds = _timed(train_turn, device_)
+            train_rates.append(turn_tokens[-1] / seconds)
             stream_rates.append(sizes.stream_tokens / _timed(stream_turn, device_))
     train_rate, stream_rate = statistics.median(train_rates), statistics.median(stream_rates)
     return {
