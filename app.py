@@ -421,6 +421,14 @@ def stop_run(run: Run | None):
         return run.status(), *_skips(N_OUTPUTS - 1)
 
 
+def settled_status(run: Run | None):
+    """After Stop has finished: the run's status once more. A block update the cancelled stream had already
+    sent can reach the page after Stop's own reply and would leave "Streaming" showing for good."""
+    if run is None or run.state == "streaming":
+        return gr.skip()
+    return run.status()
+
+
 # -- view controls (no model; each acts on the session's run only) ----------------------------------------------
 def _view_handler(n_outputs: int):
     """View handlers may run while the session's stream appends a block to the same trace; a figure
@@ -734,7 +742,8 @@ def build_inspector_tab(context: AppContext) -> None:
     status.change(None, [status], [start_error], js=ERROR_BESIDE_START_JS)
     # While streaming with UMAP chosen, the timer picks up background fits as they finish.
     run_event.then(lambda run: gr.Timer(active=run is not None and run.method == "UMAP"), [run_state], [umap_timer])
-    stop_button.click(stop_run, [run_state], outputs, cancels=[run_event], api_name="stop", show_progress="hidden")
+    stop_button.click(stop_run, [run_state], outputs, cancels=[run_event], api_name="stop", show_progress="hidden") \
+        .then(settled_status, [run_state], [status], show_progress="hidden")
     view.change(change_view, [view, run_state], [heatmap, heads], api_name="view", show_progress="hidden")
     layer.input(change_layer, [layer, run_state], [heads, document], api_name="layer", show_progress="hidden")
     block.release(drag_block, [block, run_state], [heatmap, heads, document, follow], api_name="block",

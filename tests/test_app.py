@@ -278,6 +278,8 @@ def test_stop_keeps_what_was_computed(hub, app_module, monkeypatch):
     assert np.asarray(stopped[1].data[0].z).shape[1] == 2  # the plots show every finished block
     assert list(stream) == []  # a stopped run yields nothing more
     assert live.blocks_done == 2 and live.trace.n_blocks == 2
+    # Re-sent once Stop has finished, so a block update still in flight cannot leave "Streaming" showing.
+    assert app_module.settled_status(live) == stopped[0]
 
 
 @pytest.mark.slow  # numba compiles UMAP on first use (~30 s)
