@@ -76,6 +76,7 @@ class TrainConfig:
     copy_weight: float = 0.1
     text_weight: float = 0.0
     readout_weight: float = 0.0  # PassKey read-out probe after every block (weight of its answer; 0 = off)
+    readout_split: float = 0.0  # share of steps whose probes cross a block boundary after the question
     curriculum: str | None = None  # e.g. "2,4,8,16": PassKey prompts of up to n blocks, n raised when held-out
     curriculum_threshold: float = 0.9  # ... accuracy at n blocks reaches this
     init_from: str | None = None  # start from an adapter directory's LoRA and prompt (fresh optimizer)
@@ -120,6 +121,8 @@ class TrainConfig:
         self.curriculum_stages()
         if self.readout_weight < 0:
             raise ConfigError(f"--readout-weight must be 0 or more, got {self.readout_weight}")
+        if not 0 <= self.readout_split <= 1:
+            raise ConfigError(f"--readout-split must be within 0…1, got {self.readout_split}")
         parse_range(self.passkey_tokens, "--passkey-tokens")
         parse_range(self.copy_text_tokens, "--copy-text-tokens")
 
@@ -286,12 +289,16 @@ class ReadoutBatch:
 
 def sequence_loss(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState,
                   skip_unseen: bool = True, readout: ReadoutBatch | None = None, readout_offset: int = 0,
-                  parts: dict | None = None):
+                  parts: dict | None = None, readout_split: int = 0):
     """Weighted next-token loss of whole sequences streamed block by block, and the final state.
 
     With ``readout``, after every block whose end lies within a row's [first, last], the row's probe is
     run as a side block on the state there (``FamModel.read_block``, its rows at ``readout_offset`` in the
     block) and its weighted predictions join the loss; the stream itself is unchanged by it.
+    ``readout_split`` > 0: each probe is asked across a block boundary instead, as at a round prompt
+    length: its first ``readout_split`` tokens (the question, maybe the answer's start) run as a block of
+    their own that updates the FAM, and the rest is read from that FAM alone at the start of the next
+    block (``readout_offset`` is then unused).
     Returns (loss, final state, weighted token count): the loss is Σ w·nll / #(w > 0), probes included.
     ``parts``, when given, receives the mean weighted NLL of the stream's own predictions ("main") and of
     the probes ("readout") as floats (they are learned at different rates).
@@ -311,7 +318,12 @@ def sequence_loss(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor,
             if asked.any():
                 w = readout.weights[:, 1:] * asked.unsqueeze(1)
                 mask = w > 0
-                hidden = fam_model.read_block(readout.ids, state, readout_offset)[:, :-1]
+                if readout_split:
+                    asked_block = fam_model.forward_block(readout.ids[:, :readout_split], state)
+                    rest = fam_model.read_block(readout.ids[:, readout_split:], asked_block.state)
+                    hidden = torch.cat([asked_block.hidden, rest], dim=1)[:, :-1]
+                else:
+                    hidden = fam_model.read_block(readout.ids, state, readout_offset)[:, :-1]
                 logits = fam_model.logits(hidden[mask]).float()
                 nll = F.cross_entropy(logits, readout.ids[:, 1:][mask], reduction="none")
                 probe_sum = probe_sum + (nll * w[mask]).sum()
@@ -576,6 +588,17 @@ class Trainer:
             high = self.curriculum_blocks * self.config.block_size
             self.data.passkey_tokens = (min(low, high), high)
 
+    def _readout_split(self, drawn: list[Example]) -> int:
+        """Where this step's probes cross into a new block: after the question and the answer's first
+        0…k-2 tokens (as round prompt lengths minus 0-6 tokens put them in the evaluation), for the batch's
+        shortest answer k. Drawn from the global batch, so every process consumes the generator alike."""
+        probes = [e.readout for e in drawn if e.readout is not None]
+        asked = min(next(i for i, w in enumerate(p.weights) if w > 0) for p in probes)
+        shortest = min(len(p.ids) for p in probes) - asked
+        if self.rng.random() >= self.config.readout_split or shortest < 2:
+            return 0
+        return asked + self.rng.randint(0, shortest - 2)
+
     def train_step(self) -> dict:
         """One optimiser step on one batch; returns its log record."""
         config = self.config
@@ -602,9 +625,10 @@ class Trainer:
         # Drawn from the global batch's probes, so that every process consumes the generator alike.
         probes = [len(e.readout.ids) for e in drawn if e.readout is not None]
         offset = self.rng.randint(0, max(0, config.block_size - max(probes))) if probes else 0
+        split = self._readout_split(drawn) if probes and config.readout_split > 0 else 0
         parts: dict = {}
         loss, final, count = sequence_loss(self.fam_model, ids, weights, state, readout=readout, readout_offset=offset,
-                                           parts=parts)
+                                           parts=parts, readout_split=split)
         self.optimizer.zero_grad(set_to_none=True)
         params = self.trainable_parameters
         if world > 1:
@@ -844,7 +868,8 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
             "passkey_depth_zero": config.passkey_depth_zero, "passkey_aligned": config.passkey_aligned,
             "copy_text_tokens": config.copy_text_tokens, "copy_len": config.copy_len,
             "copy_weight": config.copy_weight, "text_weight": config.text_weight,
-            "readout_weight": config.readout_weight, "curriculum_blocks": config.curriculum,
+            "readout_weight": config.readout_weight, "readout_split": config.readout_split,
+            "curriculum_blocks": config.curriculum,
             "curriculum_threshold": config.curriculum_threshold if config.curriculum else None,
             "curriculum_reached_blocks": trainer.curriculum_blocks,
             "text_sources": text_sources(trainer),
@@ -939,6 +964,8 @@ def add_train_arguments(parser) -> None:
         ("copy_weight", float, "loss weight of repeated tokens (paper: 0.1)"),
         ("text_weight", float, "loss weight of ordinary next-token prediction on the copy text"),
         ("readout_weight", float, "PassKey read-out probe after every block, weight of its answer (0 = off)"),
+        ("readout_split", float, "share of steps whose probes end a block after the question, the answer read "
+                                 "from the FAM alone as at round prompt lengths"),
         ("curriculum", str, "PassKey lengths in blocks, e.g. 2,4,8,16: the next when held-out accuracy reaches the threshold"),
         ("curriculum_threshold", float, "held-out accuracy that advances the curriculum"),
         ("init_from", str, "start from this adapter directory's LoRA and FAM prompt (fresh optimizer)"),

@@ -170,6 +170,44 @@ def test_readout_probes_leave_the_main_stream_unchanged_and_add_their_loss(tmp_p
     assert parts["readout"] == pytest.approx(sum(manual) / 3, rel=1e-5)
 
 
+def test_split_readout_probes_read_the_answer_from_the_fam_the_question_wrote(tmp_path):
+    """readout_split s: the probe's first s tokens run as a block of their own (updating the FAM), the rest
+    at the start of the next block reads that FAM alone: a round-length question, asked after every block."""
+    trainer = Trainer(tiny_config(tmp_path), loaded=tiny_loaded(), data=KeyWithProbe())
+    example = KeyWithProbe().draw(random.Random(0))
+    probe = Readout([2, 3, 4, example.ids[1], 5], [0.0, 0.0, 0.0, 1.0, 1.0], first=2, last=len(example.ids) - 2)
+    ids, weights, readout = collate([Example("passkey", example.ids, example.weights, probe)], pad_id=0, device="cpu")
+    fam = trainer.fam_model
+    with torch.no_grad():
+        state = initial_training_state(fam, 1, trainer.prompt, None)
+        plain, final_plain, _ = sequence_loss(fam, ids, weights, state)
+        parts = {}
+        _, final_split, count = sequence_loss(fam, ids, weights, state, readout=readout, readout_split=3, parts=parts)
+        manual, s = [], state
+        for start in range(0, 24, 8):
+            s = fam.forward_block(ids[:, start : start + 8], s).state
+            asked = fam.forward_block(readout.ids[:, :3], s)
+            rest = fam.read_block(readout.ids[:, 3:], asked.state)
+            logits = fam.logits(torch.cat([asked.hidden, rest], dim=1)[0, 2:4])
+            manual.append(float(torch.nn.functional.cross_entropy(logits, readout.ids[0, 3:5], reduction="sum")))
+        unsplit = {}
+        sequence_loss(fam, ids, weights, state, readout=readout, parts=unsplit)
+    assert all(torch.equal(a, b) for a, b in zip(final_plain.fam, final_split.fam))  # the stream is untouched
+    assert count == 1 + 3 * 2
+    assert parts["readout"] == pytest.approx(sum(manual) / 6, rel=1e-5)
+    assert parts["readout"] != pytest.approx(unsplit["readout"], rel=1e-3)  # a different question than unsplit
+
+
+def test_trainer_draws_split_points_after_the_question_and_before_the_answer_ends(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, readout_split=1.0), loaded=tiny_loaded(), data=KeyWithProbe())
+    probe = Readout([2, 3, 4, 7, 8, 9], [0.0, 0.0, 0.0, 1.0, 1.0, 1.0], first=2, last=20)
+    drawn = [Example("passkey", [1] * 30, [0.0] * 30, probe)]
+    assert {trainer._readout_split(drawn) for _ in range(50)} == {3, 4}
+    trainer.config.readout_split = 0.0
+    assert trainer._readout_split(drawn) == 0
+    trainer.train_step()  # a whole step with split probes runs
+
+
 def test_readout_probes_train_the_memory_faster(tmp_path):
     """With probes after every block the same steps lower the held-out answer loss more than without."""
     losses = {}
