@@ -38,13 +38,17 @@ from typing import NamedTuple
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
-from famviz import export, figures  # noqa: E402
-from famviz.adapters import SHIPPED_ADAPTER, SHIPPED_ADAPTERS, run_notes  # noqa: E402
-from famviz.config import LIMITS, MODES, TOOL_DEFAULTS, FamConfig  # noqa: E402
-from famviz.documents import MAX_DOCUMENT_BYTES, SUPPORTED_SUFFIXES, head_bytes_for, read_document, read_upload_start  # noqa: E402
-from famviz.engine import Stream  # noqa: E402
+from famviz.app.passkey_tab import build_passkey_tab  # noqa: E402
+from famviz.core.config import LIMITS, MODES, TOOL_DEFAULTS, FamConfig  # noqa: E402
+from famviz.core.engine import Stream  # noqa: E402
+from famviz.core.tokenize import tokenize_prefix  # noqa: E402
+from famviz.core.trace import Trace  # noqa: E402
 from famviz.errors import DocumentError, FamvizError  # noqa: E402
-from famviz.inspector import (  # noqa: E402
+from famviz.io.adapters import SHIPPED_ADAPTER, SHIPPED_ADAPTERS, run_notes  # noqa: E402
+from famviz.io.documents import MAX_DOCUMENT_BYTES, SUPPORTED_SUFFIXES, head_bytes_for, read_document, read_upload_start  # noqa: E402
+from famviz.io.models import LoadedModel  # noqa: E402
+from famviz.viz import export, figures  # noqa: E402
+from famviz.viz.inspector import (  # noqa: E402
     DEFAULT_VIEW,
     TRAJECTORY_METHODS,
     Run,
@@ -53,10 +57,6 @@ from famviz.inspector import (  # noqa: E402
     default_trajectory_layers,
     parse_layers,
 )
-from famviz.models import LoadedModel  # noqa: E402
-from famviz.passkey_app import build_passkey_tab  # noqa: E402
-from famviz.tokenize import tokenize_prefix  # noqa: E402
-from famviz.trace import Trace  # noqa: E402
 
 log = logging.getLogger("famviz.app")
 
@@ -86,7 +86,7 @@ class AppAdapter:
     """A trained adapter, applied once when its model is loaded (LoRA merged); its FAM prompt is
     used in fam mode."""
 
-    adapter: object  # famviz.adapters.Adapter
+    adapter: object  # famviz.io.adapters.Adapter
     fam_prompt: torch.Tensor | None
 
     @property
@@ -99,7 +99,7 @@ class AppAdapter:
 
     def prompt_for(self, loaded: LoadedModel, config: FamConfig) -> torch.Tensor | None:
         """The FAM prompt for a run, or an AdapterError when the run's settings don't fit the adapter."""
-        from famviz.adapters import check_compatible
+        from famviz.io.adapters import check_compatible
 
         check_compatible(self.adapter, loaded, config)
         return self.fam_prompt if config.mode == "fam" else None
@@ -107,7 +107,7 @@ class AppAdapter:
 
 def attach_adapter(loaded: LoadedModel, directory: str | Path) -> AppAdapter:
     """Read an adapter directory and merge its LoRA weights into ``loaded`` (in place, once)."""
-    from famviz.adapters import apply_adapter, read_adapter
+    from famviz.io.adapters import apply_adapter, read_adapter
 
     adapter = read_adapter(directory)
     probe = AppAdapter(adapter, None)
@@ -161,7 +161,7 @@ class ModelHub:
         with self._lock:
             if key in self._models:
                 return self._models[key]
-            from famviz.models import load_model
+            from famviz.io.models import load_model
 
             loaded = load_model(key[0], device=key[2], dtype=key[3])
             app_adapter = attach_adapter(loaded, key[1]) if key[1] else None
@@ -220,7 +220,7 @@ def document_cut(tokenizer, text: str, ids: list[int], offsets: list[tuple[int, 
 def passkey_text(tokenizer, length) -> str:
     """The PassKey haystack example (key at the start: the memory must carry it to the question)."""
     try:
-        from famviz.passkey import make_passkey_document
+        from famviz.probes.passkey import make_passkey_document
     except ImportError:
         raise FamvizError("The PassKey example is not available in this famviz version; use the GPL-3 example.") \
             from None
@@ -603,7 +603,7 @@ def adapter_geometry(groups: int, directory):
         return *keep, ("Untuned conversion: the FAM is the model's own layers run on a fixed prompt, never "
                        "trained to remember; expect its loss to rise over a long document.")
     try:
-        from famviz.adapters import read_adapter
+        from famviz.io.adapters import read_adapter
 
         trained = AppAdapter(read_adapter(directory), None).settings()
     except FamvizError as exc:
@@ -843,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
     try:
-        from famviz.models import load_model
+        from famviz.io.models import load_model
 
         started = time.perf_counter()
         loaded = load_model(args.model, device=args.device, dtype=args.dtype)

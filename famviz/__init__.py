@@ -1,11 +1,11 @@
 """famviz: turn a Hugging Face causal LM into TransformerFAM and watch its working memory."""
-from .config import MODES, FamConfig
-from .engine import BlockResult, Stream, StreamResult, stream_tokens
-from .errors import FamvizError
-from .fam_model import FamModel, StreamState
-from .models import LoadedModel, load_model, prepare_model
-from .tokenize import IncrementalTokenizer, tokenize_document
-from .trace import CHANNEL_KINDS, Trace
+from famviz.core.config import MODES, FamConfig
+from famviz.core.engine import BlockResult, Stream, StreamResult, stream_tokens
+from famviz.core.fam_model import FamModel, StreamState
+from famviz.core.tokenize import IncrementalTokenizer, tokenize_document
+from famviz.core.trace import CHANNEL_KINDS, Trace
+from famviz.errors import FamvizError
+from famviz.io.models import LoadedModel, load_model, prepare_model
 
 __all__ = [
     "MODES", "FamConfig", "BlockResult", "Stream", "StreamResult", "stream_tokens", "FamvizError", "FamModel",

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import FamConfig
+from famviz.core.config import FamConfig
 
 TARGETS = {  # figure: (comparison, target)
     "fam_vs_full": (">=", 2.0),
@@ -102,7 +102,7 @@ def alternate(runs: dict[str, Callable[[], object]], repeats: int, device: torch
 
 
 def _reset_peak(device: torch.device) -> None:
-    from .process import reset_window_peak_rss, trim_heap
+    from famviz.process import reset_window_peak_rss, trim_heap
 
     gc.collect()
     trim_heap()
@@ -115,7 +115,7 @@ def _reset_peak(device: torch.device) -> None:
 def _peak_mb(device: torch.device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    from .process import window_peak_rss_mb
+    from famviz.process import window_peak_rss_mb
 
     return window_peak_rss_mb()
 
@@ -125,7 +125,7 @@ def document_ids(loaded, n_tokens: int) -> list[int]:
     vocab = loaded.config.vocab_size
     path = "/usr/share/common-licenses/GPL-3"
     if loaded.tokenizer is not None and os.path.exists(path):
-        from .tokenize import tokenize_document
+        from famviz.core.tokenize import tokenize_document
 
         with open(path, encoding="utf-8") as handle:
             base = tokenize_document(loaded.tokenizer, handle.read())[0]
@@ -137,9 +137,9 @@ def document_ids(loaded, n_tokens: int) -> list[int]:
 # -- the benchmark -------------------------------------------------------------------------------------
 def run_bench(loaded, sizes: BenchSizes = FULL, progress: Callable[[str], None] = lambda message: None) -> dict:
     """Measure every figure on ``loaded`` (a ``famviz.LoadedModel``); returns one flat dict."""
-    from .engine import Stream
-    from .fam_model import FamModel
-    from .process import steady_heap
+    from famviz.core.engine import Stream
+    from famviz.core.fam_model import FamModel
+    from famviz.process import steady_heap
 
     device = loaded.device
     heap = steady_heap() if device.type == "cpu" else False  # RSS otherwise creeps with glibc's heap
@@ -253,15 +253,15 @@ def run_bench(loaded, sizes: BenchSizes = FULL, progress: Callable[[str], None] 
 
 
 def _probe_figures(fam_model, ids, sizes: BenchSizes, device) -> dict:
-    """Time of one block and of one live probe from the state after ``ids`` (None without famviz.passkey)."""
-    from .engine import Stream
+    """Time of one block and of one live probe from the state after ``ids`` (None without famviz.probes.passkey)."""
+    from famviz.core.engine import Stream
 
     stream = Stream(fam_model, record=True, compact_trace=True)
     stream.feed(ids[: (len(ids) // sizes.block_size) * sizes.block_size])
     block_s = statistics.median(stream.result().block_seconds[1:] or stream.result().block_seconds)
     figures = {"block_s": block_s, "probe_s": None, "probe_vs_block": None, "probe_note": None}
     try:
-        from .passkey import live_probe
+        from famviz.probes.passkey import live_probe
     except ImportError as exc:
         figures["probe_note"] = f"no live probe: {exc}"
         return figures
@@ -344,7 +344,7 @@ def recipe_config(recipe_dir, out: str, model: str | None, device: str, dtype: s
     from dataclasses import replace
     from pathlib import Path
 
-    from .train import TRAIN_CONFIG, TrainConfig
+    from famviz.training.train import TRAIN_CONFIG, TrainConfig
 
     path = Path(recipe_dir) / TRAIN_CONFIG
     config = TrainConfig.from_dict(json.loads(path.read_text())) if path.is_file() else TrainConfig(out=out)
@@ -365,11 +365,11 @@ def run_train_bench(model: str | None = None, device: str = "auto", dtype: str =
     """
     import tempfile
 
-    from .adapters import SHIPPED_ADAPTER, read_training_card
-    from .engine import Stream
-    from .fam_model import FamModel
-    from .models import load_model
-    from .train import Trainer
+    from famviz.core.engine import Stream
+    from famviz.core.fam_model import FamModel
+    from famviz.io.adapters import SHIPPED_ADAPTER, read_training_card
+    from famviz.io.models import load_model
+    from famviz.training.train import Trainer
 
     recipe_dir = recipe_dir or SHIPPED_ADAPTER
     with tempfile.TemporaryDirectory(prefix="famviz-bench-train-") as out:

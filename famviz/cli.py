@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
-from .config import MODES, TOOL_DEFAULTS, FamConfig, check_limits, number_list
-from .errors import FamvizError
+from famviz import __version__
+from famviz.core.config import MODES, TOOL_DEFAULTS, FamConfig, check_limits, number_list
+from famviz.errors import FamvizError
 
 log = logging.getLogger("famviz")
 
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--json", action="store_true", help="print one JSON object with the results")
     stream.set_defaults(handler=run_stream)
 
-    from .export import FIGURES, FORMATS, figure_help
+    from famviz.viz.export import FIGURES, FORMATS, figure_help
 
     export = commands.add_parser("export", help="write a figure of a saved trace (png, svg, pdf or html; no model)",
                                  description=f"Figures: {figure_help()}.")
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=run_export)
 
     train = commands.add_parser("train", help="fine-tune the FAM (LoRA + learned FAM prompt) or a BSWA baseline")
-    from .train import add_train_arguments
+    from famviz.training.train import add_train_arguments
 
     add_train_arguments(train)
     train.set_defaults(handler=run_train)
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="every check of an adapter (or the untuned conversion): PassKey grid against bswa and full, "
                          "long-document NLL per quarter, in-window loss, FAM norm",
         description="Results go to stdout (a table, or JSON with --json) and, for an adapter, into its training card.")
-    from .evaluation import add_evaluate_arguments, run_evaluate
+    from famviz.training.evaluation import add_evaluate_arguments, run_evaluate
 
     add_evaluate_arguments(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_passkey(args) -> int:
-    from . import passkey as pk
+    from famviz.probes import passkey as pk
 
     try:
         specs = [pk.ModeSpec.parse(part, args.mem_blocks) for part in args.modes.split(",") if part.strip()]
@@ -185,7 +185,7 @@ def run_passkey(args) -> int:
         raise FamvizError("--figure must end in .png, .svg, .pdf or .html")
     text = None
     if args.document:
-        from .documents import read_document
+        from famviz.io.documents import read_document
 
         text = read_document(args.document)
     loaded, fam_prompt = load_for_cli(args, base)
@@ -206,7 +206,7 @@ def run_passkey(args) -> int:
     output["config"] = config
     output["seconds"] = round(time.perf_counter() - started, 2)
     if figure_out:
-        from .export import write_figure
+        from famviz.viz.export import write_figure
 
         caption = (f"{loaded.name}; block {args.block_size}, fam_len {args.fam_len}; {args.trials} trials per cell, "
                    f"seed {args.seed}")
@@ -222,7 +222,7 @@ def run_passkey(args) -> int:
 
 
 def run_ablate(args) -> int:
-    from . import ablation as ab
+    from famviz.probes import ablation as ab
 
     ab.check_method(args.method)
     config = check_limits(FamConfig(mode="fam", block_size=args.block_size, fam_len=args.fam_len,
@@ -240,12 +240,12 @@ def run_ablate(args) -> int:
         raise FamvizError("--figure must end in .png, .svg, .pdf or .html")
     text = None
     if args.text is not None:
-        from .documents import read_document
+        from famviz.io.documents import read_document
 
         text = read_document(args.text)
     loaded, fam_prompt = load_for_cli(args, config)
     print_geometry_notes(args, config)
-    from .fam_model import FamModel
+    from famviz.core.fam_model import FamModel
 
     fam_model = FamModel(loaded, config, fam_prompt=fam_prompt)
     try:
@@ -272,8 +272,8 @@ def run_ablate(args) -> int:
     output = result.to_dict()
     output["seconds"] = round(time.perf_counter() - started, 2)
     if figure_out:
-        from .export import write_figure
-        from .passkey_figures import intervention_heatmap
+        from famviz.viz.export import write_figure
+        from famviz.viz.passkey_figures import intervention_heatmap
 
         caption = describe_run(loaded.name, args.adapter, config, f"{result.trials} trials, seed {args.seed}")
         output["figure"] = str(write_figure(intervention_heatmap(output), figure_out, caption=caption,
@@ -293,7 +293,7 @@ def run_ablate(args) -> int:
 
 
 def describe_run(model: str, adapter: str | None, config: FamConfig, extra: str) -> str:
-    from .models import describe_model
+    from famviz.io.models import describe_model
 
     return f"{describe_model(model, adapter)}; block {config.block_size}, FAM {config.fam_len}, " \
            f"memory blocks {config.mem_blocks}; {extra}"
@@ -302,9 +302,9 @@ def describe_run(model: str, adapter: str | None, config: FamConfig, extra: str)
 def _passkey_sweep(loaded, specs, base, lengths, depths, args, text, fam_prompt, backend):
     from tqdm import tqdm
 
-    from . import passkey as pk
-    from .fam_model import FamModel
-    from .passkey_figures import passkey_heatmap
+    from famviz.core.fam_model import FamModel
+    from famviz.probes import passkey as pk
+    from famviz.viz.passkey_figures import passkey_heatmap
 
     documents = {(n, d): pk.trial_documents(loaded.tokenizer, n, d, args.trials, args.seed, text)
                  for n in lengths for d in depths}
@@ -326,9 +326,9 @@ def _passkey_sweep(loaded, specs, base, lengths, depths, args, text, fam_prompt,
 
 
 def _passkey_retention(loaded, specs, base, lengths, depths, args, text, fam_prompt, backend):
-    from . import passkey as pk
-    from .fam_model import FamModel
-    from .passkey_figures import retention_figure
+    from famviz.core.fam_model import FamModel
+    from famviz.probes import passkey as pk
+    from famviz.viz.passkey_figures import retention_figure
 
     curves, last = [], None
     for spec in specs:
@@ -352,7 +352,7 @@ def _passkey_retention(loaded, specs, base, lengths, depths, args, text, fam_pro
 
 
 def run_export(args) -> int:
-    from .export import export_trace_file
+    from famviz.viz.export import export_trace_file
 
     path = export_trace_file(args.trace, args.figure, args.format, args.out, view=args.view, block=args.block,
                              layer=args.layer, method=args.method)
@@ -361,12 +361,12 @@ def run_export(args) -> int:
 
 
 def run_bench(args) -> int:
-    from .bench import FULL, QUICK, format_table
-    from .bench import run_bench as bench_main
-    from .models import load_model
+    from famviz.bench import FULL, QUICK, format_table
+    from famviz.bench import run_bench as bench_main
+    from famviz.io.models import load_model
 
     if args.train:
-        from .bench import TRAIN_QUICK, TrainBenchSizes, format_train_table, run_train_bench
+        from famviz.bench import TRAIN_QUICK, TrainBenchSizes, format_train_table, run_train_bench
 
         figures = run_train_bench(args.model, args.device, args.dtype, TRAIN_QUICK if args.quick else TrainBenchSizes(),
                                   recipe_dir=args.recipe, progress=lambda message: log.warning("bench: %s", message))
@@ -379,7 +379,7 @@ def run_bench(args) -> int:
 
 
 def run_train(args) -> int:
-    from .train import run_train as train_main
+    from famviz.training.train import run_train as train_main
 
     return train_main(args)
 
@@ -414,7 +414,7 @@ def _quiet_libraries(verbose: bool) -> None:
 
 # -- stream ---------------------------------------------------------------------------------------
 def run_stream(args) -> int:
-    from .documents import head_bytes_for, read_document_start
+    from famviz.io.documents import head_bytes_for, read_document_start
 
     config = check_limits(FamConfig(mode=args.mode, block_size=args.block_size, fam_len=args.fam_len,
                                     mem_blocks=args.mem_blocks, sink_tokens=args.sink_tokens))
@@ -427,18 +427,18 @@ def run_stream(args) -> int:
     text = document.text
     loaded, fam_prompt = load_for_cli(args, config)
     channels = args.channels.split(",") if args.channels else None
-    from .trace import ChannelSelection
+    from famviz.core.trace import ChannelSelection
 
     ChannelSelection(channels, loaded.config.num_hidden_layers, fam=config.active_fam_len > 0)  # fail before streaming
     print_geometry_notes(args, config)
     import gc
 
     gc.collect()
-    from .process import peak_rss_mb, reset_window_peak_rss, window_peak_rss_mb
+    from famviz.process import peak_rss_mb, reset_window_peak_rss, window_peak_rss_mb
 
     load_peak_mb = peak_rss_mb()  # the reset below also resets getrusage's figure
     can_window = reset_window_peak_rss()  # after loading: the stream's own peak, not the load's
-    from .tokenize import tokenize_document, tokenize_prefix
+    from famviz.core.tokenize import tokenize_document, tokenize_prefix
 
     if args.max_tokens is not None:  # no need to tokenise the rest of a huge document
         ids, offsets = tokenize_prefix(loaded.tokenizer, text, args.max_tokens)
@@ -490,13 +490,13 @@ def check_output_path(path: str) -> str:
 
 def load_for_cli(args, config: FamConfig):
     """The model and (with --adapter) the trained FAM prompt, with adapter LoRA merged."""
-    from .models import load_model
+    from famviz.io.models import load_model
 
     started = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     fam_prompt = None
     if args.adapter:
-        from .adapters import apply_adapter
+        from famviz.io.adapters import apply_adapter
 
         fam_prompt = apply_adapter(args.adapter, loaded, config)
     log.info("model %s loaded in %.1f s on %s (%s)", loaded.name, time.perf_counter() - started, loaded.device,
@@ -507,7 +507,7 @@ def load_for_cli(args, config: FamConfig):
 def print_geometry_notes(args, *configs: FamConfig) -> None:
     """On stderr, once the run is about to start: settings that are allowed but probably not meant (a block
     shorter than the FAM), and how the runs' ``configs`` differ from what ``--adapter`` was trained with."""
-    from .adapters import read_adapter, run_notes
+    from famviz.io.adapters import read_adapter, run_notes
 
     adapter = read_adapter(args.adapter) if args.adapter else None
     notes = [note for config in configs for note in run_notes(config, adapter)]
@@ -516,7 +516,7 @@ def print_geometry_notes(args, *configs: FamConfig) -> None:
 
 
 def resolve_backend(name: str, device) -> str:
-    from .attention import available_backends
+    from famviz.core.attention import available_backends
 
     available = available_backends(device)
     if name == "auto":
@@ -530,7 +530,7 @@ def stream_with_progress(loaded, config: FamConfig, ids, **kwargs):
     """Run a stream with a progress bar on stderr (shown for documents of more than one block)."""
     from tqdm import tqdm
 
-    from .engine import Stream
+    from famviz.core.engine import Stream
 
     n_blocks = -(-len(ids) // config.block_size)
     with tqdm(total=len(ids), unit="tok", file=sys.stderr, disable=n_blocks < 2, dynamic_ncols=True,

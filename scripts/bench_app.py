@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402  (sets the environment before gradio is imported)
 import famviz  # noqa: E402
-from famviz import inspector  # noqa: E402
-from famviz.tokenize import tokenize_prefix  # noqa: E402
+from famviz.core.tokenize import tokenize_prefix  # noqa: E402
+from famviz.viz import inspector  # noqa: E402
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -199,7 +199,7 @@ def synthetic_run(n_tokens, block, loaded, fam_len=64):
     what the last update of a long document holds, without streaming it."""
     import numpy as np
 
-    from famviz.trace import Trace
+    from famviz.core.trace import Trace
 
     cfg = loaded.config
     n_layers, heads, hidden = cfg.num_hidden_layers, cfg.num_attention_heads, 576

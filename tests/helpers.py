@@ -26,9 +26,9 @@ def bundled_tokenizer():
     """The bundled SmolLM2 tokenizer (converts the bundled model once if it is not cached yet)."""
     import transformers
 
-    import famviz.models
+    import famviz.io.models
 
-    return transformers.AutoTokenizer.from_pretrained(famviz.models.bundled_model_dir())
+    return transformers.AutoTokenizer.from_pretrained(famviz.io.models.bundled_model_dir())
 
 
 def tiny_llama_with_bundled_tokenizer(n_layers: int = 2, seed: int = 0):
@@ -168,9 +168,9 @@ def write_random_lora_adapter(directory: Path, fam_len: int = 4, block_size: int
     import torch
 
     from famviz import FamConfig
-    from famviz.adapters import write_adapter
-    from famviz.models import load_model
-    from famviz.train import add_lora
+    from famviz.io.adapters import write_adapter
+    from famviz.io.models import load_model
+    from famviz.training.train import add_lora
 
     model_dir = save_tiny_llama_dir(directory / "tiny")
     trained = load_model(str(model_dir), device="cpu", dtype="float32")

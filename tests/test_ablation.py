@@ -1,4 +1,4 @@
-"""FAM ablation and patching (famviz.ablation) on a tiny random model with the real tokenizer."""
+"""FAM ablation and patching (famviz.probes.ablation) on a tiny random model with the real tokenizer."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ import pytest
 from helpers import bundled_tokenizer, tiny_causal_lm
 
 from famviz import FamConfig, FamModel, prepare_model
-from famviz import ablation as ab
-from famviz import passkey as pk
 from famviz.errors import ConfigError
+from famviz.probes import ablation as ab
+from famviz.probes import passkey as pk
 
 BLOCK = 32
 

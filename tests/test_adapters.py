@@ -10,7 +10,8 @@ from helpers import tiny_causal_lm
 from test_train import VOCAB, KeyRecall
 
 from famviz import FamConfig, FamModel, prepare_model
-from famviz.adapters import (
+from famviz.errors import AdapterError
+from famviz.io.adapters import (
     ADAPTER_META,
     apply_adapter,
     read_adapter,
@@ -18,8 +19,7 @@ from famviz.adapters import (
     write_adapter,
     write_training_card,
 )
-from famviz.errors import AdapterError
-from famviz.train import TrainConfig, Trainer
+from famviz.training.train import TrainConfig, Trainer
 
 
 def tiny_loaded(family: str = "llama", seed: int = 0):

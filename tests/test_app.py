@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from famviz import figures  # noqa: E402
+from famviz.viz import figures  # noqa: E402
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 TEXT = " ".join(f"Sentence number {i} says something about memory and attention." for i in range(40))
@@ -214,7 +214,7 @@ def test_stream_respects_max_tokens(hub, app_module):
 
 
 def test_passkey_example(hub, app_module):
-    pytest.importorskip("famviz.passkey")
+    pytest.importorskip("famviz.probes.passkey")
     run = _run(app_module, hub, source="passkey", passkey_tokens=200, block_size=64)[-1][-1]
     assert "PassKey" in run.document and 150 < run.tokens_done < 260
 
@@ -464,7 +464,7 @@ def test_document_cut_for_huge_documents_gives_the_character_share(app_module, h
 
 
 def test_the_app_starts_on_the_shipped_tuned_adapter_unless_told_otherwise(app_module):
-    from famviz.adapters import SHIPPED_ADAPTER
+    from famviz.io.adapters import SHIPPED_ADAPTER
 
     shipped = app_module.shipped_adapters()[0][1]  # listed first, too
     assert shipped == str(SHIPPED_ADAPTER) == app_module.startup_adapter(None, None)
@@ -479,10 +479,10 @@ def test_runs_exports_and_traces_name_the_model_and_adapter(app_module, tmp_path
     the Model panel fills in its geometry and says so; the header follows the choice."""
     from helpers import write_random_lora_adapter
 
-    from famviz import export
-    from famviz.inspector import Run
-    from famviz.models import load_model
-    from famviz.trace import Trace
+    from famviz.core.trace import Trace
+    from famviz.io.models import load_model
+    from famviz.viz import export
+    from famviz.viz.inspector import Run
 
     model_dir, adapter_dir = write_random_lora_adapter(tmp_path)
     startup = load_model(str(model_dir), device="cpu", dtype="float32")

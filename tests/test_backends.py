@@ -7,7 +7,7 @@ import torch
 from test_engine import random_ids
 
 from famviz import FamConfig, Stream
-from famviz.attention import WindowLayout, attend, attend_split, available_backends, sdpa_kernel
+from famviz.core.attention import WindowLayout, attend, attend_split, available_backends, sdpa_kernel
 
 LAYOUTS = [WindowLayout(6, 3, 5), WindowLayout(0, 4, 7), WindowLayout(8, 0, 8), WindowLayout(0, 0, 5), WindowLayout(0, 4, 0)]
 
@@ -56,7 +56,7 @@ def test_unknown_backend_is_refused(tiny_llama):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_grouped_statistics_equal_explicit_softmax(layout, dtype):
     """The trace path (one fused call per key group, merged by log-sum-exp) equals the explicit softmax."""
-    from famviz.attention import attend_reference_stats, attend_with_stats
+    from famviz.core.attention import attend_reference_stats, attend_with_stats
 
     q, k, v = (t.to(dtype) for t in qkv(layout, seed=3))
     q = q * 3  # sharp attention: group masses far from uniform
@@ -72,7 +72,7 @@ def test_grouped_statistics_equal_explicit_softmax(layout, dtype):
 
 def test_explicit_lse_kernel_equals_fused_kernel():
     """The device-independent fallback (used off CPU) agrees with the fused CPU kernel, causal or not."""
-    from famviz.attention import _attention_with_lse, _attention_with_lse_reference
+    from famviz.core.attention import _attention_with_lse, _attention_with_lse_reference
 
     q, k, v = qkv(WindowLayout(0, 0, 9), seed=1)
     for causal in (False, True):

@@ -77,7 +77,7 @@ def test_quick_bench_on_the_bundled_model(bundled_bf16):
                                                  matmul_size=512, repeats=1))
     for name in TARGETS:
         assert figures[name] is not None or name == "probe_vs_block", name
-    pytest.importorskip("famviz.passkey")
+    pytest.importorskip("famviz.probes.passkey")
     assert figures["probe_s"] > 0 and figures["probe_vs_block"] > 0
 
 
@@ -88,7 +88,7 @@ def test_train_bench_reads_the_recipe_and_compares_in_one_run(tmp_path):
     from helpers import save_tiny_llama_dir
 
     from famviz.bench import TrainBenchSizes, format_train_table, run_train_bench
-    from famviz.train import TRAIN_CONFIG, TrainConfig
+    from famviz.training.train import TRAIN_CONFIG, TrainConfig
 
     model_dir = save_tiny_llama_dir(tmp_path / "tiny")
     recipe = tmp_path / "recipe"

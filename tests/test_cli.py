@@ -274,7 +274,7 @@ def test_stream_with_an_adapter_names_it_and_notes_another_geometry(document, tm
 
 
 def test_max_tokens_streams_the_start_of_a_file_over_the_size_limit(tiny_model_dir, tmp_path, capfd):
-    from famviz.documents import MAX_DOCUMENT_BYTES
+    from famviz.io.documents import MAX_DOCUMENT_BYTES
 
     big = tmp_path / "big.txt"
     line = b"The memory keeps what the window forgets.\n"
@@ -440,12 +440,12 @@ def test_stream_bundled_model_subprocess():
 
 
 def test_cli_and_app_share_one_table_of_defaults_and_limits(capfd, tmp_path):
-    """The CLI's defaults are the app's (famviz.config.TOOL_DEFAULTS), and it refuses what the app refuses."""
+    """The CLI's defaults are the app's (famviz.core.config.TOOL_DEFAULTS), and it refuses what the app refuses."""
     import sys as _sys
     from pathlib import Path as _Path
 
     from famviz.cli import build_parser
-    from famviz.config import TOOL_DEFAULTS
+    from famviz.core.config import TOOL_DEFAULTS
 
     root = str(_Path(__file__).resolve().parents[1])
     if root not in _sys.path:

@@ -1,4 +1,4 @@
-"""Training on a researcher's own corpus (famviz.corpus): documents, jsonl, Hugging Face datasets."""
+"""Training on a researcher's own corpus (famviz.io.corpus): documents, jsonl, Hugging Face datasets."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,9 @@ import tracemalloc
 import pytest
 from helpers import assert_one_line_error, bundled_tokenizer, run_cli_in_process
 
-from famviz.corpus import Corpus, is_held_out
 from famviz.errors import ConfigError
-from famviz.training_data import TextCorpus
+from famviz.io.corpus import Corpus, is_held_out
+from famviz.training.data import TextCorpus
 
 SENTENCE = "Researchers bring their own text, and the memory should learn from it. "
 

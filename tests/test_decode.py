@@ -1,11 +1,11 @@
-"""Incremental decoding (famviz.decode) equals running whole blocks, in every mode (fast, float32)."""
+"""Incremental decoding (famviz.core.decode) equals running whole blocks, in every mode (fast, float32)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from famviz import FamConfig, FamModel
-from famviz.decode import BlockCursor
+from famviz.core.decode import BlockCursor
 
 B = 8
 TOL = dict(atol=2e-4, rtol=2e-4)

@@ -1,4 +1,4 @@
-"""Tests for famviz.documents: every supported format and every user-facing error."""
+"""Tests for famviz.io.documents: every supported format and every user-facing error."""
 from __future__ import annotations
 
 import io
@@ -7,14 +7,14 @@ import os
 
 import pytest
 
-from famviz import documents
-from famviz.documents import (
+from famviz.errors import DocumentError, FamvizError
+from famviz.io import documents
+from famviz.io.documents import (
     MAX_DOCUMENT_BYTES,
     SUPPORTED_SUFFIXES,
     read_document,
     read_document_bytes,
 )
-from famviz.errors import DocumentError, FamvizError
 
 
 def make_pdf(*page_streams: bytes) -> bytes:
@@ -185,7 +185,7 @@ def test_file_over_limit(tmp_path):
 
 
 def test_the_start_of_a_file_over_the_limit_is_read_when_only_the_start_is_needed(tmp_path):
-    from famviz.documents import read_document_start
+    from famviz.io.documents import read_document_start
 
     text = "héllo wörld " * 20  # 2-byte characters: a cut can fall inside one
     path = write(tmp_path, "big.txt", text.encode("utf-8"))
@@ -409,8 +409,8 @@ def test_read_document_calls_the_bytes_path(tmp_path, monkeypatch):
 
 def test_uploads_report_their_true_size_and_name_in_both_tabs(tmp_path):
     """One reader for uploads (inspector and PassKey tab): the file's real size, its name, no server path."""
-    from famviz import passkey_app
-    from famviz.documents import read_upload
+    from famviz.app import passkey_tab as passkey_app
+    from famviz.io.documents import read_upload
 
     big = tmp_path / "server" / "uploads" / "big.txt"
     big.parent.mkdir(parents=True)

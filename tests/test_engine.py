@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from famviz import FamConfig, FamModel, Stream
-from famviz.attention import WindowLayout, attend, window_mask
+from famviz.core.attention import WindowLayout, attend, window_mask
 
 B = 8  # block size used throughout: small, so documents span many blocks
 TOL = dict(atol=2e-4, rtol=2e-4)
@@ -274,7 +274,7 @@ def test_sink_mode_keeps_the_first_tokens_and_the_last_blocks(tiny_llama):
 
 
 def test_sink_shares_are_their_own_group_and_sum_to_one(tiny_llama):
-    from famviz.config import BLOCK_GROUPS
+    from famviz.core.config import BLOCK_GROUPS
 
     result = Stream(tiny_llama, FamConfig("sink", B, 0, mem_blocks=1, sink_tokens=3)).run(random_ids(40))
     share = result.trace.array("block.share")  # (blocks, layers, heads, groups)
@@ -286,7 +286,7 @@ def test_sink_shares_are_their_own_group_and_sum_to_one(tiny_llama):
 
 
 def test_sink_stats_match_the_explicit_softmax():
-    from famviz.attention import attend_reference_stats
+    from famviz.core.attention import attend_reference_stats
 
     torch.manual_seed(1)
     layout = WindowLayout(memory=6, fam=0, block=5, sink=2)
@@ -333,7 +333,7 @@ def test_nll_over_row_chunks_matches_model_log_probs(tiny_llama):
 
 
 def test_rotation_equals_rotate_half_formula():
-    from famviz.fam_model import _rotate
+    from famviz.core.fam_model import _rotate
 
     x, cos, sin = torch.randn(2, 3, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
     rotated = torch.cat([-x[..., 4:], x[..., :4]], dim=-1)

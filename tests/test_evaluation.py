@@ -7,10 +7,10 @@ import torch
 from helpers import tiny_causal_lm
 
 from famviz import FamConfig, prepare_model
-from famviz.engine import Stream
+from famviz.core.engine import Stream
+from famviz.core.fam_model import FamModel
 from famviz.errors import ConfigError
-from famviz.evaluation import fam_norm, held_out_documents, long_document_eval, pydoc_text
-from famviz.fam_model import FamModel
+from famviz.training.evaluation import fam_norm, held_out_documents, long_document_eval, pydoc_text
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_evaluate_keeps_partial_results_when_interrupted(tiny_adapter, tmp_path,
 
     from helpers import run_cli_in_process
 
-    from famviz import passkey
+    from famviz.probes import passkey
 
     model_dir, _ = tiny_adapter
     real_sweep = passkey.sweep

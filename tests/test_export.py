@@ -1,4 +1,4 @@
-"""Paper-ready export (famviz/export.py) and `python -m famviz export`, on a hand-built trace (no model)."""
+"""Paper-ready export (famviz/viz/export.py) and `python -m famviz export`, on a hand-built trace (no model)."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from test_figures import _fam_trace  # noqa: E402  (tests/ is on sys.path under pytest)
 
-from famviz import export
 from famviz.cli import main as cli_main
 from famviz.errors import FamvizError
-from famviz.inspector import Run
+from famviz.viz import export
+from famviz.viz.inspector import Run
 
 needs_browser = pytest.mark.skipif(export.static_export_problem() is not None,
                                    reason="no Chromium for kaleido on this machine")
@@ -94,7 +94,7 @@ def test_unwritable_and_missing_paths(trace_file, tmp_path):
 def test_a_figure_with_nothing_to_draw_is_refused(tmp_path):
     from test_figures import _trace
 
-    from famviz.trace import Trace
+    from famviz.core.trace import Trace
 
     trace = _trace(fam=False)
     trace.meta.update(config={"mode": "bswa", "block_size": 4, "fam_len": 0, "mem_blocks": 1})

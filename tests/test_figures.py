@@ -1,13 +1,13 @@
-"""Figure factories (famviz/figures.py) and the inspector's model-free views (famviz/inspector.py),
+"""Figure factories (famviz/viz/figures.py) and the inspector's model-free views (famviz/viz/inspector.py),
 on tiny numpy arrays and hand-built traces: no model."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from famviz import figures, inspector
-from famviz.config import FamConfig
-from famviz.trace import Trace
+from famviz.core.config import FAM_GROUPS, FamConfig
+from famviz.core.trace import Trace
+from famviz.viz import figures, inspector
 
 
 def _share(blocks=3, layers=2, heads=4, groups=4, seed=0):
@@ -35,7 +35,7 @@ def test_share_heatmap_is_layer_by_block_mean_over_heads_on_a_fixed_scale():
 
 def test_share_heatmap_fam_groups_and_layer_labels():
     share = _share(groups=2)
-    fig = figures.share_heatmap(share, "block", groups=figures.FAM_GROUPS, layers=[5, 7], block_starts=[0, 4, 8])
+    fig = figures.share_heatmap(share, "block", groups=FAM_GROUPS, layers=[5, 7], block_starts=[0, 4, 8])
     heat = fig.data[0]
     np.testing.assert_allclose(np.asarray(heat.z), share[..., 1].mean(axis=2).T, rtol=1e-6)
     assert list(heat.y) == [5, 7]

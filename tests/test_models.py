@@ -1,4 +1,4 @@
-"""Tests for famviz.models: supported families, device/dtype choice, the bundled model's cache."""
+"""Tests for famviz.io.models: supported families, device/dtype choice, the bundled model's cache."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import torch
 from helpers import SUPPORTED_FAMILIES, bundled_tokenizer, tiny_causal_lm, tiny_gpt2
 
 import famviz
-import famviz.models as models
+import famviz.io.models as models
 from famviz.errors import FamvizError, UnsupportedModelError
 
 CACHE_NAME = "smollm2-135m-instruct-f32"

@@ -1,4 +1,4 @@
-"""PassKey probes (famviz.passkey): generator, scoring, forking probes, sweeps; figures.
+"""PassKey probes (famviz.probes.passkey): generator, scoring, forking probes, sweeps; figures.
 
 Fast tests use the bundled tokenizer (and a tiny random model with its vocabulary); the
 integration tests at the end run the real bundled model.
@@ -13,8 +13,8 @@ import torch
 from helpers import bundled_tokenizer, run_cli_in_process, tiny_causal_lm
 
 from famviz import FamConfig, FamModel, Stream, prepare_model
-from famviz import passkey as pk
-from famviz.passkey_figures import passkey_heatmap, retention_figure
+from famviz.probes import passkey as pk
+from famviz.viz.passkey_figures import passkey_heatmap, retention_figure
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +268,7 @@ def test_the_shipped_adapter_carries_the_key_through_its_memory(bundled_bf16):
     from pathlib import Path
 
     from famviz import load_model
-    from famviz.adapters import apply_adapter
+    from famviz.io.adapters import apply_adapter
 
     directory = Path(__file__).resolve().parent.parent / "assets/adapters/smollm2-135m-fam64-block256-mem0"
     config = FamConfig(mode="fam", block_size=256, fam_len=64, mem_blocks=0)
@@ -288,7 +288,7 @@ def test_the_default_adapter_retrieves_pass_keys_through_its_memory(bundled_bf16
     """The app's default adapter retrieves keys that only its FAM can hold (its card, 50 trials: 32% at 512
     and 18% at 2,048 tokens; BSWA, which cannot see the key, 0%). Fixed trials at 512 tokens, greedy."""
     from famviz import load_model
-    from famviz.adapters import SHIPPED_ADAPTER, apply_adapter
+    from famviz.io.adapters import SHIPPED_ADAPTER, apply_adapter
 
     config = FamConfig(mode="fam", block_size=256, fam_len=64, mem_blocks=0)
     tuned = load_model(dtype="bfloat16")
@@ -306,8 +306,8 @@ def test_the_default_adapter_predicts_long_text_better_than_untuned_bswa(bundled
     over the first 2,048 held-out tokens its FAM stream predicts better than the untuned model with BSWA and
     no memory blocks. (Its own weights as BSWA do as well: the gain is the weights', not yet the memory's.)"""
     from famviz import load_model
-    from famviz.adapters import SHIPPED_ADAPTER, apply_adapter
-    from famviz.evaluation import held_out_documents, long_document_eval
+    from famviz.io.adapters import SHIPPED_ADAPTER, apply_adapter
+    from famviz.training.evaluation import held_out_documents, long_document_eval
 
     config = FamConfig(mode="fam", block_size=256, fam_len=64, mem_blocks=0)
     tuned = load_model(dtype="bfloat16")
@@ -354,7 +354,7 @@ def test_live_retention_curve_on_the_bundled_model(bundled_bf16):
 def test_speculative_answer_is_exactly_the_greedy_answer(tiny_with_vocab, tokenizer, block_size):
     """Answers decoded with the key as a draft equal plain greedy decoding, whether the model's
     answer agrees with the draft or not, also when question and draft cross a block boundary."""
-    from famviz.decode import BlockCursor
+    from famviz.core.decode import BlockCursor
 
     fam = FamModel(tiny_with_vocab, FamConfig(mode="fam", block_size=block_size, fam_len=4, mem_blocks=0))
     doc = pk.make_passkey_document(tokenizer, 90, depth=0.0, seed=9)

@@ -1,4 +1,4 @@
-"""The app's PassKey tab handlers (famviz.passkey_app), called directly on a tiny random model with
+"""The app's PassKey tab handlers (famviz.app.passkey_tab), called directly on a tiny random model with
 the bundled tokenizer; the served tab through gradio_client on the bundled model (slow)."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 from helpers import bundled_tokenizer, tiny_causal_lm  # noqa: E402
 
-from famviz import passkey_app as tab  # noqa: E402
 from famviz import prepare_model  # noqa: E402
+from famviz.app import passkey_tab as tab  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ def test_the_app_offers_the_shipped_adapter():
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     import app
-    from famviz.adapters import read_adapter
+    from famviz.io.adapters import read_adapter
 
     shipped = app.shipped_adapters()
     assert shipped and all("tuned FAM" in label for label, _ in shipped)
@@ -148,7 +148,7 @@ def test_both_tabs_run_the_model_and_adapter_chosen_in_the_model_panel(tmp_path)
     from helpers import write_random_lora_adapter
 
     import app
-    from famviz.models import load_model
+    from famviz.io.models import load_model
 
     model_dir, adapter_dir = write_random_lora_adapter(tmp_path)
     startup = load_model(str(model_dir), device="cpu", dtype="float32")

@@ -6,8 +6,8 @@ import pytest
 from test_engine import random_ids
 
 from famviz import FamConfig, Stream, Trace
+from famviz.core.trace import CHANNEL_KINDS, KINDS_BY_KEY, ChannelSelection, channel_names
 from famviz.errors import FamvizError
-from famviz.trace import CHANNEL_KINDS, KINDS_BY_KEY, ChannelSelection, channel_names
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_save_and_reload_without_model(fam_trace, tmp_path):
 
 
 def test_traces_from_before_sink_mode_load_with_an_empty_sink_group(fam_trace, tmp_path):
-    from famviz.config import BLOCK_GROUPS
+    from famviz.core.config import BLOCK_GROUPS
 
     old = Trace(dict(fam_trace.meta, block_share_groups=["fam", "memory", "block"]), fam_trace._layers)
     for b, start in enumerate(fam_trace.block_starts):
@@ -95,7 +95,7 @@ def test_modes_without_fam_have_no_fam_channels(tiny_llama):
 
 
 def test_every_channel_kind_is_documented():
-    import famviz.trace as module
+    import famviz.core.trace as module
 
     for kind in CHANNEL_KINDS:
         assert f"``{kind.pattern}``" in module.__doc__

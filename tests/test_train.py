@@ -10,7 +10,8 @@ from helpers import assert_one_line_error, run_cli_in_process, tiny_causal_lm
 
 from famviz import FamConfig, prepare_model
 from famviz.errors import ConfigError
-from famviz.train import (
+from famviz.training.data import Example, copy_example, parse_mixture, parse_range
+from famviz.training.train import (
     StatePassing,
     TrainConfig,
     Trainer,
@@ -19,7 +20,6 @@ from famviz.train import (
     initial_training_state,
     sequence_loss,
 )
-from famviz.training_data import Example, copy_example, parse_mixture, parse_range
 
 VOCAB = 128
 
@@ -197,7 +197,7 @@ def test_training_step_starts_from_the_passed_fam(tmp_path, monkeypatch):
         started.append(state)
         return state
 
-    monkeypatch.setattr("famviz.train.initial_training_state", spy)
+    monkeypatch.setattr("famviz.training.train.initial_training_state", spy)
     trainer.train_step()
     saved = trainer.state_passing.saved
     trainer.train_step()
@@ -235,7 +235,7 @@ def test_resume_continues_identically(tmp_path):
         return [json.loads(line)["loss"] for line in (directory / "run" / "train_log.jsonl").read_text().splitlines()]
 
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    from famviz.train import trainable_state
+    from famviz.training.train import trainable_state
 
     a = trainable_state(straight.peft_model, straight.prompt)
     b = trainable_state(resumed.peft_model, resumed.prompt)
@@ -248,7 +248,7 @@ def test_resume_can_change_the_recipe(tmp_path):
     import argparse
     from dataclasses import asdict
 
-    from famviz.train import TRAIN_CONFIG, add_train_arguments, config_from_args
+    from famviz.training.train import TRAIN_CONFIG, add_train_arguments, config_from_args
 
     run = tmp_path / "run"
     run.mkdir()

@@ -9,10 +9,11 @@ import torch
 from helpers import tiny_causal_lm
 
 from famviz import FamConfig, prepare_model
+from famviz.core.fam_model import FamModel
+from famviz.core.projections import ProjectionGroup, linear_parts
 from famviz.errors import ConfigError
-from famviz.fam_model import FamModel
-from famviz.projections import ProjectionGroup, linear_parts
-from famviz.train import (
+from famviz.training.data import Example, ExampleStream, Readout
+from famviz.training.train import (
     TrainConfig,
     Trainer,
     add_lora,
@@ -21,7 +22,6 @@ from famviz.train import (
     resumed_stage,
     sequence_loss,
 )
-from famviz.training_data import Example, ExampleStream, Readout
 
 VOCAB = 128
 
@@ -231,7 +231,7 @@ def test_readout_probes_train_the_memory_faster(tmp_path):
 def test_passkey_examples_carry_a_probe_from_the_key_to_the_question():
     from helpers import bundled_tokenizer
 
-    from famviz.passkey import question_ids
+    from famviz.probes.passkey import question_ids
 
     tokenizer = bundled_tokenizer()
     stream = ExampleStream(tokenizer, {"passkey": 1.0}, (900, 1000), (10, 20), 4, 0.1, 0.0,
@@ -260,7 +260,7 @@ def test_passkey_answers_end_the_number_and_the_held_out_score_requires_it():
     greedy scoring reads as a wrong integer: the training answer closes the number."""
     from helpers import bundled_tokenizer
 
-    from famviz.passkey import make_passkey_document
+    from famviz.probes.passkey import make_passkey_document
 
     tokenizer = bundled_tokenizer()
     document = make_passkey_document(tokenizer, 300, seed=3)
@@ -277,7 +277,7 @@ def test_the_held_out_score_fails_a_model_that_does_not_end_the_number(monkeypat
     the key's tokens only."""
     from helpers import bundled_tokenizer
 
-    import famviz.train as train
+    import famviz.training.train as train
 
     tokenizer = bundled_tokenizer()
     seen = {}
@@ -292,7 +292,7 @@ def test_the_held_out_score_fails_a_model_that_does_not_end_the_number(monkeypat
     monkeypatch.setattr(train, "_score_tokens", fake_scores)
     monkeypatch.setattr(train, "initial_training_state", lambda *a, **k: None)
     fake_model = type("M", (), {"device": torch.device("cpu")})()
-    document = __import__("famviz.passkey", fromlist=["x"]).make_passkey_document(tokenizer, 200, seed=1_000_000)
+    document = __import__("famviz.probes.passkey", fromlist=["x"]).make_passkey_document(tokenizer, 200, seed=1_000_000)
     for closing_right, accuracy in ((True, 1.0), (False, 0.0)):
         seen["closing_right"] = closing_right
         result = train.passkey_teacher_forced(fake_model, tokenizer, None, 200, 1, seed=1_000_000)
@@ -319,7 +319,7 @@ def test_aligned_passkey_lengths_put_the_answer_at_a_block_boundary():
 
 # -- curriculum --------------------------------------------------------------------------------------
 def test_curriculum_draws_up_to_n_blocks_and_advances_on_the_threshold(tmp_path, monkeypatch):
-    import famviz.train as train
+    import famviz.training.train as train
 
     class Lengths:
         passkey_tokens = (3, 100)
@@ -363,7 +363,7 @@ def test_bad_curricula_are_refused(tmp_path, spec):
 
 # -- --init-from -------------------------------------------------------------------------------------
 def test_init_from_loads_the_adapter_exactly(tmp_path):
-    from famviz.train import trainable_state
+    from famviz.training.train import trainable_state
 
     source = Trainer(tiny_config(tmp_path / "a", steps=3), loaded=tiny_loaded(), data=KeyWithProbe())
     source.run(progress=False)
@@ -398,7 +398,7 @@ def test_card_records_each_stage_and_keeps_evaluations_across_resumes(tmp_path):
     import json
     from dataclasses import replace
 
-    from famviz.adapters import card_markdown, read_training_card, write_training_card
+    from famviz.io.adapters import card_markdown, read_training_card, write_training_card
 
     first = tiny_config(tmp_path, steps=2, stage_command="python -m famviz train --out RUN --steps 2")
     Trainer(first, loaded=tiny_loaded(), data=KeyWithProbe()).run(progress=False)
@@ -420,7 +420,7 @@ def test_card_records_each_stage_and_keeps_evaluations_across_resumes(tmp_path):
 
 
 def test_steps_from_before_stage_records_form_a_first_stage():
-    from famviz.train import stage_summaries
+    from famviz.training.train import stage_summaries
 
     history = [{"step": 1, "loss": 1.0, "tokens": 5, "seconds": 2.0}, {"step": 1, "eval": {"length": 8, "accuracy": 0.5}},
                {"stage": "start", "from_step": 1, "command": "B"}, {"step": 2, "loss": 1.0, "tokens": 7, "seconds": 1.0}]

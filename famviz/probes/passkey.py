@@ -11,7 +11,7 @@ at a chosen depth of the filler (0: right after the instruction, the paper's set
 before the question). ``make_document_probe`` does the same with a user's own text as the filler.
 
 Answers are scored by their first integer. Probes never re-run the document: they fork the
-stream's state (``famviz.decode``), so their cost is the question and answer only.
+stream's state (``famviz.core.decode``), so their cost is the question and answer only.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from .config import MODES, FamConfig
-from .decode import BlockCursor, end_of_sequence_ids
-from .errors import DocumentError
-from .fam_model import FamModel, StreamState
-from .tokenize import adds_leading_special, tokenize_document
+from famviz.core.config import MODES, FamConfig
+from famviz.core.decode import BlockCursor, end_of_sequence_ids
+from famviz.core.fam_model import FamModel, StreamState
+from famviz.core.tokenize import adds_leading_special, tokenize_document
+from famviz.errors import DocumentError
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
                "I will quiz you about the important information there.")
@@ -365,7 +365,7 @@ class RetentionProbe:
 def retention_curve(fam_model: FamModel, document: PasskeyDocument, every: int = 1,
                     on_point: Callable[[RetentionPoint], None] | None = None) -> list[RetentionPoint]:
     """Stream a PassKey document's haystack and probe the memory after every ``every`` blocks."""
-    from .engine import Stream
+    from famviz.core.engine import Stream
 
     stream = Stream(fam_model, record=False)
     probe = RetentionProbe(document.key, document.key_span[1], every, on_point).attach(stream)

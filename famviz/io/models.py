@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UnsupportedModelError
+from famviz.errors import UnsupportedModelError
 
 log = logging.getLogger("famviz")
 

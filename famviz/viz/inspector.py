@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import figures
-from .config import FamConfig
-from .models import describe_model
-from .trace import Trace
+from famviz.core.config import FamConfig
+from famviz.core.trace import Trace
+from famviz.io.models import describe_model
+from famviz.viz import figures
 
 DEFAULT_VIEW = "block-fam"
 TRAJECTORY_METHODS = ("PCA", "UMAP")

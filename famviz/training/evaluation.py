@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapters import LONG_DOCUMENT_MODELS
-from .config import FamConfig, number_list
-from .errors import ConfigError
-from .fam_model import FamModel
+from famviz.core.config import FamConfig, number_list
+from famviz.core.fam_model import FamModel
+from famviz.errors import ConfigError
+from famviz.io.adapters import LONG_DOCUMENT_MODELS
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def held_out_documents(tokenizer, tokens: int, paths: list[str] | None = None) -
     """The first ``tokens`` tokens of each given file, or of GPL-3 (7,658 tokens: used whole) and the pydoc
     text by default. A document shorter than ``MIN_LONG_TOKENS`` is refused: it would check nothing long.
     """
-    from .documents import read_document
-    from .training_data import HELD_OUT_TEXT
+    from famviz.io.documents import read_document
+    from famviz.training.data import HELD_OUT_TEXT
 
     sources = [(Path(p).name, read_document(p)) for p in paths] if paths else \
         [("GPL-3", HELD_OUT_TEXT.read_text(encoding="utf-8")), ("pydoc", pydoc_text())]
@@ -73,10 +73,10 @@ CORPUS_DOCUMENTS = 2  # held-out documents of a corpus used for the long-documen
 
 
 def corpus_documents(tokenizer, tokens: int, corpus_paths: list[str], count: int = CORPUS_DOCUMENTS) -> list[HeldOutDocument]:
-    """The first ``count`` held-out documents of the corpus (``famviz.corpus``'s fixed split) with at least
+    """The first ``count`` held-out documents of the corpus (``famviz.io.corpus``'s fixed split) with at least
     ``MIN_LONG_TOKENS`` tokens, cut to ``tokens``: text the training never drew from."""
-    from .corpus import Corpus
-    from .errors import DocumentError
+    from famviz.errors import DocumentError
+    from famviz.io.corpus import Corpus
 
     corpus = Corpus(corpus_paths)
     documents = []
@@ -106,7 +106,7 @@ def long_document_eval(fam_model: FamModel, ids: list[int], quarters: int = 4,
                        norm_after: tuple[int, ...] = (4, 64)) -> dict:
     """Stream ``ids`` from the initial state; mean NLL overall and per quarter, and the FAM norm after the
     blocks in ``norm_after`` (the document is streamed again, repeated, where it has fewer blocks)."""
-    from .engine import Stream
+    from famviz.core.engine import Stream
 
     fam = bool(fam_model.fam_len and norm_after)
     block = fam_model.config.block_size
@@ -148,7 +148,7 @@ def in_window_nll(loaded, config: FamConfig, fam_prompt: torch.Tensor | None, wi
 
 def text_windows(tokenizer, length: int, count: int, path: Path | None = None) -> list[list[int]]:
     """``count`` disjoint windows of ``length`` tokens of held-out ordinary text (GPL-3 by default)."""
-    from .training_data import HELD_OUT_TEXT
+    from famviz.training.data import HELD_OUT_TEXT
 
     ids = tokenizer((path or HELD_OUT_TEXT).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
     step = max(length, (len(ids) - length) // max(count, 1))
@@ -196,7 +196,7 @@ def long_document_comparison(base, tuned, config: FamConfig, prompt, documents: 
 
 # -- `famviz evaluate`: every check of a (tuned) model in one command -------------------------------------------
 def add_evaluate_arguments(parser) -> None:
-    from .config import TOOL_DEFAULTS
+    from famviz.core.config import TOOL_DEFAULTS
 
     parser.add_argument("adapter", nargs="?", default=None, metavar="ADAPTER_DIR",
                         help="the adapter to evaluate (its results go into its training card); none: the untuned "
@@ -229,7 +229,7 @@ def add_evaluate_arguments(parser) -> None:
 
 
 def _geometry(args, adapter) -> FamConfig:
-    from .config import TOOL_DEFAULTS, check_limits
+    from famviz.core.config import TOOL_DEFAULTS, check_limits
 
     trained = adapter.trained_config() if adapter is not None else dataclasses.replace(TOOL_DEFAULTS, mem_blocks=0)
     return check_limits(FamConfig(mode="fam",
@@ -242,19 +242,19 @@ def _geometry(args, adapter) -> FamConfig:
 class EvaluationPlan:
     """What `famviz evaluate` will run, checked before anything is loaded."""
 
-    adapter: object  # famviz.adapters.Adapter or None
+    adapter: object  # famviz.io.adapters.Adapter or None
     config: FamConfig
     lengths: list[int]
     depths: list[float]
-    specs: list  # famviz.passkey.ModeSpec
+    specs: list  # famviz.probes.passkey.ModeSpec
     corpus: list[str] | None = None  # long documents from this corpus's held-out split
 
 
 def plan_evaluation(args) -> EvaluationPlan:
     """The checked plan, or a FamvizError with one clear message (bad numbers, modes, files, adapter)."""
-    from . import passkey as pk
-    from .adapters import read_adapter
-    from .documents import read_document
+    from famviz.io.adapters import read_adapter
+    from famviz.io.documents import read_document
+    from famviz.probes import passkey as pk
 
     adapter = read_adapter(args.adapter) if args.adapter else None
     config = _geometry(args, adapter)
@@ -274,7 +274,7 @@ def plan_evaluation(args) -> EvaluationPlan:
     if corpus and args.document:
         raise ConfigError("give --document or --corpus, not both")
     if corpus and args.long_tokens:
-        from .corpus import Corpus
+        from famviz.io.corpus import Corpus
 
         Corpus(corpus)  # a missing or unreadable corpus fails now
     elif not args.document and args.long_tokens and adapter is not None:
@@ -288,7 +288,7 @@ def plan_evaluation(args) -> EvaluationPlan:
 
 def trained_corpus(directory) -> list[str] | None:
     """The corpus paths an adapter was trained on, from its training card (None: the machine's text)."""
-    from .adapters import read_training_card
+    from famviz.io.adapters import read_training_card
 
     try:
         sources = read_training_card(directory).get("data_mixture", {}).get("text_sources")
@@ -300,9 +300,9 @@ def trained_corpus(directory) -> list[str] | None:
 def evaluate(args, plan: EvaluationPlan, result: dict, progress=None) -> dict:
     """Fill ``result`` step by step (so an interruption keeps what is done): in-window loss, long-document
     NLL per quarter with the FAM norm, and the PassKey grid of every mode on the same keys."""
-    from . import passkey as pk
-    from .adapters import apply_adapter
-    from .models import load_model
+    from famviz.io.adapters import apply_adapter
+    from famviz.io.models import load_model
+    from famviz.probes import passkey as pk
 
     adapter, config, lengths, depths, specs = plan.adapter, plan.config, plan.lengths, plan.depths, plan.specs
     base = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -335,10 +335,10 @@ def evaluate(args, plan: EvaluationPlan, result: dict, progress=None) -> dict:
     if args.long_tokens:
         result["long_documents"] = long_document_comparison(base, tuned, config, prompt, documents, on_done=tick)
         if plan.corpus:
-            result["long_documents_source"] = {"corpus": plan.corpus, "split": "held out (famviz.corpus)"}
+            result["long_documents_source"] = {"corpus": plan.corpus, "split": "held out (famviz.io.corpus)"}
     result["passkey"] = []
     if not args.skip_passkey:
-        result["passkey_scoring"] = "greedy decoding, first integer of the answer equals the key (famviz.passkey)"
+        result["passkey_scoring"] = "greedy decoding, first integer of the answer equals the key (famviz.probes.passkey)"
         pk.sweep(tuned, specs, lengths, depths, args.trials, seed=args.seed, base=config, fam_prompt=prompt,
                  on_trial=tick, on_cell=lambda cell: result["passkey"].append(cell.summary()))
     return result
@@ -385,7 +385,7 @@ def run_evaluate(args) -> int:
 
     from tqdm import tqdm
 
-    from .adapters import read_training_card, write_training_card
+    from famviz.io.adapters import read_training_card, write_training_card
 
     if args.threads:
         torch.set_num_threads(args.threads)

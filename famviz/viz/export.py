@@ -24,7 +24,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from .errors import FamvizError
+from famviz.errors import FamvizError
 
 FORMATS = ("png", "svg", "pdf", "html")
 STATIC_FORMATS = ("png", "svg", "pdf")
@@ -238,9 +238,9 @@ def export_run_figure(run, name: str, fmt: str, path: str | Path) -> Path:
 def export_trace_file(trace_path: str | Path, name: str, fmt: str, out: str | Path, *, view: str | None = None,
                       block: int | None = None, layer: int | None = None, method: str = "PCA") -> Path:
     """Headless export (``python -m famviz export``): the same figures from a saved trace, no model."""
-    from . import figures
-    from .inspector import TRAJECTORY_METHODS, Run
-    from .trace import Trace
+    from famviz.core.trace import Trace
+    from famviz.viz import figures
+    from famviz.viz.inspector import TRAJECTORY_METHODS, Run
 
     if name not in FIGURES:
         raise ExportError(f"unknown figure {name!r}; figures: {', '.join(FIGURES)}")
@@ -264,7 +264,7 @@ def export_trace_file(trace_path: str | Path, name: str, fmt: str, out: str | Pa
     if method not in TRAJECTORY_METHODS:
         raise ExportError(f"unknown trajectory method {method!r}; use {' or '.join(TRAJECTORY_METHODS)}")
     if method == "UMAP" and run.features is not None and run.features.layers:
-        from .inspector import umap_2d
+        from famviz.viz.inspector import umap_2d
 
         run.umap_result = (run.features.n_blocks,
                            {layer_: umap_2d(run.features.array(layer_)) for layer_ in run.features.layers})

@@ -20,10 +20,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.utils.checkpoint
 
-from .attention import BACKENDS, AttentionStats, WindowLayout, attend, window_mask
-from .config import FamConfig
-from .models import LoadedModel
-from .projections import ProjectionGroup
+from famviz.core.attention import BACKENDS, AttentionStats, WindowLayout, attend, window_mask
+from famviz.core.config import FamConfig
+from famviz.core.projections import ProjectionGroup
+from famviz.io.models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class FamModel:
         self.sink_tokens = config.active_sink_tokens  # kept in memory before the recent blocks' tokens
         if self.fam_len:
             if fam_prompt is None:
-                from .fam_prompt import default_fam_prompt
+                from famviz.core.fam_prompt import default_fam_prompt
 
                 fam_prompt = default_fam_prompt(loaded, self.fam_len)
             if tuple(fam_prompt.shape) != (self.fam_len, self.hidden_size):
@@ -94,7 +94,7 @@ class FamModel:
         self._initial_fam: tuple[torch.Tensor, ...] | None = None
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.checkpoint_layers = False  # recompute layers in backward (set by training)
-        # q/k/v and gate/up as one matrix multiply each (famviz.projections); training turns it on. It
+        # q/k/v and gate/up as one matrix multiply each (famviz.core.projections); training turns it on. It
         # keeps a concatenated copy of those frozen weights, so inference, where it would double them, does not.
         self.fused_projections = False
         self._groups: dict[tuple[int, str], ProjectionGroup] = {}
@@ -155,7 +155,7 @@ class FamModel:
 
         ``window_kv``: when a list is given, each layer's attention keys (rotated) and values over the
         whole window [memory | FAM | block] are appended to it, so a decoder can continue the block
-        token by token (``famviz.decode``).
+        token by token (``famviz.core.decode``).
         """
         batch, n = input_ids.shape
         f, m = self.fam_len, state.memory_tokens

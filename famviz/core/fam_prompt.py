@@ -4,13 +4,13 @@ Without training, famviz derives it deterministically from the model's own token
 the embeddings of a fixed neutral text (``UNTRAINED_PROMPT_TEXT``) tokenised without special
 tokens, repeated until ``fam_len`` rows are filled. Real token embeddings keep the FAM rows in the
 distribution the layers were trained on (the paper suggests this or embedding statistics). A
-trained prompt comes from an adapter directory (see ``famviz.adapters``).
+trained prompt comes from an adapter directory (see ``famviz.io.adapters``).
 """
 from __future__ import annotations
 
 import torch
 
-from .models import LoadedModel
+from famviz.io.models import LoadedModel
 
 UNTRAINED_PROMPT_TEXT = " Summary of the text so far:"
 

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .config import BLOCK_GROUPS, FAM_GROUPS, FamConfig
-from .fam_model import BlockOutput, FamModel, StreamState
-from .models import LoadedModel
-from .tokenize import IncrementalTokenizer
-from .trace import ChannelSelection, Trace
+from famviz.core.config import BLOCK_GROUPS, FAM_GROUPS, FamConfig
+from famviz.core.fam_model import BlockOutput, FamModel, StreamState
+from famviz.core.tokenize import IncrementalTokenizer
+from famviz.core.trace import ChannelSelection, Trace
+from famviz.io.models import LoadedModel
 
 STAT_KEYS = ("block.share", "fam.share", "fam.read")
 
@@ -63,11 +63,11 @@ class StreamResult:
 class Stream:
     """One document's pass through a FAM/BSWA/full model.
 
-    ``channels``: trace channel patterns to record (None = all, see ``famviz.trace``);
+    ``channels``: trace channel patterns to record (None = all, see ``famviz.core.trace``);
     ``record=False`` keeps only the per-token NLL. ``on_block`` is called after every block.
-    ``backend``: attention kernel when no trace statistics are needed (see ``famviz.attention``).
+    ``backend``: attention kernel when no trace statistics are needed (see ``famviz.core.attention``).
     ``compact_trace``: record ``fam.*.state`` as the mean of the FAM slots (1, d) instead of every
-    slot (fam_len, d), so a trace of a very long document stays small (``famviz.trace``).
+    slot (fam_len, d), so a trace of a very long document stays small (``famviz.core.trace``).
     """
 
     def __init__(self, model: LoadedModel | FamModel, config: FamConfig | None = None, *,
@@ -132,6 +132,23 @@ class Stream:
         finally:
             del self.pending[:done]
         return results
+
+    def blocks(self, token_ids: Sequence[int]) -> Iterator[BlockResult]:
+        """Run ``token_ids`` (after any queued tokens) block by block, yielding each block's result as soon
+        as it is done; the last block may be partial, so a full iteration equals ``run``. The one block loop
+        of everything that reports per block (the app's tabs, the CLI's progress bar). Leaving the loop
+        early keeps the state of the blocks that ran; call ``result()`` for the summary."""
+        ids = [*self.pending, *(int(t) for t in token_ids)]
+        self.pending = []
+        block = self.config.block_size
+        for start in range(0, len(ids), block):
+            yield self._run_block(ids[start : start + block])
+
+    def describe_document(self, name: str, text: str | None = None,
+                          offsets: Sequence[tuple[int, int]] | None = None) -> None:
+        """Name the streamed document (and give its text and token spans) in the trace, when recording."""
+        if self.trace is not None:
+            self.trace.describe_document(name, text, offsets)
 
     def feed_text(self, text: str) -> list[BlockResult]:
         """Queue a piece of text; tokens are committed once later text cannot change them."""

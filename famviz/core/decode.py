@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from .fam_model import FamModel, StreamState, _rotate
+from famviz.core.fam_model import FamModel, StreamState, _rotate
 
 
 def end_of_sequence_ids(fam_model: FamModel) -> set:
@@ -48,7 +48,7 @@ class BlockCursor:
 
     ``fam_kv_edit(layer, keys, values)``: optional; given one layer's FAM keys (rotated) and values
     (batch, kv_heads, fam_len, head_dim) as the first block reads them, returns the ones to read instead
-    (an intervention on the reading of the memory, ``famviz.ablation``; later blocks are not edited).
+    (an intervention on the reading of the memory, ``famviz.probes.ablation``; later blocks are not edited).
     """
 
     def __init__(self, fam_model: FamModel, state: StreamState,

@@ -1,7 +1,7 @@
 """A researcher's own training text: documents read one at a time, never the whole corpus at once.
 
 A corpus is one or more paths, each of them
-- a directory of documents (.txt, .md, .pdf, .html, read with ``famviz.documents``), searched recursively,
+- a directory of documents (.txt, .md, .pdf, .html, read with ``famviz.io.documents``), searched recursively,
   or one such document;
 - a ``.jsonl`` file whose lines are objects with a ``text`` field (its line offsets are indexed in one
   streaming pass; a line is read when drawn);
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .documents import SUPPORTED_SUFFIXES
-from .errors import ConfigError, DocumentError
+from famviz.errors import ConfigError, DocumentError
+from famviz.io.documents import SUPPORTED_SUFFIXES
 
 TEXT_FIELD = "text"
 HELD_OUT_PER_MILLE = 10
@@ -57,7 +57,7 @@ class _Documents:
         return f"{self.root.name}/{path.relative_to(self.root)}" if self.root.is_dir() else path.name
 
     def text(self, index: int) -> str:
-        from .documents import read_document_start
+        from famviz.io.documents import read_document_start
 
         return read_document_start(self.paths[index], MAX_DOCUMENT_CHARS * 4).text[:MAX_DOCUMENT_CHARS]
 

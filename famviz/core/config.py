@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .errors import ConfigError
+from famviz.errors import ConfigError
 
 MODES = ("full", "bswa", "fam", "sink")
 # The key groups attention shares are measured over (docs/algorithm.md §2's window): what block queries and what FAM

@@ -1,6 +1,6 @@
 """PassKey figures: the length × depth accuracy heatmap (one panel per mode) and the retention curve.
 
-Pure functions of plain results (``famviz.passkey`` cells and retention points), no model needed.
+Pure functions of plain results (``famviz.probes.passkey`` cells and retention points), no model needed.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .figures import empty_figure
-from .passkey import CellResult, RetentionPoint, accuracy_grid
+from famviz.probes.passkey import CellResult, RetentionPoint, accuracy_grid
+from famviz.viz.figures import empty_figure
 
 ACCURACY_SCALE = [[0.0, "#b2182b"], [0.5, "#f7f7f7"], [1.0, "#2166ac"]]
 
@@ -79,7 +79,7 @@ def retention_figure(points: Sequence[RetentionPoint], key: int | None = None,
 
 
 def intervention_heatmap(result: dict, title: str | None = None) -> go.Figure:
-    """Δ log p(target) per (layer, block) of a FAM intervention (``famviz.ablation``'s ``to_dict()``), on a
+    """Δ log p(target) per (layer, block) of a FAM intervention (``famviz.probes.ablation``'s ``to_dict()``), on a
     diverging scale centred on 0; cells not measured yet stay blank. A second panel shows the head groups
     of the chosen layer when they were measured."""
     delta = result.get("delta_logprob")

@@ -34,7 +34,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from .config import BLOCK_GROUPS, FAM_GROUPS
+from famviz.core.config import BLOCK_GROUPS, FAM_GROUPS
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import plotly.graph_objects as go
 
-from .trace import BLOCK_GROUPS, FAM_GROUPS, Trace
+from famviz.core.config import BLOCK_GROUPS, FAM_GROUPS
+from famviz.core.trace import Trace
 
 SHARE_COLORSCALE = "Viridis"
 MAX_BLOCK_COLUMNS = 240  # most block columns any figure draws

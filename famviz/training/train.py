@@ -14,7 +14,7 @@ GPUs) trains, per step, on whole sequences streamed block by block through ``Fam
   next step starts from it with probability p (0.8), else from the learned prompt's initial FAM.
 
 ``--mode bswa`` trains the BSWA baseline with the same data and budget (LoRA only, no FAM).
-The output directory is an adapter directory (``famviz.adapters``) plus ``checkpoint/``,
+The output directory is an adapter directory (``famviz.io.adapters``) plus ``checkpoint/``,
 ``train_log.jsonl``, ``train.log`` and ``loss_curve.html``. ``--resume DIR`` continues a run with
 its optimizer, step, data position and RNG states.
 """
@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import FamConfig
-from .errors import ConfigError
-from .fam_model import FamModel, StreamState
-from .training_data import Example, ExampleStream, TextCorpus, parse_mixture, parse_range
+from famviz.core.config import FamConfig
+from famviz.core.fam_model import FamModel, StreamState
+from famviz.errors import ConfigError
+from famviz.training.data import Example, ExampleStream, TextCorpus, parse_mixture, parse_range
 
-log = logging.getLogger("famviz.train")
+log = logging.getLogger("famviz.training.train")
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINT_DIR = "checkpoint"
@@ -70,7 +70,7 @@ class TrainConfig:
     passkey_tokens: str = "256-2048"
     passkey_depth_zero: float = 0.5
     passkey_aligned: float = 0.0  # share of PassKey prompts whose answer starts in (or crosses into) a new block
-    corpus: list[str] | None = None  # training text paths (famviz.corpus); None: the machine's text files
+    corpus: list[str] | None = None  # training text paths (famviz.io.corpus); None: the machine's text files
     copy_text_tokens: str = "768-1536"
     copy_len: int = 256
     copy_weight: float = 0.1
@@ -379,9 +379,9 @@ def passkey_teacher_forced(fam_model: FamModel, tokenizer, prompt: torch.Tensor 
     """Held-out PassKey prompts scored teacher-forced: a trial counts when every key token and the token
     that ends the number are the argmax (so a model that keeps writing digits fails, as greedy scoring does).
 
-    Cheap enough to run during training; ``famviz.passkey`` scores by greedy decoding for the report.
+    Cheap enough to run during training; ``famviz.probes.passkey`` scores by greedy decoding for the report.
     """
-    from .passkey import make_passkey_document
+    from famviz.probes.passkey import make_passkey_document
 
     hits, logprobs = 0, []
     for trial in range(trials):
@@ -485,7 +485,7 @@ class Trainer:
             accelerator = Accelerator(cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()))
         self.accelerator = accelerator
         if loaded is None:
-            from .models import load_model
+            from famviz.io.models import load_model
 
             # several processes: each on its own device (accelerate's cuda:LOCAL_RANK), whatever --device says
             device = str(accelerator.device) if config.device == "auto" or accelerator.num_processes > 1 else config.device
@@ -496,7 +496,7 @@ class Trainer:
         fam_config = config.fam_config()
         self.prompt = None
         if fam_config.active_fam_len:
-            from .fam_prompt import default_fam_prompt
+            from famviz.core.fam_prompt import default_fam_prompt
 
             # float32 master weights, like the LoRA's (peft keeps those in float32): a bfloat16 step casts
             # them inside the graph, so updates smaller than bfloat16's resolution are not lost.
@@ -519,7 +519,7 @@ class Trainer:
         if data is None and "copy" in parse_mixture(config.data):
             documents = None
             if config.corpus:
-                from .corpus import Corpus
+                from famviz.io.corpus import Corpus
 
                 documents = Corpus(config.corpus)
             self.text = TextCorpus(loaded.tokenizer, documents=documents)
@@ -554,7 +554,7 @@ class Trainer:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        from .adapters import LORA_FILE, check_compatible, read_adapter
+        from famviz.io.adapters import LORA_FILE, check_compatible, read_adapter
 
         adapter = read_adapter(directory)
         check_compatible(adapter, self.loaded, self.config.fam_config())
@@ -765,8 +765,8 @@ class Trainer:
         return self.out
 
     def save_adapter(self, wall_seconds: float, stopped_early: bool = False) -> None:
-        from .adapters import write_adapter, write_training_card
-        from .models import resolve_dtype
+        from famviz.io.adapters import write_adapter, write_training_card
+        from famviz.io.models import resolve_dtype
 
         lora_dtype = resolve_dtype(self.config.adapter_dtype) if self.config.adapter_dtype else None
         write_adapter(self.out, self.loaded, self.config.fam_config(), self.prompt, self.peft_model, lora_dtype)
@@ -802,7 +802,7 @@ def stage_summaries(history: list[dict], first_command: str = "") -> list[dict]:
 
 
 def previous_card(directory: Path) -> dict:
-    from .adapters import read_training_card
+    from famviz.io.adapters import read_training_card
 
     try:
         return read_training_card(directory)

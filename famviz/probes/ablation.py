@@ -30,9 +30,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from .decode import BlockCursor, fam_keys_values
-from .errors import ConfigError
-from .fam_model import FamModel, StreamState
+from famviz.core.decode import BlockCursor, fam_keys_values
+from famviz.core.fam_model import FamModel, StreamState
+from famviz.errors import ConfigError
 
 METHODS = ("ablate", "patch", "write-time")
 ALL_LAYERS = "all"
@@ -51,14 +51,14 @@ class Case:
 
 
 def passkey_case(document, block_size: int) -> Case:
-    """A PassKey prompt split as ``famviz.passkey.ask`` does: whole blocks of its haystack, then the rest."""
+    """A PassKey prompt split as ``famviz.probes.passkey.ask`` does: whole blocks of its haystack, then the rest."""
     split = (len(document.haystack_ids) // block_size) * block_size
     return Case(list(document.token_ids), list(document.answer_ids), split)
 
 
 def text_case(tokenizer, text: str, target: str, block_size: int) -> Case:
     """Any text and target string: the question block holds at least the text's last token."""
-    from .tokenize import tokenize_document
+    from famviz.core.tokenize import tokenize_document
 
     prompt, _ = tokenize_document(tokenizer, text)
     whole = tokenizer(text + target, add_special_tokens=False)["input_ids"]
@@ -296,7 +296,7 @@ def _interventions(fam_model, cases, method, blocks, rows, head_layer) -> Iterat
 def passkey_cases(tokenizer, block_size: int, length: int, depth: float, trials: int, seed: int,
                   text: str | None = None) -> list[tuple[Case, Case]]:
     """(clean, corrupted) PassKey prompts: the corrupted one hides another key with as many tokens."""
-    from . import passkey as pk
+    from famviz.probes import passkey as pk
 
     pairs = []
     for document in pk.trial_documents(tokenizer, length, depth, trials, seed, text):

@@ -3,7 +3,7 @@
 An example is a token sequence with a loss weight per token (the weight of predicting that token
 from the ones before it). Kinds:
 
-``passkey``  the PassKey prompt (docs/algorithm.md §7, ``famviz.passkey``) with a filler length drawn from a
+``passkey``  the PassKey prompt (docs/algorithm.md §7, ``famviz.probes.passkey``) with a filler length drawn from a
              range, followed by its answer and the full stop that ends it; loss on those tokens only.
 ``copy``     the paper's memory incentive on long real text found on the machine (licences, package
              documentation): text, then ``"[repeat random segment]:"`` and ``copy_len`` consecutive
@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, DocumentError
+from famviz.errors import ConfigError, DocumentError
 
 COPY_MARKER = "\n[repeat random segment]:"
 DATA_KINDS = ("passkey", "copy")
@@ -138,7 +138,7 @@ class MachineText:
 
 class TextCorpus:
     """Random windows of long text, tokenised on demand: the machine's documentation by default, or a
-    researcher's own corpus (``famviz.corpus.Corpus``: its training split only).
+    researcher's own corpus (``famviz.io.corpus.Corpus``: its training split only).
 
     A window is cut from a random span of a document's characters (about 8 per token), so only that span is
     tokenised: a draw costs the same for a 500-page book as for a short file, and the cache holds texts
@@ -265,7 +265,7 @@ class ExampleStream:
         return length
 
     def _passkey(self, rng: random.Random, length: int) -> Example:
-        from .passkey import make_passkey_document
+        from famviz.probes.passkey import make_passkey_document
 
         # The evaluation asks at depth 0 (the paper's setting); half the training prompts do too.
         depth = 0.0 if rng.random() < self.passkey_depth_zero else rng.random()
@@ -273,7 +273,7 @@ class ExampleStream:
         prompt, answer = list(document.token_ids), list(document.answer_ids) + list(document.closing_ids)
         readout = None
         if self.readout_weight > 0:
-            from .passkey import question_ids
+            from famviz.probes.passkey import question_ids
 
             question = question_ids(self.tokenizer)
             # Probed from the block that holds the whole key sentence up to the last one before the question.

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import BLOCK_GROUPS, FAM_GROUPS  # noqa: F401 - re-exported: a trace's share groups
-from .errors import FamvizError
+from famviz.core.config import BLOCK_GROUPS
+from famviz.errors import FamvizError
 
 TRACE_FORMAT = "famviz-trace"
 TRACE_VERSION = 1
@@ -154,6 +154,39 @@ class Trace:
             self._chunks[key].append(value)
             self._stacked.pop(key, None)
 
+    # -- what the trace is about (set by whoever streams; saved with the file) ----------------------------
+    def describe_document(self, name: str, text: str | None = None,
+                          offsets: Sequence[tuple[int, int]] | None = None) -> None:
+        """The document's name and, when known, its text and each token's (start, end) character span."""
+        self.meta["document"] = name
+        if text is not None:
+            self.text = text
+        if offsets is not None:
+            self.offsets = [tuple(span) for span in offsets]
+
+    def set_notes(self, notes: Sequence[str]) -> None:
+        """What the run's status said about its settings (e.g. how they differ from the adapter's training)."""
+        self.meta["notes"] = list(notes)
+
+    def record_comparison(self, mode: str, block_nll: Sequence[float]) -> None:
+        """The per-block mean NLL of the same document in a second mode (None where not finite)."""
+        self.meta["compare"] = {"mode": mode,
+                                "block_nll": [float(v) if np.isfinite(v) else None for v in block_nll]}
+
+    @property
+    def document_name(self) -> str | None:
+        return self.meta.get("document")
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self.meta.get("notes", []))
+
+    @property
+    def comparison(self) -> tuple[str | None, list[float]]:
+        """(compared mode, per-block mean NLL with NaN for missing values); (None, []) without a comparison."""
+        compare = self.meta.get("compare") or {}
+        return compare.get("mode"), [float("nan") if v is None else float(v) for v in compare.get("block_nll", [])]
+
     # -- reading -----------------------------------------------------------------------------
     @property
     def keys(self) -> list[str]:
@@ -183,6 +216,15 @@ class Trace:
             else:
                 self._stacked[key] = np.stack(chunks) if chunks else np.zeros((0,), kind.dtype)
         return self._stacked[key]
+
+    def latest(self, key: str) -> np.ndarray:
+        """The last block's value of a per-block kind (recorded layers first where per layer)."""
+        if KINDS_BY_KEY[key].per_token:
+            raise KeyError(f"{key!r} is recorded per token, not per block")
+        chunks = self._chunks.get(key)
+        if not chunks:
+            raise KeyError(f"channel kind {key!r} has no recorded block")
+        return chunks[-1]
 
     def __getitem__(self, name: str) -> np.ndarray:
         parts = name.split(".")

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import export
-from . import passkey as pk
-from .adapters import run_notes
-from .config import FamConfig
-from .documents import MAX_DOCUMENT_BYTES, head_bytes_for, read_upload
-from .engine import Stream
-from .errors import FamvizError
-from .fam_model import FamModel
-from .passkey_figures import intervention_heatmap, passkey_heatmap, retention_figure
+from famviz.core.config import FamConfig
+from famviz.core.engine import Stream
+from famviz.core.fam_model import FamModel
+from famviz.errors import FamvizError
+from famviz.io.adapters import run_notes
+from famviz.io.documents import MAX_DOCUMENT_BYTES, head_bytes_for, read_upload
+from famviz.probes import passkey as pk
+from famviz.viz import export
+from famviz.viz.passkey_figures import intervention_heatmap, passkey_heatmap, retention_figure
 
 log = logging.getLogger("famviz.app")
 
@@ -112,7 +112,7 @@ class PasskeySession:
     cells: list = field(default_factory=list)
     sweep_caption: str = ""
     sweep_config: dict = field(default_factory=dict)
-    intervention: dict | None = None  # the latest FAM intervention result (famviz.ablation's to_dict())
+    intervention: dict | None = None  # the latest FAM intervention result (famviz.probes.ablation's to_dict())
     intervention_caption: str = ""
 
 
@@ -268,9 +268,9 @@ INTERVENTION_METHODS = [("ablate: initial FAM instead", "ablate"), ("patch: FAM 
 
 def run_interventions_tab(context, method, length, depth, trials, layers, blocks, block_size, fam_len, seed,
                           session: PasskeySession | None, model_choice: tuple | None = None) -> Iterator[tuple]:
-    """FAM ablation / patching (``famviz.ablation``) with the Model panel's model; yields (status, heatmap,
+    """FAM ablation / patching (``famviz.probes.ablation``) with the Model panel's model; yields (status, heatmap,
     session) as the interventions finish, the heatmap redrawn about once a second."""
-    from . import ablation as ab
+    from famviz.probes import ablation as ab
 
     session = session or PasskeySession()
     try:

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from .config import TOOL_DEFAULTS, FamConfig
-from .errors import AdapterError
-from .models import LoadedModel
+from famviz.core.config import TOOL_DEFAULTS, FamConfig
+from famviz.errors import AdapterError
+from famviz.io.models import LoadedModel
 
 ADAPTER_FORMAT = "famviz-adapter"
 ADAPTER_META = "famviz_adapter.json"
 PROMPT_FILE = "fam_prompt.safetensors"
 # Adapters trained with ``famviz train`` that come with the repository (assets/ beside the package).
-SHIPPED_ADAPTERS = Path(__file__).resolve().parent.parent / "assets" / "adapters"
+SHIPPED_ADAPTERS = Path(__file__).resolve().parents[2] / "assets" / "adapters"
 # The bundled model's default tuned FAM: the first that retrieves pass keys (its card: 32% at 512 and 18% at
 # 2,048 tokens, greedy, where BSWA and attention sinks retrieve none), with -longtext's long-text quality.
 SHIPPED_ADAPTER = SHIPPED_ADAPTERS / "smollm2-135m-fam64-block256-mem0-passkey"
@@ -72,7 +72,7 @@ def read_adapter(directory: str | Path) -> Adapter:
 def run_notes(config: FamConfig, adapter: Adapter | None) -> list[str]:
     """What a run's status (or the CLI's stderr) should say about its settings: geometry that is allowed but
     probably not meant, and how it differs from what ``adapter`` was trained with."""
-    from .config import geometry_warnings, trained_geometry_differences
+    from famviz.core.config import geometry_warnings, trained_geometry_differences
 
     notes = geometry_warnings(config)
     if adapter is not None:
@@ -236,7 +236,7 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
-# The models of a long-document comparison (``famviz.evaluation.long_document_comparison``), in table order.
+# The models of a long-document comparison (``famviz.training.evaluation.long_document_comparison``), in table order.
 LONG_DOCUMENT_MODELS = (("tuned", "tuned"), ("tuned_bswa", "tuned weights, BSWA"), ("untuned_bswa", "untuned BSWA"),
                         ("untuned_sink", "untuned sink (StreamingLLM)"), ("untuned_full", "untuned full"))
 
