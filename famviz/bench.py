@@ -344,7 +344,7 @@ def recipe_config(recipe_dir, out: str, model: str | None, device: str, dtype: s
     from dataclasses import replace
     from pathlib import Path
 
-    from famviz.training.train import TRAIN_CONFIG, TrainConfig
+    from famviz.training.config import TRAIN_CONFIG, TrainConfig
 
     path = Path(recipe_dir) / TRAIN_CONFIG
     config = TrainConfig.from_dict(json.loads(path.read_text())) if path.is_file() else TrainConfig(out=out)
@@ -369,7 +369,7 @@ def run_train_bench(model: str | None = None, device: str = "auto", dtype: str =
     from famviz.core.fam_model import FamModel
     from famviz.io.adapters import SHIPPED_ADAPTER, read_training_card
     from famviz.io.models import load_model
-    from famviz.training.train import Trainer
+    from famviz.training.loop import Trainer
 
     recipe_dir = recipe_dir or SHIPPED_ADAPTER
     with tempfile.TemporaryDirectory(prefix="famviz-bench-train-") as out:

@@ -24,14 +24,15 @@ import socket
 import statistics
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import app  # noqa: E402  (sets the environment before gradio is imported)
 import famviz  # noqa: E402
+from famviz.app import hub, inputs, inspector_tab, launch  # noqa: E402  (famviz.app sets the environment first)
 from famviz.core.tokenize import tokenize_prefix  # noqa: E402
 from famviz.viz import inspector  # noqa: E402
 
@@ -62,9 +63,9 @@ def median_spread(values: list[float]) -> str:
 
 
 def serve(loaded):
-    demo = app.build_app(loaded)
+    demo = launch.build_app(loaded)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            share=False, max_file_size=app.MAX_UPLOAD)
+                            share=False, max_file_size=inputs.MAX_UPLOAD)
     return demo, url
 
 
@@ -138,7 +139,7 @@ def app_block_times(client, model_name, text, block, n_tokens) -> list[float]:
     if not stamps:
         raise RuntimeError("the app sent no block updates")
     # The first block's interval includes the run's start (tokenising, stream set-up): measure from block 1 on.
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    return [b - a for a, b in pairwise(stamps)]
 
 
 def refresh_cost(run) -> tuple[float, int]:
@@ -146,7 +147,7 @@ def refresh_cost(run) -> tuple[float, int]:
     import plotly.io as pio
 
     began = time.perf_counter()
-    outputs = app.refresh(run)
+    outputs = inspector_tab.refresh(run)
     size = sum(len(pio.to_json(item)) if hasattr(item, "to_plotly_json") else len(item) if isinstance(item, str)
                else 0 for item in outputs)
     return time.perf_counter() - began, size
@@ -278,19 +279,20 @@ def main(argv=None) -> int:
             print(f"2. overhead per block ({args.blocks} blocks of {block} tokens, fam 64, 1 memory block; "
                   f"blocks after the first)")
             engine, served = [], []
-            throttle, app.MIN_REDRAW_SECONDS = app.MIN_REDRAW_SECONDS, 0.0  # every block fully redrawn
+            context = demo.famviz_context
+            throttle, context.redraw_seconds = context.redraw_seconds, 0.0  # every block fully redrawn
             for i in range(args.repeats):
                 engine += engine_block_times(loaded, ids, block)[1:]
                 served += app_block_times(client, "", text, block, len(ids))
                 print(f"   repeat {i + 1}: engine {statistics.median(engine):.3f} s/block, "
                       f"app {statistics.median(served):.3f} s/block", flush=True)
-            app.MIN_REDRAW_SECONDS = throttle
+            context.redraw_seconds = throttle
             overhead = statistics.median(served) / statistics.median(engine) - 1
             results["overhead"] = overhead
             print(f"   engine alone: {median_spread(engine)} s/block")
             print(f"   through app:  {median_spread(served)} s/block")
             print(f"   app overhead per block: {100 * overhead:+.1f}% (target <= 20%)")
-            updates = list(app.stream_document(app.ModelHub(loaded, None, (None, None, "auto", "auto")),
+            updates = list(inspector_tab.stream_document(hub.ModelHub(loaded, None, (None, None, "auto", "auto")),
                                                *stream_args(None, text, block=block, max_tokens=len(ids)), None))
             cost, size = refresh_cost(updates[-1][-1])
             print(f"   one update ({args.blocks} blocks): figures + JSON built in {cost * 1000:.0f} ms, {size / 1024:.0f} KB")

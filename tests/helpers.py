@@ -170,7 +170,7 @@ def write_random_lora_adapter(directory: Path, fam_len: int = 4, block_size: int
     from famviz import FamConfig
     from famviz.io.adapters import write_adapter
     from famviz.io.models import load_model
-    from famviz.training.train import add_lora
+    from famviz.training.loop import add_lora
 
     model_dir = save_tiny_llama_dir(directory / "tiny")
     trained = load_model(str(model_dir), device="cpu", dtype="float32")

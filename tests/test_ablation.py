@@ -35,7 +35,7 @@ def cases(tokenizer):
 def test_corrupted_prompts_differ_only_in_the_key(cases, tokenizer):
     for clean, corrupted in cases:
         assert len(clean.prompt) == len(corrupted.prompt) and clean.split == corrupted.split
-        differ = [i for i, (a, b) in enumerate(zip(clean.prompt, corrupted.prompt)) if a != b]
+        differ = [i for i, (a, b) in enumerate(zip(clean.prompt, corrupted.prompt, strict=True)) if a != b]
         assert differ and max(differ) < clean.split  # depth 0: the key lies in the blocks before the question
         assert clean.target != corrupted.target
 

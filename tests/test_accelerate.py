@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,7 @@ def test_two_processes_train_like_one_with_the_global_batch_and_resume(tmp_path,
                                               (single / "train_log.jsonl").read_text().splitlines()]
     # The case that needs the global padding: a step starting from a FAM passed on (RSP) by a global element
     # 0 that was shorter than its batch, so its FAM read pad tokens.
-    assert any(now["rsp"] and before["lengths"][0] < max(before["lengths"]) for before, now in zip(records, records[1:]))
+    assert any(now["rsp"] and before["lengths"][0] < max(before["lengths"]) for before, now in pairwise(records))
     one, two = _weights(single), _weights(double)
     assert one.keys() == two.keys() and len(one) > 10
     for name in one:  # the same examples, the same global loss: the same weights, to float tolerance

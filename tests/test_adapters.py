@@ -19,7 +19,8 @@ from famviz.io.adapters import (
     write_adapter,
     write_training_card,
 )
-from famviz.training.train import TrainConfig, Trainer
+from famviz.training.config import TrainConfig
+from famviz.training.loop import Trainer
 
 
 def tiny_loaded(family: str = "llama", seed: int = 0):

@@ -1,4 +1,4 @@
-"""The app (app.py): input checks, the stream handler on a tiny random model, view controls,
+"""The app (famviz.app, launched by app.py): input checks, the stream handler on a tiny random model, view controls,
 export/trace handlers, session isolation; slow: the served app driven through gradio_client."""
 from __future__ import annotations
 
@@ -18,35 +18,32 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from famviz.app import hub as app_hub  # noqa: E402
+from famviz.app import inputs, inspector_tab, launch  # noqa: E402
+from famviz.core.config import FamConfig  # noqa: E402
 from famviz.viz import figures  # noqa: E402
+from famviz.viz.inspector import Run  # noqa: E402
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 TEXT = " ".join(f"Sentence number {i} says something about memory and attention." for i in range(40))
 
 
-@pytest.fixture(scope="module")
-def app_module():
-    import app
-
-    return app
-
-
 # -- inputs (no model) ------------------------------------------------------------------------------------
-def test_command_line_options(app_module):
-    parser = app_module.build_parser()
+def test_command_line_options():
+    parser = launch.build_parser()
     args = parser.parse_args([])
     assert (args.model, args.adapter, args.device, args.dtype, args.host, args.port) == \
         (None, None, "auto", "auto", "127.0.0.1", 7860)
     help_text = parser.format_help()
     for option in ("--model", "--adapter", "--device", "--dtype", "--host", "--port", "--redraw-seconds"):
         assert option in help_text
-    assert args.redraw_seconds == app_module.MIN_REDRAW_SECONDS
+    assert args.redraw_seconds == app_hub.MIN_REDRAW_SECONDS
 
 
-def test_parse_settings(app_module):
-    config, limit = app_module.parse_settings("bswa", 32, 0, 2, 100.0)
+def test_parse_settings():
+    config, limit = inputs.parse_settings("bswa", 32, 0, 2, 100.0)
     assert (config.mode, config.block_size, config.fam_len, config.mem_blocks, limit) == ("bswa", 32, 0, 2, 100)
-    config, _ = app_module.parse_settings("full", 32, None, 0, 100)  # FAM length is unused outside fam mode
+    config, _ = inputs.parse_settings("full", 32, None, 0, 100)  # FAM length is unused outside fam mode
     assert config.active_fam_len == 0
 
 
@@ -59,22 +56,22 @@ def test_parse_settings(app_module):
     (("fam", 256, 64, 1, 0), "Max tokens must be from 1"),
     (("sparse", 256, 64, 1, 4096), "mode must be one of"),
 ])
-def test_bad_settings_are_one_clear_message(app_module, settings, words):
+def test_bad_settings_are_one_clear_message(settings, words):
     from famviz.errors import FamvizError
 
     with pytest.raises(FamvizError, match=words):
-        app_module.parse_settings(*settings)
+        inputs.parse_settings(*settings)
 
 
-def test_documents_from_each_source(app_module, tmp_path):
+def test_documents_from_each_source(tmp_path):
     from famviz.errors import FamvizError
 
     doc = tmp_path / "notes.md"
     doc.write_text("# Title\r\nSome text.\r\n")
-    assert app_module.read_input_document("upload", str(doc), None) == ("# Title\nSome text.\n", "notes.md", None)
-    assert app_module.read_input_document("paste", None, "a\r\nb") == ("a\nb", "pasted text", None)
+    assert inputs.read_input_document("upload", str(doc), None) == ("# Title\nSome text.\n", "notes.md", None)
+    assert inputs.read_input_document("paste", None, "a\r\nb") == ("a\nb", "pasted text", None)
     if GPL3.exists():
-        text, name, _ = app_module.read_input_document("example", None, None)
+        text, name, _ = inputs.read_input_document("example", None, None)
         assert "GNU GENERAL PUBLIC LICENSE" in text and name
     binary = tmp_path / "data.txt"
     binary.write_bytes(bytes(range(256)) * 4)
@@ -94,31 +91,31 @@ def test_documents_from_each_source(app_module, tmp_path):
         ("somewhere", None, None, "Unknown document source"),
     ]:
         with pytest.raises(FamvizError, match=words):
-            app_module.read_input_document(source, upload, pasted)
+            inputs.read_input_document(source, upload, pasted)
 
 
-def test_oversized_upload_states_the_limit(app_module, tmp_path, monkeypatch):
+def test_oversized_upload_states_the_limit(tmp_path, monkeypatch):
     from famviz.errors import DocumentError
 
     big = tmp_path / "big.txt"
     big.write_bytes(b"word " * 300)
-    monkeypatch.setattr(app_module, "MAX_DOCUMENT_BYTES", 1000)
+    monkeypatch.setattr(inputs, "MAX_DOCUMENT_BYTES", 1000)
     with pytest.raises(DocumentError, match="big.txt.*(limit|larger)"):
-        app_module.read_input_document("upload", str(big), None)
+        inputs.read_input_document("upload", str(big), None)
     # With few max tokens, only the start that they can need is read (plain text; 64 bytes a token).
-    text, name, cut = app_module.read_input_document("upload", str(big), None, max_tokens=5)
+    text, name, cut = inputs.read_input_document("upload", str(big), None, max_tokens=5)
     assert text == ("word " * 64) and name == "big.txt" and cut == "the first 320 bytes of a 1,500 bytes file"
     page = tmp_path / "big.html"
     page.write_bytes(b"<p>" + b"word " * 300 + b"</p>")
     with pytest.raises(DocumentError, match="big.html.*HTML files are read whole"):
-        app_module.read_input_document("upload", str(page), None, max_tokens=5)
+        inputs.read_input_document("upload", str(page), None, max_tokens=5)
 
 
-def test_a_large_upload_streams_its_start_and_says_so(app_module, hub, tmp_path, monkeypatch):
+def test_a_large_upload_streams_its_start_and_says_so(hub, tmp_path, monkeypatch):
     big = tmp_path / "big.txt"
     big.write_text(TEXT * 3)
-    monkeypatch.setattr(app_module, "MAX_DOCUMENT_BYTES", 2000)
-    status = _run(app_module, hub, source="upload", upload=str(big), max_tokens=40)[-1][0]
+    monkeypatch.setattr(inputs, "MAX_DOCUMENT_BYTES", 2000)
+    status = _run(hub, source="upload", upload=str(big), max_tokens=40)[-1][0]
     assert f"40 / 40 tokens (the first 2,000 bytes of a {big.stat().st_size:,} bytes file: document cut" in status
 
 
@@ -144,8 +141,8 @@ def tiny_loaded():
 
 
 @pytest.fixture(scope="module")
-def hub(app_module, tiny_loaded):
-    return app_module.ModelHub(tiny_loaded, None, ("tiny", None, "auto", "auto"))
+def hub(tiny_loaded):
+    return app_hub.ModelHub(tiny_loaded, None, ("tiny", None, "auto", "auto"))
 
 
 def _args(**kwargs):
@@ -156,8 +153,8 @@ def _args(**kwargs):
     return list(args.values())
 
 
-def _run(app_module, hub, **kwargs):
-    return list(app_module.stream_document(hub, *_args(**kwargs)))
+def _run(hub, redraw_seconds: float = app_hub.MIN_REDRAW_SECONDS, **kwargs):
+    return list(inspector_tab.stream_document(hub, *_args(**kwargs), redraw_seconds=redraw_seconds))
 
 
 def _n_blocks(loaded, text=TEXT, block=32):
@@ -167,11 +164,11 @@ def _n_blocks(loaded, text=TEXT, block=32):
 
 
 @pytest.mark.parametrize("mode", ["fam", "bswa", "full"])
-def test_stream_yields_once_per_block(tiny_loaded, hub, app_module, mode):
+def test_stream_yields_once_per_block(tiny_loaded, hub, mode):
     n_blocks = _n_blocks(tiny_loaded)
-    updates = _run(app_module, hub, mode=mode)
+    updates = _run(hub, mode=mode)
     assert len(updates) == 1 + n_blocks  # "starting" (hands the run to the session), then one per block
-    assert all(len(u) == app_module.N_OUTPUTS for u in updates)
+    assert all(len(u) == inspector_tab.N_OUTPUTS for u in updates)
     status, heatmap, heads, document, trajectory, dynamics, nll, slider, layer, run = updates[-1]
     assert status.startswith("**Done**") and f"{n_blocks} / {n_blocks} blocks" in status
     assert np.asarray(heatmap.data[0].z).shape == (2, n_blocks)
@@ -186,17 +183,17 @@ def test_stream_yields_once_per_block(tiny_loaded, hub, app_module, mode):
     assert updates[1][8]["choices"][0][1] == "mean"  # the layer choices come with the first block
 
 
-def test_trajectory_records_only_the_chosen_layers(tiny_loaded, hub, app_module):
-    run = _run(app_module, hub, trajectory_layers="1")[-1][-1]
+def test_trajectory_records_only_the_chosen_layers(tiny_loaded, hub):
+    run = _run(hub, trajectory_layers="1")[-1][-1]
     assert run.trace.layers_of("fam.state") == [1] and run.features.layers == [1]
     assert run.features.n_blocks == run.blocks_done
     assert [t.name for t in run.trajectory().data if t.name] == ["layer 1"]
 
 
-def test_compare_mode_streams_both_and_shows_the_benefit(tiny_loaded, hub, app_module):
+def test_compare_mode_streams_both_and_shows_the_benefit(tiny_loaded, hub):
     from famviz import FamConfig, Stream, tokenize_document
 
-    run = _run(app_module, hub, compare="bswa")[-1][-1]
+    run = _run(hub, compare="bswa")[-1][-1]
     assert len(run.compare_nll) == run.blocks_done
     ids = tokenize_document(tiny_loaded.tokenizer, TEXT)[0]
     bswa = Stream(tiny_loaded, FamConfig(mode="bswa", block_size=32, fam_len=8, mem_blocks=1), record=False).run(ids)
@@ -207,15 +204,15 @@ def test_compare_mode_streams_both_and_shows_the_benefit(tiny_loaded, hub, app_m
     assert "fam vs bswa" in run.status()
 
 
-def test_stream_respects_max_tokens(hub, app_module):
-    updates = _run(app_module, hub, max_tokens=70)
+def test_stream_respects_max_tokens(hub):
+    updates = _run(hub, max_tokens=70)
     assert len(updates) == 1 + 3  # 32 + 32 + 6 tokens
     assert updates[-1][-1].trace.n_tokens == 70
 
 
-def test_passkey_example(hub, app_module):
+def test_passkey_example(hub):
     pytest.importorskip("famviz.probes.passkey")
-    run = _run(app_module, hub, source="passkey", passkey_tokens=200, block_size=64)[-1][-1]
+    run = _run(hub, source="passkey", passkey_tokens=200, block_size=64)[-1][-1]
     assert "PassKey" in run.document and 150 < run.tokens_done < 260
 
 
@@ -227,80 +224,78 @@ def test_passkey_example(hub, app_module):
     (dict(trajectory_layers="7"), "does not exist"),
     (dict(model="./no/such/model"), "does not exist"),
 ])
-def test_stream_errors_are_one_status_and_keep_the_plots(hub, app_module, kwargs, words):
+def test_stream_errors_are_one_status_and_keep_the_plots(hub, kwargs, words):
     import gradio as gr
 
-    updates = _run(app_module, hub, **kwargs)
+    updates = _run(hub, **kwargs)
     status, *rest = updates[-1]
     assert status.startswith("**Error:**") and words in status
     skip = gr.skip()
     assert all(type(item) is type(skip) and item == skip for item in rest)  # previous results stay
 
 
-def test_view_controls_act_on_the_run(hub, app_module):
+def test_view_controls_act_on_the_run(hub):
     import gradio as gr
 
-    run = _run(app_module, hub)[-1][-1]
-    heatmap, heads = app_module.change_view("fam-block", run)
+    run = _run(hub)[-1][-1]
+    heatmap, heads = inspector_tab.change_view("fam-block", run)
     assert run.view == "fam-block" and heatmap.layout.title.text == figures.SHARE_VIEWS["fam-block"].title
-    heads, document = app_module.change_layer("1", run)
+    heads, document = inspector_tab.change_layer("1", run)
     assert run.layer == 1 and "layer 1" in document and heads.layout.shapes
-    heatmap, heads, document, follow = app_module.drag_block(2, run)
+    heatmap, heads, document, follow = inspector_tab.drag_block(2, run)
     assert run.shown_block == 2 and "Block 2" in heads.layout.title.text and "block 2" in document
     assert follow is False  # dragging the slider stops following the latest block
-    app_module.select_block(2, True, run)
+    inspector_tab.select_block(2, True, run)
     assert run.shown_block == run.blocks_done - 1
-    broken = app_module.Run(config=run.config, document="x", total_tokens=1, trace=object())  # half-built
-    assert all(type(item) is type(gr.skip()) for item in app_module.change_view("block-fam", broken))
-    app_module.stop_run(run)
+    broken = Run(config=run.config, document="x", total_tokens=1, trace=object())  # half-built
+    assert all(type(item) is type(gr.skip()) for item in inspector_tab.change_view("block-fam", broken))
+    inspector_tab.stop_run(run)
     assert run.state == "done"  # a finished run is not "stopped"
 
 
-def test_fast_blocks_redraw_at_a_bounded_rate(hub, app_module, monkeypatch):
+def test_fast_blocks_redraw_at_a_bounded_rate(hub):
     import gradio as gr
 
-    monkeypatch.setattr(app_module, "MIN_REDRAW_SECONDS", 3600.0)
-    updates = _run(app_module, hub)[1:]
+    updates = _run(hub, redraw_seconds=3600.0)[1:]
     drawn = [type(u[1]) is not type(gr.skip()) for u in updates]
     assert drawn[0] and drawn[-1] and not any(drawn[1:-1])  # first and last block drawn, the rest: status only
     assert all("blocks" in u[0] for u in updates)  # but every block sends its progress
 
 
-def test_stop_keeps_what_was_computed(hub, app_module, monkeypatch):
-    monkeypatch.setattr(app_module, "MIN_REDRAW_SECONDS", 0.0)
-    stream = app_module.stream_document(hub, *_args())
+def test_stop_keeps_what_was_computed(hub):
+    stream = inspector_tab.stream_document(hub, *_args(), redraw_seconds=0.0)
     live = next(stream)[-1]
     next(stream)
-    app_module.change_view("block-memory", live)  # while streaming: the next block shows the new view
+    inspector_tab.change_view("block-memory", live)  # while streaming: the next block shows the new view
     assert next(stream)[1].layout.title.text == figures.SHARE_VIEWS["block-memory"].title
-    stopped = app_module.stop_run(live)
+    stopped = inspector_tab.stop_run(live)
     assert stopped[0].startswith("**Stopped**") and live.state == "stopped"
     assert np.asarray(stopped[1].data[0].z).shape[1] == 2  # the plots show every finished block
     assert list(stream) == []  # a stopped run yields nothing more
     assert live.blocks_done == 2 and live.trace.n_blocks == 2
     # Re-sent once Stop has finished, so a block update still in flight cannot leave "Streaming" showing.
-    assert app_module.settled_status(live) == stopped[0]
+    assert inspector_tab.settled_status(live) == stopped[0]
 
 
 @pytest.mark.slow  # numba compiles UMAP on first use (~30 s)
-def test_umap_is_computed_off_the_handler(hub, app_module):
+def test_umap_is_computed_off_the_handler(hub):
     pytest.importorskip("umap")
-    run = _run(app_module, hub)[-1][-1]
-    figure, timer = app_module.change_method("UMAP", run)
+    run = _run(hub)[-1][-1]
+    figure, timer = inspector_tab.change_method("UMAP", run)
     assert run.method == "UMAP"
     assert figure.data  # something is drawn at once (PCA, or UMAP when already done)
     run.umap_future.result(timeout=300)
-    figure, timer = app_module.poll_umap(run)
+    figure, timer = inspector_tab.poll_umap(run)
     assert "UMAP" in figure.layout.xaxis.title.text
 
 
-def test_export_download_and_replay(hub, app_module, tmp_path):
-    run = _run(app_module, hub, compare="bswa")[-1][-1]
-    path, note = app_module.export_plot("nll", "html", run)
+def test_export_download_and_replay(hub, tmp_path):
+    run = _run(hub, compare="bswa")[-1][-1]
+    path, note = inspector_tab.export_plot("nll", "html", run)
     assert Path(path).read_text().count("famviz-metadata") == 1 and "Exported" in note
-    trace_path, note = app_module.download_trace(run)
+    trace_path, note = inspector_tab.download_trace(run)
     assert trace_path.endswith(".npz") and "MB" in note
-    replay = app_module.replay_trace(trace_path, None)
+    replay = inspector_tab.replay_trace(trace_path, None)
     assert replay[0].startswith("**Replayed from trace**")
     replayed = replay[-1]
     np.testing.assert_allclose(np.asarray(replay[1].data[0].z), np.asarray(run.heatmap().data[0].z))
@@ -308,18 +303,18 @@ def test_export_download_and_replay(hub, app_module, tmp_path):
     assert replayed.features.n_blocks == run.blocks_done
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a trace")
-    status, *rest = app_module.replay_trace(str(bad), replayed)
+    status, *rest = inspector_tab.replay_trace(str(bad), replayed)
     assert status.startswith("**Error:**") and "trace" in status
-    assert app_module.export_plot("heatmap", "png", None)[1].startswith("Nothing to export")
+    assert inspector_tab.export_plot("heatmap", "png", None)[1].startswith("Nothing to export")
 
 
-def test_sessions_streaming_at_once_keep_their_own_runs(hub, app_module):
+def test_sessions_streaming_at_once_keep_their_own_runs(hub):
     """Two sessions' handlers running in parallel threads never mix their data."""
     other_text = " ".join(f"A completely different line {i} about cats." for i in range(30))
     results = {}
 
     def session(name, text, mode):
-        results[name] = _run(app_module, hub, pasted=text, mode=mode)[-1][-1]
+        results[name] = _run(hub, pasted=text, mode=mode)[-1][-1]
 
     threads = [threading.Thread(target=session, args=("a", TEXT, "fam")),
                threading.Thread(target=session, args=("b", other_text, "bswa"))]
@@ -331,7 +326,7 @@ def test_sessions_streaming_at_once_keep_their_own_runs(hub, app_module):
     assert a.trace is not b.trace
     assert a.trace.text == TEXT and b.trace.text == other_text
     assert a.config.mode == "fam" and b.config.mode == "bswa"
-    solo = _run(app_module, hub, pasted=other_text, mode="bswa")[-1][-1]
+    solo = _run(hub, pasted=other_text, mode="bswa")[-1][-1]
     np.testing.assert_allclose(b.trace.array("tokens.nll"), solo.trace.array("tokens.nll"), rtol=1e-5)
 
 
@@ -343,13 +338,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_served_app_streams_one_update_per_block(tiny_loaded, app_module, tmp_path):
+def test_served_app_streams_one_update_per_block(tiny_loaded, tmp_path):
     from gradio_client import Client, handle_file
 
-    demo = app_module.build_app(tiny_loaded)
+    demo = launch.build_app(tiny_loaded)
     try:
         _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True,
-                                quiet=True, share=False, max_file_size=app_module.MAX_UPLOAD)
+                                quiet=True, share=False, max_file_size=inputs.MAX_UPLOAD)
         client = Client(url, verbose=False)
         n_blocks = _n_blocks(tiny_loaded)
         doc = tmp_path / "doc.md"
@@ -385,7 +380,7 @@ SESSION_WORDS = ("apple", "river", "violin", "granite", "comet", "lantern", "mea
 
 
 @pytest.mark.slow
-def test_load_eight_sessions_at_once_each_get_their_own_results_and_memory_returns(tiny_loaded, app_module):
+def test_load_eight_sessions_at_once_each_get_their_own_results_and_memory_returns(tiny_loaded):
     """Eight gradio_client sessions stream different documents at once: all finish, each sees only its own
     document (its last block's text, and the mean loss a solo run of it gives), the app's resident memory
     is back within 10% of its idle level afterwards, and a stopped session frees the model for the next."""
@@ -412,7 +407,7 @@ def test_load_eight_sessions_at_once_each_get_their_own_results_and_memory_retur
         trim_heap()
         return current_rss_mb()
 
-    demo = app_module.build_app(tiny_loaded)
+    demo = launch.build_app(tiny_loaded)
     try:
         _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True,
                                 quiet=True, share=False)
@@ -420,11 +415,11 @@ def test_load_eight_sessions_at_once_each_get_their_own_results_and_memory_retur
         idle = settled_rss()
         with ThreadPoolExecutor(max_workers=len(SESSION_WORDS)) as pool:
             results = list(pool.map(lambda word: stream(url, text_of(word)), SESSION_WORDS))
-        for word, updates in zip(SESSION_WORDS, results):
+        for word, updates in zip(SESSION_WORDS, results, strict=True):
             status, document_html = updates[-1][0], updates[-1][3]
             assert status.startswith("**Done**"), status
             assert word in document_html and not any(other in document_html for other in SESSION_WORDS if other != word)
-            solo = _run(app_module, app_module.ModelHub(tiny_loaded, None, ("tiny", None, "auto", "auto")),
+            solo = _run(app_hub.ModelHub(tiny_loaded, None, ("tiny", None, "auto", "auto")),
                         pasted=text_of(word), mode="fam", fam_len=8, mem_blocks=1)[-1][0]
             assert status.split("mean NLL ")[1] == solo.split("mean NLL ")[1]
         after = settled_rss()
@@ -446,34 +441,34 @@ def test_load_eight_sessions_at_once_each_get_their_own_results_and_memory_retur
         demo.close()
 
 
-def test_status_says_when_max_tokens_cut_the_document(app_module, hub):
-    updates = _run(app_module, hub, max_tokens=40)
+def test_status_says_when_max_tokens_cut_the_document(hub):
+    updates = _run(hub, max_tokens=40)
     status = updates[-1][0]
     total = len(hub.default[0].tokenizer(TEXT, add_special_tokens=False)["input_ids"])
     assert f"40 / 40 tokens (of {total:,} tokens: document cut at max tokens)" in status
-    whole = _run(app_module, hub)[-1][0]
+    whole = _run(hub)[-1][0]
     assert "document cut" not in whole
 
 
-def test_document_cut_for_huge_documents_gives_the_character_share(app_module, hub):
+def test_document_cut_for_huge_documents_gives_the_character_share(hub):
     tokenizer = hub.default[0].tokenizer
     text = "word " * 1000
-    assert app_module.document_cut(tokenizer, text, [1, 2], [(0, 4), (5, 9)], count_up_to=100) == \
+    assert inputs.document_cut(tokenizer, text, [1, 2], [(0, 4), (5, 9)], count_up_to=100) == \
         "0% of its 5,000 characters"
-    assert app_module.document_cut(tokenizer, "a b", [1, 2], [(0, 1), (2, 3)]) is None
+    assert inputs.document_cut(tokenizer, "a b", [1, 2], [(0, 1), (2, 3)]) is None
 
 
-def test_the_app_starts_on_the_shipped_tuned_adapter_unless_told_otherwise(app_module):
+def test_the_app_starts_on_the_shipped_tuned_adapter_unless_told_otherwise():
     from famviz.io.adapters import SHIPPED_ADAPTER
 
-    shipped = app_module.shipped_adapters()[0][1]  # listed first, too
-    assert shipped == str(SHIPPED_ADAPTER) == app_module.startup_adapter(None, None)
-    assert app_module.startup_adapter(None, "none") is None and app_module.startup_adapter(None, "") is None
-    assert app_module.startup_adapter("my/model", None) is None  # no shipped adapter fits another model
-    assert app_module.startup_adapter(None, "/some/dir") == "/some/dir"
+    shipped = app_hub.shipped_adapters()[0][1]  # listed first, too
+    assert shipped == str(SHIPPED_ADAPTER) == launch.startup_adapter(None, None)
+    assert launch.startup_adapter(None, "none") is None and launch.startup_adapter(None, "") is None
+    assert launch.startup_adapter("my/model", None) is None  # no shipped adapter fits another model
+    assert launch.startup_adapter(None, "/some/dir") == "/some/dir"
 
 
-def test_runs_exports_and_traces_name_the_model_and_adapter(app_module, tmp_path):
+def test_runs_exports_and_traces_name_the_model_and_adapter(tmp_path):
     """Both the status and what leaves the app (figure caption and metadata, trace file) say which model and
     adapter produced a run; a geometry other than the adapter's runs, with a note; choosing an adapter in
     the Model panel fills in its geometry and says so; the header follows the choice."""
@@ -486,10 +481,10 @@ def test_runs_exports_and_traces_name_the_model_and_adapter(app_module, tmp_path
 
     model_dir, adapter_dir = write_random_lora_adapter(tmp_path)
     startup = load_model(str(model_dir), device="cpu", dtype="float32")
-    hub = app_module.ModelHub(startup, None, app_module._model_key(str(model_dir), "", "cpu", "float32"))
+    hub = app_hub.ModelHub(startup, None, app_hub.model_key(str(model_dir), "", "cpu", "float32"))
     common = dict(model=str(model_dir), device="cpu", dtype="float32", fam_len=4, mem_blocks=0)
-    untuned = _run(app_module, hub, adapter="", **common)[-1]
-    tuned = _run(app_module, hub, adapter=str(adapter_dir), **common)[-1]
+    untuned = _run(hub, adapter="", **common)[-1]
+    tuned = _run(hub, adapter=str(adapter_dir), **common)[-1]
     assert "(untuned conversion)" in untuned[0] and "+ adapter adapter" in tuned[0]
     assert "Note:" not in tuned[0]
     run = tuned[-1]
@@ -498,23 +493,23 @@ def test_runs_exports_and_traces_name_the_model_and_adapter(app_module, tmp_path
     replayed = Run.from_trace(Trace.load(path), name="run.npz")
     assert "+ adapter adapter" in replayed.caption() and "+ adapter adapter" in replayed.status()
 
-    other = _run(app_module, hub, adapter=str(adapter_dir), **dict(common, mem_blocks=1))[-1][0]
+    other = _run(hub, adapter=str(adapter_dir), **dict(common, mem_blocks=1))[-1][0]
     assert "**Note:** adapter adapter was trained with memory blocks 0, this run uses 1" in other
-    short = _run(app_module, hub, adapter="", **dict(common, block_size=2))[-1][0]
+    short = _run(hub, adapter="", **dict(common, block_size=2))[-1][0]
     assert "shorter than the FAM (4 slots)" in short
 
-    *values, note = app_module.adapter_geometry(2, str(adapter_dir))
+    *values, note = app_hub.adapter_geometry(2, str(adapter_dir))
     assert values == [32, 4, 0, 32, 4, 0] and "trained with block 32 tokens, FAM 4 slots, memory blocks 0" in note
-    *kept, note = app_module.adapter_geometry(1, "")
+    *kept, note = app_hub.adapter_geometry(1, "")
     assert "Untuned conversion" in note
-    assert app_module.adapter_geometry(1, str(tmp_path))[-1].startswith("**Error:**")
+    assert app_hub.adapter_geometry(1, str(tmp_path))[-1].startswith("**Error:**")
 
-    header = app_module.model_header(hub, str(model_dir), str(adapter_dir), "cpu", "float32")
+    header = app_hub.model_header(hub, str(model_dir), str(adapter_dir), "cpu", "float32")
     assert "adapter `adapter` (tuned FAM)" in header  # loaded by the run above
-    assert "loaded on the next Start" in app_module.model_header(hub, "other/model", "", "cpu", "float32")
+    assert "loaded on the next Start" in app_hub.model_header(hub, "other/model", "", "cpu", "float32")
 
 
-def test_errors_are_repeated_beside_start_and_the_plots_are_explained(app_module, hub):
-    assert app_module.error_status("boom").startswith(app_module.ERROR_MARK)  # what the page's JS looks for
-    assert set(app_module.PLOT_NOTES) == {"heatmap", "trajectory", "dynamics", "nll"}
-    assert app_module.warm_up(hub, app_module.FamConfig("fam", 32, 8, 1)) > 0  # runs the real stream handler
+def test_errors_are_repeated_beside_start_and_the_plots_are_explained(hub):
+    assert inputs.error_status("boom").startswith(inputs.ERROR_MARK)  # what the page's JS looks for
+    assert set(inspector_tab.PLOT_NOTES) == {"heatmap", "trajectory", "dynamics", "nll"}
+    assert launch.warm_up(hub, FamConfig("fam", 32, 8, 1)) > 0  # runs the real stream handler

@@ -88,7 +88,7 @@ def test_train_bench_reads_the_recipe_and_compares_in_one_run(tmp_path):
     from helpers import save_tiny_llama_dir
 
     from famviz.bench import TrainBenchSizes, format_train_table, run_train_bench
-    from famviz.training.train import TRAIN_CONFIG, TrainConfig
+    from famviz.training.config import TRAIN_CONFIG, TrainConfig
 
     model_dir = save_tiny_llama_dir(tmp_path / "tiny")
     recipe = tmp_path / "recipe"

@@ -51,12 +51,12 @@ def _free_port() -> int:
 def served_app():
     from helpers import tiny_llama_with_bundled_tokenizer
 
-    import app
+    from famviz.app import inputs, launch
 
     loaded = tiny_llama_with_bundled_tokenizer(n_layers=4)
-    demo = app.build_app(loaded)
+    demo = launch.build_app(loaded)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True,
-                            share=False, max_file_size=app.MAX_UPLOAD)
+                            share=False, max_file_size=inputs.MAX_UPLOAD)
     yield url
     demo.close()
 

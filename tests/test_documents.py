@@ -32,7 +32,7 @@ def make_pdf(*page_streams: bytes) -> bytes:
         % (b" ".join(b"%d 0 R" % page_id for page_id in page_ids), page_count),
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>",
     ]
-    for page_id, stream in zip(page_ids, page_streams):
+    for page_id, stream in zip(page_ids, page_streams, strict=True):
         objects.append(
             b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
             b"/Resources << /Font << /F1 3 0 R >> >> /Contents %d 0 R >>" % (page_id + 1)
@@ -409,17 +409,16 @@ def test_read_document_calls_the_bytes_path(tmp_path, monkeypatch):
 
 def test_uploads_report_their_true_size_and_name_in_both_tabs(tmp_path):
     """One reader for uploads (inspector and PassKey tab): the file's real size, its name, no server path."""
-    from famviz.app import passkey_tab as passkey_app
-    from famviz.io.documents import read_upload
+    from famviz.app.inputs import read_uploaded_document
 
     big = tmp_path / "server" / "uploads" / "big.txt"
     big.parent.mkdir(parents=True)
     with open(big, "wb") as handle:
         handle.truncate(62_915_028)  # 60 MB of zero bytes: sparse, nothing is written
-    message = error_message(read_upload, big)
+    message = error_message(read_uploaded_document, big, None)
     assert message.startswith("big.txt: file is 60.0 MB, over the 50.0 MB limit")
     assert str(big.parent) not in message
     with pytest.raises(DocumentError) as caught:  # the PassKey tab reads the start it needs: zero bytes
-        passkey_app._read_upload(str(big), 100)
+        read_uploaded_document(str(big), 100)
     assert str(caught.value).startswith("big.txt: binary file") and str(big.parent) not in str(caught.value)
-    assert "No file uploaded" in error_message(read_upload, None)
+    assert "No file uploaded" in error_message(read_uploaded_document, None, None)

@@ -183,7 +183,7 @@ def test_fam_slot_positions_follow_the_previous_block(tiny_llama):
     with torch.no_grad():
         for _ in range(3):
             state = fam.forward_block(torch.tensor([random_ids(B)]), state).state
-    rows_cos, _, mem_cos, _ = fam._window_angles(state.position, state.memory_tokens, 4, B)
+    rows_cos, _, mem_cos, _ = fam.window_angles(state.position, state.memory_tokens, 4, B)
     # window positions: memory 0..15, FAM 12..15 (last 4 of the previous block), block 16..23
     expected_rows, _ = tiny_llama.model.model.rotary_emb(torch.empty(0), torch.cat([torch.arange(12, 16), torch.arange(16, 24)])[None])
     expected_mem, _ = tiny_llama.model.model.rotary_emb(torch.empty(0), torch.arange(0, 16)[None])
@@ -333,8 +333,8 @@ def test_nll_over_row_chunks_matches_model_log_probs(tiny_llama):
 
 
 def test_rotation_equals_rotate_half_formula():
-    from famviz.core.fam_model import _rotate
+    from famviz.core.fam_model import apply_rope
 
     x, cos, sin = torch.randn(2, 3, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
     rotated = torch.cat([-x[..., 4:], x[..., :4]], dim=-1)
-    torch.testing.assert_close(_rotate(x, cos, sin), x * cos + rotated * sin)
+    torch.testing.assert_close(apply_rope(x, cos, sin), x * cos + rotated * sin)

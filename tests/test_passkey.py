@@ -316,7 +316,7 @@ def test_the_default_adapter_predicts_long_text_better_than_untuned_bswa(bundled
     fam = long_document_eval(FamModel(tuned, config, fam_prompt=prompt), ids, norm_after=())
     bswa = long_document_eval(FamModel(bundled_bf16, FamConfig(mode="bswa", block_size=256, mem_blocks=0)), ids)
     assert fam["nll"] < 0.97 * bswa["nll"], (fam["nll"], bswa["nll"])
-    assert all(f < b for f, b in zip(fam["nll_quarters"], bswa["nll_quarters"])), (fam, bswa)
+    assert all(f < b for f, b in zip(fam["nll_quarters"], bswa["nll_quarters"], strict=True)), (fam, bswa)
 
 
 @pytest.mark.slow

@@ -14,6 +14,8 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 from helpers import bundled_tokenizer, tiny_causal_lm  # noqa: E402
 
 from famviz import prepare_model  # noqa: E402
+from famviz.app import hub as app_hub  # noqa: E402
+from famviz.app import launch  # noqa: E402
 from famviz.app import passkey_tab as tab  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +48,7 @@ def test_retention_in_an_uploaded_document(context, tmp_path, gpl_text):
 @pytest.mark.parametrize("args, message", [
     (("fam", 0, 32, 4, 300, 2.0, 1, tab.FILLER, None, 0), "Depth"),
     (("fam", 0, 32, 4, "x", 0.0, 1, tab.FILLER, None, 0), "Length"),
-    (("fam", 0, 32, 4, 300, 0.0, 1, tab.UPLOAD, None, 0), "No document"),
+    (("fam", 0, 32, 4, 300, 0.0, 1, tab.UPLOAD, None, 0), "No file uploaded"),
     (("fam", 0, 0, 4, 300, 0.0, 1, tab.FILLER, None, 0), "Block size"),
     (("fam", 0, 32, 4, 64, 0.0, 1, tab.FILLER, None, 0), "shorter than the prompt"),
 ])
@@ -95,7 +97,7 @@ def test_interventions_fill_their_heatmap_and_export(context, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (("sideways", 200, 0.0, 1, "", "last"), "--method"), (("ablate", "x", 0.0, 1, "", "last"), "Length"),
-    (("ablate", 200, 2.0, 1, "", "last"), "depth"), (("ablate", 200, 0.0, 1, "0,99", "last"), "layers must be"),
+    (("ablate", 200, 2.0, 1, "", "last"), "Depth must be from 0 to 1"), (("ablate", 200, 0.0, 1, "0,99", "last"), "layers must be"),
     (("patch", 60, 0.0, 1, "", "last"), "Length"),
 ])
 def test_bad_intervention_input_is_a_message(context, args, message):
@@ -109,11 +111,7 @@ def test_served_passkey_tab_streams_a_retention_curve(bundled_bf16):
     """The real app on the bundled model: the retention event yields one update per block."""
     from gradio_client import Client
 
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    import app
-
-    demo = app.build_app(bundled_bf16)
+    demo = launch.build_app(bundled_bf16)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
     try:
         client = Client(url, verbose=False)
@@ -128,12 +126,9 @@ def test_served_passkey_tab_streams_a_retention_curve(bundled_bf16):
 
 
 def test_the_app_offers_the_shipped_adapter():
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    import app
     from famviz.io.adapters import read_adapter
 
-    shipped = app.shipped_adapters()
+    shipped = app_hub.shipped_adapters()
     assert shipped and all("tuned FAM" in label for label, _ in shipped)
     for _, directory in shipped:
         assert read_adapter(directory).meta["model_type"] == "llama"
@@ -147,12 +142,11 @@ def test_both_tabs_run_the_model_and_adapter_chosen_in_the_model_panel(tmp_path)
         sys.path.insert(0, str(ROOT))
     from helpers import write_random_lora_adapter
 
-    import app
     from famviz.io.models import load_model
 
     model_dir, adapter_dir = write_random_lora_adapter(tmp_path)
     startup = load_model(str(model_dir), device="cpu", dtype="float32")
-    hub = app.ModelHub(startup, None, app._model_key(str(model_dir), "", "cpu", "float32"))
+    hub = app_hub.ModelHub(startup, None, app_hub.model_key(str(model_dir), "", "cpu", "float32"))
     context = SimpleNamespace(hub=hub)
     runs = {}
     for name, adapter in (("untuned", ""), ("tuned", str(adapter_dir))):

@@ -10,16 +10,11 @@ from helpers import assert_one_line_error, run_cli_in_process, tiny_causal_lm
 
 from famviz import FamConfig, prepare_model
 from famviz.errors import ConfigError
+from famviz.training.config import TrainConfig
 from famviz.training.data import Example, copy_example, parse_mixture, parse_range
-from famviz.training.train import (
-    StatePassing,
-    TrainConfig,
-    Trainer,
-    TrainingFamModel,
-    draw_position_offsets,
-    initial_training_state,
-    sequence_loss,
-)
+from famviz.training.loop import Trainer
+from famviz.training.loss import sequence_loss
+from famviz.training.rpo_rsp import StatePassing, TrainingFamModel, draw_position_offsets, initial_training_state
 
 VOCAB = 128
 
@@ -127,7 +122,7 @@ def test_bswa_without_memory_skips_unscored_blocks_exactly(tmp_path):
         results.append((loss.detach(), [p.grad.clone() for p in trainer.trainable_parameters], len(calls), final))
     (loss_a, grads_a, calls_a, final_a), (loss_b, grads_b, calls_b, final_b) = results
     assert calls_a == 1 and calls_b == 4  # 31 tokens in blocks of 8: only the answer's block is run
-    assert torch.equal(loss_a, loss_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert torch.equal(loss_a, loss_b) and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
     assert final_a.position == final_b.position == len(example.ids)
 
 
@@ -150,10 +145,10 @@ def test_rpo_shifts_what_rope_sees_but_not_attention(mode, mem_blocks):
     ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
     state = model.initial_state(2)
     state = model.forward_block(ids, state).state  # a window with memory (when mem_blocks > 0) and a used FAM
-    plain_angles = model._window_angles(state.position, state.memory_tokens, model.fam_len, 8)
+    plain_angles = model.window_angles(state.position, state.memory_tokens, model.fam_len, 8)
     plain = model.forward_block(ids, state).hidden
     model.position_offsets = torch.tensor([0.0, 1234.0], dtype=torch.float64)
-    shifted_angles = model._window_angles(state.position, state.memory_tokens, model.fam_len, 8)
+    shifted_angles = model.window_angles(state.position, state.memory_tokens, model.fam_len, 8)
     shifted = model.forward_block(ids, state).hidden
     # Element 0 has offset 0: the same angles; element 1 sees rotations of positions shifted by 1234.
     assert torch.allclose(shifted_angles[0][0], plain_angles[0][0], atol=1e-6)
@@ -170,7 +165,7 @@ def test_the_engine_alone_ignores_a_position_offset():
     """Why RPO needs TrainingFamModel: bounded windows are rebased, so shifting state.position changes nothing."""
     loaded = tiny_loaded()
     model = TrainingFamModel(loaded, FamConfig(mode="fam", block_size=8, fam_len=4, mem_blocks=1))
-    assert model._window_angles(16, 8, 4, 8)[0].equal(model._window_angles(16 + 5000, 8, 4, 8)[0])
+    assert model.window_angles(16, 8, 4, 8)[0].equal(model.window_angles(16 + 5000, 8, 4, 8)[0])
 
 
 # -- Random State Passing ------------------------------------------------------------------------------
@@ -181,7 +176,7 @@ def test_state_passing_reuses_with_probability_p_and_detaches():
     final = tuple(torch.randn(3, 4, 8, requires_grad=True) * 2 for _ in range(2))
     passing.remember(final)
     assert all(not t.requires_grad and t.shape == (1, 4, 8) for t in passing.saved)
-    assert all(torch.equal(s, f[:1].detach()) for s, f in zip(passing.saved, final))  # batch element 0
+    assert all(torch.equal(s, f[:1].detach()) for s, f in zip(passing.saved, final, strict=True))  # batch element 0
     used = sum(passing.choose(rng) is not None for _ in range(4000)) / 4000
     assert 0.77 < used < 0.83
     assert StatePassing(0.0).choose(rng) is None
@@ -197,7 +192,7 @@ def test_training_step_starts_from_the_passed_fam(tmp_path, monkeypatch):
         started.append(state)
         return state
 
-    monkeypatch.setattr("famviz.training.train.initial_training_state", spy)
+    monkeypatch.setattr("famviz.training.loop.initial_training_state", spy)
     trainer.train_step()
     saved = trainer.state_passing.saved
     trainer.train_step()
@@ -235,7 +230,7 @@ def test_resume_continues_identically(tmp_path):
         return [json.loads(line)["loss"] for line in (directory / "run" / "train_log.jsonl").read_text().splitlines()]
 
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    from famviz.training.train import trainable_state
+    from famviz.training.checkpoints import trainable_state
 
     a = trainable_state(straight.peft_model, straight.prompt)
     b = trainable_state(resumed.peft_model, resumed.prompt)
@@ -248,7 +243,7 @@ def test_resume_can_change_the_recipe(tmp_path):
     import argparse
     from dataclasses import asdict
 
-    from famviz.training.train import TRAIN_CONFIG, add_train_arguments, config_from_args
+    from famviz.training.config import TRAIN_CONFIG, add_train_arguments, config_from_args
 
     run = tmp_path / "run"
     run.mkdir()

@@ -12,16 +12,11 @@ from famviz import FamConfig, prepare_model
 from famviz.core.fam_model import FamModel
 from famviz.core.projections import ProjectionGroup, linear_parts
 from famviz.errors import ConfigError
+from famviz.training.config import TrainConfig
 from famviz.training.data import Example, ExampleStream, Readout
-from famviz.training.train import (
-    TrainConfig,
-    Trainer,
-    add_lora,
-    collate,
-    initial_training_state,
-    resumed_stage,
-    sequence_loss,
-)
+from famviz.training.loop import Trainer, add_lora, resumed_stage
+from famviz.training.loss import collate, sequence_loss
+from famviz.training.rpo_rsp import initial_training_state
 
 VOCAB = 128
 
@@ -80,7 +75,7 @@ def test_fused_projections_equal_peft_modules_in_value_and_gradient(family):
         results.append((total.detach(), state.fam, grads))
     (loss_a, fam_a, grads_a), (loss_b, fam_b, grads_b) = results
     assert torch.allclose(loss_a, loss_b, rtol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fam_a, fam_b))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fam_a, fam_b, strict=True))
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
     for name in grads_a:
         assert torch.allclose(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6), name
@@ -99,7 +94,7 @@ def test_fused_group_falls_back_for_anything_but_plain_lora():
     torch.manual_seed(0)
     expected = [attn.q_proj(x), attn.k_proj(x)]
     torch.manual_seed(0)
-    assert all(torch.equal(a, b) for a, b in zip(group(x), expected))
+    assert all(torch.equal(a, b) for a, b in zip(group(x), expected, strict=True))
 
 
 def test_fused_group_follows_a_change_of_the_frozen_weights():
@@ -112,7 +107,7 @@ def test_fused_group_follows_a_change_of_the_frozen_weights():
     group(x)
     with torch.no_grad():
         linear[0].weight.add_(1.0)
-    assert all(torch.allclose(a, m(x)) for a, m in zip(group(x), linear))
+    assert all(torch.allclose(a, m(x)) for a, m in zip(group(x), linear, strict=True))
 
 
 # -- read-out probes ---------------------------------------------------------------------------------
@@ -152,7 +147,7 @@ def test_readout_probes_leave_the_main_stream_unchanged_and_add_their_loss(tmp_p
         state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
         plain, final_plain, count_plain = sequence_loss(trainer.fam_model, ids, weights, state)
         probed, final_probed, count_probed = sequence_loss(trainer.fam_model, ids, weights, state, readout=readout)
-    assert all(torch.equal(a, b) for a, b in zip(final_plain.fam, final_probed.fam))
+    assert all(torch.equal(a, b) for a, b in zip(final_plain.fam, final_probed.fam, strict=True))
     # 32 tokens in blocks of 8: block ends 8, 16, 24 lie within [2, 30], 32 does not: three probes of one answer
     assert count_plain == 1 and count_probed == 4
     # the probed loss is the mean over the main answer and the three probe answers, each a fresh read of the FAM
@@ -192,7 +187,7 @@ def test_split_readout_probes_read_the_answer_from_the_fam_the_question_wrote(tm
             manual.append(float(torch.nn.functional.cross_entropy(logits, readout.ids[0, 3:5], reduction="sum")))
         unsplit = {}
         sequence_loss(fam, ids, weights, state, readout=readout, parts=unsplit)
-    assert all(torch.equal(a, b) for a, b in zip(final_plain.fam, final_split.fam))  # the stream is untouched
+    assert all(torch.equal(a, b) for a, b in zip(final_plain.fam, final_split.fam, strict=True))  # the stream is untouched
     assert count == 1 + 3 * 2
     assert parts["readout"] == pytest.approx(sum(manual) / 6, rel=1e-5)
     assert parts["readout"] != pytest.approx(unsplit["readout"], rel=1e-3)  # a different question than unsplit
@@ -268,7 +263,7 @@ def test_passkey_answers_end_the_number_and_the_held_out_score_requires_it():
     whole = tokenizer(document.text + f" {document.key}.", add_special_tokens=False)["input_ids"]
     assert whole[-len(document.closing_ids) - len(document.answer_ids):] == document.answer_ids + document.closing_ids
     example = ExampleStream(tokenizer, {"passkey": 1.0}, (300, 400), (10, 20), 4, 0.1, 0.0).draw(random.Random(1))
-    scored = [t for t, w in zip(example.ids, example.weights) if w > 0]
+    scored = [t for t, w in zip(example.ids, example.weights, strict=True) if w > 0]
     assert tokenizer.decode(scored) == f" {example_key(tokenizer, example)}."
 
 
@@ -277,7 +272,7 @@ def test_the_held_out_score_fails_a_model_that_does_not_end_the_number(monkeypat
     the key's tokens only."""
     from helpers import bundled_tokenizer
 
-    import famviz.training.train as train
+    import famviz.training.loss as train_loss
 
     tokenizer = bundled_tokenizer()
     seen = {}
@@ -289,13 +284,13 @@ def test_the_held_out_score_fails_a_model_that_does_not_end_the_number(monkeypat
         hits[-1] = seen["closing_right"]
         return hits, torch.full((n,), -0.5)
 
-    monkeypatch.setattr(train, "_score_tokens", fake_scores)
-    monkeypatch.setattr(train, "initial_training_state", lambda *a, **k: None)
+    monkeypatch.setattr(train_loss, "_score_tokens", fake_scores)
+    monkeypatch.setattr(train_loss, "initial_training_state", lambda *a, **k: None)
     fake_model = type("M", (), {"device": torch.device("cpu")})()
     document = __import__("famviz.probes.passkey", fromlist=["x"]).make_passkey_document(tokenizer, 200, seed=1_000_000)
     for closing_right, accuracy in ((True, 1.0), (False, 0.0)):
         seen["closing_right"] = closing_right
-        result = train.passkey_teacher_forced(fake_model, tokenizer, None, 200, 1, seed=1_000_000)
+        result = train_loss.passkey_teacher_forced(fake_model, tokenizer, None, 200, 1, seed=1_000_000)
         assert result["accuracy"] == accuracy
     assert seen["n"] == len(document.answer_ids) + len(document.closing_ids)
     assert result["key_logprob"] == pytest.approx(-0.5 * len(document.answer_ids))
@@ -319,7 +314,7 @@ def test_aligned_passkey_lengths_put_the_answer_at_a_block_boundary():
 
 # -- curriculum --------------------------------------------------------------------------------------
 def test_curriculum_draws_up_to_n_blocks_and_advances_on_the_threshold(tmp_path, monkeypatch):
-    import famviz.training.train as train
+    import famviz.training.loop as train_loop
 
     class Lengths:
         passkey_tokens = (3, 100)
@@ -338,7 +333,7 @@ def test_curriculum_draws_up_to_n_blocks_and_advances_on_the_threshold(tmp_path,
         asked.append(length)
         return {"length": length, "depth": depth, "trials": trials, "accuracy": next(scores), "key_logprob": -1.0}
 
-    monkeypatch.setattr(train, "passkey_teacher_forced", fake_eval)
+    monkeypatch.setattr(train_loop, "passkey_teacher_forced", fake_eval)
     first, second = trainer.evaluate(), trainer.evaluate()
     assert asked == [16, 16] and not first["advanced"] and second["advanced"]
     trainer.train_step()
@@ -363,7 +358,7 @@ def test_bad_curricula_are_refused(tmp_path, spec):
 
 # -- --init-from -------------------------------------------------------------------------------------
 def test_init_from_loads_the_adapter_exactly(tmp_path):
-    from famviz.training.train import trainable_state
+    from famviz.training.checkpoints import trainable_state
 
     source = Trainer(tiny_config(tmp_path / "a", steps=3), loaded=tiny_loaded(), data=KeyWithProbe())
     source.run(progress=False)
@@ -420,7 +415,7 @@ def test_card_records_each_stage_and_keeps_evaluations_across_resumes(tmp_path):
 
 
 def test_steps_from_before_stage_records_form_a_first_stage():
-    from famviz.training.train import stage_summaries
+    from famviz.training.card import stage_summaries
 
     history = [{"step": 1, "loss": 1.0, "tokens": 5, "seconds": 2.0}, {"step": 1, "eval": {"length": 8, "accuracy": 0.5}},
                {"stage": "start", "from_step": 1, "command": "B"}, {"step": 2, "loss": 1.0, "tokens": 7, "seconds": 1.0}]

@@ -1,6 +1,6 @@
 """The app's PassKey tab: watch retention live, and sweep length × depth as the heatmap fills.
 
-Built by ``build_passkey_tab(context)`` from ``app.py`` (``context.hub`` holds the models). Both
+Built by ``build_passkey_tab(context)`` (``famviz.app.hub.AppContext``; ``context.hub`` holds the models). All
 handlers are generators: they yield after every block (retention) or every trial (sweep), keep what
 was computed when stopped, and turn bad input into a message instead of an exception.
 """
@@ -15,12 +15,23 @@ from pathlib import Path
 
 import gradio as gr
 
+from famviz.app.hub import AppContext, chosen_model, notes_markdown, status_notes
+from famviz.app.inputs import (
+    MAX_BLOCK_SIZE,
+    MAX_FAM_LEN,
+    MAX_MEM_BLOCKS,
+    UPLOAD_LABEL,
+    UPLOAD_TYPES,
+    error_status,
+    fraction,
+    number_list,
+    read_uploaded_document,
+    whole_number,
+)
 from famviz.core.config import FamConfig
 from famviz.core.engine import Stream
 from famviz.core.fam_model import FamModel
 from famviz.errors import FamvizError
-from famviz.io.adapters import run_notes
-from famviz.io.documents import MAX_DOCUMENT_BYTES, head_bytes_for, read_upload
 from famviz.probes import passkey as pk
 from famviz.viz import export
 from famviz.viz.passkey_figures import intervention_heatmap, passkey_heatmap, retention_figure
@@ -36,66 +47,15 @@ MAX_TRIALS = 1000
 MAX_CELLS = 400
 
 
-def _error(message: str) -> str:
-    return f"**Error:** {message}"
-
-
-def _int(label: str, value, low: int, high: int) -> int:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise FamvizError(f"{label} must be a whole number, got {value!r}.") from None
-    if number != int(number) or not low <= number <= high:
-        raise FamvizError(f"{label} must be a whole number from {low} to {high:,}, got {value!r}.")
-    return int(number)
-
-
-def _numbers(label: str, text: str, kind, low: float, high: float) -> list:
-    try:
-        values = [kind(part) for part in str(text).replace(";", ",").split(",") if part.strip()]
-    except ValueError:
-        raise FamvizError(f"{label} must be numbers separated by commas, got {text!r}.") from None
-    if not values:
-        raise FamvizError(f"{label} is empty.")
-    if any(not low <= v <= high for v in values):
-        raise FamvizError(f"{label} must lie between {low:g} and {high:,g}, got {text!r}.")
-    return sorted(set(values))
-
-
 def _base(block_size, fam_len) -> FamConfig:
-    return FamConfig(mode="fam", block_size=_int("Block size", block_size, 1, 8192),
-                     fam_len=_int("FAM length", fam_len, 1, 1024), mem_blocks=0)
-
-
-def chosen_model(context, model_choice: tuple | None):
-    """(loaded model, app adapter or None) of the Model panel's choice (model, adapter, device, dtype);
-    the startup model when None. The hub loads a changed choice (inside the queued event)."""
-    if model_choice is None:
-        return context.hub.default
-    return context.hub.for_choice(*model_choice)
-
-
-def _notes(adapter, configs) -> str:
-    """Geometry warnings and differences from the adapter's training, as note lines under a status."""
-    notes = []
-    for config in configs:
-        for note in run_notes(config, adapter.adapter if adapter is not None else None):
-            if note not in notes:
-                notes.append(note)
-    return "".join(f"\n\n**Note:** {note}" for note in notes)
+    return FamConfig(mode="fam", block_size=whole_number("Block size", block_size, 1, MAX_BLOCK_SIZE),
+                     fam_len=whole_number("FAM length", fam_len, 1, MAX_FAM_LEN), mem_blocks=0)
 
 
 def _fam_model(loaded, adapter, spec: pk.ModeSpec, base: FamConfig) -> FamModel:
     config = pk.sweep_config(base, spec)
     prompt = adapter.prompt_for(loaded, config) if adapter is not None and spec.mode == "fam" else None
     return FamModel(loaded, config, fam_prompt=prompt)
-
-
-def _read_upload(upload, tokens: int) -> str:
-    """The uploaded document's text; of a file over the size limit, the start that ``tokens`` can need."""
-    if not upload:
-        raise FamvizError("No document uploaded: upload a file or use the PassKey filler.")
-    return read_upload(upload, MAX_DOCUMENT_BYTES, head_bytes_for(tokens))[0]
 
 
 def _export_path(stem: str, fmt: str) -> Path:
@@ -117,41 +77,37 @@ class PasskeySession:
 
 
 # -- live retention -------------------------------------------------------------------------------------------
-def watch_retention(context, mode, mem_blocks, block_size, fam_len, length, depth, every, source, upload, seed,
+def watch_retention(context: AppContext, mode, mem_blocks, block_size, fam_len, length, depth, every, source, upload, seed,
                     session: PasskeySession | None, model_choice: tuple | None = None) -> Iterator[tuple]:
     """Stream one PassKey prompt and probe the memory after every ``every`` blocks once the key went by,
     with the model of the Model panel (``model_choice``). Yields (status, retention figure, session) after
     every block."""
     session = session or PasskeySession()
     try:
-        spec = pk.ModeSpec.parse(f"{mode}:{_int('Memory blocks', mem_blocks, 0, 64)}", 0)
+        spec = pk.ModeSpec.parse(f"{mode}:{whole_number('Memory blocks', mem_blocks, 0, MAX_MEM_BLOCKS)}", 0)
         base = _base(block_size, fam_len)
-        length = _int("Length", length, 64, MAX_LENGTH)
-        every = _int("Probe every", every, 1, 10_000)
-        seed = _int("Seed", seed, 0, 2**31 - 1)
-        try:
-            depth = float(depth)
-        except (TypeError, ValueError):
-            raise FamvizError(f"Depth must be a number from 0 to 1, got {depth!r}.") from None
-        if not 0 <= depth <= 1:
-            raise FamvizError(f"Depth must be from 0 to 1, got {depth}.")
+        length = whole_number("Length", length, 64, MAX_LENGTH)
+        every = whole_number("Probe every", every, 1, 10_000)
+        seed = whole_number("Seed", seed, 0, 2**31 - 1)
+        depth = fraction("Depth", depth)
         loaded, adapter = chosen_model(context, model_choice)
         fam_model = _fam_model(loaded, adapter, spec, base)
         label = loaded.label
         tokenizer = fam_model.loaded.tokenizer
         try:
             if source == UPLOAD:
-                document = pk.make_document_probe(tokenizer, _read_upload(upload, length), depth, length, seed=seed)
+                document = pk.make_document_probe(tokenizer, read_uploaded_document(upload, length).text, depth, length,
+                                                 seed=seed)
             else:
                 document = pk.make_passkey_document(tokenizer, length, depth, seed=seed)
         except ValueError as exc:
             raise FamvizError(str(exc)) from None
     except FamvizError as exc:
-        yield _error(str(exc)), gr.skip(), session
+        yield error_status(str(exc)), gr.skip(), session
         return
     except Exception as exc:  # noqa: BLE001 - the app stays up; details go to the log
         log.exception("could not start the retention probe")
-        yield _error(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), session
+        yield error_status(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), session
         return
 
     session.points, session.key = [], document.key
@@ -161,20 +117,18 @@ def watch_retention(context, mode, mem_blocks, block_size, fam_len, length, dept
     probe = pk.RetentionProbe(document.key, document.key_span[1], every).attach(stream)
     probe.points = session.points  # the session sees every point as soon as it is measured
     ids = document.haystack_ids
-    block = base.block_size
-    total = -(-len(ids) // block)
+    total = -(-len(ids) // base.block_size)
     started = time.perf_counter()
-    notes = _notes(adapter, [fam_model.config])
+    notes = notes_markdown(status_notes(adapter, [fam_model.config]))
     yield (f"Streaming {document.length:,} tokens ({total} blocks) with {spec.label} on {label}; key "
            f"**{document.key}**…{notes}"), retention_figure([], document.key), session
-    for index, start in enumerate(range(0, len(ids), block)):
+    blocks = stream.blocks(ids)
+    for index in range(total):
         try:
-            stream.feed(ids[start:start + block])
-            if start + block >= len(ids):
-                stream.finish()
+            next(blocks)
         except Exception as exc:  # noqa: BLE001 - keep the curve so far
             log.exception("retention stream failed")
-            yield _error(f"stopped at block {index}: {type(exc).__name__}: {exc}"), gr.skip(), session
+            yield error_status(f"stopped at block {index}: {type(exc).__name__}: {exc}"), gr.skip(), session
             return
         last = session.points[-1] if session.points else None
         said = "no number" if last is None or last.predicted is None else last.predicted
@@ -193,7 +147,7 @@ def _rows(cells) -> list[list]:
     return [[c.label, c.length, c.depth, c.trials, round(c.accuracy, 3), round(c.mean_key_logprob, 3)] for c in cells]
 
 
-def run_sweep(context, modes, lengths, depths, trials, block_size, fam_len, seed,
+def run_sweep(context: AppContext, modes, lengths, depths, trials, block_size, fam_len, seed,
               session: PasskeySession | None, model_choice: tuple | None = None) -> Iterator[tuple]:
     """Every (mode, length, depth) cell, trial by trial, with the Model panel's model (``model_choice``);
     yields (status, heatmap, table, session)."""
@@ -202,10 +156,10 @@ def run_sweep(context, modes, lengths, depths, trials, block_size, fam_len, seed
         if not modes:
             raise FamvizError("Pick at least one mode.")
         specs = [pk.ModeSpec.parse(m, 0) for m in modes]
-        lengths = _numbers("Lengths", lengths, int, 64, MAX_LENGTH)
-        depths = _numbers("Depths", depths, float, 0.0, 1.0)
-        trials = _int("Trials", trials, 1, MAX_TRIALS)
-        seed = _int("Seed", seed, 0, 2**31 - 1)
+        lengths = number_list("Lengths", lengths, int, 64, MAX_LENGTH)
+        depths = number_list("Depths", depths, float, 0.0, 1.0)
+        trials = whole_number("Trials", trials, 1, MAX_TRIALS)
+        seed = whole_number("Seed", seed, 0, 2**31 - 1)
         base = _base(block_size, fam_len)
         if len(specs) * len(lengths) * len(depths) > MAX_CELLS:
             raise FamvizError(f"At most {MAX_CELLS} cells per sweep; use fewer modes, lengths or depths.")
@@ -216,11 +170,11 @@ def run_sweep(context, modes, lengths, depths, trials, block_size, fam_len, seed
         except ValueError as exc:
             raise FamvizError(str(exc)) from None
     except FamvizError as exc:
-        yield _error(str(exc)), gr.skip(), gr.skip(), session
+        yield error_status(str(exc)), gr.skip(), gr.skip(), session
         return
     except Exception as exc:  # noqa: BLE001
         log.exception("could not start the sweep")
-        yield _error(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), gr.skip(), session
+        yield error_status(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), gr.skip(), session
         return
 
     session.cells = []
@@ -232,7 +186,7 @@ def run_sweep(context, modes, lengths, depths, trials, block_size, fam_len, seed
                              f"cell, seed {seed}")
     total = len(specs) * len(documents) * trials
     done, started = 0, time.perf_counter()
-    notes = _notes(adapter, [pk.sweep_config(base, spec) for spec in specs])
+    notes = notes_markdown(status_notes(adapter, [pk.sweep_config(base, spec) for spec in specs]))
     yield (f"Sweeping {len(specs) * len(documents)} cells × {trials} trials on {label}…{notes}", passkey_heatmap([]),
            [], session)
     for spec in specs:
@@ -253,7 +207,7 @@ def run_sweep(context, modes, lengths, depths, trials, block_size, fam_len, seed
                 log.exception("sweep failed")
                 if session.cells[-1] is None:
                     session.cells.pop()
-                yield _error(f"stopped: {type(exc).__name__}: {exc}"), gr.skip(), gr.skip(), session
+                yield error_status(f"stopped: {type(exc).__name__}: {exc}"), gr.skip(), gr.skip(), session
                 return
     yield (f"Done: {len(session.cells)} cells, {total} trials in {time.perf_counter() - started:.0f} s · "
            f"{label}{notes}"), \
@@ -266,7 +220,7 @@ INTERVENTION_METHODS = [("ablate: initial FAM instead", "ablate"), ("patch: FAM 
                         ("write time: clean FAM into the other key's run", "write-time")]
 
 
-def run_interventions_tab(context, method, length, depth, trials, layers, blocks, block_size, fam_len, seed,
+def run_interventions_tab(context: AppContext, method, length, depth, trials, layers, blocks, block_size, fam_len, seed,
                           session: PasskeySession | None, model_choice: tuple | None = None) -> Iterator[tuple]:
     """FAM ablation / patching (``famviz.probes.ablation``) with the Model panel's model; yields (status, heatmap,
     session) as the interventions finish, the heatmap redrawn about once a second."""
@@ -275,12 +229,12 @@ def run_interventions_tab(context, method, length, depth, trials, layers, blocks
     session = session or PasskeySession()
     try:
         ab.check_method(method)
-        length = _int("Length", length, 64, MAX_LENGTH)
-        trials = _int("Trials", trials, 1, 100)
-        seed = _int("Seed", seed, 0, 2**31 - 1)
-        depth = float(depth)
+        length = whole_number("Length", length, 64, MAX_LENGTH)
+        trials = whole_number("Trials", trials, 1, 100)
+        seed = whole_number("Seed", seed, 0, 2**31 - 1)
+        depth = fraction("Depth", depth)
         base = _base(block_size, fam_len)
-        layer_list = None if not str(layers).strip() else [int(v) for v in _numbers("Layers", layers, float, 0, 4096)]
+        layer_list = None if not str(layers).strip() else [int(v) for v in number_list("Layers", layers, float, 0, 4096)]
         loaded, adapter = chosen_model(context, model_choice)
         fam_model = _fam_model(loaded, adapter, pk.ModeSpec("fam", 0), base)
         cases = ab.passkey_cases(loaded.tokenizer, base.block_size, length, depth, trials, seed)
@@ -288,18 +242,18 @@ def run_interventions_tab(context, method, length, depth, trials, layers, blocks
         block_list = list(range(1, n_blocks + 1)) if blocks == "all" else None
         results = ab.iter_interventions(fam_model, cases, method, blocks=block_list, layers=layer_list)
     except (FamvizError, ValueError) as exc:
-        yield _error(str(exc)), gr.skip(), session
+        yield error_status(str(exc)), gr.skip(), session
         return
     except Exception as exc:  # noqa: BLE001
         log.exception("could not start the interventions")
-        yield _error(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), session
+        yield error_status(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), session
         return
     label = loaded.label
     session.intervention_caption = (f"{label}; block {base.block_size}, FAM {base.fam_len}, memory blocks 0; "
                                     f"PassKey {length} tokens, depth {depth:g}; {trials} trials, seed {seed}")
     config = {"model": loaded.name, "adapter": str(adapter.directory) if adapter is not None else None,
               "length": length, "depth": depth, "seed": seed, **fam_model.config.to_dict()}
-    notes = _notes(adapter, [fam_model.config])
+    notes = notes_markdown(status_notes(adapter, [fam_model.config]))
     yield f"Intervening ({method}) on {label}…{notes}", intervention_heatmap({}), session
     started, drawn, done, result = time.perf_counter(), 0.0, 0, None
     try:
@@ -313,7 +267,7 @@ def run_interventions_tab(context, method, length, depth, trials, layers, blocks
                     intervention_heatmap(session.intervention), session
     except Exception as exc:  # noqa: BLE001 - keep what was measured
         log.exception("interventions failed")
-        yield _error(f"stopped: {type(exc).__name__}: {exc}"), gr.skip(), session
+        yield error_status(f"stopped: {type(exc).__name__}: {exc}"), gr.skip(), session
         return
     values = ", ".join(f"{k} {v:.2f}" for k, v in (result.values if result else {}).items())
     yield (f"Done: {done} interventions in {time.perf_counter() - started:.0f} s · mean log p(key): {values} · "
@@ -354,7 +308,7 @@ def download_results(session: PasskeySession | None):
 
 
 # -- the tab --------------------------------------------------------------------------------------------------------
-def build_passkey_tab(context) -> None:
+def build_passkey_tab(context: AppContext) -> None:
     static_problem = export.static_export_problem()
     formats = list(export.FORMATS) if static_problem is None else ["html"]
     with gr.Tab("PassKey", id="passkey", elem_id="tab-passkey"):
@@ -381,8 +335,8 @@ def build_passkey_tab(context) -> None:
         context.geometry_fields.append((block_size, fam_len, mem_blocks))
         with gr.Row():
             source = gr.Radio([FILLER, UPLOAD], value=FILLER, label="Hide the key in", elem_id="pk-source")
-            upload = gr.File(label=f"Document (.txt .md .pdf .html, ≤ {MAX_DOCUMENT_BYTES // 1024 ** 2} MB)",
-                             file_types=[".txt", ".md", ".pdf", ".html", ".htm"], type="filepath", elem_id="pk-upload")
+            upload = gr.File(label=f"Document {UPLOAD_LABEL}", file_types=UPLOAD_TYPES, type="filepath",
+                             elem_id="pk-upload")
         with gr.Row():
             watch_button = gr.Button("Watch retention", variant="primary", elem_id="pk-watch")
             watch_stop = gr.Button("Stop", variant="stop", elem_id="pk-watch-stop")

@@ -193,7 +193,7 @@ def attend_with_stats(q, k, v, layout: WindowLayout, scale: float) -> tuple[torc
         groups = [g for g in FAM_GROUPS if keys[g].stop > keys[g].start]
         out, weights, lse = _merge_groups(q[:, :, :f], k, v, scale, [(keys[g], False) for g in groups])
         outputs.append(out)
-        by_group = dict(zip(groups, weights))
+        by_group = dict(zip(groups, weights, strict=True))
         fam_share = torch.stack([by_group.get(g, torch.zeros_like(lse)) for g in FAM_GROUPS], -1).mean(2)
         if n:
             fam_read = _token_probs(q[:, :, :f], k[:, :, keys["block"]], lse, scale).mean(dim=(1, 2))
@@ -202,7 +202,7 @@ def attend_with_stats(q, k, v, layout: WindowLayout, scale: float) -> tuple[torc
         groups = [g for g in BLOCK_GROUPS if keys[g].stop > keys[g].start]
         out, weights, lse = _merge_groups(q[:, :, f:], k, v, scale, [(keys[g], g == "block") for g in groups])
         outputs.append(out)
-        by_group = dict(zip(groups, weights))
+        by_group = dict(zip(groups, weights, strict=True))
         block_share = torch.stack([by_group.get(g, torch.zeros_like(lse)) for g in BLOCK_GROUPS], -1).mean(2)
     out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
     return out, AttentionStats(block_share=block_share, fam_share=fam_share, fam_read=fam_read)
@@ -218,7 +218,7 @@ def _merge_groups(q, k, v, scale: float, groups):
     if len(parts) == 1:
         return parts[0][0], list(weights), total
     out = weights[0].unsqueeze(-1) * parts[0][0]  # float32 (weights are float32)
-    for w, (o, _) in zip(weights[1:], parts[1:]):
+    for w, (o, _) in zip(weights[1:], parts[1:], strict=True):
         out += w.unsqueeze(-1) * o
     return out.to(q.dtype), list(weights), total
 

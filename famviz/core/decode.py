@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from famviz.core.fam_model import FamModel, StreamState, _rotate
+from famviz.core.fam_model import FamModel, StreamState, apply_rope
 
 
 def end_of_sequence_ids(fam_model: FamModel) -> set:
@@ -28,9 +28,9 @@ def end_of_sequence_ids(fam_model: FamModel) -> set:
 
 def fam_keys_values(fam_model: FamModel, state: StreamState, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's FAM keys (rotated to the slots' positions) and values as the next block reads them."""
-    fam_cos, fam_sin, _, _ = fam_model._window_angles(state.position, state.memory_tokens, fam_model.fam_len, 0)
+    fam_cos, fam_sin, _, _ = fam_model.window_angles(state.position, state.memory_tokens, fam_model.fam_len, 0)
     _, keys, values = fam_model.qkv(layer, state.fam[layer])
-    return _rotate(keys, fam_cos, fam_sin), values
+    return apply_rope(keys, fam_cos, fam_sin), values
 
 
 @dataclass(frozen=True)
@@ -110,13 +110,13 @@ class BlockCursor:
         """Cache each layer's window keys/values before any token of the block: memory and FAM."""
         fm = self.fam_model
         f, m = fm.fam_len, state.memory_tokens
-        _, _, mem_cos, mem_sin = fm._window_angles(state.position, m, f, 0)
+        _, _, mem_cos, mem_sin = fm.window_angles(state.position, m, f, 0)
         bounded = fm.memory_capacity is not None
         window_kv = []
         for index in range(len(fm.layers)):
             keys, values = state.mem_k[index], state.mem_v[index]
             if m and bounded:
-                keys = _rotate(keys, mem_cos, mem_sin)  # bounded memory holds pre-RoPE keys
+                keys = apply_rope(keys, mem_cos, mem_sin)  # bounded memory holds pre-RoPE keys
             if f:
                 fam_k, fam_v = fam_keys_values(fm, state, index)
                 if fam_kv_edit is not None:
@@ -124,7 +124,7 @@ class BlockCursor:
                 keys = torch.cat([keys, fam_k], dim=2)
                 values = torch.cat([values, fam_v], dim=2)
             window_kv.append((keys, values))
-        origin = state.position - max(m, f) if bounded else 0  # as in FamModel._window_angles
+        origin = state.position - max(m, f) if bounded else 0  # as in FamModel.window_positions
         return _OpenBlock(state=state, tokens=(), window_kv=tuple(window_kv), origin=origin)
 
     def _close_block(self) -> StreamState:
@@ -147,7 +147,7 @@ class BlockCursor:
         window_kv = []
         for index, layer in enumerate(fm.layers):
             q, k, v = fm.qkv(index, x)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             keys = torch.cat([block.window_kv[index][0], k], dim=2)
             values = torch.cat([block.window_kv[index][1], v], dim=2)
             window_kv.append((keys, values))

@@ -16,6 +16,7 @@ modes the memory therefore keeps keys *before* RoPE and rotates them per block w
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -59,6 +60,28 @@ class BlockOutput:
     state: StreamState
     stats: list[AttentionStats] | None  # per layer, when requested
     fam_before: tuple[torch.Tensor, ...]  # the FAM this block read (for update-size statistics)
+
+
+class WindowAngles(NamedTuple):
+    """RoPE cos/sin of one window, each (1 or batch, 1, P, head_dim): the query/key rows [FAM ; block], and the
+    memory keys (None in full attention, whose memory keys are stored rotated)."""
+
+    rows_cos: torch.Tensor
+    rows_sin: torch.Tensor
+    memory_cos: torch.Tensor | None
+    memory_sin: torch.Tensor | None
+
+
+class LayerStep(NamedTuple):
+    """What one layer's pass over [FAM ; block] hands on."""
+
+    hidden: torch.Tensor  # (batch, n, d): the block rows, input of the next layer
+    fam: torch.Tensor | None  # (batch, fam_len, d): this layer's FAM for the next block (None without FAM)
+    stored_k: torch.Tensor  # (batch, kv_heads, n, head_dim): the block's keys to remember (pre-RoPE when bounded)
+    stored_v: torch.Tensor
+    stats: AttentionStats | None
+    keys: torch.Tensor  # (batch, kv_heads, window, head_dim): the whole window's keys (rotated) and values
+    values: torch.Tensor
 
 
 class FamModel:
@@ -113,11 +136,19 @@ class FamModel:
         return self.fam_len == 0 and self.memory_capacity == 0 and self.sink_tokens == 0
 
     # -- state -------------------------------------------------------------------------------
-    def initial_state(self, batch: int = 1) -> StreamState:
+    def initial_state(self, batch: int = 1, fam: tuple[torch.Tensor, ...] | None = None,
+                      fam_fresh: bool = True) -> StreamState:
+        """The state before a document's first token: no memory, and ``fam`` (per layer (1 or batch,
+        fam_len, d); default the initial FAM) expanded to ``batch``. ``fam_fresh``: the FAM is context-free
+        (its first update drops the residual); False for a FAM carried over from another stream (RSP)."""
         empty = torch.zeros(batch, self.n_kv_heads, 0, self.head_dim, device=self.device, dtype=self.dtype)
-        fam = tuple(f.expand(batch, -1, -1) for f in self.initial_fam()) if self.fam_len else ()
-        return StreamState(position=0, fam=fam, fam_fresh=True, mem_k=(empty,) * len(self.layers),
-                           mem_v=(empty,) * len(self.layers), last_logits=None)
+        if not self.fam_len:
+            fam = ()
+        elif fam is None:
+            fam = self.initial_fam()
+        fam = tuple(f.expand(batch, -1, -1) for f in fam)
+        return StreamState(position=0, fam=fam, fam_fresh=fam_fresh or not self.fam_len,
+                           mem_k=(empty,) * len(self.layers), mem_v=(empty,) * len(self.layers), last_logits=None)
 
     def initial_fam(self) -> tuple[torch.Tensor, ...]:
         """Per layer (1, fam_len, d): the FAM prompt run alone up the stack (docs/algorithm.md §3).
@@ -139,7 +170,7 @@ class FamModel:
         for index, layer in enumerate(self.layers):
             per_layer.append(h)
             q, k, v = self.qkv(index, h)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             out, _ = attend(q, k, v, layout, self.scale)
             a = h + self._o_proj(layer, out)
             h = a + self.mlp(index, layer.post_attention_layernorm(a))
@@ -160,7 +191,7 @@ class FamModel:
         batch, n = input_ids.shape
         f, m = self.fam_len, state.memory_tokens
         layout = WindowLayout(memory=m, fam=f, block=n, sink=min(self.sink_tokens, m))
-        angles = self._window_angles(state.position, m, f, n)
+        angles = self.window_angles(state.position, m, f, n)
         x = self.decoder.embed_tokens(input_ids.to(self.device))
         new_fam, new_k, new_v, stats = [], [], [], []
         for index in range(len(self.layers)):
@@ -170,15 +201,15 @@ class FamModel:
                                                             with_stats, use_reentrant=False)
             else:
                 outputs = self._layer_block(index, x, state, layout, angles, with_stats)
-            x, fam, stored_k, stored_v, layer_stats, keys, values = outputs
+            x = outputs.hidden
             if f:
-                new_fam.append(fam)
-            new_k.append(self._remember(state.mem_k[index], stored_k))
-            new_v.append(self._remember(state.mem_v[index], stored_v))
+                new_fam.append(outputs.fam)
+            new_k.append(self._remember(state.mem_k[index], outputs.stored_k))
+            new_v.append(self._remember(state.mem_v[index], outputs.stored_v))
             if with_stats:
-                stats.append(layer_stats)
+                stats.append(outputs.stats)
             if window_kv is not None:
-                window_kv.append((keys, values))
+                window_kv.append((outputs.keys, outputs.values))
         hidden = self.decoder.norm(x)
         next_state = replace(state, position=state.position + n, fam=tuple(new_fam), fam_fresh=state.fam_fresh and not f,
                              mem_k=tuple(new_k), mem_v=tuple(new_v))
@@ -196,7 +227,7 @@ class FamModel:
         batch, n = input_ids.shape
         f, m = self.fam_len, state.memory_tokens
         layout = WindowLayout(memory=m, fam=f, block=n)
-        rows_cos, rows_sin, mem_cos, mem_sin = self._window_angles(state.position, m, f, offset + n)
+        rows_cos, rows_sin, mem_cos, mem_sin = self.window_angles(state.position, m, f, offset + n)
         if offset:  # the FAM rows' angles, then those of the block rows from ``offset`` on
             rows_cos = torch.cat([rows_cos[:, :, :f], rows_cos[:, :, f + offset :]], dim=2)
             rows_sin = torch.cat([rows_sin[:, :, :f], rows_sin[:, :, f + offset :]], dim=2)
@@ -205,7 +236,7 @@ class FamModel:
         for index, layer in enumerate(self.layers):
             z = torch.cat([state.fam[index], x], dim=1) if f else x
             q, k, v = self.qkv(index, z)
-            q_rot, k_rot = _rotate(q[:, :, f:], rows_cos[:, :, f:], rows_sin[:, :, f:]), _rotate(k, rows_cos, rows_sin)
+            q_rot, k_rot = apply_rope(q[:, :, f:], rows_cos[:, :, f:], rows_sin[:, :, f:]), apply_rope(k, rows_cos, rows_sin)
             keys, values = self._window_kv(index, state, k_rot, v, mem_cos, mem_sin)
             out = torch.nn.functional.scaled_dot_product_attention(q_rot, keys, values, attn_mask=mask, scale=self.scale,
                                                                    enable_gqa=q.shape[1] != keys.shape[1])
@@ -213,17 +244,16 @@ class FamModel:
             x = a + self.mlp(index, layer.post_attention_layernorm(a))
         return self.decoder.norm(x)
 
-    def _layer_block(self, index: int, x: torch.Tensor, state: StreamState, layout: WindowLayout, angles,
-                     with_stats: bool):
-        """One layer over [FAM ; block]: the block rows for the next layer, this layer's new FAM, the
-        keys/values to remember, attention statistics and the window's keys/values."""
+    def _layer_block(self, index: int, x: torch.Tensor, state: StreamState, layout: WindowLayout,
+                     angles: WindowAngles, with_stats: bool) -> LayerStep:
+        """One layer over [FAM ; block] (x: (batch, n, d), the block rows from the layer below)."""
         layer = self.layers[index]
         f = layout.fam
         rows_cos, rows_sin, mem_cos, mem_sin = angles
         fam = state.fam[index] if f else None
         z = torch.cat([fam, x], dim=1) if f else x  # FAM rows are prepended: [F ; X]
         q, k, v = self.qkv(index, z)
-        q_rot, k_rot = _rotate(q, rows_cos, rows_sin), _rotate(k, rows_cos, rows_sin)
+        q_rot, k_rot = apply_rope(q, rows_cos, rows_sin), apply_rope(k, rows_cos, rows_sin)
         keys, values = self._window_kv(index, state, k_rot, v, mem_cos, mem_sin)
         out, layer_stats = attend(q_rot, keys, values, layout, self.scale, with_stats, self.backend)
         # The first update of the context-free initial FAM uses a zero residual (docs/algorithm.md §3).
@@ -231,13 +261,14 @@ class FamModel:
         a = residual + self._o_proj(layer, out)
         h = a + self.mlp(index, layer.post_attention_layernorm(a))  # FAM rows go through the MLP too
         stored_k = k[:, :, f:] if self.memory_capacity is not None else k_rot[:, :, f:]
-        return h[:, f:], (h[:, :f] if f else None), stored_k, v[:, :, f:], layer_stats, keys, values
+        return LayerStep(hidden=h[:, f:], fam=h[:, :f] if f else None, stored_k=stored_k, stored_v=v[:, :, f:],
+                         stats=layer_stats, keys=keys, values=values)
 
     def _window_kv(self, index: int, state: StreamState, k_rot: torch.Tensor, v: torch.Tensor, mem_cos, mem_sin):
         """A layer's window keys (rotated) and values: the memory blocks', then the rows' [FAM ; block]."""
         mem_k = state.mem_k[index]
         if state.memory_tokens and self.memory_capacity is not None:
-            mem_k = _rotate(mem_k, mem_cos, mem_sin)  # bounded memory holds pre-RoPE keys
+            mem_k = apply_rope(mem_k, mem_cos, mem_sin)  # bounded memory holds pre-RoPE keys
         return torch.cat([mem_k, k_rot], dim=2), torch.cat([state.mem_v[index], v], dim=2)
 
     def _remember(self, memory: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -292,27 +323,32 @@ class FamModel:
         return layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, n, heads * d))
 
     # -- positions ---------------------------------------------------------------------------
-    def _window_angles(self, position: int, m: int, f: int, n: int):
-        """RoPE angles for the query/key rows [FAM ; block] and for the memory keys of one window.
+    def window_positions(self, position: int, m: int, f: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions of one window's rows [FAM ; block] (f + n,) and memory keys (m,) (None in full attention).
 
         Absolute positions: memory = position-m … position-1, FAM = the last f positions of the
         previous block (position-f … position-1; -f … -1 for the first block), block = position … .
         Bounded modes rebase them to the window's start so they stay small on unbounded streams.
         """
         if self.memory_capacity is None:  # full attention: absolute positions, like the model itself
-            cos, sin = self._rope(torch.arange(position - f, position + n, device=self.device))
-            return cos, sin, None, None
+            return torch.arange(position - f, position + n), None
         start = position - max(m, f)
+        rows = torch.cat([torch.arange(position - f, position), torch.arange(position, position + n)]) - start
+        return rows, torch.arange(position - m, position) - start
+
+    def window_angles(self, position: int, m: int, f: int, n: int) -> WindowAngles:
+        """RoPE angles of ``window_positions`` (rebased windows depend only on (m, f, n): cached)."""
         key = (m, f, n)
-        if key not in self._rope_cache:
-            rows = torch.cat([torch.arange(position - f, position), torch.arange(position, position + n)]) - start
-            memory = torch.arange(position - m, position) - start
-            cos_r, sin_r = self._rope(rows.to(self.device))
-            cos_m, sin_m = self._rope(memory.to(self.device))
+        if self.memory_capacity is not None and key in self._rope_cache:
+            return self._rope_cache[key]
+        rows, memory = self.window_positions(position, m, f, n)
+        angles = WindowAngles(*self._rope(rows.to(self.device)),
+                              *(self._rope(memory.to(self.device)) if memory is not None else (None, None)))
+        if self.memory_capacity is not None:
             if len(self._rope_cache) > 64:
                 self._rope_cache.clear()
-            self._rope_cache[key] = (cos_r, sin_r, cos_m, sin_m)
-        return self._rope_cache[key]
+            self._rope_cache[key] = angles
+        return angles
 
     def _rope(self, positions: torch.Tensor):
         probe = torch.empty(0, device=self.device, dtype=self.dtype)
@@ -353,8 +389,9 @@ class FamModel:
         return nll, last
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE, the convention of Hugging Face checkpoints."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE, the convention of Hugging Face checkpoints: x (batch, heads, P, head_dim) with cos/sin
+    broadcastable to it, e.g. (1, 1, P, head_dim)."""
     # x*cos + rotate_half(x)*sin, written as two fused multiply-adds on the halves (no cat, no neg)
     half = x.shape[-1] // 2
     out = x * cos

@@ -151,16 +151,10 @@ def read_document_start(path: str | os.PathLike[str], head_bytes: int | None, ma
     return DocumentStart(text, len(data), size)
 
 
-def read_upload(upload: str | os.PathLike[str] | None, max_bytes: int = MAX_DOCUMENT_BYTES,
-                head_bytes: int | None = None) -> tuple[str, str]:
-    """(text, file name) of a file uploaded to the app (every tab reads uploads through here); with
-    ``head_bytes``, only the start of a large plain-text file (``read_document_start``)."""
-    start, name = read_upload_start(upload, max_bytes, head_bytes)
-    return start.text, name
-
-
-def read_upload_start(upload, max_bytes: int = MAX_DOCUMENT_BYTES,
+def read_upload_start(upload: str | os.PathLike[str] | None, max_bytes: int = MAX_DOCUMENT_BYTES,
                       head_bytes: int | None = None) -> tuple[DocumentStart, str]:
+    """(start of the document, file name) of a file uploaded to the app: named by its own name, never by the
+    server path it was stored under; with ``head_bytes``, only the start of a large plain-text file."""
     if not upload:
         raise DocumentError("No file uploaded: choose a file first.")
     path = Path(upload)

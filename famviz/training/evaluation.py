@@ -15,6 +15,7 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +127,7 @@ def long_document_eval(fam_model: FamModel, ids: list[int], quarters: int = 4,
         stream.on_block = on_block
     nll = stream.run(streamed).nll[: len(ids)]
     edges = np.linspace(0, len(nll), quarters + 1).astype(int)
-    parts = [nll[a:b][np.isfinite(nll[a:b])] for a, b in zip(edges[:-1], edges[1:])]
+    parts = [nll[a:b][np.isfinite(nll[a:b])] for a, b in pairwise(edges)]
     finite = nll[np.isfinite(nll)]
     summary = {"tokens": len(ids), "nll": float(finite.mean()), "nll_quarters": [float(p.mean()) for p in parts],
                "fam_norm_after_blocks": norms}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import plotly.graph_objects as go
@@ -132,7 +133,7 @@ def bin_blocks(values: np.ndarray, edges: np.ndarray, axis: int = 0) -> np.ndarr
         return values
     moved = np.moveaxis(values, axis, 0)
     with np.errstate(invalid="ignore"), _nan_warnings_off():
-        out = np.stack([np.nanmean(moved[a:b], axis=0) for a, b in zip(edges[:-1], edges[1:])])
+        out = np.stack([np.nanmean(moved[a:b], axis=0) for a, b in pairwise(edges)])
     return np.moveaxis(out, 0, axis)
 
 
@@ -157,7 +158,7 @@ def _block_columns(n_blocks: int, block_starts: Sequence[int] | None, max_column
     x = (first + last) / 2.0 if len(edges) - 1 < n_blocks else first.astype(np.float64)
     starts = None if block_starts is None else np.asarray(block_starts, dtype=np.int64)[:n_blocks]
     labels = []
-    for a, b in zip(first, last):
+    for a, b in zip(first, last, strict=True):
         label = f"block {a}" if a == b else f"blocks {a}–{b} (mean)"
         if starts is not None and len(starts) > a:
             label += f" · tokens from {starts[a]:,}"

@@ -301,11 +301,10 @@ class Run:
     def from_trace(cls, trace: Trace, name: str) -> Run:
         """A finished run rebuilt from a saved trace (no model needed)."""
         config = FamConfig(**trace.meta.get("config", {}))
-        compare = trace.meta.get("compare") or {}
-        run = cls(config=config, document=trace.meta.get("document", name), total_tokens=trace.n_tokens,
-                  trace=trace, compare_mode=compare.get("mode"),
-                  compare_nll=[float("nan") if v is None else float(v) for v in compare.get("block_nll", [])],
-                  features=StateFeatures.from_trace(trace), state="replayed", notes=list(trace.meta.get("notes", [])))
+        compare_mode, compare_nll = trace.comparison
+        run = cls(config=config, document=trace.document_name or name, total_tokens=trace.n_tokens,
+                  trace=trace, compare_mode=compare_mode, compare_nll=compare_nll,
+                  features=StateFeatures.from_trace(trace), state="replayed", notes=trace.notes)
         run.blocks_done, run.tokens_done = trace.n_blocks, trace.n_tokens
         return run
 
@@ -352,20 +351,22 @@ class Run:
         return float(finite.mean()) if finite.size else float("nan")
 
     # -- recording ---------------------------------------------------------------------------------------
-    def record_fam_states(self, fam_states) -> None:
-        """After a block: the stream's FAM per layer ((1, fam_len, hidden) tensors) -> trajectory features."""
-        if self.features is None or not fam_states:
+    def record_block(self) -> None:
+        """After a block: trajectory features from the FAM states the trace recorded, so live runs and
+        replays draw the same trajectories from the same data (no model state is read here)."""
+        if self.features is None or self.trace is None or "fam.state" not in self.trace.keys:
             return
-        for layer in self.features.layers:
-            self.features.add(layer, fam_states[layer][0].float().cpu().numpy())
+        states = self.trace.latest("fam.state")  # (recorded layers, fam_len or 1, hidden)
+        for index, layer in enumerate(self.trace.layers_of("fam.state")):
+            if layer in self.features.layers:
+                self.features.add(layer, states[index])
 
     def record_compare(self, block_nll: np.ndarray) -> None:
         values = np.asarray(block_nll, dtype=np.float64)
         finite = values[np.isfinite(values)]
         self.compare_nll.append(float(finite.mean()) if finite.size else float("nan"))
         if self.trace is not None:  # travels with the trace file, so a replay shows the comparison
-            self.trace.meta["compare"] = {"mode": self.compare_mode,
-                                          "block_nll": [None if not np.isfinite(v) else v for v in self.compare_nll]}
+            self.trace.record_comparison(self.compare_mode, self.compare_nll)
 
     # -- figures -------------------------------------------------------------------------------------------
     def has_blocks(self) -> bool:

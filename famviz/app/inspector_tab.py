@@ -1,0 +1,475 @@
+"""The app's memory inspector tab: stream a document block by block and watch where attention goes, what
+the FAM reads and how its state evolves; drill into a block, replay a saved trace, export any plot.
+
+Every handler takes the session's ``Run`` (``famviz.viz.inspector``; gr.State) and never raises: bad input
+becomes one error status and the plots stay as they were.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import gradio as gr
+
+from famviz.app.hub import MIN_REDRAW_SECONDS, AppContext, ModelHub, model_key, shipped_adapters, status_notes
+from famviz.app.inputs import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_PASSKEY_TOKENS,
+    ERROR_MARK,
+    MAX_TRACE_BYTES,
+    SOURCES,
+    UPLOAD_LABEL,
+    UPLOAD_TYPES,
+    document_cut,
+    error_status,
+    parse_settings,
+    read_input_document,
+)
+from famviz.core.config import MODES
+from famviz.core.engine import Stream
+from famviz.core.tokenize import tokenize_prefix
+from famviz.core.trace import Trace
+from famviz.errors import DocumentError, FamvizError
+from famviz.viz import export, figures
+from famviz.viz.inspector import (
+    DEFAULT_VIEW,
+    TRAJECTORY_METHODS,
+    Run,
+    StateFeatures,
+    app_channels,
+    default_trajectory_layers,
+    parse_layers,
+)
+
+log = logging.getLogger("famviz.app")
+
+NO_COMPARE = "off"
+MEAN_LAYER = "mean"
+
+# What each plot shows, under it: a first-time user should not need the paper to read the page.
+PLOT_NOTES = {
+    "heatmap": "Each cell: the share of one layer's attention (mean over heads and the block's tokens) that "
+               "goes to the chosen target; the rows of a block sum to 1 over FAM, memory blocks, own block and (sink mode) "
+               "the kept first tokens. "
+               "A high FAM share means the block leans on the memory. An untrained memory often draws a large "
+               "share as a *sink* (attention parked there, little read from it), so read it with the loss below.",
+    "trajectory": "Each point: the FAM state of one recorded layer after one block, projected to 2-D (PCA, or "
+                  "UMAP). Long steps: the memory is rewritten; points that stay put: it holds what it has.",
+    "dynamics": "FAM norm: mean L2 norm of the FAM slots per layer. Update: 1 − cosine between the FAM before "
+                "and after one block (0 = unchanged in direction, 1 = unrelated). A working memory stays "
+                "bounded; a norm that keeps growing block after block is drift.",
+    "nll": "Mean next-token loss (nats) of each block's tokens; lower is better. Pick **Compare with: bswa** "
+           "to draw the same document with the same window and no memory: the gap is what the memory adds.",
+}
+
+
+# The error part of the status, repeated beside Start (the status line sits far above it).
+ERROR_BESIDE_START_JS = f"(status) => {{ const at = (status || '').indexOf('{ERROR_MARK}'); " \
+                        f"return at < 0 ? '' : status.slice(at); }}"
+
+
+# -- what every update sends -----------------------------------------------------------------------------
+# Outputs of a full refresh, in this order: status, heatmap, heads, document, trajectory, dynamics, nll,
+# block slider, layer dropdown, run state.
+N_OUTPUTS = 10
+
+
+def _skips(n: int) -> list:
+    return [gr.skip() for _ in range(n)]
+
+
+def _layer_choices(run: Run) -> list:
+    n_layers = int(run.trace.meta.get("n_layers", 0)) if run.trace is not None else 0
+    return [("mean over layers", MEAN_LAYER)] + [(f"layer {i}", str(i)) for i in range(n_layers)]
+
+
+def refresh(run: Run, *, layer_choices: bool = False) -> tuple:
+    """Every view of ``run`` (one tuple per update: N_OUTPUTS items)."""
+    last = max(run.blocks_done - 1, 0)
+    slider = gr.update(maximum=max(last, 1), value=run.shown_block, interactive=run.blocks_done > 1)
+    layer = gr.update(choices=_layer_choices(run), value=MEAN_LAYER if run.layer is None else str(run.layer)) \
+        if layer_choices else gr.skip()
+    return (run.status(), run.heatmap(), run.heads(), run.document_html(), run.trajectory(), run.dynamics(),
+            run.loss(), slider, layer, run)
+
+
+def stream_document(hub: ModelHub, model, adapter_dir, device, dtype, source, upload, pasted, passkey_tokens,
+                    mode, compare, block_size, fam_len, mem_blocks, max_tokens, trajectory_layers,
+                    previous: Run | None, *, redraw_seconds: float = MIN_REDRAW_SECONDS) -> Iterator[tuple]:
+    """The Start handler: yields an update once per block (every view at most every ``redraw_seconds``).
+
+    Bad input yields one error status and leaves the plots (and the previous run) as they were.
+    """
+    key = model_key(model, adapter_dir, device, dtype)
+    try:
+        config, limit = parse_settings(mode, block_size, fam_len, mem_blocks, max_tokens)
+        compare = None if compare in (None, "", NO_COMPARE) else compare
+        if compare is not None and compare not in MODES:
+            raise FamvizError(f"compare mode must be one of {', '.join(MODES)} or {NO_COMPARE}, got {compare!r}.")
+        if compare == config.mode:
+            raise FamvizError(f"Compare needs a second mode different from {config.mode}.")
+        if not hub.is_loaded(key):
+            yield (f"Loading model **{key[0] or 'bundled'}**{' with adapter ' + key[1] if key[1] else ''}…",
+                   *_skips(N_OUTPUTS - 1))
+        loaded, adapter = hub.for_choice(*key)
+        text, name, read_cut = read_input_document(source, upload, pasted, loaded.tokenizer, passkey_tokens, limit)
+        n_layers = loaded.config.num_hidden_layers
+        try:
+            layers = parse_layers(trajectory_layers, n_layers) if config.mode == "fam" else []
+        except ValueError as exc:
+            raise FamvizError(str(exc)) from None
+        fam_prompt = adapter.prompt_for(loaded, config) if adapter is not None else None
+        ids, offsets = tokenize_prefix(loaded.tokenizer, text, limit)
+        if not ids:
+            raise DocumentError(f"{name}: the document has no tokens.")
+        primary = Stream(loaded, config, channels=app_channels(layers, config.mode == "fam"), fam_prompt=fam_prompt)
+        other = None
+        if compare is not None:
+            other_config = dataclasses.replace(config, mode=compare)
+            other_prompt = adapter.prompt_for(loaded, other_config) if adapter is not None else None
+            other = Stream(loaded, other_config, record=False, fam_prompt=other_prompt)
+    except FamvizError as exc:
+        yield error_status(str(exc)), *_skips(N_OUTPUTS - 1)
+        return
+    except Exception as exc:  # noqa: BLE001 - the app must survive anything; details go to the log
+        log.exception("could not start a stream")
+        yield error_status(f"could not start: {type(exc).__name__}: {exc}"), *_skips(N_OUTPUTS - 1)
+        return
+
+    primary.describe_document(name, text, offsets)
+    notes = status_notes(adapter, [config])
+    trace = primary.trace
+    trace.set_notes(notes)
+    run = Run(config=config, document=name, total_tokens=len(ids), trace=trace, compare_mode=compare,
+              document_cut=read_cut or document_cut(loaded.tokenizer, text, ids, offsets),
+              features=StateFeatures(layers) if layers else None, notes=notes)
+    if previous is not None:  # keep what the user was looking at
+        run.view, run.method = previous.view, previous.method
+        run.layer = previous.layer if previous.layer is not None and previous.layer < n_layers else None
+    yield run.status(), *_skips(N_OUTPUTS - 2), run  # the run is the session's from now on (Stop acts on it)
+
+    last_redraw = 0.0
+    log.info("streaming %s: %d tokens, %d blocks, %s%s", name, len(ids), run.total_blocks, config,
+             f" vs {compare}" if compare else "")
+    primary_blocks = primary.blocks(ids)
+    other_blocks = other.blocks(ids) if other is not None else None
+    while run.blocks_done < run.total_blocks:
+        if run.state != "streaming":  # stopped from the UI: the event is being cancelled
+            return
+        try:
+            began = time.perf_counter()
+            next(primary_blocks)
+            if other_blocks is not None:
+                run.record_compare(next(other_blocks).nll)
+            run.engine_seconds += time.perf_counter() - began
+            run.record_block()
+        except Exception as exc:  # noqa: BLE001 - keep what was computed; say what went wrong
+            log.exception("stream failed at block %d", run.blocks_done)
+            run.state, run.error = "failed", f"{type(exc).__name__}: {exc}"
+            run.elapsed = time.perf_counter() - run.started
+            yield run.status(), *_skips(N_OUTPUTS - 2), run
+            return
+        run.blocks_done += 1
+        run.tokens_done = primary.position
+        run.elapsed = time.perf_counter() - run.started
+        if run.blocks_done == run.total_blocks:
+            run.state = "done"
+        if run.state == "done" or run.blocks_done == 1 or time.perf_counter() - last_redraw >= redraw_seconds:
+            yield refresh(run, layer_choices=run.blocks_done == 1)
+            last_redraw = time.perf_counter()
+        else:
+            yield run.status(), *_skips(N_OUTPUTS - 2), run
+    log.info("done: %s (engine %.1f s of %.1f s)", run.status().replace("**", ""), run.engine_seconds, run.elapsed)
+
+
+def stop_run(run: Run | None):
+    """The Stop handler (runs beside the cancelled stream): every view as of the last finished block."""
+    if run is None or run.state != "streaming":
+        return (gr.skip(),) * N_OUTPUTS
+    run.state = "stopped"
+    run.elapsed = time.perf_counter() - run.started
+    try:
+        return refresh(run)
+    except Exception:  # noqa: BLE001 - a block was being appended right now: the status is enough
+        log.debug("stop: views skipped", exc_info=True)
+        return run.status(), *_skips(N_OUTPUTS - 1)
+
+
+def settled_status(run: Run | None):
+    """After Stop has finished: the run's status once more. A block update the cancelled stream had already
+    sent can reach the page after Stop's own reply and would leave "Streaming" showing for good."""
+    if run is None or run.state == "streaming":
+        return gr.skip()
+    return run.status()
+
+
+# -- view controls (no model; each acts on the session's run only) ----------------------------------------------
+def _view_handler(n_outputs: int):
+    """View handlers may run while the session's stream appends a block to the same trace; a figure
+    caught half-way is skipped (the stream's next update redraws it) instead of raising in the UI."""
+    def wrap(handler):
+        def safe(*args):
+            try:
+                return handler(*args)
+            except Exception:  # noqa: BLE001
+                log.debug("view update skipped", exc_info=True)
+                return tuple(gr.skip() for _ in range(n_outputs))
+        safe.__name__, safe.__doc__, safe.__wrapped__ = handler.__name__, handler.__doc__, handler
+        return safe
+    return wrap
+
+
+@_view_handler(2)
+def change_view(view: str, run: Run | None):
+    """Switch the heatmap target; a running stream picks the new view up at its next block."""
+    if view not in figures.SHARE_VIEWS or run is None:
+        return gr.skip(), gr.skip()
+    run.view = view
+    if not run.has_blocks():
+        return gr.skip(), gr.skip()
+    return run.heatmap(), run.heads()
+
+
+@_view_handler(2)
+def change_layer(layer, run: Run | None):
+    """The layer the document is shaded by (and framed in the drill-down)."""
+    if run is None:
+        return gr.skip(), gr.skip()
+    run.layer = None if layer in (None, "", MEAN_LAYER) else int(layer)
+    if not run.has_blocks():
+        return gr.skip(), gr.skip()
+    return run.heads(), run.document_html()
+
+
+@_view_handler(4)
+def select_block(block, follow: bool, run: Run | None):
+    """Drill down into one block, or follow the latest: heatmap frame, head view, document window."""
+    if run is None or not run.has_blocks():
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    run.block = None if follow or block is None else int(block)
+    return run.heatmap(), run.heads(), run.document_html(), gr.skip()
+
+
+@_view_handler(4)
+def drag_block(block, run: Run | None):
+    """Moving the slider picks that block and stops following (else the next block would move it back)."""
+    heatmap, heads, document, _ = select_block.__wrapped__(block, False, run)
+    return heatmap, heads, document, False
+
+
+def change_method(method: str, run: Run | None):
+    """PCA now; UMAP starts in the background and the timer shows it when it is ready."""
+    if method not in TRAJECTORY_METHODS or run is None:
+        return gr.skip(), gr.Timer(active=False)
+    run.method = method
+    if not run.has_blocks():
+        return gr.skip(), gr.Timer(active=False)
+    figure = run.trajectory()
+    return figure, gr.Timer(active=run.umap_pending())
+
+
+def poll_umap(run: Run | None):
+    """Timer tick while a UMAP fit runs: show it once done, then stop ticking."""
+    if run is None or run.method != "UMAP":
+        return gr.skip(), gr.Timer(active=False)
+    if run.umap_pending():
+        return gr.skip(), gr.skip()
+    return run.trajectory(), gr.Timer(active=run.umap_pending() or run.state == "streaming")
+
+
+# -- export, trace download and replay ----------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:40] or "run"
+
+
+def export_plot(name: str, fmt: str, run: Run | None):
+    """Write one figure of the session's run in a paper-ready format; returns (file, note)."""
+    if run is None or not run.has_blocks():
+        return gr.skip(), "Nothing to export yet: stream a document or replay a trace first."
+    path = export.download_dir() / f"famviz-{name}-{_slug(run.document)}.{fmt}"
+    file, note = export.export_for_download(lambda: export.export_run_figure(run, name, fmt, path))
+    return file or gr.skip(), note
+
+
+def download_trace(run: Run | None):
+    """The whole run as an engine trace file (.npz) that the app and `famviz export` can replay."""
+    if run is None or run.trace is None or run.trace.n_blocks == 0:
+        return gr.skip(), "No run to download yet."
+    try:
+        path = run.trace.save(export.download_dir() / f"famviz-trace-{_slug(run.document)}.npz")
+    except OSError as exc:
+        return gr.skip(), error_status(f"cannot write the trace: {exc.strerror or exc}")
+    return str(path), f"Trace **{path.name}** ({path.stat().st_size / 1024 ** 2:,.1f} MB): {run.blocks_done} blocks."
+
+
+def replay_trace(upload: str | None, previous: Run | None):
+    """Load an uploaded trace file and show every view of it, without a model."""
+    if not upload:
+        return (gr.skip(),) * N_OUTPUTS
+    path = Path(upload)
+    try:
+        if path.stat().st_size > MAX_TRACE_BYTES:
+            raise FamvizError(f"{path.name} is larger than the {MAX_TRACE_BYTES // 1024 ** 2} MB limit for traces.")
+        trace = Trace.load(path)
+        if trace.n_blocks == 0:
+            raise FamvizError(f"{path.name} holds no blocks.")
+        run = Run.from_trace(trace, name=path.name)
+    except FamvizError as exc:
+        return error_status(str(exc)), *_skips(N_OUTPUTS - 1)
+    except Exception as exc:  # noqa: BLE001
+        log.exception("replay failed")
+        return error_status(f"cannot replay {path.name}: {type(exc).__name__}: {exc}"), *_skips(N_OUTPUTS - 1)
+    if previous is not None:
+        run.view, run.method = previous.view, previous.method
+    return refresh(run, layer_choices=True)
+
+
+
+
+def build_inspector_tab(context: AppContext) -> None:
+    """The live memory inspector: controls, per-block plots, document view, export."""
+    hub, run_state, defaults = context.hub, context.run_state, context.defaults
+    loaded, adapter = hub.default
+    n_layers = loaded.config.num_hidden_layers
+    blank = figures.empty_figure("Press Start to stream a document")
+    view_choices = [(spec.label, key) for key, spec in figures.SHARE_VIEWS.items()]
+    static_problem = export.static_export_problem()
+    model_key = hub.default_key
+
+    with gr.Tab("Memory inspector", id="inspector", elem_id="tab-inspector"):
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                with gr.Accordion("Model", open=False, elem_id="model-panel"):
+                    model = gr.Textbox(model_key[0] or "", label="Model (Hugging Face id or local path)",
+                                       placeholder="empty: bundled SmolLM2-135M", elem_id="model")
+                    adapter_dir = gr.Dropdown([("none: untuned conversion (memory not trained)", ""),
+                                               *shipped_adapters()], value=model_key[1] or "",
+                                              allow_custom_value=True, label="Adapter (or type a directory)",
+                                              elem_id="adapter")
+                    with gr.Row():
+                        device = gr.Dropdown(["auto", "cpu", "cuda"], value=model_key[2], label="Device",
+                                             elem_id="device")
+                        dtype = gr.Dropdown(["auto", "bfloat16", "float32"], value=model_key[3], label="Dtype",
+                                            elem_id="dtype")
+                    context.adapter_note = gr.Markdown("", elem_id="adapter-note")
+                    gr.Markdown("A changed model is loaded when you press Start (here or in the PassKey tab).")
+                    context.model_inputs[:] = [model, adapter_dir, device, dtype]
+                with gr.Row():
+                    mode = gr.Radio(list(MODES), value=defaults.mode, label="Mode", elem_id="mode",
+                                    info="fam: window + feedback memory · bswa: window only · sink: window + the first 4 tokens "
+                                         "(StreamingLLM) · full: all tokens")
+                    compare = gr.Dropdown([NO_COMPARE, *MODES], value=NO_COMPARE, label="Compare with",
+                                          elem_id="compare", info="same document, second mode")
+                with gr.Row():
+                    block_size = gr.Number(defaults.block_size, label="Block size (tokens)", precision=None, step=1,
+                                           elem_id="block-size")
+                    fam_len = gr.Number(defaults.fam_len, label="FAM length (slots)", precision=None, step=1,
+                                        elem_id="fam-len")
+                with gr.Row():
+                    mem_blocks = gr.Number(defaults.mem_blocks, label="Memory blocks", precision=None, step=1,
+                                           elem_id="mem-blocks")
+                    max_tokens = gr.Number(DEFAULT_MAX_TOKENS, label="Max tokens", precision=None, step=1, elem_id="max-tokens")
+                context.geometry_fields.append((block_size, fam_len, mem_blocks))
+                trajectory_layers = gr.Textbox(", ".join(map(str, default_trajectory_layers(n_layers))),
+                                               label="Trajectory layers (FAM states recorded)",
+                                               elem_id="trajectory-layers")
+                source = gr.Radio([(label, key) for key, label in SOURCES.items()], value="example", label="Document",
+                                  elem_id="source")
+                passkey_tokens = gr.Number(DEFAULT_PASSKEY_TOKENS, label="PassKey haystack length (tokens; key at "
+                                           "the start)", precision=0, elem_id="passkey-tokens")
+                upload = gr.File(label=f"Upload {UPLOAD_LABEL}", file_types=UPLOAD_TYPES, type="filepath",
+                                 elem_id="upload")
+                pasted = gr.Textbox(label="Or paste text", lines=4, max_lines=10, placeholder="Paste a document here",
+                                    elem_id="pasted")
+                with gr.Row():
+                    start_button = gr.Button("Start", variant="primary", elem_id="start")
+                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+                start_error = gr.Markdown("", elem_id="start-error")
+                with gr.Accordion("Replay a trace file (no model needed)", open=False):
+                    trace_upload = gr.File(label="Trace (.npz from Download trace or `famviz stream --trace`)",
+                                           file_types=[".npz"], type="filepath", elem_id="trace-upload")
+            with gr.Column(scale=3):
+                status = gr.Markdown("Ready: pick a document and press **Start**.", elem_id="status")
+                with gr.Row():
+                    view = gr.Dropdown(view_choices, value=DEFAULT_VIEW, label="Attention share shown",
+                                       elem_id="heatmap-view")
+                    layer = gr.Dropdown([("mean over layers", MEAN_LAYER)] +
+                                        [(f"layer {i}", str(i)) for i in range(n_layers)], value=MEAN_LAYER,
+                                        label="Layer (document shading, drill-down frame)", elem_id="layer")
+                    with gr.Column(min_width=240):
+                        block = gr.Slider(0, 1, value=0, step=1, label="Drill-down block", interactive=False,
+                                          elem_id="block")
+                        follow = gr.Checkbox(True, label="follow the latest block", elem_id="follow")
+                with gr.Row():
+                    heatmap = gr.Plot(blank, label="Attention share: layer × block (mean over heads)",
+                                      elem_id="heatmap", scale=3)
+                    heads = gr.Plot(blank, label="Drill-down: layer × head of the selected block", elem_id="heads",
+                                    scale=2)
+                gr.Markdown(PLOT_NOTES["heatmap"], elem_id="note-heatmap", container=False)
+                document = gr.HTML("<div id='famviz-doc'>No document streamed yet.</div>", label="Document",
+                                   elem_id="document")
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        method = gr.Radio(list(TRAJECTORY_METHODS), value="PCA", label="Trajectory projection",
+                                          elem_id="method")
+                        trajectory = gr.Plot(blank, label="FAM state trajectory", elem_id="trajectory")
+                        gr.Markdown(PLOT_NOTES["trajectory"], elem_id="note-trajectory", container=False)
+                    with gr.Column(scale=1):
+                        dynamics = gr.Plot(blank, label="FAM norm and update per layer", elem_id="dynamics")
+                        gr.Markdown(PLOT_NOTES["dynamics"], elem_id="note-dynamics", container=False)
+                nll = gr.Plot(blank, label="Next-token loss per block", elem_id="nll")
+                gr.Markdown(PLOT_NOTES["nll"], elem_id="note-nll", container=False)
+                with gr.Group():
+                    with gr.Row():
+                        figure_name = gr.Dropdown([(f"{name}: {spec.description}", name)
+                                                   for name, spec in export.FIGURES.items()], value="heatmap",
+                                                  label="Export figure", elem_id="export-figure", scale=2)
+                        formats = list(export.FORMATS) if static_problem is None else ["html"]
+                        export_format = gr.Radio(formats, value="svg" if static_problem is None else "html",
+                                                 label="Format", elem_id="export-format", scale=1)
+                    with gr.Row():
+                        export_button = gr.Button("Export figure", elem_id="export")
+                        trace_button = gr.Button("Download trace (.npz)", elem_id="download-trace")
+                    export_file = gr.File(label="Exported file", interactive=False, elem_id="export-file")
+                    export_note = gr.Markdown(
+                        "Exports are publication-styled (fixed size, caption with the run's settings)."
+                        + (f"\n\n**Note:** {static_problem}" if static_problem else ""), elem_id="export-note")
+        umap_timer = gr.Timer(1.0, active=False)
+
+    def start(*args):
+        yield from stream_document(hub, *args, redraw_seconds=context.redraw_seconds)
+
+    outputs = [status, heatmap, heads, document, trajectory, dynamics, nll, block, layer, run_state]
+    # Picking a file or typing text selects that source (in the browser, no round trip).
+    upload.upload(None, None, source, js="() => 'upload'")
+    pasted.input(None, None, source, js="() => 'paste'")
+    passkey_tokens.input(None, None, source, js="() => 'passkey'")
+    run_event = start_button.click(
+        start, [model, adapter_dir, device, dtype, source, upload, pasted, passkey_tokens, mode, compare, block_size,
+                fam_len, mem_blocks, max_tokens, trajectory_layers, run_state],
+        outputs, api_name="stream", show_progress="hidden", concurrency_id="model", concurrency_limit=1,
+    )
+    context.refresh_header_after(run_event)
+    # In the browser (no server round trip per block): the status's error part, or nothing.
+    status.change(None, [status], [start_error], js=ERROR_BESIDE_START_JS)
+    # While streaming with UMAP chosen, the timer picks up background fits as they finish.
+    run_event.then(lambda run: gr.Timer(active=run is not None and run.method == "UMAP"), [run_state], [umap_timer])
+    stop_button.click(stop_run, [run_state], outputs, cancels=[run_event], api_name="stop", show_progress="hidden") \
+        .then(settled_status, [run_state], [status], show_progress="hidden")
+    view.change(change_view, [view, run_state], [heatmap, heads], api_name="view", show_progress="hidden")
+    layer.input(change_layer, [layer, run_state], [heads, document], api_name="layer", show_progress="hidden")
+    block.release(drag_block, [block, run_state], [heatmap, heads, document, follow], api_name="block",
+                  show_progress="hidden")
+    follow.input(select_block, [block, follow, run_state], [heatmap, heads, document, follow], show_progress="hidden")
+    method.change(change_method, [method, run_state], [trajectory, umap_timer], api_name="method",
+                  show_progress="hidden")
+    umap_timer.tick(poll_umap, [run_state], [trajectory, umap_timer], show_progress="hidden")
+    export_button.click(export_plot, [figure_name, export_format, run_state], [export_file, export_note],
+                        api_name="export", concurrency_id="export", concurrency_limit=1)
+    trace_button.click(download_trace, [run_state], [export_file, export_note], api_name="download_trace")
+    trace_upload.upload(replay_trace, [trace_upload, run_state], outputs, api_name="replay", show_progress="hidden")
+
+

@@ -1,0 +1,130 @@
+"""The training card of a run (``TRAINING_CARD.md`` and its JSON): recipe, data mixture, every stage
+(command, steps, tokens, wall time, held-out PassKey), hardware, and the evaluations added later."""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from famviz.training.config import LORA_TARGETS
+from famviz.training.data import parse_mixture
+
+if TYPE_CHECKING:
+    from famviz.training.loop import Trainer
+
+
+def stage_summaries(history: list[dict], first_command: str = "") -> list[dict]:
+    """One record per invocation of a run (``stage`` markers in the history): its command, steps, tokens,
+    wall time and the last held-out PassKey evaluation it made. Steps recorded before any marker (runs
+    made before famviz kept them) form one first stage with ``first_command``."""
+    stages: list[dict] = []
+
+    def start(from_step: int, command: str) -> None:
+        stages.append({"stage": len(stages) + 1, "command": command, "first_step": from_step + 1,
+                       "last_step": from_step, "tokens": 0, "wall_seconds": 0.0, "held_out": None})
+
+    for record in history:
+        if "stage" in record:
+            start(record["from_step"], record["command"])
+            continue
+        if not stages and ("loss" in record or "eval" in record):
+            start(0, first_command or "(not recorded)")
+        if "loss" in record:
+            stage = stages[-1]
+            stage["last_step"] = record["step"]
+            stage["tokens"] += record["tokens"]
+            stage["wall_seconds"] = round(stage["wall_seconds"] + record.get("seconds", 0.0), 1)
+        elif "eval" in record:
+            stages[-1]["held_out"] = dict(step=record["step"], **record["eval"],
+                                          **({"curriculum_blocks": record["curriculum_blocks"]}
+                                             if "curriculum_blocks" in record else {}))
+    return stages
+
+
+def previous_card(directory: Path) -> dict:
+    from famviz.io.adapters import read_training_card
+
+    try:
+        return read_training_card(directory)
+    except Exception:  # noqa: BLE001 - no card yet (a new run) or an unreadable one: nothing to carry over
+        return {}
+
+
+def initialised_from(directory: str | None) -> dict | None:
+    """What a run started from with --init-from: the source adapter's own card in brief."""
+    if not directory:
+        return None
+    card = previous_card(Path(directory))
+    return {"directory": directory, "steps": card.get("steps"), "tokens_seen": card.get("tokens_seen"),
+            "wall_seconds": card.get("wall_seconds"), "command": card.get("command"),
+            "stages": card.get("stages") or None, "stage_evaluations": card.get("stage_evaluations") or None}
+
+
+def text_sources(trainer: Trainer):
+    """The card's record of the training text: the corpus (paths, counts, held-out split, unreadable
+    documents skipped) or the machine's text files."""
+    if trainer.text is None:
+        return None
+    described = trainer.text.documents.describe()
+    if isinstance(described, dict):
+        described = dict(described, unreadable_skipped=len(trainer.text.unreadable))
+    return described
+
+
+def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) -> dict:
+    config = trainer.config
+    steps = [r for r in trainer.history if "loss" in r]
+    evals = [r for r in trainer.history if "eval" in r]
+    device = trainer.loaded.device
+    if device.type == "cuda":
+        hardware = f"{trainer.accelerator.num_processes} × {torch.cuda.get_device_name(device)}"
+    else:
+        hardware = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        if trainer.accelerator.num_processes > 1:
+            hardware = f"{trainer.accelerator.num_processes} processes × {hardware}"
+    tail = steps[-50:]
+    note = None
+    if device.type != "cuda":
+        note = ("Reduced CPU recipe: trained on a CPU with far fewer steps and shorter sequences than the paper's "
+                "GPU recipe (docs/algorithm.md §6); see the evaluation before relying on it.")
+    return {
+        "note": note,
+        "command": config.command,
+        "base_model": trainer.loaded.name,
+        "mode": config.mode,
+        "fam": config.fam_config().to_dict(),
+        "steps": trainer.step,
+        "stopped_early": stopped_early,
+        "tokens_seen": sum(r["tokens"] for r in steps),
+        "batch_size": config.batch_size,
+        "optimizer": f"AdamW (betas 0.9/0.99), lr {config.lr}, prompt lr {config.prompt_lr or config.lr}, "
+                     f"warm-up {config.warmup_steps} steps then constant, grad clip {config.grad_clip}",
+        "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha or 2 * config.lora_rank,
+                 "targets": list(LORA_TARGETS)},
+        "fam_prompt": "trained in full" if config.mode == "fam" else None,
+        "data_mixture": {
+            "weights": parse_mixture(config.data),
+            "passkey_tokens": config.passkey_tokens,
+            "passkey_depth_zero": config.passkey_depth_zero, "passkey_aligned": config.passkey_aligned,
+            "copy_text_tokens": config.copy_text_tokens, "copy_len": config.copy_len,
+            "copy_weight": config.copy_weight, "text_weight": config.text_weight,
+            "readout_weight": config.readout_weight, "readout_split": config.readout_split,
+            "curriculum_blocks": config.curriculum,
+            "curriculum_threshold": config.curriculum_threshold if config.curriculum else None,
+            "curriculum_reached_blocks": trainer.curriculum_blocks,
+            "text_sources": text_sources(trainer),
+        },
+        "initialised_from": initialised_from(config.init_from),
+        "stages": stage_summaries(trainer.history, config.command.split("  (resumed: ")[0]),
+        "stage_evaluations": previous_card(trainer.out).get("stage_evaluations", []),
+        "checkpoint_layers": config.checkpoint_layers,
+        "rpo": config.rpo, "rsp": config.rsp, "rsp_prob": config.rsp_prob if config.rsp else None,
+        "hardware": hardware, "dtype": config.dtype, "wall_seconds": round(wall_seconds, 1),
+        "lora_storage_dtype": config.adapter_dtype or config.dtype,
+        "final_loss_mean_last_50": sum(r["loss"] for r in tail) / max(len(tail), 1),
+        "held_out_passkey_during_training": [dict(step=r["step"], **r["eval"]) for r in evals],
+        "evaluation": {},
+        "software": {"torch": torch.__version__, "python": platform.python_version()},
+    }

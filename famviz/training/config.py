@@ -1,0 +1,189 @@
+"""A training run's settings (``TrainConfig``) and the ``python -m famviz train`` options that fill them.
+
+The config is saved with the run (``train_config.json``), so ``--resume`` continues with the same settings
+and options given again override them.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from famviz.core.config import FamConfig
+from famviz.errors import ConfigError
+from famviz.training.data import parse_mixture, parse_range
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CHECKPOINT_DIR = "checkpoint"
+TRAIN_CONFIG = "train_config.json"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    model: str | None = None  # None = the bundled model
+    mode: str = "fam"
+    block_size: int = 256
+    fam_len: int = 64
+    mem_blocks: int = 0
+    steps: int = 1000
+    lr: float = 5e-4
+    prompt_lr: float | None = None  # default: lr
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 1
+    lora_rank: int = 16
+    lora_alpha: float | None = None  # default: 2 × rank
+    data: str = "passkey:0.8,copy:0.2"
+    passkey_tokens: str = "256-2048"
+    passkey_depth_zero: float = 0.5
+    passkey_aligned: float = 0.0  # share of PassKey prompts whose answer starts in (or crosses into) a new block
+    corpus: list[str] | None = None  # training text paths (famviz.io.corpus); None: the machine's text files
+    copy_text_tokens: str = "768-1536"
+    copy_len: int = 256
+    copy_weight: float = 0.1
+    text_weight: float = 0.0
+    readout_weight: float = 0.0  # PassKey read-out probe after every block (weight of its answer; 0 = off)
+    readout_split: float = 0.0  # share of steps whose probes cross a block boundary after the question
+    curriculum: str | None = None  # e.g. "2,4,8,16": PassKey prompts of up to n blocks, n raised when held-out
+    curriculum_threshold: float = 0.9  # ... accuracy at n blocks reaches this
+    init_from: str | None = None  # start from an adapter directory's LoRA and prompt (fresh optimizer)
+    rpo: bool = True
+    rsp: bool = True
+    rsp_prob: float = 0.8
+    eval_every: int = 100
+    eval_trials: int = 8
+    eval_tokens: int = 1024
+    checkpoint_every: int = 50
+    max_minutes: float | None = None  # stop (checkpoint + adapter) after this wall time
+    seed: int = 0
+    checkpoint_layers: bool = True  # recompute each layer in backward (bounded memory; ~30% slower)
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+    device: str = "auto"
+    dtype: str = "float32"
+    adapter_dtype: str | None = None  # LoRA weights in the written adapter (None: as trained); checkpoints keep full precision
+    command: str = ""  # every invocation of the run, resumes included
+    stage_command: str = ""  # this invocation alone (a stage of the training card)
+
+    def fam_config(self) -> FamConfig:
+        return FamConfig(mode=self.mode, block_size=self.block_size, fam_len=self.fam_len, mem_blocks=self.mem_blocks)
+
+    def validate(self) -> None:
+        if self.mode not in ("fam", "bswa"):
+            raise ConfigError(f"training mode must be fam or bswa, got {self.mode!r}")
+        if self.adapter_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ConfigError(f"--adapter-dtype must be float32, float16 or bfloat16, got {self.adapter_dtype!r}")
+        self.fam_config()
+        for name in ("steps", "batch_size", "lora_rank", "copy_len", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.rsp_prob <= 1:
+            raise ConfigError(f"--rsp-prob must be within 0…1, got {self.rsp_prob}")
+        if not 0 <= self.passkey_aligned <= 1:
+            raise ConfigError(f"--passkey-aligned must be within 0…1, got {self.passkey_aligned}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        parse_mixture(self.data)
+        if self.corpus and "copy" not in parse_mixture(self.data):
+            raise ConfigError("--corpus is the text of copy examples: add copy to --data (e.g. --data passkey:0.5,copy:0.5)")
+        self.curriculum_stages()
+        if self.readout_weight < 0:
+            raise ConfigError(f"--readout-weight must be 0 or more, got {self.readout_weight}")
+        if not 0 <= self.readout_split <= 1:
+            raise ConfigError(f"--readout-split must be within 0…1, got {self.readout_split}")
+        parse_range(self.passkey_tokens, "--passkey-tokens")
+        parse_range(self.copy_text_tokens, "--copy-text-tokens")
+
+    def curriculum_stages(self) -> list[int]:
+        """The curriculum's PassKey lengths in blocks (empty without a curriculum)."""
+        if not self.curriculum:
+            return []
+        try:
+            stages = [int(x) for x in self.curriculum.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--curriculum must be block counts like 2,4,8,16, got {self.curriculum!r}") from None
+        if not stages or any(n <= 0 for n in stages) or stages != sorted(stages):
+            raise ConfigError(f"--curriculum must be increasing positive block counts, got {self.curriculum!r}")
+        return stages
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# -- command line ----------------------------------------------------------------------------------
+def add_train_arguments(parser) -> None:
+    """Options of ``python -m famviz train`` (defaults: TrainConfig; None = keep the resumed run's)."""
+    d = TrainConfig(out="")
+    parser.add_argument("--out", metavar="DIR", help="output directory: the adapter, checkpoints, logs")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    parser.add_argument("--model", default=None, help="HF id or local path (default: the bundled SmolLM2-135M)")
+    parser.add_argument("--mode", choices=("fam", "bswa"), default=None, help=f"default {d.mode}")
+    for name, kind, help_text in (
+        ("block_size", int, "tokens per block"), ("fam_len", int, "FAM slots per layer"),
+        ("mem_blocks", int, "cached memory blocks"), ("steps", int, "optimiser steps in total"),
+        ("lr", float, "LoRA learning rate"), ("prompt_lr", float, "FAM prompt learning rate (default: --lr)"),
+        ("warmup_steps", int, "linear warm-up steps"), ("batch_size", int, "sequences per step (per process)"),
+        ("lora_rank", int, "LoRA rank"), ("lora_alpha", float, "LoRA alpha (default 2×rank)"),
+        ("data", str, "mixture, e.g. passkey:0.8,copy:0.2"),
+        ("passkey_tokens", str, "PassKey prompt length range in tokens, e.g. 256-2048"),
+        ("passkey_depth_zero", float, "share of PassKey prompts with the key at depth 0"),
+        ("passkey_aligned", float, "share of PassKey prompts a whole number of blocks long (minus 0-6 tokens), "
+                                   "so that the answer is read from the FAM alone"),
+        ("copy_text_tokens", str, "text length range of copy examples"), ("copy_len", int, "tokens to repeat"),
+        ("copy_weight", float, "loss weight of repeated tokens (paper: 0.1)"),
+        ("text_weight", float, "loss weight of ordinary next-token prediction on the copy text"),
+        ("readout_weight", float, "PassKey read-out probe after every block, weight of its answer (0 = off)"),
+        ("readout_split", float, "share of steps whose probes end a block after the question, the answer read "
+                                 "from the FAM alone as at round prompt lengths"),
+        ("curriculum", str, "PassKey lengths in blocks, e.g. 2,4,8,16: the next when held-out accuracy reaches the threshold"),
+        ("curriculum_threshold", float, "held-out accuracy that advances the curriculum"),
+        ("init_from", str, "start from this adapter directory's LoRA and FAM prompt (fresh optimizer)"),
+        ("rsp_prob", float, "Random State Passing probability (paper: 0.8)"),
+        ("eval_every", int, "held-out PassKey evaluation every N steps (0 = never)"),
+        ("eval_trials", int, "held-out PassKey prompts per evaluation"),
+        ("eval_tokens", int, "length of held-out PassKey prompts"),
+        ("checkpoint_every", int, "checkpoint every N steps"),
+        ("max_minutes", float, "stop after this wall time (checkpoint and adapter are written)"),
+        ("seed", int, "random seed"), ("dtype", str, "float32 or bfloat16"),
+        ("adapter_dtype", str, "store the adapter's LoRA weights as float16/bfloat16 (half the file size)"),
+    ):
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                            help=f"{help_text} (default {getattr(d, name)})")
+    parser.add_argument("--corpus", action="append", default=None, metavar="PATH",
+                        help="train on your own text (repeatable): a directory of documents (.txt .md .pdf .html), "
+                             "a .jsonl file with a 'text' field, or a Hugging Face dataset (.parquet/.arrow files or a "
+                             "save_to_disk directory); ~1%% of its documents are held out. Default: the machine's text")
+    parser.add_argument("--no-rpo", dest="rpo", action="store_false", default=None, help="disable Random Position Offset")
+    parser.add_argument("--no-rsp", dest="rsp", action="store_false", default=None, help="disable Random State Passing")
+    parser.add_argument("--rsp", dest="rsp", action="store_true", default=None,
+                        help="enable Random State Passing (the default; e.g. to turn it on when resuming a run)")
+    parser.add_argument("--no-checkpoint-layers", dest="checkpoint_layers", action="store_false", default=None,
+                        help="keep every layer's activations instead of recomputing them in backward (faster, more memory)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument("--device", default=None, help="auto, cpu or cuda (default auto: Accelerate's device)")
+
+
+def config_from_args(args) -> tuple[TrainConfig, bool]:
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                 if f.name not in ("out", "command") and getattr(args, f.name, None) is not None}
+    argv = sys.argv[1:] if "train" in sys.argv[1:2] else []
+    command = "python -m famviz " + " ".join(shlex.quote(a) for a in argv) if argv else "python -m famviz train (from Python)"
+    if args.resume:
+        saved = Path(args.resume) / TRAIN_CONFIG
+        if not saved.is_file():
+            raise ConfigError(f"{args.resume} is not a training run to resume (no {TRAIN_CONFIG})")
+        config = TrainConfig.from_dict(json.loads(saved.read_text()))
+        config = replace(config, out=str(args.resume), stage_command=command, **overrides)
+        config.command = f"{config.command}  (resumed: {command})"
+        return config, True
+    if not args.out:
+        raise ConfigError("train needs --out DIR (or --resume DIR)")
+    if (Path(args.out) / CHECKPOINT_DIR).exists():
+        raise ConfigError(f"{args.out} already holds a training run; use --resume {args.out} or another --out")
+    return replace(TrainConfig(out=args.out, command=command, stage_command=command), **overrides), False

@@ -1,0 +1,401 @@
+"""The training loop: LoRA + a learned initial FAM prompt (docs/algorithm.md §3, §5, §6).
+
+``python -m famviz train --out DIR ...`` (or ``accelerate launch -m famviz train ...`` on several
+GPUs) trains, per step, on whole sequences streamed block by block through ``FamModel``:
+
+* LoRA (peft) on the attention and MLP projections; the FAM prompt trained in full; all else frozen.
+* Backpropagation through every block of a sequence, with no stop-gradient on the FAM or on memory
+  blocks; each layer is recomputed in backward (``FamModel.checkpoint_layers``) so memory stays
+  bounded by one layer's activations per block.
+* Random Position Offset (RPO): each sequence's RoPE positions are shifted by an offset drawn from
+  U[0, 2π·rope_theta), zeroed with probability 0.5. The engine rebases positions to each window's
+  start, so the offset is added to the rebased positions RoPE receives (``TrainingFamModel``).
+* Random State Passing (RSP): the final FAM of batch element 0 (every layer, detached) is kept; the
+  next step starts from it with probability p (0.8), else from the learned prompt's initial FAM.
+
+``--mode bswa`` trains the BSWA baseline with the same data and budget (LoRA only, no FAM).
+The output directory is an adapter directory (``famviz.io.adapters``) plus ``checkpoint/``,
+``train_log.jsonl``, ``train.log`` and ``loss_curve.html``. ``--resume DIR`` continues a run with
+its optimizer, step, data position and RNG states.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from famviz.errors import ConfigError
+from famviz.training.card import training_card
+from famviz.training.checkpoints import load_checkpoint, save_checkpoint
+from famviz.training.config import CHECKPOINT_DIR, LOG_FILE, LORA_TARGETS, TRAIN_CONFIG, TrainConfig, config_from_args
+from famviz.training.data import Example, ExampleStream, TextCorpus, parse_mixture, parse_range
+from famviz.training.loss import collate, global_parts, passkey_teacher_forced, sequence_loss
+from famviz.training.rpo_rsp import (
+    StatePassing,
+    TrainingFamModel,
+    draw_position_offsets,
+    initial_training_state,
+    rope_theta,
+)
+from famviz.viz.training_figures import write_loss_curve
+
+log = logging.getLogger("famviz.training")
+
+
+def resumed_stage(history: list[dict], stages: list[int]) -> int:
+    """The curriculum stage a resumed run continues at: after the last evaluation's stage (and its advance)."""
+    records = [r for r in history if "curriculum_blocks" in r]
+    if not stages or not records:
+        return 0
+    last = records[-1]
+    reached = last["curriculum_blocks"] if not last.get("advanced") else last["curriculum_blocks"] + 1
+    return next((i for i, n in enumerate(stages) if n >= reached), len(stages) - 1)
+
+
+def add_lora(loaded, rank: int, alpha: float | None):
+    """Wrap ``loaded.model`` with peft LoRA on the attention and MLP projections (modules patched in place)."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in loaded.model.named_modules()}
+    targets = [t for t in LORA_TARGETS if t in present]
+    lora = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(loaded.model, lora)
+
+
+# -- the run -------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, config: TrainConfig, loaded=None, accelerator=None, data=None):
+        """``loaded``: a LoadedModel (default: load ``config.model``); ``data``: anything with
+        ``draw(rng) -> Example`` (default: the mixture of ``config.data``)."""
+        config.validate()
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.out = Path(config.out)
+        if accelerator is None:
+            from accelerate import Accelerator
+
+            # cpu=True also where no GPU exists: Accelerate then runs launched processes as MULTI_CPU (gloo)
+            accelerator = Accelerator(cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()))
+        self.accelerator = accelerator
+        if loaded is None:
+            from famviz.io.models import load_model
+
+            # several processes: each on its own device (accelerate's cuda:LOCAL_RANK), whatever --device says
+            device = str(accelerator.device) if config.device == "auto" or accelerator.num_processes > 1 else config.device
+            loaded = load_model(config.model, device=device, dtype=config.dtype)
+        self.loaded = loaded
+        torch.manual_seed(config.seed)  # LoRA's random init: the same in every run and on every process
+        self.peft_model = add_lora(loaded, config.lora_rank, config.lora_alpha)
+        fam_config = config.fam_config()
+        self.prompt = None
+        if fam_config.active_fam_len:
+            from famviz.core.fam_prompt import default_fam_prompt
+
+            # float32 master weights, like the LoRA's (peft keeps those in float32): a bfloat16 step casts
+            # them inside the graph, so updates smaller than bfloat16's resolution are not lost.
+            self.prompt = torch.nn.Parameter(default_fam_prompt(loaded, config.fam_len).float().to(loaded.device))
+        self.fam_model = TrainingFamModel(loaded, fam_config, fam_prompt=self.prompt)
+        self.fam_model.checkpoint_layers = config.checkpoint_layers
+        self.fam_model.fused_projections = True
+        self.theta = rope_theta(loaded.config)
+        lora_params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        groups = [{"params": lora_params, "lr": config.lr, "weight_decay": config.weight_decay}]
+        if self.prompt is not None:
+            groups.append({"params": [self.prompt], "lr": config.prompt_lr or config.lr, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.99))
+        self.base_lrs = [g["lr"] for g in groups]
+        self.rng = random.Random(config.seed)  # the same on every process: each takes its slice of a global batch
+        self.state_passing = StatePassing(config.rsp_prob if config.rsp and self.prompt is not None else 0.0)
+        self.step = 0
+        self.history: list[dict] = []
+        self.text = None  # the copy examples' text: the machine's, or --corpus (training split only)
+        if data is None and "copy" in parse_mixture(config.data):
+            documents = None
+            if config.corpus:
+                from famviz.io.corpus import Corpus
+
+                documents = Corpus(config.corpus)
+            self.text = TextCorpus(loaded.tokenizer, documents=documents)
+            self.text.check_long_enough(parse_range(config.copy_text_tokens, "--copy-text-tokens")[1])
+        self.data = data if data is not None else ExampleStream(
+            loaded.tokenizer, parse_mixture(config.data), parse_range(config.passkey_tokens, "--passkey-tokens"),
+            parse_range(config.copy_text_tokens, "--copy-text-tokens"), config.copy_len, config.copy_weight,
+            config.text_weight, config.passkey_depth_zero, corpus=self.text, readout_weight=config.readout_weight,
+            passkey_aligned=config.passkey_aligned, block_size=config.block_size)
+        self.stages = config.curriculum_stages()
+        self.stage = 0
+        if config.init_from:
+            self.init_from(config.init_from)
+        pad = loaded.tokenizer.pad_token_id if loaded.tokenizer is not None else None
+        self.pad_id = pad if pad is not None else (loaded.config.eos_token_id or 0)
+        if isinstance(self.pad_id, list):
+            self.pad_id = self.pad_id[0]
+
+    @property
+    def trainable_parameters(self) -> list[torch.Tensor]:
+        params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        return params + ([self.prompt] if self.prompt is not None else [])
+
+    def resume(self) -> None:
+        self.step, self.history = load_checkpoint(self.out / CHECKPOINT_DIR, self.peft_model, self.prompt,
+                                                  self.optimizer, self.rng, self.state_passing, self.loaded.device)
+        self.stage = resumed_stage(self.history, self.stages)
+        log.info("resumed from %s at step %d", self.out / CHECKPOINT_DIR, self.step)
+
+    def init_from(self, directory: str) -> None:
+        """Start from an adapter's LoRA weights and FAM prompt (exactly as stored; the optimizer starts fresh)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from famviz.io.adapters import LORA_FILE, check_compatible, read_adapter
+
+        adapter = read_adapter(directory)
+        check_compatible(adapter, self.loaded, self.config.fam_config())
+        lora_path = Path(directory) / LORA_FILE
+        if not lora_path.is_file():
+            raise ConfigError(f"--init-from {directory}: the adapter has no LoRA weights ({LORA_FILE})")
+        rank = json.loads((Path(directory) / "adapter_config.json").read_text()).get("r")
+        if rank != self.config.lora_rank:
+            raise ConfigError(f"--init-from {directory}: its LoRA rank is {rank}, this run's is {self.config.lora_rank} "
+                              f"(pass --lora-rank {rank})")
+        result = set_peft_model_state_dict(self.peft_model, load_file(str(lora_path)))
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        if missing:
+            raise ConfigError(f"--init-from {directory}: {len(missing)} LoRA weights missing, e.g. {missing[0]}")
+        if self.prompt is not None:
+            if adapter.fam_prompt is None:
+                raise ConfigError(f"--init-from {directory}: the adapter has no FAM prompt")
+            with torch.no_grad():
+                self.prompt.copy_(adapter.fam_prompt.to(self.prompt.device, self.prompt.dtype))
+        log.info("initialised from the adapter in %s", directory)
+
+    @property
+    def curriculum_blocks(self) -> int | None:
+        """The current curriculum stage: the longest PassKey prompt in blocks (None without a curriculum)."""
+        return self.stages[self.stage] if self.stages else None
+
+    def apply_curriculum(self) -> None:
+        """PassKey prompts of 1 … n blocks (uniform in tokens, so uniform in block count) at stage n."""
+        if self.stages and hasattr(self.data, "passkey_tokens"):
+            low = parse_range(self.config.passkey_tokens, "--passkey-tokens")[0]
+            high = self.curriculum_blocks * self.config.block_size
+            self.data.passkey_tokens = (min(low, high), high)
+
+    def _readout_split(self, drawn: list[Example]) -> int:
+        """Where this step's probes cross into a new block: after the question and the answer's first
+        0…k-2 tokens (as round prompt lengths minus 0-6 tokens put them in the evaluation), for the batch's
+        shortest answer k. Drawn from the global batch, so every process consumes the generator alike."""
+        probes = [e.readout for e in drawn if e.readout is not None]
+        asked = min(next(i for i, w in enumerate(p.weights) if w > 0) for p in probes)
+        shortest = min(len(p.ids) for p in probes) - asked
+        if self.rng.random() >= self.config.readout_split or shortest < 2:
+            return 0
+        return asked + self.rng.randint(0, shortest - 2)
+
+    def train_step(self) -> dict:
+        """One optimiser step on one batch; returns its log record."""
+        config = self.config
+        self.apply_curriculum()
+        # Every process draws the whole global batch from the same generator and keeps its own slice, so
+        # N processes with batch b train on exactly the examples of one process with batch N·b.
+        world, rank, batch = self.accelerator.num_processes, self.accelerator.process_index, config.batch_size
+        drawn = [self.data.draw(self.rng) for _ in range(batch * world)]
+        examples = drawn[rank * batch : (rank + 1) * batch]
+        # Padded to the global batch's longest sequence: FAM rows read a block's pad tokens too, so a slice
+        # padded less would pass on (RSP) a different FAM than the same row in one process's batch.
+        ids, weights, readout = collate(examples, self.pad_id, self.loaded.device, max(len(e.ids) for e in drawn))
+        offsets = draw_position_offsets(self.rng, len(drawn), self.theta) if config.rpo else None
+        self.fam_model.position_offsets = offsets[rank * batch : (rank + 1) * batch] if offsets is not None else None
+        passed = self.state_passing.choose(self.rng) if self.prompt is not None else None
+        lr_scale = min(1.0, (self.step + 1) / max(1, config.warmup_steps))
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * lr_scale
+        self.peft_model.train()
+        state = initial_training_state(self.fam_model, len(examples), self.prompt, passed)
+        # Probes at a random place in their block: read only right after the FAM, they teach a reading that
+        # fails for the real question, which sits at the end of its block (measured: probe loss 0.003 vs
+        # main answer 1.3 per token on the same prompt).
+        # Drawn from the global batch's probes, so that every process consumes the generator alike.
+        probes = [len(e.readout.ids) for e in drawn if e.readout is not None]
+        offset = self.rng.randint(0, max(0, config.block_size - max(probes))) if probes else 0
+        split = self._readout_split(drawn) if probes and config.readout_split > 0 else 0
+        parts: dict = {}
+        loss, final, count = sequence_loss(self.fam_model, ids, weights, state, readout=readout, readout_offset=offset,
+                                           parts=parts, readout_split=split)
+        self.optimizer.zero_grad(set_to_none=True)
+        params = self.trainable_parameters
+        if world > 1:
+            # The loss is Σ w·nll over the global batch ÷ its weighted count: scaled so that the mean of the
+            # processes' gradients is that (each process alone knows only its own count).
+            total = float(self.accelerator.reduce(torch.tensor([float(count)], device=loss.device), reduction="sum"))
+            local = loss * count
+            (local * (world / max(total, 1.0))).backward()
+            loss = self.accelerator.reduce(local.detach().reshape(1), reduction="sum")[0] / max(total, 1.0)
+            parts = global_parts(self.accelerator, parts)
+            for p in params:  # layers are called directly, so average gradients by hand
+                # A parameter without a gradient (the prompt, on a step that starts from a passed FAM) has none
+                # on every process: that choice comes from the shared generator. It stays None, as in one
+                # process, so the optimiser leaves it alone (a zero gradient would still move it by momentum).
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        else:
+            loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+        self.optimizer.step()
+        self.fam_model.position_offsets = None
+        if self.prompt is not None:
+            fam = final.fam
+            if world > 1:  # the global batch's element 0 is process 0's: every process passes on the same FAM
+                from accelerate.utils import broadcast
+
+                fam = tuple(broadcast(f[:1].detach().contiguous(), from_process=0) for f in fam)
+            self.state_passing.remember(fam)
+        self.step += 1
+        return {"step": self.step, "loss": loss.item(), "loss_main": parts["main"], "loss_readout": parts["readout"],
+                "lengths": [len(e.ids) for e in drawn],
+                "kind": "+".join(e.kind for e in examples),
+                "tokens": int(ids.numel()) * world, "loss_tokens": count, "grad_norm": grad_norm,
+                "rsp": passed is not None, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def agreed(self, decision: bool) -> bool:
+        """The main process's decision, on every process: processes deciding alone (a clock that started a
+        few seconds apart, an accuracy that differs in the last bit) would leave their collectives unmatched."""
+        if self.accelerator.num_processes == 1:
+            return decision
+        from accelerate.utils import broadcast
+
+        flag = torch.tensor([1.0 if decision else 0.0], device=self.accelerator.device)
+        return bool(broadcast(flag, from_process=0).item())
+
+    def evaluate(self) -> dict:
+        """Held-out PassKey (teacher-forced) at --eval-tokens, or at the curriculum stage's length, which
+        advances to the next stage when the accuracy reaches the threshold."""
+        config = self.config
+        self.peft_model.eval()
+        length = self.curriculum_blocks * config.block_size if self.stages else config.eval_tokens
+        result = passkey_teacher_forced(self.fam_model, self.loaded.tokenizer, self.prompt, length,
+                                        config.eval_trials, seed=1_000_000)
+        record = {"step": self.step, "eval": result}
+        if self.stages:
+            record["curriculum_blocks"] = self.curriculum_blocks
+            record["advanced"] = self.agreed(result["accuracy"] >= config.curriculum_threshold
+                                             and self.stage + 1 < len(self.stages))
+            if record["advanced"]:
+                self.stage += 1
+                log.info("curriculum: %.0f%% at %d blocks, now PassKey prompts of up to %d blocks",
+                         100 * result["accuracy"], record["curriculum_blocks"], self.curriculum_blocks)
+        self.peft_model.train()
+        return record
+
+    def run(self, resume: bool = False, progress: bool = True) -> Path:
+        config, acc = self.config, self.accelerator
+        main = acc.is_main_process
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / TRAIN_CONFIG).write_text(json.dumps(asdict(config), indent=2))
+        if resume:
+            self.resume()
+            if main:  # steps run after the last checkpoint were lost with the interruption: drop their records
+                (self.out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.history
+                                                         if "stage" not in r))  # stages are in the card
+        self.history.append({"stage": "start", "from_step": self.step, "command": config.stage_command or config.command})
+        started = time.time()
+        wall_before = sum(r.get("seconds", 0.0) for r in self.history if "loss" in r)
+        bar = None
+        if progress and main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=config.steps, initial=self.step, desc=f"train {config.mode}", unit="step",
+                       mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+        log_file = (self.out / LOG_FILE).open("a") if main else None
+        smoothed = None
+        stopped_early = False
+        try:
+            while self.step < config.steps:
+                t0 = time.time()
+                record = self.train_step()
+                record["seconds"] = time.time() - t0
+                record["tokens_per_s"] = record["tokens"] / max(record["seconds"], 1e-9)  # the global batch's tokens
+                self.history.append(record)
+                smoothed = record["loss"] if smoothed is None else 0.95 * smoothed + 0.05 * record["loss"]
+                if main:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{smoothed:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    if not sys.stderr.isatty() and self.step % 10 == 0:
+                        log.info("step %d loss %.4f (smoothed %.4f) %.0f tok/s", self.step, record["loss"], smoothed,
+                                 record["tokens_per_s"])
+                if config.eval_every and self.step % config.eval_every == 0:
+                    # on every process: the curriculum it may advance decides every process's data
+                    evaluation = self.evaluate()
+                    self.history.append(evaluation)
+                if config.eval_every and self.step % config.eval_every == 0 and main:
+                    log_file.write(json.dumps(evaluation) + "\n")
+                    log_file.flush()
+                    log.info("step %d held-out PassKey (%d tokens, teacher-forced): %.0f%%, key log-prob %.2f",
+                             self.step, evaluation["eval"]["length"], 100 * evaluation["eval"]["accuracy"],
+                             evaluation["eval"]["key_logprob"])
+                if self.step % config.checkpoint_every == 0 and main:
+                    save_checkpoint(self.out / CHECKPOINT_DIR, self.peft_model, self.prompt, self.optimizer,
+                                    self.step, self.rng, self.state_passing, self.history)
+                if self.agreed(config.max_minutes is not None and time.time() - started > 60 * config.max_minutes):
+                    log.info("stopping after %.1f minutes (--max-minutes) at step %d", config.max_minutes, self.step)
+                    stopped_early = True
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            if log_file is not None:
+                log_file.close()
+        if main:
+            save_checkpoint(self.out / CHECKPOINT_DIR, self.peft_model, self.prompt, self.optimizer, self.step,
+                            self.rng, self.state_passing, self.history)
+            self.save_adapter(wall_seconds=wall_before + time.time() - started, stopped_early=stopped_early)
+            write_loss_curve(self.history, self.out, self.config.mode)
+        acc.wait_for_everyone()
+        return self.out
+
+    def save_adapter(self, wall_seconds: float, stopped_early: bool = False) -> None:
+        from famviz.io.adapters import write_adapter, write_training_card
+        from famviz.io.models import resolve_dtype
+
+        lora_dtype = resolve_dtype(self.config.adapter_dtype) if self.config.adapter_dtype else None
+        write_adapter(self.out, self.loaded, self.config.fam_config(), self.prompt, self.peft_model, lora_dtype)
+        write_training_card(self.out, training_card(self, wall_seconds, stopped_early))
+
+
+def run_train(args) -> int:
+    config, resume = config_from_args(args)
+    config.validate()  # before anything is written or logged
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # train.log is the main process's (RANK is set by accelerate launch / torchrun for every process)
+    handler = logging.FileHandler(out / "train.log") if os.environ.get("RANK", "0") == "0" else logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("famviz").addHandler(handler)
+    logging.getLogger("famviz").setLevel(logging.INFO)
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in logging.getLogger().handlers + logging.getLogger("famviz").handlers):
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("famviz").addHandler(stream)
+    log.info("training %s: %s", config.mode, json.dumps(asdict(config)))
+    try:
+        trainer = Trainer(config)
+        trainer.run(resume=resume)
+    finally:
+        logging.getLogger("famviz").removeHandler(handler)
+        handler.close()
+    print(str(out))
+    return 0

@@ -1,0 +1,181 @@
+"""The training loss: whole sequences streamed block by block with backpropagation through every block
+(no stop-gradient on the FAM), weighted next-token loss, and PassKey read-out probes asked of the FAM after
+blocks; and the held-out PassKey score used during training (teacher-forced, cheap).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from famviz.core.fam_model import FamModel, StreamState
+from famviz.training.data import Example
+from famviz.training.rpo_rsp import initial_training_state
+
+
+def weighted_predictions(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState,
+                         skip_unseen: bool = True):
+    """Stream whole sequences block by block; per block, yield the next state and, when any prediction in
+    the block is weighted, (float32 logits, targets, weights) of those predictions only.
+
+    ``weights[b, i]`` weighs predicting ``ids[b, i]`` (position i-1 predicts token i).
+    ``skip_unseen``: when blocks are independent (BSWA without memory), a block with no weighted
+    prediction affects nothing and is not run (losses and gradients are identical).
+    """
+    block = fam_model.config.block_size
+    target_mask = weights[:, 1:] > 0
+    skip = skip_unseen and fam_model.blocks_independent
+    for start in range(0, ids.shape[1], block):
+        n = min(block, ids.shape[1] - start)
+        mask = target_mask[:, start : start + n]
+        mask = F.pad(mask, (0, n - mask.shape[1]))  # the last position of a sequence predicts nothing
+        if skip and not mask.any():
+            state = replace(state, position=state.position + n)
+            yield state, None
+            continue
+        out = fam_model.forward_block(ids[:, start : start + block], state)
+        state = out.state
+        if not mask.any():
+            yield state, None
+            continue
+        targets = ids[:, start + 1 : start + n + 1]
+        w = weights[:, start + 1 : start + n + 1]
+        targets = F.pad(targets, (0, n - targets.shape[1]))[mask]
+        w = F.pad(w, (0, n - w.shape[1]))[mask]
+        yield state, (fam_model.logits(out.hidden[mask]).float(), targets, w)
+
+
+@dataclass
+class ReadoutBatch:
+    """The read-out probes of a batch (``training_data.Readout``), right-padded; rows without one never match."""
+
+    ids: torch.Tensor  # (batch, P)
+    weights: torch.Tensor  # (batch, P)
+    first: torch.Tensor  # (batch,) long: block ends within [first, last] are probed
+    last: torch.Tensor
+
+
+def sequence_loss(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState,
+                  skip_unseen: bool = True, readout: ReadoutBatch | None = None, readout_offset: int = 0,
+                  parts: dict | None = None, readout_split: int = 0):
+    """Weighted next-token loss of whole sequences streamed block by block, and the final state.
+
+    With ``readout``, after every block whose end lies within a row's [first, last], the row's probe is
+    run as a side block on the state there (``FamModel.read_block``, its rows at ``readout_offset`` in the
+    block) and its weighted predictions join the loss; the stream itself is unchanged by it.
+    ``readout_split`` > 0: each probe is asked across a block boundary instead, as at a round prompt
+    length: its first ``readout_split`` tokens (the question, maybe the answer's start) run as a block of
+    their own that updates the FAM, and the rest is read from that FAM alone at the start of the next
+    block (``readout_offset`` is then unused).
+    Returns (loss, final state, weighted token count): the loss is Σ w·nll / #(w > 0), probes included.
+    ``parts``, when given, receives the mean weighted NLL of the stream's own predictions ("main") and of
+    the probes ("readout") as floats (they are learned at different rates).
+    """
+    main_sum = torch.zeros((), device=fam_model.device)
+    probe_sum = torch.zeros((), device=fam_model.device)
+    main_count = int((weights[:, 1:] > 0).sum())
+    probe_count = 0
+    start = state.position
+    for state, scored in weighted_predictions(fam_model, ids, weights, state, skip_unseen):  # noqa: B020 - each block's state replaces the one before
+        if scored is not None:
+            logits, targets, w = scored
+            main_sum = main_sum + (F.cross_entropy(logits, targets, reduction="none") * w).sum()
+        if readout is not None:
+            end = state.position - start
+            asked = (readout.first <= end) & (end <= readout.last)
+            if asked.any():
+                w = readout.weights[:, 1:] * asked.unsqueeze(1)
+                mask = w > 0
+                if readout_split:
+                    asked_block = fam_model.forward_block(readout.ids[:, :readout_split], state)
+                    rest = fam_model.read_block(readout.ids[:, readout_split:], asked_block.state)
+                    hidden = torch.cat([asked_block.hidden, rest], dim=1)[:, :-1]
+                else:
+                    hidden = fam_model.read_block(readout.ids, state, readout_offset)[:, :-1]
+                logits = fam_model.logits(hidden[mask]).float()
+                nll = F.cross_entropy(logits, readout.ids[:, 1:][mask], reduction="none")
+                probe_sum = probe_sum + (nll * w[mask]).sum()
+                probe_count += int(mask.sum())
+    if parts is not None:
+        main_value, probe_value = float(main_sum.detach()), float(probe_sum.detach())
+        parts["main"] = main_value / max(main_count, 1)
+        parts["readout"] = probe_value / probe_count if probe_count else None
+        parts.update(main_sum=main_value, main_count=main_count, probe_sum=probe_value, probe_count=probe_count)
+    count = main_count + probe_count
+    return (main_sum + probe_sum) / max(count, 1), state, count
+
+
+def global_parts(accelerator, parts: dict) -> dict:
+    """``sequence_loss``'s per-part mean losses over every process's tokens (the log's loss_main/loss_readout)."""
+    keys = ("main_sum", "main_count", "probe_sum", "probe_count")
+    totals = accelerator.reduce(torch.tensor([float(parts[k]) for k in keys], device=accelerator.device), reduction="sum")
+    main_sum, main_count, probe_sum, probe_count = totals.tolist()
+    return dict(parts, main=main_sum / max(main_count, 1.0), readout=probe_sum / probe_count if probe_count else None)
+
+
+def collate(examples: list[Example], pad_id: int, device,
+            length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, ReadoutBatch | None]:
+    """Right-pad a batch (pad tokens carry no loss and come after everything that does), and its probes;
+    to ``length`` tokens when given (a process's slice is padded like the whole global batch)."""
+    length = max(max(len(e.ids) for e in examples), length or 0)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    weights = torch.zeros(len(examples), length)
+    for row, example in enumerate(examples):
+        ids[row, : len(example.ids)] = torch.tensor(example.ids)
+        weights[row, : len(example.weights)] = torch.tensor(example.weights)
+    readout = None
+    probes = [e.readout for e in examples]
+    if any(p is not None for p in probes):
+        width = max(len(p.ids) for p in probes if p is not None)
+        readout = ReadoutBatch(ids=torch.full((len(examples), width), pad_id, dtype=torch.long),
+                               weights=torch.zeros(len(examples), width),
+                               first=torch.full((len(examples),), 1, dtype=torch.long),
+                               last=torch.zeros(len(examples), dtype=torch.long))  # first > last: never asked
+        for row, probe in enumerate(probes):
+            if probe is not None:
+                readout.ids[row, : len(probe.ids)] = torch.tensor(probe.ids)
+                readout.weights[row, : len(probe.weights)] = torch.tensor(probe.weights)
+                readout.first[row], readout.last[row] = probe.first, probe.last
+        readout = ReadoutBatch(*(t.to(device) for t in (readout.ids, readout.weights, readout.first, readout.last)))
+    return ids.to(device), weights.to(device), readout
+
+
+# -- held-out evaluation ---------------------------------------------------------------------------
+@torch.no_grad()
+def passkey_teacher_forced(fam_model: FamModel, tokenizer, prompt: torch.Tensor | None, length: int, trials: int,
+                           seed: int, depth: float = 0.0) -> dict:
+    """Held-out PassKey prompts scored teacher-forced: a trial counts when every key token and the token
+    that ends the number are the argmax (so a model that keeps writing digits fails, as greedy scoring does).
+
+    Cheap enough to run during training; ``famviz.probes.passkey`` scores by greedy decoding for the report.
+    """
+    from famviz.probes.passkey import make_passkey_document
+
+    hits, logprobs = 0, []
+    for trial in range(trials):
+        document = make_passkey_document(tokenizer, length, depth=depth, seed=seed + trial)
+        answer = list(document.answer_ids) + list(document.closing_ids)
+        start, key_end = len(document.token_ids), len(document.token_ids) + len(document.answer_ids)
+        ids = torch.tensor([list(document.token_ids) + answer], device=fam_model.device)
+        state = initial_training_state(fam_model, 1, prompt, None)
+        weights = torch.zeros_like(ids, dtype=torch.float32)
+        weights[0, start:] = 1.0
+        hit, logprob = _score_tokens(fam_model, ids, weights, state)  # one entry per answer token
+        correct, lp = bool(hit.all()), float(logprob[: key_end - start].sum())
+        hits += int(correct)
+        logprobs.append(lp)
+    return {"length": length, "depth": depth, "trials": trials, "accuracy": hits / max(trials, 1),
+            "key_logprob": sum(logprobs) / max(len(logprobs), 1)}
+
+
+def _score_tokens(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor,
+                  state: StreamState) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each weighted token in order: whether it is the argmax, and its log-probability."""
+    hits, logprobs = [], []
+    for _, scored in weighted_predictions(fam_model, ids, weights, state):
+        if scored is not None:
+            logits, targets, _ = scored
+            hits.append(logits.argmax(-1) == targets)
+            logprobs.append(-F.cross_entropy(logits.float(), targets, reduction="none"))
+    return torch.cat(hits), torch.cat(logprobs)

@@ -1,0 +1,60 @@
+"""The loss curve of a training run (``loss_curve.html``, and PNG where kaleido can write it)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger("famviz.training")
+
+
+def write_loss_curve(history: list[dict], out: Path, mode: str = "fam") -> Path | None:
+    """``loss_curve.html`` (PNG too when kaleido can): the training loss per data kind (their scales differ:
+    a PassKey answer against a whole text) with moving means, and the held-out PassKey key log-probability
+    with the prompt length of each evaluation (curricula change it)."""
+    steps = [r for r in history if "loss" in r]
+    if not steps:
+        return None
+    import plotly.graph_objects as go
+    from plotly.colors import DEFAULT_PLOTLY_COLORS
+    from plotly.subplots import make_subplots
+
+    window = 25
+    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.62, 0.38], vertical_spacing=0.08)
+    for index, kind in enumerate(sorted({r["kind"] for r in steps})):
+        rows = [r for r in steps if r["kind"] == kind]
+        x, y = [r["step"] for r in rows], [r["loss"] for r in rows]
+        smooth = [sum(y[max(0, i - window + 1) : i + 1]) / (i - max(0, i - window + 1) + 1) for i in range(len(y))]
+        color = DEFAULT_PLOTLY_COLORS[index % len(DEFAULT_PLOTLY_COLORS)]
+        figure.add_trace(go.Scatter(x=x, y=y, mode="markers", marker=dict(size=3, opacity=0.3, color=color),
+                                    name=f"{kind}: per step", legendgroup=kind), row=1, col=1)
+        figure.add_trace(go.Scatter(x=x, y=smooth, mode="lines", line=dict(color=color),
+                                    name=f"{kind}: mean of last {window} steps", legendgroup=kind), row=1, col=1)
+        probed = [r for r in rows if r.get("loss_readout") is not None]
+        for field_name, label, dash in (("loss_main", "the question's answer", "dot"),
+                                        ("loss_readout", "read-out probes", "dash")):
+            if not probed:
+                break
+            ys = [r[field_name] for r in probed]
+            means = [sum(ys[max(0, i - window + 1) : i + 1]) / (i - max(0, i - window + 1) + 1) for i in range(len(ys))]
+            figure.add_trace(go.Scatter(x=[r["step"] for r in probed], y=means, mode="lines",
+                                        line=dict(color=color, dash=dash), legendgroup=kind,
+                                        name=f"{kind}: {label} (mean of last {window})"), row=1, col=1)
+    evals = [r for r in history if "eval" in r]
+    if evals:
+        labels = [f"{r['eval']['length']} tokens, {r['eval']['accuracy']:.0%} of {r['eval']['trials']}" for r in evals]
+        figure.add_trace(go.Scatter(x=[r["step"] for r in evals], y=[r["eval"]["key_logprob"] for r in evals],
+                                    mode="lines+markers+text", text=[str(r["eval"]["length"]) for r in evals],
+                                    textposition="top center", cliponaxis=False, line=dict(color="#444"),
+                                    customdata=labels, name="key log-prob (label: tokens)",
+                                    hovertemplate="step %{x}: %{y:.2f}<br>%{customdata}<extra></extra>"), row=2, col=1)
+    figure.update_layout(title=f"{mode} fine-tuning", template="plotly_white", width=900, height=620)
+    figure.update_xaxes(title_text="step", row=2, col=1)
+    figure.update_yaxes(title_text="training loss (weighted)", row=1, col=1)
+    figure.update_yaxes(title_text="held-out log p(key)<br>depth 0, teacher-forced", row=2, col=1)
+    path = out / "loss_curve.html"
+    figure.write_html(str(path), include_plotlyjs=True)
+    try:
+        figure.write_image(str(out / "loss_curve.png"))
+    except Exception as exc:  # noqa: BLE001 - no Chromium: the HTML is the figure
+        log.info("no PNG loss curve (%s); loss_curve.html has it", type(exc).__name__)
+    return path
