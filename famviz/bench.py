@@ -24,10 +24,21 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from famviz.core.config import FamConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from pathlib import Path
+
+    from famviz.core.engine import StreamResult
+    from famviz.core.fam_model import FamModel
+    from famviz.io.models import LoadedModel
+    from famviz.training.config import TrainConfig
+    from famviz.training.data import Example
 
 TARGETS = {  # figure: (comparison, target)
     "fam_vs_full": (">=", 2.0),
@@ -120,7 +131,7 @@ def _peak_mb(device: torch.device) -> float | None:
     return window_peak_rss_mb()
 
 
-def document_ids(loaded, n_tokens: int) -> list[int]:
+def document_ids(loaded: LoadedModel, n_tokens: int) -> list[int]:
     """``n_tokens`` of English text (the GPL-3 licence tiled), or random ids for a model without tokenizer."""
     vocab = loaded.config.vocab_size
     path = "/usr/share/common-licenses/GPL-3"
@@ -135,7 +146,8 @@ def document_ids(loaded, n_tokens: int) -> list[int]:
 
 
 # -- the benchmark -------------------------------------------------------------------------------------
-def run_bench(loaded, sizes: BenchSizes = FULL, progress: Callable[[str], None] = lambda message: None) -> dict:
+def run_bench(loaded: LoadedModel, sizes: BenchSizes = FULL,
+              progress: Callable[[str], None] = lambda message: None) -> dict:
     """Measure every figure on ``loaded`` (a ``famviz.LoadedModel``); returns one flat dict."""
     from famviz.core.engine import Stream
     from famviz.core.fam_model import FamModel
@@ -152,7 +164,7 @@ def run_bench(loaded, sizes: BenchSizes = FULL, progress: Callable[[str], None] 
     small_ids = document_ids(loaded, sizes.small_tokens)
     large_ids = document_ids(loaded, large_tokens)
 
-    def stream(model, ids, record=True):
+    def stream(model: FamModel, ids: list[int], record: bool = True) -> StreamResult:
         return Stream(model, record=record, compact_trace=True).run(ids)
 
     figures: dict = {
@@ -170,7 +182,8 @@ def run_bench(loaded, sizes: BenchSizes = FULL, progress: Callable[[str], None] 
     small_times, small_cpu_times, small_peaks, results = [], [], [], {}
     large_time = large_peak = None
 
-    def kept(name, ids):  # the stream's result stays alive until its peak is read, as a user's would
+    def kept(name: str, ids: list[int]) -> None:
+        # the stream's result stays alive until its peak is read, as a user's would
         results[name] = stream(fam_model, ids)
 
     for turn in range(max(2, sizes.repeats)):  # small, large, small[, small]: the large run once
@@ -207,7 +220,7 @@ def run_bench(loaded, sizes: BenchSizes = FULL, progress: Callable[[str], None] 
     a @ b
     matmuls = 8
 
-    def matmul():
+    def matmul() -> None:
         for _ in range(matmuls):
             a @ b
 
@@ -215,7 +228,7 @@ def run_bench(loaded, sizes: BenchSizes = FULL, progress: Callable[[str], None] 
     whole = torch.tensor([compare_ids], device=device)
 
     @torch.inference_mode()
-    def own_forward():
+    def own_forward() -> torch.Tensor:
         return loaded.model(whole).logits  # one call over the whole document, every position's logits
 
     own_forward_small = torch.tensor([compare_ids[: sizes.block_size]], device=device)
@@ -252,7 +265,7 @@ def run_bench(loaded, sizes: BenchSizes = FULL, progress: Callable[[str], None] 
     return figures
 
 
-def _probe_figures(fam_model, ids, sizes: BenchSizes, device) -> dict:
+def _probe_figures(fam_model: FamModel, ids: list[int], sizes: BenchSizes, device: torch.device) -> dict:
     """Time of one block and of one live probe from the state after ``ids`` (None without famviz.probes.passkey)."""
     from famviz.core.engine import Stream
 
@@ -275,7 +288,7 @@ def _probe_figures(fam_model, ids, sizes: BenchSizes, device) -> dict:
     return figures
 
 
-def _meets(value, comparison: str, target: float) -> bool | None:
+def _meets(value: float | None, comparison: str, target: float) -> bool | None:
     if value is None:
         return None
     return value >= target if comparison == ">=" else value <= target
@@ -329,16 +342,17 @@ TRAIN_TARGET = 0.4  # training tokens/s ÷ fam inference stream tokens/s
 class _FixedExamples:
     """The same training examples, in turn (the bench's data: every turn trains on the same tokens)."""
 
-    def __init__(self, examples):
+    def __init__(self, examples: Iterable[Example]):
         self.examples, self.next = list(examples), 0
 
-    def draw(self, rng):
+    def draw(self, rng: random.Random) -> Example:
         example = self.examples[self.next % len(self.examples)]
         self.next += 1
         return example
 
 
-def recipe_config(recipe_dir, out: str, model: str | None, device: str, dtype: str):
+def recipe_config(recipe_dir: str | Path, out: str, model: str | None, device: str,
+                  dtype: str) -> tuple[TrainConfig, bool]:
     """The training configuration of an adapter directory's run (its ``train_config.json``), for benchmarking."""
     import json
     from dataclasses import replace
@@ -353,7 +367,7 @@ def recipe_config(recipe_dir, out: str, model: str | None, device: str, dtype: s
 
 
 def run_train_bench(model: str | None = None, device: str = "auto", dtype: str = "bfloat16",
-                    sizes: TrainBenchSizes = TrainBenchSizes(), recipe_dir=None,
+                    sizes: TrainBenchSizes = TrainBenchSizes(), recipe_dir: str | Path | None = None,
                     progress: Callable[[str], None] = lambda message: None) -> dict:
     """Training tokens/s of the shipped recipe against the fam inference stream's tokens/s, one process,
     turns taken in alternation (train, stream, train, ...), medians of the turns.
@@ -390,10 +404,10 @@ def run_train_bench(model: str | None = None, device: str = "auto", dtype: str =
 
         turn_tokens: list[int] = []  # tokens trained in each turn, read after its timing
 
-        def train_turn():
+        def train_turn() -> None:
             turn_tokens.append(sum(trainer.train_step()["tokens"] for _ in range(sizes.steps)))
 
-        def stream_turn():
+        def stream_turn() -> None:
             Stream(fam_model, record=True, compact_trace=True).run(ids)
 
         progress("warming up")

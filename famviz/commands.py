@@ -10,14 +10,25 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from famviz.core.config import FamConfig, check_limits, number_list
 from famviz.errors import FamvizError
 
+if TYPE_CHECKING:
+    import argparse
+
+    import plotly.graph_objects as go
+    import torch
+
+    from famviz.core.engine import StreamResult
+    from famviz.io.models import LoadedModel
+    from famviz.probes.passkey import ModeSpec, RetentionPoint
+
 log = logging.getLogger("famviz")
 
 
-def run_passkey(args) -> int:
+def run_passkey(args: argparse.Namespace) -> int:
     from famviz.probes import passkey as pk
 
     try:
@@ -77,7 +88,7 @@ def run_passkey(args) -> int:
     return 0
 
 
-def run_ablate(args) -> int:
+def run_ablate(args: argparse.Namespace) -> int:
     from famviz.probes import ablation as ab
 
     ab.check_method(args.method)
@@ -155,7 +166,9 @@ def describe_run(model: str, adapter: str | None, config: FamConfig, extra: str)
            f"memory blocks {config.mem_blocks}; {extra}"
 
 
-def _passkey_sweep(loaded, specs, base, lengths, depths, args, text, fam_prompt, backend):
+def _passkey_sweep(loaded: LoadedModel, specs: list[ModeSpec], base: FamConfig, lengths: list[int],
+                   depths: list[float], args: argparse.Namespace, text: str | None, fam_prompt: torch.Tensor | None,
+                   backend: str) -> tuple[dict, go.Figure]:
     from tqdm import tqdm
 
     from famviz.core.fam_model import FamModel
@@ -181,7 +194,9 @@ def _passkey_sweep(loaded, specs, base, lengths, depths, args, text, fam_prompt,
     return {"results": [cell.summary() for cell in cells]}, passkey_heatmap(cells)
 
 
-def _passkey_retention(loaded, specs, base, lengths, depths, args, text, fam_prompt, backend):
+def _passkey_retention(loaded: LoadedModel, specs: list[ModeSpec], base: FamConfig, lengths: list[int],
+                       depths: list[float], args: argparse.Namespace, text: str | None, fam_prompt: torch.Tensor | None,
+                       backend: str) -> tuple[dict, go.Figure]:
     from famviz.core.fam_model import FamModel
     from famviz.probes import passkey as pk
     from famviz.viz.passkey_figures import retention_figure
@@ -194,7 +209,7 @@ def _passkey_retention(loaded, specs, base, lengths, depths, args, text, fam_pro
             for depth in depths:
                 document = pk.trial_documents(loaded.tokenizer, length, depth, 1, args.seed, text)[0]
 
-                def show(point, label=spec.label):
+                def show(point: RetentionPoint, label: str = spec.label) -> None:
                     if not args.json:
                         print(f"{label:>14}  block {point.block:>4}  blocks since key {point.blocks_since_key:>4}  "
                               f"{'retrieved' if point.correct else 'lost     '}  answer {point.predicted}  "
@@ -207,7 +222,7 @@ def _passkey_retention(loaded, specs, base, lengths, depths, args, text, fam_pro
     return {"retention": curves}, retention_figure(*last)
 
 
-def run_export(args) -> int:
+def run_export(args: argparse.Namespace) -> int:
     from famviz.viz.export import export_trace_file
 
     path = export_trace_file(args.trace, args.figure, args.format, args.out, view=args.view, block=args.block,
@@ -216,7 +231,7 @@ def run_export(args) -> int:
     return 0
 
 
-def run_bench(args) -> int:
+def run_bench(args: argparse.Namespace) -> int:
     from famviz.bench import FULL, QUICK, format_table
     from famviz.bench import run_bench as bench_main
     from famviz.io.models import load_model
@@ -234,14 +249,14 @@ def run_bench(args) -> int:
     return 0
 
 
-def run_train(args) -> int:
+def run_train(args: argparse.Namespace) -> int:
     from famviz.training.loop import run_train as train_main
 
     return train_main(args)
 
 
 # -- stream ---------------------------------------------------------------------------------------
-def run_stream(args) -> int:
+def run_stream(args: argparse.Namespace) -> int:
     from famviz.io.documents import head_bytes_for, read_document_start
 
     config = check_limits(FamConfig(mode=args.mode, block_size=args.block_size, fam_len=args.fam_len,
@@ -315,7 +330,7 @@ def check_output_path(path: str) -> str:
     return str(target)
 
 
-def load_for_cli(args, config: FamConfig):
+def load_for_cli(args: argparse.Namespace, config: FamConfig) -> tuple[LoadedModel, torch.Tensor | None]:
     """The model and (with --adapter) the trained FAM prompt, with adapter LoRA merged."""
     from famviz.io.models import load_model
 
@@ -331,7 +346,7 @@ def load_for_cli(args, config: FamConfig):
     return loaded, fam_prompt
 
 
-def print_geometry_notes(args, *configs: FamConfig) -> None:
+def print_geometry_notes(args: argparse.Namespace, *configs: FamConfig) -> None:
     """On stderr, once the run is about to start: settings that are allowed but probably not meant (a block
     shorter than the FAM), and how the runs' ``configs`` differ from what ``--adapter`` was trained with."""
     from famviz.io.adapters import read_adapter, run_notes
@@ -342,7 +357,7 @@ def print_geometry_notes(args, *configs: FamConfig) -> None:
         print(f"famviz: note: {note}", file=sys.stderr)
 
 
-def resolve_backend(name: str, device) -> str:
+def resolve_backend(name: str, device: torch.device | str) -> str:
     from famviz.core.attention import available_backends
 
     available = available_backends(device)
@@ -353,7 +368,8 @@ def resolve_backend(name: str, device) -> str:
     return name
 
 
-def stream_with_progress(loaded, config: FamConfig, ids: list[int], document: tuple | None = None, **kwargs):
+def stream_with_progress(loaded: LoadedModel, config: FamConfig, ids: list[int], document: tuple | None = None,
+                         **kwargs) -> StreamResult:
     """Run a stream with a progress bar on stderr (shown for documents of more than one block);
     ``document`` = (name, text, offsets) goes into the trace."""
     from tqdm import tqdm

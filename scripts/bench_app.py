@@ -213,7 +213,7 @@ def synthetic_run(n_tokens, block, loaded, fam_len=64):
     rng = np.random.default_rng(0)
     text = (GPL3.read_text() + "\n\n") * (n_tokens // 7000 + 2)
     ids, offsets = tokenize_prefix(loaded.tokenizer, text, n_tokens)
-    trace.text, trace.offsets = text, list(offsets)
+    trace.describe_document("synthetic", text, offsets)
     run = inspector.Run(config=config, document="synthetic", total_tokens=len(ids), trace=trace,
                         features=inspector.StateFeatures(layers), state="done")
     for start in range(0, len(ids), block):

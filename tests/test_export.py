@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 import pytest
-from test_figures import _fam_trace  # noqa: E402  (tests/ is on sys.path under pytest)
+from test_figures import _fam_trace  # tests/ is on sys.path under pytest
 
 from famviz.cli import main as cli_main
 from famviz.errors import FamvizError

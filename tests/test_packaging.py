@@ -40,7 +40,7 @@ def test_metadata_declares_dependencies_extras_and_the_one_version(installed):
         assert any(line.startswith(f"Requires-Dist: {package}>=") and f'extra == "{extra}"' in line
                    for line in metadata.splitlines())
     # Every package the set-up commands pin (requirements.txt) is declared, with a lower bound.
-    normal = lambda name: name.strip().lower().replace("_", "-")  # noqa: E731
+    normal = lambda name: name.strip().lower().replace("_", "-")
     pinned = {normal(line.split("==")[0]) for line in (ROOT / "requirements.txt").read_text().splitlines()
               if "==" in line and not line.startswith("#")}
     declared = {normal(line.split()[1].split(">=")[0]) for line in metadata.splitlines()

@@ -11,12 +11,12 @@ import pytest
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
-from helpers import bundled_tokenizer, tiny_causal_lm  # noqa: E402
+from helpers import bundled_tokenizer, tiny_causal_lm
 
-from famviz import prepare_model  # noqa: E402
-from famviz.app import hub as app_hub  # noqa: E402
-from famviz.app import launch  # noqa: E402
-from famviz.app import passkey_tab as tab  # noqa: E402
+from famviz import prepare_model
+from famviz.app import hub as app_hub
+from famviz.app import launch
+from famviz.app import passkey_tab as tab
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_retention_in_an_uploaded_document(context, tmp_path, gpl_text):
 @pytest.mark.parametrize("args, message", [
     (("fam", 0, 32, 4, 300, 2.0, 1, tab.FILLER, None, 0), "Depth"),
     (("fam", 0, 32, 4, "x", 0.0, 1, tab.FILLER, None, 0), "Length"),
-    (("fam", 0, 32, 4, 300, 0.0, 1, tab.UPLOAD, None, 0), "No file uploaded"),
+    (("fam", 0, 32, 4, 300, 0.0, 1, tab.UPLOAD, None, 0), "No document uploaded"),
     (("fam", 0, 0, 4, 300, 0.0, 1, tab.FILLER, None, 0), "Block size"),
     (("fam", 0, 32, 4, 64, 0.0, 1, tab.FILLER, None, 0), "shorter than the prompt"),
 ])

@@ -72,8 +72,8 @@ def shipped_adapters() -> list[tuple[str, str]]:
     return found
 
 
-def model_key(model, adapter, device, dtype) -> tuple:
-    clean = lambda value: (str(value).strip() or None) if value is not None else None  # noqa: E731
+def model_key(model: str | None, adapter: str | None, device: str | None, dtype: str | None) -> tuple:
+    clean = lambda value: (str(value).strip() or None) if value is not None else None
     return clean(model), clean(adapter), device or "auto", dtype or "auto"
 
 
@@ -93,17 +93,20 @@ class ModelHub:
     def is_loaded(self, key: tuple) -> bool:
         return key in self._models
 
-    def loaded_choice(self, model, adapter, device, dtype) -> tuple[LoadedModel, AppAdapter | None] | None:
+    def loaded_choice(self, model: str | None, adapter: str | None, device: str | None,
+                      dtype: str | None) -> tuple[LoadedModel, AppAdapter | None] | None:
         """The Model panel's choice if it is loaded already (None: it loads on the next Start)."""
         key = model_key(model, adapter, device, dtype)
         return self._models.get(key)
 
-    def for_choice(self, model, adapter, device, dtype) -> tuple[LoadedModel, AppAdapter | None]:
+    def for_choice(self, model: str | None, adapter: str | None, device: str | None,
+                   dtype: str | None) -> tuple[LoadedModel, AppAdapter | None]:
         """The Model panel's choice: the startup model when it is the one chosen, else loaded by ``get``."""
         key = model_key(model, adapter, device, dtype)
         return self.default if key == self.default_key else self.get(*key)
 
-    def get(self, model, adapter, device, dtype) -> tuple[LoadedModel, AppAdapter | None]:
+    def get(self, model: str | None, adapter: str | None, device: str | None,
+            dtype: str | None) -> tuple[LoadedModel, AppAdapter | None]:
         key = model_key(model, adapter, device, dtype)
         with self._lock:
             if key in self._models:
@@ -132,7 +135,7 @@ class AppContext:
     adapter_note: object = None  # under the adapter choice: the geometry it applied
     geometry_fields: list = dataclasses.field(default_factory=list)  # per tab: (block size, FAM length, memory blocks)
 
-    def refresh_header_after(self, event) -> None:
+    def refresh_header_after(self, event: gr.events.Dependency) -> None:
         """After ``event`` (a run of either tab), the header names the model that ran."""
         event.then(lambda *choice: model_header(self.hub, *choice), self.model_inputs, self.header,
                    show_progress="hidden")
@@ -152,7 +155,7 @@ def model_summary(loaded: LoadedModel, adapter: AppAdapter | None) -> str:
     return line
 
 
-def model_header(hub: ModelHub, model, adapter, device, dtype) -> str:
+def model_header(hub: ModelHub, model: str | None, adapter: str | None, device: str | None, dtype: str | None) -> str:
     """The page's model line for the Model panel's choice: the loaded model's summary, or what loads next."""
     choice = hub.loaded_choice(model, adapter, device, dtype)
     if choice is not None:
@@ -163,7 +166,7 @@ def model_header(hub: ModelHub, model, adapter, device, dtype) -> str:
             + (f" · adapter `{Path(adapter).name}`" if adapter else " · untuned conversion"))
 
 
-def adapter_geometry(groups: int, directory):
+def adapter_geometry(groups: int, directory: str | None) -> tuple:
     """The adapter choice: its trained geometry goes into every tab's block size, FAM length and memory
     blocks (``groups`` tabs), and the note under the choice says so."""
     directory = (directory or "").strip()

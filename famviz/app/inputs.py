@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from famviz.core.config import LIMITS, MODES, TOOL_DEFAULTS, FamConfig
 from famviz.errors import DocumentError, FamvizError
 from famviz.io.documents import MAX_DOCUMENT_BYTES, SUPPORTED_SUFFIXES, head_bytes_for, read_document, read_upload_start
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 EXAMPLE_PATH = Path("/usr/share/common-licenses/GPL-3")
 SOURCES = {"example": "Example: GPL-3 licence", "passkey": "Example: PassKey haystack", "upload": "Upload a file",
@@ -38,7 +41,7 @@ def error_status(message: str) -> str:
 
 
 # -- numbers -------------------------------------------------------------------------------------------------
-def whole_number(label: str, value, low: int, high: int) -> int:
+def whole_number(label: str, value: object, low: int, high: int) -> int:
     """``value`` from a form field as an int in [low, high]; 2.5, inf, text or an empty field are refused."""
     if value is None or (isinstance(value, str) and not value.strip()):
         raise FamvizError(f"{label} is empty; enter a whole number from {low} to {high:,}.")
@@ -53,7 +56,7 @@ def whole_number(label: str, value, low: int, high: int) -> int:
     return int(number)
 
 
-def fraction(label: str, value) -> float:
+def fraction(label: str, value: object) -> float:
     """A number from 0 to 1 (a depth in the document)."""
     try:
         number = float(value)
@@ -64,7 +67,7 @@ def fraction(label: str, value) -> float:
     return number
 
 
-def number_list(label: str, text, kind: type, low: float, high: float) -> list:
+def number_list(label: str, text: object, kind: type, low: float, high: float) -> list:
     """'200, 300; 400' -> the sorted distinct numbers, each in [low, high]."""
     try:
         values = [kind(part) for part in str(text).replace(";", ",").split(",") if part.strip()]
@@ -77,7 +80,8 @@ def number_list(label: str, text, kind: type, low: float, high: float) -> list:
     return sorted(set(values))
 
 
-def parse_settings(mode, block_size, fam_len, mem_blocks, max_tokens) -> tuple[FamConfig, int]:
+def parse_settings(mode: str, block_size: float | str | None, fam_len: float | str | None,
+                   mem_blocks: float | str | None, max_tokens: float | str | None) -> tuple[FamConfig, int]:
     """The inspector run's FamConfig and token limit from the form, or a FamvizError with one clear message."""
     if mode not in MODES:
         raise FamvizError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
@@ -104,16 +108,19 @@ class InputDocument(NamedTuple):
     read_cut: str | None = None  # only the start of a large file was read, e.g. "the first 0.5 MB of a 60.0 MB file"
 
 
-def read_uploaded_document(upload: str | None, max_tokens: int | None) -> InputDocument:
+def read_uploaded_document(upload: str | None, max_tokens: int | None,
+                           missing: str = "No file uploaded: choose a file, or pick pasted text or an example.",
+                           ) -> InputDocument:
     """The uploaded file's text (every tab reads uploads through here): of a plain-text file over the size
-    limit only the start that ``max_tokens`` tokens can need; unreadable files give a DocumentError."""
+    limit only the start that ``max_tokens`` tokens can need; unreadable files give a DocumentError, no
+    upload the tab's own ``missing`` message."""
     if not upload:
-        raise DocumentError("No file uploaded: choose a file, or pick pasted text or an example.")
+        raise DocumentError(missing)
     start, name = read_upload_start(upload, MAX_DOCUMENT_BYTES, head_bytes_for(max_tokens))
     return InputDocument(start.text, name, start.cut)
 
 
-def document_cut(tokenizer, text: str, ids: list[int], offsets: list[tuple[int, int]],
+def document_cut(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], offsets: list[tuple[int, int]],
                  count_up_to: int = 2_000_000) -> str | None:
     """None when ``ids`` cover the whole document; else how much it holds: "of 7,658 tokens" (counted for
     documents up to ``count_up_to`` characters), or the share of its characters streamed for larger ones."""
@@ -124,7 +131,7 @@ def document_cut(tokenizer, text: str, ids: list[int], offsets: list[tuple[int, 
     return f"{offsets[-1][1] / len(text):.0%} of its {len(text):,} characters"
 
 
-def passkey_text(tokenizer, length) -> str:
+def passkey_text(tokenizer: PreTrainedTokenizerBase, length: float | str | None) -> str:
     """The PassKey haystack example (key at the start: the memory must carry it to the question)."""
     from famviz.probes.passkey import make_passkey_document
 
@@ -132,8 +139,10 @@ def passkey_text(tokenizer, length) -> str:
     return make_passkey_document(tokenizer, tokens, depth=0.0, seed=0).text
 
 
-def read_input_document(source: str, upload: str | None, pasted: str | None, tokenizer=None,
-                        passkey_tokens=DEFAULT_PASSKEY_TOKENS, max_tokens: int | None = None) -> InputDocument:
+def read_input_document(source: str, upload: str | None, pasted: str | None,
+                        tokenizer: PreTrainedTokenizerBase | None = None,
+                        passkey_tokens: float | str | None = DEFAULT_PASSKEY_TOKENS,
+                        max_tokens: int | None = None) -> InputDocument:
     """The inspector's chosen document, or a DocumentError/FamvizError saying what is wrong. An upload over
     the size limit is read only as far as ``max_tokens`` can need (plain text only)."""
     if source == "upload":

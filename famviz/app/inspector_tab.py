@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
@@ -43,6 +44,9 @@ from famviz.viz.inspector import (
     default_trajectory_layers,
     parse_layers,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 log = logging.getLogger("famviz.app")
 
@@ -96,8 +100,11 @@ def refresh(run: Run, *, layer_choices: bool = False) -> tuple:
             run.loss(), slider, layer, run)
 
 
-def stream_document(hub: ModelHub, model, adapter_dir, device, dtype, source, upload, pasted, passkey_tokens,
-                    mode, compare, block_size, fam_len, mem_blocks, max_tokens, trajectory_layers,
+def stream_document(hub: ModelHub, model: str | None, adapter_dir: str | None, device: str | None,
+                    dtype: str | None, source: str, upload: str | None, pasted: str | None,
+                    passkey_tokens: float | str | None, mode: str, compare: str | None,
+                    block_size: float | str | None, fam_len: float | str | None, mem_blocks: float | str | None,
+                    max_tokens: float | str | None, trajectory_layers: str | None,
                     previous: Run | None, *, redraw_seconds: float = MIN_REDRAW_SECONDS) -> Iterator[tuple]:
     """The Start handler: yields an update once per block (every view at most every ``redraw_seconds``).
 
@@ -134,7 +141,7 @@ def stream_document(hub: ModelHub, model, adapter_dir, device, dtype, source, up
     except FamvizError as exc:
         yield error_status(str(exc)), *_skips(N_OUTPUTS - 1)
         return
-    except Exception as exc:  # noqa: BLE001 - the app must survive anything; details go to the log
+    except Exception as exc:  # the app must survive anything; details go to the log
         log.exception("could not start a stream")
         yield error_status(f"could not start: {type(exc).__name__}: {exc}"), *_skips(N_OUTPUTS - 1)
         return
@@ -166,7 +173,7 @@ def stream_document(hub: ModelHub, model, adapter_dir, device, dtype, source, up
                 run.record_compare(next(other_blocks).nll)
             run.engine_seconds += time.perf_counter() - began
             run.record_block()
-        except Exception as exc:  # noqa: BLE001 - keep what was computed; say what went wrong
+        except Exception as exc:  # keep what was computed; say what went wrong
             log.exception("stream failed at block %d", run.blocks_done)
             run.state, run.error = "failed", f"{type(exc).__name__}: {exc}"
             run.elapsed = time.perf_counter() - run.started
@@ -185,7 +192,7 @@ def stream_document(hub: ModelHub, model, adapter_dir, device, dtype, source, up
     log.info("done: %s (engine %.1f s of %.1f s)", run.status().replace("**", ""), run.engine_seconds, run.elapsed)
 
 
-def stop_run(run: Run | None):
+def stop_run(run: Run | None) -> tuple:
     """The Stop handler (runs beside the cancelled stream): every view as of the last finished block."""
     if run is None or run.state != "streaming":
         return (gr.skip(),) * N_OUTPUTS
@@ -193,12 +200,12 @@ def stop_run(run: Run | None):
     run.elapsed = time.perf_counter() - run.started
     try:
         return refresh(run)
-    except Exception:  # noqa: BLE001 - a block was being appended right now: the status is enough
+    except Exception:  # a block was being appended right now: the status is enough
         log.debug("stop: views skipped", exc_info=True)
         return run.status(), *_skips(N_OUTPUTS - 1)
 
 
-def settled_status(run: Run | None):
+def settled_status(run: Run | None) -> str | dict:
     """After Stop has finished: the run's status once more. A block update the cancelled stream had already
     sent can reach the page after Stop's own reply and would leave "Streaming" showing for good."""
     if run is None or run.state == "streaming":
@@ -207,14 +214,14 @@ def settled_status(run: Run | None):
 
 
 # -- view controls (no model; each acts on the session's run only) ----------------------------------------------
-def _view_handler(n_outputs: int):
+def _view_handler(n_outputs: int) -> Callable[[Callable[..., tuple]], Callable[..., tuple]]:
     """View handlers may run while the session's stream appends a block to the same trace; a figure
     caught half-way is skipped (the stream's next update redraws it) instead of raising in the UI."""
-    def wrap(handler):
-        def safe(*args):
+    def wrap(handler: Callable[..., tuple]) -> Callable[..., tuple]:
+        def safe(*args: object) -> tuple:
             try:
                 return handler(*args)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.debug("view update skipped", exc_info=True)
                 return tuple(gr.skip() for _ in range(n_outputs))
         safe.__name__, safe.__doc__, safe.__wrapped__ = handler.__name__, handler.__doc__, handler
@@ -223,7 +230,7 @@ def _view_handler(n_outputs: int):
 
 
 @_view_handler(2)
-def change_view(view: str, run: Run | None):
+def change_view(view: str, run: Run | None) -> tuple:
     """Switch the heatmap target; a running stream picks the new view up at its next block."""
     if view not in figures.SHARE_VIEWS or run is None:
         return gr.skip(), gr.skip()
@@ -234,7 +241,7 @@ def change_view(view: str, run: Run | None):
 
 
 @_view_handler(2)
-def change_layer(layer, run: Run | None):
+def change_layer(layer: str | None, run: Run | None) -> tuple:
     """The layer the document is shaded by (and framed in the drill-down)."""
     if run is None:
         return gr.skip(), gr.skip()
@@ -245,7 +252,7 @@ def change_layer(layer, run: Run | None):
 
 
 @_view_handler(4)
-def select_block(block, follow: bool, run: Run | None):
+def select_block(block: float | str | None, follow: bool, run: Run | None) -> tuple:
     """Drill down into one block, or follow the latest: heatmap frame, head view, document window."""
     if run is None or not run.has_blocks():
         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -254,13 +261,13 @@ def select_block(block, follow: bool, run: Run | None):
 
 
 @_view_handler(4)
-def drag_block(block, run: Run | None):
+def drag_block(block: float | str | None, run: Run | None) -> tuple:
     """Moving the slider picks that block and stops following (else the next block would move it back)."""
     heatmap, heads, document, _ = select_block.__wrapped__(block, False, run)
     return heatmap, heads, document, False
 
 
-def change_method(method: str, run: Run | None):
+def change_method(method: str, run: Run | None) -> tuple:
     """PCA now; UMAP starts in the background and the timer shows it when it is ready."""
     if method not in TRAJECTORY_METHODS or run is None:
         return gr.skip(), gr.Timer(active=False)
@@ -271,7 +278,7 @@ def change_method(method: str, run: Run | None):
     return figure, gr.Timer(active=run.umap_pending())
 
 
-def poll_umap(run: Run | None):
+def poll_umap(run: Run | None) -> tuple:
     """Timer tick while a UMAP fit runs: show it once done, then stop ticking."""
     if run is None or run.method != "UMAP":
         return gr.skip(), gr.Timer(active=False)
@@ -285,7 +292,7 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:40] or "run"
 
 
-def export_plot(name: str, fmt: str, run: Run | None):
+def export_plot(name: str, fmt: str, run: Run | None) -> tuple:
     """Write one figure of the session's run in a paper-ready format; returns (file, note)."""
     if run is None or not run.has_blocks():
         return gr.skip(), "Nothing to export yet: stream a document or replay a trace first."
@@ -294,7 +301,7 @@ def export_plot(name: str, fmt: str, run: Run | None):
     return file or gr.skip(), note
 
 
-def download_trace(run: Run | None):
+def download_trace(run: Run | None) -> tuple:
     """The whole run as an engine trace file (.npz) that the app and `famviz export` can replay."""
     if run is None or run.trace is None or run.trace.n_blocks == 0:
         return gr.skip(), "No run to download yet."
@@ -305,7 +312,7 @@ def download_trace(run: Run | None):
     return str(path), f"Trace **{path.name}** ({path.stat().st_size / 1024 ** 2:,.1f} MB): {run.blocks_done} blocks."
 
 
-def replay_trace(upload: str | None, previous: Run | None):
+def replay_trace(upload: str | None, previous: Run | None) -> tuple:
     """Load an uploaded trace file and show every view of it, without a model."""
     if not upload:
         return (gr.skip(),) * N_OUTPUTS
@@ -319,7 +326,7 @@ def replay_trace(upload: str | None, previous: Run | None):
         run = Run.from_trace(trace, name=path.name)
     except FamvizError as exc:
         return error_status(str(exc)), *_skips(N_OUTPUTS - 1)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.exception("replay failed")
         return error_status(f"cannot replay {path.name}: {type(exc).__name__}: {exc}"), *_skips(N_OUTPUTS - 1)
     if previous is not None:
@@ -337,22 +344,22 @@ def build_inspector_tab(context: AppContext) -> None:
     blank = figures.empty_figure("Press Start to stream a document")
     view_choices = [(spec.label, key) for key, spec in figures.SHARE_VIEWS.items()]
     static_problem = export.static_export_problem()
-    model_key = hub.default_key
+    startup_key = hub.default_key
 
     with gr.Tab("Memory inspector", id="inspector", elem_id="tab-inspector"):
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
                 with gr.Accordion("Model", open=False, elem_id="model-panel"):
-                    model = gr.Textbox(model_key[0] or "", label="Model (Hugging Face id or local path)",
+                    model = gr.Textbox(startup_key[0] or "", label="Model (Hugging Face id or local path)",
                                        placeholder="empty: bundled SmolLM2-135M", elem_id="model")
                     adapter_dir = gr.Dropdown([("none: untuned conversion (memory not trained)", ""),
-                                               *shipped_adapters()], value=model_key[1] or "",
+                                               *shipped_adapters()], value=startup_key[1] or "",
                                               allow_custom_value=True, label="Adapter (or type a directory)",
                                               elem_id="adapter")
                     with gr.Row():
-                        device = gr.Dropdown(["auto", "cpu", "cuda"], value=model_key[2], label="Device",
+                        device = gr.Dropdown(["auto", "cpu", "cuda"], value=startup_key[2], label="Device",
                                              elem_id="device")
-                        dtype = gr.Dropdown(["auto", "bfloat16", "float32"], value=model_key[3], label="Dtype",
+                        dtype = gr.Dropdown(["auto", "bfloat16", "float32"], value=startup_key[3], label="Dtype",
                                             elem_id="dtype")
                     context.adapter_note = gr.Markdown("", elem_id="adapter-note")
                     gr.Markdown("A changed model is loaded when you press Start (here or in the PassKey tab).")
@@ -439,7 +446,7 @@ def build_inspector_tab(context: AppContext) -> None:
                         + (f"\n\n**Note:** {static_problem}" if static_problem else ""), elem_id="export-note")
         umap_timer = gr.Timer(1.0, active=False)
 
-    def start(*args):
+    def start(*args: object) -> Iterator[tuple]:
         yield from stream_document(hub, *args, redraw_seconds=context.redraw_seconds)
 
     outputs = [status, heatmap, heads, document, trajectory, dynamics, nll, block, layer, run_state]

@@ -47,12 +47,12 @@ DESCRIPTION = "famviz app: the live memory inspector of a TransformerFAM model"
 
 
 def build_app(loaded: LoadedModel, adapter: AppAdapter | str | Path | None = None,
-              model_key: tuple | None = None, redraw_seconds: float = MIN_REDRAW_SECONDS) -> gr.Blocks:
+              startup_key: tuple | None = None, redraw_seconds: float = MIN_REDRAW_SECONDS) -> gr.Blocks:
     """The app around a loaded model; ``adapter`` is an AppAdapter or an adapter directory (applied here).
-    ``model_key`` = (model, adapter, device, dtype) as given on the command line (for the Model panel)."""
+    ``startup_key`` = (model, adapter, device, dtype) as given on the command line (for the Model panel)."""
     if adapter is not None and not isinstance(adapter, AppAdapter):
         adapter = attach_adapter(loaded, adapter)
-    key = model_key or (None if loaded.name.startswith("SmolLM2") else loaded.name,
+    key = startup_key or (None if loaded.name.startswith("SmolLM2") else loaded.name,
                         str(adapter.directory) if adapter is not None else None, "auto", "auto")
     hub = ModelHub(loaded, adapter, key)
     defaults = adapter.settings() if adapter is not None else DEFAULT_SETTINGS
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         adapter = attach_adapter(loaded, args.adapter) if args.adapter else None
         log.info("famviz: %s loaded in %.1f s on %s (%s)", loaded.name, time.perf_counter() - started,
                  loaded.device, str(loaded.dtype).replace("torch.", ""))
-        demo = build_app(loaded, adapter, model_key=model_key(args.model, args.adapter, args.device, args.dtype),
+        demo = build_app(loaded, adapter, startup_key=model_key(args.model, args.adapter, args.device, args.dtype),
                          redraw_seconds=args.redraw_seconds)
         log.info("famviz: warmed up in %.1f s", warm_up(demo.famviz_context.hub, demo.famviz_context.defaults))
     except FamvizError as exc:

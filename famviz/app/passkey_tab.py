@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
@@ -36,23 +37,28 @@ from famviz.probes import passkey as pk
 from famviz.viz import export
 from famviz.viz.passkey_figures import intervention_heatmap, passkey_heatmap, retention_figure
 
+if TYPE_CHECKING:
+    from famviz.app.hub import AppAdapter
+    from famviz.io.models import LoadedModel
+
 log = logging.getLogger("famviz.app")
 
 MODE_CHOICES = [("FAM, no memory blocks", "fam:0"), ("FAM, 1 memory block", "fam:1"), ("BSWA, no memory", "bswa:0"),
                 ("BSWA, 1 memory block", "bswa:1"), ("attention sinks (StreamingLLM), no memory", "sink:0"),
                 ("full attention", "full")]
 FILLER, UPLOAD = "PassKey filler", "Your document (upload)"
+NO_UPLOAD = "No document uploaded: upload a file or use the PassKey filler."
 MAX_LENGTH = 1_000_000
 MAX_TRIALS = 1000
 MAX_CELLS = 400
 
 
-def _base(block_size, fam_len) -> FamConfig:
+def _base(block_size: float | str | None, fam_len: float | str | None) -> FamConfig:
     return FamConfig(mode="fam", block_size=whole_number("Block size", block_size, 1, MAX_BLOCK_SIZE),
                      fam_len=whole_number("FAM length", fam_len, 1, MAX_FAM_LEN), mem_blocks=0)
 
 
-def _fam_model(loaded, adapter, spec: pk.ModeSpec, base: FamConfig) -> FamModel:
+def _fam_model(loaded: LoadedModel, adapter: AppAdapter | None, spec: pk.ModeSpec, base: FamConfig) -> FamModel:
     config = pk.sweep_config(base, spec)
     prompt = adapter.prompt_for(loaded, config) if adapter is not None and spec.mode == "fam" else None
     return FamModel(loaded, config, fam_prompt=prompt)
@@ -77,7 +83,9 @@ class PasskeySession:
 
 
 # -- live retention -------------------------------------------------------------------------------------------
-def watch_retention(context: AppContext, mode, mem_blocks, block_size, fam_len, length, depth, every, source, upload, seed,
+def watch_retention(context: AppContext, mode: str, mem_blocks: float | str | None, block_size: float | str | None,
+                    fam_len: float | str | None, length: float | str | None, depth: float | str | None,
+                    every: float | str | None, source: str, upload: str | None, seed: float | str | None,
                     session: PasskeySession | None, model_choice: tuple | None = None) -> Iterator[tuple]:
     """Stream one PassKey prompt and probe the memory after every ``every`` blocks once the key went by,
     with the model of the Model panel (``model_choice``). Yields (status, retention figure, session) after
@@ -96,8 +104,8 @@ def watch_retention(context: AppContext, mode, mem_blocks, block_size, fam_len, 
         tokenizer = fam_model.loaded.tokenizer
         try:
             if source == UPLOAD:
-                document = pk.make_document_probe(tokenizer, read_uploaded_document(upload, length).text, depth, length,
-                                                 seed=seed)
+                text = read_uploaded_document(upload, length, NO_UPLOAD).text
+                document = pk.make_document_probe(tokenizer, text, depth, length, seed=seed)
             else:
                 document = pk.make_passkey_document(tokenizer, length, depth, seed=seed)
         except ValueError as exc:
@@ -105,7 +113,7 @@ def watch_retention(context: AppContext, mode, mem_blocks, block_size, fam_len, 
     except FamvizError as exc:
         yield error_status(str(exc)), gr.skip(), session
         return
-    except Exception as exc:  # noqa: BLE001 - the app stays up; details go to the log
+    except Exception as exc:  # the app stays up; details go to the log
         log.exception("could not start the retention probe")
         yield error_status(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), session
         return
@@ -126,7 +134,7 @@ def watch_retention(context: AppContext, mode, mem_blocks, block_size, fam_len, 
     for index in range(total):
         try:
             next(blocks)
-        except Exception as exc:  # noqa: BLE001 - keep the curve so far
+        except Exception as exc:  # keep the curve so far
             log.exception("retention stream failed")
             yield error_status(f"stopped at block {index}: {type(exc).__name__}: {exc}"), gr.skip(), session
             return
@@ -143,11 +151,12 @@ def watch_retention(context: AppContext, mode, mem_blocks, block_size, fam_len, 
 
 
 # -- sweeps -------------------------------------------------------------------------------------------------------
-def _rows(cells) -> list[list]:
+def _rows(cells: list[pk.CellResult]) -> list[list]:
     return [[c.label, c.length, c.depth, c.trials, round(c.accuracy, 3), round(c.mean_key_logprob, 3)] for c in cells]
 
 
-def run_sweep(context: AppContext, modes, lengths, depths, trials, block_size, fam_len, seed,
+def run_sweep(context: AppContext, modes: list[str] | None, lengths: str, depths: str, trials: float | str | None,
+              block_size: float | str | None, fam_len: float | str | None, seed: float | str | None,
               session: PasskeySession | None, model_choice: tuple | None = None) -> Iterator[tuple]:
     """Every (mode, length, depth) cell, trial by trial, with the Model panel's model (``model_choice``);
     yields (status, heatmap, table, session)."""
@@ -172,7 +181,7 @@ def run_sweep(context: AppContext, modes, lengths, depths, trials, block_size, f
     except FamvizError as exc:
         yield error_status(str(exc)), gr.skip(), gr.skip(), session
         return
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # keep what was measured
         log.exception("could not start the sweep")
         yield error_status(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), gr.skip(), session
         return
@@ -203,7 +212,7 @@ def run_sweep(context: AppContext, modes, lengths, depths, trials, block_size, f
                     status = (f"Trial **{done} / {total}** · {spec.label}, {length:,} tokens, depth {depth:g} · "
                               f"{elapsed:.0f} s elapsed · {label}{notes}")
                     yield status, passkey_heatmap(session.cells), _rows(session.cells), session
-            except Exception as exc:  # noqa: BLE001 - keep the cells so far
+            except Exception as exc:  # keep the cells so far
                 log.exception("sweep failed")
                 if session.cells[-1] is None:
                     session.cells.pop()
@@ -220,7 +229,9 @@ INTERVENTION_METHODS = [("ablate: initial FAM instead", "ablate"), ("patch: FAM 
                         ("write time: clean FAM into the other key's run", "write-time")]
 
 
-def run_interventions_tab(context: AppContext, method, length, depth, trials, layers, blocks, block_size, fam_len, seed,
+def run_interventions_tab(context: AppContext, method: str, length: float | str | None, depth: float | str | None,
+                          trials: float | str | None, layers: str, blocks: str, block_size: float | str | None,
+                          fam_len: float | str | None, seed: float | str | None,
                           session: PasskeySession | None, model_choice: tuple | None = None) -> Iterator[tuple]:
     """FAM ablation / patching (``famviz.probes.ablation``) with the Model panel's model; yields (status, heatmap,
     session) as the interventions finish, the heatmap redrawn about once a second."""
@@ -244,7 +255,7 @@ def run_interventions_tab(context: AppContext, method, length, depth, trials, la
     except (FamvizError, ValueError) as exc:
         yield error_status(str(exc)), gr.skip(), session
         return
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.exception("could not start the interventions")
         yield error_status(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), session
         return
@@ -265,7 +276,7 @@ def run_interventions_tab(context: AppContext, method, length, depth, trials, la
                 yield (f"Intervention **{done}** · trial {result.trials} / {trials} · "
                        f"{drawn - started:.0f} s elapsed · {label}{notes}"), \
                     intervention_heatmap(session.intervention), session
-    except Exception as exc:  # noqa: BLE001 - keep what was measured
+    except Exception as exc:
         log.exception("interventions failed")
         yield error_status(f"stopped: {type(exc).__name__}: {exc}"), gr.skip(), session
         return
@@ -274,13 +285,13 @@ def run_interventions_tab(context: AppContext, method, length, depth, trials, la
            f"{label}{notes}"), intervention_heatmap(session.intervention or {}), session
 
 
-def export_passkey(which: str, fmt: str, session: PasskeySession | None):
+def export_passkey(which: str, fmt: str, session: PasskeySession | None) -> tuple:
     """The retention curve or the sweep heatmap as a paper-ready file; returns (file, note)."""
     if session is None or (which == "heatmap" and not session.cells) or (which == "retention" and not session.points) \
             or (which == "interventions" and not session.intervention):
         return gr.skip(), "Nothing to export yet: run it first."
 
-    def write():
+    def write() -> Path:
         if which == "interventions":
             fig, caption, meta, size = (intervention_heatmap(session.intervention), session.intervention_caption,
                                         session.intervention["config"], (1100, 700))
@@ -297,7 +308,7 @@ def export_passkey(which: str, fmt: str, session: PasskeySession | None):
     return file or gr.skip(), note
 
 
-def download_results(session: PasskeySession | None):
+def download_results(session: PasskeySession | None) -> tuple:
     """The sweep as the CLI's JSON: {"results": [...], "config": {...}}."""
     if session is None or not session.cells:
         return gr.skip(), "No sweep results yet."
@@ -394,13 +405,16 @@ def build_passkey_tab(context: AppContext) -> None:
                                   elem_id="pk-export-note")
 
     # Both run the model chosen in the inspector's Model panel (its four inputs come first).
-    def watch(model, adapter_dir, device, dtype, *args):
+    def watch(model: str | None, adapter_dir: str | None, device: str | None, dtype: str | None,
+              *args: object) -> Iterator[tuple]:
         yield from watch_retention(context, *args, model_choice=(model, adapter_dir, device, dtype))
 
-    def sweep(model, adapter_dir, device, dtype, *args):
+    def sweep(model: str | None, adapter_dir: str | None, device: str | None, dtype: str | None,
+              *args: object) -> Iterator[tuple]:
         yield from run_sweep(context, *args, model_choice=(model, adapter_dir, device, dtype))
 
-    def intervene(model, adapter_dir, device, dtype, *args):
+    def intervene(model: str | None, adapter_dir: str | None, device: str | None, dtype: str | None,
+                  *args: object) -> Iterator[tuple]:
         yield from run_interventions_tab(context, *args, model_choice=(model, adapter_dir, device, dtype))
 
     # Queued on the model with the inspector's stream (concurrency_id "model"): one forward pass at a time.

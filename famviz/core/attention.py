@@ -30,11 +30,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from famviz.core.config import BLOCK_GROUPS, FAM_GROUPS
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    # kernel(q, k, v, scale, causal) -> out, all (b, heads, n, d)
+    Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Back ends usable on ``device``: sdpa always, flex where FlexAttention imports, flash on CUDA with flash-attn."""
     names = ["sdpa"]
     try:
-        import torch.nn.attention.flex_attention  # noqa: F401
+        import torch.nn.attention.flex_attention
 
         names.append("flex")
     except ImportError:
@@ -125,9 +132,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayo
 
 
 # -- split form (flash-attn) -----------------------------------------------------------------------
-def attend_split(q, k, v, layout: WindowLayout, scale: float, kernel) -> torch.Tensor:
+def attend_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout, scale: float,
+                 kernel: Kernel) -> torch.Tensor:
     """The window mask as two unmasked/causal kernel calls; ``kernel(q, k, v, scale, causal)``
-    takes (b, heads, n, d) tensors, with causal meaning bottom-right aligned."""
+    takes (b, heads, n, d) tensors, with causal meaning bottom-right aligned.
+
+    q: (batch, heads, fam + block, head_dim); k, v: (batch, kv_heads, memory + fam + block, head_dim);
+    returns (batch, heads, fam + block, head_dim).
+    """
     m, f = layout.memory, layout.fam
     parts = []
     if f:
@@ -137,8 +149,11 @@ def attend_split(q, k, v, layout: WindowLayout, scale: float, kernel) -> torch.T
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
-def sdpa_kernel(q, k, v, scale: float, causal: bool) -> torch.Tensor:
-    """Reference kernel for ``attend_split`` (bottom-right causal via an explicit mask)."""
+def sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """Reference kernel for ``attend_split`` (bottom-right causal via an explicit mask).
+
+    q: (batch, heads, n_q, head_dim); k, v: (batch, kv_heads, n_k, head_dim); returns (batch, heads, n_q, head_dim).
+    """
     mask = None
     if causal:
         n_q, n_k = q.shape[2], k.shape[2]
@@ -146,7 +161,7 @@ def sdpa_kernel(q, k, v, scale: float, causal: bool) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _flash_kernel(q, k, v, scale: float, causal: bool) -> torch.Tensor:
+def _flash_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
     from flash_attn import flash_attn_func  # (b, n, heads, d) layout, GQA native, causal bottom-right
 
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal)
@@ -158,7 +173,7 @@ _flex_masks: dict[tuple[WindowLayout, torch.device], object] = {}
 _compiled_flex = None
 
 
-def _attend_flex(q, k, v, layout: WindowLayout, scale: float) -> torch.Tensor:
+def _attend_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout, scale: float) -> torch.Tensor:
     global _compiled_flex
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -168,7 +183,7 @@ def _attend_flex(q, k, v, layout: WindowLayout, scale: float) -> torch.Tensor:
     if key not in _flex_masks:
         m, f = layout.memory, layout.fam
 
-        def mask_mod(b, h, q_idx, kv_idx):
+        def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
             fam_row = q_idx < f
             sees_as_fam = kv_idx >= m
             sees_as_token = (kv_idx < m + f) | (kv_idx - m - f <= q_idx - f)
@@ -181,8 +196,13 @@ def _attend_flex(q, k, v, layout: WindowLayout, scale: float) -> torch.Tensor:
 
 
 # -- statistics from per-group log-sum-exps -------------------------------------------------------
-def attend_with_stats(q, k, v, layout: WindowLayout, scale: float) -> tuple[torch.Tensor, AttentionStats]:
-    """Window attention plus exact shares, merged from one fused kernel call per key group."""
+def attend_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout,
+                      scale: float) -> tuple[torch.Tensor, AttentionStats]:
+    """Window attention plus exact shares, merged from one fused kernel call per key group.
+
+    q: (batch, heads, fam + block, head_dim); k, v: (batch, kv_heads, memory + fam + block, head_dim);
+    returns the output (batch, heads, fam + block, head_dim) and the stats (shapes on ``AttentionStats``).
+    """
     m, f, n, s = layout.memory, layout.fam, layout.block, layout.sink
     b, heads = q.shape[:2]
     keys = {"sink": slice(0, s), "memory": slice(s, m), "fam": slice(m, m + f), "block": slice(m + f, m + f + n)}
@@ -208,7 +228,8 @@ def attend_with_stats(q, k, v, layout: WindowLayout, scale: float) -> tuple[torc
     return out, AttentionStats(block_share=block_share, fam_share=fam_share, fam_read=fam_read)
 
 
-def _merge_groups(q, k, v, scale: float, groups):
+def _merge_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  groups: list[tuple[slice, bool]]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Attention of q over the union of key ranges ``groups`` [(slice, causal)], plus each group's
     softmax mass (b, heads, queries) and the union's log-sum-exp."""
     parts = [_attention_with_lse(q, k[:, :, keys], v[:, :, keys], scale, causal) for keys, causal in groups]
@@ -223,7 +244,8 @@ def _merge_groups(q, k, v, scale: float, groups):
     return out.to(q.dtype), list(weights), total
 
 
-def _attention_with_lse(q, k, v, scale: float, causal: bool):
+def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(output (b, heads, Q, d), log-sum-exp (b, heads, Q) float32); causal is top-left (Q == K here)."""
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
@@ -231,7 +253,8 @@ def _attention_with_lse(q, k, v, scale: float, causal: bool):
     return _attention_with_lse_reference(q, k, v, scale, causal)
 
 
-def _attention_with_lse_reference(q, k, v, scale: float, causal: bool):
+def _attention_with_lse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                                  causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Explicit form (any device): scores in float32, GQA by grouping query heads."""
     b, heads, n_q, d = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
@@ -247,7 +270,7 @@ def _attention_with_lse_reference(q, k, v, scale: float, causal: bool):
     return out, lse.view(b, heads, n_q)
 
 
-def _token_probs(q, k, lse, scale: float) -> torch.Tensor:
+def _token_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
     """Softmax probabilities (b, heads, Q, K) of q on the keys k, given the rows' full log-sum-exp."""
     b, heads, n_q, d = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
@@ -256,12 +279,18 @@ def _token_probs(q, k, lse, scale: float) -> torch.Tensor:
     return torch.exp(scores.view(b, heads, n_q, n_k) - lse.unsqueeze(-1))
 
 
-def attend_reference_stats(q, k, v, layout: WindowLayout, scale: float):
-    """The explicit-softmax form of ``attend_with_stats`` (materialises the probabilities; for tests)."""
+def attend_reference_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout,
+                           scale: float) -> tuple[torch.Tensor, AttentionStats]:
+    """The explicit-softmax form of ``attend_with_stats`` (materialises the probabilities; for tests).
+
+    q: (batch, heads, fam + block, head_dim); k, v: (batch, kv_heads, memory + fam + block, head_dim);
+    returns the output (batch, heads, fam + block, head_dim) and the stats.
+    """
     return _attend_with_probs(q, k, v, layout, window_mask(layout, q.device), scale)
 
 
-def _attend_with_probs(q, k, v, layout: WindowLayout, mask, scale):
+def _attend_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout, mask: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, AttentionStats]:
     b, heads, n_q, d = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     group = heads // kv_heads  # query head h uses kv head h // group (as repeat_kv does)

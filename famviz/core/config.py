@@ -119,7 +119,7 @@ def trained_geometry_differences(trained: FamConfig, config: FamConfig, adapter:
             for name in names if getattr(trained, name) != getattr(config, name)]
 
 
-def number_list(text, kind, name: str) -> list:
+def number_list(text: object, kind: type[int] | type[float], name: str) -> list:
     """``"1000,2000"`` -> [1000, 2000] (``kind`` int or float), or a ConfigError naming the option."""
     try:
         values = [kind(part) for part in str(text).split(",") if part.strip()]

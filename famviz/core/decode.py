@@ -27,7 +27,10 @@ def end_of_sequence_ids(fam_model: FamModel) -> set:
 
 
 def fam_keys_values(fam_model: FamModel, state: StreamState, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's FAM keys (rotated to the slots' positions) and values as the next block reads them."""
+    """One layer's FAM keys (rotated to the slots' positions) and values as the next block reads them.
+
+    Each (batch, kv_heads, fam_len, head_dim).
+    """
     fam_cos, fam_sin, _, _ = fam_model.window_angles(state.position, state.memory_tokens, fam_model.fam_len, 0)
     _, keys, values = fam_model.qkv(layer, state.fam[layer])
     return apply_rope(keys, fam_cos, fam_sin), values
@@ -78,6 +81,7 @@ class BlockCursor:
 
     @torch.inference_mode()
     def extend(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Feed ``token_ids`` (n tokens); returns float32 logits (n, vocab), row i predicting the token after ids[i]."""
         ids = [int(t) for t in token_ids]
         block_size = self.fam_model.config.block_size
         pieces = []
@@ -92,7 +96,7 @@ class BlockCursor:
     @torch.inference_mode()
     def greedy(self, first_logits: torch.Tensor, max_new_tokens: int,
                stop: Callable[[list[int]], bool] | None = None) -> list[int]:
-        """Greedy continuation from the logits of the last fed token; ``stop(ids)`` ends it early."""
+        """Greedy continuation from the logits (vocab,) of the last fed token; ``stop(ids)`` ends it early."""
         eos = end_of_sequence_ids(self.fam_model)
         logits, out = first_logits, []
         for _ in range(max_new_tokens):
@@ -106,7 +110,9 @@ class BlockCursor:
         return out
 
     # -- internals ---------------------------------------------------------------------------
-    def _open_block(self, state: StreamState, fam_kv_edit=None) -> _OpenBlock:
+    def _open_block(self, state: StreamState, fam_kv_edit: Callable[[int, torch.Tensor, torch.Tensor],
+                                                                    tuple[torch.Tensor, torch.Tensor]] | None = None,
+                    ) -> _OpenBlock:
         """Cache each layer's window keys/values before any token of the block: memory and FAM."""
         fm = self.fam_model
         f, m = fm.fam_len, state.memory_tokens

@@ -134,8 +134,9 @@ class Stream:
         return results
 
     def blocks(self, token_ids: Sequence[int]) -> Iterator[BlockResult]:
-        """Run ``token_ids`` (after any queued tokens) block by block, yielding each block's result as soon
-        as it is done; the last block may be partial, so a full iteration equals ``run``. The one block loop
+        """Run ``token_ids`` (after any tokens queued by ``feed``) block by block, yielding each block's result
+        as soon as it is done; the last block may be partial, so a full iteration equals ``run``. For token
+        ids only: text queued by ``feed_text`` is tokenised and run by ``finish``. The one block loop
         of everything that reports per block (the app's tabs, the CLI's progress bar). Leaving the loop
         early keeps the state of the blocks that ran; call ``result()`` for the summary."""
         ids = [*self.pending, *(int(t) for t in token_ids)]
@@ -218,7 +219,7 @@ class Stream:
         if "tokens.nll" in layers:
             values["tokens.nll"] = nll.astype(np.float32)
 
-        def pick(key: str, per_layer: list[torch.Tensor], dtype=torch.float32) -> None:
+        def pick(key: str, per_layer: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
             if key in layers:
                 values[key] = torch.stack([per_layer[layer] for layer in layers[key]]).to(dtype).cpu().numpy()
 
@@ -232,12 +233,13 @@ class Stream:
             new = torch.stack([out.state.fam[layer][0] for layer in wanted]).float()  # (layers, fam_len, d)
             row = {layer: i for i, layer in enumerate(wanted)}
 
-            def put(key: str, per_layer: torch.Tensor, dtype=torch.float32) -> None:
+            def put(key: str, per_layer: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
                 if key in layers:
                     values[key] = per_layer[[row[layer] for layer in layers[key]]].to(dtype).cpu().numpy()
 
             state = new.mean(dim=1, keepdim=True) if self.compact_trace else new  # compact: the slots' mean
-            put("fam.state", state, torch.float16)
+            # float16 keeps traces small; a drifting FAM can exceed its range, so clamp (never inf in a view)
+            put("fam.state", state.clamp(-65504.0, 65504.0), torch.float16)
             put("fam.norm", new.norm(dim=-1).mean(dim=-1))
             if "fam.update" in layers:
                 old = torch.stack([out.fam_before[layer][0] for layer in wanted]).float()

@@ -161,7 +161,10 @@ class FamModel:
         return self._initial_fam
 
     def run_prompt_up_the_stack(self, prompt: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Differentiable form of ``initial_fam`` (training learns the prompt through it)."""
+        """Differentiable form of ``initial_fam`` (training learns the prompt through it).
+
+        prompt: (fam_len, d); returns per layer (1, fam_len, d).
+        """
         f = prompt.shape[0]
         layout = WindowLayout(memory=0, fam=f, block=0)
         cos, sin = self._rope(torch.arange(f, device=self.device))
@@ -264,7 +267,8 @@ class FamModel:
         return LayerStep(hidden=h[:, f:], fam=h[:, :f] if f else None, stored_k=stored_k, stored_v=v[:, :, f:],
                          stats=layer_stats, keys=keys, values=values)
 
-    def _window_kv(self, index: int, state: StreamState, k_rot: torch.Tensor, v: torch.Tensor, mem_cos, mem_sin):
+    def _window_kv(self, index: int, state: StreamState, k_rot: torch.Tensor, v: torch.Tensor,
+                   mem_cos: torch.Tensor | None, mem_sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's window keys (rotated) and values: the memory blocks', then the rows' [FAM ; block]."""
         mem_k = state.mem_k[index]
         if state.memory_tokens and self.memory_capacity is not None:
@@ -288,13 +292,13 @@ class FamModel:
             joined = torch.cat([joined[:, :, :kept], recent], dim=2) if kept else recent
         return joined
 
-    def _group(self, index: int, name: str, modules) -> ProjectionGroup:
+    def _group(self, index: int, name: str, modules: tuple[torch.nn.Module, ...]) -> ProjectionGroup:
         key = (index, name)
         if key not in self._groups:
             self._groups[key] = ProjectionGroup(list(modules))
         return self._groups[key]
 
-    def qkv(self, index: int, z: torch.Tensor):
+    def qkv(self, index: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys, values (batch, heads, rows, head_dim) of rows z (batch, rows, d), before RoPE."""
         layer = self.layers[index]
         attn = layer.self_attn
@@ -310,7 +314,10 @@ class FamModel:
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def mlp(self, index: int, h: torch.Tensor) -> torch.Tensor:
-        """The layer's gated MLP, down(act(gate(h)) * up(h)), with gate/up fused when enabled."""
+        """The layer's gated MLP, down(act(gate(h)) * up(h)), with gate/up fused when enabled.
+
+        h: (batch, rows, d); returns (batch, rows, d).
+        """
         mlp = self.layers[index].mlp
         if not self.fused_projections:
             return mlp(h)
@@ -318,7 +325,7 @@ class FamModel:
         return mlp.down_proj(mlp.act_fn(gate) * up)
 
     @staticmethod
-    def _o_proj(layer, out: torch.Tensor) -> torch.Tensor:
+    def _o_proj(layer: torch.nn.Module, out: torch.Tensor) -> torch.Tensor:
         b, heads, n, d = out.shape
         return layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, n, heads * d))
 
@@ -350,13 +357,14 @@ class FamModel:
             self._rope_cache[key] = angles
         return angles
 
-    def _rope(self, positions: torch.Tensor):
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probe = torch.empty(0, device=self.device, dtype=self.dtype)
         cos, sin = self.decoder.rotary_emb(probe, positions.unsqueeze(0))  # angles computed in fp32
         return cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, P, head_dim): broadcast over batch and heads
 
     # -- outputs -----------------------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (batch, n, vocab) of final-norm hidden states (batch, n, d)."""
         return self.model.lm_head(hidden)
 
     NLL_ROWS = 32  # rows per float32 log-softmax in next_token_nll
@@ -367,6 +375,9 @@ class FamModel:
 
         Token i is scored by position i-1's logits; the block's first token by ``previous_logits``
         (NaN at the start of a document). Logits are formed in chunks to bound memory.
+
+        hidden: (batch, n, d); previous_logits: (batch, vocab); returns nll (batch, n) float32 and the
+        last position's logits (batch, vocab) float32.
         """
         batch, n = input_ids.shape
         ids = input_ids.to(self.device)

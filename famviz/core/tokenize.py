@@ -8,10 +8,15 @@ later text cannot change tokens before them; the test suite checks equality on r
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 HOLDBACK_CHARS = 256
 
 
-def adds_leading_special(tokenizer) -> list[int]:
+def adds_leading_special(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Special tokens the tokenizer puts before a document (e.g. Llama's BOS); empty for SmolLM2."""
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -20,7 +25,7 @@ def adds_leading_special(tokenizer) -> list[int]:
     return []
 
 
-def tokenize_document(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+def tokenize_document(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of a whole document and each token's (start, end) character span."""
     prefix = adds_leading_special(tokenizer)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -30,7 +35,7 @@ def tokenize_document(tokenizer, text: str) -> tuple[list[int], list[tuple[int, 
 
 
 class IncrementalTokenizer:
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
         self.tokenizer = tokenizer
         self.text = ""
         self._committed_chars = 0  # text[:_committed_chars] is tokenised for good
@@ -72,7 +77,7 @@ class IncrementalTokenizer:
         return prefix + ids, [(0, 0)] * len(prefix) + [(s + base, e + base) for s, e in spans]
 
 
-def tokenize_prefix(tokenizer, text: str, max_tokens: int,
+def tokenize_prefix(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int,
                     piece_chars: int = 1 << 16) -> tuple[list[int], list[tuple[int, int]]]:
     """The first ``max_tokens`` tokens of ``text`` (as tokenising the whole text gives them) and
     their character spans, without tokenising all of a huge document."""

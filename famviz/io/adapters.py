@@ -13,12 +13,16 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from famviz.core.config import TOOL_DEFAULTS, FamConfig
 from famviz.errors import AdapterError
 from famviz.io.models import LoadedModel
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 ADAPTER_FORMAT = "famviz-adapter"
 ADAPTER_META = "famviz_adapter.json"
@@ -130,7 +134,7 @@ def adapter_meta(loaded: LoadedModel, config: FamConfig, has_prompt: bool) -> di
 
 
 def write_adapter(directory: str | Path, loaded: LoadedModel, config: FamConfig, fam_prompt: torch.Tensor | None,
-                  peft_model=None, lora_dtype: torch.dtype | None = None) -> Path:
+                  peft_model: PeftModel | None = None, lora_dtype: torch.dtype | None = None) -> Path:
     """Write an adapter directory: description, FAM prompt (fam mode) and the peft LoRA weights.
 
     ``lora_dtype``: store the LoRA weights in this dtype (e.g. float16 halves the file; they are cast back

@@ -20,11 +20,15 @@ import json
 import zlib
 from array import array
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from famviz.errors import ConfigError, DocumentError
 from famviz.io.documents import SUPPORTED_SUFFIXES
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 TEXT_FIELD = "text"
 HELD_OUT_PER_MILLE = 10
@@ -170,7 +174,7 @@ class Corpus:
     raise DocumentError (``TextCorpus`` skips and counts them).
     """
 
-    def __init__(self, paths):
+    def __init__(self, paths: Iterable[str | Path]):
         self.paths = [Path(p).expanduser().resolve() for p in paths]  # as the card records them
         if not self.paths:
             raise ConfigError("no corpus path given")

@@ -25,8 +25,12 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from famviz.errors import DocumentError
+
+if TYPE_CHECKING:
+    from pypdf import PdfReader
 
 MAX_DOCUMENT_BYTES = 50 * 1024 * 1024
 SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".pdf", ".html", ".htm")
@@ -314,7 +318,7 @@ def _pdf_text(data: bytes, name: str) -> str:
     return _normalise_newlines("\n\n".join(text for text in page_texts if text))
 
 
-def _decrypt_without_password(reader) -> bool:
+def _decrypt_without_password(reader: PdfReader) -> bool:
     """Open PDFs that are encrypted only with an empty user password (view restrictions)."""
     try:
         return bool(reader.decrypt(""))

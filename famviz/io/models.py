@@ -18,10 +18,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from famviz.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 log = logging.getLogger("famviz")
 
@@ -82,7 +86,7 @@ class LoadedModel:
         return describe_model(self.name, self.adapter)
 
     @property
-    def config(self):
+    def config(self) -> PretrainedConfig:
         return self.model.config
 
     @property
@@ -217,7 +221,7 @@ def check_supported(model: torch.nn.Module) -> ArchSpec:
     return spec
 
 
-def _get_attr_path(obj, path: str):
+def _get_attr_path(obj: object, path: str) -> object:
     for part in path.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -225,7 +229,7 @@ def _get_attr_path(obj, path: str):
     return obj
 
 
-def prepare_model(model: torch.nn.Module, tokenizer, name: str) -> LoadedModel:
+def prepare_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, name: str) -> LoadedModel:
     """Wrap an already built causal LM (e.g. a tiny random one in tests)."""
     arch = check_supported(model)
     model.eval()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,11 @@ import torch
 from famviz.core.decode import BlockCursor, fam_keys_values
 from famviz.core.fam_model import FamModel, StreamState
 from famviz.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from famviz.probes.passkey import PasskeyDocument
 
 METHODS = ("ablate", "patch", "write-time")
 ALL_LAYERS = "all"
@@ -50,13 +56,13 @@ class Case:
         return self.split // block_size
 
 
-def passkey_case(document, block_size: int) -> Case:
+def passkey_case(document: PasskeyDocument, block_size: int) -> Case:
     """A PassKey prompt split as ``famviz.probes.passkey.ask`` does: whole blocks of its haystack, then the rest."""
     split = (len(document.haystack_ids) // block_size) * block_size
     return Case(list(document.token_ids), list(document.answer_ids), split)
 
 
-def text_case(tokenizer, text: str, target: str, block_size: int) -> Case:
+def text_case(tokenizer: PreTrainedTokenizerBase, text: str, target: str, block_size: int) -> Case:
     """Any text and target string: the question block holds at least the text's last token."""
     from famviz.core.tokenize import tokenize_document
 
@@ -93,7 +99,8 @@ def continue_to_question(fam_model: FamModel, state: StreamState, case: Case, fr
 
 @torch.inference_mode()
 def target_logprob(fam_model: FamModel, state: StreamState, case: Case, target: Sequence[int] | None = None,
-                   fam_kv_edit=None) -> float:
+                   fam_kv_edit: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                   | None = None) -> float:
     """log p(target | prompt), the question block read from ``state`` (optionally with edited FAM keys/values)."""
     target = list(case.target if target is None else target)
     tail = case.prompt[case.split :]
@@ -162,7 +169,7 @@ def head_group_logprob(fam_model: FamModel, trial: Trial, method: str, layer: in
         other = replace(state, fam=fam_model.initial_state().fam) if method == "ablate" else trial.corrupted_states[-1]
     other_k, other_v = fam_keys_values(fam_model, other, layer)
 
-    def edit(index, keys, values):
+    def edit(index: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if index != layer:
             return keys, values
         keys, values = keys.clone(), values.clone()
@@ -192,7 +199,7 @@ class InterventionResult:
         return "corrupted" if self.method == "write-time" else "clean"
 
     def to_dict(self) -> dict:
-        def plain(a):
+        def plain(a: np.ndarray | None) -> list[list[float | None]] | None:
             return None if a is None else [[None if np.isnan(v) else float(v) for v in row] for row in np.atleast_2d(a)]
 
         return {"method": self.method, "reference": self.reference, "layers": self.layers, "blocks": self.blocks,
@@ -257,7 +264,8 @@ def iter_interventions(fam_model: FamModel, cases: Sequence[tuple[Case, Case | N
     return _interventions(fam_model, cases, method, blocks, [*layer_list, ALL_LAYERS], head_layer)
 
 
-def _interventions(fam_model, cases, method, blocks, rows, head_layer) -> Iterator[InterventionResult]:
+def _interventions(fam_model: FamModel, cases: Sequence[tuple[Case, Case | None]], method: str, blocks: list[int],
+                   rows: list[int | str], head_layer: int | None) -> Iterator[InterventionResult]:
     sums, counts = np.zeros((len(rows), len(blocks))), np.zeros((len(rows), len(blocks)))
     groups = fam_model.n_kv_heads
     head_sums, head_counts = np.zeros(groups), np.zeros(groups)
@@ -293,8 +301,8 @@ def _interventions(fam_model, cases, method, blocks, rows, head_layer) -> Iterat
 
 
 # -- PassKey cases ----------------------------------------------------------------------------------
-def passkey_cases(tokenizer, block_size: int, length: int, depth: float, trials: int, seed: int,
-                  text: str | None = None) -> list[tuple[Case, Case]]:
+def passkey_cases(tokenizer: PreTrainedTokenizerBase, block_size: int, length: int, depth: float, trials: int,
+                  seed: int, text: str | None = None) -> list[tuple[Case, Case]]:
     """(clean, corrupted) PassKey prompts: the corrupted one hides another key with as many tokens."""
     from famviz.probes import passkey as pk
 

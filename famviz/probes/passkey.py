@@ -21,6 +21,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,12 @@ from famviz.core.decode import BlockCursor, end_of_sequence_ids
 from famviz.core.fam_model import FamModel, StreamState
 from famviz.core.tokenize import adds_leading_special, tokenize_document
 from famviz.errors import DocumentError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from famviz.core.engine import BlockResult, Stream
+    from famviz.io.models import LoadedModel
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
                "I will quiz you about the important information there.")
@@ -97,14 +104,14 @@ def _assemble(filler: str, before: int, total: int, key: int, instruction: str) 
     return text, (len(prefix), len(prefix) + len(sentence))
 
 
-def _build(tokenizer, filler: str, length: int, depth: float, key: int, instruction: str,
+def _build(tokenizer: PreTrainedTokenizerBase, filler: str, length: int, depth: float, key: int, instruction: str,
            allow_short: bool) -> PasskeyDocument:
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be between 0 and 1, got {depth}")
     if length <= 0:
         raise ValueError(f"length must be positive, got {length}")
 
-    def tokens_for(total: int):
+    def tokens_for(total: int) -> tuple[str, tuple[int, int], int]:
         total = _word_cut(filler, total)
         before = _word_cut(filler, int(round(depth * total)))
         text, span = _assemble(filler, before, total, key, instruction)
@@ -143,7 +150,7 @@ def _repeated_filler(chars: int) -> str:
     return " ".join([FILLER] * (chars // (len(FILLER) + 1) + 2))
 
 
-def make_passkey_document(tokenizer, length: int, depth: float = 0.0, seed: int | None = None,
+def make_passkey_document(tokenizer: PreTrainedTokenizerBase, length: int, depth: float = 0.0, seed: int | None = None,
                           key: int | None = None, rng: random.Random | None = None) -> PasskeyDocument:
     """The standard PassKey prompt of ``length`` tokens (± a few) with the key at ``depth``."""
     if key is None:
@@ -152,7 +159,7 @@ def make_passkey_document(tokenizer, length: int, depth: float = 0.0, seed: int 
     return _build(tokenizer, _repeated_filler(10 * length + 200), length, depth, key, INSTRUCTION, allow_short=False)
 
 
-def make_document_probe(tokenizer, text: str, depth: float = 0.0, length: int | None = None,
+def make_document_probe(tokenizer: PreTrainedTokenizerBase, text: str, depth: float = 0.0, length: int | None = None,
                         seed: int | None = None, key: int | None = None) -> PasskeyDocument:
     """The key sentence hidden at ``depth`` of the user's own text (cut to ``length`` tokens if given)."""
     filler = " ".join(text.split())  # one line: the prompt's own line structure stays intact
@@ -242,11 +249,11 @@ def _speculative_greedy(base: BlockCursor, prompt: list[int], fed: BlockCursor, 
     return out + resumed.greedy(logits, max_new_tokens - len(out), stop=lambda ids: stop(out + ids))
 
 
-def question_ids(tokenizer) -> list[int]:
+def question_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return tokenizer("\n" + QUESTION, add_special_tokens=False)["input_ids"]
 
 
-def answer_ids_for(tokenizer, key: int) -> list[int]:
+def answer_ids_for(tokenizer: PreTrainedTokenizerBase, key: int) -> list[int]:
     return tokenizer(f" {key}", add_special_tokens=False)["input_ids"]
 
 
@@ -332,11 +339,11 @@ class RetentionProbe:
         self.stream = None  # set by attach()
         self._key_block: int | None = None
 
-    def attach(self, stream) -> RetentionProbe:
+    def attach(self, stream: Stream) -> RetentionProbe:
         self.stream = stream
         previous = stream.on_block
 
-        def on_block(result):
+        def on_block(result: BlockResult) -> None:
             if previous is not None:
                 previous(result)
             self(result)
@@ -344,7 +351,7 @@ class RetentionProbe:
         stream.on_block = on_block
         return self
 
-    def __call__(self, block_result) -> None:
+    def __call__(self, block_result: BlockResult) -> None:
         stream = self.stream
         end = block_result.start + len(block_result.token_ids)
         if end < self.key_end:
@@ -433,7 +440,7 @@ class CellResult:
         return out
 
 
-def trial_documents(tokenizer, length: int, depth: float, trials: int, seed: int,
+def trial_documents(tokenizer: PreTrainedTokenizerBase, length: int, depth: float, trials: int, seed: int,
                     text: str | None = None) -> list[PasskeyDocument]:
     """The documents of one sweep cell; the same for every mode, so modes answer the same keys.
     With ``text``, the key is hidden in that text (cut to ``length``) instead of the standard filler."""
@@ -487,7 +494,7 @@ def sweep_config(base: FamConfig, spec: ModeSpec) -> FamConfig:
                      sink_tokens=base.sink_tokens)
 
 
-def sweep(loaded, specs: Sequence[ModeSpec], lengths: Sequence[int], depths: Sequence[float], trials: int,
+def sweep(loaded: LoadedModel, specs: Sequence[ModeSpec], lengths: Sequence[int], depths: Sequence[float], trials: int,
           seed: int = 0, base: FamConfig | None = None, fam_prompt: torch.Tensor | None = None,
           backend: str = "sdpa", on_trial: Callable[[TrialResult], None] | None = None,
           on_cell: Callable[[CellResult], None] | None = None, should_stop: Callable[[], bool] | None = None,

@@ -62,7 +62,7 @@ def initialised_from(directory: str | None) -> dict | None:
             "stages": card.get("stages") or None, "stage_evaluations": card.get("stage_evaluations") or None}
 
 
-def text_sources(trainer: Trainer):
+def text_sources(trainer: Trainer) -> dict | str | None:
     """The card's record of the training text: the corpus (paths, counts, held-out split, unreadable
     documents skipped) or the machine's text files."""
     if trainer.text is None:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import random
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from famviz.errors import ConfigError
 from famviz.training.rpo_rsp import StatePassing
 
+if TYPE_CHECKING:
+    from peft import PeftModel
 
-def trainable_state(peft_model, prompt: torch.Tensor | None) -> dict[str, torch.Tensor]:
+
+def trainable_state(peft_model: PeftModel, prompt: torch.Tensor | None) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     state = {f"lora.{k}": v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
@@ -21,7 +25,8 @@ def trainable_state(peft_model, prompt: torch.Tensor | None) -> dict[str, torch.
     return state
 
 
-def save_checkpoint(directory: Path, peft_model, prompt, optimizer, step: int, rng: random.Random,
+def save_checkpoint(directory: Path, peft_model: PeftModel, prompt: torch.Tensor | None,
+                    optimizer: torch.optim.Optimizer, step: int, rng: random.Random,
                     state_passing: StatePassing, history: list) -> None:
     """Everything needed to continue exactly: weights, optimizer, step, data/RNG states, RSP state."""
     from safetensors.torch import save_file
@@ -43,8 +48,9 @@ def save_checkpoint(directory: Path, peft_model, prompt, optimizer, step: int, r
     tmp.rename(directory)  # a checkpoint is either complete or absent
 
 
-def load_checkpoint(directory: Path, peft_model, prompt, optimizer, rng: random.Random,
-                    state_passing: StatePassing, device) -> tuple[int, list]:
+def load_checkpoint(directory: Path, peft_model: PeftModel, prompt: torch.Tensor | None,
+                    optimizer: torch.optim.Optimizer, rng: random.Random,
+                    state_passing: StatePassing, device: torch.device | str) -> tuple[int, list]:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 

@@ -10,10 +10,14 @@ import shlex
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from famviz.core.config import FamConfig
 from famviz.errors import ConfigError
 from famviz.training.data import parse_mixture, parse_range
+
+if TYPE_CHECKING:
+    import argparse
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINT_DIR = "checkpoint"
@@ -117,7 +121,7 @@ class TrainConfig:
 
 
 # -- command line ----------------------------------------------------------------------------------
-def add_train_arguments(parser) -> None:
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python -m famviz train`` (defaults: TrainConfig; None = keep the resumed run's)."""
     d = TrainConfig(out="")
     parser.add_argument("--out", metavar="DIR", help="output directory: the adapter, checkpoints, logs")
@@ -169,7 +173,7 @@ def add_train_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="auto, cpu or cuda (default auto: Accelerate's device)")
 
 
-def config_from_args(args) -> tuple[TrainConfig, bool]:
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                  if f.name not in ("out", "command") and getattr(args, f.name, None) is not None}
     argv = sys.argv[1:] if "train" in sys.argv[1:2] else []

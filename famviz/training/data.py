@@ -18,8 +18,17 @@ import gzip
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from famviz.errors import ConfigError, DocumentError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    import numpy as np
+    from transformers import PreTrainedTokenizerBase
+
+    from famviz.io.corpus import Corpus
 
 COPY_MARKER = "\n[repeat random segment]:"
 DATA_KINDS = ("passkey", "copy")
@@ -90,7 +99,8 @@ def parse_range(spec: str, what: str) -> tuple[int, int]:
     return lo, hi
 
 
-def find_text_files(roots=TEXT_ROOTS, min_chars: int = MIN_TEXT_CHARS, held_out=(HELD_OUT_TEXT,)) -> list[Path]:
+def find_text_files(roots: Iterable[Path] = TEXT_ROOTS, min_chars: int = MIN_TEXT_CHARS,
+                    held_out: Iterable[Path] = (HELD_OUT_TEXT,)) -> list[Path]:
     """Long plain-text (or gzipped text) files on this machine, sorted for reproducibility."""
     held = {p.resolve() for p in held_out if p.exists()}
     files = []
@@ -149,7 +159,8 @@ class TextCorpus:
 
     CHARS_PER_TOKEN = 8  # a span this many characters per wanted token always holds enough tokens
 
-    def __init__(self, tokenizer, files: list[Path] | None = None, cache_size: int = 64, documents=None):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, files: list[Path] | None = None, cache_size: int = 64,
+                 documents: MachineText | Corpus | None = None):
         self.tokenizer = tokenizer
         self.documents = documents if documents is not None else MachineText(files)
         self._texts: dict = {}
@@ -157,7 +168,7 @@ class TextCorpus:
         self.unreadable: set = set()
         self._long: dict = {}  # document -> the longest window (tokens) it gave
 
-    def text(self, ref) -> str:
+    def text(self, ref: Path | int | np.integer) -> str:
         ref = ref if isinstance(ref, Path) else int(ref)  # a file, or a corpus document's index
         if ref not in self._texts:
             if len(self._texts) >= self._cache_size:
@@ -169,7 +180,7 @@ class TextCorpus:
                 self._texts[ref] = ""
         return self._texts[ref]
 
-    def _span_tokens(self, ref, rng: random.Random | None, length: int) -> list[int]:
+    def _span_tokens(self, ref: Path | int | np.integer, rng: random.Random | None, length: int) -> list[int]:
         """The tokens of a span of the document long enough for ``length`` tokens (from its start
         without ``rng``); a span that starts inside the text loses its first, partial token."""
         text = self.text(ref)
@@ -225,7 +236,7 @@ def copy_example(corpus: TextCorpus, rng: random.Random, text_tokens: int, copy_
 class ExampleStream:
     """Draws training examples from a mixture; all randomness comes from ``rng``."""
 
-    def __init__(self, tokenizer, mixture: dict[str, float], passkey_tokens: tuple[int, int],
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, mixture: dict[str, float], passkey_tokens: tuple[int, int],
                  copy_text_tokens: tuple[int, int], copy_len: int, copy_weight: float, text_weight: float,
                  passkey_depth_zero: float = 0.5, corpus: TextCorpus | None = None, readout_weight: float = 0.0,
                  passkey_aligned: float = 0.0, block_size: int = 0):

@@ -5,7 +5,7 @@ long document, it hurts. So the loss is reported per quarter of the document (dr
 quarter), and the FAM's norm (mean over layers and slots of each slot's L2 norm) after a few and after
 many blocks.
 
-Held-out text: GPL-3 (excluded from training, see ``training_data.HELD_OUT_TEXT``) and the plain-text
+Held-out text: GPL-3 (excluded from training, see ``famviz.training.data.HELD_OUT_TEXT``) and the plain-text
 documentation of a fixed list of Python standard-library modules (``pydoc``), which training never reads.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,17 @@ from famviz.core.config import FamConfig, number_list
 from famviz.core.fam_model import FamModel
 from famviz.errors import ConfigError
 from famviz.io.adapters import LONG_DOCUMENT_MODELS
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Iterable
+
+    from tqdm import tqdm
+    from transformers import PreTrainedTokenizerBase
+
+    from famviz.core.engine import BlockResult
+    from famviz.io.adapters import Adapter
+    from famviz.io.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +50,7 @@ class HeldOutDocument:
     ids: list[int]
 
 
-def pydoc_text(modules=PYDOC_MODULES) -> str:
+def pydoc_text(modules: Iterable[str] = PYDOC_MODULES) -> str:
     """The plain-text ``pydoc`` pages of ``modules``, joined (deterministic for a Python version)."""
     import importlib
     import pydoc
@@ -52,7 +64,8 @@ def pydoc_text(modules=PYDOC_MODULES) -> str:
 MIN_LONG_TOKENS = 1024
 
 
-def held_out_documents(tokenizer, tokens: int, paths: list[str] | None = None) -> list[HeldOutDocument]:
+def held_out_documents(tokenizer: PreTrainedTokenizerBase, tokens: int,
+                       paths: list[str] | None = None) -> list[HeldOutDocument]:
     """The first ``tokens`` tokens of each given file, or of GPL-3 (7,658 tokens: used whole) and the pydoc
     text by default. A document shorter than ``MIN_LONG_TOKENS`` is refused: it would check nothing long.
     """
@@ -73,7 +86,8 @@ def held_out_documents(tokenizer, tokens: int, paths: list[str] | None = None) -
 CORPUS_DOCUMENTS = 2  # held-out documents of a corpus used for the long-document check
 
 
-def corpus_documents(tokenizer, tokens: int, corpus_paths: list[str], count: int = CORPUS_DOCUMENTS) -> list[HeldOutDocument]:
+def corpus_documents(tokenizer: PreTrainedTokenizerBase, tokens: int, corpus_paths: list[str],
+                     count: int = CORPUS_DOCUMENTS) -> list[HeldOutDocument]:
     """The first ``count`` held-out documents of the corpus (``famviz.io.corpus``'s fixed split) with at least
     ``MIN_LONG_TOKENS`` tokens, cut to ``tokens``: text the training never drew from."""
     from famviz.errors import DocumentError
@@ -120,7 +134,7 @@ def long_document_eval(fam_model: FamModel, ids: list[int], quarters: int = 4,
     if fam:
         norms["0"] = fam_norm(stream.state.fam)
 
-        def on_block(result) -> None:
+        def on_block(result: BlockResult) -> None:
             if result.index + 1 in norm_after:
                 norms[str(result.index + 1)] = fam_norm(stream.state.fam)
 
@@ -132,7 +146,8 @@ def long_document_eval(fam_model: FamModel, ids: list[int], quarters: int = 4,
     summary = {"tokens": len(ids), "nll": float(finite.mean()), "nll_quarters": [float(p.mean()) for p in parts],
                "fam_norm_after_blocks": norms}
     return summary
-def in_window_nll(loaded, config: FamConfig, fam_prompt: torch.Tensor | None, windows: list[list[int]]) -> float:
+def in_window_nll(loaded: LoadedModel, config: FamConfig, fam_prompt: torch.Tensor | None,
+                  windows: list[list[int]]) -> float:
     """Mean next-token NLL over windows, each streamed alone from a fresh state (one block each)."""
     model = FamModel(loaded, config, fam_prompt=fam_prompt)
     total, count = 0.0, 0
@@ -147,7 +162,8 @@ def in_window_nll(loaded, config: FamConfig, fam_prompt: torch.Tensor | None, wi
     return total / max(count, 1)
 
 
-def text_windows(tokenizer, length: int, count: int, path: Path | None = None) -> list[list[int]]:
+def text_windows(tokenizer: PreTrainedTokenizerBase, length: int, count: int,
+                 path: Path | None = None) -> list[list[int]]:
     """``count`` disjoint windows of ``length`` tokens of held-out ordinary text (GPL-3 by default)."""
     from famviz.training.data import HELD_OUT_TEXT
 
@@ -160,7 +176,8 @@ def text_windows(tokenizer, length: int, count: int, path: Path | None = None) -
 
 
 # -- the comparison behind `famviz evaluate` ------------------------------------------------------------------
-def long_document_comparison(base, tuned, config: FamConfig, prompt, documents: list[HeldOutDocument],
+def long_document_comparison(base: LoadedModel, tuned: LoadedModel, config: FamConfig, prompt: torch.Tensor | None,
+                             documents: list[HeldOutDocument],
                              on_done: Callable[[], None] | None = None) -> list[dict]:
     """Per held-out document: NLL overall and per quarter of the evaluated model ("tuned": ``tuned`` in
     ``config``'s mode, with ``prompt``), of the same weights with BSWA and the same memory blocks
@@ -196,7 +213,7 @@ def long_document_comparison(base, tuned, config: FamConfig, prompt, documents: 
 
 
 # -- `famviz evaluate`: every check of a (tuned) model in one command -------------------------------------------
-def add_evaluate_arguments(parser) -> None:
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     from famviz.core.config import TOOL_DEFAULTS
 
     parser.add_argument("adapter", nargs="?", default=None, metavar="ADAPTER_DIR",
@@ -229,7 +246,7 @@ def add_evaluate_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
-def _geometry(args, adapter) -> FamConfig:
+def _geometry(args: argparse.Namespace, adapter: Adapter | None) -> FamConfig:
     from famviz.core.config import TOOL_DEFAULTS, check_limits
 
     trained = adapter.trained_config() if adapter is not None else dataclasses.replace(TOOL_DEFAULTS, mem_blocks=0)
@@ -251,7 +268,7 @@ class EvaluationPlan:
     corpus: list[str] | None = None  # long documents from this corpus's held-out split
 
 
-def plan_evaluation(args) -> EvaluationPlan:
+def plan_evaluation(args: argparse.Namespace) -> EvaluationPlan:
     """The checked plan, or a FamvizError with one clear message (bad numbers, modes, files, adapter)."""
     from famviz.io.adapters import read_adapter
     from famviz.io.documents import read_document
@@ -287,7 +304,7 @@ def plan_evaluation(args) -> EvaluationPlan:
     return EvaluationPlan(adapter, config, lengths, depths, specs, corpus if args.long_tokens else None)
 
 
-def trained_corpus(directory) -> list[str] | None:
+def trained_corpus(directory: str | Path) -> list[str] | None:
     """The corpus paths an adapter was trained on, from its training card (None: the machine's text)."""
     from famviz.io.adapters import read_training_card
 
@@ -298,7 +315,7 @@ def trained_corpus(directory) -> list[str] | None:
     return list(sources["paths"]) if isinstance(sources, dict) and sources.get("paths") else None
 
 
-def evaluate(args, plan: EvaluationPlan, result: dict, progress=None) -> dict:
+def evaluate(args: argparse.Namespace, plan: EvaluationPlan, result: dict, progress: tqdm | None = None) -> dict:
     """Fill ``result`` step by step (so an interruption keeps what is done): in-window loss, long-document
     NLL per quarter with the FAM norm, and the PassKey grid of every mode on the same keys."""
     from famviz.io.adapters import apply_adapter
@@ -378,7 +395,7 @@ def evaluation_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_evaluate(args) -> int:
+def run_evaluate(args: argparse.Namespace) -> int:
     """`famviz evaluate`: the result to stdout (table, or JSON with --json) and, with an adapter, into its card;
     a progress bar on stderr; Ctrl-C keeps and reports what was done (exit status 130)."""
     import json

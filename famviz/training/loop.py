@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -46,6 +47,20 @@ from famviz.training.rpo_rsp import (
 )
 from famviz.viz.training_figures import write_loss_curve
 
+if TYPE_CHECKING:
+    import argparse
+    from typing import Protocol
+
+    from accelerate import Accelerator
+    from peft import PeftModel
+
+    from famviz.io.models import LoadedModel
+
+    class ExampleSource(Protocol):
+        """Anything that draws training examples (``ExampleStream`` by default)."""
+
+        def draw(self, rng: random.Random) -> Example: ...
+
 log = logging.getLogger("famviz.training")
 
 
@@ -59,7 +74,7 @@ def resumed_stage(history: list[dict], stages: list[int]) -> int:
     return next((i for i, n in enumerate(stages) if n >= reached), len(stages) - 1)
 
 
-def add_lora(loaded, rank: int, alpha: float | None):
+def add_lora(loaded: LoadedModel, rank: int, alpha: float | None) -> PeftModel:
     """Wrap ``loaded.model`` with peft LoRA on the attention and MLP projections (modules patched in place)."""
     from peft import LoraConfig, get_peft_model
 
@@ -72,7 +87,8 @@ def add_lora(loaded, rank: int, alpha: float | None):
 
 # -- the run -------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, config: TrainConfig, loaded=None, accelerator=None, data=None):
+    def __init__(self, config: TrainConfig, loaded: LoadedModel | None = None, accelerator: Accelerator | None = None,
+                 data: ExampleSource | None = None):
         """``loaded``: a LoadedModel (default: load ``config.model``); ``data``: anything with
         ``draw(rng) -> Example`` (default: the mixture of ``config.data``)."""
         config.validate()
@@ -375,7 +391,7 @@ class Trainer:
         write_training_card(self.out, training_card(self, wall_seconds, stopped_early))
 
 
-def run_train(args) -> int:
+def run_train(args: argparse.Namespace) -> int:
     config, resume = config_from_args(args)
     config.validate()  # before anything is written or logged
     out = Path(config.out)

@@ -5,6 +5,7 @@ blocks; and the held-out PassKey score used during training (teacher-forced, che
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,13 +14,22 @@ from famviz.core.fam_model import FamModel, StreamState
 from famviz.training.data import Example
 from famviz.training.rpo_rsp import initial_training_state
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
 
 def weighted_predictions(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState,
-                         skip_unseen: bool = True):
+                         skip_unseen: bool = True,
+                         ) -> Iterator[tuple[StreamState, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]]:
     """Stream whole sequences block by block; per block, yield the next state and, when any prediction in
     the block is weighted, (float32 logits, targets, weights) of those predictions only.
 
     ``weights[b, i]`` weighs predicting ``ids[b, i]`` (position i-1 predicts token i).
+    ids: (batch, n) long; weights: (batch, n); the yielded logits are (k, vocab), targets and weights (k,)
+    for the block's k weighted predictions.
     ``skip_unseen``: when blocks are independent (BSWA without memory), a block with no weighted
     prediction affects nothing and is not run (losses and gradients are identical).
     """
@@ -48,7 +58,7 @@ def weighted_predictions(fam_model: FamModel, ids: torch.Tensor, weights: torch.
 
 @dataclass
 class ReadoutBatch:
-    """The read-out probes of a batch (``training_data.Readout``), right-padded; rows without one never match."""
+    """The read-out probes of a batch (``famviz.training.data.Readout``), right-padded; rows without one never match."""
 
     ids: torch.Tensor  # (batch, P)
     weights: torch.Tensor  # (batch, P)
@@ -58,7 +68,7 @@ class ReadoutBatch:
 
 def sequence_loss(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState,
                   skip_unseen: bool = True, readout: ReadoutBatch | None = None, readout_offset: int = 0,
-                  parts: dict | None = None, readout_split: int = 0):
+                  parts: dict | None = None, readout_split: int = 0) -> tuple[torch.Tensor, StreamState, int]:
     """Weighted next-token loss of whole sequences streamed block by block, and the final state.
 
     With ``readout``, after every block whose end lies within a row's [first, last], the row's probe is
@@ -68,6 +78,7 @@ def sequence_loss(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor,
     length: its first ``readout_split`` tokens (the question, maybe the answer's start) run as a block of
     their own that updates the FAM, and the rest is read from that FAM alone at the start of the next
     block (``readout_offset`` is then unused).
+    ids: (batch, n) long; weights: (batch, n).
     Returns (loss, final state, weighted token count): the loss is Σ w·nll / #(w > 0), probes included.
     ``parts``, when given, receives the mean weighted NLL of the stream's own predictions ("main") and of
     the probes ("readout") as floats (they are learned at different rates).
@@ -106,7 +117,7 @@ def sequence_loss(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor,
     return (main_sum + probe_sum) / max(count, 1), state, count
 
 
-def global_parts(accelerator, parts: dict) -> dict:
+def global_parts(accelerator: Accelerator, parts: dict) -> dict:
     """``sequence_loss``'s per-part mean losses over every process's tokens (the log's loss_main/loss_readout)."""
     keys = ("main_sum", "main_count", "probe_sum", "probe_count")
     totals = accelerator.reduce(torch.tensor([float(parts[k]) for k in keys], device=accelerator.device), reduction="sum")
@@ -114,7 +125,7 @@ def global_parts(accelerator, parts: dict) -> dict:
     return dict(parts, main=main_sum / max(main_count, 1.0), readout=probe_sum / probe_count if probe_count else None)
 
 
-def collate(examples: list[Example], pad_id: int, device,
+def collate(examples: list[Example], pad_id: int, device: torch.device | str,
             length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, ReadoutBatch | None]:
     """Right-pad a batch (pad tokens carry no loss and come after everything that does), and its probes;
     to ``length`` tokens when given (a process's slice is padded like the whole global batch)."""
@@ -143,8 +154,8 @@ def collate(examples: list[Example], pad_id: int, device,
 
 # -- held-out evaluation ---------------------------------------------------------------------------
 @torch.no_grad()
-def passkey_teacher_forced(fam_model: FamModel, tokenizer, prompt: torch.Tensor | None, length: int, trials: int,
-                           seed: int, depth: float = 0.0) -> dict:
+def passkey_teacher_forced(fam_model: FamModel, tokenizer: PreTrainedTokenizerBase, prompt: torch.Tensor | None,
+                           length: int, trials: int, seed: int, depth: float = 0.0) -> dict:
     """Held-out PassKey prompts scored teacher-forced: a trial counts when every key token and the token
     that ends the number are the argmax (so a model that keeps writing digits fails, as greedy scoring does).
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import math
 import random
+from typing import TYPE_CHECKING
 
 import torch
 
 from famviz.core.fam_model import FamModel, StreamState, WindowAngles
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class TrainingFamModel(FamModel):
@@ -35,7 +39,7 @@ class TrainingFamModel(FamModel):
         rows, memory = self.window_positions(position, m, f, n)  # the engine's positions; only the angles differ
         return WindowAngles(*self._offset_rope(rows), *(self._offset_rope(memory) if memory is not None else (None, None)))
 
-    def _offset_rope(self, positions: torch.Tensor):
+    def _offset_rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         offsets = self.position_offsets.to(device=self.device, dtype=torch.float64)
         shifted = positions.to(device=self.device, dtype=torch.float64).unsqueeze(0) + offsets.unsqueeze(1)
         probe = torch.empty(0, device=self.device, dtype=self.dtype)
@@ -43,7 +47,7 @@ class TrainingFamModel(FamModel):
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
 
-def rope_theta(config) -> float:
+def rope_theta(config: PretrainedConfig) -> float:
     params = getattr(config, "rope_parameters", None) or {}
     theta = params.get("rope_theta") if isinstance(params, dict) else None
     return float(theta or getattr(config, "rope_theta", 10000.0))

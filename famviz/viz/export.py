@@ -21,10 +21,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
 
 from famviz.errors import FamvizError
+
+if TYPE_CHECKING:
+    from famviz.viz.inspector import Run
 
 FORMATS = ("png", "svg", "pdf", "html")
 STATIC_FORMATS = ("png", "svg", "pdf")
@@ -70,11 +74,11 @@ def figure_help() -> str:
 
 
 # -- configuration caption ---------------------------------------------------------------------------------
-def caption_of(run) -> str:
+def caption_of(run: Run) -> str:
     return run.caption()
 
 
-def metadata_of(run) -> dict:
+def metadata_of(run: Run) -> dict:
     """What reproduces a figure: model, engine config, document, and the figure's own choices."""
     meta = run.trace.meta if run.trace is not None else {}
     return {"generator": "famviz", "model": meta.get("model"),
@@ -219,13 +223,13 @@ def write_figure(fig: go.Figure, path: str | Path, fmt: str | None = None, **kwa
 
 
 # -- figures of a run or a trace file ---------------------------------------------------------------------------
-def run_figure(run, name: str) -> go.Figure:
+def run_figure(run: Run, name: str) -> go.Figure:
     if name not in FIGURES:
         raise ExportError(f"unknown figure {name!r}; figures: {', '.join(FIGURES)}")
     return FIGURES[name].build(run)
 
 
-def export_run_figure(run, name: str, fmt: str, path: str | Path) -> Path:
+def export_run_figure(run: Run, name: str, fmt: str, path: str | Path) -> Path:
     """Export one of ``FIGURES`` of a run (live or replayed) with its caption and metadata."""
     fig = run_figure(run, name)
     if not fig.data:
@@ -287,7 +291,7 @@ def export_for_download(write: Callable[[], Path]) -> tuple[str | None, str]:
         path = Path(write())
     except FamvizError as exc:
         return None, f"**Error:** {exc}"
-    except Exception as exc:  # noqa: BLE001 - the app stays up; details go to the log
+    except Exception as exc:  # the app stays up; details go to the log
         logging.getLogger("famviz.app").exception("export failed")
         return None, f"**Error:** export failed: {type(exc).__name__}: {exc}"
     return str(path), f"Exported **{path.name}** ({path.stat().st_size / 1024:,.0f} KB)."

@@ -73,7 +73,7 @@ def _block_ticks(n_blocks: int) -> dict:
     return dict(tick0=0, dtick=1) if n_blocks <= 12 else dict(tickformat="d")
 
 
-def _layer_axis(layers) -> dict:
+def _layer_axis(layers: np.ndarray | Sequence[int]) -> dict:
     """A layer axis: a tick on every row when there are few (they may skip layers), whole numbers always."""
     layers = [int(v) for v in layers]
     return dict(showgrid=False, tickvals=layers) if len(layers) <= 12 else dict(showgrid=False, tickformat="d")
@@ -89,7 +89,7 @@ def _layout(title: str, **kwargs) -> dict:
     return layout
 
 
-def _figure(data, layout: dict) -> go.Figure:
+def _figure(data: dict | Sequence[dict], layout: dict) -> go.Figure:
     """A figure from plain trace and layout dicts, without plotly's per-property validation: it costs
     ~10x the building itself, and these figures are rebuilt after every block (their shapes are
     checked by the tests instead)."""

@@ -19,6 +19,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,10 @@ from famviz.core.config import FamConfig
 from famviz.core.trace import Trace
 from famviz.io.models import describe_model
 from famviz.viz import figures
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_VIEW = "block-fam"
 TRAJECTORY_METHODS = ("PCA", "UMAP")
@@ -186,7 +191,7 @@ def token_reads(trace: Trace, layer: int | None) -> np.ndarray | None:
     return reads[layers.index(layer)].astype(np.float32)
 
 
-def _token_texts(trace: Trace, start: int, stop: int, tokenizer=None) -> list[str]:
+def _token_texts(trace: Trace, start: int, stop: int, tokenizer: PreTrainedTokenizerBase | None = None) -> list[str]:
     if trace.text is not None and len(trace.offsets) >= stop:
         return [trace.text[a:b] for a, b in trace.offsets[start:stop]]
     if tokenizer is not None:
@@ -195,7 +200,7 @@ def _token_texts(trace: Trace, start: int, stop: int, tokenizer=None) -> list[st
 
 
 def document_html(trace: Trace | None, block: int | None = None, layer: int | None = None,
-                  tokenizer=None) -> str:
+                  tokenizer: PreTrainedTokenizerBase | None = None) -> str:
     """The document around ``block`` (default: the latest) with each token shaded by its FAM read.
 
     Shades are relative to the largest read in the window (stated in the legend); hover a token
@@ -247,7 +252,8 @@ def document_html(trace: Trace | None, block: int | None = None, layer: int | No
     return "".join(parts)
 
 
-def _history_html(trace: Trace, reads: np.ndarray, starts: list[int], before: int, tokenizer) -> str:
+def _history_html(trace: Trace, reads: np.ndarray, starts: list[int], before: int,
+                  tokenizer: PreTrainedTokenizerBase | None) -> str:
     """Earlier blocks (at most ``MAX_HISTORY_ROWS``, evenly spread) with their three most-read words."""
     rows = np.unique(np.linspace(0, before - 1, min(before, MAX_HISTORY_ROWS)).round().astype(int))
     items = []
@@ -372,17 +378,17 @@ class Run:
     def has_blocks(self) -> bool:
         return self.trace is not None and self.trace.n_blocks > 0
 
-    def heatmap(self):
+    def heatmap(self) -> go.Figure:
         if not self.has_blocks():
             return figures.empty_figure("no blocks yet")
         return figures.view_figure(self.trace, self.view, selected_block=self.shown_block)
 
-    def heads(self):
+    def heads(self) -> go.Figure:
         if not self.has_blocks():
             return figures.empty_figure("no blocks yet")
         return figures.head_view_figure(self.trace, self.view, self.shown_block, selected_layer=self.layer)
 
-    def loss(self):
+    def loss(self) -> go.Figure:
         if not self.has_blocks() or "tokens.nll" not in self.trace.keys:
             return figures.empty_figure("no blocks yet")
         means = figures.block_means(self.trace.array("tokens.nll"), self.trace.block_starts)
@@ -392,12 +398,12 @@ class Run:
                                        self.compare_mode, block_starts=self.trace.block_starts)
         return figures.nll_compare(means, None, block_starts=self.trace.block_starts)
 
-    def dynamics(self):
+    def dynamics(self) -> go.Figure:
         if not self.has_blocks():
             return figures.empty_figure("no blocks yet")
         return figures.fam_figure(self.trace)
 
-    def trajectory(self):
+    def trajectory(self) -> go.Figure:
         title = "FAM state trajectory"
         if self.features is None or not self.features.layers:
             return figures.empty_figure("FAM trajectories exist only in fam mode", title)
@@ -442,7 +448,7 @@ class Run:
         with self._lock:
             return self.method == "UMAP" and self.umap_future is not None and not self.umap_future.done()
 
-    def document_html(self, tokenizer=None) -> str:
+    def document_html(self, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
         return document_html(self.trace, self.shown_block, self.layer, tokenizer)
 
     @property
