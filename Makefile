@@ -21,9 +21,10 @@ app: setup
 test: setup
 	$(PY) -m pytest -q
 
-# Lint: ruff's checks as configured in pyproject.toml (CI runs them before the tests).
+# Lint: ruff's checks as configured in pyproject.toml and the formatter's layout (CI runs both before the tests).
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

@@ -1,8 +1,9 @@
 """famviz app: the live memory inspector (the UI lives in ``famviz.app``; this file only launches it).
 
-    python app.py [--model ID_OR_PATH] [--adapter DIR] [--device auto|cpu|cuda]
-                  [--dtype auto|bfloat16|float32] [--host 127.0.0.1] [--port 7860]
+python app.py [--model ID_OR_PATH] [--adapter DIR] [--device auto|cpu|cuda]
+              [--dtype auto|bfloat16|float32] [--host 127.0.0.1] [--port 7860]
 """
+
 import sys
 
 from famviz.app.launch import main

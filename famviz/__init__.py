@@ -1,4 +1,5 @@
 """famviz: turn a Hugging Face causal LM into TransformerFAM and watch its working memory."""
+
 from famviz.core.config import MODES, FamConfig
 from famviz.core.engine import BlockResult, Stream, StreamResult, stream_tokens
 from famviz.core.fam_model import FamModel, StreamState
@@ -8,8 +9,21 @@ from famviz.errors import FamvizError
 from famviz.io.models import LoadedModel, load_model, prepare_model
 
 __all__ = [
-    "MODES", "FamConfig", "BlockResult", "Stream", "StreamResult", "stream_tokens", "FamvizError", "FamModel",
-    "StreamState", "LoadedModel", "load_model", "prepare_model", "IncrementalTokenizer", "tokenize_document",
-    "CHANNEL_KINDS", "Trace",
+    "MODES",
+    "FamConfig",
+    "BlockResult",
+    "Stream",
+    "StreamResult",
+    "stream_tokens",
+    "FamvizError",
+    "FamModel",
+    "StreamState",
+    "LoadedModel",
+    "load_model",
+    "prepare_model",
+    "IncrementalTokenizer",
+    "tokenize_document",
+    "CHANNEL_KINDS",
+    "Trace",
 ]
 __version__ = "0.1.0"

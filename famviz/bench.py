@@ -14,6 +14,7 @@ Figures (fam = block 256, fam_len 64, mem_blocks 1, trace recorded in its compac
 - ``probe_vs_block``: one live PassKey probe (question + greedy answer on a fork of the state) ÷ one block;
 - ``growth``: time for the large document ÷ (16 × time for the small one); 1.0 is linear.
 """
+
 from __future__ import annotations
 
 import gc
@@ -95,8 +96,9 @@ def _timed(fn: Callable[[], object], device: torch.device, cpu_times: list | Non
     return time.perf_counter() - started
 
 
-def alternate(runs: dict[str, Callable[[], object]], repeats: int, device: torch.device,
-              cpu: dict[str, float] | None = None) -> dict[str, float]:
+def alternate(
+    runs: dict[str, Callable[[], object]], repeats: int, device: torch.device, cpu: dict[str, float] | None = None
+) -> dict[str, float]:
     """Median wall seconds of each run, the runs taken in turn ``repeats`` times (noise hits all alike).
 
     ``cpu``, when given, receives each run's median process CPU seconds: on a shared machine CPU time
@@ -146,8 +148,9 @@ def document_ids(loaded: LoadedModel, n_tokens: int) -> list[int]:
 
 
 # -- the benchmark -------------------------------------------------------------------------------------
-def run_bench(loaded: LoadedModel, sizes: BenchSizes = FULL,
-              progress: Callable[[str], None] = lambda message: None) -> dict:
+def run_bench(
+    loaded: LoadedModel, sizes: BenchSizes = FULL, progress: Callable[[str], None] = lambda message: None
+) -> dict:
     """Measure every figure on ``loaded`` (a ``famviz.LoadedModel``); returns one flat dict."""
     from famviz.core.engine import Stream
     from famviz.core.fam_model import FamModel
@@ -168,10 +171,16 @@ def run_bench(loaded: LoadedModel, sizes: BenchSizes = FULL,
         return Stream(model, record=record, compact_trace=True).run(ids)
 
     figures: dict = {
-        "device": str(device), "dtype": str(loaded.dtype).replace("torch.", ""), "model": loaded.name,
-        "parameters": n_params, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "torch": torch.__version__,
-        "sizes": asdict(sizes), "steady_heap": heap,
+        "device": str(device),
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "model": loaded.name,
+        "parameters": n_params,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__,
+        "sizes": asdict(sizes),
+        "steady_heap": heap,
     }
     progress("warming up")
     stream(fam_model, small_ids[: 2 * sizes.block_size])
@@ -198,7 +207,9 @@ def run_bench(loaded: LoadedModel, sizes: BenchSizes = FULL,
             large_time = _timed(lambda: kept("large", large_ids), device, large_cpu_times)
             blocks = results["large"].block_seconds
             quarter = max(1, len(blocks) // sizes.growth_factor)  # as many blocks as the small document has
-            figures["growth_per_block"] = statistics.median(blocks[-quarter:]) / statistics.median(blocks[1 : quarter + 1])
+            figures["growth_per_block"] = statistics.median(blocks[-quarter:]) / statistics.median(
+                blocks[1 : quarter + 1]
+            )
             large_peak = _peak_mb(device)
             figures["trace_mb_large"] = results["large"].trace.nbytes() / 2**20
             figures["state_mb"] = results["large"].state_bytes / 2**20
@@ -235,8 +246,12 @@ def run_bench(loaded: LoadedModel, sizes: BenchSizes = FULL,
     with torch.inference_mode():
         loaded.model(own_forward_small)
     cpu: dict[str, float] = {}  # the matrix multiplies take turns with the runs: MFU compares like with like
-    times = alternate({"fam": lambda: stream(fam_model, compare_ids), "full": own_forward, "matmul": matmul},
-                      sizes.repeats, device, cpu)
+    times = alternate(
+        {"fam": lambda: stream(fam_model, compare_ids), "full": own_forward, "matmul": matmul},
+        sizes.repeats,
+        device,
+        cpu,
+    )
     flops = matmuls * 2 * sizes.matmul_size**3 / times["matmul"]
     figures["matmul_gflops"] = flops / 1e9
     figures["fam_vs_full_cpu"] = cpu["full"] / cpu["fam"]
@@ -248,11 +263,16 @@ def run_bench(loaded: LoadedModel, sizes: BenchSizes = FULL,
     gc.collect()
 
     progress(f"trace on / off and fam / bswa on {sizes.small_tokens} tokens")
-    times = alternate({
-        "on": lambda: stream(fam_model, small_ids),
-        "off": lambda: stream(fam_model, small_ids, record=False),
-        "bswa": lambda: stream(bswa_model, small_ids),
-    }, sizes.repeats, device, cpu)
+    times = alternate(
+        {
+            "on": lambda: stream(fam_model, small_ids),
+            "off": lambda: stream(fam_model, small_ids, record=False),
+            "bswa": lambda: stream(bswa_model, small_ids),
+        },
+        sizes.repeats,
+        device,
+        cpu,
+    )
     figures["trace_on_vs_off_cpu"], figures["fam_vs_bswa_cpu"] = cpu["on"] / cpu["off"], cpu["on"] / cpu["bswa"]
     figures["trace_on_s"], figures["trace_off_s"], figures["bswa_s"] = times["on"], times["off"], times["bswa"]
     figures["trace_on_vs_off"] = times["on"] / times["off"]
@@ -317,10 +337,17 @@ def format_table(figures: dict) -> str:
         + (f", one probe {figures['probe_s'] * 1e3:.0f} ms" if figures.get("probe_s") else ""),
         f"{large} tokens: {figures['large_s']:.1f} s (small {figures['small_s']:.2f} s), per-block time last ÷ first "
         f"{sizes['small_tokens']} tokens {figures.get('growth_per_block', float('nan')):.2f}; peak memory "
-        + (f"{figures['peak_large_mb']:.0f} MB vs {figures['peak_small_mb']:.0f} MB"
-           if figures.get("peak_large_mb") and figures.get("peak_small_mb") else "n/a")
-        + (f"; compact trace {figures['trace_mb_large']:.1f} MB vs {figures['trace_mb_small']:.1f} MB, "
-           f"state {figures['state_mb']:.1f} MB" if "trace_mb_large" in figures else ""),
+        + (
+            f"{figures['peak_large_mb']:.0f} MB vs {figures['peak_small_mb']:.0f} MB"
+            if figures.get("peak_large_mb") and figures.get("peak_small_mb")
+            else "n/a"
+        )
+        + (
+            f"; compact trace {figures['trace_mb_large']:.1f} MB vs {figures['trace_mb_small']:.1f} MB, "
+            f"state {figures['state_mb']:.1f} MB"
+            if "trace_mb_large" in figures
+            else ""
+        ),
     ]
     if figures.get("probe_note"):
         raw.append(figures["probe_note"])
@@ -351,8 +378,9 @@ class _FixedExamples:
         return example
 
 
-def recipe_config(recipe_dir: str | Path, out: str, model: str | None, device: str,
-                  dtype: str) -> tuple[TrainConfig, bool]:
+def recipe_config(
+    recipe_dir: str | Path, out: str, model: str | None, device: str, dtype: str
+) -> tuple[TrainConfig, bool]:
     """The training configuration of an adapter directory's run (its ``train_config.json``), for benchmarking."""
     import json
     from dataclasses import replace
@@ -362,13 +390,29 @@ def recipe_config(recipe_dir: str | Path, out: str, model: str | None, device: s
 
     path = Path(recipe_dir) / TRAIN_CONFIG
     config = TrainConfig.from_dict(json.loads(path.read_text())) if path.is_file() else TrainConfig(out=out)
-    return replace(config, out=out, model=model, device=device, dtype=dtype, init_from=None, eval_every=0,
-                   max_minutes=None, threads=None, steps=10**9, checkpoint_every=10**9), path.is_file()
+    return replace(
+        config,
+        out=out,
+        model=model,
+        device=device,
+        dtype=dtype,
+        init_from=None,
+        eval_every=0,
+        max_minutes=None,
+        threads=None,
+        steps=10**9,
+        checkpoint_every=10**9,
+    ), path.is_file()
 
 
-def run_train_bench(model: str | None = None, device: str = "auto", dtype: str = "bfloat16",
-                    sizes: TrainBenchSizes = TrainBenchSizes(), recipe_dir: str | Path | None = None,
-                    progress: Callable[[str], None] = lambda message: None) -> dict:
+def run_train_bench(
+    model: str | None = None,
+    device: str = "auto",
+    dtype: str = "bfloat16",
+    sizes: TrainBenchSizes = TrainBenchSizes(),
+    recipe_dir: str | Path | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> dict:
     """Training tokens/s of the shipped recipe against the fam inference stream's tokens/s, one process,
     turns taken in alternation (train, stream, train, ...), medians of the turns.
 
@@ -390,8 +434,11 @@ def run_train_bench(model: str | None = None, device: str = "auto", dtype: str =
         config, from_recipe = recipe_config(recipe_dir, out, model, device, dtype)
         progress(f"loading two copies of the model ({dtype})")
         trainer = Trainer(config, loaded=load_model(model, device=device, dtype=dtype))
-        reached = (read_training_card(recipe_dir).get("data_mixture") or {}).get("curriculum_reached_blocks") \
-            if from_recipe else None
+        reached = (
+            (read_training_card(recipe_dir).get("data_mixture") or {}).get("curriculum_reached_blocks")
+            if from_recipe
+            else None
+        )
         if reached and reached in trainer.stages:
             trainer.stage = trainer.stages.index(reached)
         trainer.apply_curriculum()
@@ -415,20 +462,32 @@ def run_train_bench(model: str | None = None, device: str = "auto", dtype: str =
         Stream(fam_model, record=True, compact_trace=True).run(ids[: 2 * config.block_size])
         train_rates, stream_rates = [], []
         for turn in range(sizes.repeats):
-            progress(f"turn {turn + 1} of {sizes.repeats}: {sizes.steps} training steps, then {sizes.stream_tokens} tokens streamed")
+            progress(
+                f"turn {turn + 1} of {sizes.repeats}: {sizes.steps} training steps, "
+                f"then {sizes.stream_tokens} tokens streamed"
+            )
             seconds = _timed(train_turn, device_)
             train_rates.append(turn_tokens[-1] / seconds)
             stream_rates.append(sizes.stream_tokens / _timed(stream_turn, device_))
     train_rate, stream_rate = statistics.median(train_rates), statistics.median(stream_rates)
     return {
-        "model": streamed.name, "device": str(device_), "dtype": dtype, "threads": torch.get_num_threads(),
+        "model": streamed.name,
+        "device": str(device_),
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
         "recipe": str(recipe_dir) if from_recipe else "TrainConfig defaults (no train_config.json found)",
-        "fam": config.fam_config().to_dict(), "lora_rank": config.lora_rank, "data": config.data,
-        "readout_weight": config.readout_weight, "checkpoint_layers": config.checkpoint_layers,
-        "curriculum_blocks": trainer.curriculum_blocks, "training_tokens_per_turn": sum(len(e.ids) for e in examples),
+        "fam": config.fam_config().to_dict(),
+        "lora_rank": config.lora_rank,
+        "data": config.data,
+        "readout_weight": config.readout_weight,
+        "checkpoint_layers": config.checkpoint_layers,
+        "curriculum_blocks": trainer.curriculum_blocks,
+        "training_tokens_per_turn": sum(len(e.ids) for e in examples),
         "sizes": asdict(sizes),
-        "train_tokens_per_s": train_rate, "stream_tokens_per_s": stream_rate,
-        "train_vs_stream": train_rate / stream_rate, "target": TRAIN_TARGET,
+        "train_tokens_per_s": train_rate,
+        "stream_tokens_per_s": stream_rate,
+        "train_vs_stream": train_rate / stream_rate,
+        "target": TRAIN_TARGET,
         "met": train_rate / stream_rate >= TRAIN_TARGET,
         "turns": {"train_tokens_per_s": train_rates, "stream_tokens_per_s": stream_rates},
     }
@@ -436,16 +495,20 @@ def run_train_bench(model: str | None = None, device: str = "auto", dtype: str =
 
 def format_train_table(figures: dict) -> str:
     fam = figures["fam"]
-    return "\n".join([
-        "| figure | measured | target | met |", "|---|---|---|---|",
-        f"| training tok/s ÷ fam inference stream tok/s | {figures['train_vs_stream']:.2f} | >= {figures['target']:.2f} "
-        f"| {'yes' if figures['met'] else 'no'} |",
-        "",
-        f"{figures['model']}, {figures['device']} {figures['dtype']}, {figures['threads']} threads; "
-        f"block {fam['block_size']}, FAM {fam['fam_len']}, mem_blocks {fam['mem_blocks']}",
-        f"training {figures['train_tokens_per_s']:.0f} tok/s (recipe {figures['recipe']}: LoRA rank {figures['lora_rank']}, "
-        f"data {figures['data']}, read-out weight {figures['readout_weight']}, layer recompute "
-        f"{'on' if figures['checkpoint_layers'] else 'off'}, {figures['training_tokens_per_turn']} tokens a turn)",
-        f"fam inference stream {figures['stream_tokens_per_s']:.0f} tok/s (trace recorded, "
-        f"{figures['sizes']['stream_tokens']} tokens of GPL-3)",
-    ])
+    return "\n".join(
+        [
+            "| figure | measured | target | met |",
+            "|---|---|---|---|",
+            f"| training tok/s ÷ fam inference stream tok/s | {figures['train_vs_stream']:.2f} "
+            f"| >= {figures['target']:.2f} | {'yes' if figures['met'] else 'no'} |",
+            "",
+            f"{figures['model']}, {figures['device']} {figures['dtype']}, {figures['threads']} threads; "
+            f"block {fam['block_size']}, FAM {fam['fam_len']}, mem_blocks {fam['mem_blocks']}",
+            f"training {figures['train_tokens_per_s']:.0f} tok/s (recipe {figures['recipe']}: "
+            f"LoRA rank {figures['lora_rank']}, data {figures['data']}, read-out weight {figures['readout_weight']}, "
+            f"layer recompute {'on' if figures['checkpoint_layers'] else 'off'}, "
+            f"{figures['training_tokens_per_turn']} tokens a turn)",
+            f"fam inference stream {figures['stream_tokens_per_s']:.0f} tok/s (trace recorded, "
+            f"{figures['sizes']['stream_tokens']} tokens of GPL-3)",
+        ]
+    )

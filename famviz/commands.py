@@ -2,6 +2,7 @@
 bench, train. Each takes the parsed arguments and returns the exit status; user errors are ``FamvizError``s,
 which the CLI turns into one line and status 2.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,15 @@ def run_passkey(args: argparse.Namespace) -> int:
 
     try:
         specs = [pk.ModeSpec.parse(part, args.mem_blocks) for part in args.modes.split(",") if part.strip()]
-        base = check_limits(FamConfig(mode="fam", block_size=args.block_size, fam_len=args.fam_len,
-                                      mem_blocks=args.mem_blocks, sink_tokens=args.sink_tokens))
+        base = check_limits(
+            FamConfig(
+                mode="fam",
+                block_size=args.block_size,
+                fam_len=args.fam_len,
+                mem_blocks=args.mem_blocks,
+                sink_tokens=args.sink_tokens,
+            )
+        )
         for spec in specs:
             check_limits(pk.sweep_config(base, spec))
     except ValueError as exc:
@@ -60,11 +68,21 @@ def run_passkey(args: argparse.Namespace) -> int:
     # Notes about the runs the adapter is used in (a sweep's fam columns), not about the --mem-blocks default.
     tuned = [pk.sweep_config(base, spec) for spec in specs if spec.mode == "fam"]
     print_geometry_notes(args, *(tuned or [base]))
-    config = {"block_size": args.block_size, "fam_len": args.fam_len, "sink_tokens": args.sink_tokens,
-              "modes": [s.label for s in specs],
-              "lengths": lengths, "depths": depths, "trials": args.trials, "seed": args.seed, "model": loaded.name,
-              "adapter": args.adapter, "document": args.document, "device": str(loaded.device),
-              "dtype": str(loaded.dtype).replace("torch.", "")}
+    config = {
+        "block_size": args.block_size,
+        "fam_len": args.fam_len,
+        "sink_tokens": args.sink_tokens,
+        "modes": [s.label for s in specs],
+        "lengths": lengths,
+        "depths": depths,
+        "trials": args.trials,
+        "seed": args.seed,
+        "model": loaded.name,
+        "adapter": args.adapter,
+        "document": args.document,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+    }
     started = time.perf_counter()
     if args.retention:
         output, figure = _passkey_retention(loaded, specs, base, lengths, depths, args, text, fam_prompt, backend)
@@ -75,16 +93,20 @@ def run_passkey(args: argparse.Namespace) -> int:
     if figure_out:
         from famviz.viz.export import write_figure
 
-        caption = (f"{loaded.name}; block {args.block_size}, fam_len {args.fam_len}; {args.trials} trials per cell, "
-                   f"seed {args.seed}")
+        caption = (
+            f"{loaded.name}; block {args.block_size}, fam_len {args.fam_len}; {args.trials} trials per cell, "
+            f"seed {args.seed}"
+        )
         output["figure"] = str(write_figure(figure, figure_out, caption=caption, metadata=config, size=(1100, 420)))
     if args.json:
         print(json.dumps(output))
     elif not args.retention:
         print(f"{'mode':>14}  {'length':>7}  {'depth':>5}  {'trials':>6}  {'accuracy':>8}  {'mean log p(key)':>15}")
         for cell in output["results"]:
-            print(f"{cell['label']:>14}  {cell['length']:>7}  {cell['depth']:>5g}  {cell['trials']:>6}  "
-                  f"{cell['accuracy']:>8.1%}  {cell['mean_key_logprob']:>15.2f}")
+            print(
+                f"{cell['label']:>14}  {cell['length']:>7}  {cell['depth']:>5g}  {cell['trials']:>6}  "
+                f"{cell['accuracy']:>8.1%}  {cell['mean_key_logprob']:>15.2f}"
+            )
     return 0
 
 
@@ -92,8 +114,9 @@ def run_ablate(args: argparse.Namespace) -> int:
     from famviz.probes import ablation as ab
 
     ab.check_method(args.method)
-    config = check_limits(FamConfig(mode="fam", block_size=args.block_size, fam_len=args.fam_len,
-                                    mem_blocks=args.mem_blocks))
+    config = check_limits(
+        FamConfig(mode="fam", block_size=args.block_size, fam_len=args.fam_len, mem_blocks=args.mem_blocks)
+    )
     if args.trials < 1 or args.length < 1 or not 0 <= args.depth <= 1:
         raise FamvizError("--trials and --length must be at least 1 and --depth between 0 and 1")
     if (args.text is None) != (args.target is None):
@@ -119,8 +142,9 @@ def run_ablate(args: argparse.Namespace) -> int:
         if text is not None:
             cases = [(ab.text_case(loaded.tokenizer, text, args.target, config.block_size), None)]
         else:
-            cases = ab.passkey_cases(loaded.tokenizer, config.block_size, args.length, args.depth, args.trials,
-                                     args.seed)
+            cases = ab.passkey_cases(
+                loaded.tokenizer, config.block_size, args.length, args.depth, args.trials, args.seed
+            )
     except ValueError as exc:  # e.g. a length shorter than the prompt without filler
         raise FamvizError(str(exc)) from None
     n_blocks = cases[0][0].blocks(config.block_size)
@@ -129,13 +153,34 @@ def run_ablate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     from tqdm import tqdm
 
-    with tqdm(desc=f"{args.method}", unit="intervention", file=sys.stderr, dynamic_ncols=True,
-              disable=args.json and not sys.stderr.isatty()) as progress:
-        result = ab.run_interventions(fam_model, cases, args.method, blocks=blocks, layers=layers,
-                                      head_layer=args.head_layer, on_update=lambda _: progress.update(1))
-    result.config = {"model": loaded.name, "adapter": args.adapter, "length": args.length, "depth": args.depth,
-                     "seed": args.seed, "text": args.text, "target": args.target, **config.to_dict(),
-                     "dtype": str(loaded.dtype).replace("torch.", ""), "device": str(loaded.device)}
+    with tqdm(
+        desc=f"{args.method}",
+        unit="intervention",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=args.json and not sys.stderr.isatty(),
+    ) as progress:
+        result = ab.run_interventions(
+            fam_model,
+            cases,
+            args.method,
+            blocks=blocks,
+            layers=layers,
+            head_layer=args.head_layer,
+            on_update=lambda _: progress.update(1),
+        )
+    result.config = {
+        "model": loaded.name,
+        "adapter": args.adapter,
+        "length": args.length,
+        "depth": args.depth,
+        "seed": args.seed,
+        "text": args.text,
+        "target": args.target,
+        **config.to_dict(),
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "device": str(loaded.device),
+    }
     output = result.to_dict()
     output["seconds"] = round(time.perf_counter() - started, 2)
     if figure_out:
@@ -143,13 +188,18 @@ def run_ablate(args: argparse.Namespace) -> int:
         from famviz.viz.passkey_figures import intervention_heatmap
 
         caption = describe_run(loaded.name, args.adapter, config, f"{result.trials} trials, seed {args.seed}")
-        output["figure"] = str(write_figure(intervention_heatmap(output), figure_out, caption=caption,
-                                            metadata=result.config, size=(1100, 700)))
+        output["figure"] = str(
+            write_figure(
+                intervention_heatmap(output), figure_out, caption=caption, metadata=result.config, size=(1100, 700)
+            )
+        )
     if args.json:
         print(json.dumps(output))
     else:
-        print(f"log p(target), mean over {result.trials} trials: " +
-              ", ".join(f"{k} {v:.2f}" for k, v in result.values.items()))
+        print(
+            f"log p(target), mean over {result.trials} trials: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in result.values.items())
+        )
         print(f"Δ log p against the {result.reference} run (rows: layers; columns: FAM replaced after block …)")
         print("layer  " + "".join(f"{b:>8}" for b in result.blocks))
         for layer, row in zip(result.layers, result.delta, strict=True):
@@ -162,71 +212,121 @@ def run_ablate(args: argparse.Namespace) -> int:
 def describe_run(model: str, adapter: str | None, config: FamConfig, extra: str) -> str:
     from famviz.io.models import describe_model
 
-    return f"{describe_model(model, adapter)}; block {config.block_size}, FAM {config.fam_len}, " \
-           f"memory blocks {config.mem_blocks}; {extra}"
+    return (
+        f"{describe_model(model, adapter)}; block {config.block_size}, FAM {config.fam_len}, "
+        f"memory blocks {config.mem_blocks}; {extra}"
+    )
 
 
-def _passkey_sweep(loaded: LoadedModel, specs: list[ModeSpec], base: FamConfig, lengths: list[int],
-                   depths: list[float], args: argparse.Namespace, text: str | None, fam_prompt: torch.Tensor | None,
-                   backend: str) -> tuple[dict, go.Figure]:
+def _passkey_sweep(
+    loaded: LoadedModel,
+    specs: list[ModeSpec],
+    base: FamConfig,
+    lengths: list[int],
+    depths: list[float],
+    args: argparse.Namespace,
+    text: str | None,
+    fam_prompt: torch.Tensor | None,
+    backend: str,
+) -> tuple[dict, go.Figure]:
     from tqdm import tqdm
 
     from famviz.core.fam_model import FamModel
     from famviz.probes import passkey as pk
     from famviz.viz.passkey_figures import passkey_heatmap
 
-    documents = {(n, d): pk.trial_documents(loaded.tokenizer, n, d, args.trials, args.seed, text)
-                 for n in lengths for d in depths}
+    documents = {
+        (n, d): pk.trial_documents(loaded.tokenizer, n, d, args.trials, args.seed, text)
+        for n in lengths
+        for d in depths
+    }
     cells = []
-    with tqdm(total=len(specs) * len(documents) * args.trials, unit="trial", file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(specs) * len(documents) * args.trials, unit="trial", file=sys.stderr, dynamic_ncols=True
+    ) as bar:
         for spec in specs:
-            fam_model = FamModel(loaded, pk.sweep_config(base, spec), backend=backend,
-                                 fam_prompt=fam_prompt if spec.mode == "fam" else None)
+            fam_model = FamModel(
+                loaded,
+                pk.sweep_config(base, spec),
+                backend=backend,
+                fam_prompt=fam_prompt if spec.mode == "fam" else None,
+            )
             for (length, depth), docs in documents.items():
                 bar.set_description(f"{spec.label} {length} tok depth {depth:g}")
                 cell = pk.run_cell(fam_model, docs, spec, on_trial=lambda _: bar.update(1))
                 cells.append(cell)
                 # One line per cell on stderr, also with --json: partial results survive an interruption.
-                bar.write(f"{cell.label:>14}  length {cell.length:>6}  depth {cell.depth:4g}  "
-                          f"accuracy {cell.accuracy:6.1%}  mean log p(key) {cell.mean_key_logprob:8.2f}  "
-                          f"({cell.seconds:.1f} s)", file=sys.stderr)
+                bar.write(
+                    f"{cell.label:>14}  length {cell.length:>6}  depth {cell.depth:4g}  "
+                    f"accuracy {cell.accuracy:6.1%}  mean log p(key) {cell.mean_key_logprob:8.2f}  "
+                    f"({cell.seconds:.1f} s)",
+                    file=sys.stderr,
+                )
     return {"results": [cell.summary() for cell in cells]}, passkey_heatmap(cells)
 
 
-def _passkey_retention(loaded: LoadedModel, specs: list[ModeSpec], base: FamConfig, lengths: list[int],
-                       depths: list[float], args: argparse.Namespace, text: str | None, fam_prompt: torch.Tensor | None,
-                       backend: str) -> tuple[dict, go.Figure]:
+def _passkey_retention(
+    loaded: LoadedModel,
+    specs: list[ModeSpec],
+    base: FamConfig,
+    lengths: list[int],
+    depths: list[float],
+    args: argparse.Namespace,
+    text: str | None,
+    fam_prompt: torch.Tensor | None,
+    backend: str,
+) -> tuple[dict, go.Figure]:
     from famviz.core.fam_model import FamModel
     from famviz.probes import passkey as pk
     from famviz.viz.passkey_figures import retention_figure
 
     curves, last = [], None
     for spec in specs:
-        fam_model = FamModel(loaded, pk.sweep_config(base, spec), backend=backend,
-                             fam_prompt=fam_prompt if spec.mode == "fam" else None)
+        fam_model = FamModel(
+            loaded, pk.sweep_config(base, spec), backend=backend, fam_prompt=fam_prompt if spec.mode == "fam" else None
+        )
         for length in lengths:
             for depth in depths:
                 document = pk.trial_documents(loaded.tokenizer, length, depth, 1, args.seed, text)[0]
 
                 def show(point: RetentionPoint, label: str = spec.label) -> None:
                     if not args.json:
-                        print(f"{label:>14}  block {point.block:>4}  blocks since key {point.blocks_since_key:>4}  "
-                              f"{'retrieved' if point.correct else 'lost     '}  answer {point.predicted}  "
-                              f"log p(key) {point.key_logprob:8.2f}", flush=True)
+                        print(
+                            f"{label:>14}  block {point.block:>4}  blocks since key {point.blocks_since_key:>4}  "
+                            f"{'retrieved' if point.correct else 'lost     '}  answer {point.predicted}  "
+                            f"log p(key) {point.key_logprob:8.2f}",
+                            flush=True,
+                        )
 
                 points = pk.retention_curve(fam_model, document, args.probe_every, on_point=show)
                 last = (points, document.key)
-                curves.append({"mode": spec.mode, "mem_blocks": spec.mem_blocks, "label": spec.label, "length": length,
-                               "depth": depth, "key": document.key, "points": [vars(p) for p in points]})
+                curves.append(
+                    {
+                        "mode": spec.mode,
+                        "mem_blocks": spec.mem_blocks,
+                        "label": spec.label,
+                        "length": length,
+                        "depth": depth,
+                        "key": document.key,
+                        "points": [vars(p) for p in points],
+                    }
+                )
     return {"retention": curves}, retention_figure(*last)
 
 
 def run_export(args: argparse.Namespace) -> int:
     from famviz.viz.export import export_trace_file
 
-    path = export_trace_file(args.trace, args.figure, args.format, args.out, view=args.view, block=args.block,
-                             layer=args.layer, method=args.method)
+    path = export_trace_file(
+        args.trace,
+        args.figure,
+        args.format,
+        args.out,
+        view=args.view,
+        block=args.block,
+        layer=args.layer,
+        method=args.method,
+    )
     print(path)
     return 0
 
@@ -239,12 +339,20 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.train:
         from famviz.bench import TRAIN_QUICK, TrainBenchSizes, format_train_table, run_train_bench
 
-        figures = run_train_bench(args.model, args.device, args.dtype, TRAIN_QUICK if args.quick else TrainBenchSizes(),
-                                  recipe_dir=args.recipe, progress=lambda message: log.warning("bench: %s", message))
+        figures = run_train_bench(
+            args.model,
+            args.device,
+            args.dtype,
+            TRAIN_QUICK if args.quick else TrainBenchSizes(),
+            recipe_dir=args.recipe,
+            progress=lambda message: log.warning("bench: %s", message),
+        )
         print(json.dumps(figures) if args.json else format_train_table(figures))
         return 0
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    figures = bench_main(loaded, QUICK if args.quick else FULL, progress=lambda message: log.warning("bench: %s", message))
+    figures = bench_main(
+        loaded, QUICK if args.quick else FULL, progress=lambda message: log.warning("bench: %s", message)
+    )
     print(json.dumps(figures) if args.json else format_table(figures))
     return 0
 
@@ -259,8 +367,15 @@ def run_train(args: argparse.Namespace) -> int:
 def run_stream(args: argparse.Namespace) -> int:
     from famviz.io.documents import head_bytes_for, read_document_start
 
-    config = check_limits(FamConfig(mode=args.mode, block_size=args.block_size, fam_len=args.fam_len,
-                                    mem_blocks=args.mem_blocks, sink_tokens=args.sink_tokens))
+    config = check_limits(
+        FamConfig(
+            mode=args.mode,
+            block_size=args.block_size,
+            fam_len=args.fam_len,
+            mem_blocks=args.mem_blocks,
+            sink_tokens=args.sink_tokens,
+        )
+    )
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise FamvizError(f"--max-tokens must be positive, got {args.max_tokens}")
     trace_out = check_output_path(args.trace) if args.trace else None
@@ -290,9 +405,16 @@ def run_stream(args: argparse.Namespace) -> int:
     if not ids:
         raise FamvizError(f"{args.path}: the document has no tokens")
     record = bool(args.trace) and not args.no_trace  # nothing that grows with the document is kept otherwise
-    result = stream_with_progress(loaded, config, ids, document=(Path(args.path).name, text, offsets),
-                                  fam_prompt=fam_prompt, record=record, channels=channels,
-                                  backend=resolve_backend(args.backend, loaded.device))
+    result = stream_with_progress(
+        loaded,
+        config,
+        ids,
+        document=(Path(args.path).name, text, offsets),
+        fam_prompt=fam_prompt,
+        record=record,
+        channels=channels,
+        backend=resolve_backend(args.backend, loaded.device),
+    )
     trace_path = None
     if result.trace is not None:
         if trace_out:
@@ -301,14 +423,25 @@ def run_stream(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise FamvizError(f"cannot write the trace to {trace_out}: {exc.strerror or exc}") from None
     summary = {
-        "mode": config.mode, "tokens": result.tokens, "blocks": result.blocks, "block_size": config.block_size,
-        "fam_len": config.active_fam_len, "mem_blocks": config.mem_blocks, "sink_tokens": config.active_sink_tokens,
+        "mode": config.mode,
+        "tokens": result.tokens,
+        "blocks": result.blocks,
+        "block_size": config.block_size,
+        "fam_len": config.active_fam_len,
+        "mem_blocks": config.mem_blocks,
+        "sink_tokens": config.active_sink_tokens,
         "nll_mean": result.nll_mean,
-        "seconds": round(result.seconds, 4), "tokens_per_s": round(result.tokens_per_s, 2),
+        "seconds": round(result.seconds, 4),
+        "tokens_per_s": round(result.tokens_per_s, 2),
         "peak_rss_mb": round(max(load_peak_mb, peak_rss_mb()), 1),
-        "stream_peak_rss_mb": round(window_peak_rss_mb(), 1) if can_window else None, "state_bytes": result.state_bytes,
-        "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""), "model": loaded.name,
-        "adapter": loaded.adapter, "trace": trace_path, "trace_bytes": result.trace.nbytes() if result.trace is not None else 0,
+        "stream_peak_rss_mb": round(window_peak_rss_mb(), 1) if can_window else None,
+        "state_bytes": result.state_bytes,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "model": loaded.name,
+        "adapter": loaded.adapter,
+        "trace": trace_path,
+        "trace_bytes": result.trace.nbytes() if result.trace is not None else 0,
     }
     if args.json:
         print(json.dumps(summary))
@@ -341,8 +474,9 @@ def load_for_cli(args: argparse.Namespace, config: FamConfig) -> tuple[LoadedMod
         from famviz.io.adapters import apply_adapter
 
         fam_prompt = apply_adapter(args.adapter, loaded, config)
-    log.info("model %s loaded in %.1f s on %s (%s)", loaded.name, time.perf_counter() - started, loaded.device,
-             loaded.dtype)
+    log.info(
+        "model %s loaded in %.1f s on %s (%s)", loaded.name, time.perf_counter() - started, loaded.device, loaded.dtype
+    )
     return loaded, fam_prompt
 
 
@@ -364,12 +498,15 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     if name == "auto":
         return "flash" if "flash" in available else "sdpa"
     if name not in available:
-        raise FamvizError(f"attention back end {name!r} is not available on {device}; available: {', '.join(available)}")
+        raise FamvizError(
+            f"attention back end {name!r} is not available on {device}; available: {', '.join(available)}"
+        )
     return name
 
 
-def stream_with_progress(loaded: LoadedModel, config: FamConfig, ids: list[int], document: tuple | None = None,
-                         **kwargs) -> StreamResult:
+def stream_with_progress(
+    loaded: LoadedModel, config: FamConfig, ids: list[int], document: tuple | None = None, **kwargs
+) -> StreamResult:
     """Run a stream with a progress bar on stderr (shown for documents of more than one block);
     ``document`` = (name, text, offsets) goes into the trace."""
     from tqdm import tqdm
@@ -380,8 +517,9 @@ def stream_with_progress(loaded: LoadedModel, config: FamConfig, ids: list[int],
     stream = Stream(loaded, config, **kwargs)
     if document is not None:
         stream.describe_document(*document)
-    with tqdm(total=len(ids), unit="tok", file=sys.stderr, disable=n_blocks < 2, dynamic_ncols=True,
-              desc=f"{config.mode}") as bar:
+    with tqdm(
+        total=len(ids), unit="tok", file=sys.stderr, disable=n_blocks < 2, dynamic_ncols=True, desc=f"{config.mode}"
+    ) as bar:
         for block in stream.blocks(ids):
             bar.update(len(block.token_ids))
     return stream.result()

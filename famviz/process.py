@@ -2,6 +2,7 @@
 
 Used by the CLI's stream summary, the benchmark and the app's load test; none of it is model code.
 """
+
 from __future__ import annotations
 
 import resource

@@ -8,12 +8,13 @@
    (recording the app's channels) and through the served app (gradio_client, one update per block,
    every plot rebuilt after every block), interleaved --repeats times; medians of the per-block times.
 3. Browser responsiveness with a long document (--long-tokens of GPL-3 repeated) streamed live into
-   Chromium: size of one update, the browser's long tasks (main thread busy > 50 ms) and how long the
-   page takes to answer while the stream runs (what a click would wait for). It uses a random 30-layer model of the bundled model's
-   shape with a tiny width, so blocks come as fast as the app can draw them (a stress test; the model's
-   own speed does not matter for what the browser receives).
+   Chromium: size of one update, the browser's long tasks (main thread busy > 50 ms) and how long the page
+   takes to answer while the stream runs (what a click would wait for). It uses a random 30-layer model of the
+   bundled model's shape with a tiny width, so blocks come as fast as the app can draw them (a stress test; the
+   model's own speed does not matter for what the browser receives).
 Timings on a shared machine are noisy: read the medians, and the spread printed beside them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,14 @@ from famviz.viz import inspector  # noqa: E402
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 PLOT_HAS_DATA = """(id) => {
     const plot = document.querySelector(`#${id} .js-plotly-plot`);
     if (!plot || !plot._fullData || !plot._fullData.length) return false;
@@ -64,8 +71,14 @@ def median_spread(values: list[float]) -> str:
 
 def serve(loaded):
     demo = launch.build_app(loaded)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            share=False, max_file_size=inputs.MAX_UPLOAD)
+    _, url, _ = demo.launch(
+        server_name="127.0.0.1",
+        server_port=free_port(),
+        prevent_thread_lock=True,
+        quiet=True,
+        share=False,
+        max_file_size=inputs.MAX_UPLOAD,
+    )
     return demo, url
 
 
@@ -107,7 +120,10 @@ def first_block_latency(browser, url, block, repeats) -> list[float]:
             " const took = (t) => (t.match(/([\\d.]+) s elapsed/) || [])[1];"
             " return / 1 \\/ \\d+ blocks/.test(s) && took(s) !== undefined && took(s) !== took(old)"
             " && (" + PLOT_HAS_DATA + ")(id); }",
-            arg=[before, "heatmap"], timeout=600_000, polling=20)
+            arg=[before, "heatmap"],
+            timeout=600_000,
+            polling=20,
+        )
         elapsed = time.perf_counter() - started
         wait_status(page, "Done", 600)
         if i:  # the first run warms up the browser's plotting code
@@ -125,7 +141,7 @@ def engine_block_times(loaded, ids, block) -> list[float]:
     times = []
     for start in range(0, len(ids), block):
         began = time.perf_counter()
-        stream.feed(ids[start:start + block])
+        stream.feed(ids[start : start + block])
         times.append(time.perf_counter() - began)
     return times
 
@@ -148,8 +164,10 @@ def refresh_cost(run) -> tuple[float, int]:
 
     began = time.perf_counter()
     outputs = inspector_tab.refresh(run)
-    size = sum(len(pio.to_json(item)) if hasattr(item, "to_plotly_json") else len(item) if isinstance(item, str)
-               else 0 for item in outputs)
+    size = sum(
+        len(pio.to_json(item)) if hasattr(item, "to_plotly_json") else len(item) if isinstance(item, str) else 0
+        for item in outputs
+    )
     return time.perf_counter() - began, size
 
 
@@ -159,9 +177,15 @@ def tiny_wide_model(tokenizer):
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=72, intermediate_size=144, num_hidden_layers=30,
-                                      num_attention_heads=9, num_key_value_heads=3, vocab_size=len(tokenizer),
-                                      max_position_embeddings=8192)
+    config = transformers.LlamaConfig(
+        hidden_size=72,
+        intermediate_size=144,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=8192,
+    )
     return famviz.prepare_model(transformers.LlamaForCausalLM(config).float(), tokenizer, "random-30-layer")
 
 
@@ -207,25 +231,47 @@ def synthetic_run(n_tokens, block, loaded, fam_len=64):
     layers = inspector.default_trajectory_layers(n_layers)
     config = famviz.FamConfig(mode="fam", block_size=block, fam_len=fam_len, mem_blocks=1)
     every = list(range(n_layers))
-    trace = Trace({"model": "synthetic", "config": config.to_dict(), "n_layers": n_layers, "dtype": "bfloat16"},
-                  {"tokens.nll": [], "block.share": every, "fam.share": every, "fam.read": every, "fam.norm": every,
-                   "fam.update": every, "fam.state": layers})
+    trace = Trace(
+        {"model": "synthetic", "config": config.to_dict(), "n_layers": n_layers, "dtype": "bfloat16"},
+        {
+            "tokens.nll": [],
+            "block.share": every,
+            "fam.share": every,
+            "fam.read": every,
+            "fam.norm": every,
+            "fam.update": every,
+            "fam.state": layers,
+        },
+    )
     rng = np.random.default_rng(0)
     text = (GPL3.read_text() + "\n\n") * (n_tokens // 7000 + 2)
     ids, offsets = tokenize_prefix(loaded.tokenizer, text, n_tokens)
     trace.describe_document("synthetic", text, offsets)
-    run = inspector.Run(config=config, document="synthetic", total_tokens=len(ids), trace=trace,
-                        features=inspector.StateFeatures(layers), state="done")
+    run = inspector.Run(
+        config=config,
+        document="synthetic",
+        total_tokens=len(ids),
+        trace=trace,
+        features=inspector.StateFeatures(layers),
+        state="done",
+    )
     for start in range(0, len(ids), block):
-        n = len(ids[start:start + block])
+        n = len(ids[start : start + block])
         share = rng.random((n_layers, heads, 3)).astype(np.float32)
         states = rng.standard_normal((len(layers), fam_len, hidden)).astype(np.float16)
-        trace.append_block(start, ids[start:start + block], {
-            "tokens.nll": rng.random(n).astype(np.float32), "block.share": share / share.sum(-1, keepdims=True),
-            "fam.share": rng.dirichlet([1, 1], (n_layers, heads)).astype(np.float32),
-            "fam.read": rng.random((n_layers, n)).astype(np.float16) / n,
-            "fam.norm": rng.random(n_layers).astype(np.float32), "fam.update": rng.random(n_layers).astype(np.float32),
-            "fam.state": states})
+        trace.append_block(
+            start,
+            ids[start : start + block],
+            {
+                "tokens.nll": rng.random(n).astype(np.float32),
+                "block.share": share / share.sum(-1, keepdims=True),
+                "fam.share": rng.dirichlet([1, 1], (n_layers, heads)).astype(np.float32),
+                "fam.read": rng.random((n_layers, n)).astype(np.float16) / n,
+                "fam.norm": rng.random(n_layers).astype(np.float32),
+                "fam.update": rng.random(n_layers).astype(np.float32),
+                "fam.state": states,
+            },
+        )
         for i, layer in enumerate(layers):
             run.features.add(layer, states[i])
         run.blocks_done += 1
@@ -273,40 +319,59 @@ def main(argv=None) -> int:
             first = first_block_latency(browser, url, block, args.repeats)
             engine_one = [engine_block_times(loaded, ids[:block], block)[0] for _ in range(args.repeats)]
             results["first_block_s"] = statistics.median(first)
-            print(f"   median {median_spread(first)} s; the engine alone takes {median_spread(engine_one)} s for that block")
+            print(
+                f"   median {median_spread(first)} s; "
+                f"the engine alone takes {median_spread(engine_one)} s for that block"
+            )
 
         if "overhead" not in skip:
-            print(f"2. overhead per block ({args.blocks} blocks of {block} tokens, fam 64, 1 memory block; "
-                  f"blocks after the first)")
+            print(
+                f"2. overhead per block ({args.blocks} blocks of {block} tokens, fam 64, 1 memory block; "
+                f"blocks after the first)"
+            )
             engine, served = [], []
             context = demo.famviz_context
             throttle, context.redraw_seconds = context.redraw_seconds, 0.0  # every block fully redrawn
             for i in range(args.repeats):
                 engine += engine_block_times(loaded, ids, block)[1:]
                 served += app_block_times(client, "", text, block, len(ids))
-                print(f"   repeat {i + 1}: engine {statistics.median(engine):.3f} s/block, "
-                      f"app {statistics.median(served):.3f} s/block", flush=True)
+                print(
+                    f"   repeat {i + 1}: engine {statistics.median(engine):.3f} s/block, "
+                    f"app {statistics.median(served):.3f} s/block",
+                    flush=True,
+                )
             context.redraw_seconds = throttle
             overhead = statistics.median(served) / statistics.median(engine) - 1
             results["overhead"] = overhead
             print(f"   engine alone: {median_spread(engine)} s/block")
             print(f"   through app:  {median_spread(served)} s/block")
             print(f"   app overhead per block: {100 * overhead:+.1f}% (target <= 20%)")
-            updates = list(inspector_tab.stream_document(hub.ModelHub(loaded, None, (None, None, "auto", "auto")),
-                                               *stream_args(None, text, block=block, max_tokens=len(ids)), None))
+            updates = list(
+                inspector_tab.stream_document(
+                    hub.ModelHub(loaded, None, (None, None, "auto", "auto")),
+                    *stream_args(None, text, block=block, max_tokens=len(ids)),
+                    None,
+                )
+            )
             cost, size = refresh_cost(updates[-1][-1])
-            print(f"   one update ({args.blocks} blocks): figures + JSON built in {cost * 1000:.0f} ms, {size / 1024:.0f} KB")
+            print(
+                f"   one update ({args.blocks} blocks): figures + JSON built in {cost * 1000:.0f} ms, "
+                f"{size / 1024:.0f} KB"
+            )
 
         if "long" not in skip and browser is not None:
             tiny = tiny_wide_model(loaded.tokenizer)
             long_text = (text + "\n\n") * (args.long_tokens // 7000 + 2)
             long_ids, _ = tokenize_prefix(tiny.tokenizer, long_text, args.long_tokens)
-            print(f"3. long document: {len(long_ids):,} tokens of GPL-3 repeated, block {block}, "
-                  f"{-(-len(long_ids) // block)} blocks, random 30-layer model; streaming for ~{args.long_seconds:.0f} s")
+            print(
+                f"3. long document: {len(long_ids):,} tokens of GPL-3 repeated, block {block}, "
+                f"{-(-len(long_ids) // block)} blocks, random 30-layer model; streaming for ~{args.long_seconds:.0f} s"
+            )
             demo_long, url_long = serve(tiny)
             try:
                 latencies, tasks, status, nodes, seconds = long_document_responsiveness(
-                    browser, url_long, long_text, block, args.long_tokens, args.long_seconds)
+                    browser, url_long, long_text, block, args.long_tokens, args.long_seconds
+                )
             except Exception:
                 for context in browser.contexts:
                     for page in context.pages:
@@ -317,16 +382,24 @@ def main(argv=None) -> int:
             print(f"   reached: {status.splitlines()[0][:160]}")
             print(f"   page answer latency while streaming (main thread busy): {median_spread(latencies)} s")
             tasks = sorted(tasks)
-            print(f"   browser long tasks (> 50 ms): {len(tasks)} in {seconds:.0f} s, "
-                  f"median {statistics.median(tasks) if tasks else 0:.0f} ms, max {tasks[-1] if tasks else 0:.0f} ms, "
-                  f"total {sum(tasks) / 1000:.1f} s; DOM nodes at the end: {nodes:,}")
+            print(
+                f"   browser long tasks (> 50 ms): {len(tasks)} in {seconds:.0f} s, "
+                f"median {statistics.median(tasks) if tasks else 0:.0f} ms, max {tasks[-1] if tasks else 0:.0f} ms, "
+                f"total {sum(tasks) / 1000:.1f} s; DOM nodes at the end: {nodes:,}"
+            )
             end = synthetic_run(len(long_ids), block, tiny)
             cost, size = refresh_cost(end)
-            print(f"   one update at the end of the document ({end.blocks_done} blocks, recorded shapes, random "
-                  f"values): figures + JSON "
-                  f"{cost * 1000:.0f} ms, {size / 1024:.0f} KB")
-            results.update(page_latency_s=statistics.median(latencies), page_latency_max_s=max(latencies), long_task_max_ms=tasks[-1] if tasks else 0,
-                           update_kb=size / 1024)
+            print(
+                f"   one update at the end of the document ({end.blocks_done} blocks, recorded shapes, random "
+                f"values): figures + JSON "
+                f"{cost * 1000:.0f} ms, {size / 1024:.0f} KB"
+            )
+            results.update(
+                page_latency_s=statistics.median(latencies),
+                page_latency_max_s=max(latencies),
+                long_task_max_ms=tasks[-1] if tasks else 0,
+                update_kb=size / 1024,
+            )
 
         if args.screenshot and browser is not None:
             page = open_page(browser, url)

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random models of each supported family, and the real bundled model."""
+
 from __future__ import annotations
 
 import os
@@ -9,9 +10,17 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=97, max_position_embeddings=4096, rms_norm_eps=1e-6,
-            rope_theta=10000.0)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=97,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+)
 
 
 def tiny_model(family: str, seed: int = 0):

@@ -2,6 +2,7 @@
 
 Imported as ``helpers`` (pytest puts ``tests/`` on ``sys.path``: the folder has no ``__init__.py``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -16,8 +17,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 # Geometry shared by every tiny model: 2 layers, 4 query heads of 16 dims, 2 KV heads.
-TINY_DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=4096)
+TINY_DIMS = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+)
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -41,9 +48,15 @@ def tiny_llama_with_bundled_tokenizer(n_layers: int = 2, seed: int = 0):
 
     tokenizer = bundled_tokenizer()
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                                      max_position_embeddings=4096)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+    )
     return famviz.prepare_model(transformers.LlamaForCausalLM(config).float(), tokenizer, "tiny")
 
 
@@ -125,8 +138,14 @@ def cli_env() -> dict:
 
 def run_cli(args, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m famviz ARGS`` in a subprocess, from the repository root, text output captured."""
-    return subprocess.run([sys.executable, "-m", "famviz", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO_ROOT, env=cli_env(), timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "famviz", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=cli_env(),
+        timeout=timeout,
+    )
 
 
 def run_cli_in_process(args, capfd) -> tuple[int, str, str]:
@@ -144,8 +163,10 @@ def run_cli_in_process(args, capfd) -> tuple[int, str, str]:
         status = exc.code
     except BaseException as exc:  # noqa: BLE001
         out, err = capfd.readouterr()
-        pytest.fail(f"famviz.cli.main{tuple(map(str, args))} raised {type(exc).__name__}: {exc} -- "
-                    f"the CLI would print a traceback (stderr so far: {err!r})")
+        pytest.fail(
+            f"famviz.cli.main{tuple(map(str, args))} raised {type(exc).__name__}: {exc} -- "
+            f"the CLI would print a traceback (stderr so far: {err!r})"
+        )
     out, err = capfd.readouterr()
     return status, out, err
 
@@ -180,6 +201,7 @@ def write_random_lora_adapter(directory: Path, fam_len: int = 4, block_size: int
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)
     geometry = FamConfig("fam", block_size, fam_len, mem_blocks)
-    adapter_dir = write_adapter(directory / "adapter", trained, geometry,
-                                torch.randn(fam_len, trained.config.hidden_size), peft_model)
+    adapter_dir = write_adapter(
+        directory / "adapter", trained, geometry, torch.randn(fam_len, trained.config.hidden_size), peft_model
+    )
     return model_dir, adapter_dir

@@ -1,4 +1,5 @@
 """FAM ablation and patching (famviz.probes.ablation) on a tiny random model with the real tokenizer."""
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,8 @@ def test_ablating_every_layer_equals_streaming_from_the_initial_fam(fam, cases):
         got = ab.intervened_logprob(fam, trial, "ablate", ab.ALL_LAYERS, block)
         assert got == pytest.approx(expected, abs=1e-4)
     assert trial.values["ablated"] == pytest.approx(
-        ab.target_logprob(fam, replace(fam.initial_state(), position=clean.split), clean), abs=1e-4)
+        ab.target_logprob(fam, replace(fam.initial_state(), position=clean.split), clean), abs=1e-4
+    )
 
 
 def test_patching_with_the_same_prompt_changes_nothing(fam, cases):
@@ -75,7 +77,9 @@ def test_patching_with_the_same_prompt_changes_nothing(fam, cases):
 
 def test_interventions_fill_a_layer_by_block_grid(fam, cases):
     updates = []
-    result = ab.run_interventions(fam, cases, "write-time", layers=[0, 1], on_update=lambda r: updates.append(r.delta.copy()))
+    result = ab.run_interventions(
+        fam, cases, "write-time", layers=[0, 1], on_update=lambda r: updates.append(r.delta.copy())
+    )
     n_blocks = cases[0][0].blocks(BLOCK)
     assert result.layers == [0, 1, ab.ALL_LAYERS] and result.blocks == list(range(1, n_blocks + 1))
     assert result.delta.shape == (3, n_blocks) and np.isfinite(result.delta).all()
@@ -117,10 +121,16 @@ def test_any_text_and_target(fam, tokenizer):
     assert np.isfinite(result.delta).all()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(method="nope"), "--method"), (dict(method="patch", pairs=[(0, None)]), "corrupted"),
-    (dict(blocks=[0]), "blocks must be"), (dict(layers=[99]), "layers must be"), (dict(head_layer=-1), "--head-layer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="nope"), "--method"),
+        (dict(method="patch", pairs=[(0, None)]), "corrupted"),
+        (dict(blocks=[0]), "blocks must be"),
+        (dict(layers=[99]), "layers must be"),
+        (dict(head_layer=-1), "--head-layer"),
+    ],
+)
 def test_bad_arguments_get_a_clear_message(fam, cases, kwargs, message):
     method = kwargs.pop("method", "ablate")
     pairs = kwargs.pop("pairs", None)
@@ -148,9 +158,32 @@ def test_cli_prints_one_json_object_and_writes_the_figure(tiny_model_dir, tmp_pa
 
     figure = tmp_path / "ablate.html"
     status, out, err = run_cli_in_process(
-        ["ablate", "--model", tiny_model_dir, "--method", "write-time", "--length", 200, "--trials", 2,
-         "--block-size", 64, "--fam-len", 4, "--layers", "0,1", "--head-layer", 1, "--json", "--figure", figure,
-         "--dtype", "float32"], capfd)
+        [
+            "ablate",
+            "--model",
+            tiny_model_dir,
+            "--method",
+            "write-time",
+            "--length",
+            200,
+            "--trials",
+            2,
+            "--block-size",
+            64,
+            "--fam-len",
+            4,
+            "--layers",
+            "0,1",
+            "--head-layer",
+            1,
+            "--json",
+            "--figure",
+            figure,
+            "--dtype",
+            "float32",
+        ],
+        capfd,
+    )
     assert status == 0, err
     result = json.loads(out)
     assert result["method"] == "write-time" and result["reference"] == "corrupted" and result["trials"] == 2
@@ -161,14 +194,36 @@ def test_cli_prints_one_json_object_and_writes_the_figure(tiny_model_dir, tmp_pa
     assert figure.stat().st_size > 10_000 and "Δ log p" in figure.read_text()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--method", "sideways"], "--method"), (["--depth", "2"], "--depth"), (["--text", "x.txt"], "--target"),
-    (["--blocks", "0"], "blocks must be"), (["--layers", "a"], "--layers"), (["--mode-x"], "unrecognized"),
-    (["--length", "20"], "shorter than the prompt"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "sideways"], "--method"),
+        (["--depth", "2"], "--depth"),
+        (["--text", "x.txt"], "--target"),
+        (["--blocks", "0"], "blocks must be"),
+        (["--layers", "a"], "--layers"),
+        (["--mode-x"], "unrecognized"),
+        (["--length", "20"], "shorter than the prompt"),
+    ],
+)
 def test_cli_refuses_bad_arguments_in_one_line(tiny_model_dir, capfd, argv, message):
     from helpers import run_cli_in_process
 
-    status, out, err = run_cli_in_process(["ablate", "--model", tiny_model_dir, "--length", 200, "--block-size", 64,
-                                           "--fam-len", 4, "--trials", 1, *argv], capfd)
+    status, out, err = run_cli_in_process(
+        [
+            "ablate",
+            "--model",
+            tiny_model_dir,
+            "--length",
+            200,
+            "--block-size",
+            64,
+            "--fam-len",
+            4,
+            "--trials",
+            1,
+            *argv,
+        ],
+        capfd,
+    )
     assert status == 2 and message in err and "Traceback" not in err

@@ -1,4 +1,5 @@
 """Training scaled out with Accelerate, really run: two CPU processes (gloo) on a tiny random Llama."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,32 @@ from helpers import run_cli_in_process
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ["--block-size", "64", "--fam-len", "8", "--data", "passkey:0.5,copy:0.5", "--passkey-tokens", "90-200",
-          "--copy-text-tokens", "100-180", "--copy-len", "32", "--readout-weight", "1", "--eval-every", "0",
-          "--checkpoint-every", "1", "--threads", "1", "--lr", "3e-3", "--seed", "4"]
+RECIPE = [
+    "--block-size",
+    "64",
+    "--fam-len",
+    "8",
+    "--data",
+    "passkey:0.5,copy:0.5",
+    "--passkey-tokens",
+    "90-200",
+    "--copy-text-tokens",
+    "100-180",
+    "--copy-len",
+    "32",
+    "--readout-weight",
+    "1",
+    "--eval-every",
+    "0",
+    "--checkpoint-every",
+    "1",
+    "--threads",
+    "1",
+    "--lr",
+    "3e-3",
+    "--seed",
+    "4",
+]
 
 
 def _free_port() -> int:
@@ -27,13 +51,36 @@ def _free_port() -> int:
 
 
 def _launch_two(args, tmp_path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", ACCELERATE_CONFIG_FILE=str(tmp_path / "no-accelerate-config.yaml"))
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        ACCELERATE_CONFIG_FILE=str(tmp_path / "no-accelerate-config.yaml"),
+    )
     # Accelerate's --cpu flag starts a single process; --multi_gpu starts torch.distributed.run's processes,
     # which famviz's trainer runs as MULTI_CPU (gloo) when there is no GPU.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", "famviz", "train", *map(str, args)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "famviz",
+        "train",
+        *map(str, args),
+    ]
     return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
 
 
@@ -49,8 +96,9 @@ def test_two_processes_train_like_one_with_the_global_batch_and_resume(tmp_path,
 
     model = save_tiny_llama_dir(tmp_path / "model")
     single = tmp_path / "single"
-    status, _, err = run_cli_in_process(["train", "--out", single, "--model", model, "--batch-size", "2",
-                                         "--steps", "4", *RECIPE], capfd)
+    status, _, err = run_cli_in_process(
+        ["train", "--out", single, "--model", model, "--batch-size", "2", "--steps", "4", *RECIPE], capfd
+    )
     assert status == 0, err
 
     double = tmp_path / "double"
@@ -62,15 +110,18 @@ def test_two_processes_train_like_one_with_the_global_batch_and_resume(tmp_path,
     losses_one = [json.loads(line)["loss"] for line in (single / "train_log.jsonl").read_text().splitlines()]
     records = [json.loads(line) for line in (double / "train_log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in records] == pytest.approx(losses_one, rel=1e-4)  # the global batch's loss
-    assert [r["tokens"] for r in records] == [json.loads(line)["tokens"] for line in
-                                              (single / "train_log.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in records] == [
+        json.loads(line)["tokens"] for line in (single / "train_log.jsonl").read_text().splitlines()
+    ]
     # The case that needs the global padding: a step starting from a FAM passed on (RSP) by a global element
     # 0 that was shorter than its batch, so its FAM read pad tokens.
     assert any(now["rsp"] and before["lengths"][0] < max(before["lengths"]) for before, now in pairwise(records))
     one, two = _weights(single), _weights(double)
     assert one.keys() == two.keys() and len(one) > 10
     for name in one:  # the same examples, the same global loss: the same weights, to float tolerance
-        torch.testing.assert_close(two[name].float(), one[name].float(), atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            two[name].float(), one[name].float(), atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
     # Only the main process writes: one record per step, one card, one adapter, one train.log.
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     log_lines = (double / "train.log").read_text().splitlines()

@@ -1,4 +1,5 @@
 """Adapter directories: what training writes is what ``--adapter`` reads, exactly; mismatches are refused."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,20 @@ def tiny_loaded(family: str = "llama", seed: int = 0):
 def trained(tmp_path_factory):
     """A tiny FAM run of 3 steps, written as an adapter directory."""
     out = tmp_path_factory.mktemp("adapter") / "run"
-    config = TrainConfig(out=str(out), mode="fam", block_size=8, fam_len=4, mem_blocks=0, steps=3, lr=1e-2,
-                         warmup_steps=1, lora_rank=4, eval_every=0, checkpoint_every=10, device="cpu")
+    config = TrainConfig(
+        out=str(out),
+        mode="fam",
+        block_size=8,
+        fam_len=4,
+        mem_blocks=0,
+        steps=3,
+        lr=1e-2,
+        warmup_steps=1,
+        lora_rank=4,
+        eval_every=0,
+        checkpoint_every=10,
+        device="cpu",
+    )
     trainer = Trainer(config, loaded=tiny_loaded(), data=KeyRecall())
     trainer.run(progress=False)
     return trainer, out
@@ -85,8 +98,9 @@ def test_lora_stored_in_half_precision_applies_nearly_the_same(trained, tmp_path
 
     trainer, out = trained
     config = FamConfig(mode="fam", block_size=8, fam_len=4, mem_blocks=0)
-    half = write_adapter(tmp_path / "half", trainer.loaded, config, trainer.prompt, trainer.peft_model,
-                         lora_dtype=torch.float16)
+    half = write_adapter(
+        tmp_path / "half", trainer.loaded, config, trainer.prompt, trainer.peft_model, lora_dtype=torch.float16
+    )
     stored = load_file(str(half / "adapter_model.safetensors"))
     assert stored and all(t.dtype == torch.float16 for t in stored.values())
     ids = torch.tensor([KeyRecall(24).draw(random.Random(5)).ids])
@@ -105,8 +119,14 @@ def test_adapter_for_another_model_is_refused(trained):
     config = FamConfig(mode="fam", block_size=8, fam_len=4, mem_blocks=0)
     import transformers
 
-    wide = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2)
+    wide = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     other = prepare_model(transformers.AutoModelForCausalLM.from_config(wide).eval(), tokenizer=None, name="wide")
     with pytest.raises(AdapterError, match="hidden_size"):
         apply_adapter(out, other, config)
@@ -143,14 +163,39 @@ def test_training_card_is_written_twice(tmp_path):
 
 
 def test_training_card_renders_evaluations_and_the_baseline_as_tables(tmp_path):
-    cell = {"mode": "fam", "mem_blocks": 0, "length": 2048, "depth": 0.0, "trials": 50, "accuracy": 0.06,
-            "mean_key_logprob": -8.13}
-    result = {"passkey": [cell], "dtype": "bfloat16", "passkey_scoring": "greedy",
-              "in_window_nll": {"tuned": 3.2, "untuned_full_attention": 3.35, "untuned_same_mode": 4.16,
-                                "relative_change": 3.2 / 3.35 - 1, "windows": 8, "window_tokens": 256, "text": "GPL-3"}}
-    card = {"steps": 9, "evaluation": {"fam_mem0_block256": result, "summary": "Result: SHORTFALL."},
-            "baseline": {"mode": "bswa", "command": "python -m famviz train --mode bswa", "steps": 9,
-                         "evaluation": {"bswa_mem0_block256": dict(result, passkey=[dict(cell, accuracy=0.0)])}}}
+    cell = {
+        "mode": "fam",
+        "mem_blocks": 0,
+        "length": 2048,
+        "depth": 0.0,
+        "trials": 50,
+        "accuracy": 0.06,
+        "mean_key_logprob": -8.13,
+    }
+    result = {
+        "passkey": [cell],
+        "dtype": "bfloat16",
+        "passkey_scoring": "greedy",
+        "in_window_nll": {
+            "tuned": 3.2,
+            "untuned_full_attention": 3.35,
+            "untuned_same_mode": 4.16,
+            "relative_change": 3.2 / 3.35 - 1,
+            "windows": 8,
+            "window_tokens": 256,
+            "text": "GPL-3",
+        },
+    }
+    card = {
+        "steps": 9,
+        "evaluation": {"fam_mem0_block256": result, "summary": "Result: SHORTFALL."},
+        "baseline": {
+            "mode": "bswa",
+            "command": "python -m famviz train --mode bswa",
+            "steps": 9,
+            "evaluation": {"bswa_mem0_block256": dict(result, passkey=[dict(cell, accuracy=0.0)])},
+        },
+    }
     write_training_card(tmp_path, card)
     markdown = (tmp_path / "TRAINING_CARD.md").read_text()
     assert "| 2048 | 0 | 50 | 6% | -8.13 |" in markdown and "| 2048 | 0 | 50 | 0% | -8.13 |" in markdown

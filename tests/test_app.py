@@ -1,5 +1,6 @@
 """The app (famviz.app, launched by app.py): input checks, the stream handler on a tiny random model, view controls,
 export/trace handlers, session isolation; slow: the served app driven through gradio_client."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,14 @@ TEXT = " ".join(f"Sentence number {i} says something about memory and attention.
 def test_command_line_options():
     parser = launch.build_parser()
     args = parser.parse_args([])
-    assert (args.model, args.adapter, args.device, args.dtype, args.host, args.port) == \
-        (None, None, "auto", "auto", "127.0.0.1", 7860)
+    assert (args.model, args.adapter, args.device, args.dtype, args.host, args.port) == (
+        None,
+        None,
+        "auto",
+        "auto",
+        "127.0.0.1",
+        7860,
+    )
     help_text = parser.format_help()
     for option in ("--model", "--adapter", "--device", "--dtype", "--host", "--port", "--redraw-seconds"):
         assert option in help_text
@@ -47,15 +54,18 @@ def test_parse_settings():
     assert config.active_fam_len == 0
 
 
-@pytest.mark.parametrize("settings, words", [
-    (("fam", None, 64, 1, 4096), "Block size is empty"),
-    (("fam", 0, 64, 1, 4096), "Block size must be from 1"),
-    (("fam", 2.5, 64, 1, 4096), "whole number"),
-    (("fam", 256, 0, 1, 4096), "FAM length must be from 1"),
-    (("fam", 256, 64, -1, 4096), "Memory blocks must be from 0"),
-    (("fam", 256, 64, 1, 0), "Max tokens must be from 1"),
-    (("sparse", 256, 64, 1, 4096), "mode must be one of"),
-])
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        (("fam", None, 64, 1, 4096), "Block size is empty"),
+        (("fam", 0, 64, 1, 4096), "Block size must be from 1"),
+        (("fam", 2.5, 64, 1, 4096), "whole number"),
+        (("fam", 256, 0, 1, 4096), "FAM length must be from 1"),
+        (("fam", 256, 64, -1, 4096), "Memory blocks must be from 0"),
+        (("fam", 256, 64, 1, 0), "Max tokens must be from 1"),
+        (("sparse", 256, 64, 1, 4096), "mode must be one of"),
+    ],
+)
 def test_bad_settings_are_one_clear_message(settings, words):
     from famviz.errors import FamvizError
 
@@ -146,9 +156,24 @@ def hub(tiny_loaded):
 
 
 def _args(**kwargs):
-    args = dict(model="tiny", adapter="", device="auto", dtype="auto", source="paste", upload=None, pasted=TEXT,
-                passkey_tokens=300, mode="fam", compare="off", block_size=32, fam_len=8, mem_blocks=1,
-                max_tokens=4096, trajectory_layers="", previous=None)
+    args = dict(
+        model="tiny",
+        adapter="",
+        device="auto",
+        dtype="auto",
+        source="paste",
+        upload=None,
+        pasted=TEXT,
+        passkey_tokens=300,
+        mode="fam",
+        compare="off",
+        block_size=32,
+        fam_len=8,
+        mem_blocks=1,
+        max_tokens=4096,
+        trajectory_layers="",
+        previous=None,
+    )
     args.update(kwargs)
     return list(args.values())
 
@@ -197,8 +222,7 @@ def test_compare_mode_streams_both_and_shows_the_benefit(tiny_loaded, hub):
     assert len(run.compare_nll) == run.blocks_done
     ids = tokenize_document(tiny_loaded.tokenizer, TEXT)[0]
     bswa = Stream(tiny_loaded, FamConfig(mode="bswa", block_size=32, fam_len=8, mem_blocks=1), record=False).run(ids)
-    np.testing.assert_allclose(run.compare_nll, figures.block_means(bswa.nll, list(range(0, len(ids), 32))),
-                               rtol=1e-5)
+    np.testing.assert_allclose(run.compare_nll, figures.block_means(bswa.nll, list(range(0, len(ids), 32))), rtol=1e-5)
     fig = run.loss()
     assert [t.name for t in fig.data][:2] == ["fam", "bswa"] and fig.data[2].type == "bar"
     assert "fam vs bswa" in run.status()
@@ -216,14 +240,17 @@ def test_passkey_example(hub):
     assert "PassKey" in run.document and 150 < run.tokens_done < 260
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(pasted=""), "No text pasted"),
-    (dict(block_size=-3), "Block size"),
-    (dict(source="upload"), "No file uploaded"),
-    (dict(compare="fam"), "different from fam"),
-    (dict(trajectory_layers="7"), "does not exist"),
-    (dict(model="./no/such/model"), "does not exist"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(pasted=""), "No text pasted"),
+        (dict(block_size=-3), "Block size"),
+        (dict(source="upload"), "No file uploaded"),
+        (dict(compare="fam"), "different from fam"),
+        (dict(trajectory_layers="7"), "does not exist"),
+        (dict(model="./no/such/model"), "does not exist"),
+    ],
+)
 def test_stream_errors_are_one_status_and_keep_the_plots(hub, kwargs, words):
     import gradio as gr
 
@@ -316,8 +343,10 @@ def test_sessions_streaming_at_once_keep_their_own_runs(hub):
     def session(name, text, mode):
         results[name] = _run(hub, pasted=text, mode=mode)[-1][-1]
 
-    threads = [threading.Thread(target=session, args=("a", TEXT, "fam")),
-               threading.Thread(target=session, args=("b", other_text, "bswa"))]
+    threads = [
+        threading.Thread(target=session, args=("a", TEXT, "fam")),
+        threading.Thread(target=session, args=("b", other_text, "bswa")),
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -343,34 +372,74 @@ def test_served_app_streams_one_update_per_block(tiny_loaded, tmp_path):
 
     demo = launch.build_app(tiny_loaded)
     try:
-        _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True,
-                                quiet=True, share=False, max_file_size=inputs.MAX_UPLOAD)
+        _, url, _ = demo.launch(
+            server_name="127.0.0.1",
+            server_port=_free_port(),
+            prevent_thread_lock=True,
+            quiet=True,
+            share=False,
+            max_file_size=inputs.MAX_UPLOAD,
+        )
         client = Client(url, verbose=False)
         n_blocks = _n_blocks(tiny_loaded)
         doc = tmp_path / "doc.md"
         doc.write_text(TEXT)
-        job = client.submit("tiny", "", "auto", "auto", "upload", handle_file(str(doc)), None, 300, "fam", "off", 32, 8,
-                            1, 4096, "", api_name="/stream")
+        job = client.submit(
+            "tiny",
+            "",
+            "auto",
+            "auto",
+            "upload",
+            handle_file(str(doc)),
+            None,
+            300,
+            "fam",
+            "off",
+            32,
+            8,
+            1,
+            4096,
+            "",
+            api_name="/stream",
+        )
         updates = list(job)
         statuses = [update[0] for update in updates]
         block_statuses = [s for s in statuses if s.startswith(("**Streaming**", "**Done**")) and " · 0 / " not in s]
-        assert [s.split(" · ")[4] for s in block_statuses] == \
-            [f"{i} / {n_blocks} blocks" for i in range(1, n_blocks + 1)], statuses
+        assert [s.split(" · ")[4] for s in block_statuses] == [
+            f"{i} / {n_blocks} blocks" for i in range(1, n_blocks + 1)
+        ], statuses
         assert statuses[-1].startswith("**Done**") and "doc.md" in statuses[-1]
         heatmap = updates[-1][1]
         assert heatmap is not None and heatmap["type"] == "plotly"
-        assert "class=\"cur\"" in updates[-1][3]
+        assert 'class="cur"' in updates[-1][3]
 
         # Bad input: one message, the run does not start.
         bad = tmp_path / "bad.txt"
         bad.write_bytes(b"\x00\x01\x02 binary")
-        result = client.predict("tiny", "", "auto", "auto", "upload", handle_file(str(bad)), None, 300, "fam", "off", 32,
-                                8, 1, 4096, "", api_name="/stream")
+        result = client.predict(
+            "tiny",
+            "",
+            "auto",
+            "auto",
+            "upload",
+            handle_file(str(bad)),
+            None,
+            300,
+            "fam",
+            "off",
+            32,
+            8,
+            1,
+            4096,
+            "",
+            api_name="/stream",
+        )
         assert result[0].startswith("**Error:**") and "binary" in result[0]
 
         # A fractional block size reaches the validator as typed (not rounded by the component).
-        result = client.predict("tiny", "", "auto", "auto", "paste", None, TEXT, 300, "fam", "off", 2.5,
-                                8, 1, 4096, "", api_name="/stream")
+        result = client.predict(
+            "tiny", "", "auto", "auto", "paste", None, TEXT, 300, "fam", "off", 2.5, 8, 1, 4096, "", api_name="/stream"
+        )
         assert result[0].startswith("**Error:**") and "Block size must be a whole number, got 2.5" in result[0]
     finally:
         demo.close()
@@ -397,8 +466,26 @@ def test_load_eight_sessions_at_once_each_get_their_own_results_and_memory_retur
     def stream(url: str, text: str, block: int = 32) -> list:
         client = Client(url, verbose=False)
         try:
-            return list(client.submit("tiny", "", "auto", "auto", "paste", None, text, 300, "fam", "off", block, 8, 1,
-                                      4096, "", api_name="/stream"))
+            return list(
+                client.submit(
+                    "tiny",
+                    "",
+                    "auto",
+                    "auto",
+                    "paste",
+                    None,
+                    text,
+                    300,
+                    "fam",
+                    "off",
+                    block,
+                    8,
+                    1,
+                    4096,
+                    "",
+                    api_name="/stream",
+                )
+            )
         finally:
             client.close()
 
@@ -409,8 +496,9 @@ def test_load_eight_sessions_at_once_each_get_their_own_results_and_memory_retur
 
     demo = launch.build_app(tiny_loaded)
     try:
-        _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True,
-                                quiet=True, share=False)
+        _, url, _ = demo.launch(
+            server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True, share=False
+        )
         stream(url, text_of("warm-up"))  # first-call costs are not a leak
         idle = settled_rss()
         with ThreadPoolExecutor(max_workers=len(SESSION_WORDS)) as pool:
@@ -419,16 +507,37 @@ def test_load_eight_sessions_at_once_each_get_their_own_results_and_memory_retur
             status, document_html = updates[-1][0], updates[-1][3]
             assert status.startswith("**Done**"), status
             assert word in document_html and not any(other in document_html for other in SESSION_WORDS if other != word)
-            solo = _run(app_hub.ModelHub(tiny_loaded, None, ("tiny", None, "auto", "auto")),
-                        pasted=text_of(word), mode="fam", fam_len=8, mem_blocks=1)[-1][0]
+            solo = _run(
+                app_hub.ModelHub(tiny_loaded, None, ("tiny", None, "auto", "auto")),
+                pasted=text_of(word),
+                mode="fam",
+                fam_len=8,
+                mem_blocks=1,
+            )[-1][0]
             assert status.split("mean NLL ")[1] == solo.split("mean NLL ")[1]
         after = settled_rss()
         assert after <= 1.10 * idle, f"resident memory {after:.0f} MB after the sessions, {idle:.0f} MB idle"
 
         # A stopped session frees the model: the next session's run starts and finishes.
         long_client = Client(url, verbose=False)
-        job = long_client.submit("tiny", "", "auto", "auto", "paste", None, text_of("endless", 2000), 300, "fam", "off",
-                                 4, 8, 1, 100_000, "", api_name="/stream")
+        job = long_client.submit(
+            "tiny",
+            "",
+            "auto",
+            "auto",
+            "paste",
+            None,
+            text_of("endless", 2000),
+            300,
+            "fam",
+            "off",
+            4,
+            8,
+            1,
+            100_000,
+            "",
+            api_name="/stream",
+        )
         deadline = time.monotonic() + 120
         while not any(str(update[0]).startswith("**Streaming**") for update in job.outputs()):
             assert time.monotonic() < deadline, "the long run never started"
@@ -453,8 +562,9 @@ def test_status_says_when_max_tokens_cut_the_document(hub):
 def test_document_cut_for_huge_documents_gives_the_character_share(hub):
     tokenizer = hub.default[0].tokenizer
     text = "word " * 1000
-    assert inputs.document_cut(tokenizer, text, [1, 2], [(0, 4), (5, 9)], count_up_to=100) == \
-        "0% of its 5,000 characters"
+    assert (
+        inputs.document_cut(tokenizer, text, [1, 2], [(0, 4), (5, 9)], count_up_to=100) == "0% of its 5,000 characters"
+    )
     assert inputs.document_cut(tokenizer, "a b", [1, 2], [(0, 1), (2, 3)]) is None
 
 

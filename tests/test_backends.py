@@ -1,4 +1,5 @@
 """Optional attention back ends agree with the default SDPA path."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,13 @@ from test_engine import random_ids
 from famviz import FamConfig, Stream
 from famviz.core.attention import WindowLayout, attend, attend_split, available_backends, sdpa_kernel
 
-LAYOUTS = [WindowLayout(6, 3, 5), WindowLayout(0, 4, 7), WindowLayout(8, 0, 8), WindowLayout(0, 0, 5), WindowLayout(0, 4, 0)]
+LAYOUTS = [
+    WindowLayout(6, 3, 5),
+    WindowLayout(0, 4, 7),
+    WindowLayout(8, 0, 8),
+    WindowLayout(0, 0, 5),
+    WindowLayout(0, 4, 0),
+]
 
 
 def qkv(layout: WindowLayout, seed: int = 0):
@@ -37,8 +44,10 @@ def test_flex_stream_equals_sdpa_stream(tiny_llama):
     np.testing.assert_allclose(b.nll, a.nll, atol=1e-3)
 
 
-@pytest.mark.skipif("flash" not in available_backends("cuda" if torch.cuda.is_available() else "cpu"),
-                    reason="flash-attn needs CUDA and the flash_attn package")
+@pytest.mark.skipif(
+    "flash" not in available_backends("cuda" if torch.cuda.is_available() else "cpu"),
+    reason="flash-attn needs CUDA and the flash_attn package",
+)
 def test_flash_attention_equals_sdpa_on_gpu():
     for layout in LAYOUTS[:3]:
         q, k, v = (t.cuda().bfloat16() for t in qkv(layout))

@@ -1,4 +1,5 @@
 """The benchmark command: figures, table and JSON (tiny random model; the real run is slow)."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,16 @@ import pytest
 
 from famviz.bench import TARGETS, BenchSizes, alternate, format_table, run_bench
 
-TINY = BenchSizes(compare_tokens=64, small_tokens=32, growth_factor=4, matmul_size=64, repeats=2,
-                  block_size=8, fam_len=4, mem_blocks=1)
+TINY = BenchSizes(
+    compare_tokens=64,
+    small_tokens=32,
+    growth_factor=4,
+    matmul_size=64,
+    repeats=2,
+    block_size=8,
+    fam_len=4,
+    mem_blocks=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +82,9 @@ def test_cli_parses_bench_options():
 @pytest.mark.slow
 def test_quick_bench_on_the_bundled_model(bundled_bf16):
     """The quick figures on the real model (minutes): every figure, the live probe included."""
-    figures = run_bench(bundled_bf16, BenchSizes(compare_tokens=512, small_tokens=512, growth_factor=2,
-                                                 matmul_size=512, repeats=1))
+    figures = run_bench(
+        bundled_bf16, BenchSizes(compare_tokens=512, small_tokens=512, growth_factor=2, matmul_size=512, repeats=1)
+    )
     for name in TARGETS:
         assert figures[name] is not None or name == "probe_vs_block", name
     pytest.importorskip("famviz.probes.passkey")
@@ -93,11 +103,25 @@ def test_train_bench_reads_the_recipe_and_compares_in_one_run(tmp_path):
     model_dir = save_tiny_llama_dir(tmp_path / "tiny")
     recipe = tmp_path / "recipe"
     recipe.mkdir()
-    config = TrainConfig(out="DIR", block_size=16, fam_len=4, mem_blocks=0, lora_rank=2, data="passkey:1",
-                         passkey_tokens="60-90", readout_weight=1.0, checkpoint_layers=False)
+    config = TrainConfig(
+        out="DIR",
+        block_size=16,
+        fam_len=4,
+        mem_blocks=0,
+        lora_rank=2,
+        data="passkey:1",
+        passkey_tokens="60-90",
+        readout_weight=1.0,
+        checkpoint_layers=False,
+    )
     (recipe / TRAIN_CONFIG).write_text(json.dumps(asdict(config)))
-    figures = run_train_bench(str(model_dir), device="cpu", dtype="float32",
-                              sizes=TrainBenchSizes(steps=2, stream_tokens=64, repeats=2), recipe_dir=recipe)
+    figures = run_train_bench(
+        str(model_dir),
+        device="cpu",
+        dtype="float32",
+        sizes=TrainBenchSizes(steps=2, stream_tokens=64, repeats=2),
+        recipe_dir=recipe,
+    )
     assert figures["fam"] == {"mode": "fam", "block_size": 16, "fam_len": 4, "mem_blocks": 0}
     assert figures["lora_rank"] == 2 and figures["readout_weight"] == 1.0 and figures["recipe"] == str(recipe)
     assert len(figures["turns"]["train_tokens_per_s"]) == 2

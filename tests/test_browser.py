@@ -3,6 +3,7 @@
 Open the page, upload a file, Start, wait until the plots hold data, export an SVG, take a
 screenshot (kept under the test's tmp dir; set FAMVIZ_SCREENSHOT=PATH to keep a copy).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 
 pytestmark = [
     pytest.mark.slow,
@@ -55,8 +62,14 @@ def served_app():
 
     loaded = tiny_llama_with_bundled_tokenizer(n_layers=4)
     demo = launch.build_app(loaded)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True, quiet=True,
-                            share=False, max_file_size=inputs.MAX_UPLOAD)
+    _, url, _ = demo.launch(
+        server_name="127.0.0.1",
+        server_port=_free_port(),
+        prevent_thread_lock=True,
+        quiet=True,
+        share=False,
+        max_file_size=inputs.MAX_UPLOAD,
+    )
     yield url
     demo.close()
 
@@ -163,8 +176,10 @@ def test_page_reads_right_errors_beside_start_one_tab_label_clean_stop(served_ap
     from playwright.sync_api import expect
 
     tab_labels = "() => [...document.querySelectorAll('[role=tab]')].map(e => e.textContent.trim())"
-    error_markers = ("() => [...document.querySelectorAll('*')].filter(e => !e.children.length && "
-                     "e.textContent.trim() === 'Error').length")
+    error_markers = (
+        "() => [...document.querySelectorAll('*')].filter(e => !e.children.length && "
+        "e.textContent.trim() === 'Error').length"
+    )
     with open_page(served_app, 1900) as page:
         expect(page.locator("#status")).to_contain_text("Ready", timeout=60_000)
         for plot in ("heatmap", "trajectory", "dynamics", "nll"):

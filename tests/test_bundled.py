@@ -1,4 +1,5 @@
 """Integration tests on the real bundled SmolLM2-135M (CPU)."""
+
 from __future__ import annotations
 
 import numpy as np

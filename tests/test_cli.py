@@ -11,6 +11,7 @@ Every contract is checked twice:
 The tiny model is a random 2-layer Llama with the bundled SmolLM2 tokenizer, so documents tokenize
 exactly as with the real model while the CLI stays fast.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,9 +37,19 @@ from helpers import (
 import famviz
 
 SUMMARY_TYPES = {
-    "mode": str, "tokens": int, "blocks": int, "block_size": int, "fam_len": int, "mem_blocks": int,
-    "nll_mean": float, "seconds": float, "tokens_per_s": float, "peak_rss_mb": float, "state_bytes": int,
-    "device": str, "dtype": str,
+    "mode": str,
+    "tokens": int,
+    "blocks": int,
+    "block_size": int,
+    "fam_len": int,
+    "mem_blocks": int,
+    "nll_mean": float,
+    "seconds": float,
+    "tokens_per_s": float,
+    "peak_rss_mb": float,
+    "state_bytes": int,
+    "device": str,
+    "dtype": str,
 }
 # Small geometry: 150 tokens -> 5 blocks of 32 (the last one partial).
 GEOMETRY = dict(block_size=32, fam_len=8, mem_blocks=2, max_tokens=150)
@@ -84,8 +95,24 @@ def bad_inputs(tmp_path_factory, tiny_model_dir, gpt2_dir, document) -> dict:
 
 # -- checks ---------------------------------------------------------------------------------------
 def stream_args(path, model_dir, mode, *, block_size, fam_len, mem_blocks, max_tokens, extra=()):
-    return ["stream", path, "--mode", mode, "--block-size", block_size, "--fam-len", fam_len,
-            "--mem-blocks", mem_blocks, "--max-tokens", max_tokens, "--model", model_dir, "--json", *extra]
+    return [
+        "stream",
+        path,
+        "--mode",
+        mode,
+        "--block-size",
+        block_size,
+        "--fam-len",
+        fam_len,
+        "--mem-blocks",
+        mem_blocks,
+        "--max-tokens",
+        max_tokens,
+        "--model",
+        model_dir,
+        "--json",
+        *extra,
+    ]
 
 
 def parse_summary(stdout: str) -> dict:
@@ -96,8 +123,17 @@ def parse_summary(stdout: str) -> dict:
     return summary
 
 
-def check_summary(summary: dict, mode: str, *, tokens: int, block_size: int, fam_len: int, mem_blocks: int,
-                  vocab_size: int, dtype: str = "bfloat16") -> None:
+def check_summary(
+    summary: dict,
+    mode: str,
+    *,
+    tokens: int,
+    block_size: int,
+    fam_len: int,
+    mem_blocks: int,
+    vocab_size: int,
+    dtype: str = "bfloat16",
+) -> None:
     for key, kind in SUMMARY_TYPES.items():
         assert key in summary, f"missing key {key!r} in {sorted(summary)}"
         value = summary[key]
@@ -167,12 +203,18 @@ BAD_INPUTS = {
     "max-tokens-0": (lambda c: _doc(c, "--max-tokens", "0"), ("--max-tokens",)),
     "unsupported-model": (lambda c: ["stream", c["doc"], "--model", c["gpt2"]], ("gpt2", *SUPPORTED_FAMILIES)),
     "nonexistent-model": (lambda c: ["stream", c["doc"], "--model", c["root"] / "no-such-model"], ("no-such-model",)),
-    "uncached-hub-id": (lambda c: ["stream", c["doc"], "--model", "no-such-org/no-such-model"],
-                        ("not in the local Hugging Face cache", "never downloads", "local model directory")),
+    "uncached-hub-id": (
+        lambda c: ["stream", c["doc"], "--model", "no-such-org/no-such-model"],
+        ("not in the local Hugging Face cache", "never downloads", "local model directory"),
+    ),
     "bad-adapter": (lambda c: _doc(c, "--adapter", c["root"] / "no-such-adapter"), ("no-such-adapter",)),
     # one block: no progress bar (see test_unknown_channel_with_progress_bar_is_one_line_error)
-    "unknown-channel": (lambda c: _doc(c, "--channels", "no.such.channel", "--max-tokens", "10",
-                                       "--trace", c["root"] / "never-written.npz"), ("no.such.channel",)),
+    "unknown-channel": (
+        lambda c: _doc(
+            c, "--channels", "no.such.channel", "--max-tokens", "10", "--trace", c["root"] / "never-written.npz"
+        ),
+        ("no.such.channel",),
+    ),
     "cuda-without-gpu": (lambda c: _doc(c, "--device", "cuda"), ("CUDA",)),
 }
 
@@ -206,21 +248,33 @@ def test_bad_input_subprocess(case, bad_input_runs):
     _skip_if_not_applicable(case)
     proc = bad_input_runs[case]
     assert proc.returncode == 2
-    assert_one_line_error(proc.returncode, proc.stdout, proc.stderr,
-                          contains=("famviz: error:", *BAD_INPUTS[case][1]))
+    assert_one_line_error(proc.returncode, proc.stdout, proc.stderr, contains=("famviz: error:", *BAD_INPUTS[case][1]))
 
 
 def test_argparse_errors_are_not_tracebacks(bad_inputs, capfd):
     """Bad option values caught by argparse: usage on stderr, exit 2, nothing on stdout."""
-    for argv in (_doc(bad_inputs, "--mode", "sideways"), _doc(bad_inputs, "--block-size", "ten"),
-                 _doc(bad_inputs, "--dtype", "int8")):
+    for argv in (
+        _doc(bad_inputs, "--mode", "sideways"),
+        _doc(bad_inputs, "--block-size", "ten"),
+        _doc(bad_inputs, "--dtype", "int8"),
+    ):
         status, out, err = run_cli_in_process(argv, capfd)
         assert status == 2 and out == "" and "Traceback" not in err and "error:" in err
 
 
 def test_unknown_channel_with_progress_bar_is_one_line_error(bad_inputs, capfd):
-    status, out, err = run_cli_in_process(_doc(bad_inputs, "--channels", "no.such.channel", "--block-size", 32,
-                                               "--trace", bad_inputs["root"] / "never-written.npz"), capfd)
+    status, out, err = run_cli_in_process(
+        _doc(
+            bad_inputs,
+            "--channels",
+            "no.such.channel",
+            "--block-size",
+            32,
+            "--trace",
+            bad_inputs["root"] / "never-written.npz",
+        ),
+        capfd,
+    )
     assert_one_line_error(status, out, err, contains=("no.such.channel",))
 
 
@@ -249,9 +303,15 @@ def test_stream_json_and_trace_in_process(mode, tiny_model_dir, document, tmp_pa
     status, out, err = run_cli_in_process(args, capfd)
     assert status == 0, err
     summary = parse_summary(out)
-    check_summary(summary, mode, tokens=GEOMETRY["max_tokens"], block_size=GEOMETRY["block_size"],
-                  fam_len=GEOMETRY["fam_len"], mem_blocks=GEOMETRY["mem_blocks"],
-                  vocab_size=len(bundled_tokenizer()))
+    check_summary(
+        summary,
+        mode,
+        tokens=GEOMETRY["max_tokens"],
+        block_size=GEOMETRY["block_size"],
+        fam_len=GEOMETRY["fam_len"],
+        mem_blocks=GEOMETRY["mem_blocks"],
+        vocab_size=len(bundled_tokenizer()),
+    )
     assert summary["model"] == str(tiny_model_dir)
     check_trace(out_path, summary, mode, document)
     assert "Traceback" not in err
@@ -262,8 +322,29 @@ def test_stream_with_an_adapter_names_it_and_notes_another_geometry(document, tm
 
     model_dir, adapter_dir = write_random_lora_adapter(tmp_path)  # trained with block 32, FAM 4, memory 0
     out_path = tmp_path / "run.npz"
-    args = ["stream", document, "--model", model_dir, "--adapter", adapter_dir, "--mode", "fam", "--block-size", 32,
-            "--fam-len", 4, "--mem-blocks", 1, "--max-tokens", 64, "--json", "--dtype", "float32", "--trace", out_path]
+    args = [
+        "stream",
+        document,
+        "--model",
+        model_dir,
+        "--adapter",
+        adapter_dir,
+        "--mode",
+        "fam",
+        "--block-size",
+        32,
+        "--fam-len",
+        4,
+        "--mem-blocks",
+        1,
+        "--max-tokens",
+        64,
+        "--json",
+        "--dtype",
+        "float32",
+        "--trace",
+        out_path,
+    ]
     status, out, err = run_cli_in_process(args, capfd)
     assert status == 0, err
     assert parse_summary(out)["adapter"] == "adapter" and famviz.Trace.load(out_path).meta["adapter"] == "adapter"
@@ -279,8 +360,8 @@ def test_max_tokens_streams_the_start_of_a_file_over_the_size_limit(tiny_model_d
     big = tmp_path / "big.txt"
     line = b"The memory keeps what the window forgets.\n"
     with open(big, "wb") as file:
-        file.write(line * ((MAX_DOCUMENT_BYTES + 5 * 1024 ** 2) // len(line)))
-    size = f"{big.stat().st_size / 1024 ** 2:.1f} MB"
+        file.write(line * ((MAX_DOCUMENT_BYTES + 5 * 1024**2) // len(line)))
+    size = f"{big.stat().st_size / 1024**2:.1f} MB"
     args = ["stream", big, "--model", tiny_model_dir, "--max-tokens", 50, "--no-trace", "--json", "--dtype", "float32"]
     status, out, err = run_cli_in_process(args, capfd)
     assert status == 0, err
@@ -303,8 +384,20 @@ def test_no_trace_in_process(tiny_model_dir, document, capfd):
 
 def test_without_max_tokens_streams_the_whole_document(tiny_model_dir, document, document_tokens, capfd):
     status, out, err = run_cli_in_process(
-        ["stream", document, "--model", tiny_model_dir, "--block-size", 256, "--no-trace", "--json", "--dtype",
-         "float32"], capfd)
+        [
+            "stream",
+            document,
+            "--model",
+            tiny_model_dir,
+            "--block-size",
+            256,
+            "--no-trace",
+            "--json",
+            "--dtype",
+            "float32",
+        ],
+        capfd,
+    )
     assert status == 0, err
     summary = parse_summary(out)
     assert summary["tokens"] == document_tokens > 256
@@ -316,8 +409,9 @@ def test_max_tokens_over_the_length_keeps_the_whole_document(tiny_model_dir, tmp
     path = tmp_path / "short.md"
     path.write_text("# Title\n\nA short document.\n", encoding="utf-8")
     ids, _ = famviz.tokenize_document(bundled_tokenizer(), path.read_text(encoding="utf-8"))
-    status, out, err = run_cli_in_process(["stream", path, "--model", tiny_model_dir, "--max-tokens", 10_000,
-                                           "--json"], capfd)
+    status, out, err = run_cli_in_process(
+        ["stream", path, "--model", tiny_model_dir, "--max-tokens", 10_000, "--json"], capfd
+    )
     assert status == 0, err
     summary = parse_summary(out)
     assert (summary["tokens"], summary["blocks"]) == (len(ids), 1)
@@ -341,8 +435,9 @@ def test_dtype_float32_in_process(tiny_model_dir, document, capfd):
 
 
 def test_human_readable_output_in_process(tiny_model_dir, document, capfd):
-    status, out, _ = run_cli_in_process(["stream", document, "--model", tiny_model_dir, "--max-tokens", 50,
-                                         "--no-trace"], capfd)
+    status, out, _ = run_cli_in_process(
+        ["stream", document, "--model", tiny_model_dir, "--max-tokens", 50, "--no-trace"], capfd
+    )
     assert status == 0
     fields = dict(line.split(":", 1) for line in out.splitlines())
     assert {k.strip() for k in fields} >= set(SUMMARY_TYPES)
@@ -372,8 +467,10 @@ def test_state_bytes_is_bounded_except_in_full_mode(tiny_model_dir, document):
 def stream_runs(tiny_model_dir, document, tmp_path_factory) -> dict:
     """``python -m famviz stream`` for each mode (with --trace) and once with --no-trace."""
     out_dir = tmp_path_factory.mktemp("traces")
-    jobs = {mode: stream_args(document, tiny_model_dir, mode, **GEOMETRY, extra=["--trace", out_dir / f"{mode}.npz"])
-            for mode in famviz.MODES}
+    jobs = {
+        mode: stream_args(document, tiny_model_dir, mode, **GEOMETRY, extra=["--trace", out_dir / f"{mode}.npz"])
+        for mode in famviz.MODES
+    }
     jobs["no-trace"] = stream_args(document, tiny_model_dir, "fam", **GEOMETRY, extra=["--no-trace"])
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         futures = {name: pool.submit(run_cli, args) for name, args in jobs.items()}
@@ -387,9 +484,15 @@ def test_stream_json_and_trace_subprocess(mode, stream_runs, document, tiny_mode
     proc = stream_runs["runs"][mode]
     assert proc.returncode == 0, proc.stderr
     summary = parse_summary(proc.stdout)
-    check_summary(summary, mode, tokens=GEOMETRY["max_tokens"], block_size=GEOMETRY["block_size"],
-                  fam_len=GEOMETRY["fam_len"], mem_blocks=GEOMETRY["mem_blocks"],
-                  vocab_size=len(bundled_tokenizer()))
+    check_summary(
+        summary,
+        mode,
+        tokens=GEOMETRY["max_tokens"],
+        block_size=GEOMETRY["block_size"],
+        fam_len=GEOMETRY["fam_len"],
+        mem_blocks=GEOMETRY["mem_blocks"],
+        vocab_size=len(bundled_tokenizer()),
+    )
     check_trace(stream_runs["out_dir"] / f"{mode}.npz", summary, mode, document)
 
 
@@ -421,8 +524,23 @@ GPL3 = Path("/usr/share/common-licenses/GPL-3")
 @pytest.mark.integration
 @pytest.mark.skipif(not GPL3.is_file(), reason="needs /usr/share/common-licenses/GPL-3")
 def test_stream_bundled_model_subprocess():
-    proc = run_cli(["stream", GPL3, "--mode", "fam", "--block-size", 256, "--fam-len", 64, "--mem-blocks", 1,
-                    "--max-tokens", 600, "--json"])
+    proc = run_cli(
+        [
+            "stream",
+            GPL3,
+            "--mode",
+            "fam",
+            "--block-size",
+            256,
+            "--fam-len",
+            64,
+            "--mem-blocks",
+            1,
+            "--max-tokens",
+            600,
+            "--json",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     summary = parse_summary(proc.stdout)
     assert summary["tokens"] == 600
@@ -435,8 +553,10 @@ def test_stream_bundled_model_subprocess():
     # feedback update; ~7 overall here), but it stays a probability: positive, finite, bounded.
     assert 0 < summary["nll_mean"] < 12, summary["nll_mean"]
     assert "Traceback" not in proc.stderr
-    print(f"bundled model, 600 tokens: {summary['seconds']} s, {summary['tokens_per_s']} tok/s, "
-          f"nll {summary['nll_mean']:.3f}, peak RSS {summary['peak_rss_mb']} MB")
+    print(
+        f"bundled model, 600 tokens: {summary['seconds']} s, {summary['tokens_per_s']} tok/s, "
+        f"nll {summary['nll_mean']:.3f}, peak RSS {summary['peak_rss_mb']} MB"
+    )
 
 
 def test_cli_and_app_share_one_table_of_defaults_and_limits(capfd, tmp_path):
@@ -448,8 +568,11 @@ def test_cli_and_app_share_one_table_of_defaults_and_limits(capfd, tmp_path):
     assert inputs.DEFAULT_SETTINGS == TOOL_DEFAULTS
     for command in (["stream", "x.txt"], ["passkey"]):
         args = build_parser().parse_args(command)
-        assert (args.block_size, args.fam_len, args.mem_blocks) == \
-            (TOOL_DEFAULTS.block_size, TOOL_DEFAULTS.fam_len, TOOL_DEFAULTS.mem_blocks)
+        assert (args.block_size, args.fam_len, args.mem_blocks) == (
+            TOOL_DEFAULTS.block_size,
+            TOOL_DEFAULTS.fam_len,
+            TOOL_DEFAULTS.mem_blocks,
+        )
     doc = tmp_path / "doc.txt"
     doc.write_text("some words " * 50)
     status, out, err = run_cli_in_process(["stream", str(doc), "--mode", "fam", "--fam-len", "0"], capfd)

@@ -1,4 +1,5 @@
 """Training on a researcher's own corpus (famviz.io.corpus): documents, jsonl, Hugging Face datasets."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,9 @@ def _docs_dir(tmp_path, count=30, repeat=40):
         folder = root / "sub" if i % 3 else root
         suffix = (".txt", ".md", ".html")[i % 3]
         body = f"Document {i}. " + SENTENCE * repeat
-        (folder / f"doc{i}{suffix}").write_text(f"<html><body><p>{body}</p></body></html>" if suffix == ".html" else body)
+        (folder / f"doc{i}{suffix}").write_text(
+            f"<html><body><p>{body}</p></body></html>" if suffix == ".html" else body
+        )
     (root / "notes.bin").write_bytes(b"\x00\x01 not a document")  # skipped: not a document suffix
     return root
 
@@ -91,25 +94,30 @@ def test_huggingface_datasets_parquet_and_saved(tmp_path, tokenizer):
         Corpus([tmp_path / "other.parquet"])
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda t: t / "missing", "does not exist"),
-    (lambda t: (t / "empty").mkdir() or t / "empty", "holds no documents"),
-    (lambda t: (t / "x.jsonl").write_text('{"body": "no text field"}\n') and t / "x.jsonl", "'text' field"),
-    (lambda t: (t / "e.jsonl").write_text("\n\n") and t / "e.jsonl", "is empty"),
-    (lambda t: (t / "x.csv").write_text("a,b\n") and t / "x.csv", "not a document"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda t: t / "missing", "does not exist"),
+        (lambda t: (t / "empty").mkdir() or t / "empty", "holds no documents"),
+        (lambda t: (t / "x.jsonl").write_text('{"body": "no text field"}\n') and t / "x.jsonl", "'text' field"),
+        (lambda t: (t / "e.jsonl").write_text("\n\n") and t / "e.jsonl", "is empty"),
+        (lambda t: (t / "x.csv").write_text("a,b\n") and t / "x.csv", "not a document"),
+    ],
+)
 def test_bad_corpora_get_one_clear_message(tmp_path, make, message):
     with pytest.raises(ConfigError, match=message):
         Corpus([make(tmp_path)])
 
 
 def test_cli_train_refuses_a_bad_corpus_in_one_line(tmp_path, capfd):
-    status, out, err = run_cli_in_process(["train", "--out", tmp_path / "run", "--corpus", tmp_path / "missing",
-                                           "--steps", "1"], capfd)
+    status, out, err = run_cli_in_process(
+        ["train", "--out", tmp_path / "run", "--corpus", tmp_path / "missing", "--steps", "1"], capfd
+    )
     assert_one_line_error(status, out, err, contains=("does not exist",))
     assert status == 2
-    status, out, err = run_cli_in_process(["train", "--out", tmp_path / "run", "--corpus", tmp_path,
-                                           "--data", "passkey"], capfd)
+    status, out, err = run_cli_in_process(
+        ["train", "--out", tmp_path / "run", "--corpus", tmp_path, "--data", "passkey"], capfd
+    )
     assert_one_line_error(status, out, err, contains=("add copy to --data",))
 
 
@@ -143,22 +151,69 @@ def test_cli_trains_on_a_corpus_and_records_it(tmp_path, capfd):
     docs = _docs_dir(tmp_path, repeat=100)  # ~1,400 tokens each: long enough for the long-document check
     out = tmp_path / "run"
     status, _, err = run_cli_in_process(
-        ["train", "--out", out, "--model", model_dir, "--corpus", docs, "--block-size", "64", "--fam-len", "8",
-         "--steps", "2", "--data", "copy", "--copy-text-tokens", "100-140", "--copy-len", "32", "--threads", "1",
-         "--eval-every", "0", "--checkpoint-every", "1"], capfd)
+        [
+            "train",
+            "--out",
+            out,
+            "--model",
+            model_dir,
+            "--corpus",
+            docs,
+            "--block-size",
+            "64",
+            "--fam-len",
+            "8",
+            "--steps",
+            "2",
+            "--data",
+            "copy",
+            "--copy-text-tokens",
+            "100-140",
+            "--copy-len",
+            "32",
+            "--threads",
+            "1",
+            "--eval-every",
+            "0",
+            "--checkpoint-every",
+            "1",
+        ],
+        capfd,
+    )
     assert status == 0, err
     card = json.loads((out / "training_card.json").read_text())
     sources = card["data_mixture"]["text_sources"]
     assert sources["paths"] == [str(docs)] and sources["documents"] == 30 and sources["held_out"]
     assert sources["unreadable_skipped"] == 0
     # evaluate takes its long documents from the corpus's held-out split, as the card records it
-    status, stdout, err = run_cli_in_process(["evaluate", out, "--model", model_dir, "--skip-passkey", "--long-tokens",
-                                              "1024", "--threads", "1", "--json"], capfd)
+    status, stdout, err = run_cli_in_process(
+        ["evaluate", out, "--model", model_dir, "--skip-passkey", "--long-tokens", "1024", "--threads", "1", "--json"],
+        capfd,
+    )
     assert status == 0, err
     result = json.loads(stdout)
     assert [row["document"] for row in result["long_documents"]] == sources["held_out"][:2]
     assert result["long_documents_source"]["corpus"] == [str(docs)]
     status, _, err = run_cli_in_process(
-        ["train", "--out", tmp_path / "short", "--model", model_dir, "--corpus", docs, "--steps", "1", "--data", "copy",
-         "--copy-text-tokens", "5000-6000", "--block-size", "64", "--fam-len", "8"], capfd)
+        [
+            "train",
+            "--out",
+            tmp_path / "short",
+            "--model",
+            model_dir,
+            "--corpus",
+            docs,
+            "--steps",
+            "1",
+            "--data",
+            "copy",
+            "--copy-text-tokens",
+            "5000-6000",
+            "--block-size",
+            "64",
+            "--fam-len",
+            "8",
+        ],
+        capfd,
+    )
     assert_one_line_error(status, "", err, contains=("shorter than one training sequence",))

@@ -1,4 +1,5 @@
 """Incremental decoding (famviz.core.decode) equals running whole blocks, in every mode (fast, float32)."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,11 +10,15 @@ from famviz.core.decode import BlockCursor
 
 B = 8
 TOL = dict(atol=2e-4, rtol=2e-4)
-CONFIGS = [FamConfig(mode="full", block_size=B), FamConfig(mode="bswa", block_size=B, mem_blocks=1),
-           FamConfig(mode="bswa", block_size=B, mem_blocks=0), FamConfig(mode="fam", block_size=B, fam_len=3, mem_blocks=1),
-           FamConfig(mode="fam", block_size=B, fam_len=3, mem_blocks=0),
-           FamConfig(mode="sink", block_size=B, mem_blocks=0, sink_tokens=3),
-           FamConfig(mode="sink", block_size=B, mem_blocks=1, sink_tokens=11)]
+CONFIGS = [
+    FamConfig(mode="full", block_size=B),
+    FamConfig(mode="bswa", block_size=B, mem_blocks=1),
+    FamConfig(mode="bswa", block_size=B, mem_blocks=0),
+    FamConfig(mode="fam", block_size=B, fam_len=3, mem_blocks=1),
+    FamConfig(mode="fam", block_size=B, fam_len=3, mem_blocks=0),
+    FamConfig(mode="sink", block_size=B, mem_blocks=0, sink_tokens=3),
+    FamConfig(mode="sink", block_size=B, mem_blocks=1, sink_tokens=11),
+]
 
 
 def ids_of(n: int, seed: int = 0) -> list[int]:

@@ -1,4 +1,5 @@
 """Tests for famviz.io.documents: every supported format and every user-facing error."""
+
 from __future__ import annotations
 
 import io
@@ -290,8 +291,17 @@ HTML_PAGE = b"""<!DOCTYPE html>
 
 def test_html_visible_text_only(tmp_path):
     text = read_document(write(tmp_path, "page.html", HTML_PAGE))
-    for hidden in ("Page title", "meta text", "color: red", "hidden", "Enable JS",
-                   "template text", "alert", "a comment", "DOCTYPE"):
+    for hidden in (
+        "Page title",
+        "meta text",
+        "color: red",
+        "hidden",
+        "Enable JS",
+        "template text",
+        "alert",
+        "a comment",
+        "DOCTYPE",
+    ):
         assert hidden not in text
     assert "Heading" in text
     assert "First bold paragraph," in text  # inline tags stay on their line
@@ -386,8 +396,7 @@ def test_pdf_encrypted_with_empty_user_password_is_read():
 
 
 def test_read_document_bytes_matches_files(tmp_path):
-    for name, data in [("a.txt", b"x\r\ny"), ("a.html", HTML_PAGE),
-                       ("a.pdf", make_pdf(text_stream("Hello famviz")))]:
+    for name, data in [("a.txt", b"x\r\ny"), ("a.html", HTML_PAGE), ("a.pdf", make_pdf(text_stream("Hello famviz")))]:
         assert read_document_bytes(data, name) == read_document(write(tmp_path, name, data))
 
 
@@ -400,8 +409,9 @@ def test_read_document_bytes_errors_name_the_upload():
 
 def test_read_document_calls_the_bytes_path(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(documents, "read_document_bytes",
-                        lambda data, name, max_bytes: seen.append((data, name, max_bytes)) or "ok")
+    monkeypatch.setattr(
+        documents, "read_document_bytes", lambda data, name, max_bytes: seen.append((data, name, max_bytes)) or "ok"
+    )
     path = write(tmp_path, "n.txt", b"abc")
     assert read_document(path, max_bytes=10) == "ok"
     assert seen == [(b"abc", str(path), 10)]

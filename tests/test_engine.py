@@ -1,4 +1,5 @@
 """Correctness of the FAM engine on tiny random models (fast, float32)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,7 +39,9 @@ def hf_logits(loaded, ids: list[int]) -> torch.Tensor:
 # -- check 1 and 7: full reproduces the model; bswa with enough memory is full ------------------
 def test_full_reproduces_hf_logits(tiny_family):
     ids = random_ids(43)
-    torch.testing.assert_close(engine_logits(tiny_family, FamConfig("full", B, 0, 0), ids), hf_logits(tiny_family, ids), **TOL)
+    torch.testing.assert_close(
+        engine_logits(tiny_family, FamConfig("full", B, 0, 0), ids), hf_logits(tiny_family, ids), **TOL
+    )
 
 
 def test_bswa_with_memory_covering_document_is_full(tiny_family):
@@ -59,8 +62,12 @@ def test_every_mode_runs_on_every_family(tiny_family):
 # -- check 3: fam with fam_len 0 is bswa ---------------------------------------------------------
 def test_fam_without_slots_is_bswa(tiny_llama):
     ids = random_ids(40)
-    torch.testing.assert_close(engine_logits(tiny_llama, FamConfig("fam", B, 0, 2), ids),
-                               engine_logits(tiny_llama, FamConfig("bswa", B, 0, 2), ids), atol=0, rtol=0)
+    torch.testing.assert_close(
+        engine_logits(tiny_llama, FamConfig("fam", B, 0, 2), ids),
+        engine_logits(tiny_llama, FamConfig("bswa", B, 0, 2), ids),
+        atol=0,
+        rtol=0,
+    )
 
 
 def test_bswa_differs_from_full_once_memory_is_short(tiny_llama):
@@ -72,8 +79,13 @@ def test_bswa_differs_from_full_once_memory_is_short(tiny_llama):
 
 
 # -- check 4: mask semantics by perturbation -----------------------------------------------------
-MODES = [FamConfig("full", B, 0, 0), FamConfig("bswa", B, 0, 1), FamConfig("fam", B, 4, 0), FamConfig("fam", B, 4, 1),
-         FamConfig("sink", B, 0, 1, sink_tokens=3)]
+MODES = [
+    FamConfig("full", B, 0, 0),
+    FamConfig("bswa", B, 0, 1),
+    FamConfig("fam", B, 4, 0),
+    FamConfig("fam", B, 4, 1),
+    FamConfig("sink", B, 0, 1, sink_tokens=3),
+]
 
 
 @pytest.mark.parametrize("config", MODES, ids=lambda c: f"{c.mode}-m{c.mem_blocks}")
@@ -129,8 +141,11 @@ def test_fam_rows_ignore_memory_contents(tiny_llama):
     ids = torch.tensor([random_ids(B)])
     with torch.no_grad():
         state = fam.forward_block(ids, fam.initial_state()).state
-        noisy = dataclasses.replace(state, mem_k=tuple(k + torch.randn_like(k) for k in state.mem_k),
-                                    mem_v=tuple(v + torch.randn_like(v) for v in state.mem_v))
+        noisy = dataclasses.replace(
+            state,
+            mem_k=tuple(k + torch.randn_like(k) for k in state.mem_k),
+            mem_v=tuple(v + torch.randn_like(v) for v in state.mem_v),
+        )
         a, b = fam.forward_block(ids, state), fam.forward_block(ids, noisy)
     torch.testing.assert_close(a.state.fam[0], b.state.fam[0], atol=0, rtol=0)
     assert (a.hidden - b.hidden).abs().max() > 1e-3
@@ -185,7 +200,9 @@ def test_fam_slot_positions_follow_the_previous_block(tiny_llama):
             state = fam.forward_block(torch.tensor([random_ids(B)]), state).state
     rows_cos, _, mem_cos, _ = fam.window_angles(state.position, state.memory_tokens, 4, B)
     # window positions: memory 0..15, FAM 12..15 (last 4 of the previous block), block 16..23
-    expected_rows, _ = tiny_llama.model.model.rotary_emb(torch.empty(0), torch.cat([torch.arange(12, 16), torch.arange(16, 24)])[None])
+    expected_rows, _ = tiny_llama.model.model.rotary_emb(
+        torch.empty(0), torch.cat([torch.arange(12, 16), torch.arange(16, 24)])[None]
+    )
     expected_mem, _ = tiny_llama.model.model.rotary_emb(torch.empty(0), torch.arange(0, 16)[None])
     torch.testing.assert_close(rows_cos[0, 0], expected_rows[0])
     torch.testing.assert_close(mem_cos[0, 0], expected_mem[0])

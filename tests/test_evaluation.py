@@ -1,4 +1,5 @@
 """Long-document evaluation (NLL per quarter, FAM norm over blocks) on tiny random models."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -76,8 +77,26 @@ def test_evaluate_prints_tables_and_fills_the_card(tiny_adapter, tmp_path, capfd
     from helpers import run_cli_in_process
 
     model_dir, adapter_dir = tiny_adapter
-    args = ["evaluate", adapter_dir, "--model", model_dir, "--dtype", "float32", "--lengths", "150,300", "--trials", "2",
-            "--modes", "fam,bswa,sink", "--document", _document(tmp_path), "--long-tokens", "1024", "--threads", "1"]
+    args = [
+        "evaluate",
+        adapter_dir,
+        "--model",
+        model_dir,
+        "--dtype",
+        "float32",
+        "--lengths",
+        "150,300",
+        "--trials",
+        "2",
+        "--modes",
+        "fam,bswa,sink",
+        "--document",
+        _document(tmp_path),
+        "--long-tokens",
+        "1024",
+        "--threads",
+        "1",
+    ]
     status, out, err = run_cli_in_process(args, capfd)
     assert status == 0, err
     assert "Long document held-out.txt (1,024 tokens)" in out and "evaluated ÷ untuned bswa" in out
@@ -88,9 +107,14 @@ def test_evaluate_prints_tables_and_fills_the_card(tiny_adapter, tmp_path, capfd
     card = json.loads((adapter_dir / "training_card.json").read_text())
     result = card["evaluation"]["fam_mem0_block64"]
     assert result["adapter"] == str(adapter_dir) and result["label"].endswith("+ adapter adapter")
-    assert [(c["label"], c["length"]) for c in result["passkey"]] == \
-        [("fam (mem 0)", 150), ("fam (mem 0)", 300), ("bswa (mem 0)", 150), ("bswa (mem 0)", 300),
-         ("sink (mem 0)", 150), ("sink (mem 0)", 300)]
+    assert [(c["label"], c["length"]) for c in result["passkey"]] == [
+        ("fam (mem 0)", 150),
+        ("fam (mem 0)", 300),
+        ("bswa (mem 0)", 150),
+        ("bswa (mem 0)", 300),
+        ("sink (mem 0)", 150),
+        ("sink (mem 0)", 300),
+    ]
     row = result["long_documents"][0]
     assert row["untuned_sink"]["nll"] != row["untuned_bswa"]["nll"]
     assert row["tuned_vs_tuned_bswa"] == pytest.approx(row["tuned"]["nll"] / row["tuned_bswa"]["nll"])
@@ -113,27 +137,49 @@ def test_evaluate_keeps_partial_results_when_interrupted(tiny_adapter, tmp_path,
         def first_cell_then_stop(cell):
             on_cell(cell)
             raise KeyboardInterrupt
+
         return real_sweep(*args, on_cell=first_cell_then_stop, **kwargs)
 
     monkeypatch.setattr(passkey, "sweep", interrupted_sweep)
-    status, out, err = run_cli_in_process(["evaluate", "--model", model_dir, "--dtype", "float32", "--lengths", "150,300",
-                                           "--trials", "1", "--long-tokens", "0", "--json", "--block-size", "64",
-                                           "--fam-len", "4"], capfd)
+    status, out, err = run_cli_in_process(
+        [
+            "evaluate",
+            "--model",
+            model_dir,
+            "--dtype",
+            "float32",
+            "--lengths",
+            "150,300",
+            "--trials",
+            "1",
+            "--long-tokens",
+            "0",
+            "--json",
+            "--block-size",
+            "64",
+            "--fam-len",
+            "4",
+        ],
+        capfd,
+    )
     assert status == 130
     result = json.loads(out)
     assert result["interrupted"] and len(result["passkey"]) == 1 and result["in_window_nll"]["tuned"] > 0
     assert result["adapter"] is None and result["label"].endswith("(untuned conversion)")
 
 
-@pytest.mark.parametrize("bad, words", [
-    (["--lengths", "10"], ("lengths",)),
-    (["--depths", "2"], ("depths",)),
-    (["--trials", "0"], ("--trials",)),
-    (["--long-tokens", "100"], ("--long-tokens",)),
-    (["--modes", "fam,poetry"], ("poetry",)),
-    (["--document", "/no/such/file.txt"], ("file.txt", "not found")),
-    (["--block-size", "0"], ("block size",)),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (["--lengths", "10"], ("lengths",)),
+        (["--depths", "2"], ("depths",)),
+        (["--trials", "0"], ("--trials",)),
+        (["--long-tokens", "100"], ("--long-tokens",)),
+        (["--modes", "fam,poetry"], ("poetry",)),
+        (["--document", "/no/such/file.txt"], ("file.txt", "not found")),
+        (["--block-size", "0"], ("block size",)),
+    ],
+)
 def test_evaluate_refuses_bad_arguments_with_one_line(tiny_adapter, bad, words, capfd):
     from helpers import assert_one_line_error, run_cli_in_process
 

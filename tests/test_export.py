@@ -1,4 +1,5 @@
 """Paper-ready export (famviz/viz/export.py) and `python -m famviz export`, on a hand-built trace (no model)."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,9 @@ from famviz.errors import FamvizError
 from famviz.viz import export
 from famviz.viz.inspector import Run
 
-needs_browser = pytest.mark.skipif(export.static_export_problem() is not None,
-                                   reason="no Chromium for kaleido on this machine")
+needs_browser = pytest.mark.skipif(
+    export.static_export_problem() is not None, reason="no Chromium for kaleido on this machine"
+)
 
 
 @pytest.fixture()
@@ -69,19 +71,29 @@ def test_without_a_browser_html_still_works_and_static_formats_say_why(monkeypat
     assert export.export_trace_file(trace_file, "heatmap", "html", tmp_path / "h.html").stat().st_size > 0
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(name="nope"), "unknown figure"),
-    (dict(fmt="jpeg"), "unknown export format"),
-    (dict(view="sideways"), "unknown view"),
-    (dict(block=99), "not in the trace"),
-    (dict(method="tSNE"), "unknown trajectory method"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(name="nope"), "unknown figure"),
+        (dict(fmt="jpeg"), "unknown export format"),
+        (dict(view="sideways"), "unknown view"),
+        (dict(block=99), "not in the trace"),
+        (dict(method="tSNE"), "unknown trajectory method"),
+    ],
+)
 def test_bad_export_requests_are_clear_messages(trace_file, tmp_path, kwargs, words):
     args = dict(name="heads", fmt="html", view=None, block=None, method="PCA")
     args.update(kwargs)
     with pytest.raises(FamvizError, match=words):
-        export.export_trace_file(trace_file, args["name"], args["fmt"], tmp_path / "out.html", view=args["view"],
-                                 block=args["block"], method=args["method"])
+        export.export_trace_file(
+            trace_file,
+            args["name"],
+            args["fmt"],
+            tmp_path / "out.html",
+            view=args["view"],
+            block=args["block"],
+            method=args["method"],
+        )
 
 
 def test_unwritable_and_missing_paths(trace_file, tmp_path):
@@ -133,8 +145,25 @@ def test_cli_help_lists_the_figures(capsys):
 
 def test_cli_export_writes_the_file(trace_file, tmp_path, capsys):
     out = tmp_path / "heads.html"
-    assert cli_main(["export", str(trace_file), "--figure", "heads", "--format", "html", "--out", str(out),
-                     "--block", "2", "--layer", "1"]) == 0
+    assert (
+        cli_main(
+            [
+                "export",
+                str(trace_file),
+                "--figure",
+                "heads",
+                "--format",
+                "html",
+                "--out",
+                str(out),
+                "--block",
+                "2",
+                "--layer",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == str(out)
     assert _metadata_from_html(out.read_text())["block"] == 2
 

@@ -1,5 +1,6 @@
 """Figure factories (famviz/viz/figures.py) and the inspector's model-free views (famviz/viz/inspector.py),
 on tiny numpy arrays and hand-built traces: no model."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,13 +59,16 @@ def test_every_share_view_has_a_known_channel_and_group():
 def _trace(blocks=3, layers=2, heads=4, block=4, fam=True) -> Trace:
     kinds = {"tokens.nll": [], "block.share": list(range(layers))}
     if fam:
-        kinds.update({"fam.share": list(range(layers)), "fam.norm": list(range(layers)),
-                      "fam.update": list(range(layers))})
+        kinds.update(
+            {"fam.share": list(range(layers)), "fam.norm": list(range(layers)), "fam.update": list(range(layers))}
+        )
     trace = Trace({}, kinds)
     rng = np.random.default_rng(1)
     for b in range(blocks):
-        values = {"tokens.nll": rng.random(block).astype(np.float32),
-                  "block.share": _share(1, layers, heads, 4, seed=b)[0]}
+        values = {
+            "tokens.nll": rng.random(block).astype(np.float32),
+            "block.share": _share(1, layers, heads, 4, seed=b)[0],
+        }
         if fam:
             values["fam.share"] = _share(1, layers, heads, 2, seed=b)[0]
             values["fam.norm"] = rng.random(layers).astype(np.float32)
@@ -149,7 +153,7 @@ def test_long_heatmap_is_binned_with_means():
     z = np.asarray(fig.data[0].z)
     assert z.shape == (2, 100)
     edges = figures.block_bins(1000, 100)
-    np.testing.assert_allclose(z[:, 0], share[edges[0]:edges[1], :, 0, 0].mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(z[:, 0], share[edges[0] : edges[1], :, 0, 0].mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(z[:, -1], share[-1, :, 0, 0], rtol=1e-6)
     assert "bin mean" in fig.data[0].hovertemplate
 
@@ -249,9 +253,15 @@ def test_parse_layers():
 
 
 def _fam_trace(blocks=4, block=5, layers=2, heads=2, fam_len=3, hidden=8) -> Trace:
-    kinds = {"tokens.nll": [], "block.share": list(range(layers)), "fam.share": list(range(layers)),
-             "fam.read": list(range(layers)), "fam.norm": list(range(layers)), "fam.update": list(range(layers)),
-             "fam.state": [1]}
+    kinds = {
+        "tokens.nll": [],
+        "block.share": list(range(layers)),
+        "fam.share": list(range(layers)),
+        "fam.read": list(range(layers)),
+        "fam.norm": list(range(layers)),
+        "fam.update": list(range(layers)),
+        "fam.state": [1],
+    }
     config = FamConfig(mode="fam", block_size=block, fam_len=fam_len, mem_blocks=1)
     trace = Trace({"model": "tiny", "config": config.to_dict(), "n_layers": layers, "dtype": "float32"}, kinds)
     rng = np.random.default_rng(3)
@@ -264,12 +274,19 @@ def _fam_trace(blocks=4, block=5, layers=2, heads=2, fam_len=3, hidden=8) -> Tra
     for b in range(blocks):
         read = rng.random((layers, block)).astype(np.float16)
         read[0, 2] = 5.0  # one token of each block read far more by layer 0
-        trace.append_block(b * block, list(range(block)), {
-            "tokens.nll": rng.random(block).astype(np.float32),
-            "block.share": _share(1, layers, heads, 4, seed=b)[0], "fam.share": _share(1, layers, heads, 2, seed=b)[0],
-            "fam.read": read, "fam.norm": rng.random(layers).astype(np.float32),
-            "fam.update": rng.random(layers).astype(np.float32),
-            "fam.state": rng.standard_normal((1, fam_len, hidden)).astype(np.float16)})
+        trace.append_block(
+            b * block,
+            list(range(block)),
+            {
+                "tokens.nll": rng.random(block).astype(np.float32),
+                "block.share": _share(1, layers, heads, 4, seed=b)[0],
+                "fam.share": _share(1, layers, heads, 2, seed=b)[0],
+                "fam.read": read,
+                "fam.norm": rng.random(layers).astype(np.float32),
+                "fam.update": rng.random(layers).astype(np.float32),
+                "fam.state": rng.standard_normal((1, fam_len, hidden)).astype(np.float16),
+            },
+        )
     return trace
 
 

@@ -1,4 +1,5 @@
 """Tests for famviz.io.models: supported families, device/dtype choice, the bundled model's cache."""
+
 from __future__ import annotations
 
 import json
@@ -237,8 +238,9 @@ def test_manifest_detects_truncation_by_one_byte(cached_dir):
     assert not models._manifest_ok(cached_dir, KEY)
 
 
-@pytest.mark.parametrize("name, where", [("config.json", 5), ("tokenizer.json", -1), ("model.safetensors", 0),
-                                         ("model.safetensors", -1)])
+@pytest.mark.parametrize(
+    "name, where", [("config.json", 5), ("tokenizer.json", -1), ("model.safetensors", 0), ("model.safetensors", -1)]
+)
 def test_manifest_detects_flipped_bytes(cached_dir, name, where):
     path = cached_dir / name
     data = bytearray(path.read_bytes())
@@ -263,13 +265,20 @@ def test_manifest_detects_a_deleted_file(cached_dir):
     assert not models._manifest_ok(cached_dir, KEY)
 
 
-@pytest.mark.parametrize("content", [
-    "", "not json", '{"source": "x"}', '{"files": {}}', json.dumps({"source": KEY}),
-    json.dumps({"source": KEY, "files": {"gone.bin": "0"}}),
-    pytest.param("[]", id="list"),
-    pytest.param("null", id="null"),
-    pytest.param(json.dumps({"source": KEY, "files": None}), id="files-null"),
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "",
+        "not json",
+        '{"source": "x"}',
+        '{"files": {}}',
+        json.dumps({"source": KEY}),
+        json.dumps({"source": KEY, "files": {"gone.bin": "0"}}),
+        pytest.param("[]", id="list"),
+        pytest.param("null", id="null"),
+        pytest.param(json.dumps({"source": KEY, "files": None}), id="files-null"),
+    ],
+)
 def test_manifest_malformed(cached_dir, content):
     (cached_dir / models.MANIFEST).write_text(content)
     assert not models._manifest_ok(cached_dir, KEY)

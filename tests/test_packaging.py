@@ -1,5 +1,6 @@
 """famviz installs like any Python package: declared dependencies and extras, one version, a working
 `famviz` command and `import famviz` from the installed copy (not the checkout)."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,23 @@ ROOT = Path(__file__).resolve().parents[1]
 def installed(tmp_path_factory) -> Path:
     """``pip install .`` into a fresh target directory (dependencies come from this environment)."""
     target = tmp_path_factory.mktemp("site")
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                             "--target", str(target), str(ROOT)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     return target
 
@@ -37,14 +53,20 @@ def test_metadata_declares_dependencies_extras_and_the_one_version(installed):
         assert f"Requires-Dist: {requirement}" in metadata
     for extra, package in (("app", "gradio"), ("train", "peft"), ("train", "accelerate"), ("gpu", "flash-attn")):
         assert f"Provides-Extra: {extra}" in metadata
-        assert any(line.startswith(f"Requires-Dist: {package}>=") and f'extra == "{extra}"' in line
-                   for line in metadata.splitlines())
+        assert any(
+            line.startswith(f"Requires-Dist: {package}>=") and f'extra == "{extra}"' in line
+            for line in metadata.splitlines()
+        )
     # Every package the set-up commands pin (requirements.txt) is declared, with a lower bound.
     normal = lambda name: name.strip().lower().replace("_", "-")
-    pinned = {normal(line.split("==")[0]) for line in (ROOT / "requirements.txt").read_text().splitlines()
-              if "==" in line and not line.startswith("#")}
-    declared = {normal(line.split()[1].split(">=")[0]) for line in metadata.splitlines()
-                if line.startswith("Requires-Dist:")}
+    pinned = {
+        normal(line.split("==")[0])
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    declared = {
+        normal(line.split()[1].split(">=")[0]) for line in metadata.splitlines() if line.startswith("Requires-Dist:")
+    }
     assert pinned <= declared, f"pinned but not declared: {sorted(pinned - declared)}"
 
 

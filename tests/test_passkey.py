@@ -3,6 +3,7 @@
 Fast tests use the bundled tokenizer (and a tiny random model with its vocabulary); the
 integration tests at the end run the real bundled model.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,11 +31,15 @@ def count(tokenizer, text: str) -> int:
 def test_template_is_the_landmark_prompt(tokenizer):
     doc = pk.make_passkey_document(tokenizer, 400, depth=0.0, key=31337)
     lines = doc.text.split("\n")
-    assert lines[0] == ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
-                        "them. I will quiz you about the important information there.")
+    assert lines[0] == (
+        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+        "them. I will quiz you about the important information there."
+    )
     assert lines[1] == "The pass key is 31337. Remember it. 31337 is the pass key."  # depth 0: right after it
     assert lines[-1] == "What is the pass key? The pass key is"
-    assert lines[2].startswith("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.")
+    assert lines[2].startswith(
+        "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+    )
     assert doc.text.count("31337") == 2 and len(lines) == 4
 
 
@@ -46,7 +51,7 @@ def test_length_is_hit_in_model_tokens_and_the_key_sits_at_its_depth(tokenizer, 
     assert doc.token_ids == tokenizer(doc.text, add_special_tokens=False)["input_ids"]
     start, end = doc.key_span
     assert tokenizer.decode(doc.token_ids[start:end]) == pk.key_sentence(doc.key)
-    assert tokenizer.decode(doc.token_ids[doc.question_start:]) == "\n" + pk.QUESTION
+    assert tokenizer.decode(doc.token_ids[doc.question_start :]) == "\n" + pk.QUESTION
     # Filler tokens before the key over all filler tokens is the depth (to within a sentence fragment).
     instruction = count(tokenizer, pk.INSTRUCTION + "\n")
     before, after = start - instruction, doc.question_start - end
@@ -95,11 +100,21 @@ def test_bad_generator_input_is_refused(tokenizer):
 
 
 # -- scoring ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("answer, ok", [
-    ("12345.", True), (" 12345 is", True), (" 12345", True), ("The pass key is 12345. Remember", True),
-    (" 1234", False), (" 123456", False), ("", False), (" a key that opens a door", False),
-    (" 12,345", False), (" 54321 or 12345", False),
-])
+@pytest.mark.parametrize(
+    "answer, ok",
+    [
+        ("12345.", True),
+        (" 12345 is", True),
+        (" 12345", True),
+        ("The pass key is 12345. Remember", True),
+        (" 1234", False),
+        (" 123456", False),
+        ("", False),
+        (" a key that opens a door", False),
+        (" 12,345", False),
+        (" 54321 or 12345", False),
+    ],
+)
 def test_first_integer_rule(answer, ok):
     assert pk.score_answer(answer, 12345) is ok
 
@@ -199,8 +214,17 @@ def test_sink_mode_answers_from_the_kept_first_tokens(tiny_with_vocab, tokenizer
 # -- figures ------------------------------------------------------------------------------------------------
 def _cell(label_mode, mem, length, depth, accuracy):
     spec = pk.ModeSpec(label_mode, mem)
-    return pk.CellResult(mode=spec.mode, mem_blocks=mem, label=spec.label, length=length, depth=depth, trials=10,
-                         accuracy=accuracy, mean_key_logprob=-1.0, seconds=1.0)
+    return pk.CellResult(
+        mode=spec.mode,
+        mem_blocks=mem,
+        label=spec.label,
+        length=length,
+        depth=depth,
+        trials=10,
+        accuracy=accuracy,
+        mean_key_logprob=-1.0,
+        seconds=1.0,
+    )
 
 
 def test_heatmap_has_one_panel_per_mode_on_a_fixed_scale():
@@ -218,24 +242,44 @@ def test_heatmap_has_one_panel_per_mode_on_a_fixed_scale():
 
 
 def test_retention_figure():
-    points = [pk.RetentionPoint(block=3 + i, tokens=100 * i, blocks_since_key=i, correct=i < 2, predicted=7 if i < 2 else None,
-                                key_logprob=-float(i), seconds=0.1) for i in range(4)]
+    points = [
+        pk.RetentionPoint(
+            block=3 + i,
+            tokens=100 * i,
+            blocks_since_key=i,
+            correct=i < 2,
+            predicted=7 if i < 2 else None,
+            key_logprob=-float(i),
+            seconds=0.1,
+        )
+        for i in range(4)
+    ]
     fig = retention_figure(points, key=7)
     assert list(fig.data[0].x) == [0, 1, 2, 3] and list(fig.data[1].y) == [1.0, 1.0, 0.0, 0.0]
     assert "blocks since" in fig.layout.xaxis.title.text
     assert fig.layout.xaxis.dtick == 1 and fig.layout.xaxis.tick0 == 0  # whole-block ticks, never "0 1 1 2 2"
-    many = [pk.RetentionPoint(block=i, tokens=i, blocks_since_key=i, correct=True, predicted=7, key_logprob=0.0,
-                              seconds=0.1) for i in range(95)]
+    many = [
+        pk.RetentionPoint(
+            block=i, tokens=i, blocks_since_key=i, correct=True, predicted=7, key_logprob=0.0, seconds=0.1
+        )
+        for i in range(95)
+    ]
     assert retention_figure(many, key=7).layout.xaxis.dtick == 10
     assert retention_figure([]).layout.annotations[0].text.startswith("no probe")
 
 
 # -- the CLI (fast: argument errors only) ------------------------------------------------------------------
-@pytest.mark.parametrize("args, message", [
-    (["--modes", "gru"], "unknown mode"), (["--lengths", "1k"], "--lengths"), (["--depths", "2"], "depths"),
-    (["--trials", "0"], "--trials"), (["--figure", "/nonexistent/x.png"], "does not exist"),
-    (["--figure", "/tmp/x.gif"], ".png"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--modes", "gru"], "unknown mode"),
+        (["--lengths", "1k"], "--lengths"),
+        (["--depths", "2"], "depths"),
+        (["--trials", "0"], "--trials"),
+        (["--figure", "/nonexistent/x.png"], "does not exist"),
+        (["--figure", "/tmp/x.gif"], ".png"),
+    ],
+)
 def test_passkey_cli_refuses_bad_arguments(capfd, args, message):
     status, out, err = run_cli_in_process(["passkey", *args], capfd)
     assert status == 2 and message in err and "Traceback" not in err
@@ -245,8 +289,9 @@ def test_passkey_cli_refuses_bad_arguments(capfd, args, message):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_full_attention_retrieves_the_key_at_1000_tokens(bundled_bf16):
-    cell = pk.sweep(bundled_bf16, [pk.ModeSpec("full", 0)], [1000], [0.0], trials=10, seed=0,
-                    base=FamConfig(block_size=256))[0]
+    cell = pk.sweep(
+        bundled_bf16, [pk.ModeSpec("full", 0)], [1000], [0.0], trials=10, seed=0, base=FamConfig(block_size=256)
+    )[0]
     assert cell.accuracy >= 0.9, [r.answer for r in cell.results]
     assert cell.mean_key_logprob > -2.0
 
@@ -255,8 +300,16 @@ def test_full_attention_retrieves_the_key_at_1000_tokens(bundled_bf16):
 @pytest.mark.integration
 def test_bswa_without_memory_cannot_see_a_key_at_depth_zero(bundled_bf16):
     """Block 256, no memory blocks, 2000 tokens: the question's block never sees the key."""
-    cell = pk.sweep(bundled_bf16, [pk.ModeSpec("bswa", 0)], [2000], [0.0], trials=10, seed=0,
-                    base=FamConfig(block_size=256), skip_unseen=False)[0]  # every block really runs
+    cell = pk.sweep(
+        bundled_bf16,
+        [pk.ModeSpec("bswa", 0)],
+        [2000],
+        [0.0],
+        trials=10,
+        seed=0,
+        base=FamConfig(block_size=256),
+        skip_unseen=False,
+    )[0]  # every block really runs
     assert sum(r.correct for r in cell.results) <= 1, [r.answer for r in cell.results]
 
 
@@ -278,8 +331,10 @@ def test_the_shipped_adapter_carries_the_key_through_its_memory(bundled_bf16):
     with_memory = pk.sweep(tuned, spec, [512], [0.0], trials=4, seed=0, base=config, fam_prompt=prompt)[0]
     untuned = pk.sweep(bundled_bf16, spec, [512], [0.0], trials=4, seed=0, base=config)[0]
     assert with_memory.mean_key_logprob > -8.0, with_memory.mean_key_logprob
-    assert with_memory.mean_key_logprob > untuned.mean_key_logprob + 8.0, (with_memory.mean_key_logprob,
-                                                                           untuned.mean_key_logprob)
+    assert with_memory.mean_key_logprob > untuned.mean_key_logprob + 8.0, (
+        with_memory.mean_key_logprob,
+        untuned.mean_key_logprob,
+    )
 
 
 @pytest.mark.slow
@@ -324,18 +379,57 @@ def test_the_default_adapter_predicts_long_text_better_than_untuned_bswa(bundled
 def test_cli_sweep_json_and_figure(tmp_path, capfd):
     out = tmp_path / "grid.html"
     status, stdout, err = run_cli_in_process(
-        ["passkey", "--modes", "full,bswa:0", "--lengths", "300", "--depths", "0,1", "--trials", "2",
-         "--block-size", "128", "--json", "--figure", str(out), "--dtype", "bfloat16"], capfd)
+        [
+            "passkey",
+            "--modes",
+            "full,bswa:0",
+            "--lengths",
+            "300",
+            "--depths",
+            "0,1",
+            "--trials",
+            "2",
+            "--block-size",
+            "128",
+            "--json",
+            "--figure",
+            str(out),
+            "--dtype",
+            "bfloat16",
+        ],
+        capfd,
+    )
     assert status == 0, err
     result = json.loads(stdout)
-    assert [(r["mode"], r["depth"]) for r in result["results"]] == [("full", 0.0), ("full", 1.0), ("bswa", 0.0), ("bswa", 1.0)]
+    assert [(r["mode"], r["depth"]) for r in result["results"]] == [
+        ("full", 0.0),
+        ("full", 1.0),
+        ("bswa", 0.0),
+        ("bswa", 1.0),
+    ]
     assert {"mode", "length", "depth", "trials", "accuracy", "mean_key_logprob"} <= set(result["results"][0])
     assert result["results"][0]["accuracy"] == 1.0 and result["results"][3]["accuracy"] == 1.0
     assert result["config"]["trials"] == 2 and out.stat().st_size > 10_000
     # Seeded: the same command gives the same numbers.
     status, again, _ = run_cli_in_process(
-        ["passkey", "--modes", "full", "--lengths", "300", "--depths", "0", "--trials", "2", "--block-size", "128",
-         "--json", "--dtype", "bfloat16"], capfd)
+        [
+            "passkey",
+            "--modes",
+            "full",
+            "--lengths",
+            "300",
+            "--depths",
+            "0",
+            "--trials",
+            "2",
+            "--block-size",
+            "128",
+            "--json",
+            "--dtype",
+            "bfloat16",
+        ],
+        capfd,
+    )
     assert json.loads(again)["results"][0]["mean_key_logprob"] == result["results"][0]["mean_key_logprob"]
 
 
@@ -374,13 +468,46 @@ def test_speculative_answer_is_exactly_the_greedy_answer(tiny_with_vocab, tokeni
 def test_cli_prints_a_retention_curve(tmp_path, capfd):
     out = tmp_path / "retention.svg"
     status, stdout, err = run_cli_in_process(
-        ["passkey", "--retention", "--modes", "full", "--lengths", "400", "--depths", "0", "--block-size", "128",
-         "--probe-every", "1", "--dtype", "bfloat16", "--figure", str(out)], capfd)
+        [
+            "passkey",
+            "--retention",
+            "--modes",
+            "full",
+            "--lengths",
+            "400",
+            "--depths",
+            "0",
+            "--block-size",
+            "128",
+            "--probe-every",
+            "1",
+            "--dtype",
+            "bfloat16",
+            "--figure",
+            str(out),
+        ],
+        capfd,
+    )
     assert status == 0, err
     lines = [line for line in stdout.splitlines() if "blocks since key" in line]
     assert len(lines) >= 3 and all("retrieved" in line for line in lines), stdout
     assert out.read_text().lstrip().startswith("<svg")
     status, stdout, err = run_cli_in_process(
-        ["passkey", "--modes", "full", "--lengths", "300", "--depths", "0", "--trials", "1", "--block-size", "128",
-         "--dtype", "bfloat16"], capfd)
+        [
+            "passkey",
+            "--modes",
+            "full",
+            "--lengths",
+            "300",
+            "--depths",
+            "0",
+            "--trials",
+            "1",
+            "--block-size",
+            "128",
+            "--dtype",
+            "bfloat16",
+        ],
+        capfd,
+    )
     assert status == 0 and "accuracy" in stdout.splitlines()[0] and "100.0%" in stdout.splitlines()[1], stdout

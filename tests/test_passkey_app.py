@@ -1,5 +1,6 @@
 """The app's PassKey tab handlers (famviz.app.passkey_tab), called directly on a tiny random model with
 the bundled tokenizer; the served tab through gradio_client on the bundled model (slow)."""
+
 from __future__ import annotations
 
 import os
@@ -45,13 +46,16 @@ def test_retention_in_an_uploaded_document(context, tmp_path, gpl_text):
     assert "Done" in updates[-1][0]
 
 
-@pytest.mark.parametrize("args, message", [
-    (("fam", 0, 32, 4, 300, 2.0, 1, tab.FILLER, None, 0), "Depth"),
-    (("fam", 0, 32, 4, "x", 0.0, 1, tab.FILLER, None, 0), "Length"),
-    (("fam", 0, 32, 4, 300, 0.0, 1, tab.UPLOAD, None, 0), "No document uploaded"),
-    (("fam", 0, 0, 4, 300, 0.0, 1, tab.FILLER, None, 0), "Block size"),
-    (("fam", 0, 32, 4, 64, 0.0, 1, tab.FILLER, None, 0), "shorter than the prompt"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("fam", 0, 32, 4, 300, 2.0, 1, tab.FILLER, None, 0), "Depth"),
+        (("fam", 0, 32, 4, "x", 0.0, 1, tab.FILLER, None, 0), "Length"),
+        (("fam", 0, 32, 4, 300, 0.0, 1, tab.UPLOAD, None, 0), "No document uploaded"),
+        (("fam", 0, 0, 4, 300, 0.0, 1, tab.FILLER, None, 0), "Block size"),
+        (("fam", 0, 32, 4, 64, 0.0, 1, tab.FILLER, None, 0), "shorter than the prompt"),
+    ],
+)
 def test_bad_retention_input_is_a_message_and_keeps_the_session(context, args, message):
     previous = tab.PasskeySession(points=["kept"])
     updates = list(tab.watch_retention(context, *args, previous))
@@ -74,8 +78,12 @@ def test_sweep_fills_the_heatmap_trial_by_trial(context, tmp_path):
 
 
 def test_bad_sweep_input(context):
-    for args, message in [(([], "200", "0", 1), "at least one mode"), ((["fam:0"], "2k", "0", 1), "Lengths"),
-                          ((["fam:0"], "200", "0,2", 1), "Depths"), ((["fam:0"], "200", "0", 0), "Trials")]:
+    for args, message in [
+        (([], "200", "0", 1), "at least one mode"),
+        ((["fam:0"], "2k", "0", 1), "Lengths"),
+        ((["fam:0"], "200", "0,2", 1), "Depths"),
+        ((["fam:0"], "200", "0", 0), "Trials"),
+    ]:
         updates = list(tab.run_sweep(context, *args, 64, 4, 0, None))
         assert len(updates) == 1 and message in updates[0][0]
     assert "Nothing to export" in tab.export_passkey("heatmap", "svg", None)[1]
@@ -95,11 +103,16 @@ def test_interventions_fill_their_heatmap_and_export(context, monkeypatch):
     assert Path(file).stat().st_size > 10_000 and "Exported" in note
 
 
-@pytest.mark.parametrize("args, message", [
-    (("sideways", 200, 0.0, 1, "", "last"), "--method"), (("ablate", "x", 0.0, 1, "", "last"), "Length"),
-    (("ablate", 200, 2.0, 1, "", "last"), "Depth must be from 0 to 1"), (("ablate", 200, 0.0, 1, "0,99", "last"), "layers must be"),
-    (("patch", 60, 0.0, 1, "", "last"), "Length"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("sideways", 200, 0.0, 1, "", "last"), "--method"),
+        (("ablate", "x", 0.0, 1, "", "last"), "Length"),
+        (("ablate", 200, 2.0, 1, "", "last"), "Depth must be from 0 to 1"),
+        (("ablate", 200, 0.0, 1, "0,99", "last"), "layers must be"),
+        (("patch", 60, 0.0, 1, "", "last"), "Length"),
+    ],
+)
 def test_bad_intervention_input_is_a_message(context, args, message):
     updates = list(tab.run_interventions_tab(context, *args, 64, 4, 0, tab.PasskeySession(points=["kept"])))
     assert len(updates) == 1 and message in updates[0][0] and "Error" in updates[0][0]
@@ -115,8 +128,9 @@ def test_served_passkey_tab_streams_a_retention_curve(bundled_bf16):
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
     try:
         client = Client(url, verbose=False)
-        job = client.submit("", "", "auto", "auto", "full", 0, 128, 64, 600, 0.0, 1, tab.FILLER, None, 0,
-                            api_name="/passkey_retention")
+        job = client.submit(
+            "", "", "auto", "auto", "full", 0, 128, 64, 600, 0.0, 1, tab.FILLER, None, 0, api_name="/passkey_retention"
+        )
         updates = list(job)
         assert len(updates) >= 5
         assert "retrieved in" in updates[-1][0]
@@ -151,8 +165,9 @@ def test_both_tabs_run_the_model_and_adapter_chosen_in_the_model_panel(tmp_path)
     runs = {}
     for name, adapter in (("untuned", ""), ("tuned", str(adapter_dir))):
         choice = (str(model_dir), adapter, "cpu", "float32")
-        updates = list(tab.watch_retention(context, "fam", 0, 32, 4, 300, 0.0, 1, tab.FILLER, None, 1, None,
-                                           model_choice=choice))
+        updates = list(
+            tab.watch_retention(context, "fam", 0, 32, 4, 300, 0.0, 1, tab.FILLER, None, 1, None, model_choice=choice)
+        )
         status, _, session = updates[-1]
         sweep = list(tab.run_sweep(context, ["fam:0"], "200", "0", 1, 32, 4, 0, None, model_choice=choice))[-1]
         runs[name] = (status, [p.key_logprob for p in session.points], session.retention_caption, sweep)
@@ -162,9 +177,26 @@ def test_both_tabs_run_the_model_and_adapter_chosen_in_the_model_panel(tmp_path)
     tuned_sweep, untuned_sweep = runs["tuned"][3][3], runs["untuned"][3][3]
     assert tuned_sweep.sweep_config["adapter"] == str(adapter_dir) and untuned_sweep.sweep_config["adapter"] is None
     assert tuned_sweep.cells[0].mean_key_logprob != untuned_sweep.cells[0].mean_key_logprob
-    assert "adapter adapter" in runs["tuned"][3][0] and "untuned conversion" in runs["untuned"][3][0]  # the sweep's status
+    assert (
+        "adapter adapter" in runs["tuned"][3][0] and "untuned conversion" in runs["untuned"][3][0]
+    )  # the sweep's status
     assert "Note:" not in runs["tuned"][0]  # the adapter's own geometry: nothing to note
     # Another geometry than the adapter's runs, and the status says so.
-    other = list(tab.watch_retention(context, "fam", 1, 32, 4, 300, 0.0, 1, tab.FILLER, None, 1, None,
-                                     model_choice=(str(model_dir), str(adapter_dir), "cpu", "float32")))[-1][0]
+    other = list(
+        tab.watch_retention(
+            context,
+            "fam",
+            1,
+            32,
+            4,
+            300,
+            0.0,
+            1,
+            tab.FILLER,
+            None,
+            1,
+            None,
+            model_choice=(str(model_dir), str(adapter_dir), "cpu", "float32"),
+        )
+    )[-1][0]
     assert "adapter adapter was trained with memory blocks 0, this run uses 1" in other

@@ -1,4 +1,5 @@
 """The trace: channels, exact shares, save/load without the model."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -109,12 +110,15 @@ def test_not_a_trace_file(tmp_path):
         Trace.load(bad)
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (lambda raw: raw[: len(raw) // 2], "the archive is damaged or cut short"),  # a download cut short
-    (lambda raw: bytes(range(256)) * 40, "not a NumPy .npz archive"),  # random bytes
-    (lambda raw: b"PK\x03\x04" + bytes(500), "the archive is damaged or cut short"),
-    (lambda raw: b"", "the file is empty"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda raw: raw[: len(raw) // 2], "the archive is damaged or cut short"),  # a download cut short
+        (lambda raw: bytes(range(256)) * 40, "not a NumPy .npz archive"),  # random bytes
+        (lambda raw: b"PK\x03\x04" + bytes(500), "the archive is damaged or cut short"),
+        (lambda raw: b"", "the file is empty"),
+    ],
+)
 def test_damaged_trace_files_get_one_true_line(fam_trace, tmp_path, damage, reason):
     """Never numpy's advice to allow pickle, never the file's directory (a server path in the app)."""
     good = fam_trace.save(tmp_path / "good.npz")
@@ -138,8 +142,9 @@ def test_cli_export_of_a_truncated_trace_is_one_line(fam_trace, tmp_path, capfd)
     good = fam_trace.save(tmp_path / "good.npz")
     cut = tmp_path / "cut.npz"
     cut.write_bytes(good.read_bytes()[:1000])
-    status, out, err = run_cli_in_process(["export", str(cut), "--figure", "heatmap", "--format", "html",
-                                           "--out", str(tmp_path / "x.html")], capfd)
+    status, out, err = run_cli_in_process(
+        ["export", str(cut), "--figure", "heatmap", "--format", "html", "--out", str(tmp_path / "x.html")], capfd
+    )
     assert status == 2
     assert_one_line_error(status, out, err, contains=("cut.npz is not a famviz trace file", "cut short"))
 

@@ -1,4 +1,5 @@
 """FAM fine-tuning on tiny random models: loss goes down, RPO/RSP do what docs/algorithm.md §5 says, resume is exact."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,21 @@ def tiny_loaded(seed: int = 0):
 
 
 def tiny_config(tmp_path, **overrides) -> TrainConfig:
-    values = dict(out=str(tmp_path / "run"), mode="fam", block_size=8, fam_len=4, mem_blocks=0, steps=4, lr=1e-2,
-                  warmup_steps=1, lora_rank=4, eval_every=0, checkpoint_every=2, seed=3, device="cpu")
+    values = dict(
+        out=str(tmp_path / "run"),
+        mode="fam",
+        block_size=8,
+        fam_len=4,
+        mem_blocks=0,
+        steps=4,
+        lr=1e-2,
+        warmup_steps=1,
+        lora_rank=4,
+        eval_every=0,
+        checkpoint_every=2,
+        seed=3,
+        device="cpu",
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -95,8 +109,7 @@ def test_gradient_reaches_the_first_block_through_the_fam(tmp_path):
     state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
     out = trainer.fam_model.forward_block(first_block, state)
     fam_after_first = out.state.fam
-    loss, _, _ = sequence_loss(trainer.fam_model, ids[:, 8:], torch.tensor([example.weights[8:]]),
-                               out.state)
+    loss, _, _ = sequence_loss(trainer.fam_model, ids[:, 8:], torch.tensor([example.weights[8:]]), out.state)
     grads = torch.autograd.grad(loss, fam_after_first[0], allow_unused=True)
     assert grads[0] is not None and grads[0].abs().sum() > 0
 
@@ -250,7 +263,9 @@ def test_resume_can_change_the_recipe(tmp_path):
     (run / TRAIN_CONFIG).write_text(json.dumps(asdict(tiny_config(tmp_path, rsp=False, passkey_tokens="260-420"))))
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
-    config, resumed = config_from_args(parser.parse_args(["--resume", str(run), "--rsp", "--passkey-tokens", "300-1300"]))
+    config, resumed = config_from_args(
+        parser.parse_args(["--resume", str(run), "--rsp", "--passkey-tokens", "300-1300"])
+    )
     assert resumed and config.rsp and config.passkey_tokens == "300-1300" and config.out == str(run)
     assert config.block_size == 8 and config.lr == 1e-2  # everything not given is the run's own
     config, _ = config_from_args(parser.parse_args(["--resume", str(run)]))
@@ -260,8 +275,17 @@ def test_resume_can_change_the_recipe(tmp_path):
 def test_run_writes_adapter_card_log_and_curve(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, steps=3), loaded=tiny_loaded(), data=KeyRecall())
     out = trainer.run(progress=False)
-    for name in ("famviz_adapter.json", "fam_prompt.safetensors", "adapter_model.safetensors", "adapter_config.json",
-                 "training_card.json", "TRAINING_CARD.md", "train_log.jsonl", "loss_curve.html", "train_config.json"):
+    for name in (
+        "famviz_adapter.json",
+        "fam_prompt.safetensors",
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "training_card.json",
+        "TRAINING_CARD.md",
+        "train_log.jsonl",
+        "loss_curve.html",
+        "train_config.json",
+    ):
         assert (out / name).is_file(), name
     card = json.loads((out / "training_card.json").read_text())
     assert card["steps"] == 3 and card["lora"]["rank"] == 4 and card["rsp_prob"] == 0.8
@@ -311,9 +335,32 @@ def test_cli_trains_resumes_and_evaluates_a_tiny_model(tmp_path, capfd):
     out = tmp_path / "run"
     common = ["--threads", "1", "--eval-every", "0"]
     status, stdout, err = run_cli_in_process(
-        ["train", "--out", out, "--model", model_dir, "--block-size", "64", "--fam-len", "8", "--steps", "2",
-         "--passkey-tokens", "90-140", "--copy-text-tokens", "100-140", "--copy-len", "32", "--data", "passkey,copy",
-         "--checkpoint-every", "1", *common], capfd)
+        [
+            "train",
+            "--out",
+            out,
+            "--model",
+            model_dir,
+            "--block-size",
+            "64",
+            "--fam-len",
+            "8",
+            "--steps",
+            "2",
+            "--passkey-tokens",
+            "90-140",
+            "--copy-text-tokens",
+            "100-140",
+            "--copy-len",
+            "32",
+            "--data",
+            "passkey,copy",
+            "--checkpoint-every",
+            "1",
+            *common,
+        ],
+        capfd,
+    )
     assert status == 0, err
     status, stdout, err = run_cli_in_process(["train", "--resume", out, "--steps", "3", *common], capfd)
     assert status == 0, err
@@ -321,11 +368,31 @@ def test_cli_trains_resumes_and_evaluates_a_tiny_model(tmp_path, capfd):
     assert steps == [1, 2, 3]
     card = json.loads((out / "training_card.json").read_text())
     assert card["steps"] == 3 and "resumed" in card["command"] and card["note"]
-    status, stdout, err = run_cli_in_process(["evaluate", out, "--model", model_dir, "--lengths", "120", "--trials", "1",
-                                              "--threads", "1", "--long-tokens", "0", "--json"], capfd)
+    status, stdout, err = run_cli_in_process(
+        [
+            "evaluate",
+            out,
+            "--model",
+            model_dir,
+            "--lengths",
+            "120",
+            "--trials",
+            "1",
+            "--threads",
+            "1",
+            "--long-tokens",
+            "0",
+            "--json",
+        ],
+        capfd,
+    )
     assert status == 0, err
     evaluation = json.loads((out / "training_card.json").read_text())["evaluation"]["fam_mem0_block64"]
     assert evaluation == json.loads(stdout)  # the card holds what was printed
-    assert [c["label"] for c in evaluation["passkey"]] == ["fam (mem 0)", "bswa (mem 0)", "full"]  # the same keys for each mode
+    assert [c["label"] for c in evaluation["passkey"]] == [
+        "fam (mem 0)",
+        "bswa (mem 0)",
+        "full",
+    ]  # the same keys for each mode
     assert all(c["trials"] == 1 for c in evaluation["passkey"])
     assert all(evaluation["in_window_nll"][k] > 0 for k in ("tuned", "untuned_same_mode", "untuned_full_attention"))

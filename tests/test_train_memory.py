@@ -1,5 +1,6 @@
 """Training mechanisms for the memory (issue 11), on tiny random models: fused projections, read-out probes,
 the PassKey curriculum, --init-from and float32 master weights under a bfloat16 model."""
+
 from __future__ import annotations
 
 import random
@@ -27,9 +28,23 @@ def tiny_loaded(family: str = "llama", seed: int = 0, dtype=torch.float32):
 
 
 def tiny_config(tmp_path, **overrides) -> TrainConfig:
-    values = dict(out=str(tmp_path / "run"), mode="fam", block_size=8, fam_len=4, mem_blocks=0, steps=4, lr=1e-2,
-                  warmup_steps=1, lora_rank=4, eval_every=0, checkpoint_every=2, seed=3, device="cpu", rpo=False,
-                  rsp=False)
+    values = dict(
+        out=str(tmp_path / "run"),
+        mode="fam",
+        block_size=8,
+        fam_len=4,
+        mem_blocks=0,
+        steps=4,
+        lr=1e-2,
+        warmup_steps=1,
+        lora_rank=4,
+        eval_every=0,
+        checkpoint_every=2,
+        seed=3,
+        device="cpu",
+        rpo=False,
+        rsp=False,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -187,7 +202,9 @@ def test_split_readout_probes_read_the_answer_from_the_fam_the_question_wrote(tm
             manual.append(float(torch.nn.functional.cross_entropy(logits, readout.ids[0, 3:5], reduction="sum")))
         unsplit = {}
         sequence_loss(fam, ids, weights, state, readout=readout, parts=unsplit)
-    assert all(torch.equal(a, b) for a, b in zip(final_plain.fam, final_split.fam, strict=True))  # the stream is untouched
+    assert all(
+        torch.equal(a, b) for a, b in zip(final_plain.fam, final_split.fam, strict=True)
+    )  # the stream is untouched
     assert count == 1 + 3 * 2
     assert parts["readout"] == pytest.approx(sum(manual) / 6, rel=1e-5)
     assert parts["readout"] != pytest.approx(unsplit["readout"], rel=1e-3)  # a different question than unsplit
@@ -207,8 +224,11 @@ def test_readout_probes_train_the_memory_faster(tmp_path):
     """With probes after every block the same steps lower the held-out answer loss more than without."""
     losses = {}
     for readout in (False, True):
-        trainer = Trainer(tiny_config(tmp_path / str(readout), steps=25, lr=2e-2), loaded=tiny_loaded(),
-                          data=KeyWithProbe(readout=readout))
+        trainer = Trainer(
+            tiny_config(tmp_path / str(readout), steps=25, lr=2e-2),
+            loaded=tiny_loaded(),
+            data=KeyWithProbe(readout=readout),
+        )
         for _ in range(25):
             trainer.train_step()
         held = [KeyWithProbe(readout=False).draw(random.Random(1000 + i)) for i in range(16)]
@@ -216,8 +236,9 @@ def test_readout_probes_train_the_memory_faster(tmp_path):
         with torch.no_grad():
             for example in held:
                 ids, weights, _ = collate([example], 0, "cpu")
-                loss, _, _ = sequence_loss(trainer.fam_model, ids, weights,
-                                           initial_training_state(trainer.fam_model, 1, trainer.prompt, None))
+                loss, _, _ = sequence_loss(
+                    trainer.fam_model, ids, weights, initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
+                )
                 total += float(loss)
         losses[readout] = total / len(held)
     assert losses[True] < losses[False], losses
@@ -229,13 +250,14 @@ def test_passkey_examples_carry_a_probe_from_the_key_to_the_question():
     from famviz.probes.passkey import question_ids
 
     tokenizer = bundled_tokenizer()
-    stream = ExampleStream(tokenizer, {"passkey": 1.0}, (900, 1000), (10, 20), 4, 0.1, 0.0,
-                           passkey_depth_zero=0.0, readout_weight=0.5)
+    stream = ExampleStream(
+        tokenizer, {"passkey": 1.0}, (900, 1000), (10, 20), 4, 0.1, 0.0, passkey_depth_zero=0.0, readout_weight=0.5
+    )
     rng = random.Random(5)
     example = stream.draw(rng)
     probe = example.readout
     question = question_ids(tokenizer)
-    answer = example.ids[len(example.ids) - sum(w > 0 for w in example.weights):]
+    answer = example.ids[len(example.ids) - sum(w > 0 for w in example.weights) :]
     assert probe.ids == question + answer and probe.weights == [0.0] * len(question) + [0.5] * len(answer)
     assert tokenizer.decode(answer) == f" {example_key(tokenizer, example)}."  # the number, then its end
     key_text = tokenizer.decode(example.ids[: probe.first])
@@ -261,7 +283,7 @@ def test_passkey_answers_end_the_number_and_the_held_out_score_requires_it():
     document = make_passkey_document(tokenizer, 300, seed=3)
     assert tokenizer.decode(document.answer_ids + document.closing_ids) == f" {document.key}."
     whole = tokenizer(document.text + f" {document.key}.", add_special_tokens=False)["input_ids"]
-    assert whole[-len(document.closing_ids) - len(document.answer_ids):] == document.answer_ids + document.closing_ids
+    assert whole[-len(document.closing_ids) - len(document.answer_ids) :] == document.answer_ids + document.closing_ids
     example = ExampleStream(tokenizer, {"passkey": 1.0}, (300, 400), (10, 20), 4, 0.1, 0.0).draw(random.Random(1))
     scored = [t for t, w in zip(example.ids, example.weights, strict=True) if w > 0]
     assert tokenizer.decode(scored) == f" {example_key(tokenizer, example)}."
@@ -300,8 +322,9 @@ def test_aligned_passkey_lengths_put_the_answer_at_a_block_boundary():
     from helpers import bundled_tokenizer
 
     tokenizer = bundled_tokenizer()
-    stream = ExampleStream(tokenizer, {"passkey": 1.0}, (300, 1100), (10, 20), 4, 0.1, 0.0,
-                           passkey_aligned=1.0, block_size=256)
+    stream = ExampleStream(
+        tokenizer, {"passkey": 1.0}, (300, 1100), (10, 20), 4, 0.1, 0.0, passkey_aligned=1.0, block_size=256
+    )
     rng = random.Random(2)
     lengths = [stream._passkey_length(rng) for _ in range(200)]
     assert all(256 * k - 6 <= n <= 256 * k for n in lengths for k in [round(n / 256)])
@@ -362,20 +385,26 @@ def test_init_from_loads_the_adapter_exactly(tmp_path):
 
     source = Trainer(tiny_config(tmp_path / "a", steps=3), loaded=tiny_loaded(), data=KeyWithProbe())
     source.run(progress=False)
-    started = Trainer(tiny_config(tmp_path / "b", init_from=str(tmp_path / "a" / "run")), loaded=tiny_loaded(),
-                      data=KeyWithProbe())
+    started = Trainer(
+        tiny_config(tmp_path / "b", init_from=str(tmp_path / "a" / "run")), loaded=tiny_loaded(), data=KeyWithProbe()
+    )
     a = trainable_state(source.peft_model, source.prompt)
     b = trainable_state(started.peft_model, started.prompt)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not started.optimizer.state_dict()["state"]  # a fresh optimizer
     with pytest.raises(ConfigError, match="rank"):
-        Trainer(tiny_config(tmp_path / "c", init_from=str(tmp_path / "a" / "run"), lora_rank=2),
-                loaded=tiny_loaded(), data=KeyWithProbe())
+        Trainer(
+            tiny_config(tmp_path / "c", init_from=str(tmp_path / "a" / "run"), lora_rank=2),
+            loaded=tiny_loaded(),
+            data=KeyWithProbe(),
+        )
 
 
 # -- mixed precision ---------------------------------------------------------------------------------
 def test_bfloat16_model_keeps_float32_master_weights_and_updates(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, lr=1e-6, warmup_steps=1), loaded=tiny_loaded(dtype=torch.bfloat16), data=KeyWithProbe())
+    trainer = Trainer(
+        tiny_config(tmp_path, lr=1e-6, warmup_steps=1), loaded=tiny_loaded(dtype=torch.bfloat16), data=KeyWithProbe()
+    )
     assert trainer.loaded.dtype == torch.bfloat16 and trainer.prompt.dtype == torch.float32
     lora = [p for p in trainer.peft_model.parameters() if p.requires_grad]
     assert lora and all(p.dtype == torch.float32 for p in lora)
@@ -384,7 +413,7 @@ def test_bfloat16_model_keeps_float32_master_weights_and_updates(tmp_path):
     change = (trainer.prompt.detach() - before).abs()
     # Adam's first step moves every coordinate by about lr: far below bfloat16's resolution at these magnitudes,
     # so a bfloat16 parameter would keep most of them unchanged.
-    resolution = before.abs().clamp_min(1e-3) * 2 ** -8
+    resolution = before.abs().clamp_min(1e-3) * 2**-8
     assert (change > 0).float().mean() > 0.9 and (change < resolution).float().mean() > 0.9
 
 
@@ -417,9 +446,15 @@ def test_card_records_each_stage_and_keeps_evaluations_across_resumes(tmp_path):
 def test_steps_from_before_stage_records_form_a_first_stage():
     from famviz.training.card import stage_summaries
 
-    history = [{"step": 1, "loss": 1.0, "tokens": 5, "seconds": 2.0}, {"step": 1, "eval": {"length": 8, "accuracy": 0.5}},
-               {"stage": "start", "from_step": 1, "command": "B"}, {"step": 2, "loss": 1.0, "tokens": 7, "seconds": 1.0}]
+    history = [
+        {"step": 1, "loss": 1.0, "tokens": 5, "seconds": 2.0},
+        {"step": 1, "eval": {"length": 8, "accuracy": 0.5}},
+        {"stage": "start", "from_step": 1, "command": "B"},
+        {"step": 2, "loss": 1.0, "tokens": 7, "seconds": 1.0},
+    ]
     stages = stage_summaries(history, "A")
-    assert [(s["stage"], s["command"], s["first_step"], s["last_step"], s["tokens"]) for s in stages] == \
-        [(1, "A", 1, 1, 5), (2, "B", 2, 2, 7)]
+    assert [(s["stage"], s["command"], s["first_step"], s["last_step"], s["tokens"]) for s in stages] == [
+        (1, "A", 1, 1, 5),
+        (2, "B", 2, 2, 7),
+    ]
     assert stages[0]["held_out"]["accuracy"] == 0.5 and stages[1]["held_out"] is None

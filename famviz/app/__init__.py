@@ -6,6 +6,7 @@
 random one). Every tab is built by one ``build_*_tab(context)`` call with the same ``AppContext``
 (``famviz.app.hub``); what the user types is checked in one place (``famviz.app.inputs``).
 """
+
 import os
 
 # Before gradio is imported (every module of this package imports it after this): no usage statistics

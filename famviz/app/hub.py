@@ -4,6 +4,7 @@
 Start, inside the queued event, so sessions never load concurrently). ``AppContext`` is the one object
 every ``build_*_tab`` takes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,10 @@ from famviz.io.models import LoadedModel
 # line (every block still sends one update). Redrawing every plot costs a browser ~0.2 s on a desktop
 # and 2-3 s on a busy 2-core machine; redraws sent faster than that queue up and freeze the page.
 MIN_REDRAW_SECONDS = 2.0
-UNTUNED_NOTE = ("Untuned conversion: the FAM is the model's own layers run on a fixed prompt, never trained to "
-                "remember; expect its loss to rise over a long document.")
+UNTUNED_NOTE = (
+    "Untuned conversion: the FAM is the model's own layers run on a fixed prompt, never trained to "
+    "remember; expect its loss to rise over a long document."
+)
 
 
 @dataclass
@@ -67,8 +70,9 @@ def shipped_adapters() -> list[tuple[str, str]]:
     found = []
     markers = sorted(SHIPPED_ADAPTERS.glob("*/famviz_adapter.json"), key=lambda m: (m.parent != SHIPPED_ADAPTER, m))
     for marker in markers:  # the default adapter first
-        found.append((f"bundled model + tuned FAM: {marker.parent.name} (see its TRAINING_CARD.md)",
-                      str(marker.parent)))
+        found.append(
+            (f"bundled model + tuned FAM: {marker.parent.name} (see its TRAINING_CARD.md)", str(marker.parent))
+        )
     return found
 
 
@@ -93,20 +97,23 @@ class ModelHub:
     def is_loaded(self, key: tuple) -> bool:
         return key in self._models
 
-    def loaded_choice(self, model: str | None, adapter: str | None, device: str | None,
-                      dtype: str | None) -> tuple[LoadedModel, AppAdapter | None] | None:
+    def loaded_choice(
+        self, model: str | None, adapter: str | None, device: str | None, dtype: str | None
+    ) -> tuple[LoadedModel, AppAdapter | None] | None:
         """The Model panel's choice if it is loaded already (None: it loads on the next Start)."""
         key = model_key(model, adapter, device, dtype)
         return self._models.get(key)
 
-    def for_choice(self, model: str | None, adapter: str | None, device: str | None,
-                   dtype: str | None) -> tuple[LoadedModel, AppAdapter | None]:
+    def for_choice(
+        self, model: str | None, adapter: str | None, device: str | None, dtype: str | None
+    ) -> tuple[LoadedModel, AppAdapter | None]:
         """The Model panel's choice: the startup model when it is the one chosen, else loaded by ``get``."""
         key = model_key(model, adapter, device, dtype)
         return self.default if key == self.default_key else self.get(*key)
 
-    def get(self, model: str | None, adapter: str | None, device: str | None,
-            dtype: str | None) -> tuple[LoadedModel, AppAdapter | None]:
+    def get(
+        self, model: str | None, adapter: str | None, device: str | None, dtype: str | None
+    ) -> tuple[LoadedModel, AppAdapter | None]:
         key = model_key(model, adapter, device, dtype)
         with self._lock:
             if key in self._models:
@@ -137,21 +144,26 @@ class AppContext:
 
     def refresh_header_after(self, event: gr.events.Dependency) -> None:
         """After ``event`` (a run of either tab), the header names the model that ran."""
-        event.then(lambda *choice: model_header(self.hub, *choice), self.model_inputs, self.header,
-                   show_progress="hidden")
+        event.then(
+            lambda *choice: model_header(self.hub, *choice), self.model_inputs, self.header, show_progress="hidden"
+        )
 
 
 def model_summary(loaded: LoadedModel, adapter: AppAdapter | None) -> str:
     cfg = loaded.config
     dtype = str(loaded.dtype).replace("torch.", "")
-    line = (f"**Model:** {loaded.name} · {cfg.num_hidden_layers} layers · {cfg.num_attention_heads} heads · "
-            f"{loaded.device} · {dtype}")
+    line = (
+        f"**Model:** {loaded.name} · {cfg.num_hidden_layers} layers · {cfg.num_attention_heads} heads · "
+        f"{loaded.device} · {dtype}"
+    )
     if adapter is not None:
         line += f" · adapter `{Path(str(adapter.directory)).name}` (tuned FAM)"
     else:
-        line += (" · untuned conversion: the FAM is the model's own layers run on a fixed prompt, never trained "
-                 "to remember, so expect its loss to rise over a long document (choose a tuned adapter in the "
-                 "Model panel)")
+        line += (
+            " · untuned conversion: the FAM is the model's own layers run on a fixed prompt, never trained "
+            "to remember, so expect its loss to rise over a long document (choose a tuned adapter in the "
+            "Model panel)"
+        )
     return line
 
 
@@ -162,8 +174,9 @@ def model_header(hub: ModelHub, model: str | None, adapter: str | None, device: 
         return model_summary(*choice)
     name = (model or "").strip() or "bundled SmolLM2-135M"
     adapter = (adapter or "").strip()
-    return (f"**Model (chosen, loaded on the next Start):** {name}"
-            + (f" · adapter `{Path(adapter).name}`" if adapter else " · untuned conversion"))
+    return f"**Model (chosen, loaded on the next Start):** {name}" + (
+        f" · adapter `{Path(adapter).name}`" if adapter else " · untuned conversion"
+    )
 
 
 def adapter_geometry(groups: int, directory: str | None) -> tuple:
@@ -180,9 +193,11 @@ def adapter_geometry(groups: int, directory: str | None) -> tuple:
     except FamvizError as exc:
         return *keep, error_status(str(exc))
     values = [trained.block_size, trained.fam_len, trained.mem_blocks] * groups
-    return *values, (f"Adapter `{Path(directory).name}` was trained with block {trained.block_size} tokens, "
-                     f"FAM {trained.fam_len} slots, memory blocks {trained.mem_blocks}: these settings are now "
-                     f"set in every tab. Other settings are allowed; the status then says how a run differs.")
+    return *values, (
+        f"Adapter `{Path(directory).name}` was trained with block {trained.block_size} tokens, "
+        f"FAM {trained.fam_len} slots, memory blocks {trained.mem_blocks}: these settings are now "
+        f"set in every tab. Other settings are allowed; the status then says how a run differs."
+    )
 
 
 def chosen_model(context: AppContext, model_choice: tuple | None) -> tuple[LoadedModel, AppAdapter | None]:

@@ -4,6 +4,7 @@ inspector's settings, documents (examples, pasted text, uploads), and the one er
 Every check raises a ``FamvizError`` with one sentence a user can act on; the tabs show it with
 ``error_status`` (and beside the button that started the run).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,12 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 EXAMPLE_PATH = Path("/usr/share/common-licenses/GPL-3")
-SOURCES = {"example": "Example: GPL-3 licence", "passkey": "Example: PassKey haystack", "upload": "Upload a file",
-           "paste": "Paste text"}
+SOURCES = {
+    "example": "Example: GPL-3 licence",
+    "passkey": "Example: PassKey haystack",
+    "upload": "Upload a file",
+    "paste": "Paste text",
+}
 DEFAULT_SETTINGS = TOOL_DEFAULTS
 DEFAULT_MAX_TOKENS = 8192  # a whole typical document (GPL-3 is 7,658 tokens)
 DEFAULT_PASSKEY_TOKENS = 2000
@@ -28,9 +33,9 @@ MAX_FAM_LEN = LIMITS["fam_len"][1]
 MAX_MEM_BLOCKS = LIMITS["mem_blocks"][1]
 MAX_TOKENS_LIMIT = LIMITS["max_tokens"][1]
 MAX_UPLOAD = "512mb"  # what the server accepts; documents are then held to MAX_DOCUMENT_BYTES with a message
-MAX_TRACE_BYTES = 512 * 1024 ** 2
+MAX_TRACE_BYTES = 512 * 1024**2
 UPLOAD_TYPES = list(SUPPORTED_SUFFIXES)
-UPLOAD_LABEL = f"({' '.join(SUPPORTED_SUFFIXES)}, ≤ {MAX_DOCUMENT_BYTES // 1024 ** 2} MB)"
+UPLOAD_LABEL = f"({' '.join(SUPPORTED_SUFFIXES)}, ≤ {MAX_DOCUMENT_BYTES // 1024**2} MB)"
 
 ERROR_MARK = "**Error:**"
 
@@ -80,8 +85,13 @@ def number_list(label: str, text: object, kind: type, low: float, high: float) -
     return sorted(set(values))
 
 
-def parse_settings(mode: str, block_size: float | str | None, fam_len: float | str | None,
-                   mem_blocks: float | str | None, max_tokens: float | str | None) -> tuple[FamConfig, int]:
+def parse_settings(
+    mode: str,
+    block_size: float | str | None,
+    fam_len: float | str | None,
+    mem_blocks: float | str | None,
+    max_tokens: float | str | None,
+) -> tuple[FamConfig, int]:
     """The inspector run's FamConfig and token limit from the form, or a FamvizError with one clear message."""
     if mode not in MODES:
         raise FamvizError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
@@ -108,9 +118,11 @@ class InputDocument(NamedTuple):
     read_cut: str | None = None  # only the start of a large file was read, e.g. "the first 0.5 MB of a 60.0 MB file"
 
 
-def read_uploaded_document(upload: str | None, max_tokens: int | None,
-                           missing: str = "No file uploaded: choose a file, or pick pasted text or an example.",
-                           ) -> InputDocument:
+def read_uploaded_document(
+    upload: str | None,
+    max_tokens: int | None,
+    missing: str = "No file uploaded: choose a file, or pick pasted text or an example.",
+) -> InputDocument:
     """The uploaded file's text (every tab reads uploads through here): of a plain-text file over the size
     limit only the start that ``max_tokens`` tokens can need; unreadable files give a DocumentError, no
     upload the tab's own ``missing`` message."""
@@ -120,8 +132,13 @@ def read_uploaded_document(upload: str | None, max_tokens: int | None,
     return InputDocument(start.text, name, start.cut)
 
 
-def document_cut(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], offsets: list[tuple[int, int]],
-                 count_up_to: int = 2_000_000) -> str | None:
+def document_cut(
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    count_up_to: int = 2_000_000,
+) -> str | None:
     """None when ``ids`` cover the whole document; else how much it holds: "of 7,658 tokens" (counted for
     documents up to ``count_up_to`` characters), or the share of its characters streamed for larger ones."""
     if not offsets or offsets[-1][1] >= len(text.rstrip()):
@@ -139,10 +156,14 @@ def passkey_text(tokenizer: PreTrainedTokenizerBase, length: float | str | None)
     return make_passkey_document(tokenizer, tokens, depth=0.0, seed=0).text
 
 
-def read_input_document(source: str, upload: str | None, pasted: str | None,
-                        tokenizer: PreTrainedTokenizerBase | None = None,
-                        passkey_tokens: float | str | None = DEFAULT_PASSKEY_TOKENS,
-                        max_tokens: int | None = None) -> InputDocument:
+def read_input_document(
+    source: str,
+    upload: str | None,
+    pasted: str | None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    passkey_tokens: float | str | None = DEFAULT_PASSKEY_TOKENS,
+    max_tokens: int | None = None,
+) -> InputDocument:
     """The inspector's chosen document, or a DocumentError/FamvizError saying what is wrong. An upload over
     the size limit is read only as far as ``max_tokens`` can need (plain text only)."""
     if source == "upload":
@@ -153,12 +174,14 @@ def read_input_document(source: str, upload: str | None, pasted: str | None,
         return InputDocument(pasted.replace("\r\n", "\n").replace("\r", "\n"), "pasted text")
     if source == "example":
         if not EXAMPLE_PATH.is_file():
-            raise DocumentError(f"The example document {EXAMPLE_PATH} is not on this machine; "
-                                f"upload a file or paste text instead.")
+            raise DocumentError(
+                f"The example document {EXAMPLE_PATH} is not on this machine; upload a file or paste text instead."
+            )
         return InputDocument(read_document(EXAMPLE_PATH, name=EXAMPLE_PATH.name), "GPL-3 licence")
     if source == "passkey":
         if tokenizer is None:
             raise FamvizError("The PassKey example needs the model's tokenizer.")
-        return InputDocument(passkey_text(tokenizer, passkey_tokens),
-                             f"PassKey haystack ({int(float(passkey_tokens)):,} tokens)")
+        return InputDocument(
+            passkey_text(tokenizer, passkey_tokens), f"PassKey haystack ({int(float(passkey_tokens)):,} tokens)"
+        )
     raise FamvizError(f"Unknown document source {source!r}; use one of {', '.join(SOURCES)}.")

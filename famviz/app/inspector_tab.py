@@ -4,6 +4,7 @@ the FAM reads and how its state evolves; drill into a block, replay a saved trac
 Every handler takes the session's ``Run`` (``famviz.viz.inspector``; gr.State) and never raises: bad input
 becomes one error status and the plots stay as they were.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,23 +57,24 @@ MEAN_LAYER = "mean"
 # What each plot shows, under it: a first-time user should not need the paper to read the page.
 PLOT_NOTES = {
     "heatmap": "Each cell: the share of one layer's attention (mean over heads and the block's tokens) that "
-               "goes to the chosen target; the rows of a block sum to 1 over FAM, memory blocks, own block and (sink mode) "
-               "the kept first tokens. "
-               "A high FAM share means the block leans on the memory. An untrained memory often draws a large "
-               "share as a *sink* (attention parked there, little read from it), so read it with the loss below.",
+    "goes to the chosen target; the rows of a block sum to 1 over FAM, memory blocks, own block and (sink mode) "
+    "the kept first tokens. "
+    "A high FAM share means the block leans on the memory. An untrained memory often draws a large "
+    "share as a *sink* (attention parked there, little read from it), so read it with the loss below.",
     "trajectory": "Each point: the FAM state of one recorded layer after one block, projected to 2-D (PCA, or "
-                  "UMAP). Long steps: the memory is rewritten; points that stay put: it holds what it has.",
+    "UMAP). Long steps: the memory is rewritten; points that stay put: it holds what it has.",
     "dynamics": "FAM norm: mean L2 norm of the FAM slots per layer. Update: 1 − cosine between the FAM before "
-                "and after one block (0 = unchanged in direction, 1 = unrelated). A working memory stays "
-                "bounded; a norm that keeps growing block after block is drift.",
+    "and after one block (0 = unchanged in direction, 1 = unrelated). A working memory stays "
+    "bounded; a norm that keeps growing block after block is drift.",
     "nll": "Mean next-token loss (nats) of each block's tokens; lower is better. Pick **Compare with: bswa** "
-           "to draw the same document with the same window and no memory: the gap is what the memory adds.",
+    "to draw the same document with the same window and no memory: the gap is what the memory adds.",
 }
 
 
 # The error part of the status, repeated beside Start (the status line sits far above it).
-ERROR_BESIDE_START_JS = f"(status) => {{ const at = (status || '').indexOf('{ERROR_MARK}'); " \
-                        f"return at < 0 ? '' : status.slice(at); }}"
+ERROR_BESIDE_START_JS = (
+    f"(status) => {{ const at = (status || '').indexOf('{ERROR_MARK}'); return at < 0 ? '' : status.slice(at); }}"
+)
 
 
 # -- what every update sends -----------------------------------------------------------------------------
@@ -94,18 +96,46 @@ def refresh(run: Run, *, layer_choices: bool = False) -> tuple:
     """Every view of ``run`` (one tuple per update: N_OUTPUTS items)."""
     last = max(run.blocks_done - 1, 0)
     slider = gr.update(maximum=max(last, 1), value=run.shown_block, interactive=run.blocks_done > 1)
-    layer = gr.update(choices=_layer_choices(run), value=MEAN_LAYER if run.layer is None else str(run.layer)) \
-        if layer_choices else gr.skip()
-    return (run.status(), run.heatmap(), run.heads(), run.document_html(), run.trajectory(), run.dynamics(),
-            run.loss(), slider, layer, run)
+    layer = (
+        gr.update(choices=_layer_choices(run), value=MEAN_LAYER if run.layer is None else str(run.layer))
+        if layer_choices
+        else gr.skip()
+    )
+    return (
+        run.status(),
+        run.heatmap(),
+        run.heads(),
+        run.document_html(),
+        run.trajectory(),
+        run.dynamics(),
+        run.loss(),
+        slider,
+        layer,
+        run,
+    )
 
 
-def stream_document(hub: ModelHub, model: str | None, adapter_dir: str | None, device: str | None,
-                    dtype: str | None, source: str, upload: str | None, pasted: str | None,
-                    passkey_tokens: float | str | None, mode: str, compare: str | None,
-                    block_size: float | str | None, fam_len: float | str | None, mem_blocks: float | str | None,
-                    max_tokens: float | str | None, trajectory_layers: str | None,
-                    previous: Run | None, *, redraw_seconds: float = MIN_REDRAW_SECONDS) -> Iterator[tuple]:
+def stream_document(
+    hub: ModelHub,
+    model: str | None,
+    adapter_dir: str | None,
+    device: str | None,
+    dtype: str | None,
+    source: str,
+    upload: str | None,
+    pasted: str | None,
+    passkey_tokens: float | str | None,
+    mode: str,
+    compare: str | None,
+    block_size: float | str | None,
+    fam_len: float | str | None,
+    mem_blocks: float | str | None,
+    max_tokens: float | str | None,
+    trajectory_layers: str | None,
+    previous: Run | None,
+    *,
+    redraw_seconds: float = MIN_REDRAW_SECONDS,
+) -> Iterator[tuple]:
     """The Start handler: yields an update once per block (every view at most every ``redraw_seconds``).
 
     Bad input yields one error status and leaves the plots (and the previous run) as they were.
@@ -119,8 +149,10 @@ def stream_document(hub: ModelHub, model: str | None, adapter_dir: str | None, d
         if compare == config.mode:
             raise FamvizError(f"Compare needs a second mode different from {config.mode}.")
         if not hub.is_loaded(key):
-            yield (f"Loading model **{key[0] or 'bundled'}**{' with adapter ' + key[1] if key[1] else ''}…",
-                   *_skips(N_OUTPUTS - 1))
+            yield (
+                f"Loading model **{key[0] or 'bundled'}**{' with adapter ' + key[1] if key[1] else ''}…",
+                *_skips(N_OUTPUTS - 1),
+            )
         loaded, adapter = hub.for_choice(*key)
         text, name, read_cut = read_input_document(source, upload, pasted, loaded.tokenizer, passkey_tokens, limit)
         n_layers = loaded.config.num_hidden_layers
@@ -150,17 +182,30 @@ def stream_document(hub: ModelHub, model: str | None, adapter_dir: str | None, d
     notes = status_notes(adapter, [config])
     trace = primary.trace
     trace.set_notes(notes)
-    run = Run(config=config, document=name, total_tokens=len(ids), trace=trace, compare_mode=compare,
-              document_cut=read_cut or document_cut(loaded.tokenizer, text, ids, offsets),
-              features=StateFeatures(layers) if layers else None, notes=notes)
+    run = Run(
+        config=config,
+        document=name,
+        total_tokens=len(ids),
+        trace=trace,
+        compare_mode=compare,
+        document_cut=read_cut or document_cut(loaded.tokenizer, text, ids, offsets),
+        features=StateFeatures(layers) if layers else None,
+        notes=notes,
+    )
     if previous is not None:  # keep what the user was looking at
         run.view, run.method = previous.view, previous.method
         run.layer = previous.layer if previous.layer is not None and previous.layer < n_layers else None
     yield run.status(), *_skips(N_OUTPUTS - 2), run  # the run is the session's from now on (Stop acts on it)
 
     last_redraw = 0.0
-    log.info("streaming %s: %d tokens, %d blocks, %s%s", name, len(ids), run.total_blocks, config,
-             f" vs {compare}" if compare else "")
+    log.info(
+        "streaming %s: %d tokens, %d blocks, %s%s",
+        name,
+        len(ids),
+        run.total_blocks,
+        config,
+        f" vs {compare}" if compare else "",
+    )
     primary_blocks = primary.blocks(ids)
     other_blocks = other.blocks(ids) if other is not None else None
     while run.blocks_done < run.total_blocks:
@@ -217,6 +262,7 @@ def settled_status(run: Run | None) -> str | dict:
 def _view_handler(n_outputs: int) -> Callable[[Callable[..., tuple]], Callable[..., tuple]]:
     """View handlers may run while the session's stream appends a block to the same trace; a figure
     caught half-way is skipped (the stream's next update redraws it) instead of raising in the UI."""
+
     def wrap(handler: Callable[..., tuple]) -> Callable[..., tuple]:
         def safe(*args: object) -> tuple:
             try:
@@ -224,8 +270,10 @@ def _view_handler(n_outputs: int) -> Callable[[Callable[..., tuple]], Callable[.
             except Exception:
                 log.debug("view update skipped", exc_info=True)
                 return tuple(gr.skip() for _ in range(n_outputs))
+
         safe.__name__, safe.__doc__, safe.__wrapped__ = handler.__name__, handler.__doc__, handler
         return safe
+
     return wrap
 
 
@@ -309,7 +357,7 @@ def download_trace(run: Run | None) -> tuple:
         path = run.trace.save(export.download_dir() / f"famviz-trace-{_slug(run.document)}.npz")
     except OSError as exc:
         return gr.skip(), error_status(f"cannot write the trace: {exc.strerror or exc}")
-    return str(path), f"Trace **{path.name}** ({path.stat().st_size / 1024 ** 2:,.1f} MB): {run.blocks_done} blocks."
+    return str(path), f"Trace **{path.name}** ({path.stat().st_size / 1024**2:,.1f} MB): {run.blocks_done} blocks."
 
 
 def replay_trace(upload: str | None, previous: Run | None) -> tuple:
@@ -319,7 +367,7 @@ def replay_trace(upload: str | None, previous: Run | None) -> tuple:
     path = Path(upload)
     try:
         if path.stat().st_size > MAX_TRACE_BYTES:
-            raise FamvizError(f"{path.name} is larger than the {MAX_TRACE_BYTES // 1024 ** 2} MB limit for traces.")
+            raise FamvizError(f"{path.name} is larger than the {MAX_TRACE_BYTES // 1024**2} MB limit for traces.")
         trace = Trace.load(path)
         if trace.n_blocks == 0:
             raise FamvizError(f"{path.name} holds no blocks.")
@@ -332,8 +380,6 @@ def replay_trace(upload: str | None, previous: Run | None) -> tuple:
     if previous is not None:
         run.view, run.method = previous.view, previous.method
     return refresh(run, layer_choices=True)
-
-
 
 
 def build_inspector_tab(context: AppContext) -> None:
@@ -350,78 +396,127 @@ def build_inspector_tab(context: AppContext) -> None:
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
                 with gr.Accordion("Model", open=False, elem_id="model-panel"):
-                    model = gr.Textbox(startup_key[0] or "", label="Model (Hugging Face id or local path)",
-                                       placeholder="empty: bundled SmolLM2-135M", elem_id="model")
-                    adapter_dir = gr.Dropdown([("none: untuned conversion (memory not trained)", ""),
-                                               *shipped_adapters()], value=startup_key[1] or "",
-                                              allow_custom_value=True, label="Adapter (or type a directory)",
-                                              elem_id="adapter")
+                    model = gr.Textbox(
+                        startup_key[0] or "",
+                        label="Model (Hugging Face id or local path)",
+                        placeholder="empty: bundled SmolLM2-135M",
+                        elem_id="model",
+                    )
+                    adapter_dir = gr.Dropdown(
+                        [("none: untuned conversion (memory not trained)", ""), *shipped_adapters()],
+                        value=startup_key[1] or "",
+                        allow_custom_value=True,
+                        label="Adapter (or type a directory)",
+                        elem_id="adapter",
+                    )
                     with gr.Row():
-                        device = gr.Dropdown(["auto", "cpu", "cuda"], value=startup_key[2], label="Device",
-                                             elem_id="device")
-                        dtype = gr.Dropdown(["auto", "bfloat16", "float32"], value=startup_key[3], label="Dtype",
-                                            elem_id="dtype")
+                        device = gr.Dropdown(
+                            ["auto", "cpu", "cuda"], value=startup_key[2], label="Device", elem_id="device"
+                        )
+                        dtype = gr.Dropdown(
+                            ["auto", "bfloat16", "float32"], value=startup_key[3], label="Dtype", elem_id="dtype"
+                        )
                     context.adapter_note = gr.Markdown("", elem_id="adapter-note")
                     gr.Markdown("A changed model is loaded when you press Start (here or in the PassKey tab).")
                     context.model_inputs[:] = [model, adapter_dir, device, dtype]
                 with gr.Row():
-                    mode = gr.Radio(list(MODES), value=defaults.mode, label="Mode", elem_id="mode",
-                                    info="fam: window + feedback memory · bswa: window only · sink: window + the first 4 tokens "
-                                         "(StreamingLLM) · full: all tokens")
-                    compare = gr.Dropdown([NO_COMPARE, *MODES], value=NO_COMPARE, label="Compare with",
-                                          elem_id="compare", info="same document, second mode")
+                    mode = gr.Radio(
+                        list(MODES),
+                        value=defaults.mode,
+                        label="Mode",
+                        elem_id="mode",
+                        info="fam: window + feedback memory · bswa: window only · sink: window + the first 4 tokens "
+                        "(StreamingLLM) · full: all tokens",
+                    )
+                    compare = gr.Dropdown(
+                        [NO_COMPARE, *MODES],
+                        value=NO_COMPARE,
+                        label="Compare with",
+                        elem_id="compare",
+                        info="same document, second mode",
+                    )
                 with gr.Row():
-                    block_size = gr.Number(defaults.block_size, label="Block size (tokens)", precision=None, step=1,
-                                           elem_id="block-size")
-                    fam_len = gr.Number(defaults.fam_len, label="FAM length (slots)", precision=None, step=1,
-                                        elem_id="fam-len")
+                    block_size = gr.Number(
+                        defaults.block_size, label="Block size (tokens)", precision=None, step=1, elem_id="block-size"
+                    )
+                    fam_len = gr.Number(
+                        defaults.fam_len, label="FAM length (slots)", precision=None, step=1, elem_id="fam-len"
+                    )
                 with gr.Row():
-                    mem_blocks = gr.Number(defaults.mem_blocks, label="Memory blocks", precision=None, step=1,
-                                           elem_id="mem-blocks")
-                    max_tokens = gr.Number(DEFAULT_MAX_TOKENS, label="Max tokens", precision=None, step=1, elem_id="max-tokens")
+                    mem_blocks = gr.Number(
+                        defaults.mem_blocks, label="Memory blocks", precision=None, step=1, elem_id="mem-blocks"
+                    )
+                    max_tokens = gr.Number(
+                        DEFAULT_MAX_TOKENS, label="Max tokens", precision=None, step=1, elem_id="max-tokens"
+                    )
                 context.geometry_fields.append((block_size, fam_len, mem_blocks))
-                trajectory_layers = gr.Textbox(", ".join(map(str, default_trajectory_layers(n_layers))),
-                                               label="Trajectory layers (FAM states recorded)",
-                                               elem_id="trajectory-layers")
-                source = gr.Radio([(label, key) for key, label in SOURCES.items()], value="example", label="Document",
-                                  elem_id="source")
-                passkey_tokens = gr.Number(DEFAULT_PASSKEY_TOKENS, label="PassKey haystack length (tokens; key at "
-                                           "the start)", precision=0, elem_id="passkey-tokens")
-                upload = gr.File(label=f"Upload {UPLOAD_LABEL}", file_types=UPLOAD_TYPES, type="filepath",
-                                 elem_id="upload")
-                pasted = gr.Textbox(label="Or paste text", lines=4, max_lines=10, placeholder="Paste a document here",
-                                    elem_id="pasted")
+                trajectory_layers = gr.Textbox(
+                    ", ".join(map(str, default_trajectory_layers(n_layers))),
+                    label="Trajectory layers (FAM states recorded)",
+                    elem_id="trajectory-layers",
+                )
+                source = gr.Radio(
+                    [(label, key) for key, label in SOURCES.items()],
+                    value="example",
+                    label="Document",
+                    elem_id="source",
+                )
+                passkey_tokens = gr.Number(
+                    DEFAULT_PASSKEY_TOKENS,
+                    label="PassKey haystack length (tokens; key at the start)",
+                    precision=0,
+                    elem_id="passkey-tokens",
+                )
+                upload = gr.File(
+                    label=f"Upload {UPLOAD_LABEL}", file_types=UPLOAD_TYPES, type="filepath", elem_id="upload"
+                )
+                pasted = gr.Textbox(
+                    label="Or paste text", lines=4, max_lines=10, placeholder="Paste a document here", elem_id="pasted"
+                )
                 with gr.Row():
                     start_button = gr.Button("Start", variant="primary", elem_id="start")
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
                 start_error = gr.Markdown("", elem_id="start-error")
                 with gr.Accordion("Replay a trace file (no model needed)", open=False):
-                    trace_upload = gr.File(label="Trace (.npz from Download trace or `famviz stream --trace`)",
-                                           file_types=[".npz"], type="filepath", elem_id="trace-upload")
+                    trace_upload = gr.File(
+                        label="Trace (.npz from Download trace or `famviz stream --trace`)",
+                        file_types=[".npz"],
+                        type="filepath",
+                        elem_id="trace-upload",
+                    )
             with gr.Column(scale=3):
                 status = gr.Markdown("Ready: pick a document and press **Start**.", elem_id="status")
                 with gr.Row():
-                    view = gr.Dropdown(view_choices, value=DEFAULT_VIEW, label="Attention share shown",
-                                       elem_id="heatmap-view")
-                    layer = gr.Dropdown([("mean over layers", MEAN_LAYER)] +
-                                        [(f"layer {i}", str(i)) for i in range(n_layers)], value=MEAN_LAYER,
-                                        label="Layer (document shading, drill-down frame)", elem_id="layer")
+                    view = gr.Dropdown(
+                        view_choices, value=DEFAULT_VIEW, label="Attention share shown", elem_id="heatmap-view"
+                    )
+                    layer = gr.Dropdown(
+                        [("mean over layers", MEAN_LAYER)] + [(f"layer {i}", str(i)) for i in range(n_layers)],
+                        value=MEAN_LAYER,
+                        label="Layer (document shading, drill-down frame)",
+                        elem_id="layer",
+                    )
                     with gr.Column(min_width=240):
-                        block = gr.Slider(0, 1, value=0, step=1, label="Drill-down block", interactive=False,
-                                          elem_id="block")
+                        block = gr.Slider(
+                            0, 1, value=0, step=1, label="Drill-down block", interactive=False, elem_id="block"
+                        )
                         follow = gr.Checkbox(True, label="follow the latest block", elem_id="follow")
                 with gr.Row():
-                    heatmap = gr.Plot(blank, label="Attention share: layer × block (mean over heads)",
-                                      elem_id="heatmap", scale=3)
-                    heads = gr.Plot(blank, label="Drill-down: layer × head of the selected block", elem_id="heads",
-                                    scale=2)
+                    heatmap = gr.Plot(
+                        blank, label="Attention share: layer × block (mean over heads)", elem_id="heatmap", scale=3
+                    )
+                    heads = gr.Plot(
+                        blank, label="Drill-down: layer × head of the selected block", elem_id="heads", scale=2
+                    )
                 gr.Markdown(PLOT_NOTES["heatmap"], elem_id="note-heatmap", container=False)
-                document = gr.HTML("<div id='famviz-doc'>No document streamed yet.</div>", label="Document",
-                                   elem_id="document")
+                document = gr.HTML(
+                    "<div id='famviz-doc'>No document streamed yet.</div>", label="Document", elem_id="document"
+                )
                 with gr.Row():
                     with gr.Column(scale=1):
-                        method = gr.Radio(list(TRAJECTORY_METHODS), value="PCA", label="Trajectory projection",
-                                          elem_id="method")
+                        method = gr.Radio(
+                            list(TRAJECTORY_METHODS), value="PCA", label="Trajectory projection", elem_id="method"
+                        )
                         trajectory = gr.Plot(blank, label="FAM state trajectory", elem_id="trajectory")
                         gr.Markdown(PLOT_NOTES["trajectory"], elem_id="note-trajectory", container=False)
                     with gr.Column(scale=1):
@@ -431,19 +526,30 @@ def build_inspector_tab(context: AppContext) -> None:
                 gr.Markdown(PLOT_NOTES["nll"], elem_id="note-nll", container=False)
                 with gr.Group():
                     with gr.Row():
-                        figure_name = gr.Dropdown([(f"{name}: {spec.description}", name)
-                                                   for name, spec in export.FIGURES.items()], value="heatmap",
-                                                  label="Export figure", elem_id="export-figure", scale=2)
+                        figure_name = gr.Dropdown(
+                            [(f"{name}: {spec.description}", name) for name, spec in export.FIGURES.items()],
+                            value="heatmap",
+                            label="Export figure",
+                            elem_id="export-figure",
+                            scale=2,
+                        )
                         formats = list(export.FORMATS) if static_problem is None else ["html"]
-                        export_format = gr.Radio(formats, value="svg" if static_problem is None else "html",
-                                                 label="Format", elem_id="export-format", scale=1)
+                        export_format = gr.Radio(
+                            formats,
+                            value="svg" if static_problem is None else "html",
+                            label="Format",
+                            elem_id="export-format",
+                            scale=1,
+                        )
                     with gr.Row():
                         export_button = gr.Button("Export figure", elem_id="export")
                         trace_button = gr.Button("Download trace (.npz)", elem_id="download-trace")
                     export_file = gr.File(label="Exported file", interactive=False, elem_id="export-file")
                     export_note = gr.Markdown(
                         "Exports are publication-styled (fixed size, caption with the run's settings)."
-                        + (f"\n\n**Note:** {static_problem}" if static_problem else ""), elem_id="export-note")
+                        + (f"\n\n**Note:** {static_problem}" if static_problem else ""),
+                        elem_id="export-note",
+                    )
         umap_timer = gr.Timer(1.0, active=False)
 
     def start(*args: object) -> Iterator[tuple]:
@@ -455,28 +561,56 @@ def build_inspector_tab(context: AppContext) -> None:
     pasted.input(None, None, source, js="() => 'paste'")
     passkey_tokens.input(None, None, source, js="() => 'passkey'")
     run_event = start_button.click(
-        start, [model, adapter_dir, device, dtype, source, upload, pasted, passkey_tokens, mode, compare, block_size,
-                fam_len, mem_blocks, max_tokens, trajectory_layers, run_state],
-        outputs, api_name="stream", show_progress="hidden", concurrency_id="model", concurrency_limit=1,
+        start,
+        [
+            model,
+            adapter_dir,
+            device,
+            dtype,
+            source,
+            upload,
+            pasted,
+            passkey_tokens,
+            mode,
+            compare,
+            block_size,
+            fam_len,
+            mem_blocks,
+            max_tokens,
+            trajectory_layers,
+            run_state,
+        ],
+        outputs,
+        api_name="stream",
+        show_progress="hidden",
+        concurrency_id="model",
+        concurrency_limit=1,
     )
     context.refresh_header_after(run_event)
     # In the browser (no server round trip per block): the status's error part, or nothing.
     status.change(None, [status], [start_error], js=ERROR_BESIDE_START_JS)
     # While streaming with UMAP chosen, the timer picks up background fits as they finish.
     run_event.then(lambda run: gr.Timer(active=run is not None and run.method == "UMAP"), [run_state], [umap_timer])
-    stop_button.click(stop_run, [run_state], outputs, cancels=[run_event], api_name="stop", show_progress="hidden") \
-        .then(settled_status, [run_state], [status], show_progress="hidden")
+    stop_button.click(
+        stop_run, [run_state], outputs, cancels=[run_event], api_name="stop", show_progress="hidden"
+    ).then(settled_status, [run_state], [status], show_progress="hidden")
     view.change(change_view, [view, run_state], [heatmap, heads], api_name="view", show_progress="hidden")
     layer.input(change_layer, [layer, run_state], [heads, document], api_name="layer", show_progress="hidden")
-    block.release(drag_block, [block, run_state], [heatmap, heads, document, follow], api_name="block",
-                  show_progress="hidden")
+    block.release(
+        drag_block, [block, run_state], [heatmap, heads, document, follow], api_name="block", show_progress="hidden"
+    )
     follow.input(select_block, [block, follow, run_state], [heatmap, heads, document, follow], show_progress="hidden")
-    method.change(change_method, [method, run_state], [trajectory, umap_timer], api_name="method",
-                  show_progress="hidden")
+    method.change(
+        change_method, [method, run_state], [trajectory, umap_timer], api_name="method", show_progress="hidden"
+    )
     umap_timer.tick(poll_umap, [run_state], [trajectory, umap_timer], show_progress="hidden")
-    export_button.click(export_plot, [figure_name, export_format, run_state], [export_file, export_note],
-                        api_name="export", concurrency_id="export", concurrency_limit=1)
+    export_button.click(
+        export_plot,
+        [figure_name, export_format, run_state],
+        [export_file, export_note],
+        api_name="export",
+        concurrency_id="export",
+        concurrency_limit=1,
+    )
     trace_button.click(download_trace, [run_state], [export_file, export_note], api_name="download_trace")
     trace_upload.upload(replay_trace, [trace_upload, run_state], outputs, api_name="replay", show_progress="hidden")
-
-

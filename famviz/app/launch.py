@@ -10,6 +10,7 @@ block geometry, give a document (upload, paste, or a built-in example) and press
 plots update. Stop keeps what was computed so far. A run downloads as a trace file, and an uploaded trace
 replays every view without a model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,31 +47,43 @@ log = logging.getLogger("famviz.app")
 DESCRIPTION = "famviz app: the live memory inspector of a TransformerFAM model"
 
 
-def build_app(loaded: LoadedModel, adapter: AppAdapter | str | Path | None = None,
-              startup_key: tuple | None = None, redraw_seconds: float = MIN_REDRAW_SECONDS) -> gr.Blocks:
+def build_app(
+    loaded: LoadedModel,
+    adapter: AppAdapter | str | Path | None = None,
+    startup_key: tuple | None = None,
+    redraw_seconds: float = MIN_REDRAW_SECONDS,
+) -> gr.Blocks:
     """The app around a loaded model; ``adapter`` is an AppAdapter or an adapter directory (applied here).
     ``startup_key`` = (model, adapter, device, dtype) as given on the command line (for the Model panel)."""
     if adapter is not None and not isinstance(adapter, AppAdapter):
         adapter = attach_adapter(loaded, adapter)
-    key = startup_key or (None if loaded.name.startswith("SmolLM2") else loaded.name,
-                        str(adapter.directory) if adapter is not None else None, "auto", "auto")
+    key = startup_key or (
+        None if loaded.name.startswith("SmolLM2") else loaded.name,
+        str(adapter.directory) if adapter is not None else None,
+        "auto",
+        "auto",
+    )
     hub = ModelHub(loaded, adapter, key)
     defaults = adapter.settings() if adapter is not None else DEFAULT_SETTINGS
 
     with gr.Blocks(title="famviz: TransformerFAM memory", delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown("## famviz · watch TransformerFAM's working memory")
         header = gr.Markdown(model_summary(loaded, adapter), elem_id="model-summary")
-        context = AppContext(hub=hub, run_state=gr.State(None), defaults=defaults, redraw_seconds=redraw_seconds,
-                             header=header)
+        context = AppContext(
+            hub=hub, run_state=gr.State(None), defaults=defaults, redraw_seconds=redraw_seconds, header=header
+        )
         with gr.Tabs():
             build_inspector_tab(context)
             build_passkey_tab(context)
         for choice in context.model_inputs:
             choice.change(lambda *c: model_header(hub, *c), context.model_inputs, header, show_progress="hidden")
         fields = [field for group in context.geometry_fields for field in group]
-        context.model_inputs[1].input(functools.partial(adapter_geometry, len(context.geometry_fields)),
-                                      [context.model_inputs[1]], [*fields, context.adapter_note],
-                                      show_progress="hidden")
+        context.model_inputs[1].input(
+            functools.partial(adapter_geometry, len(context.geometry_fields)),
+            [context.model_inputs[1]],
+            [*fields, context.adapter_note],
+            show_progress="hidden",
+        )
     demo.queue(default_concurrency_limit=4)
     demo.famviz_context = context  # for warm_up, benchmarks and tests
     return demo
@@ -79,18 +92,33 @@ def build_app(loaded: LoadedModel, adapter: AppAdapter | str | Path | None = Non
 # -- command line -----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python app.py", description=DESCRIPTION)
-    parser.add_argument("--model", default=None, metavar="ID_OR_PATH",
-                        help="Hugging Face model id or local path (default: bundled SmolLM2-135M)")
-    parser.add_argument("--adapter", default=None, metavar="DIR",
-                        help="trained FAM adapter directory; 'none' for the untuned conversion (default: the "
-                             "shipped tuned FAM adapter with the bundled model, none with --model)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="ID_OR_PATH",
+        help="Hugging Face model id or local path (default: bundled SmolLM2-135M)",
+    )
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="trained FAM adapter directory; 'none' for the untuned conversion (default: the "
+        "shipped tuned FAM adapter with the bundled model, none with --model)",
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
-    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)"
+    )
     parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
-    parser.add_argument("--redraw-seconds", type=float, default=MIN_REDRAW_SECONDS, metavar="S",
-                        help=f"while blocks come faster, redraw the plots at most every S seconds "
-                             f"(default {MIN_REDRAW_SECONDS:g}; the status line updates after every block)")
+    parser.add_argument(
+        "--redraw-seconds",
+        type=float,
+        default=MIN_REDRAW_SECONDS,
+        metavar="S",
+        help=f"while blocks come faster, redraw the plots at most every S seconds "
+        f"(default {MIN_REDRAW_SECONDS:g}; the status line updates after every block)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="more logging on stderr")
     return parser
 
@@ -110,8 +138,21 @@ def warm_up(hub: ModelHub, defaults: FamConfig) -> float:
     started = time.perf_counter()
     settings = dataclasses.replace(defaults, block_size=min(defaults.block_size, 64))
     text = " ".join(f"Warm-up sentence {i} for the memory inspector." for i in range(40))
-    args = [*hub.default_key, "paste", None, text, DEFAULT_PASSKEY_TOKENS, settings.mode, NO_COMPARE,
-            settings.block_size, settings.fam_len, settings.mem_blocks, 2 * settings.block_size, "", None]
+    args = [
+        *hub.default_key,
+        "paste",
+        None,
+        text,
+        DEFAULT_PASSKEY_TOKENS,
+        settings.mode,
+        NO_COMPARE,
+        settings.block_size,
+        settings.fam_len,
+        settings.mem_blocks,
+        2 * settings.block_size,
+        "",
+        None,
+    ]
     for _ in stream_document(hub, *args):
         pass
     return time.perf_counter() - started
@@ -136,10 +177,19 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(args.model, device=args.device, dtype=args.dtype)
         args.adapter = startup_adapter(args.model, args.adapter)
         adapter = attach_adapter(loaded, args.adapter) if args.adapter else None
-        log.info("famviz: %s loaded in %.1f s on %s (%s)", loaded.name, time.perf_counter() - started,
-                 loaded.device, str(loaded.dtype).replace("torch.", ""))
-        demo = build_app(loaded, adapter, startup_key=model_key(args.model, args.adapter, args.device, args.dtype),
-                         redraw_seconds=args.redraw_seconds)
+        log.info(
+            "famviz: %s loaded in %.1f s on %s (%s)",
+            loaded.name,
+            time.perf_counter() - started,
+            loaded.device,
+            str(loaded.dtype).replace("torch.", ""),
+        )
+        demo = build_app(
+            loaded,
+            adapter,
+            startup_key=model_key(args.model, args.adapter, args.device, args.dtype),
+            redraw_seconds=args.redraw_seconds,
+        )
         log.info("famviz: warmed up in %.1f s", warm_up(demo.famviz_context.hub, demo.famviz_context.defaults))
     except FamvizError as exc:
         print(f"famviz: error: {exc}", file=sys.stderr)

@@ -4,6 +4,7 @@ Built by ``build_passkey_tab(context)`` (``famviz.app.hub.AppContext``; ``contex
 handlers are generators: they yield after every block (retention) or every trial (sweep), keep what
 was computed when stopped, and turn bad input into a message instead of an exception.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,9 +44,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("famviz.app")
 
-MODE_CHOICES = [("FAM, no memory blocks", "fam:0"), ("FAM, 1 memory block", "fam:1"), ("BSWA, no memory", "bswa:0"),
-                ("BSWA, 1 memory block", "bswa:1"), ("attention sinks (StreamingLLM), no memory", "sink:0"),
-                ("full attention", "full")]
+MODE_CHOICES = [
+    ("FAM, no memory blocks", "fam:0"),
+    ("FAM, 1 memory block", "fam:1"),
+    ("BSWA, no memory", "bswa:0"),
+    ("BSWA, 1 memory block", "bswa:1"),
+    ("attention sinks (StreamingLLM), no memory", "sink:0"),
+    ("full attention", "full"),
+]
 FILLER, UPLOAD = "PassKey filler", "Your document (upload)"
 NO_UPLOAD = "No document uploaded: upload a file or use the PassKey filler."
 MAX_LENGTH = 1_000_000
@@ -54,8 +60,12 @@ MAX_CELLS = 400
 
 
 def _base(block_size: float | str | None, fam_len: float | str | None) -> FamConfig:
-    return FamConfig(mode="fam", block_size=whole_number("Block size", block_size, 1, MAX_BLOCK_SIZE),
-                     fam_len=whole_number("FAM length", fam_len, 1, MAX_FAM_LEN), mem_blocks=0)
+    return FamConfig(
+        mode="fam",
+        block_size=whole_number("Block size", block_size, 1, MAX_BLOCK_SIZE),
+        fam_len=whole_number("FAM length", fam_len, 1, MAX_FAM_LEN),
+        mem_blocks=0,
+    )
 
 
 def _fam_model(loaded: LoadedModel, adapter: AppAdapter | None, spec: pk.ModeSpec, base: FamConfig) -> FamModel:
@@ -83,10 +93,21 @@ class PasskeySession:
 
 
 # -- live retention -------------------------------------------------------------------------------------------
-def watch_retention(context: AppContext, mode: str, mem_blocks: float | str | None, block_size: float | str | None,
-                    fam_len: float | str | None, length: float | str | None, depth: float | str | None,
-                    every: float | str | None, source: str, upload: str | None, seed: float | str | None,
-                    session: PasskeySession | None, model_choice: tuple | None = None) -> Iterator[tuple]:
+def watch_retention(
+    context: AppContext,
+    mode: str,
+    mem_blocks: float | str | None,
+    block_size: float | str | None,
+    fam_len: float | str | None,
+    length: float | str | None,
+    depth: float | str | None,
+    every: float | str | None,
+    source: str,
+    upload: str | None,
+    seed: float | str | None,
+    session: PasskeySession | None,
+    model_choice: tuple | None = None,
+) -> Iterator[tuple]:
     """Stream one PassKey prompt and probe the memory after every ``every`` blocks once the key went by,
     with the model of the Model panel (``model_choice``). Yields (status, retention figure, session) after
     every block."""
@@ -119,8 +140,10 @@ def watch_retention(context: AppContext, mode: str, mem_blocks: float | str | No
         return
 
     session.points, session.key = [], document.key
-    session.retention_caption = (f"{label}; {spec.label}, block {base.block_size}, fam_len {base.fam_len}; "
-                                 f"{document.length} tokens, key at depth {depth:g}, probe every {every} block(s)")
+    session.retention_caption = (
+        f"{label}; {spec.label}, block {base.block_size}, fam_len {base.fam_len}; "
+        f"{document.length} tokens, key at depth {depth:g}, probe every {every} block(s)"
+    )
     stream = Stream(fam_model, record=False)
     probe = pk.RetentionProbe(document.key, document.key_span[1], every).attach(stream)
     probe.points = session.points  # the session sees every point as soon as it is measured
@@ -128,8 +151,14 @@ def watch_retention(context: AppContext, mode: str, mem_blocks: float | str | No
     total = -(-len(ids) // base.block_size)
     started = time.perf_counter()
     notes = notes_markdown(status_notes(adapter, [fam_model.config]))
-    yield (f"Streaming {document.length:,} tokens ({total} blocks) with {spec.label} on {label}; key "
-           f"**{document.key}**…{notes}"), retention_figure([], document.key), session
+    yield (
+        (
+            f"Streaming {document.length:,} tokens ({total} blocks) with {spec.label} on {label}; key "
+            f"**{document.key}**…{notes}"
+        ),
+        retention_figure([], document.key),
+        session,
+    )
     blocks = stream.blocks(ids)
     for index in range(total):
         try:
@@ -140,14 +169,28 @@ def watch_retention(context: AppContext, mode: str, mem_blocks: float | str | No
             return
         last = session.points[-1] if session.points else None
         said = "no number" if last is None or last.predicted is None else last.predicted
-        answer = "" if last is None else (f" · last probe: {'retrieved' if last.correct else 'lost'} "
-                                          f"(answer {said}, log p {last.key_logprob:.2f})")
-        status = (f"Block **{index + 1} / {total}** · {stream.position:,} tokens · "
-                  f"{time.perf_counter() - started:.1f} s · key {document.key}{answer}{notes}")
+        answer = (
+            ""
+            if last is None
+            else (
+                f" · last probe: {'retrieved' if last.correct else 'lost'} "
+                f"(answer {said}, log p {last.key_logprob:.2f})"
+            )
+        )
+        status = (
+            f"Block **{index + 1} / {total}** · {stream.position:,} tokens · "
+            f"{time.perf_counter() - started:.1f} s · key {document.key}{answer}{notes}"
+        )
         yield status, retention_figure(session.points, document.key), session
     kept = sum(p.correct for p in session.points)
-    yield (f"Done: key retrieved in **{kept} of {len(session.points)}** probes · {document.length:,} tokens · "
-           f"{time.perf_counter() - started:.1f} s · {label}{notes}"), retention_figure(session.points, document.key), session
+    yield (
+        (
+            f"Done: key retrieved in **{kept} of {len(session.points)}** probes · {document.length:,} tokens · "
+            f"{time.perf_counter() - started:.1f} s · {label}{notes}"
+        ),
+        retention_figure(session.points, document.key),
+        session,
+    )
 
 
 # -- sweeps -------------------------------------------------------------------------------------------------------
@@ -155,9 +198,18 @@ def _rows(cells: list[pk.CellResult]) -> list[list]:
     return [[c.label, c.length, c.depth, c.trials, round(c.accuracy, 3), round(c.mean_key_logprob, 3)] for c in cells]
 
 
-def run_sweep(context: AppContext, modes: list[str] | None, lengths: str, depths: str, trials: float | str | None,
-              block_size: float | str | None, fam_len: float | str | None, seed: float | str | None,
-              session: PasskeySession | None, model_choice: tuple | None = None) -> Iterator[tuple]:
+def run_sweep(
+    context: AppContext,
+    modes: list[str] | None,
+    lengths: str,
+    depths: str,
+    trials: float | str | None,
+    block_size: float | str | None,
+    fam_len: float | str | None,
+    seed: float | str | None,
+    session: PasskeySession | None,
+    model_choice: tuple | None = None,
+) -> Iterator[tuple]:
     """Every (mode, length, depth) cell, trial by trial, with the Model panel's model (``model_choice``);
     yields (status, heatmap, table, session)."""
     session = session or PasskeySession()
@@ -175,7 +227,9 @@ def run_sweep(context: AppContext, modes: list[str] | None, lengths: str, depths
         loaded, adapter = chosen_model(context, model_choice)
         label = loaded.label
         try:
-            documents = {(n, d): pk.trial_documents(loaded.tokenizer, n, d, trials, seed) for n in lengths for d in depths}
+            documents = {
+                (n, d): pk.trial_documents(loaded.tokenizer, n, d, trials, seed) for n in lengths for d in depths
+            }
         except ValueError as exc:
             raise FamvizError(str(exc)) from None
     except FamvizError as exc:
@@ -187,17 +241,29 @@ def run_sweep(context: AppContext, modes: list[str] | None, lengths: str, depths
         return
 
     session.cells = []
-    session.sweep_config = {"modes": [s.label for s in specs], "lengths": lengths, "depths": depths, "trials": trials,
-                            "seed": seed, "block_size": base.block_size, "fam_len": base.fam_len,
-                            "model": loaded.name,
-                            "adapter": str(adapter.directory) if adapter is not None else None}
-    session.sweep_caption = (f"{label}; block {base.block_size}, fam_len {base.fam_len}; {trials} trials per "
-                             f"cell, seed {seed}")
+    session.sweep_config = {
+        "modes": [s.label for s in specs],
+        "lengths": lengths,
+        "depths": depths,
+        "trials": trials,
+        "seed": seed,
+        "block_size": base.block_size,
+        "fam_len": base.fam_len,
+        "model": loaded.name,
+        "adapter": str(adapter.directory) if adapter is not None else None,
+    }
+    session.sweep_caption = (
+        f"{label}; block {base.block_size}, fam_len {base.fam_len}; {trials} trials per cell, seed {seed}"
+    )
     total = len(specs) * len(documents) * trials
     done, started = 0, time.perf_counter()
     notes = notes_markdown(status_notes(adapter, [pk.sweep_config(base, spec) for spec in specs]))
-    yield (f"Sweeping {len(specs) * len(documents)} cells × {trials} trials on {label}…{notes}", passkey_heatmap([]),
-           [], session)
+    yield (
+        f"Sweeping {len(specs) * len(documents)} cells × {trials} trials on {label}…{notes}",
+        passkey_heatmap([]),
+        [],
+        session,
+    )
     for spec in specs:
         fam_model = _fam_model(loaded, adapter, spec, base)
         for (length, depth), docs in documents.items():
@@ -209,8 +275,10 @@ def run_sweep(context: AppContext, modes: list[str] | None, lengths: str, depths
                     done += 1
                     session.cells[-1] = pk.summarise_cell(spec, results, time.perf_counter() - cell_started)
                     elapsed = time.perf_counter() - started
-                    status = (f"Trial **{done} / {total}** · {spec.label}, {length:,} tokens, depth {depth:g} · "
-                              f"{elapsed:.0f} s elapsed · {label}{notes}")
+                    status = (
+                        f"Trial **{done} / {total}** · {spec.label}, {length:,} tokens, depth {depth:g} · "
+                        f"{elapsed:.0f} s elapsed · {label}{notes}"
+                    )
                     yield status, passkey_heatmap(session.cells), _rows(session.cells), session
             except Exception as exc:  # keep the cells so far
                 log.exception("sweep failed")
@@ -218,21 +286,37 @@ def run_sweep(context: AppContext, modes: list[str] | None, lengths: str, depths
                     session.cells.pop()
                 yield error_status(f"stopped: {type(exc).__name__}: {exc}"), gr.skip(), gr.skip(), session
                 return
-    yield (f"Done: {len(session.cells)} cells, {total} trials in {time.perf_counter() - started:.0f} s · "
-           f"{label}{notes}"), \
-        passkey_heatmap(session.cells), _rows(session.cells), session
+    yield (
+        (f"Done: {len(session.cells)} cells, {total} trials in {time.perf_counter() - started:.0f} s · {label}{notes}"),
+        passkey_heatmap(session.cells),
+        _rows(session.cells),
+        session,
+    )
 
 
 # -- interventions ------------------------------------------------------------------------------------------------
 REDRAW_SECONDS = 1.0  # the heatmap is redrawn at most this often while interventions come in
-INTERVENTION_METHODS = [("ablate: initial FAM instead", "ablate"), ("patch: FAM of another key", "patch"),
-                        ("write time: clean FAM into the other key's run", "write-time")]
+INTERVENTION_METHODS = [
+    ("ablate: initial FAM instead", "ablate"),
+    ("patch: FAM of another key", "patch"),
+    ("write time: clean FAM into the other key's run", "write-time"),
+]
 
 
-def run_interventions_tab(context: AppContext, method: str, length: float | str | None, depth: float | str | None,
-                          trials: float | str | None, layers: str, blocks: str, block_size: float | str | None,
-                          fam_len: float | str | None, seed: float | str | None,
-                          session: PasskeySession | None, model_choice: tuple | None = None) -> Iterator[tuple]:
+def run_interventions_tab(
+    context: AppContext,
+    method: str,
+    length: float | str | None,
+    depth: float | str | None,
+    trials: float | str | None,
+    layers: str,
+    blocks: str,
+    block_size: float | str | None,
+    fam_len: float | str | None,
+    seed: float | str | None,
+    session: PasskeySession | None,
+    model_choice: tuple | None = None,
+) -> Iterator[tuple]:
     """FAM ablation / patching (``famviz.probes.ablation``) with the Model panel's model; yields (status, heatmap,
     session) as the interventions finish, the heatmap redrawn about once a second."""
     from famviz.probes import ablation as ab
@@ -245,7 +329,9 @@ def run_interventions_tab(context: AppContext, method: str, length: float | str 
         seed = whole_number("Seed", seed, 0, 2**31 - 1)
         depth = fraction("Depth", depth)
         base = _base(block_size, fam_len)
-        layer_list = None if not str(layers).strip() else [int(v) for v in number_list("Layers", layers, float, 0, 4096)]
+        layer_list = (
+            None if not str(layers).strip() else [int(v) for v in number_list("Layers", layers, float, 0, 4096)]
+        )
         loaded, adapter = chosen_model(context, model_choice)
         fam_model = _fam_model(loaded, adapter, pk.ModeSpec("fam", 0), base)
         cases = ab.passkey_cases(loaded.tokenizer, base.block_size, length, depth, trials, seed)
@@ -260,10 +346,18 @@ def run_interventions_tab(context: AppContext, method: str, length: float | str 
         yield error_status(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), session
         return
     label = loaded.label
-    session.intervention_caption = (f"{label}; block {base.block_size}, FAM {base.fam_len}, memory blocks 0; "
-                                    f"PassKey {length} tokens, depth {depth:g}; {trials} trials, seed {seed}")
-    config = {"model": loaded.name, "adapter": str(adapter.directory) if adapter is not None else None,
-              "length": length, "depth": depth, "seed": seed, **fam_model.config.to_dict()}
+    session.intervention_caption = (
+        f"{label}; block {base.block_size}, FAM {base.fam_len}, memory blocks 0; "
+        f"PassKey {length} tokens, depth {depth:g}; {trials} trials, seed {seed}"
+    )
+    config = {
+        "model": loaded.name,
+        "adapter": str(adapter.directory) if adapter is not None else None,
+        "length": length,
+        "depth": depth,
+        "seed": seed,
+        **fam_model.config.to_dict(),
+    }
     notes = notes_markdown(status_notes(adapter, [fam_model.config]))
     yield f"Intervening ({method}) on {label}…{notes}", intervention_heatmap({}), session
     started, drawn, done, result = time.perf_counter(), 0.0, 0, None
@@ -273,36 +367,64 @@ def run_interventions_tab(context: AppContext, method: str, length: float | str 
             session.intervention = dict(result.to_dict(), config=config)
             if time.perf_counter() - drawn >= REDRAW_SECONDS:
                 drawn = time.perf_counter()
-                yield (f"Intervention **{done}** · trial {result.trials} / {trials} · "
-                       f"{drawn - started:.0f} s elapsed · {label}{notes}"), \
-                    intervention_heatmap(session.intervention), session
+                yield (
+                    (
+                        f"Intervention **{done}** · trial {result.trials} / {trials} · "
+                        f"{drawn - started:.0f} s elapsed · {label}{notes}"
+                    ),
+                    intervention_heatmap(session.intervention),
+                    session,
+                )
     except Exception as exc:
         log.exception("interventions failed")
         yield error_status(f"stopped: {type(exc).__name__}: {exc}"), gr.skip(), session
         return
     values = ", ".join(f"{k} {v:.2f}" for k, v in (result.values if result else {}).items())
-    yield (f"Done: {done} interventions in {time.perf_counter() - started:.0f} s · mean log p(key): {values} · "
-           f"{label}{notes}"), intervention_heatmap(session.intervention or {}), session
+    yield (
+        (
+            f"Done: {done} interventions in {time.perf_counter() - started:.0f} s · mean log p(key): {values} · "
+            f"{label}{notes}"
+        ),
+        intervention_heatmap(session.intervention or {}),
+        session,
+    )
 
 
 def export_passkey(which: str, fmt: str, session: PasskeySession | None) -> tuple:
     """The retention curve or the sweep heatmap as a paper-ready file; returns (file, note)."""
-    if session is None or (which == "heatmap" and not session.cells) or (which == "retention" and not session.points) \
-            or (which == "interventions" and not session.intervention):
+    if (
+        session is None
+        or (which == "heatmap" and not session.cells)
+        or (which == "retention" and not session.points)
+        or (which == "interventions" and not session.intervention)
+    ):
         return gr.skip(), "Nothing to export yet: run it first."
 
     def write() -> Path:
         if which == "interventions":
-            fig, caption, meta, size = (intervention_heatmap(session.intervention), session.intervention_caption,
-                                        session.intervention["config"], (1100, 700))
+            fig, caption, meta, size = (
+                intervention_heatmap(session.intervention),
+                session.intervention_caption,
+                session.intervention["config"],
+                (1100, 700),
+            )
         elif which == "heatmap":
-            fig, caption, meta, size = (passkey_heatmap(session.cells), session.sweep_caption, session.sweep_config,
-                                        (1100, 420))
+            fig, caption, meta, size = (
+                passkey_heatmap(session.cells),
+                session.sweep_caption,
+                session.sweep_config,
+                (1100, 420),
+            )
         else:
-            fig, caption, meta, size = (retention_figure(session.points, session.key), session.retention_caption,
-                                        {"key": session.key}, (900, 520))
-        return export.write_figure(fig, _export_path(f"famviz-passkey-{which}", fmt), fmt, caption=caption,
-                                   metadata=meta, size=size)
+            fig, caption, meta, size = (
+                retention_figure(session.points, session.key),
+                session.retention_caption,
+                {"key": session.key},
+                (900, 520),
+            )
+        return export.write_figure(
+            fig, _export_path(f"famviz-passkey-{which}", fmt), fmt, caption=caption, metadata=meta, size=size
+        )
 
     file, note = export.export_for_download(write)
     return file or gr.skip(), note
@@ -313,8 +435,9 @@ def download_results(session: PasskeySession | None) -> tuple:
     if session is None or not session.cells:
         return gr.skip(), "No sweep results yet."
     path = _export_path("famviz-passkey-sweep", "json")
-    path.write_text(json.dumps({"results": [c.summary() for c in session.cells], "config": session.sweep_config},
-                               indent=1))
+    path.write_text(
+        json.dumps({"results": [c.summary() for c in session.cells], "config": session.sweep_config}, indent=1)
+    )
     return str(path), f"Results **{path.name}**: {len(session.cells)} cells."
 
 
@@ -329,25 +452,36 @@ def build_passkey_tab(context: AppContext) -> None:
             "**Watch retention** streams one prompt and, after every *k* blocks once the key has gone by, forks "
             "the memory, asks the question and decodes the answer: does the memory still hold the key? "
             "**Sweep** measures accuracy over lengths × depths for several modes. Depth 0 puts the key right "
-            "after the instruction (the paper's setting), 1 right before the question.")
+            "after the instruction (the paper's setting), 1 right before the question."
+        )
         with gr.Row():
             trained = context.defaults  # the startup adapter's geometry (the tool's defaults without one)
-            block_size = gr.Number(value=trained.block_size, precision=None, step=1, label="Block size (tokens)",
-                                   elem_id="pk-block-size")
-            fam_len = gr.Number(value=trained.fam_len, precision=None, step=1, label="FAM length (slots)", elem_id="pk-fam-len")
+            block_size = gr.Number(
+                value=trained.block_size, precision=None, step=1, label="Block size (tokens)", elem_id="pk-block-size"
+            )
+            fam_len = gr.Number(
+                value=trained.fam_len, precision=None, step=1, label="FAM length (slots)", elem_id="pk-fam-len"
+            )
             seed = gr.Number(value=0, precision=None, step=1, label="Seed", elem_id="pk-seed")
         gr.Markdown("### Watch retention")
         with gr.Row():
             mode = gr.Radio(["fam", "bswa", "sink", "full"], value="fam", label="Mode", elem_id="pk-mode")
-            mem_blocks = gr.Number(value=trained.mem_blocks if context.hub.default[1] else 0, precision=None, step=1, label="Memory blocks", elem_id="pk-mem-blocks")
+            mem_blocks = gr.Number(
+                value=trained.mem_blocks if context.hub.default[1] else 0,
+                precision=None,
+                step=1,
+                label="Memory blocks",
+                elem_id="pk-mem-blocks",
+            )
             length = gr.Number(value=2000, precision=None, step=1, label="Length (tokens)", elem_id="pk-length")
             depth = gr.Slider(0, 1, value=0, step=0.05, label="Key depth", elem_id="pk-depth")
             every = gr.Number(value=1, precision=None, step=1, label="Probe every k blocks", elem_id="pk-every")
         context.geometry_fields.append((block_size, fam_len, mem_blocks))
         with gr.Row():
             source = gr.Radio([FILLER, UPLOAD], value=FILLER, label="Hide the key in", elem_id="pk-source")
-            upload = gr.File(label=f"Document {UPLOAD_LABEL}", file_types=UPLOAD_TYPES, type="filepath",
-                             elem_id="pk-upload")
+            upload = gr.File(
+                label=f"Document {UPLOAD_LABEL}", file_types=UPLOAD_TYPES, type="filepath", elem_id="pk-upload"
+            )
         with gr.Row():
             watch_button = gr.Button("Watch retention", variant="primary", elem_id="pk-watch")
             watch_stop = gr.Button("Stop", variant="stop", elem_id="pk-watch-stop")
@@ -356,8 +490,7 @@ def build_passkey_tab(context: AppContext) -> None:
 
         gr.Markdown("### Sweep length × depth")
         with gr.Row():
-            modes = gr.CheckboxGroup(MODE_CHOICES, value=["fam:0", "bswa:0", "full"], label="Modes",
-                                     elem_id="pk-modes")
+            modes = gr.CheckboxGroup(MODE_CHOICES, value=["fam:0", "bswa:0", "full"], label="Modes", elem_id="pk-modes")
             lengths = gr.Textbox(value="1000,2000", label="Lengths (tokens)", elem_id="pk-lengths")
             depths = gr.Textbox(value="0,0.5,1", label="Depths", elem_id="pk-depths")
             trials = gr.Number(value=3, precision=None, step=1, label="Trials per cell", elem_id="pk-trials")
@@ -366,8 +499,12 @@ def build_passkey_tab(context: AppContext) -> None:
             sweep_stop = gr.Button("Stop", variant="stop", elem_id="pk-sweep-stop")
         sweep_status = gr.Markdown("", elem_id="pk-sweep-status")
         heatmap = gr.Plot(passkey_heatmap([]), label="Accuracy", elem_id="pk-heatmap")
-        table = gr.Dataframe(headers=["mode", "length", "depth", "trials", "accuracy", "mean log p(key)"],
-                             label="Cells", interactive=False, elem_id="pk-table")
+        table = gr.Dataframe(
+            headers=["mode", "length", "depth", "trials", "accuracy", "mean log p(key)"],
+            label="Cells",
+            interactive=False,
+            elem_id="pk-table",
+        )
 
         gr.Markdown("### Where the memory keeps the key: interventions on the FAM")
         gr.Markdown(
@@ -377,63 +514,118 @@ def build_passkey_tab(context: AppContext) -> None:
             "**patch** the FAM of the same prompt with another key (the key's causal path), **write time** patches "
             "the clean FAM into that other key's run after each block (when the key entered memory, and where it "
             "stays). Red: the key became less likely; blue: more. FAM mode, no memory blocks, the Model panel's model.",
-            elem_id="note-interventions")
+            elem_id="note-interventions",
+        )
         with gr.Row():
             method = gr.Radio(INTERVENTION_METHODS, value="ablate", label="Method", elem_id="ab-method")
             ab_length = gr.Number(value=1024, precision=None, step=1, label="Length (tokens)", elem_id="ab-length")
             ab_depth = gr.Slider(0, 1, value=0, step=0.05, label="Key depth", elem_id="ab-depth")
             ab_trials = gr.Number(value=1, precision=None, step=1, label="Trials", elem_id="ab-trials")
             ab_layers = gr.Textbox(value="", label="Layers (empty: all)", elem_id="ab-layers")
-            ab_blocks = gr.Radio([("the question block's FAM", "last"), ("after every block", "all")], value="last",
-                                 label="Replace the FAM after", elem_id="ab-blocks",
-                                 info="write time always uses every block")
+            ab_blocks = gr.Radio(
+                [("the question block's FAM", "last"), ("after every block", "all")],
+                value="last",
+                label="Replace the FAM after",
+                elem_id="ab-blocks",
+                info="write time always uses every block",
+            )
         with gr.Row():
             ab_button = gr.Button("Run interventions", variant="primary", elem_id="ab-run")
             ab_stop = gr.Button("Stop", variant="stop", elem_id="ab-stop")
         ab_status = gr.Markdown("", elem_id="ab-status")
         ab_plot = gr.Plot(intervention_heatmap({}), label="Δ log p(key)", elem_id="ab-heatmap")
         with gr.Row():
-            which = gr.Radio([("Sweep heatmap", "heatmap"), ("Retention curve", "retention"),
-                              ("Intervention heatmap", "interventions")], value="heatmap",
-                             label="Export", elem_id="pk-export-which")
-            fmt = gr.Radio(formats, value="svg" if static_problem is None else "html", label="Format",
-                           elem_id="pk-export-format")
+            which = gr.Radio(
+                [
+                    ("Sweep heatmap", "heatmap"),
+                    ("Retention curve", "retention"),
+                    ("Intervention heatmap", "interventions"),
+                ],
+                value="heatmap",
+                label="Export",
+                elem_id="pk-export-which",
+            )
+            fmt = gr.Radio(
+                formats, value="svg" if static_problem is None else "html", label="Format", elem_id="pk-export-format"
+            )
             export_button = gr.Button("Export figure", elem_id="pk-export")
             json_button = gr.Button("Download results (.json)", elem_id="pk-download")
         export_file = gr.File(label="Exported file", interactive=False, elem_id="pk-export-file")
-        export_note = gr.Markdown("" if static_problem is None else f"**Note:** {static_problem}",
-                                  elem_id="pk-export-note")
+        export_note = gr.Markdown(
+            "" if static_problem is None else f"**Note:** {static_problem}", elem_id="pk-export-note"
+        )
 
     # Both run the model chosen in the inspector's Model panel (its four inputs come first).
-    def watch(model: str | None, adapter_dir: str | None, device: str | None, dtype: str | None,
-              *args: object) -> Iterator[tuple]:
+    def watch(
+        model: str | None, adapter_dir: str | None, device: str | None, dtype: str | None, *args: object
+    ) -> Iterator[tuple]:
         yield from watch_retention(context, *args, model_choice=(model, adapter_dir, device, dtype))
 
-    def sweep(model: str | None, adapter_dir: str | None, device: str | None, dtype: str | None,
-              *args: object) -> Iterator[tuple]:
+    def sweep(
+        model: str | None, adapter_dir: str | None, device: str | None, dtype: str | None, *args: object
+    ) -> Iterator[tuple]:
         yield from run_sweep(context, *args, model_choice=(model, adapter_dir, device, dtype))
 
-    def intervene(model: str | None, adapter_dir: str | None, device: str | None, dtype: str | None,
-                  *args: object) -> Iterator[tuple]:
+    def intervene(
+        model: str | None, adapter_dir: str | None, device: str | None, dtype: str | None, *args: object
+    ) -> Iterator[tuple]:
         yield from run_interventions_tab(context, *args, model_choice=(model, adapter_dir, device, dtype))
 
     # Queued on the model with the inspector's stream (concurrency_id "model"): one forward pass at a time.
     watch_event = watch_button.click(
-        watch, [*context.model_inputs, mode, mem_blocks, block_size, fam_len, length, depth, every, source, upload,
-                seed, session],
-        [retention_status, retention_plot, session], api_name="passkey_retention", show_progress="hidden",
-        concurrency_id="model", concurrency_limit=1)
+        watch,
+        [
+            *context.model_inputs,
+            mode,
+            mem_blocks,
+            block_size,
+            fam_len,
+            length,
+            depth,
+            every,
+            source,
+            upload,
+            seed,
+            session,
+        ],
+        [retention_status, retention_plot, session],
+        api_name="passkey_retention",
+        show_progress="hidden",
+        concurrency_id="model",
+        concurrency_limit=1,
+    )
     watch_stop.click(None, cancels=[watch_event])
     sweep_event = sweep_button.click(
-        sweep, [*context.model_inputs, modes, lengths, depths, trials, block_size, fam_len, seed, session],
-        [sweep_status, heatmap, table, session], api_name="passkey_sweep", show_progress="hidden",
-        concurrency_id="model", concurrency_limit=1)
+        sweep,
+        [*context.model_inputs, modes, lengths, depths, trials, block_size, fam_len, seed, session],
+        [sweep_status, heatmap, table, session],
+        api_name="passkey_sweep",
+        show_progress="hidden",
+        concurrency_id="model",
+        concurrency_limit=1,
+    )
     sweep_stop.click(None, cancels=[sweep_event])
     ab_event = ab_button.click(
-        intervene, [*context.model_inputs, method, ab_length, ab_depth, ab_trials, ab_layers, ab_blocks, block_size,
-                    fam_len, seed, session],
-        [ab_status, ab_plot, session], api_name="passkey_interventions", show_progress="hidden",
-        concurrency_id="model", concurrency_limit=1)
+        intervene,
+        [
+            *context.model_inputs,
+            method,
+            ab_length,
+            ab_depth,
+            ab_trials,
+            ab_layers,
+            ab_blocks,
+            block_size,
+            fam_len,
+            seed,
+            session,
+        ],
+        [ab_status, ab_plot, session],
+        api_name="passkey_interventions",
+        show_progress="hidden",
+        concurrency_id="model",
+        concurrency_limit=1,
+    )
     ab_stop.click(None, cancels=[ab_event])
     context.refresh_header_after(watch_event)
     context.refresh_header_after(sweep_event)

@@ -26,6 +26,7 @@ so the shares are exact by construction and cost nothing beyond the attention it
 FAM rows' per-token probabilities (``fam.read``, fam_len x block per head) are formed explicitly.
 ``attend_reference_stats`` is the plain explicit-softmax form the tests compare against.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -117,8 +118,15 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return names
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout, scale: float,
-           with_stats: bool = False, backend: str = "sdpa") -> tuple[torch.Tensor, AttentionStats | None]:
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: WindowLayout,
+    scale: float,
+    with_stats: bool = False,
+    backend: str = "sdpa",
+) -> tuple[torch.Tensor, AttentionStats | None]:
     """Masked attention of q (b, heads, Q, d) over k, v (b, kv_heads, K, d); GQA without repeating K/V."""
     if with_stats:
         return attend_with_stats(q, k, v, layout, scale)
@@ -126,14 +134,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayo
         return _attend_flex(q, k, v, layout, scale), None
     if backend == "flash":
         return attend_split(q, k, v, layout, scale, _flash_kernel), None
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(layout, q.device), scale=scale,
-                                         enable_gqa=q.shape[1] != k.shape[1])
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=window_mask(layout, q.device), scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
     return out, None
 
 
 # -- split form (flash-attn) -----------------------------------------------------------------------
-def attend_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout, scale: float,
-                 kernel: Kernel) -> torch.Tensor:
+def attend_split(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout, scale: float, kernel: Kernel
+) -> torch.Tensor:
     """The window mask as two unmasked/causal kernel calls; ``kernel(q, k, v, scale, causal)``
     takes (b, heads, n, d) tensors, with causal meaning bottom-right aligned.
 
@@ -196,8 +206,9 @@ def _attend_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Wind
 
 
 # -- statistics from per-group log-sum-exps -------------------------------------------------------
-def attend_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout,
-                      scale: float) -> tuple[torch.Tensor, AttentionStats]:
+def attend_with_stats(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout, scale: float
+) -> tuple[torch.Tensor, AttentionStats]:
     """Window attention plus exact shares, merged from one fused kernel call per key group.
 
     q: (batch, heads, fam + block, head_dim); k, v: (batch, kv_heads, memory + fam + block, head_dim);
@@ -228,8 +239,9 @@ def attend_with_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
     return out, AttentionStats(block_share=block_share, fam_share=fam_share, fam_read=fam_read)
 
 
-def _merge_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  groups: list[tuple[slice, bool]]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+def _merge_groups(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, groups: list[tuple[slice, bool]]
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """Attention of q over the union of key ranges ``groups`` [(slice, causal)], plus each group's
     softmax mass (b, heads, queries) and the union's log-sum-exp."""
     parts = [_attention_with_lse(q, k[:, :, keys], v[:, :, keys], scale, causal) for keys, causal in groups]
@@ -244,8 +256,9 @@ def _merge_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return out.to(q.dtype), list(weights), total
 
 
-def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                        causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(output (b, heads, Q, d), log-sum-exp (b, heads, Q) float32); causal is top-left (Q == K here)."""
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
@@ -253,8 +266,9 @@ def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     return _attention_with_lse_reference(q, k, v, scale, causal)
 
 
-def _attention_with_lse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                                  causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_with_lse_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Explicit form (any device): scores in float32, GQA by grouping query heads."""
     b, heads, n_q, d = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
@@ -279,8 +293,9 @@ def _token_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: flo
     return torch.exp(scores.view(b, heads, n_q, n_k) - lse.unsqueeze(-1))
 
 
-def attend_reference_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout,
-                           scale: float) -> tuple[torch.Tensor, AttentionStats]:
+def attend_reference_stats(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout, scale: float
+) -> tuple[torch.Tensor, AttentionStats]:
     """The explicit-softmax form of ``attend_with_stats`` (materialises the probabilities; for tests).
 
     q: (batch, heads, fam + block, head_dim); k, v: (batch, kv_heads, memory + fam + block, head_dim);
@@ -289,8 +304,9 @@ def attend_reference_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     return _attend_with_probs(q, k, v, layout, window_mask(layout, q.device), scale)
 
 
-def _attend_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout, mask: torch.Tensor,
-                       scale: float) -> tuple[torch.Tensor, AttentionStats]:
+def _attend_with_probs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, AttentionStats]:
     b, heads, n_q, d = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     group = heads // kv_heads  # query head h uses kv head h // group (as repeat_kv does)

@@ -2,6 +2,7 @@
 
 Defaults are the paper's (arXiv 2404.09173): block 1024, FAM 64 slots, 3 memory blocks.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -78,10 +79,20 @@ class FamConfig:
 # paper's; block 256 and one memory block instead of its 1024 and 3 fit the bundled 135M model on a laptop
 # CPU (a 2k-token prompt then spans 8 FAM updates) and are the shipped adapter's geometry.
 TOOL_DEFAULTS = FamConfig(mode="fam", block_size=256, fam_len=64, mem_blocks=1)
-LIMITS = {"block_size": (1, 8192), "fam_len": (1, 1024), "mem_blocks": (0, 64), "sink_tokens": (0, 8192),
-          "max_tokens": (1, 1_000_000)}
-LABELS = {"block_size": "block size", "fam_len": "FAM length", "mem_blocks": "memory blocks",
-          "sink_tokens": "sink tokens", "max_tokens": "max tokens"}
+LIMITS = {
+    "block_size": (1, 8192),
+    "fam_len": (1, 1024),
+    "mem_blocks": (0, 64),
+    "sink_tokens": (0, 8192),
+    "max_tokens": (1, 1_000_000),
+}
+LABELS = {
+    "block_size": "block size",
+    "fam_len": "FAM length",
+    "mem_blocks": "memory blocks",
+    "sink_tokens": "sink tokens",
+    "max_tokens": "max tokens",
+}
 
 
 def check_limits(config: FamConfig) -> FamConfig:
@@ -105,8 +116,10 @@ def geometry_warnings(config: FamConfig) -> list[str]:
     """Settings that run but are unlikely to be what was meant (shown beside the results, never refused)."""
     warnings = []
     if config.mode == "fam" and config.fam_len and config.block_size < config.fam_len:
-        warnings.append(f"the block ({config.block_size} tokens) is shorter than the FAM ({config.fam_len} slots): "
-                        f"each update compresses fewer tokens than the memory holds, and streaming is slow")
+        warnings.append(
+            f"the block ({config.block_size} tokens) is shorter than the FAM ({config.fam_len} slots): "
+            f"each update compresses fewer tokens than the memory holds, and streaming is slow"
+        )
     return warnings
 
 
@@ -114,9 +127,12 @@ def trained_geometry_differences(trained: FamConfig, config: FamConfig, adapter:
     """One line per geometry setting in which a run differs from what its adapter was trained with (the
     mode may differ: comparing a tuned model's fam run with bswa or full is routine)."""
     names = ["block_size", "mem_blocks"] + (["fam_len"] if config.mode == "fam" else [])
-    return [f"adapter {adapter} was trained with {LABELS.get(name, name)} {getattr(trained, name)}, "
-            f"this run uses {getattr(config, name)}"
-            for name in names if getattr(trained, name) != getattr(config, name)]
+    return [
+        f"adapter {adapter} was trained with {LABELS.get(name, name)} {getattr(trained, name)}, "
+        f"this run uses {getattr(config, name)}"
+        for name in names
+        if getattr(trained, name) != getattr(config, name)
+    ]
 
 
 def number_list(text: object, kind: type[int] | type[float], name: str) -> list:

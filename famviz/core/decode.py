@@ -9,6 +9,7 @@ block to get the next state (its FAM update needs the whole block), and decoding
 Cursors never modify tensors in place, so ``fork`` is free: a probe can fork the stream's state,
 ask its question and answer, and leave the stream exactly as it was.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -54,8 +55,12 @@ class BlockCursor:
     (an intervention on the reading of the memory, ``famviz.probes.ablation``; later blocks are not edited).
     """
 
-    def __init__(self, fam_model: FamModel, state: StreamState,
-                 fam_kv_edit: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None):
+    def __init__(
+        self,
+        fam_model: FamModel,
+        state: StreamState,
+        fam_kv_edit: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ):
         self.fam_model = fam_model
         self._open = self._open_block(state, fam_kv_edit)
 
@@ -75,8 +80,11 @@ class BlockCursor:
             return None
         keep = block.window_kv[0][0].shape[2] - count
         twin = self.fork()
-        twin._open = replace(block, tokens=block.tokens[: len(block.tokens) - count],
-                             window_kv=tuple((k[:, :, :keep], v[:, :, :keep]) for k, v in block.window_kv))
+        twin._open = replace(
+            block,
+            tokens=block.tokens[: len(block.tokens) - count],
+            window_kv=tuple((k[:, :, :keep], v[:, :, :keep]) for k, v in block.window_kv),
+        )
         return twin
 
     @torch.inference_mode()
@@ -94,8 +102,9 @@ class BlockCursor:
         return torch.cat(pieces) if pieces else torch.zeros(0, self.fam_model.model.config.vocab_size)
 
     @torch.inference_mode()
-    def greedy(self, first_logits: torch.Tensor, max_new_tokens: int,
-               stop: Callable[[list[int]], bool] | None = None) -> list[int]:
+    def greedy(
+        self, first_logits: torch.Tensor, max_new_tokens: int, stop: Callable[[list[int]], bool] | None = None
+    ) -> list[int]:
         """Greedy continuation from the logits (vocab,) of the last fed token; ``stop(ids)`` ends it early."""
         eos = end_of_sequence_ids(self.fam_model)
         logits, out = first_logits, []
@@ -110,9 +119,11 @@ class BlockCursor:
         return out
 
     # -- internals ---------------------------------------------------------------------------
-    def _open_block(self, state: StreamState, fam_kv_edit: Callable[[int, torch.Tensor, torch.Tensor],
-                                                                    tuple[torch.Tensor, torch.Tensor]] | None = None,
-                    ) -> _OpenBlock:
+    def _open_block(
+        self,
+        state: StreamState,
+        fam_kv_edit: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> _OpenBlock:
         """Cache each layer's window keys/values before any token of the block: memory and FAM."""
         fm = self.fam_model
         f, m = fm.fam_len, state.memory_tokens
@@ -157,8 +168,9 @@ class BlockCursor:
             keys = torch.cat([block.window_kv[index][0], k], dim=2)
             values = torch.cat([block.window_kv[index][1], v], dim=2)
             window_kv.append((keys, values))
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=fm.scale,
-                                                 enable_gqa=q.shape[1] != keys.shape[1])
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=fm.scale, enable_gqa=q.shape[1] != keys.shape[1]
+            )
             a = x + fm._o_proj(layer, out)
             x = a + fm.mlp(index, layer.post_attention_layernorm(a))
         self._open = replace(block, tokens=block.tokens + tuple(chunk), window_kv=tuple(window_kv))

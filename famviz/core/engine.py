@@ -9,6 +9,7 @@
 Tokens can be fed in pieces of any size (``feed`` / ``feed_text``): only whole blocks are run until
 ``finish`` runs the last, partial one, so the result equals feeding everything at once.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,10 +71,18 @@ class Stream:
     slot (fam_len, d), so a trace of a very long document stays small (``famviz.core.trace``).
     """
 
-    def __init__(self, model: LoadedModel | FamModel, config: FamConfig | None = None, *,
-                 channels: Iterable[str] | None = None, record: bool = True,
-                 fam_prompt: torch.Tensor | None = None, backend: str = "sdpa",
-                 on_block: Callable[[BlockResult], None] | None = None, compact_trace: bool = False):
+    def __init__(
+        self,
+        model: LoadedModel | FamModel,
+        config: FamConfig | None = None,
+        *,
+        channels: Iterable[str] | None = None,
+        record: bool = True,
+        fam_prompt: torch.Tensor | None = None,
+        backend: str = "sdpa",
+        on_block: Callable[[BlockResult], None] | None = None,
+        compact_trace: bool = False,
+    ):
         if isinstance(model, FamModel):
             if config is not None and config != model.config:
                 raise ValueError("config differs from the FamModel's own config")
@@ -145,8 +154,9 @@ class Stream:
         for start in range(0, len(ids), block):
             yield self._run_block(ids[start : start + block])
 
-    def describe_document(self, name: str, text: str | None = None,
-                          offsets: Sequence[tuple[int, int]] | None = None) -> None:
+    def describe_document(
+        self, name: str, text: str | None = None, offsets: Sequence[tuple[int, int]] | None = None
+    ) -> None:
         """Name the streamed document (and give its text and token spans) in the trace, when recording."""
         if self.trace is not None:
             self.trace.describe_document(name, text, offsets)
@@ -185,9 +195,16 @@ class Stream:
 
     def result(self) -> StreamResult:
         nll = np.concatenate(self._nll) if self._nll else np.zeros(0, np.float32)
-        return StreamResult(config=self.config, tokens=self.state.position, blocks=len(self._nll), nll=nll,
-                            seconds=self._seconds, state_bytes=self.state.nbytes(), trace=self.trace,
-                            block_seconds=list(self._block_seconds))
+        return StreamResult(
+            config=self.config,
+            tokens=self.state.position,
+            blocks=len(self._nll),
+            nll=nll,
+            seconds=self._seconds,
+            state_bytes=self.state.nbytes(),
+            trace=self.trace,
+            block_seconds=list(self._block_seconds),
+        )
 
     # -- one block ---------------------------------------------------------------------------
     @torch.inference_mode()

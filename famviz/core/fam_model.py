@@ -13,6 +13,7 @@ distances, so positions are rebased to the window's start (exact in real arithme
 modes the memory therefore keeps keys *before* RoPE and rotates them per block with the window's
 (cached) angles; ``full`` keeps rotated keys at absolute positions, like the model's own cache.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -87,8 +88,9 @@ class LayerStep(NamedTuple):
 class FamModel:
     """A pretrained causal LM run as TransformerFAM / BSWA / full attention over blocks."""
 
-    def __init__(self, loaded: LoadedModel, config: FamConfig, fam_prompt: torch.Tensor | None = None,
-                 backend: str = "sdpa"):
+    def __init__(
+        self, loaded: LoadedModel, config: FamConfig, fam_prompt: torch.Tensor | None = None, backend: str = "sdpa"
+    ):
         if backend not in BACKENDS:
             raise ValueError(f"attention back end must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
@@ -112,7 +114,9 @@ class FamModel:
 
                 fam_prompt = default_fam_prompt(loaded, self.fam_len)
             if tuple(fam_prompt.shape) != (self.fam_len, self.hidden_size):
-                raise ValueError(f"FAM prompt has shape {tuple(fam_prompt.shape)}, expected ({self.fam_len}, {self.hidden_size})")
+                raise ValueError(
+                    f"FAM prompt has shape {tuple(fam_prompt.shape)}, expected ({self.fam_len}, {self.hidden_size})"
+                )
         self.fam_prompt = fam_prompt
         self._initial_fam: tuple[torch.Tensor, ...] | None = None
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -136,8 +140,9 @@ class FamModel:
         return self.fam_len == 0 and self.memory_capacity == 0 and self.sink_tokens == 0
 
     # -- state -------------------------------------------------------------------------------
-    def initial_state(self, batch: int = 1, fam: tuple[torch.Tensor, ...] | None = None,
-                      fam_fresh: bool = True) -> StreamState:
+    def initial_state(
+        self, batch: int = 1, fam: tuple[torch.Tensor, ...] | None = None, fam_fresh: bool = True
+    ) -> StreamState:
         """The state before a document's first token: no memory, and ``fam`` (per layer (1 or batch,
         fam_len, d); default the initial FAM) expanded to ``batch``. ``fam_fresh``: the FAM is context-free
         (its first update drops the residual); False for a FAM carried over from another stream (RSP)."""
@@ -147,8 +152,14 @@ class FamModel:
         elif fam is None:
             fam = self.initial_fam()
         fam = tuple(f.expand(batch, -1, -1) for f in fam)
-        return StreamState(position=0, fam=fam, fam_fresh=fam_fresh or not self.fam_len,
-                           mem_k=(empty,) * len(self.layers), mem_v=(empty,) * len(self.layers), last_logits=None)
+        return StreamState(
+            position=0,
+            fam=fam,
+            fam_fresh=fam_fresh or not self.fam_len,
+            mem_k=(empty,) * len(self.layers),
+            mem_v=(empty,) * len(self.layers),
+            last_logits=None,
+        )
 
     def initial_fam(self) -> tuple[torch.Tensor, ...]:
         """Per layer (1, fam_len, d): the FAM prompt run alone up the stack (docs/algorithm.md §3).
@@ -183,8 +194,9 @@ class FamModel:
         self._initial_fam = None
 
     # -- one block ---------------------------------------------------------------------------
-    def forward_block(self, input_ids: torch.Tensor, state: StreamState, with_stats: bool = False,
-                      window_kv: list | None = None) -> BlockOutput:
+    def forward_block(
+        self, input_ids: torch.Tensor, state: StreamState, with_stats: bool = False, window_kv: list | None = None
+    ) -> BlockOutput:
         """Run one block of tokens (batch, n) from ``state``; returns hidden states and the next state.
 
         ``window_kv``: when a list is given, each layer's attention keys (rotated) and values over the
@@ -200,8 +212,9 @@ class FamModel:
         for index in range(len(self.layers)):
             if self.checkpoint_layers and torch.is_grad_enabled():
                 # Training backpropagates through every block: recompute each layer instead of keeping it.
-                outputs = torch.utils.checkpoint.checkpoint(self._layer_block, index, x, state, layout, angles,
-                                                            with_stats, use_reentrant=False)
+                outputs = torch.utils.checkpoint.checkpoint(
+                    self._layer_block, index, x, state, layout, angles, with_stats, use_reentrant=False
+                )
             else:
                 outputs = self._layer_block(index, x, state, layout, angles, with_stats)
             x = outputs.hidden
@@ -214,8 +227,14 @@ class FamModel:
             if window_kv is not None:
                 window_kv.append((outputs.keys, outputs.values))
         hidden = self.decoder.norm(x)
-        next_state = replace(state, position=state.position + n, fam=tuple(new_fam), fam_fresh=state.fam_fresh and not f,
-                             mem_k=tuple(new_k), mem_v=tuple(new_v))
+        next_state = replace(
+            state,
+            position=state.position + n,
+            fam=tuple(new_fam),
+            fam_fresh=state.fam_fresh and not f,
+            mem_k=tuple(new_k),
+            mem_v=tuple(new_v),
+        )
         return BlockOutput(hidden=hidden, state=next_state, stats=stats if with_stats else None, fam_before=state.fam)
 
     def read_block(self, input_ids: torch.Tensor, state: StreamState, offset: int = 0) -> torch.Tensor:
@@ -239,16 +258,27 @@ class FamModel:
         for index, layer in enumerate(self.layers):
             z = torch.cat([state.fam[index], x], dim=1) if f else x
             q, k, v = self.qkv(index, z)
-            q_rot, k_rot = apply_rope(q[:, :, f:], rows_cos[:, :, f:], rows_sin[:, :, f:]), apply_rope(k, rows_cos, rows_sin)
+            q_rot, k_rot = (
+                apply_rope(q[:, :, f:], rows_cos[:, :, f:], rows_sin[:, :, f:]),
+                apply_rope(k, rows_cos, rows_sin),
+            )
             keys, values = self._window_kv(index, state, k_rot, v, mem_cos, mem_sin)
-            out = torch.nn.functional.scaled_dot_product_attention(q_rot, keys, values, attn_mask=mask, scale=self.scale,
-                                                                   enable_gqa=q.shape[1] != keys.shape[1])
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q_rot, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=q.shape[1] != keys.shape[1]
+            )
             a = x + self._o_proj(layer, out)
             x = a + self.mlp(index, layer.post_attention_layernorm(a))
         return self.decoder.norm(x)
 
-    def _layer_block(self, index: int, x: torch.Tensor, state: StreamState, layout: WindowLayout,
-                     angles: WindowAngles, with_stats: bool) -> LayerStep:
+    def _layer_block(
+        self,
+        index: int,
+        x: torch.Tensor,
+        state: StreamState,
+        layout: WindowLayout,
+        angles: WindowAngles,
+        with_stats: bool,
+    ) -> LayerStep:
         """One layer over [FAM ; block] (x: (batch, n, d), the block rows from the layer below)."""
         layer = self.layers[index]
         f = layout.fam
@@ -264,11 +294,25 @@ class FamModel:
         a = residual + self._o_proj(layer, out)
         h = a + self.mlp(index, layer.post_attention_layernorm(a))  # FAM rows go through the MLP too
         stored_k = k[:, :, f:] if self.memory_capacity is not None else k_rot[:, :, f:]
-        return LayerStep(hidden=h[:, f:], fam=h[:, :f] if f else None, stored_k=stored_k, stored_v=v[:, :, f:],
-                         stats=layer_stats, keys=keys, values=values)
+        return LayerStep(
+            hidden=h[:, f:],
+            fam=h[:, :f] if f else None,
+            stored_k=stored_k,
+            stored_v=v[:, :, f:],
+            stats=layer_stats,
+            keys=keys,
+            values=values,
+        )
 
-    def _window_kv(self, index: int, state: StreamState, k_rot: torch.Tensor, v: torch.Tensor,
-                   mem_cos: torch.Tensor | None, mem_sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _window_kv(
+        self,
+        index: int,
+        state: StreamState,
+        k_rot: torch.Tensor,
+        v: torch.Tensor,
+        mem_cos: torch.Tensor | None,
+        mem_sin: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's window keys (rotated) and values: the memory blocks', then the rows' [FAM ; block]."""
         mem_k = state.mem_k[index]
         if state.memory_tokens and self.memory_capacity is not None:
@@ -349,8 +393,10 @@ class FamModel:
         if self.memory_capacity is not None and key in self._rope_cache:
             return self._rope_cache[key]
         rows, memory = self.window_positions(position, m, f, n)
-        angles = WindowAngles(*self._rope(rows.to(self.device)),
-                              *(self._rope(memory.to(self.device)) if memory is not None else (None, None)))
+        angles = WindowAngles(
+            *self._rope(rows.to(self.device)),
+            *(self._rope(memory.to(self.device)) if memory is not None else (None, None)),
+        )
         if self.memory_capacity is not None:
             if len(self._rope_cache) > 64:
                 self._rope_cache.clear()
@@ -369,8 +415,9 @@ class FamModel:
 
     NLL_ROWS = 32  # rows per float32 log-softmax in next_token_nll
 
-    def next_token_nll(self, hidden: torch.Tensor, input_ids: torch.Tensor, previous_logits: torch.Tensor | None,
-                       chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_token_nll(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, previous_logits: torch.Tensor | None, chunk: int = 256
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token NLL of ``input_ids`` (batch, n) and the float32 logits of the last position.
 
         Token i is scored by position i-1's logits; the block's first token by ``previous_logits``

@@ -6,6 +6,7 @@ tokens, repeated until ``fam_len`` rows are filled. Real token embeddings keep t
 distribution the layers were trained on (the paper suggests this or embedding statistics). A
 trained prompt comes from an adapter directory (see ``famviz.io.adapters``).
 """
+
 from __future__ import annotations
 
 import torch

@@ -7,13 +7,15 @@ alone added 42% to a training step. ``ProjectionGroup`` computes a group as
 
     y = x @ [W_1; W_2; ...]^T + b  +  (x @ [A_1; A_2; ...]^T) @ blockdiag(s_1 B_1, s_2 B_2, ...)^T
 
-whose i-th column block is exactly x W_i^T + b_i + s_i (x A_i^T) B_i^T, the plain LoRA projection. The concatenated frozen weights are built once (and rebuilt if a weight changes, e.g.
-an adapter merge); the LoRA weights are used as they are, cast to the compute dtype inside the
-graph, so float32 master weights receive the gradients of a bfloat16 step (mixed precision).
+whose i-th column block is exactly x W_i^T + b_i + s_i (x A_i^T) B_i^T, the plain LoRA projection. The
+concatenated frozen weights are built once (and rebuilt if a weight changes, e.g. an adapter merge); the LoRA
+weights are used as they are, cast to the compute dtype inside the graph, so float32 master weights receive
+the gradients of a bfloat16 step (mixed precision).
 
 Groups whose modules are anything but plain ``nn.Linear`` or vanilla peft LoRA (dropout in training,
 DoRA or other variants, several active adapters) are computed module by module instead.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,8 +67,12 @@ class ProjectionGroup:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (..., in) → one tensor (..., out_i) per module, equal to ``module(x)``."""
         parts = [linear_parts(m) for m in self.modules]
-        if any(p is None for p in parts) or len({len(p.lora) for p in parts}) > 1 or \
-                any(len(p.lora) > 1 for p in parts) or any(p.weight.requires_grad for p in parts):
+        if (
+            any(p is None for p in parts)
+            or len({len(p.lora) for p in parts}) > 1
+            or any(len(p.lora) > 1 for p in parts)
+            or any(p.weight.requires_grad for p in parts)
+        ):
             return [m(x) for m in self.modules]  # not the plain case: module by module
         weight, bias = self._frozen(parts)
         y = F.linear(x, weight, bias)
@@ -86,7 +92,8 @@ class ProjectionGroup:
                 self._weight = torch.cat([p.weight for p in parts])
                 self._bias = None
                 if any(p.bias is not None for p in parts):
-                    self._bias = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.weight.shape[0])
-                                            for p in parts])
+                    self._bias = torch.cat(
+                        [p.bias if p.bias is not None else p.weight.new_zeros(p.weight.shape[0]) for p in parts]
+                    )
             self._frozen_key = key
         return self._weight, self._bias

@@ -6,6 +6,7 @@ word start (a token beginning with whitespace) at least ``HOLDBACK_CHARS`` chara
 end of the text seen so far. Byte-level BPE splits text into pre-tokens at such word starts, so
 later text cannot change tokens before them; the test suite checks equality on real documents.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ def adds_leading_special(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Special tokens the tokenizer puts before a document (e.g. Llama's BOS); empty for SmolLM2."""
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    if len(with_special) > len(without) and with_special[-len(without):] == without:
+    if len(with_special) > len(without) and with_special[-len(without) :] == without:
         return with_special[: len(with_special) - len(without)]
     return []
 
@@ -62,8 +63,12 @@ class IncrementalTokenizer:
             cut = None
             for index in range(len(ids) - 1, 0, -1):
                 start = spans[index][0]
-                if start <= limit and start > spans[index - 1][0] and tail[start:start + 1].isspace() \
-                        and not tail[start - 1:start].isspace():
+                if (
+                    start <= limit
+                    and start > spans[index - 1][0]
+                    and tail[start : start + 1].isspace()
+                    and not tail[start - 1 : start].isspace()
+                ):
                     cut = index
                     break
             if cut is None:
@@ -77,8 +82,9 @@ class IncrementalTokenizer:
         return prefix + ids, [(0, 0)] * len(prefix) + [(s + base, e + base) for s, e in spans]
 
 
-def tokenize_prefix(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int,
-                    piece_chars: int = 1 << 16) -> tuple[list[int], list[tuple[int, int]]]:
+def tokenize_prefix(
+    tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int, piece_chars: int = 1 << 16
+) -> tuple[list[int], list[tuple[int, int]]]:
     """The first ``max_tokens`` tokens of ``text`` (as tokenising the whole text gives them) and
     their character spans, without tokenising all of a huge document."""
     if len(text) <= piece_chars:
@@ -87,7 +93,7 @@ def tokenize_prefix(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: i
     incremental = IncrementalTokenizer(tokenizer)
     ids, offsets = [], []
     for start in range(0, len(text), piece_chars):
-        new_ids, new_offsets = incremental.push(text[start:start + piece_chars])
+        new_ids, new_offsets = incremental.push(text[start : start + piece_chars])
         ids += new_ids
         offsets += new_offsets
         if len(ids) >= max_tokens:

@@ -32,6 +32,7 @@ computed from the full state, and every other channel is unchanged.
 
 A trace saves to one ``.npz`` file (arrays plus a JSON metadata record) and reloads without the model.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -70,7 +71,13 @@ class ChannelKind:
 
 CHANNEL_KINDS: tuple[ChannelKind, ...] = (
     ChannelKind("tokens.nll", True, False, "float32", "next-token negative log-likelihood"),
-    ChannelKind("block.{layer}.share", False, False, "float32", "block queries' attention share on [fam, memory, block, sink] per head"),
+    ChannelKind(
+        "block.{layer}.share",
+        False,
+        False,
+        "float32",
+        "block queries' attention share on [fam, memory, block, sink] per head",
+    ),
     ChannelKind("fam.{layer}.share", False, True, "float32", "FAM queries' attention share on [fam, block] per head"),
     ChannelKind("fam.{layer}.read", True, True, "float16", "how much FAM queries read each token"),
     ChannelKind("fam.{layer}.state", False, True, "float16", "FAM state handed to the next block"),
@@ -155,8 +162,9 @@ class Trace:
             self._stacked.pop(key, None)
 
     # -- what the trace is about (set by whoever streams; saved with the file) ----------------------------
-    def describe_document(self, name: str, text: str | None = None,
-                          offsets: Sequence[tuple[int, int]] | None = None) -> None:
+    def describe_document(
+        self, name: str, text: str | None = None, offsets: Sequence[tuple[int, int]] | None = None
+    ) -> None:
         """The document's name and, when known, its text and each token's (start, end) character span."""
         self.meta["document"] = name
         if text is not None:
@@ -170,8 +178,7 @@ class Trace:
 
     def record_comparison(self, mode: str, block_nll: Sequence[float]) -> None:
         """The per-block mean NLL of the same document in a second mode (None where not finite)."""
-        self.meta["compare"] = {"mode": mode,
-                                "block_nll": [float(v) if np.isfinite(v) else None for v in block_nll]}
+        self.meta["compare"] = {"mode": mode, "block_nll": [float(v) if np.isfinite(v) else None for v in block_nll]}
 
     @property
     def document_name(self) -> str | None:
@@ -261,8 +268,9 @@ class Trace:
     # -- files -------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        meta = dict(self.meta, format=TRACE_FORMAT, version=TRACE_VERSION, layers=self._layers,
-                    has_text=self.text is not None)
+        meta = dict(
+            self.meta, format=TRACE_FORMAT, version=TRACE_VERSION, layers=self._layers, has_text=self.text is not None
+        )
         arrays = {f"channel/{key}": self.array(key) for key in self.keys}
         arrays["token_ids"] = np.asarray(self.token_ids, dtype=np.int64)
         arrays["block_starts"] = np.asarray(self.block_starts, dtype=np.int64)

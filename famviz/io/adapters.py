@@ -7,6 +7,7 @@ Layout of ``DIR``:
     adapter_config.json + adapter_model.safetensors   (optional) a peft LoRA adapter, merged on load
 Training (``python -m famviz train``) writes these; ``--adapter DIR`` reads them everywhere.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -98,7 +99,8 @@ def check_compatible(adapter: Adapter, loaded: LoadedModel, config: FamConfig) -
         trained_len = adapter.fam_config.get("fam_len")
         if trained_len != config.fam_len:
             raise AdapterError(
-                f"adapter {adapter.directory} was trained with fam_len={trained_len}, the run asks for fam_len={config.fam_len}"
+                f"adapter {adapter.directory} was trained with fam_len={trained_len}, "
+                f"the run asks for fam_len={config.fam_len}"
             )
 
 
@@ -128,13 +130,25 @@ CARD_MARKDOWN = "TRAINING_CARD.md"
 def adapter_meta(loaded: LoadedModel, config: FamConfig, has_prompt: bool) -> dict:
     """The description ``read_adapter``/``check_compatible`` expect: base model and FAM geometry."""
     cfg = loaded.config
-    return {"format": ADAPTER_FORMAT, "base_model": loaded.name, "model_type": cfg.model_type,
-            "hidden_size": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "fam": config.to_dict(),
-            "has_fam_prompt": has_prompt}
+    return {
+        "format": ADAPTER_FORMAT,
+        "base_model": loaded.name,
+        "model_type": cfg.model_type,
+        "hidden_size": cfg.hidden_size,
+        "n_layers": cfg.num_hidden_layers,
+        "fam": config.to_dict(),
+        "has_fam_prompt": has_prompt,
+    }
 
 
-def write_adapter(directory: str | Path, loaded: LoadedModel, config: FamConfig, fam_prompt: torch.Tensor | None,
-                  peft_model: PeftModel | None = None, lora_dtype: torch.dtype | None = None) -> Path:
+def write_adapter(
+    directory: str | Path,
+    loaded: LoadedModel,
+    config: FamConfig,
+    fam_prompt: torch.Tensor | None,
+    peft_model: PeftModel | None = None,
+    lora_dtype: torch.dtype | None = None,
+) -> Path:
     """Write an adapter directory: description, FAM prompt (fam mode) and the peft LoRA weights.
 
     ``lora_dtype``: store the LoRA weights in this dtype (e.g. float16 halves the file; they are cast back
@@ -196,36 +210,64 @@ def card_markdown(card: dict) -> str:
     ]
     origin = card.get("initialised_from")
     if origin:
-        lines += [f"Initialised from `{origin.get('directory')}` ({origin.get('steps')} steps, "
-                  f"{origin.get('tokens_seen')} tokens, {origin.get('wall_seconds')} s; its card lists its own stages).", ""]
+        lines += [
+            f"Initialised from `{origin.get('directory')}` ({origin.get('steps')} steps, "
+            f"{origin.get('tokens_seen')} tokens, {origin.get('wall_seconds')} s; its card lists its own stages).",
+            "",
+        ]
     stages = card.get("stages") or []
     if stages:
-        lines += ["## Stages", "", "| stage | steps | tokens | wall time | held-out PassKey at its end (teacher-forced) | command |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "## Stages",
+            "",
+            "| stage | steps | tokens | wall time | held-out PassKey at its end (teacher-forced) | command |",
+            "|---|---|---|---|---|---|",
+        ]
         for stage in stages:
             held = stage.get("held_out")
-            held_text = (f"{held['length']} tokens: {held['accuracy']:.0%}, log p {held['key_logprob']:.2f}"
-                         if held else "-")
-            lines.append(f"| {stage['stage']} | {stage['first_step']}-{stage['last_step']} | {stage['tokens']:,} | "
-                         f"{stage['wall_seconds'] / 60:.0f} min | {held_text} | `{stage['command']}` |")
+            held_text = (
+                f"{held['length']} tokens: {held['accuracy']:.0%}, log p {held['key_logprob']:.2f}" if held else "-"
+            )
+            lines.append(
+                f"| {stage['stage']} | {stage['first_step']}-{stage['last_step']} | {stage['tokens']:,} | "
+                f"{stage['wall_seconds'] / 60:.0f} min | {held_text} | `{stage['command']}` |"
+            )
         lines.append("")
     stage_evaluations = card.get("stage_evaluations") or []
     if stage_evaluations:
-        lines += ["## Evaluations after stages", "",
-                  "| after step | PassKey (greedy): tokens: retrieved (log p) | long documents: tuned ÷ untuned BSWA NLL |",
-                  "|---|---|---|"]
+        lines += [
+            "## Evaluations after stages",
+            "",
+            "| after step | PassKey (greedy): tokens: retrieved (log p) | long documents: tuned ÷ untuned BSWA NLL |",
+            "|---|---|---|",
+        ]
         for entry in stage_evaluations:
-            cells = ", ".join(f"{c.get('label', '')} {c['length']}@{c['depth']:g}: {c['accuracy']:.0%} "
-                              f"({c['mean_key_logprob']:.1f})"
-                              for c in entry.get("passkey") or []) or "-"
-            docs = ", ".join(f"{d['document']} {d['tuned']['nll']:.3f} ÷ {d['untuned_bswa']['nll']:.3f} "
-                             f"= {d['tuned_vs_bswa']:.2f}" for d in entry.get("long_documents") or []) or "-"
+            cells = (
+                ", ".join(
+                    f"{c.get('label', '')} {c['length']}@{c['depth']:g}: {c['accuracy']:.0%} "
+                    f"({c['mean_key_logprob']:.1f})"
+                    for c in entry.get("passkey") or []
+                )
+                or "-"
+            )
+            docs = (
+                ", ".join(
+                    f"{d['document']} {d['tuned']['nll']:.3f} ÷ {d['untuned_bswa']['nll']:.3f} "
+                    f"= {d['tuned_vs_bswa']:.2f}"
+                    for d in entry.get("long_documents") or []
+                )
+                or "-"
+            )
             lines.append(f"| {entry.get('after_step')} | {cells} | {docs} |")
         lines.append("")
     evals = card.get("held_out_passkey_during_training") or []
     if evals:
-        lines += ["## Held-out PassKey during training (teacher-forced)", "", "| step | tokens | accuracy | key log-prob |",
-                  "|---|---|---|---|"]
+        lines += [
+            "## Held-out PassKey during training (teacher-forced)",
+            "",
+            "| step | tokens | accuracy | key log-prob |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {e['step']} | {e['length']} | {e['accuracy']:.2f} | {e['key_logprob']:.2f} |" for e in evals]
         lines.append("")
     evaluation = card.get("evaluation") or {}
@@ -233,32 +275,47 @@ def card_markdown(card: dict) -> str:
         lines += ["## Evaluation", ""] + _evaluation_markdown(evaluation)
     baseline = card.get("baseline")
     if baseline:
-        lines += [f"## Baseline trained with the same budget: {baseline.get('mode')}", "",
-                  f"- Command: `{baseline.get('command')}`",
-                  f"- Steps: {baseline.get('steps')}; wall time {baseline.get('wall_seconds')} s", ""]
+        lines += [
+            f"## Baseline trained with the same budget: {baseline.get('mode')}",
+            "",
+            f"- Command: `{baseline.get('command')}`",
+            f"- Steps: {baseline.get('steps')}; wall time {baseline.get('wall_seconds')} s",
+            "",
+        ]
         lines += _evaluation_markdown(baseline.get("evaluation") or {})
     return "\n".join(lines)
 
 
 # The models of a long-document comparison (``famviz.training.evaluation.long_document_comparison``), in table order.
-LONG_DOCUMENT_MODELS = (("tuned", "tuned"), ("tuned_bswa", "tuned weights, BSWA"), ("untuned_bswa", "untuned BSWA"),
-                        ("untuned_sink", "untuned sink (StreamingLLM)"), ("untuned_full", "untuned full"))
+LONG_DOCUMENT_MODELS = (
+    ("tuned", "tuned"),
+    ("tuned_bswa", "tuned weights, BSWA"),
+    ("untuned_bswa", "untuned BSWA"),
+    ("untuned_sink", "untuned sink (StreamingLLM)"),
+    ("untuned_full", "untuned full"),
+)
 
 
 def _long_document_markdown(rows: list[dict]) -> list[str]:
     """Long-document NLL per quarter (tuned, untuned BSWA, untuned full) and the FAM norm, one row a model."""
     if not rows:
         return []
-    lines = ["", "| document | model | mean NLL | quarter 1 | quarter 2 | quarter 3 | quarter 4 | FAM norm (blocks: norm) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "| document | model | mean NLL | quarter 1 | quarter 2 | quarter 3 | quarter 4 | FAM norm (blocks: norm) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         for key, label in LONG_DOCUMENT_MODELS:
             if key not in row:
                 continue
             result = row[key]
             norms = ", ".join(f"{k}: {v:.0f}" for k, v in result.get("fam_norm_after_blocks", {}).items()) or "-"
-            lines.append(f"| {row['document']} ({row['tokens']} tokens) | {label} | {result['nll']:.3f} | "
-                         + " | ".join(f"{q:.3f}" for q in result["nll_quarters"]) + f" | {norms} |")
+            lines.append(
+                f"| {row['document']} ({row['tokens']} tokens) | {label} | {result['nll']:.3f} | "
+                + " | ".join(f"{q:.3f}" for q in result["nll_quarters"])
+                + f" | {norms} |"
+            )
     return lines
 
 
@@ -271,16 +328,26 @@ def _evaluation_markdown(evaluation: dict) -> list[str]:
         if not isinstance(result, dict) or "passkey" not in result:
             lines += [f"### {name}", "", "```json", json.dumps(result, indent=2), "```", ""]
             continue
-        lines += [f"### {name} ({result.get('dtype')}, {result.get('passkey_scoring', 'greedy decoding')})", "",
-                  "| mode | tokens | depth | trials | retrieved | mean log p(key) |", "|---|---|---|---|---|---|"]
-        lines += [f"| {c.get('label', name)} | {c['length']} | {c['depth']:g} | {c['trials']} | {c['accuracy']:.0%} | "
-                  f"{c['mean_key_logprob']:.2f} |" for c in result["passkey"]]
+        lines += [
+            f"### {name} ({result.get('dtype')}, {result.get('passkey_scoring', 'greedy decoding')})",
+            "",
+            "| mode | tokens | depth | trials | retrieved | mean log p(key) |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c.get('label', name)} | {c['length']} | {c['depth']:g} | {c['trials']} | {c['accuracy']:.0%} | "
+            f"{c['mean_key_logprob']:.2f} |"
+            for c in result["passkey"]
+        ]
         nll = result.get("in_window_nll") or {}
         if nll:
             same = f", untuned same mode {nll['untuned_same_mode']:.4f}" if "untuned_same_mode" in nll else ""
-            lines += ["", f"Next-token loss inside one {nll.get('window_tokens')}-token window of {nll.get('text')}, "
-                          f"{nll.get('windows')} windows: tuned {nll['tuned']:.4f}, untuned full attention "
-                          f"{nll['untuned_full_attention']:.4f} ({nll['relative_change']:+.1%}){same}."]
+            lines += [
+                "",
+                f"Next-token loss inside one {nll.get('window_tokens')}-token window of {nll.get('text')}, "
+                f"{nll.get('windows')} windows: tuned {nll['tuned']:.4f}, untuned full attention "
+                f"{nll['untuned_full_attention']:.4f} ({nll['relative_change']:+.1%}){same}.",
+            ]
         lines += _long_document_markdown(result.get("long_documents") or [])
         lines.append("")
     if evaluation.get("summary"):

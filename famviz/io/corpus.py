@@ -14,6 +14,7 @@ long-document evaluation (at least one when the corpus has two or more documents
 in every run and on every machine, as long as the corpus is given the same way (ids are relative to each
 path given: a subfolder given alone names its documents differently).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,11 @@ class _Documents:
         if root.is_file():
             self.paths = [root]
         else:
-            self.paths = sorted(p for p in root.rglob("*")
-                                if p.suffix.lower() in SUPPORTED_SUFFIXES and p.is_file() and not p.is_symlink())
+            self.paths = sorted(
+                p
+                for p in root.rglob("*")
+                if p.suffix.lower() in SUPPORTED_SUFFIXES and p.is_file() and not p.is_symlink()
+            )
         if not self.paths:
             raise ConfigError(f"corpus {root} holds no documents ({', '.join(SUPPORTED_SUFFIXES)})")
         self.count = len(self.paths)
@@ -82,8 +86,10 @@ class _JsonLines:
             raise ConfigError(f"corpus {path} is empty")
         first = self._record(0)
         if not isinstance(first, dict) or TEXT_FIELD not in first:
-            raise ConfigError(f"corpus {path}: its lines must be JSON objects with a {TEXT_FIELD!r} field "
-                              f"(the first one has {sorted(first) if isinstance(first, dict) else type(first).__name__})")
+            raise ConfigError(
+                f"corpus {path}: its lines must be JSON objects with a {TEXT_FIELD!r} field "
+                f"(the first one has {sorted(first) if isinstance(first, dict) else type(first).__name__})"
+            )
         self.count = len(self.offsets)
 
     def doc_id(self, index: int) -> str:
@@ -96,7 +102,9 @@ class _JsonLines:
         try:
             return json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DocumentError(f"record {index + 1} of {self.path.name} is not JSON ({exc.__class__.__name__})") from None
+            raise DocumentError(
+                f"record {index + 1} of {self.path.name} is not JSON ({exc.__class__.__name__})"
+            ) from None
 
     def text(self, index: int) -> str:
         record = self._record(index)
@@ -113,7 +121,9 @@ class _HuggingFaceDataset:
         try:
             import datasets
         except ImportError:
-            raise ConfigError("reading a Hugging Face dataset needs the datasets package: pip install datasets") from None
+            raise ConfigError(
+                "reading a Hugging Face dataset needs the datasets package: pip install datasets"
+            ) from None
         datasets.disable_progress_bars()
         try:
             if path.is_dir() and any((path / name).exists() for name in SAVED_DATASET_FILES):
@@ -156,12 +166,15 @@ def _open_source(path: Path):
             return _HuggingFaceDataset(path)
         if path.suffix.lower() in SUPPORTED_SUFFIXES:
             return _Documents(path)
-        raise ConfigError(f"corpus file {path} is not a document ({', '.join(SUPPORTED_SUFFIXES)}), a .jsonl file "
-                          f"or a dataset ({', '.join(DATASET_SUFFIXES)})")
+        raise ConfigError(
+            f"corpus file {path} is not a document ({', '.join(SUPPORTED_SUFFIXES)}), a .jsonl file "
+            f"or a dataset ({', '.join(DATASET_SUFFIXES)})"
+        )
     # A dataset snapshot keeps its data files in subfolders (data/train-*.parquet) beside a README.md: any
     # parquet/arrow file makes the folder a dataset, not a folder of documents.
-    if any((path / name).exists() for name in SAVED_DATASET_FILES) or \
-            any(p.suffix in DATASET_SUFFIXES for p in path.rglob("*")):
+    if any((path / name).exists() for name in SAVED_DATASET_FILES) or any(
+        p.suffix in DATASET_SUFFIXES for p in path.rglob("*")
+    ):
         return _HuggingFaceDataset(path)
     return _Documents(path)
 
@@ -203,6 +216,11 @@ class Corpus:
 
     def describe(self) -> dict:
         """What the training card records: the paths, counts and the held-out ids (the split's rule too)."""
-        return {"paths": [str(p) for p in self.paths], "documents": len(self), "training_documents": len(self.training),
-                "held_out_rule": HELD_OUT_RULE, "held_out": [self.doc_id(int(i)) for i in self.held_out[:50]],
-                "held_out_documents": len(self.held_out)}
+        return {
+            "paths": [str(p) for p in self.paths],
+            "documents": len(self),
+            "training_documents": len(self.training),
+            "held_out_rule": HELD_OUT_RULE,
+            "held_out": [self.doc_id(int(i)) for i in self.held_out[:50]],
+            "held_out_documents": len(self.held_out),
+        }

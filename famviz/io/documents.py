@@ -15,6 +15,7 @@ file in another encoding is reported with the byte offset of the first bad byte 
 being silently misread. Every problem is raised as :class:`DocumentError` with a one-line
 message meant for the user.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -72,10 +73,41 @@ _BOM_ENCODINGS = (
 _HTML_INVISIBLE_TAGS = ("head", "title", "meta", "link", "script", "style", "noscript", "template")
 # Elements that start a new line in a browser; inline ones (<b>, <a>...) stay within the line.
 _HTML_BLOCK_TAGS = (
-    "address", "article", "aside", "blockquote", "caption", "dd", "details", "div", "dl", "dt",
-    "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6", "header",
-    "hr", "li", "main", "nav", "ol", "p", "pre", "section", "summary", "table", "td", "th",
-    "tr", "ul",
+    "address",
+    "article",
+    "aside",
+    "blockquote",
+    "caption",
+    "dd",
+    "details",
+    "div",
+    "dl",
+    "dt",
+    "figcaption",
+    "figure",
+    "footer",
+    "form",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "header",
+    "hr",
+    "li",
+    "main",
+    "nav",
+    "ol",
+    "p",
+    "pre",
+    "section",
+    "summary",
+    "table",
+    "td",
+    "th",
+    "tr",
+    "ul",
 )
 _BLANK_LINE_RUNS = re.compile(r"\n{3,}")
 
@@ -130,8 +162,9 @@ def head_bytes_for(max_tokens: int | None) -> int | None:
     return None if max_tokens is None else max(int(max_tokens), 1) * HEAD_BYTES_PER_TOKEN
 
 
-def read_document_start(path: str | os.PathLike[str], head_bytes: int | None, max_bytes: int = MAX_DOCUMENT_BYTES,
-                        name: str | None = None) -> DocumentStart:
+def read_document_start(
+    path: str | os.PathLike[str], head_bytes: int | None, max_bytes: int = MAX_DOCUMENT_BYTES, name: str | None = None
+) -> DocumentStart:
     """Like ``read_document``, but a plain-text file over ``max_bytes`` is read only as far as ``head_bytes``
     (at most ``max_bytes``), so a file of any size can be streamed for a few tokens: the limit is on what is
     read, not on what is on disk. PDF and HTML files are always read whole, within ``max_bytes``."""
@@ -141,22 +174,27 @@ def read_document_start(path: str | os.PathLike[str], head_bytes: int | None, ma
     suffix = Path(name).suffix.lower()  # the upload's own name picks the format, like read_document_bytes
     if head_bytes is None or size <= max_bytes or suffix in _PDF_SUFFIXES + _HTML_SUFFIXES:
         if size > max_bytes and head_bytes is not None:  # PDF or HTML
-            raise DocumentError(f"{name}: file is {_format_size(size)}, over the {_format_size(max_bytes)} limit; "
-                                f"PDF and HTML files are read whole: split it into smaller parts.")
+            raise DocumentError(
+                f"{name}: file is {_format_size(size)}, over the {_format_size(max_bytes)} limit; "
+                f"PDF and HTML files are read whole: split it into smaller parts."
+            )
         text = read_document(path, max_bytes, name)
         return DocumentStart(text, size, size)
     data = _read_bytes(path, name, min(head_bytes, max_bytes))
     if data.startswith(_PDF_MAGIC):
-        raise DocumentError(f"{name}: a PDF is read whole, and this one is {_format_size(size)}, over the "
-                            f"{_format_size(max_bytes)} limit; split it into smaller parts.")
+        raise DocumentError(
+            f"{name}: a PDF is read whole, and this one is {_format_size(size)}, over the "
+            f"{_format_size(max_bytes)} limit; split it into smaller parts."
+        )
     text = _normalise_newlines(_decode_text(data, name, partial=True))
     if not text.strip():
         raise DocumentError(f"{name}: the first {_format_size(len(data))} contain only whitespace, no text.")
     return DocumentStart(text, len(data), size)
 
 
-def read_upload_start(upload: str | os.PathLike[str] | None, max_bytes: int = MAX_DOCUMENT_BYTES,
-                      head_bytes: int | None = None) -> tuple[DocumentStart, str]:
+def read_upload_start(
+    upload: str | os.PathLike[str] | None, max_bytes: int = MAX_DOCUMENT_BYTES, head_bytes: int | None = None
+) -> tuple[DocumentStart, str]:
     """(start of the document, file name) of a file uploaded to the app: named by its own name, never by the
     server path it was stored under; with ``head_bytes``, only the start of a large plain-text file."""
     if not upload:
@@ -227,9 +265,7 @@ def _too_large(name: str, size: int, max_bytes: int) -> DocumentError:
     size_text, limit_text = _format_size(size), _format_size(max_bytes)
     if size_text == limit_text:  # e.g. limit + 1 byte: rounding would hide the difference
         size_text, limit_text = f"{size:,} bytes", f"{max_bytes:,} bytes"
-    return DocumentError(
-        f"{name}: file is {size_text}, over the {limit_text} limit; split it into smaller parts."
-    )
+    return DocumentError(f"{name}: file is {size_text}, over the {limit_text} limit; split it into smaller parts.")
 
 
 def _format_size(size: int) -> str:
@@ -279,14 +315,11 @@ def _refuse_binary(data: bytes, name: str) -> None:
     for magic, description in _KNOWN_BINARY_FORMATS:
         if sample.startswith(magic):
             raise DocumentError(
-                f"{name}: binary file ({description}), not text; convert it to text, "
-                f"Markdown, PDF or HTML first."
+                f"{name}: binary file ({description}), not text; convert it to text, Markdown, PDF or HTML first."
             )
     control_count = len(sample.translate(None, _NON_CONTROL_BYTES))
     if b"\x00" in sample or control_count > _MAX_CONTROL_SHARE * len(sample):
-        raise DocumentError(
-            f"{name}: binary file, not text; supported are text, Markdown, PDF and HTML files."
-        )
+        raise DocumentError(f"{name}: binary file, not text; supported are text, Markdown, PDF and HTML files.")
 
 
 def _pdf_text(data: bytes, name: str) -> str:
@@ -296,9 +329,7 @@ def _pdf_text(data: bytes, name: str) -> str:
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted and not _decrypt_without_password(reader):
-            raise DocumentError(
-                f"{name}: PDF is encrypted (password-protected); save an unprotected copy first."
-            )
+            raise DocumentError(f"{name}: PDF is encrypted (password-protected); save an unprotected copy first.")
         page_count = len(reader.pages)
         page_texts = [(page.extract_text() or "").strip() for page in reader.pages]
     except DocumentError:

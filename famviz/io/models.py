@@ -6,6 +6,7 @@ dequantises it to float32 and saves a safetensors copy in the cache directory
 read that copy. The copy carries a manifest written last, so a partial or corrupt copy is detected
 and rebuilt instead of being used.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,7 +63,7 @@ UNTUNED_LABEL = "untuned conversion"
 
 
 def describe_model(name: str | None, adapter: str | None, *, adapter_known: bool = True) -> str:
-    """"NAME + adapter X", or "NAME (untuned conversion)" when no adapter was merged; with
+    """ "NAME + adapter X", or "NAME (untuned conversion)" when no adapter was merged; with
     ``adapter_known`` False (an old trace that did not record it) just the name."""
     name = name or "unknown model"
     if adapter:
@@ -195,8 +196,15 @@ def resolve_device(device: str = "auto") -> torch.device:
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "auto": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise UnsupportedModelError(f"unknown dtype {dtype!r}; use auto, bfloat16 or float32")
     return table[dtype]
@@ -211,12 +219,20 @@ def check_supported(model: torch.nn.Module) -> ArchSpec:
             f"model type {model_type!r} is not supported by the FAM engine; supported families: {supported_families()}"
         )
     layer = model.model.layers[0]
-    required = ["input_layernorm", "post_attention_layernorm", "mlp", "self_attn.q_proj", "self_attn.k_proj",
-                "self_attn.v_proj", "self_attn.o_proj"] + (["self_attn.q_norm", "self_attn.k_norm"] if spec.qk_norm else [])
+    required = [
+        "input_layernorm",
+        "post_attention_layernorm",
+        "mlp",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+    ] + (["self_attn.q_norm", "self_attn.k_norm"] if spec.qk_norm else [])
     missing = [name for name in required if _get_attr_path(layer, name) is None]
     if missing:
         raise UnsupportedModelError(
-            f"model type {model_type!r} does not have the expected pre-norm decoder layout (missing {', '.join(missing)})"
+            f"model type {model_type!r} does not have the expected pre-norm decoder layout "
+            f"(missing {', '.join(missing)})"
         )
     return spec
 
@@ -237,8 +253,12 @@ def prepare_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | N
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, arch=arch)
 
 
-def load_model(name_or_path: str | None = None, device: str = "auto", dtype: str | torch.dtype = "auto",
-               trust_remote_code: bool = False) -> LoadedModel:
+def load_model(
+    name_or_path: str | None = None,
+    device: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
     """Load a causal LM for the FAM engine: ``None`` = the bundled SmolLM2-135M-Instruct.
 
     ``device="auto"`` picks CUDA when available, else CPU; ``dtype="auto"`` is bfloat16 on both
@@ -277,9 +297,11 @@ def load_model(name_or_path: str | None = None, device: str = "auto", dtype: str
 def not_cached_message(name: str) -> str:
     """A hub id that is not on this machine: famviz never downloads (the hub's own message would talk about
     connecting to huggingface.co), so say where it looked and what to do instead."""
-    return (f"model {name!r} is not a local directory and not in the local Hugging Face cache; famviz works "
-            f"offline and never downloads: fetch it once yourself (e.g. `hf download {name}`) or pass the "
-            f"path of a local model directory")
+    return (
+        f"model {name!r} is not a local directory and not in the local Hugging Face cache; famviz works "
+        f"offline and never downloads: fetch it once yourself (e.g. `hf download {name}`) or pass the "
+        f"path of a local model directory"
+    )
 
 
 def _first_line(exc: Exception) -> str:

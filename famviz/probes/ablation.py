@@ -21,6 +21,7 @@ stream's states are computed once per trial and forked. At an earlier block k th
 again from the patched state. For one layer, ``head_layer`` also replaces the FAM keys/values of one
 key-value head group at a time, as the question block reads them.
 """
+
 from __future__ import annotations
 
 import random
@@ -69,8 +70,11 @@ def text_case(tokenizer: PreTrainedTokenizerBase, text: str, target: str, block_
     prompt, _ = tokenize_document(tokenizer, text)
     whole = tokenizer(text + target, add_special_tokens=False)["input_ids"]
     plain = tokenizer(text, add_special_tokens=False)["input_ids"]
-    target_ids = whole[len(plain):] if whole[: len(plain)] == plain else \
-        tokenizer(target, add_special_tokens=False)["input_ids"]
+    target_ids = (
+        whole[len(plain) :]
+        if whole[: len(plain)] == plain
+        else tokenizer(target, add_special_tokens=False)["input_ids"]
+    )
     if not prompt or not target_ids:
         raise ConfigError("the text and the target must both be non-empty")
     return Case(list(prompt), list(target_ids), ((len(prompt) - 1) // block_size) * block_size)
@@ -98,9 +102,13 @@ def continue_to_question(fam_model: FamModel, state: StreamState, case: Case, fr
 
 
 @torch.inference_mode()
-def target_logprob(fam_model: FamModel, state: StreamState, case: Case, target: Sequence[int] | None = None,
-                   fam_kv_edit: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-                   | None = None) -> float:
+def target_logprob(
+    fam_model: FamModel,
+    state: StreamState,
+    case: Case,
+    target: Sequence[int] | None = None,
+    fam_kv_edit: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> float:
     """log p(target | prompt), the question block read from ``state`` (optionally with edited FAM keys/values)."""
     target = list(case.target if target is None else target)
     tail = case.prompt[case.split :]
@@ -202,10 +210,18 @@ class InterventionResult:
         def plain(a: np.ndarray | None) -> list[list[float | None]] | None:
             return None if a is None else [[None if np.isnan(v) else float(v) for v in row] for row in np.atleast_2d(a)]
 
-        return {"method": self.method, "reference": self.reference, "layers": self.layers, "blocks": self.blocks,
-                "delta_logprob": plain(self.delta), "head_layer": self.head_layer,
-                "head_group_delta_logprob": plain(self.head_delta)[0] if self.head_delta is not None else None,
-                "logprob": {k: float(v) for k, v in self.values.items()}, "trials": self.trials, "config": self.config}
+        return {
+            "method": self.method,
+            "reference": self.reference,
+            "layers": self.layers,
+            "blocks": self.blocks,
+            "delta_logprob": plain(self.delta),
+            "head_layer": self.head_layer,
+            "head_group_delta_logprob": plain(self.head_delta)[0] if self.head_delta is not None else None,
+            "logprob": {k: float(v) for k, v in self.values.items()},
+            "trials": self.trials,
+            "config": self.config,
+        }
 
 
 def check_method(method: str) -> str:
@@ -214,11 +230,17 @@ def check_method(method: str) -> str:
     return method
 
 
-def run_interventions(fam_model: FamModel, cases: Sequence[tuple[Case, Case | None]], method: str, *,
-                      blocks: Sequence[int] | None = None, layers: Sequence[int] | None = None,
-                      head_layer: int | None = None,
-                      on_update: Callable[[InterventionResult], None] | None = None,
-                      should_stop: Callable[[], bool] | None = None) -> InterventionResult:
+def run_interventions(
+    fam_model: FamModel,
+    cases: Sequence[tuple[Case, Case | None]],
+    method: str,
+    *,
+    blocks: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    head_layer: int | None = None,
+    on_update: Callable[[InterventionResult], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> InterventionResult:
     """Every intervention of ``method`` over (clean, corrupted) case pairs, averaged over them.
 
     ``blocks``: after which blocks the FAM is replaced (default: the last, the one the question block reads;
@@ -234,9 +256,15 @@ def run_interventions(fam_model: FamModel, cases: Sequence[tuple[Case, Case | No
     return result
 
 
-def iter_interventions(fam_model: FamModel, cases: Sequence[tuple[Case, Case | None]], method: str, *,
-                       blocks: Sequence[int] | None = None, layers: Sequence[int] | None = None,
-                       head_layer: int | None = None) -> Iterator[InterventionResult]:
+def iter_interventions(
+    fam_model: FamModel,
+    cases: Sequence[tuple[Case, Case | None]],
+    method: str,
+    *,
+    blocks: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
+    head_layer: int | None = None,
+) -> Iterator[InterventionResult]:
     """``run_interventions`` one intervention at a time: yields the (same, updated) result after each, the
     last block's cells first (they cost one question block each). Arguments are checked before the first."""
     check_method(method)
@@ -248,8 +276,9 @@ def iter_interventions(fam_model: FamModel, cases: Sequence[tuple[Case, Case | N
         raise ConfigError("no prompts to intervene on")
     n_blocks = min(clean.blocks(fam_model.config.block_size) for clean, _ in cases)
     if n_blocks < 1:
-        raise ConfigError("the prompt must span more than one block: its question block has to read a FAM "
-                          "written by earlier blocks")
+        raise ConfigError(
+            "the prompt must span more than one block: its question block has to read a FAM written by earlier blocks"
+        )
     if blocks is None:
         blocks = list(range(1, n_blocks + 1)) if method == "write-time" else [n_blocks]
     blocks = sorted(set(int(b) for b in blocks))
@@ -264,14 +293,26 @@ def iter_interventions(fam_model: FamModel, cases: Sequence[tuple[Case, Case | N
     return _interventions(fam_model, cases, method, blocks, [*layer_list, ALL_LAYERS], head_layer)
 
 
-def _interventions(fam_model: FamModel, cases: Sequence[tuple[Case, Case | None]], method: str, blocks: list[int],
-                   rows: list[int | str], head_layer: int | None) -> Iterator[InterventionResult]:
+def _interventions(
+    fam_model: FamModel,
+    cases: Sequence[tuple[Case, Case | None]],
+    method: str,
+    blocks: list[int],
+    rows: list[int | str],
+    head_layer: int | None,
+) -> Iterator[InterventionResult]:
     sums, counts = np.zeros((len(rows), len(blocks))), np.zeros((len(rows), len(blocks)))
     groups = fam_model.n_kv_heads
     head_sums, head_counts = np.zeros(groups), np.zeros(groups)
     value_sums: dict[str, float] = {}
-    result = InterventionResult(method, rows, blocks, np.full((len(rows), len(blocks)), np.nan), head_layer,
-                                np.full(groups, np.nan) if head_layer is not None else None)
+    result = InterventionResult(
+        method,
+        rows,
+        blocks,
+        np.full((len(rows), len(blocks)), np.nan),
+        head_layer,
+        np.full(groups, np.nan) if head_layer is not None else None,
+    )
 
     def updated() -> InterventionResult:
         result.delta = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
@@ -301,8 +342,15 @@ def _interventions(fam_model: FamModel, cases: Sequence[tuple[Case, Case | None]
 
 
 # -- PassKey cases ----------------------------------------------------------------------------------
-def passkey_cases(tokenizer: PreTrainedTokenizerBase, block_size: int, length: int, depth: float, trials: int,
-                  seed: int, text: str | None = None) -> list[tuple[Case, Case]]:
+def passkey_cases(
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    length: int,
+    depth: float,
+    trials: int,
+    seed: int,
+    text: str | None = None,
+) -> list[tuple[Case, Case]]:
     """(clean, corrupted) PassKey prompts: the corrupted one hides another key with as many tokens."""
     from famviz.probes import passkey as pk
 
@@ -313,8 +361,11 @@ def passkey_cases(tokenizer: PreTrainedTokenizerBase, block_size: int, length: i
             key = pk.random_key(rng)
             if key == document.key or len(str(key)) != len(str(document.key)):
                 continue
-            other = (pk.make_passkey_document(tokenizer, length, depth, key=key) if text is None
-                     else pk.make_document_probe(tokenizer, text, depth, length, key=key))
+            other = (
+                pk.make_passkey_document(tokenizer, length, depth, key=key)
+                if text is None
+                else pk.make_document_probe(tokenizer, text, depth, length, key=key)
+            )
             if other.length == document.length and len(other.haystack_ids) == len(document.haystack_ids):
                 break
         else:

@@ -13,6 +13,7 @@ before the question). ``make_document_probe`` does the same with a user's own te
 Answers are scored by their first integer. Probes never re-run the document: they fork the
 stream's state (``famviz.core.decode``), so their cost is the question and answer only.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,10 @@ if TYPE_CHECKING:
     from famviz.core.engine import BlockResult, Stream
     from famviz.io.models import LoadedModel
 
-INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-               "I will quiz you about the important information there.")
+INSTRUCTION = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+    "I will quiz you about the important information there."
+)
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 QUESTION = "What is the pass key? The pass key is"
 KEY_MIN, KEY_MAX = 1, 50000
@@ -104,8 +107,15 @@ def _assemble(filler: str, before: int, total: int, key: int, instruction: str) 
     return text, (len(prefix), len(prefix) + len(sentence))
 
 
-def _build(tokenizer: PreTrainedTokenizerBase, filler: str, length: int, depth: float, key: int, instruction: str,
-           allow_short: bool) -> PasskeyDocument:
+def _build(
+    tokenizer: PreTrainedTokenizerBase,
+    filler: str,
+    length: int,
+    depth: float,
+    key: int,
+    instruction: str,
+    allow_short: bool,
+) -> PasskeyDocument:
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be between 0 and 1, got {depth}")
     if length <= 0:
@@ -115,7 +125,11 @@ def _build(tokenizer: PreTrainedTokenizerBase, filler: str, length: int, depth: 
         total = _word_cut(filler, total)
         before = _word_cut(filler, int(round(depth * total)))
         text, span = _assemble(filler, before, total, key, instruction)
-        return text, span, len(adds_leading_special(tokenizer)) + len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return (
+            text,
+            span,
+            len(adds_leading_special(tokenizer)) + len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+        )
 
     # Token count grows monotonically (up to a token or two) with the filler's length: bisect on characters.
     low, high = 0, len(filler)
@@ -140,18 +154,32 @@ def _build(tokenizer: PreTrainedTokenizerBase, filler: str, length: int, depth: 
     prompt_len = len(ids) - len(adds_leading_special(tokenizer))
     answer_ids = tokenizer(text + f" {key}", add_special_tokens=False)["input_ids"][prompt_len:]
     closed = tokenizer(text + f" {key}.", add_special_tokens=False)["input_ids"][prompt_len:]
-    closing_ids = closed[len(answer_ids):] if closed[: len(answer_ids)] == answer_ids else []
-    return PasskeyDocument(text=text, key=key, depth=depth, target_length=length, token_ids=ids,
-                           key_span=(key_tokens[0], key_tokens[-1] + 1), question_start=question_start,
-                           answer_ids=answer_ids, closing_ids=closing_ids)
+    closing_ids = closed[len(answer_ids) :] if closed[: len(answer_ids)] == answer_ids else []
+    return PasskeyDocument(
+        text=text,
+        key=key,
+        depth=depth,
+        target_length=length,
+        token_ids=ids,
+        key_span=(key_tokens[0], key_tokens[-1] + 1),
+        question_start=question_start,
+        answer_ids=answer_ids,
+        closing_ids=closing_ids,
+    )
 
 
 def _repeated_filler(chars: int) -> str:
     return " ".join([FILLER] * (chars // (len(FILLER) + 1) + 2))
 
 
-def make_passkey_document(tokenizer: PreTrainedTokenizerBase, length: int, depth: float = 0.0, seed: int | None = None,
-                          key: int | None = None, rng: random.Random | None = None) -> PasskeyDocument:
+def make_passkey_document(
+    tokenizer: PreTrainedTokenizerBase,
+    length: int,
+    depth: float = 0.0,
+    seed: int | None = None,
+    key: int | None = None,
+    rng: random.Random | None = None,
+) -> PasskeyDocument:
     """The standard PassKey prompt of ``length`` tokens (± a few) with the key at ``depth``."""
     if key is None:
         key = random_key(rng or random.Random(seed))
@@ -159,8 +187,14 @@ def make_passkey_document(tokenizer: PreTrainedTokenizerBase, length: int, depth
     return _build(tokenizer, _repeated_filler(10 * length + 200), length, depth, key, INSTRUCTION, allow_short=False)
 
 
-def make_document_probe(tokenizer: PreTrainedTokenizerBase, text: str, depth: float = 0.0, length: int | None = None,
-                        seed: int | None = None, key: int | None = None) -> PasskeyDocument:
+def make_document_probe(
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    depth: float = 0.0,
+    length: int | None = None,
+    seed: int | None = None,
+    key: int | None = None,
+) -> PasskeyDocument:
     """The key sentence hidden at ``depth`` of the user's own text (cut to ``length`` tokens if given)."""
     filler = " ".join(text.split())  # one line: the prompt's own line structure stays intact
     if not filler:
@@ -200,8 +234,14 @@ class ProbeResult:
     seconds: float
 
 
-def answer_question(fam_model: FamModel, cursor: BlockCursor, question_ids: Sequence[int], key: int,
-                    answer_ids: Sequence[int], max_new_tokens: int = MAX_ANSWER_TOKENS) -> ProbeResult:
+def answer_question(
+    fam_model: FamModel,
+    cursor: BlockCursor,
+    question_ids: Sequence[int],
+    key: int,
+    answer_ids: Sequence[int],
+    max_new_tokens: int = MAX_ANSWER_TOKENS,
+) -> ProbeResult:
     """Feed the question on a fork of ``cursor``, greedy-decode the answer and score the key's log-prob."""
     started = time.perf_counter()
     tokenizer = fam_model.loaded.tokenizer
@@ -214,16 +254,35 @@ def answer_question(fam_model: FamModel, cursor: BlockCursor, question_ids: Sequ
     after_question = logits[len(question_ids) - 1 :]  # row i: the prediction after draft[:i]
     logprobs = torch.log_softmax(after_question[: len(draft)], dim=-1)
     key_logprob = float(logprobs.gather(1, torch.tensor(draft).unsqueeze(1)).sum())
-    out = _speculative_greedy(cursor, list(question_ids), asked, draft, after_question, max_new_tokens,
-                              stop=lambda ids: _integer_closed(tokenizer.decode(ids)))
+    out = _speculative_greedy(
+        cursor,
+        list(question_ids),
+        asked,
+        draft,
+        after_question,
+        max_new_tokens,
+        stop=lambda ids: _integer_closed(tokenizer.decode(ids)),
+    )
     answer = tokenizer.decode(out)
     predicted = first_integer(answer)
-    return ProbeResult(answer=answer, predicted=predicted, correct=predicted == key, key_logprob=key_logprob,
-                       seconds=time.perf_counter() - started)
+    return ProbeResult(
+        answer=answer,
+        predicted=predicted,
+        correct=predicted == key,
+        key_logprob=key_logprob,
+        seconds=time.perf_counter() - started,
+    )
 
 
-def _speculative_greedy(base: BlockCursor, prompt: list[int], fed: BlockCursor, draft: list[int],
-                        draft_logits: torch.Tensor, max_new_tokens: int, stop: Callable[[list[int]], bool]) -> list[int]:
+def _speculative_greedy(
+    base: BlockCursor,
+    prompt: list[int],
+    fed: BlockCursor,
+    draft: list[int],
+    draft_logits: torch.Tensor,
+    max_new_tokens: int,
+    stop: Callable[[list[int]], bool],
+) -> list[int]:
     """Greedy decoding after ``prompt`` on ``base``; ``fed`` is ``base`` fed prompt + draft, with the
     draft's logits (row i predicts the token after draft[:i])."""
     eos = end_of_sequence_ids(base.fam_model)
@@ -257,15 +316,21 @@ def answer_ids_for(tokenizer: PreTrainedTokenizerBase, key: int) -> list[int]:
     return tokenizer(f" {key}", add_special_tokens=False)["input_ids"]
 
 
-def live_probe(fam_model: FamModel, state: StreamState, key: int, pending: Sequence[int] = (),
-               max_new_tokens: int = MAX_ANSWER_TOKENS) -> ProbeResult:
+def live_probe(
+    fam_model: FamModel,
+    state: StreamState,
+    key: int,
+    pending: Sequence[int] = (),
+    max_new_tokens: int = MAX_ANSWER_TOKENS,
+) -> ProbeResult:
     """Ask for the key from a stream's ``state`` (plus its ``pending`` tokens) without touching it."""
     tokenizer = fam_model.loaded.tokenizer
     cursor = BlockCursor(fam_model, state)
     if pending:
         cursor.extend(pending)
-    return answer_question(fam_model, cursor, question_ids(tokenizer), key, answer_ids_for(tokenizer, key),
-                           max_new_tokens)
+    return answer_question(
+        fam_model, cursor, question_ids(tokenizer), key, answer_ids_for(tokenizer, key), max_new_tokens
+    )
 
 
 # -- running prompts -------------------------------------------------------------------------------
@@ -281,8 +346,14 @@ def advance(fam_model: FamModel, state: StreamState, token_ids: Sequence[int]) -
     return state
 
 
-def ask(fam_model: FamModel, document: PasskeyDocument, state: StreamState | None = None, done: int = 0,
-        max_new_tokens: int = MAX_ANSWER_TOKENS, skip_unseen: bool = True) -> ProbeResult:
+def ask(
+    fam_model: FamModel,
+    document: PasskeyDocument,
+    state: StreamState | None = None,
+    done: int = 0,
+    max_new_tokens: int = MAX_ANSWER_TOKENS,
+    skip_unseen: bool = True,
+) -> ProbeResult:
     """Answer one PassKey prompt; ``state`` (after ``done`` tokens of it, a block boundary) skips its start.
 
     ``skip_unseen``: BSWA without memory carries nothing from block to block, so only the last block is
@@ -297,8 +368,14 @@ def ask(fam_model: FamModel, document: PasskeyDocument, state: StreamState | Non
     cursor = BlockCursor(fam_model, state)
     if full_end < len(haystack):
         cursor.extend(haystack[full_end:])
-    return answer_question(fam_model, cursor, document.token_ids[document.question_start :], document.key,
-                           document.answer_ids, max_new_tokens)
+    return answer_question(
+        fam_model,
+        cursor,
+        document.token_ids[document.question_start :],
+        document.key,
+        document.answer_ids,
+        max_new_tokens,
+    )
 
 
 def shared_prefix_blocks(token_lists: Sequence[Sequence[int]], block: int) -> int:
@@ -329,8 +406,9 @@ class RetentionProbe:
     on from its own, unforked state. Points are kept in ``points`` and passed to ``on_point``.
     """
 
-    def __init__(self, key: int, key_end: int, every: int = 1,
-                 on_point: Callable[[RetentionPoint], None] | None = None):
+    def __init__(
+        self, key: int, key_end: int, every: int = 1, on_point: Callable[[RetentionPoint], None] | None = None
+    ):
         if every < 1:
             raise ValueError("probe interval must be at least 1 block")
         self.key, self.key_end, self.every = key, key_end, every
@@ -362,15 +440,26 @@ class RetentionProbe:
         if since % self.every:
             return
         probe = live_probe(stream.fam_model, stream.state, self.key)
-        point = RetentionPoint(block=block_result.index, tokens=end, blocks_since_key=since, correct=probe.correct,
-                               predicted=probe.predicted, key_logprob=probe.key_logprob, seconds=probe.seconds)
+        point = RetentionPoint(
+            block=block_result.index,
+            tokens=end,
+            blocks_since_key=since,
+            correct=probe.correct,
+            predicted=probe.predicted,
+            key_logprob=probe.key_logprob,
+            seconds=probe.seconds,
+        )
         self.points.append(point)
         if self.on_point is not None:
             self.on_point(point)
 
 
-def retention_curve(fam_model: FamModel, document: PasskeyDocument, every: int = 1,
-                    on_point: Callable[[RetentionPoint], None] | None = None) -> list[RetentionPoint]:
+def retention_curve(
+    fam_model: FamModel,
+    document: PasskeyDocument,
+    every: int = 1,
+    on_point: Callable[[RetentionPoint], None] | None = None,
+) -> list[RetentionPoint]:
     """Stream a PassKey document's haystack and probe the memory after every ``every`` blocks."""
     from famviz.core.engine import Stream
 
@@ -440,8 +529,9 @@ class CellResult:
         return out
 
 
-def trial_documents(tokenizer: PreTrainedTokenizerBase, length: int, depth: float, trials: int, seed: int,
-                    text: str | None = None) -> list[PasskeyDocument]:
+def trial_documents(
+    tokenizer: PreTrainedTokenizerBase, length: int, depth: float, trials: int, seed: int, text: str | None = None
+) -> list[PasskeyDocument]:
     """The documents of one sweep cell; the same for every mode, so modes answer the same keys.
     With ``text``, the key is hidden in that text (cut to ``length``) instead of the standard filler."""
     keys = [random_key(trial_rng(seed, length, depth, t)) for t in range(trials)]
@@ -450,8 +540,9 @@ def trial_documents(tokenizer: PreTrainedTokenizerBase, length: int, depth: floa
     return [make_document_probe(tokenizer, text, depth, length, key=key) for key in keys]
 
 
-def iter_trials(fam_model: FamModel, documents: Sequence[PasskeyDocument], spec: ModeSpec,
-                skip_unseen: bool = True) -> Iterator[TrialResult]:
+def iter_trials(
+    fam_model: FamModel, documents: Sequence[PasskeyDocument], spec: ModeSpec, skip_unseen: bool = True
+) -> Iterator[TrialResult]:
     """The trials of one cell, one at a time. The start they share (the same filler before the key)
     runs once and is forked."""
     block = fam_model.config.block_size
@@ -461,23 +552,44 @@ def iter_trials(fam_model: FamModel, documents: Sequence[PasskeyDocument], spec:
     state = advance(fam_model, fam_model.initial_state(), documents[0].token_ids[:shared])
     for index, document in enumerate(documents):
         probe = ask(fam_model, document, state, shared, skip_unseen=skip_unseen)
-        yield TrialResult(mode=spec.mode, mem_blocks=spec.mem_blocks, length=document.target_length,
-                          depth=document.depth, trial=index, key=document.key, tokens=document.length,
-                          answer=probe.answer, predicted=probe.predicted, correct=probe.correct,
-                          key_logprob=probe.key_logprob)
+        yield TrialResult(
+            mode=spec.mode,
+            mem_blocks=spec.mem_blocks,
+            length=document.target_length,
+            depth=document.depth,
+            trial=index,
+            key=document.key,
+            tokens=document.length,
+            answer=probe.answer,
+            predicted=probe.predicted,
+            correct=probe.correct,
+            key_logprob=probe.key_logprob,
+        )
 
 
 def summarise_cell(spec: ModeSpec, results: Sequence[TrialResult], seconds: float) -> CellResult:
     """A cell's accuracy and mean key log-prob over the trials done so far."""
-    return CellResult(mode=spec.mode, mem_blocks=spec.mem_blocks, label=spec.label, length=results[0].length,
-                      depth=results[0].depth, trials=len(results),
-                      accuracy=float(np.mean([r.correct for r in results])),
-                      mean_key_logprob=float(np.mean([r.key_logprob for r in results])), seconds=seconds,
-                      results=list(results))
+    return CellResult(
+        mode=spec.mode,
+        mem_blocks=spec.mem_blocks,
+        label=spec.label,
+        length=results[0].length,
+        depth=results[0].depth,
+        trials=len(results),
+        accuracy=float(np.mean([r.correct for r in results])),
+        mean_key_logprob=float(np.mean([r.key_logprob for r in results])),
+        seconds=seconds,
+        results=list(results),
+    )
 
 
-def run_cell(fam_model: FamModel, documents: Sequence[PasskeyDocument], spec: ModeSpec,
-             on_trial: Callable[[TrialResult], None] | None = None, skip_unseen: bool = True) -> CellResult:
+def run_cell(
+    fam_model: FamModel,
+    documents: Sequence[PasskeyDocument],
+    spec: ModeSpec,
+    on_trial: Callable[[TrialResult], None] | None = None,
+    skip_unseen: bool = True,
+) -> CellResult:
     """All trials of one cell."""
     started = time.perf_counter()
     results = []
@@ -490,21 +602,39 @@ def run_cell(fam_model: FamModel, documents: Sequence[PasskeyDocument], spec: Mo
 
 def sweep_config(base: FamConfig, spec: ModeSpec) -> FamConfig:
     fam_len = base.fam_len if spec.mode == "fam" else 0
-    return FamConfig(mode=spec.mode, block_size=base.block_size, fam_len=fam_len, mem_blocks=spec.mem_blocks,
-                     sink_tokens=base.sink_tokens)
+    return FamConfig(
+        mode=spec.mode,
+        block_size=base.block_size,
+        fam_len=fam_len,
+        mem_blocks=spec.mem_blocks,
+        sink_tokens=base.sink_tokens,
+    )
 
 
-def sweep(loaded: LoadedModel, specs: Sequence[ModeSpec], lengths: Sequence[int], depths: Sequence[float], trials: int,
-          seed: int = 0, base: FamConfig | None = None, fam_prompt: torch.Tensor | None = None,
-          backend: str = "sdpa", on_trial: Callable[[TrialResult], None] | None = None,
-          on_cell: Callable[[CellResult], None] | None = None, should_stop: Callable[[], bool] | None = None,
-          skip_unseen: bool = True) -> list[CellResult]:
+def sweep(
+    loaded: LoadedModel,
+    specs: Sequence[ModeSpec],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials: int,
+    seed: int = 0,
+    base: FamConfig | None = None,
+    fam_prompt: torch.Tensor | None = None,
+    backend: str = "sdpa",
+    on_trial: Callable[[TrialResult], None] | None = None,
+    on_cell: Callable[[CellResult], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    skip_unseen: bool = True,
+) -> list[CellResult]:
     """Accuracy and key log-prob for every (mode, length, depth); seeded, so runs are reproducible."""
     base = base or FamConfig()
     if trials < 1:
         raise ValueError("trials must be at least 1")
-    documents = {(length, depth): trial_documents(loaded.tokenizer, length, depth, trials, seed)
-                 for length in lengths for depth in depths}
+    documents = {
+        (length, depth): trial_documents(loaded.tokenizer, length, depth, trials, seed)
+        for length in lengths
+        for depth in depths
+    }
     cells = []
     for spec in specs:
         prompt = fam_prompt if spec.mode == "fam" else None

@@ -1,5 +1,6 @@
 """The training card of a run (``TRAINING_CARD.md`` and its JSON): recipe, data mixture, every stage
 (command, steps, tokens, wall time, held-out PassKey), hardware, and the evaluations added later."""
+
 from __future__ import annotations
 
 import platform
@@ -22,8 +23,17 @@ def stage_summaries(history: list[dict], first_command: str = "") -> list[dict]:
     stages: list[dict] = []
 
     def start(from_step: int, command: str) -> None:
-        stages.append({"stage": len(stages) + 1, "command": command, "first_step": from_step + 1,
-                       "last_step": from_step, "tokens": 0, "wall_seconds": 0.0, "held_out": None})
+        stages.append(
+            {
+                "stage": len(stages) + 1,
+                "command": command,
+                "first_step": from_step + 1,
+                "last_step": from_step,
+                "tokens": 0,
+                "wall_seconds": 0.0,
+                "held_out": None,
+            }
+        )
 
     for record in history:
         if "stage" in record:
@@ -37,9 +47,11 @@ def stage_summaries(history: list[dict], first_command: str = "") -> list[dict]:
             stage["tokens"] += record["tokens"]
             stage["wall_seconds"] = round(stage["wall_seconds"] + record.get("seconds", 0.0), 1)
         elif "eval" in record:
-            stages[-1]["held_out"] = dict(step=record["step"], **record["eval"],
-                                          **({"curriculum_blocks": record["curriculum_blocks"]}
-                                             if "curriculum_blocks" in record else {}))
+            stages[-1]["held_out"] = dict(
+                step=record["step"],
+                **record["eval"],
+                **({"curriculum_blocks": record["curriculum_blocks"]} if "curriculum_blocks" in record else {}),
+            )
     return stages
 
 
@@ -57,9 +69,15 @@ def initialised_from(directory: str | None) -> dict | None:
     if not directory:
         return None
     card = previous_card(Path(directory))
-    return {"directory": directory, "steps": card.get("steps"), "tokens_seen": card.get("tokens_seen"),
-            "wall_seconds": card.get("wall_seconds"), "command": card.get("command"),
-            "stages": card.get("stages") or None, "stage_evaluations": card.get("stage_evaluations") or None}
+    return {
+        "directory": directory,
+        "steps": card.get("steps"),
+        "tokens_seen": card.get("tokens_seen"),
+        "wall_seconds": card.get("wall_seconds"),
+        "command": card.get("command"),
+        "stages": card.get("stages") or None,
+        "stage_evaluations": card.get("stage_evaluations") or None,
+    }
 
 
 def text_sources(trainer: Trainer) -> dict | str | None:
@@ -87,8 +105,10 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
     tail = steps[-50:]
     note = None
     if device.type != "cuda":
-        note = ("Reduced CPU recipe: trained on a CPU with far fewer steps and shorter sequences than the paper's "
-                "GPU recipe (docs/algorithm.md §6); see the evaluation before relying on it.")
+        note = (
+            "Reduced CPU recipe: trained on a CPU with far fewer steps and shorter sequences than the paper's "
+            "GPU recipe (docs/algorithm.md §6); see the evaluation before relying on it."
+        )
     return {
         "note": note,
         "command": config.command,
@@ -100,17 +120,24 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
         "tokens_seen": sum(r["tokens"] for r in steps),
         "batch_size": config.batch_size,
         "optimizer": f"AdamW (betas 0.9/0.99), lr {config.lr}, prompt lr {config.prompt_lr or config.lr}, "
-                     f"warm-up {config.warmup_steps} steps then constant, grad clip {config.grad_clip}",
-        "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha or 2 * config.lora_rank,
-                 "targets": list(LORA_TARGETS)},
+        f"warm-up {config.warmup_steps} steps then constant, grad clip {config.grad_clip}",
+        "lora": {
+            "rank": config.lora_rank,
+            "alpha": config.lora_alpha or 2 * config.lora_rank,
+            "targets": list(LORA_TARGETS),
+        },
         "fam_prompt": "trained in full" if config.mode == "fam" else None,
         "data_mixture": {
             "weights": parse_mixture(config.data),
             "passkey_tokens": config.passkey_tokens,
-            "passkey_depth_zero": config.passkey_depth_zero, "passkey_aligned": config.passkey_aligned,
-            "copy_text_tokens": config.copy_text_tokens, "copy_len": config.copy_len,
-            "copy_weight": config.copy_weight, "text_weight": config.text_weight,
-            "readout_weight": config.readout_weight, "readout_split": config.readout_split,
+            "passkey_depth_zero": config.passkey_depth_zero,
+            "passkey_aligned": config.passkey_aligned,
+            "copy_text_tokens": config.copy_text_tokens,
+            "copy_len": config.copy_len,
+            "copy_weight": config.copy_weight,
+            "text_weight": config.text_weight,
+            "readout_weight": config.readout_weight,
+            "readout_split": config.readout_split,
             "curriculum_blocks": config.curriculum,
             "curriculum_threshold": config.curriculum_threshold if config.curriculum else None,
             "curriculum_reached_blocks": trainer.curriculum_blocks,
@@ -120,8 +147,12 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
         "stages": stage_summaries(trainer.history, config.command.split("  (resumed: ")[0]),
         "stage_evaluations": previous_card(trainer.out).get("stage_evaluations", []),
         "checkpoint_layers": config.checkpoint_layers,
-        "rpo": config.rpo, "rsp": config.rsp, "rsp_prob": config.rsp_prob if config.rsp else None,
-        "hardware": hardware, "dtype": config.dtype, "wall_seconds": round(wall_seconds, 1),
+        "rpo": config.rpo,
+        "rsp": config.rsp,
+        "rsp_prob": config.rsp_prob if config.rsp else None,
+        "hardware": hardware,
+        "dtype": config.dtype,
+        "wall_seconds": round(wall_seconds, 1),
         "lora_storage_dtype": config.adapter_dtype or config.dtype,
         "final_loss_mean_last_50": sum(r["loss"] for r in tail) / max(len(tail), 1),
         "held_out_passkey_during_training": [dict(step=r["step"], **r["eval"]) for r in evals],

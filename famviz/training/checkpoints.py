@@ -1,5 +1,6 @@
 """Checkpoints of a run: the trainable weights (LoRA + FAM prompt), optimizer, step, RNG and RSP states,
 written atomically so that ``--resume`` continues exactly."""
+
 from __future__ import annotations
 
 import random
@@ -25,9 +26,16 @@ def trainable_state(peft_model: PeftModel, prompt: torch.Tensor | None) -> dict[
     return state
 
 
-def save_checkpoint(directory: Path, peft_model: PeftModel, prompt: torch.Tensor | None,
-                    optimizer: torch.optim.Optimizer, step: int, rng: random.Random,
-                    state_passing: StatePassing, history: list) -> None:
+def save_checkpoint(
+    directory: Path,
+    peft_model: PeftModel,
+    prompt: torch.Tensor | None,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    rng: random.Random,
+    state_passing: StatePassing,
+    history: list,
+) -> None:
     """Everything needed to continue exactly: weights, optimizer, step, data/RNG states, RSP state."""
     from safetensors.torch import save_file
 
@@ -35,29 +43,38 @@ def save_checkpoint(directory: Path, peft_model: PeftModel, prompt: torch.Tensor
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trainable_state(peft_model, prompt), str(tmp / "trainable.safetensors"))
-    torch.save({
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "python_rng": rng.getstate(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "rsp_saved": None if state_passing.saved is None else [t.cpu() for t in state_passing.saved],
-        "history": history,
-    }, tmp / "state.pt")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "python_rng": rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "rsp_saved": None if state_passing.saved is None else [t.cpu() for t in state_passing.saved],
+            "history": history,
+        },
+        tmp / "state.pt",
+    )
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)  # a checkpoint is either complete or absent
 
 
-def load_checkpoint(directory: Path, peft_model: PeftModel, prompt: torch.Tensor | None,
-                    optimizer: torch.optim.Optimizer, rng: random.Random,
-                    state_passing: StatePassing, device: torch.device | str) -> tuple[int, list]:
+def load_checkpoint(
+    directory: Path,
+    peft_model: PeftModel,
+    prompt: torch.Tensor | None,
+    optimizer: torch.optim.Optimizer,
+    rng: random.Random,
+    state_passing: StatePassing,
+    device: torch.device | str,
+) -> tuple[int, list]:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     if not (directory / "state.pt").is_file():
         raise ConfigError(f"{directory} holds no complete checkpoint to resume from")
     tensors = load_file(str(directory / "trainable.safetensors"))
-    lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+    lora = {k[len("lora.") :]: v for k, v in tensors.items() if k.startswith("lora.")}
     set_peft_model_state_dict(peft_model, lora)
     if prompt is not None:
         with torch.no_grad():

@@ -3,6 +3,7 @@
 The config is saved with the run (``train_config.json``), so ``--resume`` continues with the same settings
 and options given again override them.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,7 +70,9 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads (None: torch's default)
     device: str = "auto"
     dtype: str = "float32"
-    adapter_dtype: str | None = None  # LoRA weights in the written adapter (None: as trained); checkpoints keep full precision
+    adapter_dtype: str | None = (
+        None  # LoRA weights in the written adapter (None: as trained); checkpoints keep full precision
+    )
     command: str = ""  # every invocation of the run, resumes included
     stage_command: str = ""  # this invocation alone (a stage of the training card)
 
@@ -93,7 +96,9 @@ class TrainConfig:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         parse_mixture(self.data)
         if self.corpus and "copy" not in parse_mixture(self.data):
-            raise ConfigError("--corpus is the text of copy examples: add copy to --data (e.g. --data passkey:0.5,copy:0.5)")
+            raise ConfigError(
+                "--corpus is the text of copy examples: add copy to --data (e.g. --data passkey:0.5,copy:0.5)"
+            )
         self.curriculum_stages()
         if self.readout_weight < 0:
             raise ConfigError(f"--readout-weight must be 0 or more, got {self.readout_weight}")
@@ -129,23 +134,41 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF id or local path (default: the bundled SmolLM2-135M)")
     parser.add_argument("--mode", choices=("fam", "bswa"), default=None, help=f"default {d.mode}")
     for name, kind, help_text in (
-        ("block_size", int, "tokens per block"), ("fam_len", int, "FAM slots per layer"),
-        ("mem_blocks", int, "cached memory blocks"), ("steps", int, "optimiser steps in total"),
-        ("lr", float, "LoRA learning rate"), ("prompt_lr", float, "FAM prompt learning rate (default: --lr)"),
-        ("warmup_steps", int, "linear warm-up steps"), ("batch_size", int, "sequences per step (per process)"),
-        ("lora_rank", int, "LoRA rank"), ("lora_alpha", float, "LoRA alpha (default 2×rank)"),
+        ("block_size", int, "tokens per block"),
+        ("fam_len", int, "FAM slots per layer"),
+        ("mem_blocks", int, "cached memory blocks"),
+        ("steps", int, "optimiser steps in total"),
+        ("lr", float, "LoRA learning rate"),
+        ("prompt_lr", float, "FAM prompt learning rate (default: --lr)"),
+        ("warmup_steps", int, "linear warm-up steps"),
+        ("batch_size", int, "sequences per step (per process)"),
+        ("lora_rank", int, "LoRA rank"),
+        ("lora_alpha", float, "LoRA alpha (default 2×rank)"),
         ("data", str, "mixture, e.g. passkey:0.8,copy:0.2"),
         ("passkey_tokens", str, "PassKey prompt length range in tokens, e.g. 256-2048"),
         ("passkey_depth_zero", float, "share of PassKey prompts with the key at depth 0"),
-        ("passkey_aligned", float, "share of PassKey prompts a whole number of blocks long (minus 0-6 tokens), "
-                                   "so that the answer is read from the FAM alone"),
-        ("copy_text_tokens", str, "text length range of copy examples"), ("copy_len", int, "tokens to repeat"),
+        (
+            "passkey_aligned",
+            float,
+            "share of PassKey prompts a whole number of blocks long (minus 0-6 tokens), "
+            "so that the answer is read from the FAM alone",
+        ),
+        ("copy_text_tokens", str, "text length range of copy examples"),
+        ("copy_len", int, "tokens to repeat"),
         ("copy_weight", float, "loss weight of repeated tokens (paper: 0.1)"),
         ("text_weight", float, "loss weight of ordinary next-token prediction on the copy text"),
         ("readout_weight", float, "PassKey read-out probe after every block, weight of its answer (0 = off)"),
-        ("readout_split", float, "share of steps whose probes end a block after the question, the answer read "
-                                 "from the FAM alone as at round prompt lengths"),
-        ("curriculum", str, "PassKey lengths in blocks, e.g. 2,4,8,16: the next when held-out accuracy reaches the threshold"),
+        (
+            "readout_split",
+            float,
+            "share of steps whose probes end a block after the question, the answer read "
+            "from the FAM alone as at round prompt lengths",
+        ),
+        (
+            "curriculum",
+            str,
+            "PassKey lengths in blocks, e.g. 2,4,8,16: the next when held-out accuracy reaches the threshold",
+        ),
         ("curriculum_threshold", float, "held-out accuracy that advances the curriculum"),
         ("init_from", str, "start from this adapter directory's LoRA and FAM prompt (fresh optimizer)"),
         ("rsp_prob", float, "Random State Passing probability (paper: 0.8)"),
@@ -154,30 +177,54 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         ("eval_tokens", int, "length of held-out PassKey prompts"),
         ("checkpoint_every", int, "checkpoint every N steps"),
         ("max_minutes", float, "stop after this wall time (checkpoint and adapter are written)"),
-        ("seed", int, "random seed"), ("dtype", str, "float32 or bfloat16"),
+        ("seed", int, "random seed"),
+        ("dtype", str, "float32 or bfloat16"),
         ("adapter_dtype", str, "store the adapter's LoRA weights as float16/bfloat16 (half the file size)"),
     ):
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                            help=f"{help_text} (default {getattr(d, name)})")
-    parser.add_argument("--corpus", action="append", default=None, metavar="PATH",
-                        help="train on your own text (repeatable): a directory of documents (.txt .md .pdf .html), "
-                             "a .jsonl file with a 'text' field, or a Hugging Face dataset (.parquet/.arrow files or a "
-                             "save_to_disk directory); ~1%% of its documents are held out. Default: the machine's text")
-    parser.add_argument("--no-rpo", dest="rpo", action="store_false", default=None, help="disable Random Position Offset")
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=kind, default=None, help=f"{help_text} (default {getattr(d, name)})"
+        )
+    parser.add_argument(
+        "--corpus",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="train on your own text (repeatable): a directory of documents (.txt .md .pdf .html), "
+        "a .jsonl file with a 'text' field, or a Hugging Face dataset (.parquet/.arrow files or a "
+        "save_to_disk directory); ~1%% of its documents are held out. Default: the machine's text",
+    )
+    parser.add_argument(
+        "--no-rpo", dest="rpo", action="store_false", default=None, help="disable Random Position Offset"
+    )
     parser.add_argument("--no-rsp", dest="rsp", action="store_false", default=None, help="disable Random State Passing")
-    parser.add_argument("--rsp", dest="rsp", action="store_true", default=None,
-                        help="enable Random State Passing (the default; e.g. to turn it on when resuming a run)")
-    parser.add_argument("--no-checkpoint-layers", dest="checkpoint_layers", action="store_false", default=None,
-                        help="keep every layer's activations instead of recomputing them in backward (faster, more memory)")
+    parser.add_argument(
+        "--rsp",
+        dest="rsp",
+        action="store_true",
+        default=None,
+        help="enable Random State Passing (the default; e.g. to turn it on when resuming a run)",
+    )
+    parser.add_argument(
+        "--no-checkpoint-layers",
+        dest="checkpoint_layers",
+        action="store_false",
+        default=None,
+        help="keep every layer's activations instead of recomputing them in backward (faster, more memory)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--device", default=None, help="auto, cpu or cuda (default auto: Accelerate's device)")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                 if f.name not in ("out", "command") and getattr(args, f.name, None) is not None}
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in fields(TrainConfig)
+        if f.name not in ("out", "command") and getattr(args, f.name, None) is not None
+    }
     argv = sys.argv[1:] if "train" in sys.argv[1:2] else []
-    command = "python -m famviz " + " ".join(shlex.quote(a) for a in argv) if argv else "python -m famviz train (from Python)"
+    command = (
+        "python -m famviz " + " ".join(shlex.quote(a) for a in argv) if argv else "python -m famviz train (from Python)"
+    )
     if args.resume:
         saved = Path(args.resume) / TRAIN_CONFIG
         if not saved.is_file():

@@ -12,6 +12,7 @@ from the ones before it). Kinds:
 
 Every draw comes from the ``random.Random`` passed in, so a saved RNG state reproduces the data.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -99,8 +100,9 @@ def parse_range(spec: str, what: str) -> tuple[int, int]:
     return lo, hi
 
 
-def find_text_files(roots: Iterable[Path] = TEXT_ROOTS, min_chars: int = MIN_TEXT_CHARS,
-                    held_out: Iterable[Path] = (HELD_OUT_TEXT,)) -> list[Path]:
+def find_text_files(
+    roots: Iterable[Path] = TEXT_ROOTS, min_chars: int = MIN_TEXT_CHARS, held_out: Iterable[Path] = (HELD_OUT_TEXT,)
+) -> list[Path]:
     """Long plain-text (or gzipped text) files on this machine, sorted for reproducibility."""
     held = {p.resolve() for p in held_out if p.exists()}
     files = []
@@ -135,8 +137,10 @@ class MachineText:
     def __init__(self, files: list[Path] | None = None):
         self.files = find_text_files() if files is None else list(files)
         if not self.files:
-            raise ConfigError("the copy task needs long text files on this machine; none found under "
-                              + ", ".join(str(r) for r in TEXT_ROOTS))
+            raise ConfigError(
+                "the copy task needs long text files on this machine; none found under "
+                + ", ".join(str(r) for r in TEXT_ROOTS)
+            )
         self.training = self.files
 
     def text(self, path: Path) -> str:
@@ -159,8 +163,13 @@ class TextCorpus:
 
     CHARS_PER_TOKEN = 8  # a span this many characters per wanted token always holds enough tokens
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, files: list[Path] | None = None, cache_size: int = 64,
-                 documents: MachineText | Corpus | None = None):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        files: list[Path] | None = None,
+        cache_size: int = 64,
+        documents: MachineText | Corpus | None = None,
+    ):
         self.tokenizer = tokenizer
         self.documents = documents if documents is not None else MachineText(files)
         self._texts: dict = {}
@@ -203,8 +212,10 @@ class TextCorpus:
                 self._long[ref] = max(self._long.get(ref, 0), len(ids))
                 start = rng.randrange(len(ids) - length + 1)
                 return ids[start : start + length]
-        raise ConfigError(f"no training document has {length} tokens; use shorter copy examples "
-                          f"(--copy-text-tokens) or longer documents")
+        raise ConfigError(
+            f"no training document has {length} tokens; use shorter copy examples "
+            f"(--copy-text-tokens) or longer documents"
+        )
 
     def check_long_enough(self, length: int, scan: int = 200) -> None:
         """ConfigError unless one of the first ``scan`` training documents gives ``length`` tokens (the
@@ -215,12 +226,17 @@ class TextCorpus:
                 self._long[ref if isinstance(ref, Path) else int(ref)] = len(ids)
                 return
         skipped = f"; {len(self.unreadable)} could not be read" if self.unreadable else ""
-        raise ConfigError(f"the corpus's documents are shorter than one training sequence ({length} tokens)"
-                          f"{skipped}")
+        raise ConfigError(f"the corpus's documents are shorter than one training sequence ({length} tokens){skipped}")
 
 
-def copy_example(corpus: TextCorpus, rng: random.Random, text_tokens: int, copy_len: int,
-                 copy_weight: float = 0.1, text_weight: float = 0.0) -> Example:
+def copy_example(
+    corpus: TextCorpus,
+    rng: random.Random,
+    text_tokens: int,
+    copy_len: int,
+    copy_weight: float = 0.1,
+    text_weight: float = 0.0,
+) -> Example:
     """Text, the copy marker, then ``copy_len`` tokens repeated from a random place in the text."""
     if copy_len > text_tokens:
         raise ConfigError(f"copy length {copy_len} is longer than the text ({text_tokens} tokens)")
@@ -236,10 +252,21 @@ def copy_example(corpus: TextCorpus, rng: random.Random, text_tokens: int, copy_
 class ExampleStream:
     """Draws training examples from a mixture; all randomness comes from ``rng``."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, mixture: dict[str, float], passkey_tokens: tuple[int, int],
-                 copy_text_tokens: tuple[int, int], copy_len: int, copy_weight: float, text_weight: float,
-                 passkey_depth_zero: float = 0.5, corpus: TextCorpus | None = None, readout_weight: float = 0.0,
-                 passkey_aligned: float = 0.0, block_size: int = 0):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        mixture: dict[str, float],
+        passkey_tokens: tuple[int, int],
+        copy_text_tokens: tuple[int, int],
+        copy_len: int,
+        copy_weight: float,
+        text_weight: float,
+        passkey_depth_zero: float = 0.5,
+        corpus: TextCorpus | None = None,
+        readout_weight: float = 0.0,
+        passkey_aligned: float = 0.0,
+        block_size: int = 0,
+    ):
         self.tokenizer = tokenizer
         self.mixture = mixture
         self.passkey_tokens = passkey_tokens
@@ -288,6 +315,10 @@ class ExampleStream:
 
             question = question_ids(self.tokenizer)
             # Probed from the block that holds the whole key sentence up to the last one before the question.
-            readout = Readout(question + answer, [0.0] * len(question) + [self.readout_weight] * len(answer),
-                              first=document.key_span[1], last=document.question_start)
+            readout = Readout(
+                question + answer,
+                [0.0] * len(question) + [self.readout_weight] * len(answer),
+                first=document.key_span[1],
+                last=document.question_start,
+            )
         return Example("passkey", prompt + answer, [0.0] * len(prompt) + [1.0] * len(answer), readout)

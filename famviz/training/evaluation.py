@@ -8,6 +8,7 @@ many blocks.
 Held-out text: GPL-3 (excluded from training, see ``famviz.training.data.HELD_OUT_TEXT``) and the plain-text
 documentation of a fixed list of Python standard-library modules (``pydoc``), which training never reads.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PYDOC_MODULES = ("argparse", "collections", "contextlib", "dataclasses", "functools", "itertools", "json",
-                 "logging", "pathlib", "re", "subprocess", "threading", "typing", "unittest")
+PYDOC_MODULES = (
+    "argparse",
+    "collections",
+    "contextlib",
+    "dataclasses",
+    "functools",
+    "itertools",
+    "json",
+    "logging",
+    "pathlib",
+    "re",
+    "subprocess",
+    "threading",
+    "typing",
+    "unittest",
+)
 
 
 @dataclass
@@ -64,21 +79,27 @@ def pydoc_text(modules: Iterable[str] = PYDOC_MODULES) -> str:
 MIN_LONG_TOKENS = 1024
 
 
-def held_out_documents(tokenizer: PreTrainedTokenizerBase, tokens: int,
-                       paths: list[str] | None = None) -> list[HeldOutDocument]:
+def held_out_documents(
+    tokenizer: PreTrainedTokenizerBase, tokens: int, paths: list[str] | None = None
+) -> list[HeldOutDocument]:
     """The first ``tokens`` tokens of each given file, or of GPL-3 (7,658 tokens: used whole) and the pydoc
     text by default. A document shorter than ``MIN_LONG_TOKENS`` is refused: it would check nothing long.
     """
     from famviz.io.documents import read_document
     from famviz.training.data import HELD_OUT_TEXT
 
-    sources = [(Path(p).name, read_document(p)) for p in paths] if paths else \
-        [("GPL-3", HELD_OUT_TEXT.read_text(encoding="utf-8")), ("pydoc", pydoc_text())]
+    sources = (
+        [(Path(p).name, read_document(p)) for p in paths]
+        if paths
+        else [("GPL-3", HELD_OUT_TEXT.read_text(encoding="utf-8")), ("pydoc", pydoc_text())]
+    )
     documents = []
     for name, text in sources:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) < MIN_LONG_TOKENS:
-            raise ConfigError(f"{name} has {len(ids)} tokens, fewer than the {MIN_LONG_TOKENS} a long-document check needs")
+            raise ConfigError(
+                f"{name} has {len(ids)} tokens, fewer than the {MIN_LONG_TOKENS} a long-document check needs"
+            )
         documents.append(HeldOutDocument(name, ids[:tokens]))
     return documents
 
@@ -86,8 +107,9 @@ def held_out_documents(tokenizer: PreTrainedTokenizerBase, tokens: int,
 CORPUS_DOCUMENTS = 2  # held-out documents of a corpus used for the long-document check
 
 
-def corpus_documents(tokenizer: PreTrainedTokenizerBase, tokens: int, corpus_paths: list[str],
-                     count: int = CORPUS_DOCUMENTS) -> list[HeldOutDocument]:
+def corpus_documents(
+    tokenizer: PreTrainedTokenizerBase, tokens: int, corpus_paths: list[str], count: int = CORPUS_DOCUMENTS
+) -> list[HeldOutDocument]:
     """The first ``count`` held-out documents of the corpus (``famviz.io.corpus``'s fixed split) with at least
     ``MIN_LONG_TOKENS`` tokens, cut to ``tokens``: text the training never drew from."""
     from famviz.errors import DocumentError
@@ -106,8 +128,10 @@ def corpus_documents(tokenizer: PreTrainedTokenizerBase, tokens: int, corpus_pat
         if len(documents) == count:
             break
     if not documents:
-        raise ConfigError(f"no held-out document of the corpus ({len(corpus.held_out)} held out) has the "
-                          f"{MIN_LONG_TOKENS} tokens a long-document check needs")
+        raise ConfigError(
+            f"no held-out document of the corpus ({len(corpus.held_out)} held out) has the "
+            f"{MIN_LONG_TOKENS} tokens a long-document check needs"
+        )
     return documents
 
 
@@ -117,8 +141,9 @@ def fam_norm(fam: tuple[torch.Tensor, ...]) -> float:
 
 
 @torch.inference_mode()
-def long_document_eval(fam_model: FamModel, ids: list[int], quarters: int = 4,
-                       norm_after: tuple[int, ...] = (4, 64)) -> dict:
+def long_document_eval(
+    fam_model: FamModel, ids: list[int], quarters: int = 4, norm_after: tuple[int, ...] = (4, 64)
+) -> dict:
     """Stream ``ids`` from the initial state; mean NLL overall and per quarter, and the FAM norm after the
     blocks in ``norm_after`` (the document is streamed again, repeated, where it has fewer blocks)."""
     from famviz.core.engine import Stream
@@ -143,11 +168,18 @@ def long_document_eval(fam_model: FamModel, ids: list[int], quarters: int = 4,
     edges = np.linspace(0, len(nll), quarters + 1).astype(int)
     parts = [nll[a:b][np.isfinite(nll[a:b])] for a, b in pairwise(edges)]
     finite = nll[np.isfinite(nll)]
-    summary = {"tokens": len(ids), "nll": float(finite.mean()), "nll_quarters": [float(p.mean()) for p in parts],
-               "fam_norm_after_blocks": norms}
+    summary = {
+        "tokens": len(ids),
+        "nll": float(finite.mean()),
+        "nll_quarters": [float(p.mean()) for p in parts],
+        "fam_norm_after_blocks": norms,
+    }
     return summary
-def in_window_nll(loaded: LoadedModel, config: FamConfig, fam_prompt: torch.Tensor | None,
-                  windows: list[list[int]]) -> float:
+
+
+def in_window_nll(
+    loaded: LoadedModel, config: FamConfig, fam_prompt: torch.Tensor | None, windows: list[list[int]]
+) -> float:
     """Mean next-token NLL over windows, each streamed alone from a fresh state (one block each)."""
     model = FamModel(loaded, config, fam_prompt=fam_prompt)
     total, count = 0.0, 0
@@ -162,8 +194,9 @@ def in_window_nll(loaded: LoadedModel, config: FamConfig, fam_prompt: torch.Tens
     return total / max(count, 1)
 
 
-def text_windows(tokenizer: PreTrainedTokenizerBase, length: int, count: int,
-                 path: Path | None = None) -> list[list[int]]:
+def text_windows(
+    tokenizer: PreTrainedTokenizerBase, length: int, count: int, path: Path | None = None
+) -> list[list[int]]:
     """``count`` disjoint windows of ``length`` tokens of held-out ordinary text (GPL-3 by default)."""
     from famviz.training.data import HELD_OUT_TEXT
 
@@ -176,9 +209,14 @@ def text_windows(tokenizer: PreTrainedTokenizerBase, length: int, count: int,
 
 
 # -- the comparison behind `famviz evaluate` ------------------------------------------------------------------
-def long_document_comparison(base: LoadedModel, tuned: LoadedModel, config: FamConfig, prompt: torch.Tensor | None,
-                             documents: list[HeldOutDocument],
-                             on_done: Callable[[], None] | None = None) -> list[dict]:
+def long_document_comparison(
+    base: LoadedModel,
+    tuned: LoadedModel,
+    config: FamConfig,
+    prompt: torch.Tensor | None,
+    documents: list[HeldOutDocument],
+    on_done: Callable[[], None] | None = None,
+) -> list[dict]:
     """Per held-out document: NLL overall and per quarter of the evaluated model ("tuned": ``tuned`` in
     ``config``'s mode, with ``prompt``), of the same weights with BSWA and the same memory blocks
     ("tuned_bswa": what the memory itself adds, with fine-tuning's other gains equal; only when ``tuned``
@@ -194,8 +232,11 @@ def long_document_comparison(base: LoadedModel, tuned: LoadedModel, config: FamC
         models = [("tuned", FamModel(tuned, config, fam_prompt=prompt))]
         if tuned is not base:
             models.append(("tuned_bswa", FamModel(tuned, bswa)))
-        models += [("untuned_bswa", FamModel(base, bswa)), ("untuned_sink", FamModel(base, sink)),
-                   ("untuned_full", FamModel(base, full))]
+        models += [
+            ("untuned_bswa", FamModel(base, bswa)),
+            ("untuned_sink", FamModel(base, sink)),
+            ("untuned_full", FamModel(base, full)),
+        ]
         for key, model in models:
             row[key] = long_document_eval(model, document.ids)
             if on_done is not None:
@@ -203,11 +244,19 @@ def long_document_comparison(base: LoadedModel, tuned: LoadedModel, config: FamC
         row["tuned_vs_bswa"] = row["tuned"]["nll"] / row["untuned_bswa"]["nll"]
         if "tuned_bswa" in row:  # the memory's own effect: fam against bswa with the same weights
             row["tuned_vs_tuned_bswa"] = row["tuned"]["nll"] / row["tuned_bswa"]["nll"]
-        log.info("%s (%d tokens): NLL tuned %s %.3f %s, bswa mem%d %.3f %s, full %.3f; FAM norm %s", document.name,
-                 len(document.ids), config.mode, row["tuned"]["nll"],
-                 [round(q, 3) for q in row["tuned"]["nll_quarters"]], config.mem_blocks, row["untuned_bswa"]["nll"],
-                 [round(q, 3) for q in row["untuned_bswa"]["nll_quarters"]], row["untuned_full"]["nll"],
-                 {k: round(v, 1) for k, v in row["tuned"]["fam_norm_after_blocks"].items()})
+        log.info(
+            "%s (%d tokens): NLL tuned %s %.3f %s, bswa mem%d %.3f %s, full %.3f; FAM norm %s",
+            document.name,
+            len(document.ids),
+            config.mode,
+            row["tuned"]["nll"],
+            [round(q, 3) for q in row["tuned"]["nll_quarters"]],
+            config.mem_blocks,
+            row["untuned_bswa"]["nll"],
+            [round(q, 3) for q in row["untuned_bswa"]["nll_quarters"]],
+            row["untuned_full"]["nll"],
+            {k: round(v, 1) for k, v in row["tuned"]["fam_norm_after_blocks"].items()},
+        )
         rows.append(row)
     return rows
 
@@ -216,33 +265,69 @@ def long_document_comparison(base: LoadedModel, tuned: LoadedModel, config: FamC
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     from famviz.core.config import TOOL_DEFAULTS
 
-    parser.add_argument("adapter", nargs="?", default=None, metavar="ADAPTER_DIR",
-                        help="the adapter to evaluate (its results go into its training card); none: the untuned "
-                             "conversion")
-    parser.add_argument("--model", default=None, help="Hugging Face model id or local path (default: bundled SmolLM2-135M)")
+    parser.add_argument(
+        "adapter",
+        nargs="?",
+        default=None,
+        metavar="ADAPTER_DIR",
+        help="the adapter to evaluate (its results go into its training card); none: the untuned conversion",
+    )
+    parser.add_argument(
+        "--model", default=None, help="Hugging Face model id or local path (default: bundled SmolLM2-135M)"
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--block-size", type=int, default=None, metavar="N",
-                        help=f"default: the adapter's (else {TOOL_DEFAULTS.block_size})")
-    parser.add_argument("--fam-len", type=int, default=None, metavar="N",
-                        help=f"default: the adapter's (else {TOOL_DEFAULTS.fam_len})")
-    parser.add_argument("--mem-blocks", type=int, default=None, metavar="N",
-                        help="default: the adapter's (else 0, the paper's PassKey setting)")
-    parser.add_argument("--modes", default="fam,bswa,full", metavar="LIST",
-                        help="PassKey modes, all on the same keys; MODE:N sets memory blocks (default: --mem-blocks)")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"default: the adapter's (else {TOOL_DEFAULTS.block_size})",
+    )
+    parser.add_argument(
+        "--fam-len", type=int, default=None, metavar="N", help=f"default: the adapter's (else {TOOL_DEFAULTS.fam_len})"
+    )
+    parser.add_argument(
+        "--mem-blocks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="default: the adapter's (else 0, the paper's PassKey setting)",
+    )
+    parser.add_argument(
+        "--modes",
+        default="fam,bswa,full",
+        metavar="LIST",
+        help="PassKey modes, all on the same keys; MODE:N sets memory blocks (default: --mem-blocks)",
+    )
     parser.add_argument("--lengths", default="2048,4096,8192", metavar="LIST", help="PassKey prompt lengths (tokens)")
     parser.add_argument("--depths", default="0", metavar="LIST", help="PassKey key depths, 0…1")
     parser.add_argument("--trials", type=int, default=50, metavar="N", help="PassKey keys per cell")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="PassKey keys' seed")
     parser.add_argument("--skip-passkey", action="store_true", help="only the loss checks")
-    parser.add_argument("--document", action="append", default=None, metavar="PATH",
-                        help="a held-out long document (repeatable; default: GPL-3 and pydoc text)")
-    parser.add_argument("--corpus", action="append", default=None, metavar="PATH",
-                        help="long documents from this corpus's held-out split (as `train --corpus`; default for an "
-                             "adapter trained on a corpus, unless --document is given)")
-    parser.add_argument("--long-tokens", type=int, default=8192, metavar="N",
-                        help="tokens of each long document (0: no long-document check)")
+    parser.add_argument(
+        "--document",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="a held-out long document (repeatable; default: GPL-3 and pydoc text)",
+    )
+    parser.add_argument(
+        "--corpus",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="long documents from this corpus's held-out split (as `train --corpus`; default for an "
+        "adapter trained on a corpus, unless --document is given)",
+    )
+    parser.add_argument(
+        "--long-tokens",
+        type=int,
+        default=8192,
+        metavar="N",
+        help="tokens of each long document (0: no long-document check)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -250,10 +335,14 @@ def _geometry(args: argparse.Namespace, adapter: Adapter | None) -> FamConfig:
     from famviz.core.config import TOOL_DEFAULTS, check_limits
 
     trained = adapter.trained_config() if adapter is not None else dataclasses.replace(TOOL_DEFAULTS, mem_blocks=0)
-    return check_limits(FamConfig(mode="fam",
-                                  block_size=trained.block_size if args.block_size is None else args.block_size,
-                                  fam_len=trained.fam_len if args.fam_len is None else args.fam_len,
-                                  mem_blocks=trained.mem_blocks if args.mem_blocks is None else args.mem_blocks))
+    return check_limits(
+        FamConfig(
+            mode="fam",
+            block_size=trained.block_size if args.block_size is None else args.block_size,
+            fam_len=trained.fam_len if args.fam_len is None else args.fam_len,
+            mem_blocks=trained.mem_blocks if args.mem_blocks is None else args.mem_blocks,
+        )
+    )
 
 
 @dataclass
@@ -298,8 +387,10 @@ def plan_evaluation(args: argparse.Namespace) -> EvaluationPlan:
     elif not args.document and args.long_tokens and adapter is not None:
         corpus = trained_corpus(adapter.directory)  # the held-out split of the adapter's own training text
         if corpus and not all(Path(p).exists() for p in corpus):
-            log.warning("the corpus the adapter was trained on (%s) is not here: long documents are GPL-3 and pydoc",
-                        ", ".join(corpus))
+            log.warning(
+                "the corpus the adapter was trained on (%s) is not here: long documents are GPL-3 and pydoc",
+                ", ".join(corpus),
+            )
             corpus = None
     return EvaluationPlan(adapter, config, lengths, depths, specs, corpus if args.long_tokens else None)
 
@@ -326,22 +417,36 @@ def evaluate(args: argparse.Namespace, plan: EvaluationPlan, result: dict, progr
     base = load_model(args.model, device=args.device, dtype=args.dtype)
     tuned = load_model(args.model, device=args.device, dtype=args.dtype) if adapter is not None else base
     prompt = apply_adapter(args.adapter, tuned, config) if adapter is not None else None
-    result.update(model=base.name, adapter=str(adapter.directory) if adapter else None, label=tuned.label,
-                  config=config.to_dict(), dtype=str(base.dtype).replace("torch.", ""), device=str(base.device))
+    result.update(
+        model=base.name,
+        adapter=str(adapter.directory) if adapter else None,
+        label=tuned.label,
+        config=config.to_dict(),
+        dtype=str(base.dtype).replace("torch.", ""),
+        device=str(base.device),
+    )
     documents = []
     if args.long_tokens:
-        documents = corpus_documents(base.tokenizer, args.long_tokens, plan.corpus) if plan.corpus else \
-            held_out_documents(base.tokenizer, args.long_tokens, args.document)
+        documents = (
+            corpus_documents(base.tokenizer, args.long_tokens, plan.corpus)
+            if plan.corpus
+            else held_out_documents(base.tokenizer, args.long_tokens, args.document)
+        )
     n_docs = len(documents)
-    total = 3 + ((4 + (adapter is not None)) * n_docs if args.long_tokens else 0) + \
-        (0 if args.skip_passkey else len(specs) * len(lengths) * len(depths) * args.trials)
+    total = (
+        3
+        + ((4 + (adapter is not None)) * n_docs if args.long_tokens else 0)
+        + (0 if args.skip_passkey else len(specs) * len(lengths) * len(depths) * args.trials)
+    )
     if progress is not None:
         progress.reset(total=total)
     tick = (lambda *_: progress.update(1)) if progress is not None else (lambda *_: None)
 
     windows = text_windows(base.tokenizer, config.block_size, 8)
     nll = {"windows": len(windows), "window_tokens": config.block_size, "text": "GPL-3 (held out from training)"}
-    nll["untuned_full_attention"] = in_window_nll(base, FamConfig(mode="full", block_size=config.block_size), None, windows)
+    nll["untuned_full_attention"] = in_window_nll(
+        base, FamConfig(mode="full", block_size=config.block_size), None, windows
+    )
     tick()
     nll["untuned_same_mode"] = in_window_nll(base, config, None, windows)  # what the conversion alone costs
     tick()
@@ -356,32 +461,53 @@ def evaluate(args: argparse.Namespace, plan: EvaluationPlan, result: dict, progr
             result["long_documents_source"] = {"corpus": plan.corpus, "split": "held out (famviz.io.corpus)"}
     result["passkey"] = []
     if not args.skip_passkey:
-        result["passkey_scoring"] = "greedy decoding, first integer of the answer equals the key (famviz.probes.passkey)"
-        pk.sweep(tuned, specs, lengths, depths, args.trials, seed=args.seed, base=config, fam_prompt=prompt,
-                 on_trial=tick, on_cell=lambda cell: result["passkey"].append(cell.summary()))
+        result["passkey_scoring"] = (
+            "greedy decoding, first integer of the answer equals the key (famviz.probes.passkey)"
+        )
+        pk.sweep(
+            tuned,
+            specs,
+            lengths,
+            depths,
+            args.trials,
+            seed=args.seed,
+            base=config,
+            fam_prompt=prompt,
+            on_trial=tick,
+            on_cell=lambda cell: result["passkey"].append(cell.summary()),
+        )
     return result
 
 
 def evaluation_table(result: dict) -> str:
     """The evaluation as plain-text tables for a terminal."""
-    lines = [f"famviz evaluate · {result.get('label')} · {result.get('config')} · {result.get('dtype')}"
-             + (" · INTERRUPTED: partial results" if result.get("interrupted") else "")]
+    lines = [
+        f"famviz evaluate · {result.get('label')} · {result.get('config')} · {result.get('dtype')}"
+        + (" · INTERRUPTED: partial results" if result.get("interrupted") else "")
+    ]
     nll = result.get("in_window_nll")
     if nll:
-        lines += ["", f"In one window ({nll['windows']} windows of {nll['window_tokens']} tokens of {nll['text']}):",
-                  f"  evaluated {nll['tuned']:.4f}   untuned same mode {nll['untuned_same_mode']:.4f}   "
-                  f"untuned full attention {nll['untuned_full_attention']:.4f}   ({nll['relative_change']:+.1%} vs full)"]
+        lines += [
+            "",
+            f"In one window ({nll['windows']} windows of {nll['window_tokens']} tokens of {nll['text']}):",
+            f"  evaluated {nll['tuned']:.4f}   untuned same mode {nll['untuned_same_mode']:.4f}   "
+            f"untuned full attention {nll['untuned_full_attention']:.4f}   ({nll['relative_change']:+.1%} vs full)",
+        ]
     for row in result.get("long_documents") or []:
         lines += ["", f"Long document {row['document']} ({row['tokens']:,} tokens): mean NLL [quarters]"]
         for key, label in LONG_DOCUMENT_MODELS:
             if key not in row:
                 continue
             part = row[key]
-            lines.append(f"  {label:<27} {part['nll']:.3f}  [" + " ".join(f"{q:.3f}" for q in part["nll_quarters"]) + "]")
+            lines.append(
+                f"  {label:<27} {part['nll']:.3f}  [" + " ".join(f"{q:.3f}" for q in part["nll_quarters"]) + "]"
+            )
         norms = row["tuned"].get("fam_norm_after_blocks") or {}
         same = f", ÷ same weights in bswa {row['tuned_vs_tuned_bswa']:.3f}" if "tuned_vs_tuned_bswa" in row else ""
-        lines.append(f"  evaluated ÷ untuned bswa {row['tuned_vs_bswa']:.3f}{same}" + (
-            "; FAM norm after blocks " + ", ".join(f"{k}: {v:,.0f}" for k, v in norms.items()) if norms else ""))
+        lines.append(
+            f"  evaluated ÷ untuned bswa {row['tuned_vs_bswa']:.3f}{same}"
+            + ("; FAM norm after blocks " + ", ".join(f"{k}: {v:,.0f}" for k, v in norms.items()) if norms else "")
+        )
     cells = result.get("passkey") or []
     if cells:
         lines += ["", "PassKey (greedy): retrieved (mean log p(key)), trials per cell in brackets"]
@@ -389,8 +515,10 @@ def evaluation_table(result: dict) -> str:
         lines.append("  " + f"{'mode':<14}" + "".join(f"{f'{n}@{d:g}':>20}" for n, d in columns))
         for label in dict.fromkeys(c["label"] for c in cells):
             by = {(c["length"], c["depth"]): c for c in cells if c["label"] == label}
-            row = [f"{by[k]['accuracy']:.0%} ({by[k]['mean_key_logprob']:.2f}) [{by[k]['trials']}]" if k in by else "-"
-                   for k in columns]
+            row = [
+                f"{by[k]['accuracy']:.0%} ({by[k]['mean_key_logprob']:.2f}) [{by[k]['trials']}]" if k in by else "-"
+                for k in columns
+            ]
             lines.append("  " + f"{label:<14}" + "".join(f"{cell:>20}" for cell in row))
     return "\n".join(lines)
 

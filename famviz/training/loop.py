@@ -18,6 +18,7 @@ The output directory is an adapter directory (``famviz.io.adapters``) plus ``che
 ``train_log.jsonl``, ``train.log`` and ``loss_curve.html``. ``--resume DIR`` continues a run with
 its optimizer, step, data position and RNG states.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
 
         def draw(self, rng: random.Random) -> Example: ...
 
+
 log = logging.getLogger("famviz.training")
 
 
@@ -80,15 +82,26 @@ def add_lora(loaded: LoadedModel, rank: int, alpha: float | None) -> PeftModel:
 
     present = {name.rsplit(".", 1)[-1] for name, _ in loaded.model.named_modules()}
     targets = [t for t in LORA_TARGETS if t in present]
-    lora = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else 2 * rank,
+        lora_dropout=0.0,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(loaded.model, lora)
 
 
 # -- the run -------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, config: TrainConfig, loaded: LoadedModel | None = None, accelerator: Accelerator | None = None,
-                 data: ExampleSource | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        loaded: LoadedModel | None = None,
+        accelerator: Accelerator | None = None,
+        data: ExampleSource | None = None,
+    ):
         """``loaded``: a LoadedModel (default: load ``config.model``); ``data``: anything with
         ``draw(rng) -> Example`` (default: the mixture of ``config.data``)."""
         config.validate()
@@ -100,13 +113,17 @@ class Trainer:
             from accelerate import Accelerator
 
             # cpu=True also where no GPU exists: Accelerate then runs launched processes as MULTI_CPU (gloo)
-            accelerator = Accelerator(cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()))
+            accelerator = Accelerator(
+                cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+            )
         self.accelerator = accelerator
         if loaded is None:
             from famviz.io.models import load_model
 
             # several processes: each on its own device (accelerate's cuda:LOCAL_RANK), whatever --device says
-            device = str(accelerator.device) if config.device == "auto" or accelerator.num_processes > 1 else config.device
+            device = (
+                str(accelerator.device) if config.device == "auto" or accelerator.num_processes > 1 else config.device
+            )
             loaded = load_model(config.model, device=device, dtype=config.dtype)
         self.loaded = loaded
         torch.manual_seed(config.seed)  # LoRA's random init: the same in every run and on every process
@@ -142,11 +159,24 @@ class Trainer:
                 documents = Corpus(config.corpus)
             self.text = TextCorpus(loaded.tokenizer, documents=documents)
             self.text.check_long_enough(parse_range(config.copy_text_tokens, "--copy-text-tokens")[1])
-        self.data = data if data is not None else ExampleStream(
-            loaded.tokenizer, parse_mixture(config.data), parse_range(config.passkey_tokens, "--passkey-tokens"),
-            parse_range(config.copy_text_tokens, "--copy-text-tokens"), config.copy_len, config.copy_weight,
-            config.text_weight, config.passkey_depth_zero, corpus=self.text, readout_weight=config.readout_weight,
-            passkey_aligned=config.passkey_aligned, block_size=config.block_size)
+        self.data = (
+            data
+            if data is not None
+            else ExampleStream(
+                loaded.tokenizer,
+                parse_mixture(config.data),
+                parse_range(config.passkey_tokens, "--passkey-tokens"),
+                parse_range(config.copy_text_tokens, "--copy-text-tokens"),
+                config.copy_len,
+                config.copy_weight,
+                config.text_weight,
+                config.passkey_depth_zero,
+                corpus=self.text,
+                readout_weight=config.readout_weight,
+                passkey_aligned=config.passkey_aligned,
+                block_size=config.block_size,
+            )
+        )
         self.stages = config.curriculum_stages()
         self.stage = 0
         if config.init_from:
@@ -162,8 +192,15 @@ class Trainer:
         return params + ([self.prompt] if self.prompt is not None else [])
 
     def resume(self) -> None:
-        self.step, self.history = load_checkpoint(self.out / CHECKPOINT_DIR, self.peft_model, self.prompt,
-                                                  self.optimizer, self.rng, self.state_passing, self.loaded.device)
+        self.step, self.history = load_checkpoint(
+            self.out / CHECKPOINT_DIR,
+            self.peft_model,
+            self.prompt,
+            self.optimizer,
+            self.rng,
+            self.state_passing,
+            self.loaded.device,
+        )
         self.stage = resumed_stage(self.history, self.stages)
         log.info("resumed from %s at step %d", self.out / CHECKPOINT_DIR, self.step)
 
@@ -181,8 +218,10 @@ class Trainer:
             raise ConfigError(f"--init-from {directory}: the adapter has no LoRA weights ({LORA_FILE})")
         rank = json.loads((Path(directory) / "adapter_config.json").read_text()).get("r")
         if rank != self.config.lora_rank:
-            raise ConfigError(f"--init-from {directory}: its LoRA rank is {rank}, this run's is {self.config.lora_rank} "
-                              f"(pass --lora-rank {rank})")
+            raise ConfigError(
+                f"--init-from {directory}: its LoRA rank is {rank}, this run's is {self.config.lora_rank} "
+                f"(pass --lora-rank {rank})"
+            )
         result = set_peft_model_state_dict(self.peft_model, load_file(str(lora_path)))
         missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
         if missing:
@@ -245,8 +284,16 @@ class Trainer:
         offset = self.rng.randint(0, max(0, config.block_size - max(probes))) if probes else 0
         split = self._readout_split(drawn) if probes and config.readout_split > 0 else 0
         parts: dict = {}
-        loss, final, count = sequence_loss(self.fam_model, ids, weights, state, readout=readout, readout_offset=offset,
-                                           parts=parts, readout_split=split)
+        loss, final, count = sequence_loss(
+            self.fam_model,
+            ids,
+            weights,
+            state,
+            readout=readout,
+            readout_offset=offset,
+            parts=parts,
+            readout_split=split,
+        )
         self.optimizer.zero_grad(set_to_none=True)
         params = self.trainable_parameters
         if world > 1:
@@ -276,11 +323,19 @@ class Trainer:
                 fam = tuple(broadcast(f[:1].detach().contiguous(), from_process=0) for f in fam)
             self.state_passing.remember(fam)
         self.step += 1
-        return {"step": self.step, "loss": loss.item(), "loss_main": parts["main"], "loss_readout": parts["readout"],
-                "lengths": [len(e.ids) for e in drawn],
-                "kind": "+".join(e.kind for e in examples),
-                "tokens": int(ids.numel()) * world, "loss_tokens": count, "grad_norm": grad_norm,
-                "rsp": passed is not None, "lr": self.optimizer.param_groups[0]["lr"]}
+        return {
+            "step": self.step,
+            "loss": loss.item(),
+            "loss_main": parts["main"],
+            "loss_readout": parts["readout"],
+            "lengths": [len(e.ids) for e in drawn],
+            "kind": "+".join(e.kind for e in examples),
+            "tokens": int(ids.numel()) * world,
+            "loss_tokens": count,
+            "grad_norm": grad_norm,
+            "rsp": passed is not None,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
 
     def agreed(self, decision: bool) -> bool:
         """The main process's decision, on every process: processes deciding alone (a clock that started a
@@ -298,17 +353,23 @@ class Trainer:
         config = self.config
         self.peft_model.eval()
         length = self.curriculum_blocks * config.block_size if self.stages else config.eval_tokens
-        result = passkey_teacher_forced(self.fam_model, self.loaded.tokenizer, self.prompt, length,
-                                        config.eval_trials, seed=1_000_000)
+        result = passkey_teacher_forced(
+            self.fam_model, self.loaded.tokenizer, self.prompt, length, config.eval_trials, seed=1_000_000
+        )
         record = {"step": self.step, "eval": result}
         if self.stages:
             record["curriculum_blocks"] = self.curriculum_blocks
-            record["advanced"] = self.agreed(result["accuracy"] >= config.curriculum_threshold
-                                             and self.stage + 1 < len(self.stages))
+            record["advanced"] = self.agreed(
+                result["accuracy"] >= config.curriculum_threshold and self.stage + 1 < len(self.stages)
+            )
             if record["advanced"]:
                 self.stage += 1
-                log.info("curriculum: %.0f%% at %d blocks, now PassKey prompts of up to %d blocks",
-                         100 * result["accuracy"], record["curriculum_blocks"], self.curriculum_blocks)
+                log.info(
+                    "curriculum: %.0f%% at %d blocks, now PassKey prompts of up to %d blocks",
+                    100 * result["accuracy"],
+                    record["curriculum_blocks"],
+                    self.curriculum_blocks,
+                )
         self.peft_model.train()
         return record
 
@@ -321,17 +382,26 @@ class Trainer:
         if resume:
             self.resume()
             if main:  # steps run after the last checkpoint were lost with the interruption: drop their records
-                (self.out / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.history
-                                                         if "stage" not in r))  # stages are in the card
-        self.history.append({"stage": "start", "from_step": self.step, "command": config.stage_command or config.command})
+                (self.out / LOG_FILE).write_text(
+                    "".join(json.dumps(r) + "\n" for r in self.history if "stage" not in r)
+                )  # stages are in the card
+        self.history.append(
+            {"stage": "start", "from_step": self.step, "command": config.stage_command or config.command}
+        )
         started = time.time()
         wall_before = sum(r.get("seconds", 0.0) for r in self.history if "loss" in r)
         bar = None
         if progress and main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=config.steps, initial=self.step, desc=f"train {config.mode}", unit="step",
-                       mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+            bar = tqdm(
+                total=config.steps,
+                initial=self.step,
+                desc=f"train {config.mode}",
+                unit="step",
+                mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                file=sys.stderr,
+            )
         log_file = (self.out / LOG_FILE).open("a") if main else None
         smoothed = None
         stopped_early = False
@@ -350,8 +420,13 @@ class Trainer:
                         bar.update(1)
                         bar.set_postfix(loss=f"{smoothed:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                     if not sys.stderr.isatty() and self.step % 10 == 0:
-                        log.info("step %d loss %.4f (smoothed %.4f) %.0f tok/s", self.step, record["loss"], smoothed,
-                                 record["tokens_per_s"])
+                        log.info(
+                            "step %d loss %.4f (smoothed %.4f) %.0f tok/s",
+                            self.step,
+                            record["loss"],
+                            smoothed,
+                            record["tokens_per_s"],
+                        )
                 if config.eval_every and self.step % config.eval_every == 0:
                     # on every process: the curriculum it may advance decides every process's data
                     evaluation = self.evaluate()
@@ -359,12 +434,24 @@ class Trainer:
                 if config.eval_every and self.step % config.eval_every == 0 and main:
                     log_file.write(json.dumps(evaluation) + "\n")
                     log_file.flush()
-                    log.info("step %d held-out PassKey (%d tokens, teacher-forced): %.0f%%, key log-prob %.2f",
-                             self.step, evaluation["eval"]["length"], 100 * evaluation["eval"]["accuracy"],
-                             evaluation["eval"]["key_logprob"])
+                    log.info(
+                        "step %d held-out PassKey (%d tokens, teacher-forced): %.0f%%, key log-prob %.2f",
+                        self.step,
+                        evaluation["eval"]["length"],
+                        100 * evaluation["eval"]["accuracy"],
+                        evaluation["eval"]["key_logprob"],
+                    )
                 if self.step % config.checkpoint_every == 0 and main:
-                    save_checkpoint(self.out / CHECKPOINT_DIR, self.peft_model, self.prompt, self.optimizer,
-                                    self.step, self.rng, self.state_passing, self.history)
+                    save_checkpoint(
+                        self.out / CHECKPOINT_DIR,
+                        self.peft_model,
+                        self.prompt,
+                        self.optimizer,
+                        self.step,
+                        self.rng,
+                        self.state_passing,
+                        self.history,
+                    )
                 if self.agreed(config.max_minutes is not None and time.time() - started > 60 * config.max_minutes):
                     log.info("stopping after %.1f minutes (--max-minutes) at step %d", config.max_minutes, self.step)
                     stopped_early = True
@@ -375,8 +462,16 @@ class Trainer:
             if log_file is not None:
                 log_file.close()
         if main:
-            save_checkpoint(self.out / CHECKPOINT_DIR, self.peft_model, self.prompt, self.optimizer, self.step,
-                            self.rng, self.state_passing, self.history)
+            save_checkpoint(
+                self.out / CHECKPOINT_DIR,
+                self.peft_model,
+                self.prompt,
+                self.optimizer,
+                self.step,
+                self.rng,
+                self.state_passing,
+                self.history,
+            )
             self.save_adapter(wall_seconds=wall_before + time.time() - started, stopped_early=stopped_early)
             write_loss_curve(self.history, self.out, self.config.mode)
         acc.wait_for_everyone()
@@ -401,8 +496,10 @@ def run_train(args: argparse.Namespace) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("famviz").addHandler(handler)
     logging.getLogger("famviz").setLevel(logging.INFO)
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-               for h in logging.getLogger().handlers + logging.getLogger("famviz").handlers):
+    if not any(
+        isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        for h in logging.getLogger().handlers + logging.getLogger("famviz").handlers
+    ):
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(logging.Formatter("%(message)s"))
         logging.getLogger("famviz").addHandler(stream)

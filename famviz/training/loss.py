@@ -2,6 +2,7 @@
 (no stop-gradient on the FAM), weighted next-token loss, and PassKey read-out probes asked of the FAM after
 blocks; and the held-out PassKey score used during training (teacher-forced, cheap).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -21,9 +22,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def weighted_predictions(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState,
-                         skip_unseen: bool = True,
-                         ) -> Iterator[tuple[StreamState, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]]:
+def weighted_predictions(
+    fam_model: FamModel,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    state: StreamState,
+    skip_unseen: bool = True,
+) -> Iterator[tuple[StreamState, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]]:
     """Stream whole sequences block by block; per block, yield the next state and, when any prediction in
     the block is weighted, (float32 logits, targets, weights) of those predictions only.
 
@@ -66,9 +71,17 @@ class ReadoutBatch:
     last: torch.Tensor
 
 
-def sequence_loss(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState,
-                  skip_unseen: bool = True, readout: ReadoutBatch | None = None, readout_offset: int = 0,
-                  parts: dict | None = None, readout_split: int = 0) -> tuple[torch.Tensor, StreamState, int]:
+def sequence_loss(
+    fam_model: FamModel,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    state: StreamState,
+    skip_unseen: bool = True,
+    readout: ReadoutBatch | None = None,
+    readout_offset: int = 0,
+    parts: dict | None = None,
+    readout_split: int = 0,
+) -> tuple[torch.Tensor, StreamState, int]:
     """Weighted next-token loss of whole sequences streamed block by block, and the final state.
 
     With ``readout``, after every block whose end lies within a row's [first, last], the row's probe is
@@ -120,13 +133,16 @@ def sequence_loss(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor,
 def global_parts(accelerator: Accelerator, parts: dict) -> dict:
     """``sequence_loss``'s per-part mean losses over every process's tokens (the log's loss_main/loss_readout)."""
     keys = ("main_sum", "main_count", "probe_sum", "probe_count")
-    totals = accelerator.reduce(torch.tensor([float(parts[k]) for k in keys], device=accelerator.device), reduction="sum")
+    totals = accelerator.reduce(
+        torch.tensor([float(parts[k]) for k in keys], device=accelerator.device), reduction="sum"
+    )
     main_sum, main_count, probe_sum, probe_count = totals.tolist()
     return dict(parts, main=main_sum / max(main_count, 1.0), readout=probe_sum / probe_count if probe_count else None)
 
 
-def collate(examples: list[Example], pad_id: int, device: torch.device | str,
-            length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, ReadoutBatch | None]:
+def collate(
+    examples: list[Example], pad_id: int, device: torch.device | str, length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, ReadoutBatch | None]:
     """Right-pad a batch (pad tokens carry no loss and come after everything that does), and its probes;
     to ``length`` tokens when given (a process's slice is padded like the whole global batch)."""
     length = max(max(len(e.ids) for e in examples), length or 0)
@@ -139,10 +155,12 @@ def collate(examples: list[Example], pad_id: int, device: torch.device | str,
     probes = [e.readout for e in examples]
     if any(p is not None for p in probes):
         width = max(len(p.ids) for p in probes if p is not None)
-        readout = ReadoutBatch(ids=torch.full((len(examples), width), pad_id, dtype=torch.long),
-                               weights=torch.zeros(len(examples), width),
-                               first=torch.full((len(examples),), 1, dtype=torch.long),
-                               last=torch.zeros(len(examples), dtype=torch.long))  # first > last: never asked
+        readout = ReadoutBatch(
+            ids=torch.full((len(examples), width), pad_id, dtype=torch.long),
+            weights=torch.zeros(len(examples), width),
+            first=torch.full((len(examples),), 1, dtype=torch.long),
+            last=torch.zeros(len(examples), dtype=torch.long),
+        )  # first > last: never asked
         for row, probe in enumerate(probes):
             if probe is not None:
                 readout.ids[row, : len(probe.ids)] = torch.tensor(probe.ids)
@@ -154,8 +172,15 @@ def collate(examples: list[Example], pad_id: int, device: torch.device | str,
 
 # -- held-out evaluation ---------------------------------------------------------------------------
 @torch.no_grad()
-def passkey_teacher_forced(fam_model: FamModel, tokenizer: PreTrainedTokenizerBase, prompt: torch.Tensor | None,
-                           length: int, trials: int, seed: int, depth: float = 0.0) -> dict:
+def passkey_teacher_forced(
+    fam_model: FamModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: torch.Tensor | None,
+    length: int,
+    trials: int,
+    seed: int,
+    depth: float = 0.0,
+) -> dict:
     """Held-out PassKey prompts scored teacher-forced: a trial counts when every key token and the token
     that ends the number are the argmax (so a model that keeps writing digits fails, as greedy scoring does).
 
@@ -176,12 +201,18 @@ def passkey_teacher_forced(fam_model: FamModel, tokenizer: PreTrainedTokenizerBa
         correct, lp = bool(hit.all()), float(logprob[: key_end - start].sum())
         hits += int(correct)
         logprobs.append(lp)
-    return {"length": length, "depth": depth, "trials": trials, "accuracy": hits / max(trials, 1),
-            "key_logprob": sum(logprobs) / max(len(logprobs), 1)}
+    return {
+        "length": length,
+        "depth": depth,
+        "trials": trials,
+        "accuracy": hits / max(trials, 1),
+        "key_logprob": sum(logprobs) / max(len(logprobs), 1),
+    }
 
 
-def _score_tokens(fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor,
-                  state: StreamState) -> tuple[torch.Tensor, torch.Tensor]:
+def _score_tokens(
+    fam_model: FamModel, ids: torch.Tensor, weights: torch.Tensor, state: StreamState
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each weighted token in order: whether it is the argmax, and its log-probability."""
     hits, logprobs = [], []
     for _, scored in weighted_predictions(fam_model, ids, weights, state):

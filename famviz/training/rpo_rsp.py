@@ -7,6 +7,7 @@ sequence starts from.
 * RSP: the final FAM of batch element 0 (every layer, detached) is kept; the next step starts from it with
   probability p (0.8), else from the learned prompt's initial FAM.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,9 @@ class TrainingFamModel(FamModel):
         if self.position_offsets is None:
             return super().window_angles(position, m, f, n)
         rows, memory = self.window_positions(position, m, f, n)  # the engine's positions; only the angles differ
-        return WindowAngles(*self._offset_rope(rows), *(self._offset_rope(memory) if memory is not None else (None, None)))
+        return WindowAngles(
+            *self._offset_rope(rows), *(self._offset_rope(memory) if memory is not None else (None, None))
+        )
 
     def _offset_rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         offsets = self.position_offsets.to(device=self.device, dtype=torch.float64)
@@ -55,8 +58,10 @@ def rope_theta(config: PretrainedConfig) -> float:
 
 def draw_position_offsets(rng: random.Random, batch: int, theta: float) -> torch.Tensor:
     """RPO offsets per example: U[0, 2π·theta), zeroed with probability 0.5 (docs/algorithm.md §4)."""
-    return torch.tensor([0.0 if rng.random() < 0.5 else rng.uniform(0.0, 2 * math.pi * theta) for _ in range(batch)],
-                        dtype=torch.float64)
+    return torch.tensor(
+        [0.0 if rng.random() < 0.5 else rng.uniform(0.0, 2 * math.pi * theta) for _ in range(batch)],
+        dtype=torch.float64,
+    )
 
 
 class StatePassing:
@@ -75,8 +80,9 @@ class StatePassing:
         self.saved = tuple(f[:1].detach().clone() for f in final_fam)
 
 
-def initial_training_state(fam_model: FamModel, batch: int, prompt: torch.Tensor | None,
-                           passed: tuple[torch.Tensor, ...] | None) -> StreamState:
+def initial_training_state(
+    fam_model: FamModel, batch: int, prompt: torch.Tensor | None, passed: tuple[torch.Tensor, ...] | None
+) -> StreamState:
     """The state a training sequence starts from: the FAM prompt run up the stack (differentiable,
     recomputed every step since the prompt changes) or a FAM passed on from the previous step."""
     if not fam_model.fam_len:

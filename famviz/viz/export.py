@@ -10,6 +10,7 @@ run's configuration in a caption under the plot (and, for HTML/SVG, as JSON meta
 Static formats need a Chromium-based browser (Debian's ``chromium``, installed by ``make setup``);
 ``static_export_problem()`` says why they are unavailable, and HTML still works.
 """
+
 from __future__ import annotations
 
 import html as html_lib
@@ -51,16 +52,36 @@ class FigureSpec:
 
 def _specs() -> dict[str, FigureSpec]:
     specs = [
-        FigureSpec("heatmap", "layer × block share of attention on the chosen target",
-                   lambda run: run.heatmap(), (900, 520), "--view"),
-        FigureSpec("heads", "drill-down: layer × head shares of one block",
-                   lambda run: run.heads(), (640, 620), "--block, --view"),
-        FigureSpec("trajectory", "2-D trajectory of FAM states across blocks (PCA or UMAP)",
-                   lambda run: run.trajectory(), (760, 560), "--method"),
-        FigureSpec("dynamics", "FAM norm and update size per layer over blocks",
-                   lambda run: run.dynamics(), (900, 620)),
-        FigureSpec("nll", "next-token loss per block (two modes and the memory benefit when compared)",
-                   lambda run: run.loss(), (900, 520)),
+        FigureSpec(
+            "heatmap",
+            "layer × block share of attention on the chosen target",
+            lambda run: run.heatmap(),
+            (900, 520),
+            "--view",
+        ),
+        FigureSpec(
+            "heads",
+            "drill-down: layer × head shares of one block",
+            lambda run: run.heads(),
+            (640, 620),
+            "--block, --view",
+        ),
+        FigureSpec(
+            "trajectory",
+            "2-D trajectory of FAM states across blocks (PCA or UMAP)",
+            lambda run: run.trajectory(),
+            (760, 560),
+            "--method",
+        ),
+        FigureSpec(
+            "dynamics", "FAM norm and update size per layer over blocks", lambda run: run.dynamics(), (900, 620)
+        ),
+        FigureSpec(
+            "nll",
+            "next-token loss per block (two modes and the memory benefit when compared)",
+            lambda run: run.loss(),
+            (900, 520),
+        ),
     ]
     return {spec.name: spec for spec in specs}
 
@@ -69,8 +90,10 @@ FIGURES: dict[str, FigureSpec] = _specs()
 
 
 def figure_help() -> str:
-    return "; ".join(f"{spec.name}: {spec.description}" + (f" ({spec.cli_options})" if spec.cli_options else "")
-                     for spec in FIGURES.values())
+    return "; ".join(
+        f"{spec.name}: {spec.description}" + (f" ({spec.cli_options})" if spec.cli_options else "")
+        for spec in FIGURES.values()
+    )
 
 
 # -- configuration caption ---------------------------------------------------------------------------------
@@ -81,11 +104,22 @@ def caption_of(run: Run) -> str:
 def metadata_of(run: Run) -> dict:
     """What reproduces a figure: model, engine config, document, and the figure's own choices."""
     meta = run.trace.meta if run.trace is not None else {}
-    return {"generator": "famviz", "model": meta.get("model"),
-            "adapter": meta.get("adapter"), "model_label": run.model_label, "config": run.config.to_dict(),
-            "dtype": meta.get("dtype"), "document": run.document, "tokens": run.tokens_done,
-            "blocks": run.blocks_done, "compare_mode": run.compare_mode, "view": run.view,
-            "block": run.shown_block, "layer": run.layer, "trajectory_method": run.method}
+    return {
+        "generator": "famviz",
+        "model": meta.get("model"),
+        "adapter": meta.get("adapter"),
+        "model_label": run.model_label,
+        "config": run.config.to_dict(),
+        "dtype": meta.get("dtype"),
+        "document": run.document,
+        "tokens": run.tokens_done,
+        "blocks": run.blocks_done,
+        "compare_mode": run.compare_mode,
+        "view": run.view,
+        "block": run.shown_block,
+        "layer": run.layer,
+        "trajectory_method": run.method,
+    }
 
 
 # -- styling -------------------------------------------------------------------------------------------------
@@ -94,18 +128,37 @@ def publication_figure(fig: go.Figure, caption: str = "", size: tuple[int, int] 
     out = go.Figure(fig)
     width, height = size
     bottom = 70 + (50 if caption else 0)
-    out.update_layout(width=width, height=height, autosize=False, font=PUBLICATION_FONT,
-                      title=dict(font=dict(size=17)), paper_bgcolor="white", plot_bgcolor="white",
-                      margin=dict(l=80, r=40, t=80, b=bottom))
+    out.update_layout(
+        width=width,
+        height=height,
+        autosize=False,
+        font=PUBLICATION_FONT,
+        title=dict(font=dict(size=17)),
+        paper_bgcolor="white",
+        plot_bgcolor="white",
+        margin=dict(l=80, r=40, t=80, b=bottom),
+    )
     for trace in out.data:
         if getattr(trace, "colorbar", None) is not None and hasattr(trace, "colorscale"):
             trace.colorbar.title.font = dict(size=14)
             trace.colorbar.tickfont = dict(size=12)
     if caption:
         annotations = list(out.layout.annotations or [])
-        annotations.append(dict(text=_wrap(html_lib.escape(caption), width // 8), x=0, y=0, xref="paper", yref="paper",
-                                yshift=-(bottom - 12), xanchor="left", yanchor="bottom", showarrow=False,
-                                align="left", font=dict(size=11, color="#444")))
+        annotations.append(
+            dict(
+                text=_wrap(html_lib.escape(caption), width // 8),
+                x=0,
+                y=0,
+                xref="paper",
+                yref="paper",
+                yshift=-(bottom - 12),
+                xanchor="left",
+                yanchor="bottom",
+                showarrow=False,
+                align="left",
+                font=dict(size=11, color="#444"),
+            )
+        )
         out.update_layout(annotations=annotations)
     return out
 
@@ -146,8 +199,10 @@ def static_export_problem() -> str | None:
     except ImportError:
         return "PNG/SVG/PDF export needs the kaleido package (pip install kaleido); HTML export works."
     if find_browser() is None:
-        return ("PNG/SVG/PDF export needs a Chromium browser and none was found (install Debian's "
-                "`chromium`, e.g. `make setup`, or set BROWSER_PATH); HTML export works.")
+        return (
+            "PNG/SVG/PDF export needs a Chromium browser and none was found (install Debian's "
+            "`chromium`, e.g. `make setup`, or set BROWSER_PATH); HTML export works."
+        )
     return None
 
 
@@ -172,14 +227,18 @@ def _static_bytes(fig: go.Figure, fmt: str) -> bytes:
                 warnings.simplefilter("ignore")  # "kopts ignored when using a server"
                 return fig.to_image(format=fmt, scale=2 if fmt == "png" else 1)
         except Exception as exc:  # noqa: BLE001 - a browser failure is a message, not a crash
-            raise ExportError(f"{fmt.upper()} export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+            raise ExportError(
+                f"{fmt.upper()} export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from None
 
 
 def _html_text(fig: go.Figure, metadata: dict, caption: str) -> str:
     page = fig.to_html(include_plotlyjs=True, full_html=True, config={"displaylogo": False, "responsive": False})
-    head = (f'<meta name="generator" content="famviz">\n'
-            f'<meta name="famviz-metadata" content="{html_lib.escape(json.dumps(metadata), quote=True)}">\n'
-            f"<title>{html_lib.escape(caption or 'famviz figure')}</title>\n")
+    head = (
+        f'<meta name="generator" content="famviz">\n'
+        f'<meta name="famviz-metadata" content="{html_lib.escape(json.dumps(metadata), quote=True)}">\n'
+        f"<title>{html_lib.escape(caption or 'famviz figure')}</title>\n"
+    )
     return page.replace("<head>", "<head>\n" + head, 1)
 
 
@@ -192,8 +251,9 @@ def _svg_with_metadata(svg: bytes, metadata: dict) -> bytes:
     return (text[:at] + block + text[at:]).encode("utf-8")
 
 
-def figure_bytes(fig: go.Figure, fmt: str, *, caption: str = "", metadata: dict | None = None,
-                 size: tuple[int, int] = (900, 560)) -> bytes:
+def figure_bytes(
+    fig: go.Figure, fmt: str, *, caption: str = "", metadata: dict | None = None, size: tuple[int, int] = (900, 560)
+) -> bytes:
     """The exported file's content: publication-styled ``fig`` in ``fmt`` (png, svg, pdf or html)."""
     fmt = fmt.lower().lstrip(".")
     if fmt not in FORMATS:
@@ -235,12 +295,22 @@ def export_run_figure(run: Run, name: str, fmt: str, path: str | Path) -> Path:
     if not fig.data:
         message = fig.layout.annotations[0].text if fig.layout.annotations else "no data"
         raise ExportError(f"the {name} figure has nothing to draw for this run: {message}")
-    return write_figure(fig, path, fmt, caption=caption_of(run), metadata=dict(metadata_of(run), figure=name),
-                        size=FIGURES[name].size)
+    return write_figure(
+        fig, path, fmt, caption=caption_of(run), metadata=dict(metadata_of(run), figure=name), size=FIGURES[name].size
+    )
 
 
-def export_trace_file(trace_path: str | Path, name: str, fmt: str, out: str | Path, *, view: str | None = None,
-                      block: int | None = None, layer: int | None = None, method: str = "PCA") -> Path:
+def export_trace_file(
+    trace_path: str | Path,
+    name: str,
+    fmt: str,
+    out: str | Path,
+    *,
+    view: str | None = None,
+    block: int | None = None,
+    layer: int | None = None,
+    method: str = "PCA",
+) -> Path:
     """Headless export (``python -m famviz export``): the same figures from a saved trace, no model."""
     from famviz.core.trace import Trace
     from famviz.viz import figures
@@ -270,8 +340,10 @@ def export_trace_file(trace_path: str | Path, name: str, fmt: str, out: str | Pa
     if method == "UMAP" and run.features is not None and run.features.layers:
         from famviz.viz.inspector import umap_2d
 
-        run.umap_result = (run.features.n_blocks,
-                           {layer_: umap_2d(run.features.array(layer_)) for layer_ in run.features.layers})
+        run.umap_result = (
+            run.features.n_blocks,
+            {layer_: umap_2d(run.features.array(layer_)) for layer_ in run.features.layers},
+        )
     run.method = method
     return export_run_figure(run, name, fmt, out)
 

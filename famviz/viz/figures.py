@@ -15,6 +15,7 @@ fixed 0..1 colour scale so that figures of different blocks, runs and modes comp
 Long documents stay light: block axes show at most ``MAX_BLOCK_COLUMNS`` columns, the most recent
 ``RECENT_BLOCKS`` one per block and older ones averaged in bins (``block_bins``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -48,16 +49,30 @@ class ShareView:
 
 
 SHARE_VIEWS: dict[str, ShareView] = {
-    "block-fam": ShareView("block.share", "fam", "Block queries → FAM",
-                           "Share of attention that block queries give to the FAM"),
-    "block-memory": ShareView("block.share", "memory", "Block queries → memory blocks",
-                              "Share of attention that block queries give to memory blocks"),
-    "block-block": ShareView("block.share", "block", "Block queries → own block",
-                             "Share of attention that block queries give to their own block"),
-    "block-sink": ShareView("block.share", "sink", "Block queries → sink tokens",
-                            "Share of attention that block queries give to the kept first tokens (sink mode)"),
-    "fam-block": ShareView("fam.share", "block", "FAM queries → block",
-                           "Share of attention that FAM queries give to the current block"),
+    "block-fam": ShareView(
+        "block.share", "fam", "Block queries → FAM", "Share of attention that block queries give to the FAM"
+    ),
+    "block-memory": ShareView(
+        "block.share",
+        "memory",
+        "Block queries → memory blocks",
+        "Share of attention that block queries give to memory blocks",
+    ),
+    "block-block": ShareView(
+        "block.share",
+        "block",
+        "Block queries → own block",
+        "Share of attention that block queries give to their own block",
+    ),
+    "block-sink": ShareView(
+        "block.share",
+        "sink",
+        "Block queries → sink tokens",
+        "Share of attention that block queries give to the kept first tokens (sink mode)",
+    ),
+    "fam-block": ShareView(
+        "fam.share", "block", "FAM queries → block", "Share of attention that FAM queries give to the current block"
+    ),
 }
 
 
@@ -83,8 +98,13 @@ def _layout(title: str, **kwargs) -> dict:
     """A figure's whole layout as one dict. Figures are built in one go, with plain styling rather than
     a named template: plotly validates every later ``update_*`` call and a template on its own costs
     ~12 ms per figure, which adds up when three figures are redrawn after every block."""
-    layout = dict(title=dict(text=title, x=0.01, xanchor="left"), font=FONT, plot_bgcolor="white",
-                  paper_bgcolor="white", margin=dict(l=60, r=20, t=50, b=50))
+    layout = dict(
+        title=dict(text=title, x=0.01, xanchor="left"),
+        font=FONT,
+        plot_bgcolor="white",
+        paper_bgcolor="white",
+        margin=dict(l=60, r=20, t=50, b=50),
+    )
     layout.update(kwargs)
     return layout
 
@@ -98,8 +118,9 @@ def _figure(data: dict | Sequence[dict], layout: dict) -> go.Figure:
 
 def empty_figure(message: str, title: str = "") -> go.Figure:
     """A blank figure carrying one centred message (no data yet, or not available in this mode)."""
-    note = dict(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
-                font=dict(size=14, color="#666"))
+    note = dict(
+        text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=14, color="#666")
+    )
     return _figure([], _layout(title, annotations=[note], xaxis=dict(visible=False), yaxis=dict(visible=False)))
 
 
@@ -182,10 +203,17 @@ def head_mean_share(share: np.ndarray, group: str, groups: Sequence[str] = BLOCK
     return share[..., list(groups).index(group)].mean(axis=2).T
 
 
-def share_heatmap(share: np.ndarray, group: str, *, groups: Sequence[str] = BLOCK_GROUPS,
-                  layers: Sequence[int] | None = None, block_starts: Sequence[int] | None = None,
-                  title: str | None = None, selected_block: int | None = None,
-                  max_columns: int = MAX_BLOCK_COLUMNS) -> go.Figure:
+def share_heatmap(
+    share: np.ndarray,
+    group: str,
+    *,
+    groups: Sequence[str] = BLOCK_GROUPS,
+    layers: Sequence[int] | None = None,
+    block_starts: Sequence[int] | None = None,
+    title: str | None = None,
+    selected_block: int | None = None,
+    max_columns: int = MAX_BLOCK_COLUMNS,
+) -> go.Figure:
     """Layer × block heatmap of the attention share on ``group``, mean over heads, colours 0..1.
 
     ``share``: (blocks, layers, heads, len(groups)), e.g. ``trace.array("block.share")`` with
@@ -198,35 +226,75 @@ def share_heatmap(share: np.ndarray, group: str, *, groups: Sequence[str] = BLOC
     edges, x, labels = _block_columns(n_blocks, block_starts, max_columns)
     z = bin_blocks(z, edges, axis=1)
     y = np.arange(n_layers) if layers is None else np.asarray(layers)
-    heatmap = dict(type="heatmap", z=z, x=x, y=y, zmin=0.0, zmax=1.0, colorscale=SHARE_COLORSCALE,
-                   colorbar=dict(title=dict(text=f"share on<br>{group}", side="right")),
-                   hovertemplate=_column_hover(n_blocks, len(x)) + "<br>layer %{y}<br>share %{z:.3f}<extra></extra>")
+    heatmap = dict(
+        type="heatmap",
+        z=z,
+        x=x,
+        y=y,
+        zmin=0.0,
+        zmax=1.0,
+        colorscale=SHARE_COLORSCALE,
+        colorbar=dict(title=dict(text=f"share on<br>{group}", side="right")),
+        hovertemplate=_column_hover(n_blocks, len(x)) + "<br>layer %{y}<br>share %{z:.3f}<extra></extra>",
+    )
     shapes = []
     if selected_block is not None and 0 <= selected_block < n_blocks:
         column = int(np.searchsorted(edges, selected_block, side="right") - 1)
         half = 0.5 if len(edges) - 1 == n_blocks else max((edges[column + 1] - edges[column]) / 2.0, 0.5)
-        shapes.append(dict(type="rect", xref="x", yref="paper", x0=x[column] - half, x1=x[column] + half,
-                           y0=0, y1=1, line=dict(color="#e4572e", width=2)))
-    return _figure(heatmap, _layout(title or f"Attention share on {group} (mean over heads)", shapes=shapes,
-                                             xaxis=_axis("block", showgrid=False, **_block_ticks(n_blocks)),
-                                             yaxis=_axis("layer", **_layer_axis(y))))
+        shapes.append(
+            dict(
+                type="rect",
+                xref="x",
+                yref="paper",
+                x0=x[column] - half,
+                x1=x[column] + half,
+                y0=0,
+                y1=1,
+                line=dict(color="#e4572e", width=2),
+            )
+        )
+    return _figure(
+        heatmap,
+        _layout(
+            title or f"Attention share on {group} (mean over heads)",
+            shapes=shapes,
+            xaxis=_axis("block", showgrid=False, **_block_ticks(n_blocks)),
+            yaxis=_axis("layer", **_layer_axis(y)),
+        ),
+    )
 
 
 def view_figure(trace: Trace, view: str, selected_block: int | None = None) -> go.Figure:
     """The share heatmap of one of ``SHARE_VIEWS`` for a trace, or a message when it has no such data."""
     spec = SHARE_VIEWS[view]
     if spec.key not in trace.keys:
-        return empty_figure("FAM queries exist only in fam mode" if spec.key == "fam.share"
-                            else f"{spec.key} was not recorded", spec.title)
+        return empty_figure(
+            "FAM queries exist only in fam mode" if spec.key == "fam.share" else f"{spec.key} was not recorded",
+            spec.title,
+        )
     if trace.n_blocks == 0:
         return empty_figure("no blocks yet", spec.title)
-    return share_heatmap(trace.array(spec.key), spec.group, groups=spec.groups, layers=trace.layers_of(spec.key),
-                         block_starts=trace.block_starts, title=spec.title, selected_block=selected_block)
+    return share_heatmap(
+        trace.array(spec.key),
+        spec.group,
+        groups=spec.groups,
+        layers=trace.layers_of(spec.key),
+        block_starts=trace.block_starts,
+        title=spec.title,
+        selected_block=selected_block,
+    )
 
 
-def head_share_heatmap(block_share: np.ndarray, group: str, *, groups: Sequence[str] = BLOCK_GROUPS,
-                       layers: Sequence[int] | None = None, block: int | None = None,
-                       selected_layer: int | None = None, title: str | None = None) -> go.Figure:
+def head_share_heatmap(
+    block_share: np.ndarray,
+    group: str,
+    *,
+    groups: Sequence[str] = BLOCK_GROUPS,
+    layers: Sequence[int] | None = None,
+    block: int | None = None,
+    selected_layer: int | None = None,
+    title: str | None = None,
+) -> go.Figure:
     """Drill-down: layer × head heatmap of one block's attention share on ``group``, colours 0..1.
 
     ``block_share``: (layers, heads, len(groups)), e.g. ``trace.array("block.share")[b]``.
@@ -234,24 +302,50 @@ def head_share_heatmap(block_share: np.ndarray, group: str, *, groups: Sequence[
     """
     block_share = np.asarray(block_share, dtype=np.float32)
     if block_share.ndim != 3 or block_share.shape[-1] != len(groups):
-        raise ValueError(f"expected one block's shares of shape (layers, heads, {len(groups)}), got {block_share.shape}")
+        raise ValueError(
+            f"expected one block's shares of shape (layers, heads, {len(groups)}), got {block_share.shape}"
+        )
     if group not in groups:
         raise ValueError(f"group must be one of {', '.join(groups)}, got {group!r}")
     z = block_share[..., list(groups).index(group)]
     n_layers, n_heads = z.shape
     y = np.arange(n_layers) if layers is None else np.asarray(layers)
-    heatmap = dict(type="heatmap", z=z, x=np.arange(n_heads), y=y, zmin=0.0, zmax=1.0, colorscale=SHARE_COLORSCALE,
-                         colorbar=dict(title=dict(text=f"share on<br>{group}", side="right")),
-                         hovertemplate="layer %{y}<br>head %{x}<br>share %{z:.3f}<extra></extra>")
+    heatmap = dict(
+        type="heatmap",
+        z=z,
+        x=np.arange(n_heads),
+        y=y,
+        zmin=0.0,
+        zmax=1.0,
+        colorscale=SHARE_COLORSCALE,
+        colorbar=dict(title=dict(text=f"share on<br>{group}", side="right")),
+        hovertemplate="layer %{y}<br>head %{x}<br>share %{z:.3f}<extra></extra>",
+    )
     shapes = []
     if selected_layer is not None and selected_layer in list(y):
         row = list(y).index(selected_layer)
-        shapes.append(dict(type="rect", xref="paper", yref="y", x0=0, x1=1, y0=y[row] - 0.5, y1=y[row] + 0.5,
-                           line=dict(color="#e4572e", width=2)))
+        shapes.append(
+            dict(
+                type="rect",
+                xref="paper",
+                yref="y",
+                x0=0,
+                x1=1,
+                y0=y[row] - 0.5,
+                y1=y[row] + 0.5,
+                line=dict(color="#e4572e", width=2),
+            )
+        )
     where = f"block {block}" if block is not None else "one block"
-    return _figure(heatmap, _layout(title or f"{where}: share on {group} per head", shapes=shapes,
-                                             xaxis=_axis("head", showgrid=False, tick0=0, dtick=1),
-                                             yaxis=_axis("layer", **_layer_axis(y))))
+    return _figure(
+        heatmap,
+        _layout(
+            title or f"{where}: share on {group} per head",
+            shapes=shapes,
+            xaxis=_axis("head", showgrid=False, tick0=0, dtick=1),
+            yaxis=_axis("layer", **_layer_axis(y)),
+        ),
+    )
 
 
 def head_view_figure(trace: Trace, view: str, block: int, selected_layer: int | None = None) -> go.Figure:
@@ -259,13 +353,20 @@ def head_view_figure(trace: Trace, view: str, block: int, selected_layer: int | 
     spec = SHARE_VIEWS[view]
     title = f"Block {block}: {spec.label} per head"
     if spec.key not in trace.keys:
-        return empty_figure("FAM queries exist only in fam mode" if spec.key == "fam.share"
-                            else f"{spec.key} was not recorded", title)
+        return empty_figure(
+            "FAM queries exist only in fam mode" if spec.key == "fam.share" else f"{spec.key} was not recorded", title
+        )
     if not 0 <= block < trace.n_blocks:
         return empty_figure("no such block yet", title)
-    return head_share_heatmap(trace.array(spec.key)[block], spec.group, groups=spec.groups,
-                              layers=trace.layers_of(spec.key), block=block, selected_layer=selected_layer,
-                              title=title)
+    return head_share_heatmap(
+        trace.array(spec.key)[block],
+        spec.group,
+        groups=spec.groups,
+        layers=trace.layers_of(spec.key),
+        block=block,
+        selected_layer=selected_layer,
+        title=title,
+    )
 
 
 # -- next-token loss ---------------------------------------------------------------------------------
@@ -275,23 +376,32 @@ def block_means(values: np.ndarray, block_starts: Sequence[int]) -> np.ndarray:
     bounds = list(block_starts) + [values.shape[-1]]
     means = np.full(len(block_starts), np.nan)
     for i in range(len(block_starts)):
-        part = values[bounds[i]:bounds[i + 1]]
+        part = values[bounds[i] : bounds[i + 1]]
         part = part[np.isfinite(part)]
         if part.size:
             means[i] = part.mean()
     return means
 
 
-def nll_per_block(nll: np.ndarray, block_starts: Sequence[int], *, title: str | None = None,
-                  max_columns: int = MAX_BLOCK_COLUMNS) -> go.Figure:
+def nll_per_block(
+    nll: np.ndarray, block_starts: Sequence[int], *, title: str | None = None, max_columns: int = MAX_BLOCK_COLUMNS
+) -> go.Figure:
     """Line of the mean next-token NLL (nats) per block; ``nll`` per token (NaN for the first)."""
-    return nll_compare(block_means(nll, block_starts), None, title=title, block_starts=block_starts,
-                       max_columns=max_columns)
+    return nll_compare(
+        block_means(nll, block_starts), None, title=title, block_starts=block_starts, max_columns=max_columns
+    )
 
 
-def nll_compare(primary: np.ndarray, other: np.ndarray | None, primary_label: str = "mean NLL",
-                other_label: str = "", *, block_starts: Sequence[int] | None = None, title: str | None = None,
-                max_columns: int = MAX_BLOCK_COLUMNS) -> go.Figure:
+def nll_compare(
+    primary: np.ndarray,
+    other: np.ndarray | None,
+    primary_label: str = "mean NLL",
+    other_label: str = "",
+    *,
+    block_starts: Sequence[int] | None = None,
+    title: str | None = None,
+    max_columns: int = MAX_BLOCK_COLUMNS,
+) -> go.Figure:
     """Per-block mean NLL of one run, or of two runs side by side plus their difference.
 
     ``primary``/``other``: per-block mean NLL (nats). With ``other`` a second panel shows
@@ -303,41 +413,94 @@ def nll_compare(primary: np.ndarray, other: np.ndarray | None, primary_label: st
     y = bin_blocks(primary, edges)
     colors = ("#3b6fb6", "#e4572e")
     hover = "%{customdata}<br>" + "%{fullData.name}: %{y:.3f} nats<extra></extra>"
-    lines = [dict(type="scatter", x=x, y=y, mode="lines+markers", name=primary_label, customdata=labels, hovertemplate=hover,
-                        line=dict(color=colors[0]), marker=dict(size=4), xaxis="x", yaxis="y")]
+    lines = [
+        dict(
+            type="scatter",
+            x=x,
+            y=y,
+            mode="lines+markers",
+            name=primary_label,
+            customdata=labels,
+            hovertemplate=hover,
+            line=dict(color=colors[0]),
+            marker=dict(size=4),
+            xaxis="x",
+            yaxis="y",
+        )
+    ]
     xrange = [-0.5, max(n, 1) - 0.5]
     if other is None:
-        return _figure(lines, _layout(
-            title or "Next-token loss per block", showlegend=False,
-            xaxis=_axis("block", range=xrange, **_block_ticks(n)),
-            yaxis=_axis("mean next-token NLL (nats)", rangemode="tozero")))
+        return _figure(
+            lines,
+            _layout(
+                title or "Next-token loss per block",
+                showlegend=False,
+                xaxis=_axis("block", range=xrange, **_block_ticks(n)),
+                yaxis=_axis("mean next-token NLL (nats)", rangemode="tozero"),
+            ),
+        )
     other = np.asarray(other, dtype=np.float64)
     if other.shape != primary.shape:
         raise ValueError(f"the two runs differ in blocks: {primary.shape} and {other.shape}")
     y_other = bin_blocks(other, edges)
-    lines.append(dict(type="scatter", x=x, y=y_other, mode="lines+markers", name=other_label, customdata=labels,
-                            hovertemplate=hover, line=dict(color=colors[1]), marker=dict(size=4),
-                            xaxis="x", yaxis="y"))
+    lines.append(
+        dict(
+            type="scatter",
+            x=x,
+            y=y_other,
+            mode="lines+markers",
+            name=other_label,
+            customdata=labels,
+            hovertemplate=hover,
+            line=dict(color=colors[1]),
+            marker=dict(size=4),
+            xaxis="x",
+            yaxis="y",
+        )
+    )
     benefit = y_other - y
-    lines.append(dict(type="bar", x=x, y=benefit, name=f"{other_label} − {primary_label}", customdata=labels,
-                        marker=dict(color=np.where(benefit >= 0, "#2a9d8f", "#b5654d")), xaxis="x2", yaxis="y2",
-                        hovertemplate="%{customdata}<br>memory benefit %{y:+.3f} nats<extra></extra>",
-                        showlegend=False))
+    lines.append(
+        dict(
+            type="bar",
+            x=x,
+            y=benefit,
+            name=f"{other_label} − {primary_label}",
+            customdata=labels,
+            marker=dict(color=np.where(benefit >= 0, "#2a9d8f", "#b5654d")),
+            xaxis="x2",
+            yaxis="y2",
+            hovertemplate="%{customdata}<br>memory benefit %{y:+.3f} nats<extra></extra>",
+            showlegend=False,
+        )
+    )
     top, bottom = (0.42, 1.0), (0.0, 0.3)
-    return _figure(lines, _layout(
-        title or f"Next-token loss per block: {primary_label} vs {other_label}",
-        legend=dict(orientation="h", x=1.0, xanchor="right", y=1.02, yanchor="bottom"),
-        xaxis=_axis(None, anchor="y", range=xrange, matches="x2", showticklabels=False),
-        yaxis=_axis("NLL (nats)", domain=list(top), rangemode="tozero"),
-        xaxis2=_axis("block", anchor="y2", range=xrange, **_block_ticks(n)),
-        yaxis2=_axis(f"benefit of {primary_label}<br>({other_label} − {primary_label})", domain=list(bottom),
-                     zeroline=True, zerolinecolor="#999"),
-    ))
+    return _figure(
+        lines,
+        _layout(
+            title or f"Next-token loss per block: {primary_label} vs {other_label}",
+            legend=dict(orientation="h", x=1.0, xanchor="right", y=1.02, yanchor="bottom"),
+            xaxis=_axis(None, anchor="y", range=xrange, matches="x2", showticklabels=False),
+            yaxis=_axis("NLL (nats)", domain=list(top), rangemode="tozero"),
+            xaxis2=_axis("block", anchor="y2", range=xrange, **_block_ticks(n)),
+            yaxis2=_axis(
+                f"benefit of {primary_label}<br>({other_label} − {primary_label})",
+                domain=list(bottom),
+                zeroline=True,
+                zerolinecolor="#999",
+            ),
+        ),
+    )
 
 
 # -- FAM dynamics --------------------------------------------------------------------------------------
-def fam_dynamics(norm: np.ndarray, update: np.ndarray, *, layers: Sequence[int] | None = None,
-                 title: str | None = None, max_columns: int = MAX_BLOCK_COLUMNS) -> go.Figure:
+def fam_dynamics(
+    norm: np.ndarray,
+    update: np.ndarray,
+    *,
+    layers: Sequence[int] | None = None,
+    title: str | None = None,
+    max_columns: int = MAX_BLOCK_COLUMNS,
+) -> go.Figure:
     """Two layer × block heatmaps: the FAM state's mean slot norm, and how much it changed.
 
     ``norm``, ``update``: (blocks, layers), i.e. ``trace.array("fam.norm")`` and ``trace.array("fam.update")``
@@ -345,7 +508,9 @@ def fam_dynamics(norm: np.ndarray, update: np.ndarray, *, layers: Sequence[int] 
     """
     norm, update = np.asarray(norm, dtype=np.float32), np.asarray(update, dtype=np.float32)
     if norm.ndim != 2 or norm.shape != update.shape:
-        raise ValueError(f"expected norm and update of the same shape (blocks, layers), got {norm.shape} and {update.shape}")
+        raise ValueError(
+            f"expected norm and update of the same shape (blocks, layers), got {norm.shape} and {update.shape}"
+        )
     n_blocks, n_layers = norm.shape
     edges, x, labels = _block_columns(n_blocks, None, max_columns)
     norm, update = bin_blocks(norm, edges), bin_blocks(update, edges)
@@ -353,22 +518,51 @@ def fam_dynamics(norm: np.ndarray, update: np.ndarray, *, layers: Sequence[int] 
     hover = _column_hover(n_blocks, len(x))
     # Two rows sharing the block axis, laid out by hand (make_subplots is slow to build).
     top, bottom, gap = (0.56, 1.0), (0.0, 0.44), 0.02
-    norm_map = dict(type="heatmap",
-        z=norm.T, x=x, y=y, colorscale="Cividis", zmin=0.0, xaxis="x", yaxis="y",
+    norm_map = dict(
+        type="heatmap",
+        z=norm.T,
+        x=x,
+        y=y,
+        colorscale="Cividis",
+        zmin=0.0,
+        xaxis="x",
+        yaxis="y",
         colorbar=dict(title=dict(text="norm", side="right"), y=sum(top) / 2, len=top[1] - top[0]),
         hovertemplate=hover + "<br>layer %{y}<br>norm %{z:.2f}<extra></extra>",
     )
-    update_map = dict(type="heatmap",
-        z=update.T, x=x, y=y, colorscale="Magma", zmin=0.0, xaxis="x2", yaxis="y2",
+    update_map = dict(
+        type="heatmap",
+        z=update.T,
+        x=x,
+        y=y,
+        colorscale="Magma",
+        zmin=0.0,
+        xaxis="x2",
+        yaxis="y2",
         colorbar=dict(title=dict(text="update", side="right"), y=sum(bottom) / 2, len=bottom[1] - bottom[0]),
         hovertemplate=hover + "<br>layer %{y}<br>update %{z:.4f}<extra></extra>",
     )
-    subtitles = [dict(text=text, x=0.5, y=domain[1] + gap, xref="paper", yref="paper", xanchor="center",
-                      yanchor="bottom", showarrow=False, font=dict(size=12))
-                 for text, domain in (("FAM norm (mean slot L2 norm)", top),
-                                      ("FAM update (1 − cosine to previous block)", bottom))]
+    subtitles = [
+        dict(
+            text=text,
+            x=0.5,
+            y=domain[1] + gap,
+            xref="paper",
+            yref="paper",
+            xanchor="center",
+            yanchor="bottom",
+            showarrow=False,
+            font=dict(size=12),
+        )
+        for text, domain in (
+            ("FAM norm (mean slot L2 norm)", top),
+            ("FAM update (1 − cosine to previous block)", bottom),
+        )
+    ]
     layout = _layout(
-        title or "FAM dynamics per layer", annotations=subtitles, margin=dict(l=60, r=20, t=70, b=50),
+        title or "FAM dynamics per layer",
+        annotations=subtitles,
+        margin=dict(l=60, r=20, t=70, b=50),
         xaxis=_axis(None, anchor="y", showgrid=False, showticklabels=False, matches="x2"),
         yaxis=_axis("layer", domain=list(top), **_layer_axis(y)),
         xaxis2=_axis("block", anchor="y2", showgrid=False, **_block_ticks(n_blocks)),
@@ -402,9 +596,15 @@ def _thin(n: int, max_points: int, recent: int) -> np.ndarray:
     return np.concatenate([history, np.arange(n - recent, n)])
 
 
-def fam_trajectory(coords: dict[int, np.ndarray], *, method: str = "PCA", blocks: Sequence[int] | None = None,
-                   title: str | None = None, note: str = "",
-                   max_points: int = MAX_TRAJECTORY_POINTS) -> go.Figure:
+def fam_trajectory(
+    coords: dict[int, np.ndarray],
+    *,
+    method: str = "PCA",
+    blocks: Sequence[int] | None = None,
+    title: str | None = None,
+    note: str = "",
+    max_points: int = MAX_TRAJECTORY_POINTS,
+) -> go.Figure:
     """2-D path of each layer's FAM state across blocks; markers coloured by block, last one ringed.
 
     ``coords``: layer -> (blocks, 2) projected states (each layer projected on its own axes, so
@@ -423,22 +623,61 @@ def fam_trajectory(coords: dict[int, np.ndarray], *, method: str = "PCA", blocks
         index = np.arange(n) if blocks is None else np.asarray(blocks)[:n]
         keep = _thin(n, max_points, min(RECENT_BLOCKS, max_points // 2))
         color = TRAJECTORY_COLORS[i % len(TRAJECTORY_COLORS)]
-        traces.append(dict(type="scatter",
-            x=points[keep, 0], y=points[keep, 1], mode="lines+markers", name=f"layer {layer}",
-            customdata=index[keep], line=dict(color=color, width=1),
-            marker=dict(size=6, color=index[keep], colorscale="Greys", cmin=0, cmax=max(n - 1, 1),
-                        line=dict(color=color, width=1.5), showscale=False),
-            hovertemplate=f"layer {layer}<br>block %{{customdata}}<br>({method} %{{x:.2f}}, %{{y:.2f}})<extra></extra>",
-        ))
+        traces.append(
+            dict(
+                type="scatter",
+                x=points[keep, 0],
+                y=points[keep, 1],
+                mode="lines+markers",
+                name=f"layer {layer}",
+                customdata=index[keep],
+                line=dict(color=color, width=1),
+                marker=dict(
+                    size=6,
+                    color=index[keep],
+                    colorscale="Greys",
+                    cmin=0,
+                    cmax=max(n - 1, 1),
+                    line=dict(color=color, width=1.5),
+                    showscale=False,
+                ),
+                hovertemplate=f"layer {layer}<br>block %{{customdata}}<br>"
+                f"({method} %{{x:.2f}}, %{{y:.2f}})<extra></extra>",
+            )
+        )
         if n:
-            traces.append(dict(type="scatter", x=points[-1:, 0], y=points[-1:, 1], mode="markers", showlegend=False,
-                                     marker=dict(size=13, color="rgba(0,0,0,0)", line=dict(color=color, width=2.5)),
-                                     hoverinfo="skip"))
+            traces.append(
+                dict(
+                    type="scatter",
+                    x=points[-1:, 0],
+                    y=points[-1:, 1],
+                    mode="markers",
+                    showlegend=False,
+                    marker=dict(size=13, color="rgba(0,0,0,0)", line=dict(color=color, width=2.5)),
+                    hoverinfo="skip",
+                )
+            )
     heading = title or f"FAM state trajectory ({method}, per layer)"
     if note:
         heading += f"<br><sup>{note}</sup>"
-    return _figure(traces, _layout(
-        heading, legend=dict(orientation="h", x=1.0, xanchor="right", y=1.0, yanchor="bottom"),
-        xaxis=_axis(f"{method} 1"), yaxis=_axis(f"{method} 2"),
-        annotations=[dict(text="dark = later block; ringed = latest", x=0, y=-0.16, xref="paper", yref="paper",
-                          showarrow=False, xanchor="left", font=dict(size=11, color="#666"))]))
+    return _figure(
+        traces,
+        _layout(
+            heading,
+            legend=dict(orientation="h", x=1.0, xanchor="right", y=1.0, yanchor="bottom"),
+            xaxis=_axis(f"{method} 1"),
+            yaxis=_axis(f"{method} 2"),
+            annotations=[
+                dict(
+                    text="dark = later block; ringed = latest",
+                    x=0,
+                    y=-0.16,
+                    xref="paper",
+                    yref="paper",
+                    showarrow=False,
+                    xanchor="left",
+                    font=dict(size=11, color="#666"),
+                )
+            ],
+        ),
+    )

@@ -12,6 +12,7 @@ document view shows the selected block and the one before it (at most ``MAX_WIND
 tokens) plus a downsampled list of the most-read words of earlier blocks; FAM trajectories keep a
 small random projection of each state (``TRAJECTORY_DIMS`` per slot), never the N×N attention.
 """
+
 from __future__ import annotations
 
 import html
@@ -156,8 +157,7 @@ def umap_2d(features: np.ndarray) -> np.ndarray:
         return pca_2d(features)
     import umap
 
-    reducer = umap.UMAP(n_components=2, n_neighbors=max(2, min(15, n - 1)), random_state=0, init="random",
-                        n_jobs=1)
+    reducer = umap.UMAP(n_components=2, n_neighbors=max(2, min(15, n - 1)), random_state=0, init="random", n_jobs=1)
     return reducer.fit_transform(np.asarray(features, dtype=np.float32))
 
 
@@ -166,12 +166,14 @@ _UMAP_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="famviz-umap
 
 # -- the document, shaded by FAM reads --------------------------------------------------------------------
 def _shade_css(scope: str) -> str:
-    rules = [f"{scope} .tok{{white-space:pre-wrap;border-radius:2px}}",
-             f"{scope} .cur{{outline:2px solid #e4572e;outline-offset:2px;display:inline}}",
-             f"{scope} .doc{{font:13px/1.7 ui-monospace,Menlo,Consolas,monospace;max-height:420px;overflow:auto;"
-             "padding:6px;border:1px solid #ddd;border-radius:6px;background:#fff;color:#222}",
-             f"{scope} .hist{{font:12px/1.5 system-ui,sans-serif;color:#444;max-height:160px;overflow:auto}}",
-             f"{scope} .legend span{{display:inline-block;width:18px;height:12px}}"]
+    rules = [
+        f"{scope} .tok{{white-space:pre-wrap;border-radius:2px}}",
+        f"{scope} .cur{{outline:2px solid #e4572e;outline-offset:2px;display:inline}}",
+        f"{scope} .doc{{font:13px/1.7 ui-monospace,Menlo,Consolas,monospace;max-height:420px;overflow:auto;"
+        "padding:6px;border:1px solid #ddd;border-radius:6px;background:#fff;color:#222}",
+        f"{scope} .hist{{font:12px/1.5 system-ui,sans-serif;color:#444;max-height:160px;overflow:auto}}",
+        f"{scope} .legend span{{display:inline-block;width:18px;height:12px}}",
+    ]
     for level in range(1, SHADES + 1):
         alpha = level / SHADES * 0.85
         rules.append(f"{scope} .s{level}{{background:rgba(228,87,46,{alpha:.2f})}}")
@@ -199,8 +201,12 @@ def _token_texts(trace: Trace, start: int, stop: int, tokenizer: PreTrainedToken
     return [f"‹{t}›" for t in trace.token_ids[start:stop]]
 
 
-def document_html(trace: Trace | None, block: int | None = None, layer: int | None = None,
-                  tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+def document_html(
+    trace: Trace | None,
+    block: int | None = None,
+    layer: int | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> str:
     """The document around ``block`` (default: the latest) with each token shaded by its FAM read.
 
     Shades are relative to the largest read in the window (stated in the legend); hover a token
@@ -228,8 +234,10 @@ def document_html(trace: Trace | None, block: int | None = None, layer: int | No
         finite = window[np.isfinite(window)]
         top = float(np.quantile(finite, 0.99)) if finite.size else 0.0
         legend = "".join(f'<span class="s{level}"></span>' for level in range(1, SHADES + 1))
-        parts.append(f'<p class="hist legend">FAM read ({which}), shade relative to {top:.4g} '
-                     f'(99th percentile in view): 0 {legend} ≥ {top:.3g}. Framed: block {block}.</p>')
+        parts.append(
+            f'<p class="hist legend">FAM read ({which}), shade relative to {top:.4g} '
+            f"(99th percentile in view): 0 {legend} ≥ {top:.3g}. Framed: block {block}.</p>"
+        )
     parts.append('<div class="doc">')
     in_current = False
     for i, text in enumerate(texts):
@@ -241,8 +249,10 @@ def document_html(trace: Trace | None, block: int | None = None, layer: int | No
         level = 0 if top <= 0 or not np.isfinite(value) else min(SHADES, int(np.ceil(value / top * SHADES)))
         klass = f"tok s{level}" if level else "tok"
         block_of = block if position >= starts[block] else first_block
-        parts.append(f'<span class="{klass}" title="token {position:,} · block {block_of} · read {value:.4g}">'
-                     f"{html.escape(text)}</span>")
+        parts.append(
+            f'<span class="{klass}" title="token {position:,} · block {block_of} · read {value:.4g}">'
+            f"{html.escape(text)}</span>"
+        )
     if in_current:
         parts.append("</span>")
     parts.append("</div>")
@@ -252,8 +262,9 @@ def document_html(trace: Trace | None, block: int | None = None, layer: int | No
     return "".join(parts)
 
 
-def _history_html(trace: Trace, reads: np.ndarray, starts: list[int], before: int,
-                  tokenizer: PreTrainedTokenizerBase | None) -> str:
+def _history_html(
+    trace: Trace, reads: np.ndarray, starts: list[int], before: int, tokenizer: PreTrainedTokenizerBase | None
+) -> str:
     """Earlier blocks (at most ``MAX_HISTORY_ROWS``, evenly spread) with their three most-read words."""
     rows = np.unique(np.linspace(0, before - 1, min(before, MAX_HISTORY_ROWS)).round().astype(int))
     items = []
@@ -263,8 +274,11 @@ def _history_html(trace: Trace, reads: np.ndarray, starts: list[int], before: in
         if not part.size:
             continue
         best = np.argsort(part)[::-1][:3]
-        words = [f"{html.escape(_token_texts(trace, a + int(j), a + int(j) + 1, tokenizer)[0].strip() or '␣')} "
-                 f"({part[j]:.3g})" for j in best]
+        words = [
+            f"{html.escape(_token_texts(trace, a + int(j), a + int(j) + 1, tokenizer)[0].strip() or '␣')} "
+            f"({part[j]:.3g})"
+            for j in best
+        ]
         items.append(f"<li>block {b}: {', '.join(words)}</li>")
     shown = "all earlier blocks" if len(rows) == before else f"{len(rows)} of {before} earlier blocks"
     return f'<div class="hist"><b>Most-read tokens, {shown}:</b><ul>{"".join(items)}</ul></div>'
@@ -298,7 +312,9 @@ class Run:
     engine_seconds: float = 0.0  # time spent inside the engine (the app's own cost is the rest)
     state: str = "streaming"  # streaming | done | stopped | failed | replayed
     error: str = ""
-    notes: list[str] = field(default_factory=list)  # shown under the status, e.g. settings the adapter was not trained with
+    notes: list[str] = field(
+        default_factory=list
+    )  # shown under the status, e.g. settings the adapter was not trained with
     umap_result: tuple[int, dict] | None = None  # (blocks covered, layer -> coords)
     umap_future: Future | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -308,9 +324,17 @@ class Run:
         """A finished run rebuilt from a saved trace (no model needed)."""
         config = FamConfig(**trace.meta.get("config", {}))
         compare_mode, compare_nll = trace.comparison
-        run = cls(config=config, document=trace.document_name or name, total_tokens=trace.n_tokens,
-                  trace=trace, compare_mode=compare_mode, compare_nll=compare_nll,
-                  features=StateFeatures.from_trace(trace), state="replayed", notes=trace.notes)
+        run = cls(
+            config=config,
+            document=trace.document_name or name,
+            total_tokens=trace.n_tokens,
+            trace=trace,
+            compare_mode=compare_mode,
+            compare_nll=compare_nll,
+            features=StateFeatures.from_trace(trace),
+            state="replayed",
+            notes=trace.notes,
+        )
         run.blocks_done, run.tokens_done = trace.n_blocks, trace.n_tokens
         return run
 
@@ -326,9 +350,11 @@ class Run:
 
     def status(self) -> str:
         cfg = self.config
-        geometry = f"block {cfg.block_size}, memory blocks {cfg.mem_blocks}" + \
-            (f", FAM {cfg.fam_len}" if cfg.mode == "fam" else "") + \
-            (f", sink tokens {cfg.sink_tokens}" if cfg.mode == "sink" else "")
+        geometry = (
+            f"block {cfg.block_size}, memory blocks {cfg.mem_blocks}"
+            + (f", FAM {cfg.fam_len}" if cfg.mode == "fam" else "")
+            + (f", sink tokens {cfg.sink_tokens}" if cfg.mode == "sink" else "")
+        )
         mode = cfg.mode + (f" vs {self.compare_mode}" if self.compare_mode else "")
         tokens = f"{self.tokens_done:,} / {self.total_tokens:,} tokens"
         if self.document_cut:
@@ -340,8 +366,13 @@ class Run:
         nll = self.mean_nll()
         if self.state in ("done", "replayed", "stopped") and np.isfinite(nll):
             parts.append(f"mean NLL {nll:.3f} nats")
-        head = {"streaming": "Streaming", "done": "Done", "stopped": "Stopped", "failed": "Failed",
-                "replayed": "Replayed from trace"}[self.state]
+        head = {
+            "streaming": "Streaming",
+            "done": "Done",
+            "stopped": "Stopped",
+            "failed": "Failed",
+            "replayed": "Replayed from trace",
+        }[self.state]
         line = f"**{head}** · {self.model_label} · {self.document} · {mode} ({geometry}) · " + " · ".join(parts)
         for note in self.notes:
             line += f"\n\n**Note:** {note}"
@@ -394,8 +425,13 @@ class Run:
         means = figures.block_means(self.trace.array("tokens.nll"), self.trace.block_starts)
         if self.compare_mode and self.compare_nll:
             n = min(len(means), len(self.compare_nll))
-            return figures.nll_compare(means[:n], np.asarray(self.compare_nll[:n]), self.config.mode,
-                                       self.compare_mode, block_starts=self.trace.block_starts)
+            return figures.nll_compare(
+                means[:n],
+                np.asarray(self.compare_nll[:n]),
+                self.config.mode,
+                self.compare_mode,
+                block_starts=self.trace.block_starts,
+            )
         return figures.nll_compare(means, None, block_starts=self.trace.block_starts)
 
     def dynamics(self) -> go.Figure:
@@ -418,8 +454,9 @@ class Run:
                 covered, coords = result
                 note = "" if covered == n else f"UMAP of blocks 0–{covered - 1}; updating off the UI thread…"
                 return figures.fam_trajectory(coords, method="UMAP", note=note)
-            return figures.fam_trajectory(self._pca(), method="PCA",
-                                          note="UMAP is computing off the UI thread; PCA meanwhile")
+            return figures.fam_trajectory(
+                self._pca(), method="PCA", note="UMAP is computing off the UI thread; PCA meanwhile"
+            )
         return figures.fam_trajectory(self._pca(), method="PCA", note="each layer scaled to ±1")
 
     def _pca(self) -> dict[int, np.ndarray]:
@@ -461,8 +498,12 @@ class Run:
         """One line describing the run, for figure captions and file metadata."""
         cfg = self.config
         meta = self.trace.meta if self.trace is not None else {}
-        parts = [self.model_label, f"mode {cfg.mode}" + (f" vs {self.compare_mode}" if self.compare_mode else ""),
-                 f"block {cfg.block_size}", f"memory blocks {cfg.mem_blocks}"]
+        parts = [
+            self.model_label,
+            f"mode {cfg.mode}" + (f" vs {self.compare_mode}" if self.compare_mode else ""),
+            f"block {cfg.block_size}",
+            f"memory blocks {cfg.mem_blocks}",
+        ]
         if cfg.mode == "fam":
             parts.append(f"FAM {cfg.fam_len}")
         if cfg.mode == "sink":

@@ -2,6 +2,7 @@
 
 Pure functions of plain results (``famviz.probes.passkey`` cells and retention points), no model needed.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,54 +28,104 @@ def passkey_heatmap(cells: Sequence[CellResult], title: str = "PassKey retrieval
     if not grids:
         return empty_figure("no PassKey results yet", title)
     labels = list(grids)
-    fig = make_subplots(rows=1, cols=len(labels), subplot_titles=labels, shared_yaxes=True,
-                        horizontal_spacing=0.04)
+    fig = make_subplots(rows=1, cols=len(labels), subplot_titles=labels, shared_yaxes=True, horizontal_spacing=0.04)
     for column, label in enumerate(labels, start=1):
         lengths, depths, grid = grids[label]
         trials = {(c.length, c.depth): c.trials for c in cells if c.label == label}
-        text = [[("" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0%}") for j in range(len(depths))]
-                for i in range(len(lengths))]
-        hover = [[f"{label}<br>length {lengths[i]} tokens<br>depth {depths[j]:g}<br>"
-                  f"trials {trials.get((lengths[i], depths[j]), 0)}<br>accuracy %{{z:.0%}}<extra></extra>"
-                  for j in range(len(depths))] for i in range(len(lengths))]
-        fig.add_trace(go.Heatmap(
-            z=grid.T, x=[_length_label(n) for n in lengths], y=[f"{d:g}" for d in depths],
-            text=np.array(text).T, texttemplate="%{text}", hovertemplate=np.array(hover).T,
-            zmin=0.0, zmax=1.0, colorscale=ACCURACY_SCALE, showscale=column == len(labels),
-            colorbar=dict(title=dict(text="accuracy"), tickformat=".0%")), row=1, col=column)
+        text = [
+            [("" if np.isnan(grid[i, j]) else f"{grid[i, j]:.0%}") for j in range(len(depths))]
+            for i in range(len(lengths))
+        ]
+        hover = [
+            [
+                f"{label}<br>length {lengths[i]} tokens<br>depth {depths[j]:g}<br>"
+                f"trials {trials.get((lengths[i], depths[j]), 0)}<br>accuracy %{{z:.0%}}<extra></extra>"
+                for j in range(len(depths))
+            ]
+            for i in range(len(lengths))
+        ]
+        fig.add_trace(
+            go.Heatmap(
+                z=grid.T,
+                x=[_length_label(n) for n in lengths],
+                y=[f"{d:g}" for d in depths],
+                text=np.array(text).T,
+                texttemplate="%{text}",
+                hovertemplate=np.array(hover).T,
+                zmin=0.0,
+                zmax=1.0,
+                colorscale=ACCURACY_SCALE,
+                showscale=column == len(labels),
+                colorbar=dict(title=dict(text="accuracy"), tickformat=".0%"),
+            ),
+            row=1,
+            col=column,
+        )
         fig.update_xaxes(title_text="length (tokens)", type="category", row=1, col=column)
     fig.update_yaxes(title_text="key depth", type="category", row=1, col=1)
-    fig.update_layout(title=dict(text=title, x=0.01, xanchor="left"), plot_bgcolor="white", paper_bgcolor="white",
-                      margin=dict(l=60, r=20, t=70, b=50))
+    fig.update_layout(
+        title=dict(text=title, x=0.01, xanchor="left"),
+        plot_bgcolor="white",
+        paper_bgcolor="white",
+        margin=dict(l=60, r=20, t=70, b=50),
+    )
     return fig
 
 
-def retention_figure(points: Sequence[RetentionPoint], key: int | None = None,
-                     title: str = "Does the memory still hold the key?") -> go.Figure:
+def retention_figure(
+    points: Sequence[RetentionPoint], key: int | None = None, title: str = "Does the memory still hold the key?"
+) -> go.Figure:
     """Key log-probability (line) and greedy retrieval success (markers) against blocks since the key."""
     if not points:
         return empty_figure("no probe yet: the key has not gone by", title)
     x = [p.blocks_since_key for p in points]
     fig = make_subplots(specs=[[{"secondary_y": True}]])
-    fig.add_trace(go.Scatter(x=x, y=[p.key_logprob for p in points], mode="lines+markers", name="log p(key)",
-                             line=dict(color="#444"), hovertemplate="blocks since key %{x}<br>log p(key) %{y:.2f}"
-                                                                    "<extra></extra>"), secondary_y=False)
-    fig.add_trace(go.Scatter(
-        x=x, y=[1.0 if p.correct else 0.0 for p in points], mode="markers", name="retrieved",
-        marker=dict(size=11, symbol=["circle" if p.correct else "x" for p in points],
-                    color=["#2166ac" if p.correct else "#b2182b" for p in points]),
-        customdata=[[p.predicted if p.predicted is not None else "none", p.tokens] for p in points],
-        hovertemplate="blocks since key %{x}<br>answer %{customdata[0]}<br>tokens %{customdata[1]}<extra></extra>"),
-        secondary_y=True)
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=[p.key_logprob for p in points],
+            mode="lines+markers",
+            name="log p(key)",
+            line=dict(color="#444"),
+            hovertemplate="blocks since key %{x}<br>log p(key) %{y:.2f}<extra></extra>",
+        ),
+        secondary_y=False,
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=[1.0 if p.correct else 0.0 for p in points],
+            mode="markers",
+            name="retrieved",
+            marker=dict(
+                size=11,
+                symbol=["circle" if p.correct else "x" for p in points],
+                color=["#2166ac" if p.correct else "#b2182b" for p in points],
+            ),
+            customdata=[[p.predicted if p.predicted is not None else "none", p.tokens] for p in points],
+            hovertemplate="blocks since key %{x}<br>answer %{customdata[0]}<br>tokens %{customdata[1]}<extra></extra>",
+        ),
+        secondary_y=True,
+    )
     subtitle = f" (key {key})" if key is not None else ""
-    fig.update_layout(title=dict(text=title + subtitle, x=0.01, xanchor="left"), plot_bgcolor="white",
-                      paper_bgcolor="white", legend=dict(orientation="h", y=-0.2), margin=dict(l=60, r=60, t=50, b=60))
+    fig.update_layout(
+        title=dict(text=title + subtitle, x=0.01, xanchor="left"),
+        plot_bgcolor="white",
+        paper_bgcolor="white",
+        legend=dict(orientation="h", y=-0.2),
+        margin=dict(l=60, r=60, t=50, b=60),
+    )
     # Whole blocks only: with "d" alone, plotly's fractional ticks of a short curve read "0 1 1 2 2".
-    fig.update_xaxes(title_text="blocks since the key went by", tickformat="d", tick0=0,
-                     dtick=max(1, math.ceil(max((p.blocks_since_key for p in points), default=1) / 10)))
+    fig.update_xaxes(
+        title_text="blocks since the key went by",
+        tickformat="d",
+        tick0=0,
+        dtick=max(1, math.ceil(max((p.blocks_since_key for p in points), default=1) / 10)),
+    )
     fig.update_yaxes(title_text="log p(key tokens)", secondary_y=False)
-    fig.update_yaxes(title_text="retrieved", range=[-0.15, 1.15], tickvals=[0, 1], ticktext=["no", "yes"],
-                     secondary_y=True)
+    fig.update_yaxes(
+        title_text="retrieved", range=[-0.15, 1.15], tickvals=[0, 1], ticktext=["no", "yes"], secondary_y=True
+    )
     return fig
 
 
@@ -94,27 +145,62 @@ def intervention_heatmap(result: dict, title: str | None = None) -> go.Figure:
     everything = np.concatenate([z.ravel(), np.array([np.nan if v is None else v for v in (heads or [])], dtype=float)])
     bound = max(1e-3, float(np.nanmax(np.abs(everything))) if np.isfinite(everything).any() else 1.0)
     if heads:
-        fig = make_subplots(rows=1, cols=2, column_widths=[0.8, 0.2], horizontal_spacing=0.08,
-                            subplot_titles=["layers × blocks", f"layer {result['head_layer']}: KV head groups"])
+        fig = make_subplots(
+            rows=1,
+            cols=2,
+            column_widths=[0.8, 0.2],
+            horizontal_spacing=0.08,
+            subplot_titles=["layers × blocks", f"layer {result['head_layer']}: KV head groups"],
+        )
     else:
         fig = make_subplots(rows=1, cols=1)
-    fig.add_trace(go.Heatmap(
-        z=z, x=columns, y=rows, zmid=0.0, zmin=-bound, zmax=bound, colorscale="RdBu",
-        text=[["" if np.isnan(v) else (f"{v:+.2f}" if bound < 1 else f"{v:+.1f}") for v in row] for row in z],
-        texttemplate="%{text}" if z.size <= 200 else None,
-        hovertemplate="layer %{y}<br>FAM replaced %{x} blocks<br>Δ log p %{z:+.2f}<extra></extra>",
-        colorbar=dict(title=dict(text="Δ log p")), showscale=True), row=1, col=1)
+    fig.add_trace(
+        go.Heatmap(
+            z=z,
+            x=columns,
+            y=rows,
+            zmid=0.0,
+            zmin=-bound,
+            zmax=bound,
+            colorscale="RdBu",
+            text=[["" if np.isnan(v) else (f"{v:+.2f}" if bound < 1 else f"{v:+.1f}") for v in row] for row in z],
+            texttemplate="%{text}" if z.size <= 200 else None,
+            hovertemplate="layer %{y}<br>FAM replaced %{x} blocks<br>Δ log p %{z:+.2f}<extra></extra>",
+            colorbar=dict(title=dict(text="Δ log p")),
+            showscale=True,
+        ),
+        row=1,
+        col=1,
+    )
     if heads:
         hz = np.array([[np.nan if v is None else v for v in heads]], dtype=float).T
-        fig.add_trace(go.Heatmap(z=hz, x=["Δ"], y=[f"group {g}" for g in range(len(heads))], zmid=0.0,
-                                 zmin=-bound, zmax=bound, colorscale="RdBu", showscale=False,
-                                 hovertemplate="%{y}<br>Δ log p %{z:+.2f}<extra></extra>"), row=1, col=2)
+        fig.add_trace(
+            go.Heatmap(
+                z=hz,
+                x=["Δ"],
+                y=[f"group {g}" for g in range(len(heads))],
+                zmid=0.0,
+                zmin=-bound,
+                zmax=bound,
+                colorscale="RdBu",
+                showscale=False,
+                hovertemplate="%{y}<br>Δ log p %{z:+.2f}<extra></extra>",
+            ),
+            row=1,
+            col=2,
+        )
     fig.update_xaxes(title_text="FAM replaced after block", type="category", row=1, col=1)
     fig.update_yaxes(title_text="layer", type="category", row=1, col=1)
     summary = ", ".join(f"{k} {v:.2f}" for k, v in values.items())
-    heading = title or (f"FAM {result.get('method', '')}: Δ log p(target) against the {reference} run"
-                        + (f" (mean log p: {summary}; {result.get('trials', 0)} trials)" if summary else ""))
-    fig.update_layout(title=dict(text=heading, x=0.01, xanchor="left", font=dict(size=13)), plot_bgcolor="white",
-                      paper_bgcolor="white", margin=dict(l=60, r=20, t=70, b=50),
-                      height=max(320, 16 * len(rows) + 140))
+    heading = title or (
+        f"FAM {result.get('method', '')}: Δ log p(target) against the {reference} run"
+        + (f" (mean log p: {summary}; {result.get('trials', 0)} trials)" if summary else "")
+    )
+    fig.update_layout(
+        title=dict(text=heading, x=0.01, xanchor="left", font=dict(size=13)),
+        plot_bgcolor="white",
+        paper_bgcolor="white",
+        margin=dict(l=60, r=20, t=70, b=50),
+        height=max(320, 16 * len(rows) + 140),
+    )
     return fig

@@ -1,4 +1,5 @@
 """The loss curve of a training run (``loss_curve.html``, and PNG where kaleido can write it)."""
+
 from __future__ import annotations
 
 import logging
@@ -25,28 +26,70 @@ def write_loss_curve(history: list[dict], out: Path, mode: str = "fam") -> Path 
         x, y = [r["step"] for r in rows], [r["loss"] for r in rows]
         smooth = [sum(y[max(0, i - window + 1) : i + 1]) / (i - max(0, i - window + 1) + 1) for i in range(len(y))]
         color = DEFAULT_PLOTLY_COLORS[index % len(DEFAULT_PLOTLY_COLORS)]
-        figure.add_trace(go.Scatter(x=x, y=y, mode="markers", marker=dict(size=3, opacity=0.3, color=color),
-                                    name=f"{kind}: per step", legendgroup=kind), row=1, col=1)
-        figure.add_trace(go.Scatter(x=x, y=smooth, mode="lines", line=dict(color=color),
-                                    name=f"{kind}: mean of last {window} steps", legendgroup=kind), row=1, col=1)
+        figure.add_trace(
+            go.Scatter(
+                x=x,
+                y=y,
+                mode="markers",
+                marker=dict(size=3, opacity=0.3, color=color),
+                name=f"{kind}: per step",
+                legendgroup=kind,
+            ),
+            row=1,
+            col=1,
+        )
+        figure.add_trace(
+            go.Scatter(
+                x=x,
+                y=smooth,
+                mode="lines",
+                line=dict(color=color),
+                name=f"{kind}: mean of last {window} steps",
+                legendgroup=kind,
+            ),
+            row=1,
+            col=1,
+        )
         probed = [r for r in rows if r.get("loss_readout") is not None]
-        for field_name, label, dash in (("loss_main", "the question's answer", "dot"),
-                                        ("loss_readout", "read-out probes", "dash")):
+        for field_name, label, dash in (
+            ("loss_main", "the question's answer", "dot"),
+            ("loss_readout", "read-out probes", "dash"),
+        ):
             if not probed:
                 break
             ys = [r[field_name] for r in probed]
             means = [sum(ys[max(0, i - window + 1) : i + 1]) / (i - max(0, i - window + 1) + 1) for i in range(len(ys))]
-            figure.add_trace(go.Scatter(x=[r["step"] for r in probed], y=means, mode="lines",
-                                        line=dict(color=color, dash=dash), legendgroup=kind,
-                                        name=f"{kind}: {label} (mean of last {window})"), row=1, col=1)
+            figure.add_trace(
+                go.Scatter(
+                    x=[r["step"] for r in probed],
+                    y=means,
+                    mode="lines",
+                    line=dict(color=color, dash=dash),
+                    legendgroup=kind,
+                    name=f"{kind}: {label} (mean of last {window})",
+                ),
+                row=1,
+                col=1,
+            )
     evals = [r for r in history if "eval" in r]
     if evals:
         labels = [f"{r['eval']['length']} tokens, {r['eval']['accuracy']:.0%} of {r['eval']['trials']}" for r in evals]
-        figure.add_trace(go.Scatter(x=[r["step"] for r in evals], y=[r["eval"]["key_logprob"] for r in evals],
-                                    mode="lines+markers+text", text=[str(r["eval"]["length"]) for r in evals],
-                                    textposition="top center", cliponaxis=False, line=dict(color="#444"),
-                                    customdata=labels, name="key log-prob (label: tokens)",
-                                    hovertemplate="step %{x}: %{y:.2f}<br>%{customdata}<extra></extra>"), row=2, col=1)
+        figure.add_trace(
+            go.Scatter(
+                x=[r["step"] for r in evals],
+                y=[r["eval"]["key_logprob"] for r in evals],
+                mode="lines+markers+text",
+                text=[str(r["eval"]["length"]) for r in evals],
+                textposition="top center",
+                cliponaxis=False,
+                line=dict(color="#444"),
+                customdata=labels,
+                name="key log-prob (label: tokens)",
+                hovertemplate="step %{x}: %{y:.2f}<br>%{customdata}<extra></extra>",
+            ),
+            row=2,
+            col=1,
+        )
     figure.update_layout(title=f"{mode} fine-tuning", template="plotly_white", width=900, height=620)
     figure.update_xaxes(title_text="step", row=2, col=1)
     figure.update_yaxes(title_text="training loss (weighted)", row=1, col=1)
