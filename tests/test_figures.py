@@ -346,3 +346,33 @@ def test_layer_axes_label_whole_layers_only():
     assert list(dynamics.layout.yaxis.tickvals) == list(dynamics.layout.yaxis2.tickvals) == [0, 10, 29]
     many = figures.share_heatmap(rng.random((3, 30, 2, 4)), "fam")
     assert many.layout.yaxis.tickformat == "d"
+
+
+def test_loss_curve_draws_split_probes_apart_and_no_empty_panel(tmp_path):
+    from famviz.viz.training_figures import loss_curve_figure, write_loss_curve
+
+    def step(n, kind, split=0, probe=None):
+        return {
+            "step": n,
+            "loss": 1.0 / n,
+            "kind": kind,
+            "loss_main": 0.5,
+            "loss_readout": probe,
+            "readout_split": split,
+        }
+
+    history = [step(1, "copy"), step(2, "passkey", 0, 2.0), step(3, "passkey", 40, 3.0), step(4, "passkey", 0, 1.5)]
+    figure = loss_curve_figure(history)
+    names = [trace.name for trace in figure.data]
+    assert "passkey: read-out probes in their block (mean of last 25)" in names
+    split = next(t for t in figure.data if t.name.startswith("passkey: read-out probes across a block boundary"))
+    assert list(split.x) == [3] and list(split.y) == [3.0]
+    assert len(figure.layout.annotations) == 0 and "yaxis2" not in figure.layout.to_plotly_json()  # no evaluations
+    evaluated = loss_curve_figure(
+        [*history, {"step": 4, "eval": {"length": 512, "accuracy": 0.5, "trials": 2, "key_logprob": -1.0}}]
+    )
+    assert evaluated.data[-1].name.startswith("key log-prob") and "yaxis2" in evaluated.layout.to_plotly_json()
+    assert loss_curve_figure([{"stage": "start"}]) is None
+    old = [{k: v for k, v in r.items() if k != "readout_split"} for r in history]  # logs before the field existed
+    assert "passkey: read-out probes (mean of last 25)" in [t.name for t in loss_curve_figure(old).data]
+    assert write_loss_curve(history, tmp_path).name == "loss_curve.html"

@@ -211,13 +211,15 @@ def test_split_readout_probes_read_the_answer_from_the_fam_the_question_wrote(tm
 
 
 def test_trainer_draws_split_points_after_the_question_and_before_the_answer_ends(tmp_path):
-    trainer = Trainer(tiny_config(tmp_path, readout_split=1.0), loaded=tiny_loaded(), data=KeyWithProbe())
     probe = Readout([2, 3, 4, 7, 8, 9], [0.0, 0.0, 0.0, 1.0, 1.0, 1.0], first=2, last=20)
-    drawn = [Example("passkey", [1] * 30, [0.0] * 30, probe)]
+    drawn = [Example("passkey", [1] * 30, [0.0] * 29 + [1.0], probe)]
+    three_token_answers = type("Data", (), {"draw": lambda self, rng: drawn[0]})()
+    trainer = Trainer(tiny_config(tmp_path, readout_split=1.0), loaded=tiny_loaded(), data=three_token_answers)
     assert {trainer._readout_split(drawn) for _ in range(50)} == {3, 4}
+    assert trainer.train_step()["readout_split"] > 0  # a whole step with split probes runs; the log says so
     trainer.config.readout_split = 0.0
     assert trainer._readout_split(drawn) == 0
-    trainer.train_step()  # a whole step with split probes runs
+    assert trainer.train_step()["readout_split"] == 0
 
 
 def test_readout_probes_train_the_memory_faster(tmp_path):

@@ -328,6 +328,7 @@ class Trainer:
             "loss": loss.item(),
             "loss_main": parts["main"],
             "loss_readout": parts["readout"],
+            "readout_split": split,  # 0: probes asked inside their block; else the question's length in tokens
             "lengths": [len(e.ids) for e in drawn],
             "kind": "+".join(e.kind for e in examples),
             "tokens": int(ids.numel()) * world,

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 log = logging.getLogger("famviz.training")
 
 
-def write_loss_curve(history: list[dict], out: Path, mode: str = "fam") -> Path | None:
-    """``loss_curve.html`` (PNG too when kaleido can): the training loss per data kind (their scales differ:
-    a PassKey answer against a whole text) with moving means, and the held-out PassKey key log-probability
-    with the prompt length of each evaluation (curricula change it)."""
+def loss_curve_figure(history: list[dict], mode: str = "fam") -> go.Figure | None:
+    """The training loss per data kind (their scales differ: a PassKey answer against a whole text) with
+    moving means, read-out probes asked in their block and across a block boundary apart, and, when the run
+    evaluated, the held-out PassKey key log-probability with the prompt length of each evaluation (curricula
+    change it). None for a history without steps."""
     steps = [r for r in history if "loss" in r]
     if not steps:
         return None
@@ -20,7 +25,15 @@ def write_loss_curve(history: list[dict], out: Path, mode: str = "fam") -> Path 
     from plotly.subplots import make_subplots
 
     window = 25
-    figure = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.62, 0.38], vertical_spacing=0.08)
+    evals = [r for r in history if "eval" in r]
+    panels = 2 if evals else 1  # no empty lower panel for a run without evaluations
+    figure = make_subplots(
+        rows=panels,
+        cols=1,
+        shared_xaxes=True,
+        row_heights=[0.62, 0.38] if evals else None,
+        vertical_spacing=0.08,
+    )
     for index, kind in enumerate(sorted({r["kind"] for r in steps})):
         rows = [r for r in steps if r["kind"] == kind]
         x, y = [r["step"] for r in rows], [r["loss"] for r in rows]
@@ -51,17 +64,24 @@ def write_loss_curve(history: list[dict], out: Path, mode: str = "fam") -> Path 
             col=1,
         )
         probed = [r for r in rows if r.get("loss_readout") is not None]
-        for field_name, label, dash in (
-            ("loss_main", "the question's answer", "dot"),
-            ("loss_readout", "read-out probes", "dash"),
-        ):
-            if not probed:
-                break
-            ys = [r[field_name] for r in probed]
+        split = [r for r in probed if r.get("readout_split")]  # probes asked across a block boundary
+        in_block = [r for r in probed if not r.get("readout_split")]
+        series = [("loss_main", "the question's answer", "dot", probed)]
+        if split:  # the round-length case and the in-block case learn at different rates: one line each
+            series += [
+                ("loss_readout", "read-out probes in their block", "dash", in_block),
+                ("loss_readout", "read-out probes across a block boundary", "dashdot", split),
+            ]
+        else:
+            series.append(("loss_readout", "read-out probes", "dash", probed))
+        for field_name, label, dash, records in series:
+            if not records:
+                continue
+            ys = [r[field_name] for r in records]
             means = [sum(ys[max(0, i - window + 1) : i + 1]) / (i - max(0, i - window + 1) + 1) for i in range(len(ys))]
             figure.add_trace(
                 go.Scatter(
-                    x=[r["step"] for r in probed],
+                    x=[r["step"] for r in records],
                     y=means,
                     mode="lines",
                     line=dict(color=color, dash=dash),
@@ -71,7 +91,6 @@ def write_loss_curve(history: list[dict], out: Path, mode: str = "fam") -> Path 
                 row=1,
                 col=1,
             )
-    evals = [r for r in history if "eval" in r]
     if evals:
         labels = [f"{r['eval']['length']} tokens, {r['eval']['accuracy']:.0%} of {r['eval']['trials']}" for r in evals]
         figure.add_trace(
@@ -90,10 +109,19 @@ def write_loss_curve(history: list[dict], out: Path, mode: str = "fam") -> Path 
             row=2,
             col=1,
         )
-    figure.update_layout(title=f"{mode} fine-tuning", template="plotly_white", width=900, height=620)
-    figure.update_xaxes(title_text="step", row=2, col=1)
+    figure.update_layout(title=f"{mode} fine-tuning", template="plotly_white", width=900, height=620 if evals else 420)
+    figure.update_xaxes(title_text="step", row=panels, col=1)
     figure.update_yaxes(title_text="training loss (weighted)", row=1, col=1)
-    figure.update_yaxes(title_text="held-out log p(key)<br>depth 0, teacher-forced", row=2, col=1)
+    if evals:
+        figure.update_yaxes(title_text="held-out log p(key)<br>depth 0, teacher-forced", row=2, col=1)
+    return figure
+
+
+def write_loss_curve(history: list[dict], out: Path, mode: str = "fam") -> Path | None:
+    """``loss_curve.html`` in ``out`` (PNG too when kaleido can) of ``loss_curve_figure``."""
+    figure = loss_curve_figure(history, mode)
+    if figure is None:
+        return None
     path = out / "loss_curve.html"
     figure.write_html(str(path), include_plotlyjs=True)
     try:
