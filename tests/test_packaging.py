@@ -77,5 +77,7 @@ def test_the_installed_command_and_package_work_outside_the_checkout(installed, 
     assert version.returncode == 0 and version.stdout.strip() == f"famviz {famviz.__version__}"
     where = _run(installed, sys.executable, "-c", "import famviz; print(famviz.__file__)", cwd=tmp_path)
     assert where.returncode == 0 and where.stdout.strip().startswith(str(installed))
+    app_help = _run(installed, str(installed / "bin" / "famviz-app"), "--help", cwd=tmp_path)
+    assert app_help.returncode == 0 and "--adapter" in app_help.stdout, app_help.stderr
     help_text = _run(installed, str(installed / "bin" / "famviz"), "stream", "--help", cwd=tmp_path)
     assert help_text.returncode == 0 and "--block-size" in help_text.stdout

@@ -14,7 +14,7 @@ from famviz.errors import ConfigError
 from famviz.training.config import TrainConfig
 from famviz.training.data import Example, copy_example, parse_mixture, parse_range
 from famviz.training.loop import Trainer
-from famviz.training.loss import sequence_loss
+from famviz.training.loss import collate, sequence_loss
 from famviz.training.rpo_rsp import StatePassing, TrainingFamModel, draw_position_offsets, initial_training_state
 
 VOCAB = 128
@@ -214,6 +214,31 @@ def test_training_step_starts_from_the_passed_fam(tmp_path, monkeypatch):
     for layer, fam in enumerate(second.fam):
         assert not fam.requires_grad
         assert torch.equal(fam[0], saved[layer][0]) and torch.equal(fam[1], saved[layer][0])
+
+
+def test_the_passed_fam_never_read_pad_tokens(tmp_path):
+    """With batch > 1 the FAM passed on is that of the batch's longest sequence, whose blocks hold no pads:
+    it equals the final FAM of that sequence streamed alone."""
+    short = Example("passkey", [1, 5] + [40] * 9 + [2, 5], [0.0] * 12 + [1.0])
+    long = Example("passkey", [1, 7] + [50] * 25 + [2, 7], [0.0] * 28 + [1.0])
+
+    class ShortThenLong:  # the shorter drawn first: it would be batch element 0 without the sort
+        def __init__(self):
+            self.examples = iter([short, long])
+
+        def draw(self, rng):
+            return next(self.examples)
+
+    config = tiny_config(tmp_path, batch_size=2, rsp_prob=1.0, rpo=False)
+    trainer = Trainer(config, loaded=tiny_loaded(), data=ShortThenLong())
+    trainer.optimizer.step = lambda *args, **kwargs: None  # keep the weights: the FAM is compared with them
+    trainer.train_step()
+    ids, weights, _ = collate([long], trainer.pad_id, "cpu")
+    with torch.no_grad():
+        state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
+        _, final, _ = sequence_loss(trainer.fam_model, ids, weights, state)
+    saved = trainer.state_passing.saved
+    assert all(torch.allclose(s[0], f[0], atol=1e-5) for s, f in zip(saved, final.fam, strict=True))
 
 
 def test_rsp_off_always_starts_from_the_prompt(tmp_path):

@@ -264,6 +264,9 @@ class Trainer:
         # N processes with batch b train on exactly the examples of one process with batch N·b.
         world, rank, batch = self.accelerator.num_processes, self.accelerator.process_index, config.batch_size
         drawn = [self.data.draw(self.rng) for _ in range(batch * world)]
+        # Longest first: RSP passes on element 0's final FAM, and only the longest row's FAM never reads the
+        # pad tokens that fill shorter rows' last blocks (a stable sort: equal lengths keep their order).
+        drawn.sort(key=lambda example: -len(example.ids))
         examples = drawn[rank * batch : (rank + 1) * batch]
         # Padded to the global batch's longest sequence: FAM rows read a block's pad tokens too, so a slice
         # padded less would pass on (RSP) a different FAM than the same row in one process's batch.
