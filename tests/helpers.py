@@ -205,3 +205,26 @@ def write_random_lora_adapter(directory: Path, fam_len: int = 4, block_size: int
         directory / "adapter", trained, geometry, torch.randn(fam_len, trained.config.hidden_size), peft_model
     )
     return model_dir, adapter_dir
+
+
+def tiny_train_config(tmp_path, **overrides):
+    """A TrainConfig for the tiny test models: 8-token blocks, FAM 4, 4 steps, on the CPU."""
+    from famviz.training.config import TrainConfig
+
+    values = dict(
+        out=str(tmp_path / "run"),
+        mode="fam",
+        block_size=8,
+        fam_len=4,
+        mem_blocks=0,
+        steps=4,
+        lr=1e-2,
+        warmup_steps=1,
+        lora_rank=4,
+        eval_every=0,
+        checkpoint_every=2,
+        seed=3,
+        device="cpu",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from helpers import tiny_causal_lm
+from helpers import tiny_causal_lm, tiny_train_config
 
 from famviz import FamConfig, prepare_model
 from famviz.core.fam_model import FamModel
@@ -28,25 +28,7 @@ def tiny_loaded(family: str = "llama", seed: int = 0, dtype=torch.float32):
 
 
 def tiny_config(tmp_path, **overrides) -> TrainConfig:
-    values = dict(
-        out=str(tmp_path / "run"),
-        mode="fam",
-        block_size=8,
-        fam_len=4,
-        mem_blocks=0,
-        steps=4,
-        lr=1e-2,
-        warmup_steps=1,
-        lora_rank=4,
-        eval_every=0,
-        checkpoint_every=2,
-        seed=3,
-        device="cpu",
-        rpo=False,
-        rsp=False,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+    return tiny_train_config(tmp_path, **{"rpo": False, "rsp": False, **overrides})  # RPO/RSP off unless asked
 
 
 class KeyWithProbe:

@@ -446,16 +446,7 @@ class Trainer:
                         evaluation["eval"]["key_logprob"],
                     )
                 if self.step % config.checkpoint_every == 0 and main:
-                    save_checkpoint(
-                        self.out / CHECKPOINT_DIR,
-                        self.peft_model,
-                        self.prompt,
-                        self.optimizer,
-                        self.step,
-                        self.rng,
-                        self.state_passing,
-                        self.history,
-                    )
+                    self.save_checkpoint()
                 if self.agreed(config.max_minutes is not None and time.time() - started > 60 * config.max_minutes):
                     log.info("stopping after %.1f minutes (--max-minutes) at step %d", config.max_minutes, self.step)
                     stopped_early = True
@@ -466,20 +457,24 @@ class Trainer:
             if log_file is not None:
                 log_file.close()
         if main:
-            save_checkpoint(
-                self.out / CHECKPOINT_DIR,
-                self.peft_model,
-                self.prompt,
-                self.optimizer,
-                self.step,
-                self.rng,
-                self.state_passing,
-                self.history,
-            )
+            self.save_checkpoint()
             self.save_adapter(wall_seconds=wall_before + time.time() - started, stopped_early=stopped_early)
             write_loss_curve(self.history, self.out, self.config.mode)
         acc.wait_for_everyone()
         return self.out
+
+    def save_checkpoint(self) -> None:
+        """Everything ``--resume`` needs, in ``checkpoint/`` (written atomically)."""
+        save_checkpoint(
+            self.out / CHECKPOINT_DIR,
+            self.peft_model,
+            self.prompt,
+            self.optimizer,
+            self.step,
+            self.rng,
+            self.state_passing,
+            self.history,
+        )
 
     def save_adapter(self, wall_seconds: float, stopped_early: bool = False) -> None:
         from famviz.io.adapters import write_adapter, write_training_card
