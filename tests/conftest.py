@@ -10,6 +10,17 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Training and evaluation set torch's thread count for the process (--threads); a test that runs them in
+    this process must not change what later tests compute (bf16 results depend on the thread count)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 TINY = dict(
     hidden_size=64,
     intermediate_size=128,

@@ -113,9 +113,10 @@ def test_two_processes_train_like_one_with_the_global_batch_and_resume(tmp_path,
     assert [r["tokens"] for r in records] == [
         json.loads(line)["tokens"] for line in (single / "train_log.jsonl").read_text().splitlines()
     ]
-    # The case that needs the global padding: a step starting from a FAM passed on (RSP) by a global element
-    # 0 that was shorter than its batch, so its FAM read pad tokens.
-    assert any(now["rsp"] and before["lengths"][0] < max(before["lengths"]) for before, now in pairwise(records))
+    # The global batch is ordered longest first on every process, so the FAM passed on (RSP) is the longest
+    # row's on process 0; a step starting from one after a batch of unequal lengths is covered.
+    assert all(r["lengths"] == sorted(r["lengths"], reverse=True) for r in records)
+    assert any(now["rsp"] and len(set(before["lengths"])) > 1 for before, now in pairwise(records))
     one, two = _weights(single), _weights(double)
     assert one.keys() == two.keys() and len(one) > 10
     for name in one:  # the same examples, the same global loss: the same weights, to float tolerance

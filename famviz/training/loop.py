@@ -268,8 +268,8 @@ class Trainer:
         # pad tokens that fill shorter rows' last blocks (a stable sort: equal lengths keep their order).
         drawn.sort(key=lambda example: -len(example.ids))
         examples = drawn[rank * batch : (rank + 1) * batch]
-        # Padded to the global batch's longest sequence: FAM rows read a block's pad tokens too, so a slice
-        # padded less would pass on (RSP) a different FAM than the same row in one process's batch.
+        # Padded to the global batch's longest sequence: every process runs the same blocks as one process
+        # with the whole batch would (pad tokens carry no loss and come after everything that does).
         ids, weights, readout = collate(examples, self.pad_id, self.loaded.device, max(len(e.ids) for e in drawn))
         offsets = draw_position_offsets(self.rng, len(drawn), self.theta) if config.rpo else None
         self.fam_model.position_offsets = offsets[rank * batch : (rank + 1) * batch] if offsets is not None else None
