@@ -18,6 +18,8 @@ from famviz.errors import FamvizError
 
 log = logging.getLogger("famviz")
 
+DESCRIPTION = "famviz: turn a Hugging Face causal LM into TransformerFAM and watch its working memory"
+
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -66,7 +68,8 @@ def _command(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m famviz", description=__doc__.splitlines()[0])
+    prog = "famviz" if os.path.basename(sys.argv[0]) == "famviz" else "python -m famviz"  # the command, or -m
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="more logging on stderr")
     parser.add_argument("--version", action="version", version=f"famviz {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -304,6 +304,38 @@ def test_stop_keeps_what_was_computed(hub):
     assert inspector_tab.settled_status(live) == stopped[0]
 
 
+def test_stop_during_a_block_waits_for_it_so_views_status_and_trace_agree(hub, monkeypatch):
+    """A block cannot be interrupted: Stop pressed while one is computed draws it too (found by a new-user
+    trial: the plots stopped one block short of the status and the downloaded trace)."""
+    import re
+    import threading
+
+    from famviz.core.engine import Stream
+
+    in_block, release = threading.Event(), threading.Event()
+    original = Stream._run_block
+
+    def slow_block(stream, chunk):  # the engine is inside a block until released
+        in_block.set()
+        release.wait(10)
+        return original(stream, chunk)
+
+    stream = inspector_tab.stream_document(hub, *_args(), redraw_seconds=0.0)
+    live = next(stream)[-1]
+    next(stream)  # block 1 done
+    monkeypatch.setattr(Stream, "_run_block", slow_block)
+    worker = threading.Thread(target=lambda: next(stream, None))
+    worker.start()
+    assert in_block.wait(10)
+    threading.Timer(0.3, release.set).start()  # the block finishes while Stop waits
+    stopped = inspector_tab.stop_run(live)
+    worker.join(10)
+    assert live.blocks_done == live.trace.n_blocks == 2
+    assert np.asarray(stopped[1].data[0].z).shape[1] == 2  # the heatmap has both blocks
+    assert re.search(r"\b2 / \d+ blocks", stopped[0]), stopped[0]  # and so has the status
+    assert list(stream) == []
+
+
 @pytest.mark.slow  # numba compiles UMAP on first use (~30 s)
 def test_umap_is_computed_off_the_handler(hub):
     pytest.importorskip("umap")

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("famviz.app")
 
 NO_COMPARE = "off"
+STOP_WAIT_SECONDS = 120.0  # longest wait for the block in flight at Stop (a block of 8,192 tokens on a CPU)
 MEAN_LAYER = "mean"
 
 # What each plot shows, under it: a first-time user should not need the paper to read the page.
@@ -211,6 +212,7 @@ def stream_document(
     while run.blocks_done < run.total_blocks:
         if run.state != "streaming":  # stopped from the UI: the event is being cancelled
             return
+        run.idle.clear()  # a block is being computed: Stop waits for it (it cannot be interrupted)
         try:
             began = time.perf_counter()
             next(primary_blocks)
@@ -222,6 +224,7 @@ def stream_document(
             log.exception("stream failed at block %d", run.blocks_done)
             run.state, run.error = "failed", f"{type(exc).__name__}: {exc}"
             run.elapsed = time.perf_counter() - run.started
+            run.idle.set()
             yield run.status(), *_skips(N_OUTPUTS - 2), run
             return
         run.blocks_done += 1
@@ -229,6 +232,9 @@ def stream_document(
         run.elapsed = time.perf_counter() - run.started
         if run.blocks_done == run.total_blocks:
             run.state = "done"
+        run.idle.set()
+        if run.state == "stopped":  # Stop came during this block: its reply draws the block, nothing more runs
+            return
         if run.state == "done" or run.blocks_done == 1 or time.perf_counter() - last_redraw >= redraw_seconds:
             yield refresh(run, layer_choices=run.blocks_done == 1)
             last_redraw = time.perf_counter()
@@ -242,6 +248,9 @@ def stop_run(run: Run | None) -> tuple:
     if run is None or run.state != "streaming":
         return (gr.skip(),) * N_OUTPUTS
     run.state = "stopped"
+    # The block being computed when Stop came is finished and recorded anyway (a block cannot be interrupted):
+    # wait for it, so that the views, the status and a downloaded trace all hold the same blocks.
+    run.idle.wait(timeout=STOP_WAIT_SECONDS)
     run.elapsed = time.perf_counter() - run.started
     try:
         return refresh(run)

@@ -284,6 +284,12 @@ def _history_html(
     return f'<div class="hist"><b>Most-read tokens, {shown}:</b><ul>{"".join(items)}</ul></div>'
 
 
+def _idle_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
 # -- one run ------------------------------------------------------------------------------------------------
 @dataclass
 class Run:
@@ -318,6 +324,8 @@ class Run:
     umap_result: tuple[int, dict] | None = None  # (blocks covered, layer -> coords)
     umap_future: Future | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Set while no block is being computed (the stream clears it around each block; Stop waits for it).
+    idle: threading.Event = field(default_factory=_idle_event, repr=False)
 
     @classmethod
     def from_trace(cls, trace: Trace, name: str) -> Run:
