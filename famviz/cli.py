@@ -39,10 +39,26 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def _add_fam_options(parser: argparse.ArgumentParser) -> None:
     defaults = TOOL_DEFAULTS
     parser.add_argument("--mode", default=defaults.mode, choices=MODES)
-    parser.add_argument("--block-size", type=int, default=defaults.block_size, metavar="N")
-    parser.add_argument("--fam-len", type=int, default=defaults.fam_len, metavar="N")
-    parser.add_argument("--mem-blocks", type=int, default=defaults.mem_blocks, metavar="N")
+    _add_geometry_options(parser)
     _add_sink_option(parser)
+
+
+def _add_geometry_options(parser: argparse.ArgumentParser, mem_help: str = "") -> None:
+    """Block size, FAM length and memory blocks; left out, they are the --adapter's trained geometry, else the
+    defaults the app uses (``famviz.commands.fill_geometry``)."""
+    defaults = TOOL_DEFAULTS
+    for flag, name, extra in (
+        ("--block-size", "block_size", ""),
+        ("--fam-len", "fam_len", ""),
+        ("--mem-blocks", "mem_blocks", mem_help),
+    ):
+        parser.add_argument(
+            flag,
+            type=int,
+            default=None,
+            metavar="N",
+            help=f"{extra}default: the adapter's, else {getattr(defaults, name)}",
+        )
 
 
 def _add_sink_option(parser: argparse.ArgumentParser) -> None:
@@ -154,16 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     passkey.add_argument("--trials", type=int, default=10, metavar="N", help="keys per cell")
     passkey.add_argument("--seed", type=int, default=0, metavar="S")
-    defaults = TOOL_DEFAULTS
-    passkey.add_argument("--block-size", type=int, default=defaults.block_size, metavar="N")
-    passkey.add_argument("--fam-len", type=int, default=defaults.fam_len, metavar="N")
-    passkey.add_argument(
-        "--mem-blocks",
-        type=int,
-        default=defaults.mem_blocks,
-        metavar="N",
-        help="memory blocks for modes given without :N",
-    )
+    _add_geometry_options(passkey, mem_help="memory blocks for modes given without :N; ")
     _add_sink_option(passkey)
     _add_model_options(passkey)
     passkey.add_argument(

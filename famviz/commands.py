@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from famviz.core.config import FamConfig, check_limits, number_list
+from famviz.core.config import TOOL_DEFAULTS, FamConfig, check_limits, number_list
 from famviz.errors import FamvizError
 
 if TYPE_CHECKING:
@@ -29,9 +29,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("famviz")
 
 
+def fill_geometry(args: argparse.Namespace) -> None:
+    """Block size, FAM length and memory blocks not given: the --adapter's trained geometry (as the app applies
+    it), else the defaults shared with the app (``TOOL_DEFAULTS``)."""
+    base = TOOL_DEFAULTS
+    if getattr(args, "adapter", None):
+        from famviz.io.adapters import read_adapter
+
+        base = read_adapter(args.adapter).trained_config()
+    for name in ("block_size", "fam_len", "mem_blocks"):
+        if getattr(args, name, None) is None:
+            setattr(args, name, getattr(base, name))
+
+
 def run_passkey(args: argparse.Namespace) -> int:
     from famviz.probes import passkey as pk
 
+    fill_geometry(args)
     try:
         specs = [pk.ModeSpec.parse(part, args.mem_blocks) for part in args.modes.split(",") if part.strip()]
         base = check_limits(
@@ -367,6 +381,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_stream(args: argparse.Namespace) -> int:
     from famviz.io.documents import head_bytes_for, read_document_start
 
+    fill_geometry(args)
     config = check_limits(
         FamConfig(
             mode=args.mode,

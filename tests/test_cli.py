@@ -317,6 +317,19 @@ def test_stream_json_and_trace_in_process(mode, tiny_model_dir, document, tmp_pa
     assert "Traceback" not in err
 
 
+def test_stream_with_an_adapter_takes_its_geometry_unless_given(document, tmp_path, capfd):
+    """As the app does: --adapter sets block size, FAM length and memory blocks the run leaves out."""
+    from helpers import write_random_lora_adapter
+
+    model_dir, adapter_dir = write_random_lora_adapter(tmp_path)  # trained with block 32, FAM 4, memory 0
+    args = ["stream", document, "--model", model_dir, "--adapter", adapter_dir, "--mode", "fam"]
+    status, out, err = run_cli_in_process([*args, "--max-tokens", 64, "--json", "--dtype", "float32"], capfd)
+    assert status == 0, err
+    summary = parse_summary(out)
+    assert (summary["block_size"], summary["fam_len"], summary["mem_blocks"]) == (32, 4, 0)
+    assert "note:" not in err  # the adapter's own geometry: nothing to note
+
+
 def test_stream_with_an_adapter_names_it_and_notes_another_geometry(document, tmp_path, capfd):
     from helpers import write_random_lora_adapter
 
@@ -566,8 +579,11 @@ def test_cli_and_app_share_one_table_of_defaults_and_limits(capfd, tmp_path):
     from famviz.core.config import TOOL_DEFAULTS
 
     assert inputs.DEFAULT_SETTINGS == TOOL_DEFAULTS
+    from famviz.commands import fill_geometry
+
     for command in (["stream", "x.txt"], ["passkey"]):
         args = build_parser().parse_args(command)
+        fill_geometry(args)  # no --adapter: the app's defaults
         assert (args.block_size, args.fam_len, args.mem_blocks) == (
             TOOL_DEFAULTS.block_size,
             TOOL_DEFAULTS.fam_len,
