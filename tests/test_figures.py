@@ -207,7 +207,8 @@ def test_fam_trajectory_one_path_per_layer_with_latest_ringed():
     assert [t.name for t in paths] == ["layer 0", "layer 7"]
     np.testing.assert_allclose(np.asarray(paths[0].x), coords[0][:, 0])
     assert list(paths[0].customdata) == [0, 1, 2, 3, 4]
-    assert fig.layout.xaxis.title.text == "PCA 1" and fig.layout.yaxis.title.text == "PCA 2"
+    assert fig.layout.xaxis.title.text.startswith("PCA 1<br>") and fig.layout.yaxis.title.text == "PCA 2"
+    assert "ringed = latest" in fig.layout.xaxis.title.text and not fig.layout.annotations  # the marker key
     rings = [t for t in fig.data if not t.name]
     assert len(rings) == 2 and list(rings[0].x) == [8.0]
     with pytest.raises(ValueError):

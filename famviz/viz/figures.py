@@ -665,19 +665,8 @@ def fam_trajectory(
         _layout(
             heading,
             legend=dict(orientation="h", x=1.0, xanchor="right", y=1.0, yanchor="bottom"),
-            xaxis=_axis(f"{method} 1"),
+            # the key to the markers under the axis title (an annotation of its own collided with the title)
+            xaxis=_axis(f"{method} 1<br><sup>dark = later block; ringed = latest</sup>"),
             yaxis=_axis(f"{method} 2"),
-            annotations=[
-                dict(
-                    text="dark = later block; ringed = latest",
-                    x=0,
-                    y=-0.16,
-                    xref="paper",
-                    yref="paper",
-                    showarrow=False,
-                    xanchor="left",
-                    font=dict(size=11, color="#666"),
-                )
-            ],
         ),
     )
