@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -555,81 +555,54 @@ def build_passkey_tab(context: AppContext) -> None:
             "" if static_problem is None else f"**Note:** {static_problem}", elem_id="pk-export-note"
         )
 
-    # Both run the model chosen in the inspector's Model panel (its four inputs come first).
-    def watch(
-        model: str | None, adapter_dir: str | None, device: str | None, dtype: str | None, *args: object
-    ) -> Iterator[tuple]:
-        yield from watch_retention(context, *args, model_choice=(model, adapter_dir, device, dtype))
+    def run_on_chosen_model(
+        button: gr.Button, stop: gr.Button, handler: Callable, inputs: list, outputs: list, api_name: str
+    ) -> None:
+        """``handler(context, *inputs, model_choice=...)`` on the Model panel's choice (its four inputs come
+        first), queued on the model with the inspector's stream (one forward pass at a time), ``stop``
+        cancelling it, and the page's model line redrawn after it."""
 
-    def sweep(
-        model: str | None, adapter_dir: str | None, device: str | None, dtype: str | None, *args: object
-    ) -> Iterator[tuple]:
-        yield from run_sweep(context, *args, model_choice=(model, adapter_dir, device, dtype))
+        def run(
+            model: str | None, adapter_dir: str | None, device: str | None, dtype: str | None, *args: object
+        ) -> Iterator[tuple]:
+            yield from handler(context, *args, model_choice=(model, adapter_dir, device, dtype))
 
-    def intervene(
-        model: str | None, adapter_dir: str | None, device: str | None, dtype: str | None, *args: object
-    ) -> Iterator[tuple]:
-        yield from run_interventions_tab(context, *args, model_choice=(model, adapter_dir, device, dtype))
+        event = button.click(
+            run,
+            [*context.model_inputs, *inputs],
+            outputs,
+            api_name=api_name,
+            show_progress="hidden",
+            concurrency_id="model",
+            concurrency_limit=1,
+        )
+        stop.click(None, cancels=[event])
+        context.refresh_header_after(event)
 
-    # Queued on the model with the inspector's stream (concurrency_id "model"): one forward pass at a time.
-    watch_event = watch_button.click(
-        watch,
-        [
-            *context.model_inputs,
-            mode,
-            mem_blocks,
-            block_size,
-            fam_len,
-            length,
-            depth,
-            every,
-            source,
-            upload,
-            seed,
-            session,
-        ],
+    run_on_chosen_model(
+        watch_button,
+        watch_stop,
+        watch_retention,
+        [mode, mem_blocks, block_size, fam_len, length, depth, every, source, upload, seed, session],
         [retention_status, retention_plot, session],
-        api_name="passkey_retention",
-        show_progress="hidden",
-        concurrency_id="model",
-        concurrency_limit=1,
+        "passkey_retention",
     )
-    watch_stop.click(None, cancels=[watch_event])
-    sweep_event = sweep_button.click(
-        sweep,
-        [*context.model_inputs, modes, lengths, depths, trials, block_size, fam_len, seed, session],
+    run_on_chosen_model(
+        sweep_button,
+        sweep_stop,
+        run_sweep,
+        [modes, lengths, depths, trials, block_size, fam_len, seed, session],
         [sweep_status, heatmap, table, session],
-        api_name="passkey_sweep",
-        show_progress="hidden",
-        concurrency_id="model",
-        concurrency_limit=1,
+        "passkey_sweep",
     )
-    sweep_stop.click(None, cancels=[sweep_event])
-    ab_event = ab_button.click(
-        intervene,
-        [
-            *context.model_inputs,
-            method,
-            ab_length,
-            ab_depth,
-            ab_trials,
-            ab_layers,
-            ab_blocks,
-            block_size,
-            fam_len,
-            seed,
-            session,
-        ],
+    run_on_chosen_model(
+        ab_button,
+        ab_stop,
+        run_interventions_tab,
+        [method, ab_length, ab_depth, ab_trials, ab_layers, ab_blocks, block_size, fam_len, seed, session],
         [ab_status, ab_plot, session],
-        api_name="passkey_interventions",
-        show_progress="hidden",
-        concurrency_id="model",
-        concurrency_limit=1,
+        "passkey_interventions",
     )
-    ab_stop.click(None, cancels=[ab_event])
-    context.refresh_header_after(watch_event)
-    context.refresh_header_after(sweep_event)
-    context.refresh_header_after(ab_event)
     upload.upload(None, None, source, js=f"() => '{UPLOAD}'")
     export_button.click(export_passkey, [which, fmt, session], [export_file, export_note], api_name="passkey_export")
     json_button.click(download_results, [session], [export_file, export_note], api_name="passkey_download")

@@ -413,21 +413,23 @@ def nll_compare(
     y = bin_blocks(primary, edges)
     colors = ("#3b6fb6", "#e4572e")
     hover = "%{customdata}<br>" + "%{fullData.name}: %{y:.3f} nats<extra></extra>"
-    lines = [
-        dict(
+
+    def line(values: np.ndarray, name: str, color: str) -> dict:
+        return dict(
             type="scatter",
             x=x,
-            y=y,
+            y=values,
             mode="lines+markers",
-            name=primary_label,
+            name=name,
             customdata=labels,
             hovertemplate=hover,
-            line=dict(color=colors[0]),
+            line=dict(color=color),
             marker=dict(size=4),
             xaxis="x",
             yaxis="y",
         )
-    ]
+
+    lines = [line(y, primary_label, colors[0])]
     xrange = [-0.5, max(n, 1) - 0.5]
     if other is None:
         return _figure(
@@ -443,21 +445,7 @@ def nll_compare(
     if other.shape != primary.shape:
         raise ValueError(f"the two runs differ in blocks: {primary.shape} and {other.shape}")
     y_other = bin_blocks(other, edges)
-    lines.append(
-        dict(
-            type="scatter",
-            x=x,
-            y=y_other,
-            mode="lines+markers",
-            name=other_label,
-            customdata=labels,
-            hovertemplate=hover,
-            line=dict(color=colors[1]),
-            marker=dict(size=4),
-            xaxis="x",
-            yaxis="y",
-        )
-    )
+    lines.append(line(y_other, other_label, colors[1]))
     benefit = y_other - y
     lines.append(
         dict(
