@@ -192,6 +192,50 @@ def test_split_readout_probes_read_the_answer_from_the_fam_the_question_wrote(tm
     assert parts["readout"] != pytest.approx(unsplit["readout"], rel=1e-3)  # a different question than unsplit
 
 
+def test_filled_split_probes_ask_the_question_at_the_end_of_a_block_of_the_streams_text(tmp_path):
+    """readout_fill f: the question's block starts with the stream's own next f tokens (a full block with
+    f = block - split), so the FAM update that must keep the key reads text as well; block ends whose next
+    f tokens reach the question are not asked; the stream itself is untouched."""
+    trainer = Trainer(tiny_config(tmp_path), loaded=tiny_loaded(), data=KeyWithProbe())
+    example = KeyWithProbe().draw(random.Random(0))
+    # block ends 8, 16, 24 lie within [2, 28]; with 5 fill tokens only 8 and 16 (24 + 5 passes 28)
+    probe = Readout([2, 3, 4, example.ids[1], 5], [0.0, 0.0, 0.0, 1.0, 1.0], first=2, last=28)
+    ids, weights, readout = collate([Example("passkey", example.ids, example.weights, probe)], pad_id=0, device="cpu")
+    fam = trainer.fam_model
+    with torch.no_grad():
+        state = initial_training_state(fam, 1, trainer.prompt, None)
+        _, final_plain, _ = sequence_loss(fam, ids, weights, state)
+        parts, unfilled = {}, {}
+        _, final_filled, count = sequence_loss(
+            fam, ids, weights, state, readout=readout, readout_split=3, readout_fill=5, parts=parts
+        )
+        sequence_loss(fam, ids, weights, state, readout=readout, readout_split=3, parts=unfilled)
+        manual, s = [], state
+        for start in range(0, 16, 8):
+            s = fam.forward_block(ids[:, start : start + 8], s).state
+            asked = fam.forward_block(torch.cat([ids[:, start + 8 : start + 13], readout.ids[:, :3]], dim=1), s)
+            assert asked.state.position == s.position + 8  # a whole block, as at a round prompt length
+            rest = fam.read_block(readout.ids[:, 3:], asked.state)
+            logits = fam.logits(torch.cat([asked.hidden[:, 5:], rest], dim=1)[0, 2:4])
+            manual.append(float(torch.nn.functional.cross_entropy(logits, readout.ids[0, 3:5], reduction="sum")))
+    assert all(torch.equal(a, b) for a, b in zip(final_plain.fam, final_filled.fam, strict=True))
+    assert count == 1 + 2 * 2 and unfilled["probe_count"] == 3 * 2
+    assert parts["readout"] == pytest.approx(sum(manual) / 4, rel=1e-5)
+
+
+def test_trainer_fills_split_probes_only_when_asked(tmp_path):
+    probe = Readout([2, 3, 4, 7, 8, 9], [0.0, 0.0, 0.0, 1.0, 1.0, 1.0], first=2, last=20)
+    drawn = [Example("passkey", [1] * 30, [0.0] * 29 + [1.0], probe)]
+    data = type("Data", (), {"draw": lambda self, rng: drawn[0]})()
+    filled = Trainer(tiny_config(tmp_path, readout_split=1.0, readout_fill=1.0), loaded=tiny_loaded(), data=data)
+    record = filled.train_step()
+    assert record["readout_fill"] == 8 - record["readout_split"]
+    plain = Trainer(tiny_config(tmp_path / "plain", readout_split=1.0), loaded=tiny_loaded(), data=data)
+    assert plain.train_step()["readout_fill"] == 0
+    with pytest.raises(ConfigError, match="--readout-split"):
+        tiny_config(tmp_path, readout_fill=0.5).validate()
+
+
 def test_trainer_draws_split_points_after_the_question_and_before_the_answer_ends(tmp_path):
     probe = Readout([2, 3, 4, 7, 8, 9], [0.0, 0.0, 0.0, 1.0, 1.0, 1.0], first=2, last=20)
     drawn = [Example("passkey", [1] * 30, [0.0] * 29 + [1.0], probe)]

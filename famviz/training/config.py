@@ -54,6 +54,7 @@ class TrainConfig:
     text_weight: float = 0.0
     readout_weight: float = 0.0  # PassKey read-out probe after every block (weight of its answer; 0 = off)
     readout_split: float = 0.0  # share of steps whose probes cross a block boundary after the question
+    readout_fill: float = 0.0  # share of split steps whose question ends a full block of the stream's text
     curriculum: str | None = None  # e.g. "2,4,8,16": PassKey prompts of up to n blocks, n raised when held-out
     curriculum_threshold: float = 0.9  # ... accuracy at n blocks reaches this
     init_from: str | None = None  # start from an adapter directory's LoRA and prompt (fresh optimizer)
@@ -104,6 +105,10 @@ class TrainConfig:
             raise ConfigError(f"--readout-weight must be 0 or more, got {self.readout_weight}")
         if not 0 <= self.readout_split <= 1:
             raise ConfigError(f"--readout-split must be within 0…1, got {self.readout_split}")
+        if not 0 <= self.readout_fill <= 1:
+            raise ConfigError(f"--readout-fill must be within 0…1, got {self.readout_fill}")
+        if self.readout_fill > 0 and self.readout_split == 0:
+            raise ConfigError("--readout-fill fills the block of split probes: give --readout-split too")
         parse_range(self.passkey_tokens, "--passkey-tokens")
         parse_range(self.copy_text_tokens, "--copy-text-tokens")
 
@@ -163,6 +168,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             float,
             "share of steps whose probes end a block after the question, the answer read "
             "from the FAM alone as at round prompt lengths",
+        ),
+        (
+            "readout_fill",
+            float,
+            "share of split steps whose question block starts with the stream's next tokens, so the "
+            "question ends a full block of text (the FAM update then reads the text too)",
         ),
         (
             "curriculum",

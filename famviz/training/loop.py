@@ -286,6 +286,9 @@ class Trainer:
         probes = [len(e.readout.ids) for e in drawn if e.readout is not None]
         offset = self.rng.randint(0, max(0, config.block_size - max(probes))) if probes else 0
         split = self._readout_split(drawn) if probes and config.readout_split > 0 else 0
+        # Drawn only when asked for, so runs without fill keep their random sequence.
+        use_fill = split > 0 and config.readout_fill > 0 and self.rng.random() < config.readout_fill
+        fill = config.block_size - split if use_fill else 0
         parts: dict = {}
         loss, final, count = sequence_loss(
             self.fam_model,
@@ -296,6 +299,7 @@ class Trainer:
             readout_offset=offset,
             parts=parts,
             readout_split=split,
+            readout_fill=fill,
         )
         self.optimizer.zero_grad(set_to_none=True)
         params = self.trainable_parameters
@@ -332,6 +336,7 @@ class Trainer:
             "loss_main": parts["main"],
             "loss_readout": parts["readout"],
             "readout_split": split,  # 0: probes asked inside their block; else the question's length in tokens
+            "readout_fill": fill,  # stream tokens before the question in its block (0: the question alone)
             "lengths": [len(e.ids) for e in drawn],
             "kind": "+".join(e.kind for e in examples),
             "tokens": int(ids.numel()) * world,

@@ -81,6 +81,7 @@ def sequence_loss(
     readout_offset: int = 0,
     parts: dict | None = None,
     readout_split: int = 0,
+    readout_fill: int = 0,
 ) -> tuple[torch.Tensor, StreamState, int]:
     """Weighted next-token loss of whole sequences streamed block by block, and the final state.
 
@@ -91,6 +92,9 @@ def sequence_loss(
     length: its first ``readout_split`` tokens (the question, maybe the answer's start) run as a block of
     their own that updates the FAM, and the rest is read from that FAM alone at the start of the next
     block (``readout_offset`` is then unused).
+    ``readout_fill`` f > 0 (with a split): the question's block starts with the stream's own next f tokens,
+    so that the FAM update that must keep the key also reads a block of text, as at a round prompt length
+    (the question ends a full block). Rows whose next f tokens reach their question are not asked there.
     ids: (batch, n) long; weights: (batch, n).
     Returns (loss, final state, weighted token count): the loss is Σ w·nll / #(w > 0), probes included.
     ``parts``, when given, receives the mean weighted NLL of the stream's own predictions ("main") and of
@@ -107,14 +111,16 @@ def sequence_loss(
             main_sum = main_sum + (F.cross_entropy(logits, targets, reduction="none") * w).sum()
         if readout is not None:
             end = state.position - start
-            asked = (readout.first <= end) & (end <= readout.last)
+            asked = (readout.first <= end) & (end + readout_fill <= readout.last)
             if asked.any():
                 w = readout.weights[:, 1:] * asked.unsqueeze(1)
                 mask = w > 0
                 if readout_split:
-                    asked_block = fam_model.forward_block(readout.ids[:, :readout_split], state)
+                    fill = ids[:, end : end + readout_fill]
+                    question = torch.cat([fill, readout.ids[:, :readout_split]], dim=1)
+                    asked_block = fam_model.forward_block(question, state)
                     rest = fam_model.read_block(readout.ids[:, readout_split:], asked_block.state)
-                    hidden = torch.cat([asked_block.hidden, rest], dim=1)[:, :-1]
+                    hidden = torch.cat([asked_block.hidden[:, fill.shape[1] :], rest], dim=1)[:, :-1]
                 else:
                     hidden = fam_model.read_block(readout.ids, state, readout_offset)[:, :-1]
                 logits = fam_model.logits(hidden[mask]).float()
