@@ -234,8 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead of a PassKey prompt: this document as the prompt (with --target)",
     )
     ablate.add_argument("--target", default=None, metavar="STRING", help="with --text: the continuation to score")
-    ablate.add_argument("--block-size", type=int, default=TOOL_DEFAULTS.block_size, metavar="N")
-    ablate.add_argument("--fam-len", type=int, default=TOOL_DEFAULTS.fam_len, metavar="N")
+    for flag, name in (("--block-size", "block_size"), ("--fam-len", "fam_len")):
+        ablate.add_argument(
+            flag,
+            type=int,
+            default=None,
+            metavar="N",
+            help=f"default: the adapter's, else {getattr(TOOL_DEFAULTS, name)}",
+        )
     ablate.add_argument(
         "--mem-blocks", type=int, default=0, metavar="N", help="default 0 (the FAM alone carries the key)"
     )

@@ -128,6 +128,7 @@ def run_ablate(args: argparse.Namespace) -> int:
     from famviz.probes import ablation as ab
 
     ab.check_method(args.method)
+    fill_geometry(args)  # block size and FAM length left out: the adapter's (memory blocks default to 0)
     config = check_limits(
         FamConfig(mode="fam", block_size=args.block_size, fam_len=args.fam_len, mem_blocks=args.mem_blocks)
     )
@@ -151,7 +152,7 @@ def run_ablate(args: argparse.Namespace) -> int:
     print_geometry_notes(args, config)
     from famviz.core.fam_model import FamModel
 
-    fam_model = FamModel(loaded, config, fam_prompt=fam_prompt)
+    fam_model = FamModel(loaded, config, fam_prompt=fam_prompt, backend=resolve_backend(args.backend, loaded.device))
     try:
         if text is not None:
             cases = [(ab.text_case(loaded.tokenizer, text, args.target, config.block_size), None)]

@@ -69,8 +69,8 @@ def median_spread(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} (min {values[0]:.3f}, max {values[-1]:.3f}, n={len(values)})"
 
 
-def serve(loaded):
-    demo = launch.build_app(loaded)
+def serve(loaded, adapter=None):
+    demo = launch.build_app(loaded, adapter)
     _, url, _ = demo.launch(
         server_name="127.0.0.1",
         server_port=free_port(),
@@ -402,9 +402,9 @@ def main(argv=None) -> int:
             )
 
         if args.screenshot and browser is not None:
-            page = open_page(browser, url)
-            set_number(page, "block-size", block)
-            set_number(page, "max-tokens", block * args.blocks)
+            # The app as `python app.py` starts it (the shipped tuned adapter), on the whole example document.
+            shot_demo, shot_url = serve(loaded, launch.startup_adapter(None, None))
+            page = open_page(browser, shot_url)
             page.locator("#start").click()
             wait_status(page, "Done", 1800)
             page.locator("#layer input").click()
@@ -413,6 +413,7 @@ def main(argv=None) -> int:
             page.screenshot(path=args.screenshot, full_page=True)
             page.close()
             print(f"screenshot: {args.screenshot}")
+            shot_demo.close()
     finally:
         if browser is not None:
             browser.close()

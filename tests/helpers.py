@@ -228,3 +228,45 @@ def tiny_train_config(tmp_path, **overrides):
     )
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def make_pdf(*page_streams: bytes) -> bytes:
+    """A minimal valid PDF, one page per content stream, with Helvetica as font /F1.
+
+    Written by hand because pypdf cannot lay out text; the xref offsets are computed here so
+    the file parses without pypdf's repair path.
+    """
+    page_count = len(page_streams)
+    first_page = 4  # objects: 1 catalog, 2 pages, 3 font, then (page, contents) pairs
+    page_ids = [first_page + 2 * index for index in range(page_count)]
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [%s] /Count %d >>"
+        % (b" ".join(b"%d 0 R" % page_id for page_id in page_ids), page_count),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>",
+    ]
+    for page_id, stream in zip(page_ids, page_streams, strict=True):
+        objects.append(
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
+            b"/Resources << /Font << /F1 3 0 R >> >> /Contents %d 0 R >>" % (page_id + 1)
+        )
+        objects.append(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream))
+
+    pdf = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(pdf))
+        pdf += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref_offset = len(pdf)
+    pdf += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    for offset in offsets:
+        pdf += b"%010d 00000 n \n" % offset
+    pdf += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        xref_offset,
+    )
+    return bytes(pdf)
+
+
+def text_stream(text: str) -> bytes:
+    return b"BT /F1 12 Tf 72 712 Td (%s) Tj ET" % text.encode("latin-1")

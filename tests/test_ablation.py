@@ -194,6 +194,17 @@ def test_cli_prints_one_json_object_and_writes_the_figure(tiny_model_dir, tmp_pa
     assert figure.stat().st_size > 10_000 and "Δ log p" in figure.read_text()
 
 
+def test_cli_takes_the_adapters_trained_geometry_for_what_is_left_out(tmp_path, capfd):
+    from helpers import run_cli_in_process, write_random_lora_adapter
+
+    model_dir, adapter_dir = write_random_lora_adapter(tmp_path, fam_len=4, block_size=64)
+    argv = ["ablate", "--model", model_dir, "--adapter", adapter_dir, "--length", 200, "--trials", 1, "--json"]
+    status, out, err = run_cli_in_process([*argv, "--layers", "0", "--dtype", "float32"], capfd)
+    assert status == 0, err
+    config = json.loads(out)["config"]
+    assert (config["block_size"], config["fam_len"], config["mem_blocks"]) == (64, 4, 0)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

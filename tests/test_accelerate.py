@@ -127,5 +127,9 @@ def test_two_processes_train_like_one_with_the_global_batch_and_resume(tmp_path,
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     log_lines = (double / "train.log").read_text().splitlines()
     assert sum("training fam" in line for line in log_lines) == 2  # the first run and the resumed one, once each
+    # ... and only it logs progress and prints the run directory (the other process logs warnings only)
+    for run in (first, resumed):
+        assert run.stderr.count("training fam") == 1, run.stderr[-3000:]
+        assert run.stdout.splitlines().count(str(double)) == 1, run.stdout
     card = json.loads((double / "training_card.json").read_text())
     assert card["steps"] == 4 and card["hardware"].startswith("2 processes")

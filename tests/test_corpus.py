@@ -7,7 +7,7 @@ import random
 import tracemalloc
 
 import pytest
-from helpers import assert_one_line_error, bundled_tokenizer, run_cli_in_process
+from helpers import assert_one_line_error, bundled_tokenizer, make_pdf, run_cli_in_process, text_stream
 
 from famviz.errors import ConfigError
 from famviz.io.corpus import Corpus, is_held_out
@@ -141,6 +141,31 @@ def test_windows_come_from_the_few_long_documents(tmp_path, tokenizer):
     text.check_long_enough(400, scan=100)
     rng = random.Random(0)
     assert all(len(text.window(rng, 400)) == 400 for _ in range(20))  # never a failed draw
+
+
+def test_pdfs_in_a_directory_are_read_and_unreadable_ones_skipped_and_counted(tmp_path, tokenizer):
+    root = tmp_path / "papers"
+    root.mkdir()
+    (root / "paper.pdf").write_bytes(make_pdf(*[text_stream(f"Page {i} of a paper about memory.") for i in range(3)]))
+    (root / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj << /Type /Catalog >> truncated")
+    (root / "long.txt").write_text(SENTENCE * 200)
+    corpus = Corpus([root])
+    index = {corpus.doc_id(i).split("/")[-1]: i for i in range(len(corpus))}
+    assert len(corpus) == 3 and "Page 2 of a paper about memory." in corpus.text(index["paper.pdf"])
+    text = TextCorpus(tokenizer, documents=corpus)
+    assert text.text(index["broken.pdf"]) == "" and text.unreadable == {index["broken.pdf"]}  # skipped, counted
+    assert text.text(index["paper.pdf"]).startswith("Page 0")
+    (root / "long.txt").unlink()
+    only_short = TextCorpus(tokenizer, documents=Corpus([root]))
+    with pytest.raises(ConfigError, match="shorter than one training sequence .*1 could not be read"):
+        only_short.check_long_enough(500)
+
+
+def test_a_corrupt_parquet_file_is_one_message(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really a parquet file")
+    with pytest.raises(ConfigError, match="broken.parquet"):
+        Corpus([tmp_path / "broken.parquet"])
 
 
 @pytest.mark.slow

@@ -168,6 +168,54 @@ def test_evaluate_keeps_partial_results_when_interrupted(tiny_adapter, tmp_path,
     assert result["adapter"] is None and result["label"].endswith("(untuned conversion)")
 
 
+def test_evaluate_json_of_an_adapter_and_its_card_keep_what_an_interrupted_run_did(
+    tiny_adapter, tmp_path, capfd, monkeypatch
+):
+    import json
+    import shutil
+
+    from helpers import run_cli_in_process
+
+    from famviz.probes import passkey
+
+    model_dir, shared_adapter = tiny_adapter
+    adapter_dir = shutil.copytree(shared_adapter, tmp_path / "adapter")  # this test's card only
+    common = ["--model", model_dir, "--dtype", "float32", "--lengths", "150,300", "--trials", "1"]
+    common += ["--modes", "fam,bswa,sink", "--document", str(_document(tmp_path)), "--threads", "1", "--json"]
+    common += ["--sink-tokens", "0"]  # no sinks: the sink baselines must equal bswa
+    status, out, err = run_cli_in_process(["evaluate", adapter_dir, *common, "--long-tokens", "1024"], capfd)
+    assert status == 0, err
+    result = json.loads(out)
+    assert {"adapter", "label", "config", "in_window_nll", "long_documents", "passkey", "seconds"} <= result.keys()
+    assert "interrupted" not in result and len(result["passkey"]) == 6 and result["sink_tokens"] == 0
+    by_mode = {(c["mode"], c["length"]): c["mean_key_logprob"] for c in result["passkey"]}
+    assert all(by_mode["sink", n] == pytest.approx(by_mode["bswa", n]) for n in (150, 300))
+    assert {"label", "length", "depth", "trials", "accuracy"} <= result["passkey"][0].keys()
+    row = result["long_documents"][0]
+    assert {"tuned", "tuned_bswa", "untuned_bswa", "untuned_sink", "untuned_full"} <= row.keys()
+    assert len(row["tuned"]["nll_quarters"]) == 4 and set(row["tuned"]["fam_norm_after_blocks"]) == {"0", "4", "64"}
+    assert row["untuned_sink"]["nll"] == pytest.approx(row["untuned_bswa"]["nll"])
+
+    real_sweep = passkey.sweep
+
+    def interrupted_sweep(*args, on_cell=None, **kwargs):
+        def first_cell_then_stop(cell):
+            on_cell(cell)
+            raise KeyboardInterrupt
+
+        return real_sweep(*args, on_cell=first_cell_then_stop, **kwargs)
+
+    monkeypatch.setattr(passkey, "sweep", interrupted_sweep)
+    status, out, _ = run_cli_in_process(["evaluate", adapter_dir, *common, "--long-tokens", "0"], capfd)
+    assert status == 130 and json.loads(out)["interrupted"]
+    card = json.loads((adapter_dir / "training_card.json").read_text())
+    latest = card["stage_evaluations"][-1]
+    assert latest["interrupted"] and len(latest["passkey"]) == 1  # the cell finished before Ctrl-C is kept
+    # the card's current figures: the interrupted run's finished cell, the complete run's long documents
+    assert len(card["evaluation"][latest["key"]]["passkey"]) == 1
+    assert card["evaluation"][latest["key"]]["long_documents"] == result["long_documents"]
+
+
 @pytest.mark.parametrize(
     "bad, words",
     [

@@ -225,7 +225,13 @@ def long_document_comparison(
     blocks. ``on_done`` after each stream."""
     rows = []
     bswa = FamConfig(mode="bswa", block_size=config.block_size, fam_len=0, mem_blocks=config.mem_blocks)
-    sink = FamConfig(mode="sink", block_size=config.block_size, fam_len=0, mem_blocks=config.mem_blocks)
+    sink = FamConfig(
+        mode="sink",
+        block_size=config.block_size,
+        fam_len=0,
+        mem_blocks=config.mem_blocks,
+        sink_tokens=config.sink_tokens,
+    )
     full = FamConfig(mode="full", block_size=config.block_size)
     for document in documents:
         row = {"document": document.name, "tokens": len(document.ids)}
@@ -328,6 +334,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="tokens of each long document (0: no long-document check)",
     )
+    parser.add_argument(
+        "--sink-tokens",
+        type=int,
+        default=TOOL_DEFAULTS.sink_tokens,
+        metavar="S",
+        help="tokens the sink baselines keep for ever (PassKey mode sink, the long documents' untuned sink row; "
+        f"default {TOOL_DEFAULTS.sink_tokens})",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -341,6 +355,7 @@ def _geometry(args: argparse.Namespace, adapter: Adapter | None) -> FamConfig:
             block_size=trained.block_size if args.block_size is None else args.block_size,
             fam_len=trained.fam_len if args.fam_len is None else args.fam_len,
             mem_blocks=trained.mem_blocks if args.mem_blocks is None else args.mem_blocks,
+            sink_tokens=getattr(args, "sink_tokens", TOOL_DEFAULTS.sink_tokens),  # for the sink baselines
         )
     )
 
@@ -422,6 +437,7 @@ def evaluate(args: argparse.Namespace, plan: EvaluationPlan, result: dict, progr
         adapter=str(adapter.directory) if adapter else None,
         label=tuned.label,
         config=config.to_dict(),
+        sink_tokens=config.sink_tokens,  # of the sink baselines (the fam config's record leaves it out)
         dtype=str(base.dtype).replace("torch.", ""),
         device=str(base.device),
     )

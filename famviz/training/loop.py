@@ -495,11 +495,14 @@ def run_train(args: argparse.Namespace) -> int:
     config.validate()  # before anything is written or logged
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    # train.log is the main process's (RANK is set by accelerate launch / torchrun for every process)
-    handler = logging.FileHandler(out / "train.log") if os.environ.get("RANK", "0") == "0" else logging.NullHandler()
+    # Logging is set up before the Trainer creates its Accelerator (which would tell is_main_process), so the
+    # main process is read from RANK, which accelerate launch and torchrun set for every process. Only it
+    # writes train.log, logs progress and prints the run directory; the others log warnings only.
+    main_process = os.environ.get("RANK", "0") == "0"
+    handler = logging.FileHandler(out / "train.log") if main_process else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("famviz").addHandler(handler)
-    logging.getLogger("famviz").setLevel(logging.INFO)
+    logging.getLogger("famviz").setLevel(logging.INFO if main_process else logging.WARNING)
     if not any(
         isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
         for h in logging.getLogger().handlers + logging.getLogger("famviz").handlers
@@ -514,5 +517,6 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         logging.getLogger("famviz").removeHandler(handler)
         handler.close()
-    print(str(out))
+    if main_process:
+        print(str(out))
     return 0
