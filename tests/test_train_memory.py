@@ -428,6 +428,23 @@ def test_init_from_loads_the_adapter_exactly(tmp_path):
         )
 
 
+def test_a_card_records_the_whole_lineage_of_init_from_runs(tmp_path):
+    import json
+
+    previous = None
+    for name in ("a", "b", "c"):
+        config = tiny_config(tmp_path / name, steps=1, init_from=previous)
+        Trainer(config, loaded=tiny_loaded(), data=KeyWithProbe()).run(progress=False)
+        previous = str(tmp_path / name / "run")
+    card = json.loads((tmp_path / "c" / "run" / "training_card.json").read_text())
+    origin = card["initialised_from"]
+    assert origin["directory"] == str(tmp_path / "b" / "run")
+    assert origin["initialised_from"]["directory"] == str(tmp_path / "a" / "run")
+    assert origin["initialised_from"]["initialised_from"] is None and origin["steps"] == 1
+    text = (tmp_path / "c" / "run" / "TRAINING_CARD.md").read_text()
+    assert text.index(str(tmp_path / "b" / "run")) < text.index(str(tmp_path / "a" / "run"))  # newest first
+
+
 # -- mixed precision ---------------------------------------------------------------------------------
 def test_bfloat16_model_keeps_float32_master_weights_and_updates(tmp_path):
     trainer = Trainer(

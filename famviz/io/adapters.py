@@ -211,10 +211,19 @@ def card_markdown(card: dict) -> str:
     origin = card.get("initialised_from")
     if origin:
         lines += [
-            f"Initialised from `{origin.get('directory')}` ({origin.get('steps')} steps, "
-            f"{origin.get('tokens_seen')} tokens, {origin.get('wall_seconds')} s; its card lists its own stages).",
+            "## Initialised from (each run started from the one below it)",
             "",
+            "| run | steps | tokens | wall time | command |",
+            "|---|---|---|---|---|",
         ]
+        while origin:
+            wall = origin.get("wall_seconds")
+            lines.append(
+                f"| `{origin.get('directory')}` | {origin.get('steps')} | {origin.get('tokens_seen')} | "
+                f"{f'{wall / 60:.0f} min' if wall else '-'} | `{origin.get('command')}` |"
+            )
+            origin = origin.get("initialised_from")
+        lines.append("")
     stages = card.get("stages") or []
     if stages:
         lines += [

@@ -77,6 +77,7 @@ def initialised_from(directory: str | None) -> dict | None:
         "command": card.get("command"),
         "stages": card.get("stages") or None,
         "stage_evaluations": card.get("stage_evaluations") or None,
+        "initialised_from": card.get("initialised_from"),  # the whole lineage, one stage inside the next
     }
 
 
