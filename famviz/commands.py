@@ -69,9 +69,7 @@ def run_passkey(args: argparse.Namespace) -> int:
         raise FamvizError("lengths must be positive and depths between 0 and 1")
     if args.trials < 1 or args.probe_every < 1:
         raise FamvizError("--trials and --probe-every must be at least 1")
-    figure_out = check_output_path(args.figure) if args.figure else None
-    if figure_out and os.path.splitext(figure_out)[1].lower() not in (".png", ".svg", ".pdf", ".html"):
-        raise FamvizError("--figure must end in .png, .svg, .pdf or .html")
+    figure_out = check_figure_path(args.figure)
     text = None
     if args.document:
         from famviz.io.documents import read_document
@@ -140,9 +138,7 @@ def run_ablate(args: argparse.Namespace) -> int:
         raise FamvizError(f"--method {args.method} needs a corrupted prompt: use it with PassKey prompts (no --text)")
     blocks = None if args.blocks in (None, "all") else number_list(args.blocks, int, "--blocks")
     layers = None if args.layers is None else number_list(args.layers, int, "--layers")
-    figure_out = check_output_path(args.figure) if args.figure else None
-    if figure_out and os.path.splitext(figure_out)[1].lower() not in (".png", ".svg", ".pdf", ".html"):
-        raise FamvizError("--figure must end in .png, .svg, .pdf or .html")
+    figure_out = check_figure_path(args.figure)
     text = None
     if args.text is not None:
         from famviz.io.documents import read_document
@@ -465,6 +461,16 @@ def run_stream(args: argparse.Namespace) -> int:
         for key, value in summary.items():
             print(f"{key:>13}: {value}")
     return 0
+
+
+def check_figure_path(path: str | None) -> str | None:
+    """A --figure path checked before any work is done (None when no figure is asked for)."""
+    if not path:
+        return None
+    target = check_output_path(path)
+    if os.path.splitext(target)[1].lower() not in (".png", ".svg", ".pdf", ".html"):
+        raise FamvizError("--figure must end in .png, .svg, .pdf or .html")
+    return target
 
 
 def check_output_path(path: str) -> str:

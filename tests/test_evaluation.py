@@ -183,9 +183,13 @@ def test_evaluate_json_of_an_adapter_and_its_card_keep_what_an_interrupted_run_d
     common = ["--model", model_dir, "--dtype", "float32", "--lengths", "150,300", "--trials", "1"]
     common += ["--modes", "fam,bswa,sink", "--document", str(_document(tmp_path)), "--threads", "1", "--json"]
     common += ["--sink-tokens", "0"]  # no sinks: the sink baselines must equal bswa
-    status, out, err = run_cli_in_process(["evaluate", adapter_dir, *common, "--long-tokens", "1024"], capfd)
+    figure = tmp_path / "grid.html"
+    status, out, err = run_cli_in_process(
+        ["evaluate", adapter_dir, *common, "--long-tokens", "1024", "--figure", figure], capfd
+    )
     assert status == 0, err
     result = json.loads(out)
+    assert result["figure"] == str(figure) and "PassKey" in figure.read_text()  # the grid, one panel per mode
     assert {"adapter", "label", "config", "in_window_nll", "long_documents", "passkey", "seconds"} <= result.keys()
     assert "interrupted" not in result and len(result["passkey"]) == 6 and result["sink_tokens"] == 0
     by_mode = {(c["mode"], c["length"]): c["mean_key_logprob"] for c in result["passkey"]}
@@ -226,6 +230,8 @@ def test_evaluate_json_of_an_adapter_and_its_card_keep_what_an_interrupted_run_d
         (["--modes", "fam,poetry"], ("poetry",)),
         (["--document", "/no/such/file.txt"], ("file.txt", "not found")),
         (["--block-size", "0"], ("block size",)),
+        (["--figure", "grid.gif"], ("--figure",)),
+        (["--figure", "/no/such/folder/grid.png"], ("does not exist",)),
     ],
 )
 def test_evaluate_refuses_bad_arguments_with_one_line(tiny_adapter, bad, words, capfd):

@@ -343,6 +343,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         f"default {TOOL_DEFAULTS.sink_tokens})",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument(
+        "--figure", default=None, metavar="OUT", help="the PassKey grid as a heatmap (.png, .svg, .pdf, .html)"
+    )
 
 
 def _geometry(args: argparse.Namespace, adapter: Adapter | None) -> FamConfig:
@@ -547,11 +550,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from famviz.commands import check_figure_path
     from famviz.io.adapters import read_training_card, write_training_card
 
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = plan_evaluation(args)
+    figure_out = check_figure_path(getattr(args, "figure", None))
     result: dict = {}
     started = time.time()
     status = 0
@@ -573,5 +578,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         card["evaluation"][key] = {**earlier, **{k: v for k, v in result.items() if v or k not in earlier}}
         card.setdefault("stage_evaluations", []).append({"after_step": card.get("steps"), "key": key, **result})
         write_training_card(directory, card)
+    if figure_out and result.get("passkey"):
+        from famviz.probes.passkey import CellResult
+        from famviz.viz.export import write_figure
+        from famviz.viz.passkey_figures import passkey_heatmap
+
+        cells = [CellResult(**cell) for cell in result["passkey"]]
+        figure = passkey_heatmap(cells, title=f"PassKey retrieval: {result['label']}")
+        caption = f"{result['model']}; {args.trials} trials per cell, seed {args.seed}, greedy"
+        result["figure"] = str(write_figure(figure, figure_out, caption=caption, size=(1100, 420)))
     print(json.dumps(result) if args.json else evaluation_table(result))
     return status
