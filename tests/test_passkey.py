@@ -340,8 +340,9 @@ def test_the_shipped_adapter_carries_the_key_through_its_memory(bundled_bf16):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_the_default_adapter_retrieves_pass_keys_through_its_memory(bundled_bf16):
-    """The app's default adapter retrieves keys that only its FAM can hold (its card, 50 trials: 32% at 512
-    and 18% at 2,048 tokens; BSWA, which cannot see the key, 0%). Fixed trials at 512 tokens, greedy."""
+    """The app's default adapter retrieves keys that only its FAM can hold (its card, 50 trials: 78% at 512,
+    74% at 2,048, 52% at 4,096 and 24% at 8,192 tokens, the question ending a block; BSWA, which cannot see
+    the key, 0%). Fixed trials at 512 tokens, greedy."""
     from famviz import load_model
     from famviz.io.adapters import SHIPPED_ADAPTER, apply_adapter
 
@@ -350,16 +351,17 @@ def test_the_default_adapter_retrieves_pass_keys_through_its_memory(bundled_bf16
     prompt = apply_adapter(SHIPPED_ADAPTER, tuned, config)
     cell = pk.sweep(tuned, [pk.ModeSpec("fam", 0)], [512], [0.0], trials=10, seed=0, base=config, fam_prompt=prompt)[0]
     bswa = pk.sweep(bundled_bf16, [pk.ModeSpec("bswa", 0)], [512], [0.0], trials=10, seed=0, base=config)[0]
-    assert cell.accuracy >= 0.1 and cell.mean_key_logprob > -5.0, (cell.accuracy, cell.mean_key_logprob)
+    assert cell.accuracy >= 0.5 and cell.mean_key_logprob > -2.5, (cell.accuracy, cell.mean_key_logprob)
     assert bswa.accuracy == 0.0 and cell.mean_key_logprob > bswa.mean_key_logprob + 6.0
 
 
 @pytest.mark.slow
 @pytest.mark.integration
 def test_the_default_adapter_predicts_long_text_better_than_untuned_bswa(bundled_bf16):
-    """The app's default adapter (its card: GPL-3 NLL 3.025 against 3.324 for untuned BSWA over 7,658 tokens):
+    """The app's default adapter (its card: GPL-3 NLL 3.136 against 3.323 for untuned BSWA over 7,658 tokens):
     over the first 2,048 held-out tokens its FAM stream predicts better than the untuned model with BSWA and
-    no memory blocks. (Its own weights as BSWA do as well: the gain is the weights', not yet the memory's.)"""
+    no memory blocks. (Its own weights as BSWA do better still, 3.037: the gain is the weights', not the
+    memory's.)"""
     from famviz import load_model
     from famviz.io.adapters import SHIPPED_ADAPTER, apply_adapter
     from famviz.training.evaluation import held_out_documents, long_document_eval

@@ -139,6 +139,7 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
             "text_weight": config.text_weight,
             "readout_weight": config.readout_weight,
             "readout_split": config.readout_split,
+            "readout_fill": config.readout_fill,
             "curriculum_blocks": config.curriculum,
             "curriculum_threshold": config.curriculum_threshold if config.curriculum else None,
             "curriculum_reached_blocks": trainer.curriculum_blocks,
