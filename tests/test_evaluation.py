@@ -123,14 +123,10 @@ def test_evaluate_prints_tables_and_fills_the_card(tiny_adapter, tmp_path, capfd
     assert "| mode |" in (adapter_dir / "TRAINING_CARD.md").read_text()
 
 
-def test_evaluate_keeps_partial_results_when_interrupted(tiny_adapter, tmp_path, capfd, monkeypatch):
-    import json
-
-    from helpers import run_cli_in_process
-
+def interrupt_after_the_first_cell(monkeypatch) -> None:
+    """PassKey sweeps stop (as at Ctrl-C) right after their first cell is reported."""
     from famviz.probes import passkey
 
-    model_dir, _ = tiny_adapter
     real_sweep = passkey.sweep
 
     def interrupted_sweep(*args, on_cell=None, **kwargs):
@@ -141,6 +137,15 @@ def test_evaluate_keeps_partial_results_when_interrupted(tiny_adapter, tmp_path,
         return real_sweep(*args, on_cell=first_cell_then_stop, **kwargs)
 
     monkeypatch.setattr(passkey, "sweep", interrupted_sweep)
+
+
+def test_evaluate_keeps_partial_results_when_interrupted(tiny_adapter, tmp_path, capfd, monkeypatch):
+    import json
+
+    from helpers import run_cli_in_process
+
+    model_dir, _ = tiny_adapter
+    interrupt_after_the_first_cell(monkeypatch)
     status, out, err = run_cli_in_process(
         [
             "evaluate",
@@ -176,8 +181,6 @@ def test_evaluate_json_of_an_adapter_and_its_card_keep_what_an_interrupted_run_d
 
     from helpers import run_cli_in_process
 
-    from famviz.probes import passkey
-
     model_dir, shared_adapter = tiny_adapter
     adapter_dir = shutil.copytree(shared_adapter, tmp_path / "adapter")  # this test's card only
     common = ["--model", model_dir, "--dtype", "float32", "--lengths", "150,300", "--trials", "1"]
@@ -200,16 +203,7 @@ def test_evaluate_json_of_an_adapter_and_its_card_keep_what_an_interrupted_run_d
     assert len(row["tuned"]["nll_quarters"]) == 4 and set(row["tuned"]["fam_norm_after_blocks"]) == {"0", "4", "64"}
     assert row["untuned_sink"]["nll"] == pytest.approx(row["untuned_bswa"]["nll"])
 
-    real_sweep = passkey.sweep
-
-    def interrupted_sweep(*args, on_cell=None, **kwargs):
-        def first_cell_then_stop(cell):
-            on_cell(cell)
-            raise KeyboardInterrupt
-
-        return real_sweep(*args, on_cell=first_cell_then_stop, **kwargs)
-
-    monkeypatch.setattr(passkey, "sweep", interrupted_sweep)
+    interrupt_after_the_first_cell(monkeypatch)
     status, out, _ = run_cli_in_process(["evaluate", adapter_dir, *common, "--long-tokens", "0"], capfd)
     assert status == 130 and json.loads(out)["interrupted"]
     card = json.loads((adapter_dir / "training_card.json").read_text())
