@@ -183,6 +183,10 @@ def test_evaluate_json_of_an_adapter_and_its_card_keep_what_an_interrupted_run_d
 
     model_dir, shared_adapter = tiny_adapter
     adapter_dir = shutil.copytree(shared_adapter, tmp_path / "adapter")  # this test's card only
+    card_path = adapter_dir / "training_card.json"
+    card = json.loads(card_path.read_text())
+    card.setdefault("evaluation", {})["fam_mem0_block64"] = {"sink_tokens": 4, "interrupted": True}  # an earlier run
+    card_path.write_text(json.dumps(card))
     common = ["--model", model_dir, "--dtype", "float32", "--lengths", "150,300", "--trials", "1"]
     common += ["--modes", "fam,bswa,sink", "--document", str(_document(tmp_path)), "--threads", "1", "--json"]
     common += ["--sink-tokens", "0"]  # no sinks: the sink baselines must equal bswa
@@ -202,6 +206,8 @@ def test_evaluate_json_of_an_adapter_and_its_card_keep_what_an_interrupted_run_d
     assert {"tuned", "tuned_bswa", "untuned_bswa", "untuned_sink", "untuned_full"} <= row.keys()
     assert len(row["tuned"]["nll_quarters"]) == 4 and set(row["tuned"]["fam_norm_after_blocks"]) == {"0", "4", "64"}
     assert row["untuned_sink"]["nll"] == pytest.approx(row["untuned_bswa"]["nll"])
+    recorded = json.loads(card_path.read_text())["evaluation"]["fam_mem0_block64"]
+    assert recorded["sink_tokens"] == 0 and "interrupted" not in recorded  # this run's values, 0 included
 
     interrupt_after_the_first_cell(monkeypatch)
     status, out, _ = run_cli_in_process(["evaluate", adapter_dir, *common, "--long-tokens", "0"], capfd)
@@ -226,6 +232,7 @@ def test_evaluate_json_of_an_adapter_and_its_card_keep_what_an_interrupted_run_d
         (["--block-size", "0"], ("block size",)),
         (["--figure", "grid.gif"], ("--figure",)),
         (["--figure", "/no/such/folder/grid.png"], ("does not exist",)),
+        (["--figure", "grid.png", "--skip-passkey"], ("--skip-passkey",)),
     ],
 )
 def test_evaluate_refuses_bad_arguments_with_one_line(tiny_adapter, bad, words, capfd):

@@ -4,6 +4,7 @@ the PassKey curriculum, --init-from and float32 master weights under a bfloat16 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -429,20 +430,30 @@ def test_init_from_loads_the_adapter_exactly(tmp_path):
 
 
 def test_a_card_records_the_whole_lineage_of_init_from_runs(tmp_path):
+    """Each run's card holds its source's brief with that one's source inside it, newest first in the
+    markdown; a source card written before lineages were nested is completed from the directories."""
     import json
 
     previous = None
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "d"):
         config = tiny_config(tmp_path / name, steps=1, init_from=previous)
         Trainer(config, loaded=tiny_loaded(), data=KeyWithProbe()).run(progress=False)
         previous = str(tmp_path / name / "run")
-    card = json.loads((tmp_path / "c" / "run" / "training_card.json").read_text())
-    origin = card["initialised_from"]
-    assert origin["directory"] == str(tmp_path / "b" / "run")
-    assert origin["initialised_from"]["directory"] == str(tmp_path / "a" / "run")
-    assert origin["initialised_from"]["initialised_from"] is None and origin["steps"] == 1
-    text = (tmp_path / "c" / "run" / "TRAINING_CARD.md").read_text()
-    assert text.index(str(tmp_path / "b" / "run")) < text.index(str(tmp_path / "a" / "run"))  # newest first
+        if name == "c":  # as cards were written before: the source's brief without its own source
+            path = tmp_path / "c" / "run" / "training_card.json"
+            card = json.loads(path.read_text())
+            del card["initialised_from"]["initialised_from"]
+            path.write_text(json.dumps(card))
+    card = json.loads((tmp_path / "d" / "run" / "training_card.json").read_text())
+    chain, origin = [], card["initialised_from"]
+    while origin:
+        chain.append(Path(origin["directory"]).parent.name)
+        assert origin["steps"] == 1
+        origin = origin.get("initialised_from")
+    assert chain == ["c", "b", "a"]
+    text = (tmp_path / "d" / "run" / "TRAINING_CARD.md").read_text()
+    positions = [text.index(str(tmp_path / name / "run")) for name in ("c", "b", "a")]
+    assert positions == sorted(positions)  # newest first
 
 
 # -- mixed precision ---------------------------------------------------------------------------------

@@ -64,11 +64,16 @@ def previous_card(directory: Path) -> dict:
         return {}
 
 
-def initialised_from(directory: str | None) -> dict | None:
-    """What a run started from with --init-from: the source adapter's own card in brief."""
+def initialised_from(directory: str | None, depth: int = 0) -> dict | None:
+    """What a run started from with --init-from: the source adapter's own card in brief, and the run that
+    one started from inside it (read again from its directory where it is still there, so lineages
+    recorded before they were nested come out whole)."""
     if not directory:
         return None
     card = previous_card(Path(directory))
+    origin = card.get("initialised_from")
+    if origin and origin.get("directory") and Path(origin["directory"]).is_dir() and depth < 32:
+        origin = initialised_from(origin["directory"], depth + 1)
     return {
         "directory": directory,
         "steps": card.get("steps"),
@@ -77,7 +82,7 @@ def initialised_from(directory: str | None) -> dict | None:
         "command": card.get("command"),
         "stages": card.get("stages") or None,
         "stage_evaluations": card.get("stage_evaluations") or None,
-        "initialised_from": card.get("initialised_from"),  # the whole lineage, one stage inside the next
+        "initialised_from": origin,  # the whole lineage, one run inside the next
     }
 
 

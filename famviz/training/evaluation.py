@@ -25,7 +25,7 @@ import torch
 
 from famviz.core.config import FamConfig, number_list
 from famviz.core.fam_model import FamModel
-from famviz.errors import ConfigError
+from famviz.errors import ConfigError, FamvizError
 from famviz.io.adapters import LONG_DOCUMENT_MODELS
 
 if TYPE_CHECKING:
@@ -557,6 +557,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     plan = plan_evaluation(args)
     figure_out = check_figure_path(getattr(args, "figure", None))
+    if figure_out and args.skip_passkey:
+        raise ConfigError("--figure draws the PassKey grid: leave out --skip-passkey")
     result: dict = {}
     started = time.time()
     status = 0
@@ -574,8 +576,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         card = read_training_card(directory)
         key = f"{result['config']['mode']}_mem{result['config']['mem_blocks']}_block{result['config']['block_size']}"
         earlier = card.setdefault("evaluation", {}).get(key, {})
-        # A run that skipped a part (e.g. --skip-passkey) keeps the card's earlier figures for it.
-        card["evaluation"][key] = {**earlier, **{k: v for k, v in result.items() if v or k not in earlier}}
+        # A run that skipped a part (e.g. --skip-passkey: an empty list) keeps the card's earlier figures for
+        # it; every value it did produce replaces the earlier one (0 included), and a complete run is no
+        # longer marked interrupted.
+        skipped = [k for k, v in result.items() if k in earlier and v in (None, [], {})]
+        merged = {**earlier, **{k: v for k, v in result.items() if k not in skipped}}
+        if not result.get("interrupted"):
+            merged.pop("interrupted", None)
+        card["evaluation"][key] = merged
         card.setdefault("stage_evaluations", []).append({"after_step": card.get("steps"), "key": key, **result})
         write_training_card(directory, card)
     if figure_out and result.get("passkey"):
@@ -586,6 +594,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         cells = [CellResult(**cell) for cell in result["passkey"]]
         figure = passkey_heatmap(cells, title=f"PassKey retrieval: {result['label']}")
         caption = f"{result['model']}; {args.trials} trials per cell, seed {args.seed}, greedy"
-        result["figure"] = str(write_figure(figure, figure_out, caption=caption, size=(1100, 420)))
+        try:
+            result["figure"] = str(write_figure(figure, figure_out, caption=caption, size=(1100, 420)))
+        except FamvizError as exc:  # the figure is lost, not the results printed below
+            log.error("the PassKey figure was not written: %s", exc)
+            result["figure_error"] = str(exc)
     print(json.dumps(result) if args.json else evaluation_table(result))
     return status

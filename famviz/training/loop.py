@@ -288,7 +288,7 @@ class Trainer:
         split = self._readout_split(drawn) if probes and config.readout_split > 0 else 0
         # Drawn only when asked for, so runs without fill keep their random sequence.
         use_fill = split > 0 and config.readout_fill > 0 and self.rng.random() < config.readout_fill
-        fill = config.block_size - split if use_fill else 0
+        fill = max(0, config.block_size - split) if use_fill else 0
         parts: dict = {}
         loss, final, count = sequence_loss(
             self.fam_model,
