@@ -43,21 +43,24 @@ def _add_fam_options(parser: argparse.ArgumentParser) -> None:
     _add_sink_option(parser)
 
 
-def _add_geometry_options(parser: argparse.ArgumentParser, mem_help: str = "") -> None:
+def _add_geometry_options(parser: argparse.ArgumentParser, mem_help: str = "", mem_default: int | None = None) -> None:
     """Block size, FAM length and memory blocks; left out, they are the --adapter's trained geometry, else the
-    defaults the app uses (``famviz.commands.fill_geometry``)."""
+    defaults the app uses (``famviz.commands.fill_geometry``). ``mem_default``: a fixed memory-block default
+    instead (whatever the adapter was trained with)."""
     defaults = TOOL_DEFAULTS
-    for flag, name, extra in (
-        ("--block-size", "block_size", ""),
-        ("--fam-len", "fam_len", ""),
-        ("--mem-blocks", "mem_blocks", mem_help),
+    for flag, name, extra, default in (
+        ("--block-size", "block_size", "", None),
+        ("--fam-len", "fam_len", "", None),
+        ("--mem-blocks", "mem_blocks", mem_help, mem_default),
     ):
         parser.add_argument(
             flag,
             type=int,
-            default=None,
+            default=default,
             metavar="N",
-            help=f"{extra}default: the adapter's, else {getattr(defaults, name)}",
+            help=f"{extra}default: the adapter's, else {getattr(defaults, name)}"
+            if default is None
+            else f"{extra}default {default}",
         )
 
 
@@ -234,17 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead of a PassKey prompt: this document as the prompt (with --target)",
     )
     ablate.add_argument("--target", default=None, metavar="STRING", help="with --text: the continuation to score")
-    for flag, name in (("--block-size", "block_size"), ("--fam-len", "fam_len")):
-        ablate.add_argument(
-            flag,
-            type=int,
-            default=None,
-            metavar="N",
-            help=f"default: the adapter's, else {getattr(TOOL_DEFAULTS, name)}",
-        )
-    ablate.add_argument(
-        "--mem-blocks", type=int, default=0, metavar="N", help="default 0 (the FAM alone carries the key)"
-    )
+    _add_geometry_options(ablate, mem_help="the FAM alone carries the key: ", mem_default=0)
     _add_model_options(ablate)
     ablate.add_argument("--json", action="store_true", help="print one JSON object with the results")
     ablate.add_argument(

@@ -373,6 +373,7 @@ class EvaluationPlan:
     depths: list[float]
     specs: list  # famviz.probes.passkey.ModeSpec
     corpus: list[str] | None = None  # long documents from this corpus's held-out split
+    figure: str | None = None  # where the PassKey grid's heatmap goes (checked)
 
 
 def plan_evaluation(args: argparse.Namespace) -> EvaluationPlan:
@@ -410,7 +411,12 @@ def plan_evaluation(args: argparse.Namespace) -> EvaluationPlan:
                 ", ".join(corpus),
             )
             corpus = None
-    return EvaluationPlan(adapter, config, lengths, depths, specs, corpus if args.long_tokens else None)
+    from famviz.commands import check_figure_path
+
+    figure = check_figure_path(getattr(args, "figure", None))
+    if figure and args.skip_passkey:
+        raise ConfigError("--figure draws the PassKey grid: leave out --skip-passkey")
+    return EvaluationPlan(adapter, config, lengths, depths, specs, corpus if args.long_tokens else None, figure)
 
 
 def trained_corpus(directory: str | Path) -> list[str] | None:
@@ -550,15 +556,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from famviz.commands import check_figure_path
     from famviz.io.adapters import read_training_card, write_training_card
 
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = plan_evaluation(args)
-    figure_out = check_figure_path(getattr(args, "figure", None))
-    if figure_out and args.skip_passkey:
-        raise ConfigError("--figure draws the PassKey grid: leave out --skip-passkey")
     result: dict = {}
     started = time.time()
     status = 0
@@ -586,7 +588,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         card["evaluation"][key] = merged
         card.setdefault("stage_evaluations", []).append({"after_step": card.get("steps"), "key": key, **result})
         write_training_card(directory, card)
-    if figure_out and result.get("passkey"):
+    if plan.figure and result.get("passkey"):
         from famviz.probes.passkey import CellResult
         from famviz.viz.export import write_figure
         from famviz.viz.passkey_figures import passkey_heatmap
@@ -595,7 +597,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         figure = passkey_heatmap(cells, title=f"PassKey retrieval: {result['label']}")
         caption = f"{result['model']}; {args.trials} trials per cell, seed {args.seed}, greedy"
         try:
-            result["figure"] = str(write_figure(figure, figure_out, caption=caption, size=(1100, 420)))
+            result["figure"] = str(write_figure(figure, plan.figure, caption=caption, size=(1100, 420)))
         except FamvizError as exc:  # the figure is lost, not the results printed below
             log.error("the PassKey figure was not written: %s", exc)
             result["figure_error"] = str(exc)
