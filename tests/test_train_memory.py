@@ -3,6 +3,7 @@ the PassKey curriculum, --init-from and float32 master weights under a bfloat16 
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from famviz.core.projections import ProjectionGroup, linear_parts
 from famviz.errors import ConfigError
 from famviz.training.config import TrainConfig
 from famviz.training.data import Example, ExampleStream, Readout
-from famviz.training.loop import Trainer, add_lora, resumed_stage
+from famviz.training.loop import Trainer, add_lora, resumed_stage, smoothed_loss
 from famviz.training.loss import collate, sequence_loss
 from famviz.training.rpo_rsp import initial_training_state
 
@@ -235,6 +236,55 @@ def test_trainer_fills_split_probes_only_when_asked(tmp_path):
     assert plain.train_step()["readout_fill"] == 0
     with pytest.raises(ConfigError, match="--readout-split"):
         tiny_config(tmp_path, readout_fill=0.5).validate()
+
+
+def test_fam_growth_is_measured_always_and_penalised_only_when_weighted(tmp_path):
+    """fam_growth = mean over updates 2..T and layers of max(0, Δ log mean slot norm); weight 0 leaves the
+    loss exactly as it was, weight λ adds λ · growth."""
+    trainer = Trainer(tiny_config(tmp_path), loaded=tiny_loaded(), data=KeyWithProbe(60))
+    example = KeyWithProbe(60).draw(random.Random(0))
+    ids, weights, _ = collate([example], pad_id=0, device="cpu")
+    fam = trainer.fam_model
+    with torch.no_grad():
+        state = initial_training_state(fam, 1, trainer.prompt, None)
+        plain, _, _ = sequence_loss(fam, ids, weights, state)
+        measured, weighted = {}, {}
+        unweighted, _, _ = sequence_loss(fam, ids, weights, state, parts=measured)
+        penalised, _, _ = sequence_loss(fam, ids, weights, state, parts=weighted, fam_growth_weight=0.5)
+        log_norms, s = [], state
+        for start in range(0, ids.shape[1], 8):
+            s = fam.forward_block(ids[:, start : start + 8], s).state
+            log_norms.append(torch.stack([f[0].norm(dim=-1).mean() for f in s.fam]).log())
+        growth = torch.stack([torch.relu(b - a).mean() for a, b in itertools.pairwise(log_norms)]).mean()
+    assert len(log_norms) == 8 and float(growth) > 0
+    assert torch.equal(plain, unweighted)
+    assert measured["fam_growth"] == pytest.approx(float(growth), rel=1e-5) == weighted["fam_growth"]
+    assert penalised.item() == pytest.approx(plain.item() + 0.5 * float(growth), rel=1e-5)
+    with torch.no_grad():  # one block: no update after the first, nothing to measure
+        one = {}
+        sequence_loss(fam, ids[:, :8], weights[:, :8], state, parts=one, fam_growth_weight=0.5)
+    assert one["fam_growth"] is None and float(one["penalty"]) == 0
+
+
+def test_the_growth_penalty_trains_the_fam_to_grow_less(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, fam_growth_weight=1.0), loaded=tiny_loaded(), data=KeyWithProbe(60))
+    example = KeyWithProbe(60).draw(random.Random(0))
+    ids, weights, _ = collate([example], pad_id=0, device="cpu")
+    no_tokens = torch.zeros_like(weights)  # the penalty alone
+    growth = []
+    for _ in range(4):
+        parts = {}
+        state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
+        loss, _, _ = sequence_loss(trainer.fam_model, ids, no_tokens, state, parts=parts, fam_growth_weight=1.0)
+        growth.append(parts["fam_growth"])
+        trainer.optimizer.zero_grad()
+        loss.backward()
+        trainer.optimizer.step()
+    assert growth[-1] < 0.8 * growth[0], growth
+    record = trainer.train_step()
+    assert record["fam_growth"] is not None  # logged every step
+    with pytest.raises(ConfigError, match="--fam-growth-weight"):
+        tiny_config(tmp_path, fam_growth_weight=-1).validate()
 
 
 def test_trainer_draws_split_points_after_the_question_and_before_the_answer_ends(tmp_path):
@@ -514,3 +564,12 @@ def test_steps_from_before_stage_records_form_a_first_stage():
         (2, "B", 2, 2, 7),
     ]
     assert stages[0]["held_out"]["accuracy"] == 0.5 and stages[1]["held_out"] is None
+
+
+def test_a_resumed_run_smooths_its_loss_over_the_steps_before_the_resume():
+    history = [{"step": 1, "loss": 2.0}, {"step": 1, "eval": {"accuracy": 0.5}}, {"step": 2, "loss": 4.0}]
+    assert smoothed_loss([]) is None
+    assert smoothed_loss(history) == pytest.approx(0.95 * 2.0 + 0.05 * 4.0)
+    assert smoothed_loss([{"loss": 1.0}], smoothed_loss(history)) == pytest.approx(
+        smoothed_loss([*history, {"loss": 1.0}])
+    )

@@ -145,6 +145,7 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
             "readout_weight": config.readout_weight,
             "readout_split": config.readout_split,
             "readout_fill": config.readout_fill,
+            "fam_growth_weight": config.fam_growth_weight,
             "curriculum_blocks": config.curriculum,
             "curriculum_threshold": config.curriculum_threshold if config.curriculum else None,
             "curriculum_reached_blocks": trainer.curriculum_blocks,

@@ -55,6 +55,7 @@ class TrainConfig:
     readout_weight: float = 0.0  # PassKey read-out probe after every block (weight of its answer; 0 = off)
     readout_split: float = 0.0  # share of steps whose probes cross a block boundary after the question
     readout_fill: float = 0.0  # share of split steps whose question ends a full block of the stream's text
+    fam_growth_weight: float = 0.0  # loss weight of the FAM norm's growth per update (loss.FamGrowth)
     curriculum: str | None = None  # e.g. "2,4,8,16": PassKey prompts of up to n blocks, n raised when held-out
     curriculum_threshold: float = 0.9  # ... accuracy at n blocks reaches this
     init_from: str | None = None  # start from an adapter directory's LoRA and prompt (fresh optimizer)
@@ -109,6 +110,8 @@ class TrainConfig:
             raise ConfigError(f"--readout-fill must be within 0…1, got {self.readout_fill}")
         if self.readout_fill > 0 and self.readout_split == 0:
             raise ConfigError("--readout-fill fills the block of split probes: give --readout-split too")
+        if self.fam_growth_weight < 0:
+            raise ConfigError(f"--fam-growth-weight must be 0 or more, got {self.fam_growth_weight}")
         parse_range(self.passkey_tokens, "--passkey-tokens")
         parse_range(self.copy_text_tokens, "--copy-text-tokens")
 
@@ -174,6 +177,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             float,
             "share of split steps whose question block starts with the stream's next tokens, so the "
             "question ends a full block of text (the FAM update then reads the text too)",
+        ),
+        (
+            "fam_growth_weight",
+            float,
+            "loss weight of the FAM's norm growth: mean over updates and layers of max(0, Δ log norm), "
+            "against the ~linear growth of a memory fed back into itself",
         ),
         (
             "curriculum",

@@ -66,6 +66,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("famviz.training")
 
 
+def smoothed_loss(history: list[dict], smoothed: float | None = None) -> float | None:
+    """The progress bar's loss: an exponential moving average (0.95) over the training records' losses."""
+    for record in history:
+        if "loss" in record:
+            smoothed = record["loss"] if smoothed is None else 0.95 * smoothed + 0.05 * record["loss"]
+    return smoothed
+
+
 def resumed_stage(history: list[dict], stages: list[int]) -> int:
     """The curriculum stage a resumed run continues at: after the last evaluation's stage (and its advance)."""
     records = [r for r in history if "curriculum_blocks" in r]
@@ -300,16 +308,20 @@ class Trainer:
             parts=parts,
             readout_split=split,
             readout_fill=fill,
+            fam_growth_weight=config.fam_growth_weight,
         )
         self.optimizer.zero_grad(set_to_none=True)
         params = self.trainable_parameters
         if world > 1:
             # The loss is Σ w·nll over the global batch ÷ its weighted count: scaled so that the mean of the
             # processes' gradients is that (each process alone knows only its own count).
+            # The FAM-growth penalty is a mean per process: averaged as it is, apart from the token losses.
             total = float(self.accelerator.reduce(torch.tensor([float(count)], device=loss.device), reduction="sum"))
-            local = loss * count
-            (local * (world / max(total, 1.0))).backward()
+            penalty = parts["penalty"]
+            local = (loss - penalty) * count
+            (local * (world / max(total, 1.0)) + penalty).backward()
             loss = self.accelerator.reduce(local.detach().reshape(1), reduction="sum")[0] / max(total, 1.0)
+            loss = loss + self.accelerator.reduce(penalty.detach().reshape(1).to(loss.device), reduction="mean")[0]
             parts = global_parts(self.accelerator, parts)
             for p in params:  # layers are called directly, so average gradients by hand
                 # A parameter without a gradient (the prompt, on a step that starts from a passed FAM) has none
@@ -337,6 +349,7 @@ class Trainer:
             "loss_readout": parts["readout"],
             "readout_split": split,  # 0: probes asked inside their block; else the question's length in tokens
             "readout_fill": fill,  # stream tokens before the question in its block (0: the question alone)
+            "fam_growth": parts["fam_growth"],  # mean log-norm growth of the FAM per update (FamGrowth)
             "lengths": [len(e.ids) for e in drawn],
             "kind": "+".join(e.kind for e in examples),
             "tokens": int(ids.numel()) * world,
@@ -412,7 +425,7 @@ class Trainer:
                 file=sys.stderr,
             )
         log_file = (self.out / LOG_FILE).open("a") if main else None
-        smoothed = None
+        smoothed = smoothed_loss(self.history)  # a resumed run's curve goes on where it stopped
         stopped_early = False
         try:
             while self.step < config.steps:
@@ -421,7 +434,7 @@ class Trainer:
                 record["seconds"] = time.time() - t0
                 record["tokens_per_s"] = record["tokens"] / max(record["seconds"], 1e-9)  # the global batch's tokens
                 self.history.append(record)
-                smoothed = record["loss"] if smoothed is None else 0.95 * smoothed + 0.05 * record["loss"]
+                smoothed = smoothed_loss([record], smoothed)
                 if main:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
@@ -429,12 +442,14 @@ class Trainer:
                         bar.update(1)
                         bar.set_postfix(loss=f"{smoothed:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                     if not sys.stderr.isatty() and self.step % 10 == 0:
+                        growth = record.get("fam_growth")
                         log.info(
-                            "step %d loss %.4f (smoothed %.4f) %.0f tok/s",
+                            "step %d loss %.4f (smoothed %.4f) %.0f tok/s%s",
                             self.step,
                             record["loss"],
                             smoothed,
                             record["tokens_per_s"],
+                            f", FAM growth {growth:.3f}/update" if growth is not None else "",
                         )
                 if config.eval_every and self.step % config.eval_every == 0:
                     # on every process: the curriculum it may advance decides every process's data
