@@ -404,16 +404,18 @@ def main(argv=None) -> int:
         if args.screenshot and browser is not None:
             # The app as `python app.py` starts it (the shipped tuned adapter), on the whole example document.
             shot_demo, shot_url = serve(loaded, launch.startup_adapter(None, None))
-            page = open_page(browser, shot_url)
-            page.locator("#start").click()
-            wait_status(page, "Done", 1800)
-            page.locator("#layer input").click()
-            page.get_by_role("option", name="layer 15", exact=True).click()
-            time.sleep(2)
-            page.screenshot(path=args.screenshot, full_page=True)
-            page.close()
-            print(f"screenshot: {args.screenshot}")
-            shot_demo.close()
+            try:
+                page = open_page(browser, shot_url)
+                page.locator("#start").click()
+                wait_status(page, "Done", 1800)
+                page.locator("#layer input").click()
+                page.get_by_role("option", name="layer 15", exact=True).click()
+                time.sleep(2)
+                page.screenshot(path=args.screenshot, full_page=True)
+                page.close()
+                print(f"screenshot: {args.screenshot}")
+            finally:
+                shot_demo.close()
     finally:
         if browser is not None:
             browser.close()

@@ -215,6 +215,7 @@ def test_cli_takes_the_adapters_trained_geometry_for_what_is_left_out(tmp_path, 
         (["--layers", "a"], "--layers"),
         (["--mode-x"], "unrecognized"),
         (["--length", "20"], "shorter than the prompt"),
+        (["--backend", "flash"], "not available"),  # flash-attn needs CUDA: ablate honours --backend
     ],
 )
 def test_cli_refuses_bad_arguments_in_one_line(tiny_model_dir, capfd, argv, message):

@@ -230,6 +230,7 @@ def test_evaluate_json_of_an_adapter_and_its_card_keep_what_an_interrupted_run_d
         (["--modes", "fam,poetry"], ("poetry",)),
         (["--document", "/no/such/file.txt"], ("file.txt", "not found")),
         (["--block-size", "0"], ("block size",)),
+        (["--sink-tokens", "9000"], ("sink tokens", "8,192")),
         (["--figure", "grid.gif"], ("--figure",)),
         (["--figure", "/no/such/folder/grid.png"], ("does not exist",)),
         (["--figure", "grid.png", "--skip-passkey"], ("--skip-passkey",)),

@@ -349,9 +349,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _geometry(args: argparse.Namespace, adapter: Adapter | None) -> FamConfig:
-    from famviz.core.config import TOOL_DEFAULTS, check_limits
+    from famviz.core.config import TOOL_DEFAULTS, check_limit, check_limits
 
     trained = adapter.trained_config() if adapter is not None else dataclasses.replace(TOOL_DEFAULTS, mem_blocks=0)
+    # The fam config carries the sink baselines' count, which check_limits skips outside sink mode.
+    check_limit("sink_tokens", getattr(args, "sink_tokens", TOOL_DEFAULTS.sink_tokens))
     return check_limits(
         FamConfig(
             mode="fam",
