@@ -225,6 +225,63 @@ def test_filled_split_probes_ask_the_question_at_the_end_of_a_block_of_the_strea
     assert parts["readout"] == pytest.approx(sum(manual) / 4, rel=1e-5)
 
 
+@pytest.mark.parametrize("fresh", [True, False])
+def test_finish_block_equals_forward_block_on_the_whole_block_in_value_and_gradient(tmp_path, fresh):
+    """A block [prefix of a block already run ; new tokens] computed from that block's window keys/values
+    equals running the whole block (under RPO too), and so do the gradients through it."""
+    trainer = Trainer(tiny_config(tmp_path), loaded=tiny_loaded(), data=KeyWithProbe())
+    fam = trainer.fam_model
+    fam.position_offsets = torch.tensor([1234.5])
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(30, VOCAB, (1, 24), generator=generator)
+    prefix, new = ids[:, 8:13], ids[:, 21:24]
+
+    def run(shared: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        state = initial_training_state(fam, 1, trainer.prompt, None)
+        if not fresh:
+            state = fam.forward_block(ids[:, :8], state).state
+        if shared:
+            window_kv: list = []
+            fam.forward_block(ids[:, 8:16], state, window_kv=window_kv)  # the stream's block: same first 5 tokens
+            out = fam.finish_block(new, state, window_kv, prefix=5)
+            hidden = out.hidden
+        else:
+            out = fam.forward_block(torch.cat([prefix, new], dim=1), state)
+            hidden = out.hidden[:, 5:]
+        assert out.state.position == state.position + 8 and not out.state.fam_fresh
+        loss = hidden.float().pow(2).sum() + sum(f.float().pow(2).sum() for f in out.state.fam)
+        grads = torch.autograd.grad(loss, trainer.trainable_parameters, allow_unused=True)
+        return torch.cat([hidden.flatten(), *(f.flatten() for f in out.state.fam)]), grads
+
+    shared_values, shared_grads = run(True)
+    whole_values, whole_grads = run(False)
+    torch.testing.assert_close(shared_values, whole_values, rtol=1e-4, atol=1e-5)
+    assert any(g is not None and g.abs().sum() > 0 for g in shared_grads)
+    for a, b in zip(shared_grads, whole_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    bounded = FamModel(tiny_loaded(), FamConfig(mode="fam", block_size=8, fam_len=4, mem_blocks=1))
+    assert not bounded.can_finish_blocks
+    with pytest.raises(ValueError, match="no memory blocks"):
+        bounded.finish_block(new, bounded.initial_state(), [], prefix=5)
+
+
+def test_filled_probes_share_the_next_blocks_rows_instead_of_running_a_block_of_their_own(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path), loaded=tiny_loaded(), data=KeyWithProbe())
+    example = KeyWithProbe().draw(random.Random(0))
+    probe = Readout([2, 3, 4, example.ids[1], 5], [0.0, 0.0, 0.0, 1.0, 1.0], first=2, last=28)
+    ids, weights, readout = collate([Example("passkey", example.ids, example.weights, probe)], pad_id=0, device="cpu")
+    fam = trainer.fam_model
+    blocks = []
+    forward_block = fam.forward_block
+    monkeypatch.setattr(fam, "forward_block", lambda *a, **k: blocks.append(1) or forward_block(*a, **k))
+    state = initial_training_state(fam, 1, trainer.prompt, None)
+    with torch.no_grad():
+        sequence_loss(fam, ids, weights, state, readout=readout, readout_split=3, readout_fill=5)
+    assert len(blocks) == 4  # the stream's four blocks only; the two filled probes reuse blocks 2 and 3
+
+
 def test_trainer_fills_split_probes_only_when_asked(tmp_path):
     probe = Readout([2, 3, 4, 7, 8, 9], [0.0, 0.0, 0.0, 1.0, 1.0, 1.0], first=2, last=20)
     drawn = [Example("passkey", [1] * 30, [0.0] * 29 + [1.0], probe)]

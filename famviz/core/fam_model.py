@@ -237,6 +237,52 @@ class FamModel:
         )
         return BlockOutput(hidden=hidden, state=next_state, stats=stats if with_stats else None, fam_before=state.fam)
 
+    @property
+    def can_finish_blocks(self) -> bool:
+        """``finish_block`` applies: a FAM and nothing else carried between blocks (no memory, no sinks)."""
+        return bool(self.fam_len) and self.memory_capacity == 0 and not self.sink_tokens
+
+    def finish_block(self, input_ids: torch.Tensor, state: StreamState, window_kv: list, prefix: int) -> BlockOutput:
+        """The block [the first ``prefix`` tokens of a block already run ; ``input_ids``] from ``state``,
+        without computing those tokens' rows again: ``window_kv`` is what ``forward_block`` collected for
+        that block, run from the same ``state``.
+
+        A token row sees only the FAM and the rows before it in its block, so the prefix rows are the same
+        in both blocks; only the FAM rows (they read the whole block) and the new rows are computed, which
+        costs (fam_len + s) rows instead of (fam_len + prefix + s). Returns the new rows' hidden states
+        (batch, s, d) and the state after the whole block, equal to ``forward_block`` on the whole block
+        (tested). Training asks a question at the end of a block of the stream's own text this way.
+        Needs ``can_finish_blocks`` (the memory after the block would need the prefix's pre-RoPE keys).
+        """
+        if not self.can_finish_blocks:
+            raise ValueError("finish_block needs a FAM and no memory blocks or sink tokens")
+        s = input_ids.shape[1]
+        f, n = self.fam_len, prefix + s
+        rows_cos, rows_sin, _, _ = self.window_angles(state.position, 0, f, n)
+        rows = torch.cat([torch.arange(f), torch.arange(f + prefix, f + n)]).to(self.device)  # FAM and new rows
+        cos, sin = rows_cos.index_select(2, rows), rows_sin.index_select(2, rows)
+        mask = window_mask(WindowLayout(memory=0, fam=f, block=n), self.device)[rows]  # their rows of the mask
+        x = self.decoder.embed_tokens(input_ids.to(self.device))
+        new_fam = []
+        for index, layer in enumerate(self.layers):
+            fam = state.fam[index]
+            z = torch.cat([fam, x], dim=1)
+            q, k, v = self.qkv(index, z)
+            q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            prefix_k, prefix_v = (t[:, :, f : f + prefix] for t in window_kv[index])  # window: [FAM | block]
+            keys = torch.cat([k_rot[:, :, :f], prefix_k, k_rot[:, :, f:]], dim=2)
+            values = torch.cat([v[:, :, :f], prefix_v, v[:, :, f:]], dim=2)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q_rot, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=q.shape[1] != keys.shape[1]
+            )
+            residual = torch.cat([torch.zeros_like(fam), x], dim=1) if state.fam_fresh else z  # as _layer_block
+            a = residual + self._o_proj(layer, out)
+            h = a + self.mlp(index, layer.post_attention_layernorm(a))
+            new_fam.append(h[:, :f])
+            x = h[:, f:]
+        next_state = replace(state, position=state.position + n, fam=tuple(new_fam), fam_fresh=False)
+        return BlockOutput(hidden=self.decoder.norm(x), state=next_state, stats=None, fam_before=state.fam)
+
     def read_block(self, input_ids: torch.Tensor, state: StreamState, offset: int = 0) -> torch.Tensor:
         """Hidden states (batch, n, d), after the final norm, of a side block that reads ``state`` but
         changes nothing: with ``offset`` 0 the same as ``forward_block(input_ids, state).hidden`` (block

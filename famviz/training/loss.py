@@ -28,6 +28,7 @@ def weighted_predictions(
     weights: torch.Tensor,
     state: StreamState,
     skip_unseen: bool = True,
+    window_kv: list | None = None,
 ) -> Iterator[tuple[StreamState, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]]:
     """Stream whole sequences block by block; per block, yield the next state and, when any prediction in
     the block is weighted, (float32 logits, targets, weights) of those predictions only.
@@ -37,6 +38,8 @@ def weighted_predictions(
     for the block's k weighted predictions.
     ``skip_unseen``: when blocks are independent (BSWA without memory), a block with no weighted
     prediction affects nothing and is not run (losses and gradients are identical).
+    ``window_kv``: when a list is given, it holds the block's per-layer window keys and values
+    (``FamModel.forward_block``) at each yield.
     """
     block = fam_model.config.block_size
     target_mask = weights[:, 1:] > 0
@@ -49,7 +52,9 @@ def weighted_predictions(
             state = replace(state, position=state.position + n)
             yield state, None
             continue
-        out = fam_model.forward_block(ids[:, start : start + block], state)
+        if window_kv is not None:
+            window_kv.clear()
+        out = fam_model.forward_block(ids[:, start : start + block], state, window_kv=window_kv)
         state = out.state
         if not mask.any():
             yield state, None
@@ -112,8 +117,38 @@ def sequence_loss(
     probe_count = 0
     start = state.position
     growth = FamGrowth(track_gradient=fam_growth_weight > 0)
-    for state, scored in weighted_predictions(fam_model, ids, weights, state, skip_unseen):  # noqa: B020 - each block's state replaces the one before
+    # A filled question block starts with the next block's first tokens: asked once that block has run, it
+    # shares their rows (FamModel.finish_block) instead of computing them again.
+    shared = bool(readout is not None and readout_split and readout_fill and fam_model.can_finish_blocks)
+    window_kv: list | None = [] if shared else None
+    waiting: tuple[StreamState, torch.Tensor] | None = None  # (state at a block end, rows asked there)
+
+    def ask(at: StreamState, asked: torch.Tensor, next_block_kv: list | None = None) -> tuple[torch.Tensor, int]:
+        """The weighted NLL sum and count of the probes asked of rows ``asked`` at the block end ``at``."""
+        w = readout.weights[:, 1:] * asked.unsqueeze(1)
+        mask = w > 0
+        if readout_split:
+            end = at.position - start
+            if next_block_kv is not None:
+                asked_block = fam_model.finish_block(readout.ids[:, :readout_split], at, next_block_kv, readout_fill)
+                question_rows = asked_block.hidden
+            else:
+                question = torch.cat([ids[:, end : end + readout_fill], readout.ids[:, :readout_split]], dim=1)
+                asked_block = fam_model.forward_block(question, at)
+                question_rows = asked_block.hidden[:, readout_fill:]
+            rest = fam_model.read_block(readout.ids[:, readout_split:], asked_block.state)
+            hidden = torch.cat([question_rows, rest], dim=1)[:, :-1]
+        else:
+            hidden = fam_model.read_block(readout.ids, at, readout_offset)[:, :-1]
+        logits = fam_model.logits(hidden[mask]).float()
+        nll = F.cross_entropy(logits, readout.ids[:, 1:][mask], reduction="none")
+        return (nll * w[mask]).sum(), int(mask.sum())
+
+    for state, scored in weighted_predictions(fam_model, ids, weights, state, skip_unseen, window_kv):  # noqa: B020 - each block's state replaces the one before
         growth.update(state.fam)
+        if waiting is not None:  # the block just run is the one the waiting question block begins with
+            nll_sum, n = ask(*waiting, next_block_kv=window_kv)
+            probe_sum, probe_count, waiting = probe_sum + nll_sum, probe_count + n, None
         if scored is not None:
             logits, targets, w = scored
             main_sum = main_sum + (F.cross_entropy(logits, targets, reduction="none") * w).sum()
@@ -121,20 +156,14 @@ def sequence_loss(
             end = state.position - start
             asked = (readout.first <= end) & (end + readout_fill <= readout.last)
             if asked.any():
-                w = readout.weights[:, 1:] * asked.unsqueeze(1)
-                mask = w > 0
-                if readout_split:
-                    fill = ids[:, end : end + readout_fill]
-                    question = torch.cat([fill, readout.ids[:, :readout_split]], dim=1)
-                    asked_block = fam_model.forward_block(question, state)
-                    rest = fam_model.read_block(readout.ids[:, readout_split:], asked_block.state)
-                    hidden = torch.cat([asked_block.hidden[:, fill.shape[1] :], rest], dim=1)[:, :-1]
+                if shared:
+                    waiting = (state, asked)  # end + fill ≤ last: the next block holds the fill
                 else:
-                    hidden = fam_model.read_block(readout.ids, state, readout_offset)[:, :-1]
-                logits = fam_model.logits(hidden[mask]).float()
-                nll = F.cross_entropy(logits, readout.ids[:, 1:][mask], reduction="none")
-                probe_sum = probe_sum + (nll * w[mask]).sum()
-                probe_count += int(mask.sum())
+                    nll_sum, n = ask(state, asked)
+                    probe_sum, probe_count = probe_sum + nll_sum, probe_count + n
+    if waiting is not None:  # a probe row whose question lies past the sequence's end (no next block)
+        nll_sum, n = ask(*waiting)
+        probe_sum, probe_count = probe_sum + nll_sum, probe_count + n
     penalty = fam_growth_weight * growth.value() if fam_growth_weight > 0 else torch.zeros((), device=fam_model.device)
     if parts is not None:
         main_value, probe_value = float(main_sum.detach()), float(probe_sum.detach())
