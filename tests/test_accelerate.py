@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = [
+    "--fam-growth-weight",  # its penalty is averaged over every process's FAM updates, like the tokens
+    "0.5",
     "--block-size",
     "64",
     "--fam-len",

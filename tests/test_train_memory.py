@@ -317,6 +317,21 @@ def test_fam_growth_is_measured_always_and_penalised_only_when_weighted(tmp_path
     assert torch.equal(plain, unweighted)
     assert measured["fam_growth"] == pytest.approx(float(growth), rel=1e-5) == weighted["fam_growth"]
     assert penalised.item() == pytest.approx(plain.item() + 0.5 * float(growth), rel=1e-5)
+    short = KeyWithProbe(23).draw(random.Random(1))  # 3 blocks, padded with 5 blocks in a batch with the long row
+    with torch.no_grad():
+        alone = []
+        for e in (example, short):
+            alone.append({})
+            row_ids, row_weights, _ = collate([e], pad_id=0, device="cpu")
+            sequence_loss(
+                fam, row_ids, row_weights, initial_training_state(fam, 1, trainer.prompt, None), parts=alone[-1]
+            )
+        batch_ids, batch_weights, _ = collate([example, short], pad_id=0, device="cpu")
+        both = {}
+        sequence_loss(fam, batch_ids, batch_weights, initial_training_state(fam, 2, trainer.prompt, None), parts=both)
+    # the short row's padding blocks do not count: the batch's growth is its rows' growths together
+    assert both["growth_count"] == alone[0]["growth_count"] + alone[1]["growth_count"] == 7 + 2
+    assert both["growth_sum"] == pytest.approx(alone[0]["growth_sum"] + alone[1]["growth_sum"], rel=1e-5)
     with torch.no_grad():  # one block: no update after the first, nothing to measure
         one = {}
         sequence_loss(fam, ids[:, :8], weights[:, :8], state, parts=one, fam_growth_weight=0.5)
@@ -327,7 +342,7 @@ def test_the_growth_penalty_trains_the_fam_to_grow_less(tmp_path):
     trainer = Trainer(tiny_config(tmp_path, fam_growth_weight=1.0), loaded=tiny_loaded(), data=KeyWithProbe(60))
     example = KeyWithProbe(60).draw(random.Random(0))
     ids, weights, _ = collate([example], pad_id=0, device="cpu")
-    no_tokens = torch.zeros_like(weights)  # the penalty alone
+    no_tokens = weights * 1e-9  # the penalty alone, in effect (a weighted answer marks the row's real blocks)
     growth = []
     for _ in range(4):
         parts = {}

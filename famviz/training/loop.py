@@ -315,13 +315,15 @@ class Trainer:
         if world > 1:
             # The loss is Σ w·nll over the global batch ÷ its weighted count: scaled so that the mean of the
             # processes' gradients is that (each process alone knows only its own count).
-            # The FAM-growth penalty is a mean per process: averaged as it is, apart from the token losses.
-            total = float(self.accelerator.reduce(torch.tensor([float(count)], device=loss.device), reduction="sum"))
-            penalty = parts["penalty"]
-            local = (loss - penalty) * count
-            (local * (world / max(total, 1.0)) + penalty).backward()
-            loss = self.accelerator.reduce(local.detach().reshape(1), reduction="sum")[0] / max(total, 1.0)
-            loss = loss + self.accelerator.reduce(penalty.detach().reshape(1).to(loss.device), reduction="mean")[0]
+            # The FAM-growth penalty likewise: λ Σ growth ÷ the global batch's count of counted updates.
+            counts = torch.tensor([float(count), float(parts["growth_count"])], device=loss.device)
+            total, growth_total = (max(c, 1.0) for c in self.accelerator.reduce(counts, reduction="sum").tolist())
+            local = (loss - parts["penalty"]) * count
+            penalty_sum = parts["penalty_sum"].to(loss.device)
+            (local * (world / total) + penalty_sum * (world / growth_total)).backward()
+            both = torch.stack([local.detach(), penalty_sum.detach()])
+            local_sum, penalty_total = self.accelerator.reduce(both, reduction="sum").tolist()
+            loss = torch.tensor(local_sum / total + penalty_total / growth_total)
             parts = global_parts(self.accelerator, parts)
             for p in params:  # layers are called directly, so average gradients by hand
                 # A parameter without a gradient (the prompt, on a step that starts from a passed FAM) has none

@@ -108,8 +108,9 @@ def sequence_loss(
     plus the growth penalty.
     ``parts``, when given, receives the mean weighted NLL of the stream's own predictions ("main") and of
     the probes ("readout") as floats (they are learned at different rates), the FAM's growth
-    ("fam_growth", a float, measured whatever the weight) and the penalty tensor added to the loss
-    ("penalty", so that a multi-process step can average it apart from the token losses).
+    ("fam_growth", a float, measured whatever the weight; its sum and count "growth_sum", "growth_count"),
+    and the penalty tensor added to the loss ("penalty") with its sum ("penalty_sum": λ · the growths'
+    sum), so that a multi-process step can average it over every process's updates apart from the tokens.
     """
     main_sum = torch.zeros((), device=fam_model.device)
     probe_sum = torch.zeros((), device=fam_model.device)
@@ -145,7 +146,9 @@ def sequence_loss(
         return (nll * w[mask]).sum(), int(mask.sum())
 
     for state, scored in weighted_predictions(fam_model, ids, weights, state, skip_unseen, window_kv):  # noqa: B020 - each block's state replaces the one before
-        growth.update(state.fam)
+        # A row's update counts when its block holds or precedes something weighted (padding comes after).
+        block_start = (state.position - start - 1) // fam_model.config.block_size * fam_model.config.block_size
+        growth.update(state.fam, (weights[:, block_start:] > 0).any(dim=1))
         if waiting is not None:  # the block just run is the one the waiting question block begins with
             nll_sum, n = ask(*waiting, next_block_kv=window_kv)
             probe_sum, probe_count, waiting = probe_sum + nll_sum, probe_count + n, None
@@ -164,21 +167,26 @@ def sequence_loss(
     if waiting is not None:  # a probe row whose question lies past the sequence's end (no next block)
         nll_sum, n = ask(*waiting)
         probe_sum, probe_count = probe_sum + nll_sum, probe_count + n
-    penalty = fam_growth_weight * growth.value() if fam_growth_weight > 0 else torch.zeros((), device=fam_model.device)
+    zero = torch.zeros((), device=fam_model.device)
+    penalty_sum = fam_growth_weight * growth.total if fam_growth_weight > 0 and growth.count else zero
+    penalty = penalty_sum / max(growth.count, 1)
     if parts is not None:
         main_value, probe_value = float(main_sum.detach()), float(probe_sum.detach())
         parts["main"] = main_value / max(main_count, 1)
         parts["readout"] = probe_value / probe_count if probe_count else None
         parts.update(main_sum=main_value, main_count=main_count, probe_sum=probe_value, probe_count=probe_count)
-        parts["fam_growth"] = float(growth.value().detach()) if growth.updates > 0 else None
-        parts["penalty"] = penalty
+        growth_sum = float(growth.total.detach()) if growth.count else 0.0
+        parts.update(growth_sum=growth_sum, growth_count=growth.count)
+        parts["fam_growth"] = growth_sum / growth.count if growth.count else None
+        parts.update(penalty=penalty, penalty_sum=penalty_sum)
     count = main_count + probe_count
     return (main_sum + probe_sum) / max(count, 1) + penalty, state, count
 
 
 class FamGrowth:
-    """The FAM's norm growth over a stream: the mean, over every update after the first and every layer, of
-    max(0, log n_t − log n_(t−1)), n_t a layer's mean FAM-slot L2 norm after t updates (batch mean).
+    """The FAM's norm growth over a stream: the mean, over every row's updates after the first, of the mean
+    over layers of max(0, log n_t − log n_(t−1)), n_t the row's mean FAM-slot L2 norm in a layer after t
+    updates. Only updates of rows marked valid count (a padded row's blocks past its end do not).
 
     The first update is left out: it starts from the learned prompt (or a passed state), whose scale is not
     a memory's. A norm that doubles over 60 updates grows 0.012 per update; the linear growth seen after
@@ -187,35 +195,38 @@ class FamGrowth:
 
     def __init__(self, track_gradient: bool):
         self.track_gradient = track_gradient
-        self.previous: torch.Tensor | None = None
-        self.total: torch.Tensor | float = 0.0
-        self.updates = -1  # the first update sets the reference only
+        self.previous: torch.Tensor | None = None  # (layers, batch) log norms after the last update
+        self.total: torch.Tensor = torch.zeros(())  # sum of the counted rows' growths
+        self.count = 0  # (row, update) pairs counted
 
-    def update(self, fam: tuple[torch.Tensor, ...]) -> None:
+    def update(self, fam: tuple[torch.Tensor, ...], valid: torch.Tensor) -> None:
+        """After an update: ``fam`` per layer (batch, slots, d); ``valid`` (batch,) bool, rows that count."""
         if not fam:
             return
         with torch.set_grad_enabled(self.track_gradient and torch.is_grad_enabled()):
-            log_norm = torch.stack([f.float().norm(dim=-1).mean() for f in fam]).log()
+            log_norm = torch.stack([f.float().norm(dim=-1).mean(dim=-1) for f in fam]).log()
             if self.previous is not None:
-                self.total = self.total + torch.relu(log_norm - self.previous).mean()
+                valid = valid.to(log_norm.device)
+                growth = torch.relu(log_norm - self.previous).mean(dim=0)  # (batch,): mean over layers
+                self.total = self.total.to(growth.device) + growth[valid].sum()
+                self.count += int(valid.sum())
             self.previous = log_norm
-            self.updates += 1
-
-    def value(self) -> torch.Tensor:
-        """The mean growth per update (0 before two updates)."""
-        if self.updates <= 0:
-            return torch.zeros(())
-        return self.total / self.updates
 
 
 def global_parts(accelerator: Accelerator, parts: dict) -> dict:
-    """``sequence_loss``'s per-part mean losses over every process's tokens (the log's loss_main/loss_readout)."""
-    keys = ("main_sum", "main_count", "probe_sum", "probe_count")
+    """``sequence_loss``'s per-part means over every process's tokens and FAM updates (the log's loss_main,
+    loss_readout and fam_growth)."""
+    keys = ("main_sum", "main_count", "probe_sum", "probe_count", "growth_sum", "growth_count")
     totals = accelerator.reduce(
         torch.tensor([float(parts[k]) for k in keys], device=accelerator.device), reduction="sum"
     )
-    main_sum, main_count, probe_sum, probe_count = totals.tolist()
-    return dict(parts, main=main_sum / max(main_count, 1.0), readout=probe_sum / probe_count if probe_count else None)
+    main_sum, main_count, probe_sum, probe_count, growth_sum, growth_count = totals.tolist()
+    return dict(
+        parts,
+        main=main_sum / max(main_count, 1.0),
+        readout=probe_sum / probe_count if probe_count else None,
+        fam_growth=growth_sum / growth_count if growth_count else None,
+    )
 
 
 def collate(
