@@ -282,6 +282,34 @@ def test_filled_probes_share_the_next_blocks_rows_instead_of_running_a_block_of_
     assert len(blocks) == 4  # the stream's four blocks only; the two filled probes reuse blocks 2 and 3
 
 
+def test_shared_rows_give_the_loss_of_filled_blocks_of_their_own_for_a_padded_batch(tmp_path, monkeypatch):
+    """Two rows of different lengths whose probes are asked at different block ends: the same loss and
+    gradients whether the filled question blocks share the next block's rows or run on their own."""
+    trainer = Trainer(tiny_config(tmp_path), loaded=tiny_loaded(), data=KeyWithProbe())
+    fam = trainer.fam_model
+    examples = []
+    for seed, length, first, last in ((0, 40, 2, 36), (1, 23, 9, 22)):
+        e = KeyWithProbe(length).draw(random.Random(seed))
+        probe = Readout([2, 3, 4, e.ids[1], 5], [0.0, 0.0, 0.0, 1.0, 1.0], first=first, last=last)
+        examples.append(Example("passkey", e.ids, e.weights, probe))
+    ids, weights, readout = collate(examples, pad_id=0, device="cpu")
+
+    def run() -> tuple[float, dict, list[torch.Tensor]]:
+        parts: dict = {}
+        state = initial_training_state(fam, 2, trainer.prompt, None)
+        loss, _, _ = sequence_loss(
+            fam, ids, weights, state, readout=readout, readout_split=3, readout_fill=5, parts=parts
+        )
+        return loss.item(), parts, torch.autograd.grad(loss, [trainer.prompt])
+
+    shared_loss, shared_parts, shared_grad = run()
+    monkeypatch.setattr(type(fam), "can_finish_blocks", property(lambda self: False))
+    own_loss, own_parts, own_grad = run()
+    assert shared_parts["probe_count"] == own_parts["probe_count"] > 0
+    assert shared_loss == pytest.approx(own_loss, rel=1e-5)
+    torch.testing.assert_close(shared_grad[0], own_grad[0], rtol=1e-3, atol=1e-6)
+
+
 def test_trainer_fills_split_probes_only_when_asked(tmp_path):
     probe = Readout([2, 3, 4, 7, 8, 9], [0.0, 0.0, 0.0, 1.0, 1.0, 1.0], first=2, last=20)
     drawn = [Example("passkey", [1] * 30, [0.0] * 29 + [1.0], probe)]
