@@ -116,7 +116,7 @@ def sequence_loss(
     probe_sum = torch.zeros((), device=fam_model.device)
     main_count = int((weights[:, 1:] > 0).sum())
     probe_count = 0
-    start = state.position
+    start, block = state.position, fam_model.config.block_size
     growth = FamGrowth(track_gradient=fam_growth_weight > 0)
     # A filled question block starts with the next block's first tokens: asked once that block has run, it
     # shares their rows (FamModel.finish_block) instead of computing them again.
@@ -147,7 +147,7 @@ def sequence_loss(
 
     for state, scored in weighted_predictions(fam_model, ids, weights, state, skip_unseen, window_kv):  # noqa: B020 - each block's state replaces the one before
         # A row's update counts when its block holds or precedes something weighted (padding comes after).
-        block_start = (state.position - start - 1) // fam_model.config.block_size * fam_model.config.block_size
+        block_start = (state.position - start - 1) // block * block
         growth.update(state.fam, (weights[:, block_start:] > 0).any(dim=1))
         if waiting is not None:  # the block just run is the one the waiting question block begins with
             nll_sum, n = ask(*waiting, next_block_kv=window_kv)
