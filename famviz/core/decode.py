@@ -162,7 +162,7 @@ class BlockCursor:
         mask = torch.ones(len(chunk), n_cached + len(chunk), dtype=torch.bool, device=fm.device)
         mask[:, n_cached:] = mask[:, n_cached:].tril()
         window_kv = []
-        for index, layer in enumerate(fm.layers):
+        for index in range(len(fm.layers)):
             q, k, v = fm.qkv(index, x)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             keys = torch.cat([block.window_kv[index][0], k], dim=2)
@@ -171,7 +171,6 @@ class BlockCursor:
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=fm.scale, enable_gqa=q.shape[1] != keys.shape[1]
             )
-            a = x + fm._o_proj(layer, out)
-            x = a + fm.mlp(index, layer.post_attention_layernorm(a))
+            x = fm.layer_tail(index, x, out)
         self._open = replace(block, tokens=block.tokens + tuple(chunk), window_kv=tuple(window_kv))
         return fm.logits(fm.decoder.norm(x))[0].float()

@@ -181,13 +181,12 @@ class FamModel:
         cos, sin = self._rope(torch.arange(f, device=self.device))
         h = prompt.to(device=self.device, dtype=self.dtype).unsqueeze(0)
         per_layer = []
-        for index, layer in enumerate(self.layers):
+        for index in range(len(self.layers)):
             per_layer.append(h)
             q, k, v = self.qkv(index, h)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             out, _ = attend(q, k, v, layout, self.scale)
-            a = h + self._o_proj(layer, out)
-            h = a + self.mlp(index, layer.post_attention_layernorm(a))
+            h = self.layer_tail(index, h, out)
         return tuple(per_layer)
 
     def invalidate_initial_fam(self) -> None:
@@ -264,7 +263,7 @@ class FamModel:
         mask = window_mask(WindowLayout(memory=0, fam=f, block=n), self.device)[rows]  # their rows of the mask
         x = self.decoder.embed_tokens(input_ids.to(self.device))
         new_fam = []
-        for index, layer in enumerate(self.layers):
+        for index in range(len(self.layers)):
             fam = state.fam[index]
             z = torch.cat([fam, x], dim=1)
             q, k, v = self.qkv(index, z)
@@ -276,8 +275,7 @@ class FamModel:
                 q_rot, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=q.shape[1] != keys.shape[1]
             )
             residual = torch.cat([torch.zeros_like(fam), x], dim=1) if state.fam_fresh else z  # as _layer_block
-            a = residual + self._o_proj(layer, out)
-            h = a + self.mlp(index, layer.post_attention_layernorm(a))
+            h = self.layer_tail(index, residual, out)
             new_fam.append(h[:, :f])
             x = h[:, f:]
         next_state = replace(state, position=state.position + n, fam=tuple(new_fam), fam_fresh=False)
@@ -301,7 +299,7 @@ class FamModel:
             rows_sin = torch.cat([rows_sin[:, :, :f], rows_sin[:, :, f + offset :]], dim=2)
         mask = window_mask(layout, self.device)[f:]  # the block rows of the window's mask
         x = self.decoder.embed_tokens(input_ids.to(self.device))
-        for index, layer in enumerate(self.layers):
+        for index in range(len(self.layers)):
             z = torch.cat([state.fam[index], x], dim=1) if f else x
             q, k, v = self.qkv(index, z)
             q_rot, k_rot = (
@@ -312,8 +310,7 @@ class FamModel:
             out = torch.nn.functional.scaled_dot_product_attention(
                 q_rot, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=q.shape[1] != keys.shape[1]
             )
-            a = x + self._o_proj(layer, out)
-            x = a + self.mlp(index, layer.post_attention_layernorm(a))
+            x = self.layer_tail(index, x, out)
         return self.decoder.norm(x)
 
     def _layer_block(
@@ -326,7 +323,6 @@ class FamModel:
         with_stats: bool,
     ) -> LayerStep:
         """One layer over [FAM ; block] (x: (batch, n, d), the block rows from the layer below)."""
-        layer = self.layers[index]
         f = layout.fam
         rows_cos, rows_sin, mem_cos, mem_sin = angles
         fam = state.fam[index] if f else None
@@ -337,8 +333,7 @@ class FamModel:
         out, layer_stats = attend(q_rot, keys, values, layout, self.scale, with_stats, self.backend)
         # The first update of the context-free initial FAM uses a zero residual (docs/algorithm.md §3).
         residual = torch.cat([torch.zeros_like(fam), x], dim=1) if f and state.fam_fresh else z
-        a = residual + self._o_proj(layer, out)
-        h = a + self.mlp(index, layer.post_attention_layernorm(a))  # FAM rows go through the MLP too
+        h = self.layer_tail(index, residual, out)  # FAM rows go through the MLP too
         stored_k = k[:, :, f:] if self.memory_capacity is not None else k_rot[:, :, f:]
         return LayerStep(
             hidden=h[:, f:],
@@ -414,10 +409,15 @@ class FamModel:
         gate, up = self._group(index, "gate_up", (mlp.gate_proj, mlp.up_proj))(h)
         return mlp.down_proj(mlp.act_fn(gate) * up)
 
-    @staticmethod
-    def _o_proj(layer: torch.nn.Module, out: torch.Tensor) -> torch.Tensor:
-        b, heads, n, d = out.shape
-        return layer.self_attn.o_proj(out.transpose(1, 2).reshape(b, n, heads * d))
+    def layer_tail(self, index: int, residual: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """The rest of a pre-norm layer after attention: a = residual + o_proj(attention), then a + mlp(norm(a)).
+
+        residual: (batch, rows, d); attention: (batch, heads, rows, head_dim); returns (batch, rows, d).
+        """
+        layer = self.layers[index]
+        b, heads, n, d = attention.shape
+        a = residual + layer.self_attn.o_proj(attention.transpose(1, 2).reshape(b, n, heads * d))
+        return a + self.mlp(index, layer.post_attention_layernorm(a))
 
     # -- positions ---------------------------------------------------------------------------
     def window_positions(self, position: int, m: int, f: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
