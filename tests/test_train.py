@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -299,6 +300,77 @@ def test_run_writes_adapter_card_log_and_curve(tmp_path):
     card = json.loads((out / "training_card.json").read_text())
     assert card["steps"] == 3 and card["lora"]["rank"] == 4 and card["rsp_prob"] == 0.8
     assert card["data_mixture"]["weights"]
+
+
+@pytest.mark.parametrize(
+    ("decay", "expected"),
+    [
+        ("none", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        ("linear", [0.5, 1.0, 0.82, 0.64, 0.46, 0.28, 0.1]),
+        ("cosine", [0.5, 1.0, 0.9140576, 0.6890576, 0.4109424, 0.1859424, 0.1]),
+    ],
+)
+def test_learning_rate_warms_up_then_decays_to_the_final_fraction(tmp_path, decay, expected):
+    config = tiny_config(tmp_path, steps=7, warmup_steps=2, lr_decay=decay, lr_final=0.1)
+    assert [config.lr_scale(step) for step in range(7)] == pytest.approx(expected)
+    trainer = Trainer(config, loaded=tiny_loaded(), data=KeyRecall())
+    base = [group["lr"] for group in trainer.optimizer.param_groups]
+    for step in range(3):
+        trainer.train_step()
+        assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx(
+            [lr * expected[step] for lr in base]
+        )
+
+
+def test_keep_best_writes_the_adapter_of_the_best_evaluation_and_a_resume_keeps_it(tmp_path):
+    """Held-out scores (accuracy, then key log-prob) scripted per step: best/ holds the weights of step 3,
+    and a resumed run whose evaluations are worse leaves it there."""
+    from safetensors.torch import load_file
+
+    scores = {1: (0.5, -2.0), 2: (0.25, -0.5), 3: (0.5, -1.0), 4: (0.5, -3.0), 5: (0.25, 0.0), 6: (0.5, -1.5)}
+    prompts = {}
+
+    def scripted(trainer):
+        def evaluate():
+            prompts[trainer.step] = trainer.prompt.detach().clone()
+            accuracy, logprob = scores[trainer.step]
+            return {
+                "step": trainer.step,
+                "eval": {"length": 32, "depth": 0.0, "trials": 4, "accuracy": accuracy, "key_logprob": logprob},
+            }
+
+        trainer.evaluate = evaluate
+        return trainer
+
+    config = tiny_config(tmp_path, steps=4, eval_every=1, keep_best=True)
+    scripted(Trainer(config, loaded=tiny_loaded(), data=KeyRecall())).run(progress=False)
+    best = tmp_path / "run" / "best"
+    for name in ("famviz_adapter.json", "fam_prompt.safetensors", "adapter_model.safetensors", "training_card.json"):
+        assert (best / name).is_file(), name
+    card = json.loads((best / "training_card.json").read_text())
+    assert card["steps"] == 3 and card["best_held_out"]["step"] == 3
+    assert torch.equal(load_file(str(best / "fam_prompt.safetensors"))["fam_prompt"], prompts[3])
+    assert not torch.equal(prompts[3], prompts[4])  # the run's last weights are not the best
+    final = json.loads((tmp_path / "run" / "training_card.json").read_text())
+    assert final["steps"] == 4 and final["best_held_out"] == {"step": 3, **final["held_out_passkey_during_training"][2]}
+
+    resumed = scripted(Trainer(replace(config, steps=6), loaded=tiny_loaded(), data=KeyRecall()))
+    resumed.run(resume=True, progress=False)
+    assert json.loads((best / "training_card.json").read_text())["steps"] == 3
+    assert torch.equal(load_file(str(best / "fam_prompt.safetensors"))["fam_prompt"], prompts[3])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"lr_decay": "sideways"}, "--lr-decay"),
+        ({"lr_decay": "cosine", "lr_final": 1.5}, "--lr-final"),
+        ({"keep_best": True, "eval_every": 0}, "--eval-every"),
+    ],
+)
+def test_schedule_and_keep_best_options_are_checked(tmp_path, overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        tiny_config(tmp_path, **overrides).validate()
 
 
 # -- data ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from famviz.training.config import LORA_TARGETS
+from famviz.training.config import LORA_TARGETS, TrainConfig
 from famviz.training.data import parse_mixture
 
 if TYPE_CHECKING:
@@ -97,6 +97,17 @@ def text_sources(trainer: Trainer) -> dict | str | None:
     return described
 
 
+def best_evaluation(history: list[dict]) -> dict | None:
+    kept = [r for r in history if r.get("kept_best")]
+    return dict(step=kept[-1]["step"], **kept[-1]["eval"]) if kept else None
+
+
+def schedule_words(config: TrainConfig) -> str:
+    if config.lr_decay == "none":
+        return "constant"
+    return f"{config.lr_decay} decay to {config.lr_final:g} × lr at step {config.steps}"
+
+
 def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) -> dict:
     config = trainer.config
     steps = [r for r in trainer.history if "loss" in r]
@@ -126,7 +137,7 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
         "tokens_seen": sum(r["tokens"] for r in steps),
         "batch_size": config.batch_size,
         "optimizer": f"AdamW (betas 0.9/0.99), lr {config.lr}, prompt lr {config.prompt_lr or config.lr}, "
-        f"warm-up {config.warmup_steps} steps then constant, grad clip {config.grad_clip}",
+        f"warm-up {config.warmup_steps} steps then {schedule_words(config)}, grad clip {config.grad_clip}",
         "lora": {
             "rank": config.lora_rank,
             "alpha": config.lora_alpha or 2 * config.lora_rank,
@@ -164,6 +175,7 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
         "lora_storage_dtype": config.adapter_dtype or config.dtype,
         "final_loss_mean_last_50": sum(r["loss"] for r in tail) / max(len(tail), 1),
         "held_out_passkey_during_training": [dict(step=r["step"], **r["eval"]) for r in evals],
+        "best_held_out": best_evaluation(trainer.history),  # what --keep-best wrote to best/
         "evaluation": {},
         "software": {"torch": torch.__version__, "python": platform.python_version()},
     }

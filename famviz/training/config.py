@@ -7,6 +7,7 @@ and options given again override them.
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 from dataclasses import dataclass, fields, replace
@@ -24,6 +25,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 CHECKPOINT_DIR = "checkpoint"
 TRAIN_CONFIG = "train_config.json"
 LOG_FILE = "train_log.jsonl"
+BEST_DIR = "best"  # --keep-best: the adapter of the best held-out evaluation
+LR_DECAYS = ("none", "linear", "cosine")
 
 
 @dataclass
@@ -38,6 +41,8 @@ class TrainConfig:
     lr: float = 5e-4
     prompt_lr: float | None = None  # default: lr
     warmup_steps: int = 20
+    lr_decay: str = "none"  # none, linear or cosine: from the end of warm-up down to lr × lr_final at --steps
+    lr_final: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch_size: int = 1
@@ -65,6 +70,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_trials: int = 8
     eval_tokens: int = 1024
+    keep_best: bool = False  # the adapter of the best held-out evaluation so far, in best/
     checkpoint_every: int = 50
     max_minutes: float | None = None  # stop (checkpoint + adapter) after this wall time
     seed: int = 0
@@ -81,6 +87,17 @@ class TrainConfig:
     def fam_config(self) -> FamConfig:
         return FamConfig(mode=self.mode, block_size=self.block_size, fam_len=self.fam_len, mem_blocks=self.mem_blocks)
 
+    def lr_scale(self, step: int) -> float:
+        """Multiplier of the base learning rates at optimiser step ``step`` (0-based): linear warm-up to 1,
+        then 1 (``lr_decay`` none) or a linear / cosine decay reaching ``lr_final`` at the last step."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_decay == "none" or self.steps <= self.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step + 1 - self.warmup_steps) / (self.steps - self.warmup_steps))
+        shape = 1.0 - progress if self.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.lr_final + (1.0 - self.lr_final) * shape
+
     def validate(self) -> None:
         if self.mode not in ("fam", "bswa"):
             raise ConfigError(f"training mode must be fam or bswa, got {self.mode!r}")
@@ -96,6 +113,12 @@ class TrainConfig:
             raise ConfigError(f"--passkey-aligned must be within 0…1, got {self.passkey_aligned}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ConfigError(f"--lr-decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
+        if not 0 <= self.lr_final <= 1:
+            raise ConfigError(f"--lr-final must be within 0…1 (a fraction of --lr), got {self.lr_final}")
+        if self.keep_best and not self.eval_every:
+            raise ConfigError("--keep-best keeps the best held-out evaluation: give --eval-every too")
         parse_mixture(self.data)
         if self.corpus and "copy" not in parse_mixture(self.data):
             raise ConfigError(
@@ -149,6 +172,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         ("lr", float, "LoRA learning rate"),
         ("prompt_lr", float, "FAM prompt learning rate (default: --lr)"),
         ("warmup_steps", int, "linear warm-up steps"),
+        ("lr_decay", str, "learning-rate decay after warm-up: none, linear or cosine (to lr × lr-final at --steps)"),
+        ("lr_final", float, "the decayed learning rate at --steps, as a fraction of --lr"),
         ("batch_size", int, "sequences per step (per process)"),
         ("lora_rank", int, "LoRA rank"),
         ("lora_alpha", float, "LoRA alpha (default 2×rank)"),
@@ -230,6 +255,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         default=None,
         help="keep every layer's activations instead of recomputing them in backward (faster, more memory)",
+    )
+    parser.add_argument(
+        "--keep-best",
+        dest="keep_best",
+        action="store_true",
+        default=None,
+        help="write the adapter of the best held-out evaluation so far (accuracy, then key log-prob) to DIR/best",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--device", default=None, help="auto, cpu or cuda (default auto: Accelerate's device)")

@@ -34,9 +34,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from famviz.errors import ConfigError
-from famviz.training.card import training_card
+from famviz.training.card import best_evaluation, training_card
 from famviz.training.checkpoints import load_checkpoint, save_checkpoint
-from famviz.training.config import CHECKPOINT_DIR, LOG_FILE, LORA_TARGETS, TRAIN_CONFIG, TrainConfig, config_from_args
+from famviz.training.config import (
+    BEST_DIR,
+    CHECKPOINT_DIR,
+    LOG_FILE,
+    LORA_TARGETS,
+    TRAIN_CONFIG,
+    TrainConfig,
+    config_from_args,
+)
 from famviz.training.data import Example, ExampleStream, TextCorpus, parse_mixture, parse_range
 from famviz.training.loss import collate, global_parts, passkey_teacher_forced, sequence_loss
 from famviz.training.rpo_rsp import (
@@ -72,6 +80,15 @@ def smoothed_loss(history: list[dict], smoothed: float | None = None) -> float |
         if "loss" in record:
             smoothed = record["loss"] if smoothed is None else 0.95 * smoothed + 0.05 * record["loss"]
     return smoothed
+
+
+def beats(evaluation: dict, best: dict | None) -> bool:
+    """Whether a held-out evaluation is better than the best so far: higher accuracy, then higher key log-prob
+    (the tie-break that 8-16 trials need)."""
+    result = evaluation["eval"]
+    if best is None or best["length"] != result["length"]:  # a curriculum's next length starts afresh
+        return True
+    return (result["accuracy"], result["key_logprob"]) > (best["accuracy"], best["key_logprob"])
 
 
 def resumed_stage(history: list[dict], stages: list[int]) -> int:
@@ -282,7 +299,7 @@ class Trainer:
         offsets = draw_position_offsets(self.rng, len(drawn), self.theta) if config.rpo else None
         self.fam_model.position_offsets = offsets[rank * batch : (rank + 1) * batch] if offsets is not None else None
         passed = self.state_passing.choose(self.rng) if self.prompt is not None else None
-        lr_scale = min(1.0, (self.step + 1) / max(1, config.warmup_steps))
+        lr_scale = config.lr_scale(self.step)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * lr_scale
         self.peft_model.train()
@@ -458,6 +475,14 @@ class Trainer:
                     evaluation = self.evaluate()
                     self.history.append(evaluation)
                 if config.eval_every and self.step % config.eval_every == 0 and main:
+                    if config.keep_best and beats(evaluation, best_evaluation(self.history[:-1])):
+                        evaluation["kept_best"] = True
+                        self.save_adapter(wall_before + time.time() - started, self.out / BEST_DIR)
+                        log.info(
+                            "step %d: the best held-out evaluation so far, adapter written to %s",
+                            self.step,
+                            self.out / BEST_DIR,
+                        )
                     log_file.write(json.dumps(evaluation) + "\n")
                     log_file.flush()
                     log.info(
@@ -480,7 +505,7 @@ class Trainer:
                 log_file.close()
         if main:
             self.save_checkpoint()
-            self.save_adapter(wall_seconds=wall_before + time.time() - started, stopped_early=stopped_early)
+            self.save_adapter(wall_before + time.time() - started, stopped_early=stopped_early)
             write_loss_curve(self.history, self.out, self.config.mode)
         acc.wait_for_everyone()
         return self.out
@@ -498,13 +523,15 @@ class Trainer:
             self.history,
         )
 
-    def save_adapter(self, wall_seconds: float, stopped_early: bool = False) -> None:
+    def save_adapter(self, wall_seconds: float, directory: Path | None = None, stopped_early: bool = False) -> None:
+        """The adapter and its training card, in the run directory (or ``directory``, e.g. best/)."""
         from famviz.io.adapters import write_adapter, write_training_card
         from famviz.io.models import resolve_dtype
 
+        directory = directory or self.out
         lora_dtype = resolve_dtype(self.config.adapter_dtype) if self.config.adapter_dtype else None
-        write_adapter(self.out, self.loaded, self.config.fam_config(), self.prompt, self.peft_model, lora_dtype)
-        write_training_card(self.out, training_card(self, wall_seconds, stopped_early))
+        write_adapter(directory, self.loaded, self.config.fam_config(), self.prompt, self.peft_model, lora_dtype)
+        write_training_card(directory, training_card(self, wall_seconds, stopped_early))
 
 
 def run_train(args: argparse.Namespace) -> int:
