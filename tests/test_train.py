@@ -315,49 +315,76 @@ def test_learning_rate_warms_up_then_decays_to_the_final_fraction(tmp_path, deca
     assert [config.lr_scale(step) for step in range(7)] == pytest.approx(expected)
     trainer = Trainer(config, loaded=tiny_loaded(), data=KeyRecall())
     base = [group["lr"] for group in trainer.optimizer.param_groups]
-    for step in range(3):
+    seen = []  # the rates each update is made with
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append([group["lr"] for group in trainer.optimizer.param_groups])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    for _ in range(3):
         trainer.train_step()
-        assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx(
-            [lr * expected[step] for lr in base]
-        )
+    assert seen == [pytest.approx([lr * expected[i] for lr in base]) for i in range(3)]
 
 
-def test_keep_best_writes_the_adapter_of_the_best_evaluation_and_a_resume_keeps_it(tmp_path):
-    """Held-out scores (accuracy, then key log-prob) scripted per step: best/ holds the weights of step 3,
-    and a resumed run whose evaluations are worse leaves it there."""
+def test_keep_best_writes_the_adapter_of_the_best_evaluation_and_resumes_keep_it(tmp_path):
+    """Held-out scores (accuracy, then key log-prob) scripted per step: best/ holds the weights of step 3, a
+    crash after it and a resume whose evaluations are worse leave it there, and a new held-out length
+    (a curriculum's next stage) starts afresh."""
+    from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    scores = {1: (0.5, -2.0), 2: (0.25, -0.5), 3: (0.5, -1.0), 4: (0.5, -3.0), 5: (0.25, 0.0), 6: (0.5, -1.5)}
-    prompts = {}
+    scores = {1: (0.5, -2.0), 2: (0.25, -0.5), 3: (0.5, -1.0), 4: (0.5, -3.0), 5: (0.25, 0.0), 6: (0.0, -9.0)}
+    weights = {}
 
-    def scripted(trainer):
+    def scripted(trainer, crash_at=None):
         def evaluate():
-            prompts[trainer.step] = trainer.prompt.detach().clone()
+            if trainer.step == crash_at:
+                raise KeyboardInterrupt
+            lora = get_peft_model_state_dict(trainer.peft_model)
+            weights[trainer.step] = (trainer.prompt.detach().clone(), {k: v.clone() for k, v in lora.items()})
             accuracy, logprob = scores[trainer.step]
+            length = 64 if trainer.step == 6 else 32
             return {
                 "step": trainer.step,
-                "eval": {"length": 32, "depth": 0.0, "trials": 4, "accuracy": accuracy, "key_logprob": logprob},
+                "eval": {"length": length, "depth": 0.0, "trials": 4, "accuracy": accuracy, "key_logprob": logprob},
             }
 
         trainer.evaluate = evaluate
         return trainer
 
-    config = tiny_config(tmp_path, steps=4, eval_every=1, keep_best=True)
-    scripted(Trainer(config, loaded=tiny_loaded(), data=KeyRecall())).run(progress=False)
+    def best_step():
+        return json.loads((best / "training_card.json").read_text())["steps"]
+
+    def assert_best_holds(step):
+        prompt, lora = weights[step]
+        assert torch.equal(load_file(str(best / "fam_prompt.safetensors"))["fam_prompt"], prompt)
+        stored = load_file(str(best / "adapter_model.safetensors"))
+        assert stored.keys() == lora.keys() and all(torch.equal(stored[k], lora[k]) for k in lora)
+
+    config = tiny_config(tmp_path, steps=6, eval_every=1, checkpoint_every=2, keep_best=True)
     best = tmp_path / "run" / "best"
+    with pytest.raises(KeyboardInterrupt):
+        scripted(Trainer(config, loaded=tiny_loaded(), data=KeyRecall()), crash_at=4).run(progress=False)
     for name in ("famviz_adapter.json", "fam_prompt.safetensors", "adapter_model.safetensors", "training_card.json"):
         assert (best / name).is_file(), name
     card = json.loads((best / "training_card.json").read_text())
     assert card["steps"] == 3 and card["best_held_out"]["step"] == 3
-    assert torch.equal(load_file(str(best / "fam_prompt.safetensors"))["fam_prompt"], prompts[3])
-    assert not torch.equal(prompts[3], prompts[4])  # the run's last weights are not the best
-    final = json.loads((tmp_path / "run" / "training_card.json").read_text())
-    assert final["steps"] == 4 and final["best_held_out"] == {"step": 3, **final["held_out_passkey_during_training"][2]}
+    assert_best_holds(3)
+    # The kept best was checkpointed at once (not at the next even step), so no resume redoes step 3 unflagged.
+    assert torch.load(tmp_path / "run" / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
 
-    resumed = scripted(Trainer(replace(config, steps=6), loaded=tiny_loaded(), data=KeyRecall()))
-    resumed.run(resume=True, progress=False)
-    assert json.loads((best / "training_card.json").read_text())["steps"] == 3
-    assert torch.equal(load_file(str(best / "fam_prompt.safetensors"))["fam_prompt"], prompts[3])
+    scripted(Trainer(replace(config, steps=5), loaded=tiny_loaded(), data=KeyRecall())).run(resume=True, progress=False)
+    assert best_step() == 3
+    assert_best_holds(3)
+    assert not torch.equal(weights[3][0], weights[5][0])  # the run's last weights are not the best
+    final = json.loads((tmp_path / "run" / "training_card.json").read_text())
+    assert final["steps"] == 5 and final["best_held_out"] == {"step": 3, **final["held_out_passkey_during_training"][2]}
+
+    scripted(Trainer(config, loaded=tiny_loaded(), data=KeyRecall())).run(resume=True, progress=False)
+    assert best_step() == 6  # 0% at the new length, but the first of its kind
+    assert_best_holds(6)
 
 
 @pytest.mark.parametrize(

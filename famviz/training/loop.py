@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -86,7 +87,8 @@ def beats(evaluation: dict, best: dict | None) -> bool:
     """Whether a held-out evaluation is better than the best so far: higher accuracy, then higher key log-prob
     (the tie-break that 8-16 trials need)."""
     result = evaluation["eval"]
-    if best is None or best["length"] != result["length"]:  # a curriculum's next length starts afresh
+    # Scores of other prompts are not comparable: a curriculum's next length (or other --eval-trials) starts afresh.
+    if best is None or (best["length"], best["trials"]) != (result["length"], result["trials"]):
         return True
     return (result["accuracy"], result["key_logprob"]) > (best["accuracy"], best["key_logprob"])
 
@@ -422,6 +424,14 @@ class Trainer:
             (self.out / TRAIN_CONFIG).write_text(json.dumps(asdict(config), indent=2))
         if resume:
             self.resume()
+            evaluated = [r for r in self.history if "eval" in r]
+            if config.keep_best and evaluated and best_evaluation(self.history) is None:
+                log.warning(
+                    "--keep-best: the %d earlier held-out evaluations of this run were not kept; %s/ starts "
+                    "with the next one",
+                    len(evaluated),
+                    BEST_DIR,
+                )
             if main:  # steps run after the last checkpoint were lost with the interruption: drop their records
                 (self.out / LOG_FILE).write_text(
                     "".join(json.dumps(r) + "\n" for r in self.history if "stage" not in r)
@@ -474,15 +484,12 @@ class Trainer:
                     # on every process: the curriculum it may advance decides every process's data
                     evaluation = self.evaluate()
                     self.history.append(evaluation)
+                kept = False
                 if config.eval_every and self.step % config.eval_every == 0 and main:
-                    if config.keep_best and beats(evaluation, best_evaluation(self.history[:-1])):
+                    kept = config.keep_best and beats(evaluation, best_evaluation(self.history[:-1]))
+                    if kept:
                         evaluation["kept_best"] = True
-                        self.save_adapter(wall_before + time.time() - started, self.out / BEST_DIR)
-                        log.info(
-                            "step %d: the best held-out evaluation so far, adapter written to %s",
-                            self.step,
-                            self.out / BEST_DIR,
-                        )
+                        self.save_best(wall_before + time.time() - started)
                     log_file.write(json.dumps(evaluation) + "\n")
                     log_file.flush()
                     log.info(
@@ -492,7 +499,8 @@ class Trainer:
                         100 * evaluation["eval"]["accuracy"],
                         evaluation["eval"]["key_logprob"],
                     )
-                if self.step % config.checkpoint_every == 0 and main:
+                # After a kept best at once: a resume must not redo this step without the flag that names best/.
+                if (self.step % config.checkpoint_every == 0 or kept) and main:
                     self.save_checkpoint()
                 if self.agreed(config.max_minutes is not None and time.time() - started > 60 * config.max_minutes):
                     log.info("stopping after %.1f minutes (--max-minutes) at step %d", config.max_minutes, self.step)
@@ -522,6 +530,16 @@ class Trainer:
             self.state_passing,
             self.history,
         )
+
+    def save_best(self, wall_seconds: float) -> None:
+        """The adapter of this step in ``best/`` (written aside, then renamed: complete or the previous one)."""
+        best = self.out / BEST_DIR
+        tmp = best.with_name(best.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.save_adapter(wall_seconds, tmp)
+        shutil.rmtree(best, ignore_errors=True)
+        tmp.rename(best)
+        log.info("step %d: the best held-out evaluation so far, adapter written to %s", self.step, best)
 
     def save_adapter(self, wall_seconds: float, directory: Path | None = None, stopped_early: bool = False) -> None:
         """The adapter and its training card, in the run directory (or ``directory``, e.g. best/)."""
