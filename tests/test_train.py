@@ -369,6 +369,9 @@ def test_keep_best_writes_the_adapter_of_the_best_evaluation_and_resumes_keep_it
         scripted(Trainer(config, loaded=tiny_loaded(), data=KeyRecall()), crash_at=4).run(progress=False)
     for name in ("famviz_adapter.json", "fam_prompt.safetensors", "adapter_model.safetensors", "training_card.json"):
         assert (best / name).is_file(), name
+    assert json.loads((best / "train_config.json").read_text())["keep_best"]
+    logged = [json.loads(line) for line in (best / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "eval" in r] == [1, 2, 3] and logged[-1]["kept_best"]
     card = json.loads((best / "training_card.json").read_text())
     assert card["steps"] == 3 and card["best_held_out"]["step"] == 3
     assert_best_holds(3)

@@ -537,6 +537,9 @@ class Trainer:
         tmp = best.with_name(best.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self.save_adapter(wall_seconds, tmp)
+        # The recipe and the log up to here too, so best/ is a run directory of its own (bench --train reads it).
+        shutil.copy2(self.out / TRAIN_CONFIG, tmp / TRAIN_CONFIG)
+        (tmp / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in self.history if "stage" not in r))
         shutil.rmtree(best, ignore_errors=True)
         tmp.rename(best)
         log.info("step %d: the best held-out evaluation so far, adapter written to %s", self.step, best)
