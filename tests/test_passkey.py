@@ -357,6 +357,21 @@ def test_the_default_adapter_retrieves_pass_keys_through_its_memory(bundled_bf16
 
 @pytest.mark.slow
 @pytest.mark.integration
+def test_the_retrieval_adapter_answers_from_its_fam_over_eight_blocks():
+    """`-retrieval` (its card, 50 trials: 94% at 512, 96% at 2,048, 72% at 4,096, 62% at 8,192 tokens): fixed
+    trials at 2,048 tokens, the question ending the eighth block, greedy."""
+    from famviz import load_model
+    from famviz.io.adapters import SHIPPED_ADAPTERS, apply_adapter
+
+    config = FamConfig(mode="fam", block_size=256, fam_len=64, mem_blocks=0)
+    tuned = load_model(dtype="bfloat16")
+    prompt = apply_adapter(SHIPPED_ADAPTERS / "smollm2-135m-fam64-block256-mem0-retrieval", tuned, config)
+    cell = pk.sweep(tuned, [pk.ModeSpec("fam", 0)], [2048], [0.0], trials=8, seed=0, base=config, fam_prompt=prompt)[0]
+    assert cell.accuracy >= 0.75 and cell.mean_key_logprob > -1.5, (cell.accuracy, cell.mean_key_logprob)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
 def test_the_default_adapter_predicts_long_text_better_than_untuned_bswa(bundled_bf16):
     """The app's default adapter (its card: GPL-3 NLL 3.136 against 3.323 for untuned BSWA over 7,658 tokens):
     over the first 2,048 held-out tokens its FAM stream predicts better than the untuned model with BSWA and
