@@ -397,7 +397,8 @@ def recipe_config(
         device=device,
         dtype=dtype,
         init_from=None,
-        eval_every=0,
+        eval_every=0,  # no held-out evaluations, so nothing to keep the best of
+        keep_best=False,
         max_minutes=None,
         threads=None,
         steps=10**9,

@@ -113,6 +113,8 @@ def test_train_bench_reads_the_recipe_and_compares_in_one_run(tmp_path):
         passkey_tokens="60-90",
         readout_weight=1.0,
         checkpoint_layers=False,
+        eval_every=25,  # the run's own options, which the bench must not need (no evaluations, no best/)
+        keep_best=True,
     )
     (recipe / TRAIN_CONFIG).write_text(json.dumps(asdict(config)))
     figures = run_train_bench(
