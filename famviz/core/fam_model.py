@@ -24,6 +24,7 @@ import torch.utils.checkpoint
 
 from famviz.core.attention import BACKENDS, AttentionStats, WindowLayout, attend, window_mask
 from famviz.core.config import FamConfig
+from famviz.core.linear_nll import linear_nll
 from famviz.core.projections import ProjectionGroup
 from famviz.io.models import LoadedModel
 
@@ -407,7 +408,8 @@ class FamModel:
         if not self.fused_projections:
             return mlp(h)
         gate, up = self._group(index, "gate_up", (mlp.gate_proj, mlp.up_proj))(h)
-        return mlp.down_proj(mlp.act_fn(gate) * up)
+        (down,) = self._group(index, "down", (mlp.down_proj,))(mlp.act_fn(gate) * up)
+        return down
 
     def layer_tail(self, index: int, residual: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """The rest of a pre-norm layer after attention: a = residual + o_proj(attention), then a + mlp(norm(a)).
@@ -416,7 +418,12 @@ class FamModel:
         """
         layer = self.layers[index]
         b, heads, n, d = attention.shape
-        a = residual + layer.self_attn.o_proj(attention.transpose(1, 2).reshape(b, n, heads * d))
+        merged_heads = attention.transpose(1, 2).reshape(b, n, heads * d)
+        if self.fused_projections:
+            (attended,) = self._group(index, "o", (layer.self_attn.o_proj,))(merged_heads)
+        else:
+            attended = layer.self_attn.o_proj(merged_heads)
+        a = residual + attended
         return a + self.mlp(index, layer.post_attention_layernorm(a))
 
     # -- positions ---------------------------------------------------------------------------
@@ -458,6 +465,15 @@ class FamModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (batch, n, vocab) of final-norm hidden states (batch, n, d)."""
         return self.model.lm_head(hidden)
+
+    def target_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """NLL (rows,) float32 of ``targets`` (rows,) given final-norm hidden rows (rows, d), differentiable
+        in ``hidden``; through ``linear_nll`` (no (rows, vocab) tensor kept for backward) when the output
+        projection is a frozen plain linear map."""
+        head = self.model.lm_head
+        if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
+            return linear_nll(hidden, head.weight, targets)
+        return torch.nn.functional.cross_entropy(self.logits(hidden).float(), targets, reduction="none")
 
     NLL_ROWS = 32  # rows per float32 log-softmax in next_token_nll
 

@@ -31,10 +31,10 @@ def weighted_predictions(
     window_kv: list | None = None,
 ) -> Iterator[tuple[StreamState, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]]:
     """Stream whole sequences block by block; per block, yield the next state and, when any prediction in
-    the block is weighted, (float32 logits, targets, weights) of those predictions only.
+    the block is weighted, (final-norm hidden rows, targets, weights) of those predictions only.
 
     ``weights[b, i]`` weighs predicting ``ids[b, i]`` (position i-1 predicts token i).
-    ids: (batch, n) long; weights: (batch, n); the yielded logits are (k, vocab), targets and weights (k,)
+    ids: (batch, n) long; weights: (batch, n); the yielded rows are (k, d), targets and weights (k,)
     for the block's k weighted predictions.
     ``skip_unseen``: when blocks are independent (BSWA without memory), a block with no weighted
     prediction affects nothing and is not run (losses and gradients are identical).
@@ -63,7 +63,7 @@ def weighted_predictions(
         w = weights[:, start + 1 : start + n + 1]
         targets = F.pad(targets, (0, n - targets.shape[1]))[mask]
         w = F.pad(w, (0, n - w.shape[1]))[mask]
-        yield state, (fam_model.logits(out.hidden[mask]).float(), targets, w)
+        yield state, (out.hidden[mask], targets, w)
 
 
 @dataclass
@@ -141,8 +141,7 @@ def sequence_loss(
             hidden = torch.cat([question_rows, rest], dim=1)[:, :-1]
         else:
             hidden = fam_model.read_block(readout.ids, at, readout_offset)[:, :-1]
-        logits = fam_model.logits(hidden[mask]).float()
-        nll = F.cross_entropy(logits, readout.ids[:, 1:][mask], reduction="none")
+        nll = fam_model.target_nll(hidden[mask], readout.ids[:, 1:][mask])
         return (nll * w[mask]).sum(), int(mask.sum())
 
     for state, scored in weighted_predictions(fam_model, ids, weights, state, skip_unseen, window_kv):  # noqa: B020 - each block's state replaces the one before
@@ -153,8 +152,8 @@ def sequence_loss(
             nll_sum, n = ask(*waiting, next_block_kv=window_kv)
             probe_sum, probe_count, waiting = probe_sum + nll_sum, probe_count + n, None
         if scored is not None:
-            logits, targets, w = scored
-            main_sum = main_sum + (F.cross_entropy(logits, targets, reduction="none") * w).sum()
+            rows, targets, w = scored
+            main_sum = main_sum + (fam_model.target_nll(rows, targets) * w).sum()
         if readout is not None:
             end = state.position - start
             asked = (readout.first <= end) & (end + readout_fill <= readout.last)
@@ -306,7 +305,8 @@ def _score_tokens(
     hits, logprobs = [], []
     for _, scored in weighted_predictions(fam_model, ids, weights, state):
         if scored is not None:
-            logits, targets, _ = scored
+            rows, targets, _ = scored
+            logits = fam_model.logits(rows)
             hits.append(logits.argmax(-1) == targets)
             logprobs.append(-F.cross_entropy(logits.float(), targets, reduction="none"))
     return torch.cat(hits), torch.cat(logprobs)
