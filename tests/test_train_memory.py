@@ -344,6 +344,44 @@ def test_finish_block_equals_forward_block_on_the_whole_block_in_value_and_gradi
         bounded.finish_block(new, bounded.initial_state(), [], prefix=5)
 
 
+def test_layer_recompute_covers_side_blocks_and_changes_no_value_or_gradient(tmp_path, monkeypatch):
+    """With --checkpoint-layers, forward_block, finish_block and read_block all recompute their layers in
+    backward (one checkpoint per layer each), with the values and gradients of keeping the activations."""
+    trainer = Trainer(tiny_config(tmp_path), loaded=tiny_loaded(), data=KeyWithProbe())
+    fam = trainer.fam_model
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(30, VOCAB, (1, 16), generator=generator)
+    probe = torch.randint(30, VOCAB, (1, 3), generator=generator)
+    checkpoints = []
+    original = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(
+        torch.utils.checkpoint, "checkpoint", lambda *a, **k: checkpoints.append(a[0].__name__) or original(*a, **k)
+    )
+
+    def run(recompute: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        fam.checkpoint_layers = recompute
+        state = initial_training_state(fam, 1, trainer.prompt, None)
+        window_kv: list = []
+        state = fam.forward_block(ids[:, :8], state, window_kv=window_kv).state
+        finished = fam.finish_block(probe, initial_training_state(fam, 1, trainer.prompt, None), window_kv, prefix=5)
+        read = fam.read_block(probe, state)
+        outputs = [finished.hidden, read, *finished.state.fam, *state.fam]
+        loss = sum(o.float().pow(2).sum() for o in outputs)
+        grads = torch.autograd.grad(loss, trainer.trainable_parameters, allow_unused=True)
+        return torch.cat([o.flatten() for o in outputs]), grads
+
+    kept_values, kept_grads = run(False)
+    assert checkpoints == []
+    recomputed_values, recomputed_grads = run(True)
+    layers = len(fam.layers)
+    assert checkpoints == ["_layer_block"] * layers + ["_finish_layer"] * layers + ["_read_layer"] * layers
+    torch.testing.assert_close(recomputed_values, kept_values)
+    for a, b in zip(recomputed_grads, kept_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
 def test_filled_probes_share_the_next_blocks_rows_instead_of_running_a_block_of_their_own(tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(tmp_path), loaded=tiny_loaded(), data=KeyWithProbe())
     example = KeyWithProbe().draw(random.Random(0))

@@ -17,7 +17,7 @@ modes the memory therefore keeps keys *before* RoPE and rotates them per block w
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import torch
 import torch.utils.checkpoint
@@ -27,6 +27,11 @@ from famviz.core.config import FamConfig
 from famviz.core.linear_nll import linear_nll
 from famviz.core.projections import ProjectionGroup
 from famviz.io.models import LoadedModel
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -210,13 +215,7 @@ class FamModel:
         x = self.decoder.embed_tokens(input_ids.to(self.device))
         new_fam, new_k, new_v, stats = [], [], [], []
         for index in range(len(self.layers)):
-            if self.checkpoint_layers and torch.is_grad_enabled():
-                # Training backpropagates through every block: recompute each layer instead of keeping it.
-                outputs = torch.utils.checkpoint.checkpoint(
-                    self._layer_block, index, x, state, layout, angles, with_stats, use_reentrant=False
-                )
-            else:
-                outputs = self._layer_block(index, x, state, layout, angles, with_stats)
+            outputs = self._run_layer(self._layer_block, index, x, state, layout, angles, with_stats)
             x = outputs.hidden
             if f:
                 new_fam.append(outputs.fam)
@@ -265,18 +264,10 @@ class FamModel:
         x = self.decoder.embed_tokens(input_ids.to(self.device))
         new_fam = []
         for index in range(len(self.layers)):
-            fam = state.fam[index]
-            z = torch.cat([fam, x], dim=1)
-            q, k, v = self.qkv(index, z)
-            q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             prefix_k, prefix_v = (t[:, :, f : f + prefix] for t in window_kv[index])  # window: [FAM | block]
-            keys = torch.cat([k_rot[:, :, :f], prefix_k, k_rot[:, :, f:]], dim=2)
-            values = torch.cat([v[:, :, :f], prefix_v, v[:, :, f:]], dim=2)
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q_rot, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=q.shape[1] != keys.shape[1]
+            h = self._run_layer(
+                self._finish_layer, index, x, state.fam[index], prefix_k, prefix_v, cos, sin, mask, state.fam_fresh
             )
-            residual = torch.cat([torch.zeros_like(fam), x], dim=1) if state.fam_fresh else z  # as _layer_block
-            h = self.layer_tail(index, residual, out)
             new_fam.append(h[:, :f])
             x = h[:, f:]
         next_state = replace(state, position=state.position + n, fam=tuple(new_fam), fam_fresh=False)
@@ -300,19 +291,61 @@ class FamModel:
             rows_sin = torch.cat([rows_sin[:, :, :f], rows_sin[:, :, f + offset :]], dim=2)
         mask = window_mask(layout, self.device)[f:]  # the block rows of the window's mask
         x = self.decoder.embed_tokens(input_ids.to(self.device))
+        angles = WindowAngles(rows_cos, rows_sin, mem_cos, mem_sin)
         for index in range(len(self.layers)):
-            z = torch.cat([state.fam[index], x], dim=1) if f else x
-            q, k, v = self.qkv(index, z)
-            q_rot, k_rot = (
-                apply_rope(q[:, :, f:], rows_cos[:, :, f:], rows_sin[:, :, f:]),
-                apply_rope(k, rows_cos, rows_sin),
-            )
-            keys, values = self._window_kv(index, state, k_rot, v, mem_cos, mem_sin)
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q_rot, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=q.shape[1] != keys.shape[1]
-            )
-            x = self.layer_tail(index, x, out)
+            x = self._run_layer(self._read_layer, index, x, state, angles, mask)
         return self.decoder.norm(x)
+
+    def _run_layer(self, step: Callable[..., T], *args: object) -> T:
+        """``step(*args)``, one layer's work; in training with ``checkpoint_layers`` recomputed in backward
+        instead of keeping its activations (training backpropagates through every block)."""
+        if self.checkpoint_layers and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
+        return step(*args)
+
+    def _finish_layer(
+        self,
+        index: int,
+        x: torch.Tensor,
+        fam: torch.Tensor,
+        prefix_k: torch.Tensor,
+        prefix_v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        fam_fresh: bool,
+    ) -> torch.Tensor:
+        """One layer of ``finish_block``: rows [FAM ; new tokens] (batch, f + s, d) out, reading the prefix's
+        rotated keys and values (batch, kv_heads, prefix, head_dim) between them."""
+        f = fam.shape[1]
+        z = torch.cat([fam, x], dim=1)
+        q, k, v = self.qkv(index, z)
+        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys = torch.cat([k_rot[:, :, :f], prefix_k, k_rot[:, :, f:]], dim=2)
+        values = torch.cat([v[:, :, :f], prefix_v, v[:, :, f:]], dim=2)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q_rot, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=q.shape[1] != keys.shape[1]
+        )
+        residual = torch.cat([torch.zeros_like(fam), x], dim=1) if fam_fresh else z  # as _layer_block
+        return self.layer_tail(index, residual, out)
+
+    def _read_layer(
+        self, index: int, x: torch.Tensor, state: StreamState, angles: WindowAngles, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One layer of ``read_block``: the block rows (batch, n, d) out; the FAM rows are keys only."""
+        f = self.fam_len
+        rows_cos, rows_sin, mem_cos, mem_sin = angles
+        z = torch.cat([state.fam[index], x], dim=1) if f else x
+        q, k, v = self.qkv(index, z)
+        q_rot, k_rot = (
+            apply_rope(q[:, :, f:], rows_cos[:, :, f:], rows_sin[:, :, f:]),
+            apply_rope(k, rows_cos, rows_sin),
+        )
+        keys, values = self._window_kv(index, state, k_rot, v, mem_cos, mem_sin)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q_rot, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=q.shape[1] != keys.shape[1]
+        )
+        return self.layer_tail(index, x, out)
 
     def _layer_block(
         self,
