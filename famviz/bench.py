@@ -8,7 +8,7 @@ runs on are shared and noisy. ``run_bench`` returns one flat dict (the ``--json`
 Figures (fam = block 256, fam_len 64, mem_blocks 1, trace recorded in its compact form unless stated):
 
 - ``fam_vs_full``: fam tokens/s ÷ the model's own forward (one call, SDPA, same dtype) on the same document;
-- ``mfu``: 2 × parameters × fam tokens/s ÷ the bf16 matrix-multiply FLOP/s measured in the same run;
+- ``mfu``: 2 × parameters × fam tokens/s ÷ the matrix-multiply FLOP/s in the model's dtype, same run;
 - ``memory_growth``: peak RSS streaming the large document ÷ streaming the small one (16× fewer tokens);
 - ``trace_on_vs_off``, ``fam_vs_bswa``: time ratios on the small document;
 - ``probe_vs_block``: one live PassKey probe (question + greedy answer on a fork of the state) ÷ one block;
@@ -226,8 +226,8 @@ def run_bench(
         # Speed figures on glibc's usual heap: the 64 KB mmap threshold that keeps RSS flat costs a page
         # fault per large tensor (measured: 1m40 s of system time in a 3 min quick bench).
         steady_heap(32 * 2**20)
-    a = torch.randn(sizes.matmul_size, sizes.matmul_size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(sizes.matmul_size, sizes.matmul_size, device=device, dtype=torch.bfloat16)
+    a = torch.randn(sizes.matmul_size, sizes.matmul_size, device=device, dtype=loaded.dtype)
+    b = torch.randn(sizes.matmul_size, sizes.matmul_size, device=device, dtype=loaded.dtype)
     a @ b
     matmuls = 8
 
@@ -409,7 +409,7 @@ def recipe_config(
 def run_train_bench(
     model: str | None = None,
     device: str = "auto",
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     sizes: TrainBenchSizes = TrainBenchSizes(),
     recipe_dir: str | Path | None = None,
     progress: Callable[[str], None] = lambda message: None,
@@ -474,7 +474,7 @@ def run_train_bench(
     return {
         "model": streamed.name,
         "device": str(device_),
-        "dtype": dtype,
+        "dtype": str(streamed.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
         "recipe": str(recipe_dir) if from_recipe else "TrainConfig defaults (no train_config.json found)",
         "fam": config.fam_config().to_dict(),

@@ -249,7 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="smaller documents (a few minutes)")
     bench.add_argument("--json", action="store_true", help="print one JSON object with every figure")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    bench.add_argument("--dtype", default="bfloat16", choices=["auto", "bfloat16", "float32"])
+    bench.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="default auto: bfloat16 where the CPU or GPU computes it, else float32",
+    )
     bench.add_argument(
         "--model", default=None, help="Hugging Face model id or local path (default: bundled SmolLM2-135M)"
     )

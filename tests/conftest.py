@@ -82,10 +82,12 @@ def bundled_fp32():
 
 
 @pytest.fixture(scope="session")
-def bundled_bf16():
+def bundled_fast():
+    """The bundled model in the dtype ``auto`` picks here: bfloat16 where the CPU (or GPU) computes it, float32
+    where the CPU only emulates it (several times slower: the suite would not fit CI's time)."""
     from famviz import load_model
 
-    return load_model(dtype="bfloat16")
+    return load_model(dtype="auto")
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,15 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def auto_dtype_name() -> str:
+    """What ``--dtype auto`` resolves to on this machine's CPU: bfloat16 where it computes it, else float32."""
+    from famviz.io.models import resolve_dtype
+
+    return str(resolve_dtype("auto", "cpu")).replace("torch.", "")
+
+
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 # Geometry shared by every tiny model: 2 layers, 4 query heads of 16 dims, 2 KV heads.

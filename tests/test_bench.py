@@ -80,10 +80,10 @@ def test_cli_parses_bench_options():
 
 
 @pytest.mark.slow
-def test_quick_bench_on_the_bundled_model(bundled_bf16):
+def test_quick_bench_on_the_bundled_model(bundled_fast):
     """The quick figures on the real model (minutes): every figure, the live probe included."""
     figures = run_bench(
-        bundled_bf16, BenchSizes(compare_tokens=512, small_tokens=512, growth_factor=2, matmul_size=512, repeats=1)
+        bundled_fast, BenchSizes(compare_tokens=512, small_tokens=512, growth_factor=2, matmul_size=512, repeats=1)
     )
     for name in TARGETS:
         assert figures[name] is not None or name == "probe_vs_block", name

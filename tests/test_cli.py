@@ -26,6 +26,7 @@ import torch
 from helpers import (
     SUPPORTED_FAMILIES,
     assert_one_line_error,
+    auto_dtype_name,
     bundled_tokenizer,
     long_text,
     run_cli,
@@ -132,7 +133,7 @@ def check_summary(
     fam_len: int,
     mem_blocks: int,
     vocab_size: int,
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
 ) -> None:
     for key, kind in SUMMARY_TYPES.items():
         assert key in summary, f"missing key {key!r} in {sorted(summary)}"
@@ -153,7 +154,7 @@ def check_summary(
     assert summary["peak_rss_mb"] > 50  # torch alone takes more than that
     assert summary["state_bytes"] > 0
     assert summary["device"] == EXPECTED_DEVICE
-    assert summary["dtype"] == dtype
+    assert summary["dtype"] == (dtype or auto_dtype_name())
 
 
 def check_trace(path: Path, summary: dict, mode: str, document: Path) -> None:
@@ -559,7 +560,7 @@ def test_stream_bundled_model_subprocess():
     assert summary["tokens"] == 600
     assert summary["blocks"] == 3
     assert summary["fam_len"] == 64 and summary["mem_blocks"] == 1 and summary["block_size"] == 256
-    assert summary["dtype"] == "bfloat16"
+    assert summary["dtype"] == auto_dtype_name()
     assert summary["device"] == EXPECTED_DEVICE
     assert math.isfinite(summary["nll_mean"])
     # Without an adapter the FAM is untrained and hurts (README: ~3.7 nats on block 0, ~9 after the first

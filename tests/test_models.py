@@ -125,8 +125,9 @@ def test_load_model_missing_path_is_one_clear_line(tmp_path):
     assert "no-such-model" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("dtype, expected", [("auto", torch.bfloat16), ("float32", torch.float32)])
+@pytest.mark.parametrize("dtype, expected", [("auto", None), ("float32", torch.float32)])
 def test_load_model_tiny_directory(tmp_path, dtype, expected):
+    expected = expected or models.resolve_dtype("auto", torch.device("cpu"))
     model = tiny_causal_lm("qwen2")
     model.save_pretrained(tmp_path)
     bundled_tokenizer().save_pretrained(tmp_path)
@@ -139,12 +140,36 @@ def test_load_model_tiny_directory(tmp_path, dtype, expected):
 
 
 # -- device and dtype -----------------------------------------------------------------------------
-def test_resolve_dtype():
-    assert models.resolve_dtype("auto") == torch.bfloat16
-    assert models.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
-    assert models.resolve_dtype("bfloat16") == torch.bfloat16
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-cpu", "emulating-cpu"])
+def test_resolve_dtype(monkeypatch, native):
+    monkeypatch.setattr(models, "cpu_computes_bfloat16", lambda: native)
+    on_cpu = torch.bfloat16 if native else torch.float32  # emulated bfloat16 is several times slower
+    assert models.resolve_dtype("auto") == on_cpu
+    assert models.resolve_dtype("auto", torch.device("cpu")) == on_cpu
+    assert models.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert models.resolve_dtype("bfloat16") == torch.bfloat16  # asked for by name: given, whatever the CPU
     assert models.resolve_dtype("float32") == torch.float32
     assert models.resolve_dtype(torch.float32) == torch.float32
+
+
+def test_cpu_bfloat16_probe_answers_without_failing():
+    assert isinstance(models.cpu_computes_bfloat16(), bool)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-cpu", "emulating-cpu"])
+def test_bfloat16_on_a_cpu_that_emulates_it_is_warned_about(monkeypatch, caplog, native):
+    monkeypatch.setattr(models, "cpu_computes_bfloat16", lambda: native)
+    with caplog.at_level("WARNING", logger="famviz"):
+        models.warn_if_emulated(torch.bfloat16, torch.device("cpu"))
+        models.warn_if_emulated(torch.float32, torch.device("cpu"))
+        models.warn_if_emulated(torch.bfloat16, torch.device("cuda"))
+    warnings = [r.getMessage() for r in caplog.records]
+    if native:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and "emulates" in warnings[0] and "float32" in warnings[0]
+    if not torch.cuda.is_available():  # the app's note speaks of the default device
+        assert models.auto_dtype_note().startswith("auto = bfloat16" if native else "auto = float32")
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float64", "", "BFLOAT16 "])
@@ -300,11 +325,11 @@ def test_load_bundled_model(real_cache_dir):
     started = time.perf_counter()
     loaded = famviz.load_model()
     seconds = time.perf_counter() - started
-    print(f"cached bundled model loaded in {seconds:.2f} s (bfloat16)")
+    print(f"cached bundled model loaded in {seconds:.2f} s ({loaded.dtype})")
     assert loaded.config.model_type == "llama"
     assert loaded.config.num_hidden_layers == 30
     assert len(loaded.model.model.layers) == 30
-    assert loaded.dtype == torch.bfloat16
+    assert loaded.dtype == models.resolve_dtype("auto", loaded.device)
     assert loaded.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert loaded.name == models.BUNDLED_NAME
     assert loaded.arch is models.ARCHITECTURES["llama"]

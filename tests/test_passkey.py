@@ -288,9 +288,9 @@ def test_passkey_cli_refuses_bad_arguments(capfd, args, message):
 # -- integration: the real bundled model --------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.integration
-def test_full_attention_retrieves_the_key_at_1000_tokens(bundled_bf16):
+def test_full_attention_retrieves_the_key_at_1000_tokens(bundled_fast):
     cell = pk.sweep(
-        bundled_bf16, [pk.ModeSpec("full", 0)], [1000], [0.0], trials=10, seed=0, base=FamConfig(block_size=256)
+        bundled_fast, [pk.ModeSpec("full", 0)], [1000], [0.0], trials=10, seed=0, base=FamConfig(block_size=256)
     )[0]
     assert cell.accuracy >= 0.9, [r.answer for r in cell.results]
     assert cell.mean_key_logprob > -2.0
@@ -298,14 +298,14 @@ def test_full_attention_retrieves_the_key_at_1000_tokens(bundled_bf16):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_bswa_without_memory_cannot_see_a_key_at_depth_zero(bundled_bf16):
+def test_bswa_without_memory_cannot_see_a_key_at_depth_zero(bundled_fast):
     """Block 256, no memory blocks, 2000 tokens: the question's block never sees the key."""
     cell = pk.sweep(
-        bundled_bf16,
+        bundled_fast,
         [pk.ModeSpec("bswa", 0)],
         [2000],
         [0.0],
-        trials=10,
+        trials=5,
         seed=0,
         base=FamConfig(block_size=256),
         skip_unseen=False,
@@ -315,7 +315,7 @@ def test_bswa_without_memory_cannot_see_a_key_at_depth_zero(bundled_bf16):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_the_shipped_adapter_carries_the_key_through_its_memory(bundled_bf16):
+def test_the_shipped_adapter_carries_the_key_through_its_memory(bundled_fast):
     """The tuned adapter in assets/ (loaded as the app and CLI load it) holds far more of a depth-0 key after
     one FAM update than the untuned conversion; its card reports -4.9 against chance at about -11.5."""
     from pathlib import Path
@@ -325,11 +325,11 @@ def test_the_shipped_adapter_carries_the_key_through_its_memory(bundled_bf16):
 
     directory = Path(__file__).resolve().parent.parent / "assets/adapters/smollm2-135m-fam64-block256-mem0"
     config = FamConfig(mode="fam", block_size=256, fam_len=64, mem_blocks=0)
-    tuned = load_model(dtype="bfloat16")
+    tuned = load_model(dtype="auto")
     prompt = apply_adapter(directory, tuned, config)
     spec = [pk.ModeSpec("fam", 0)]
     with_memory = pk.sweep(tuned, spec, [512], [0.0], trials=4, seed=0, base=config, fam_prompt=prompt)[0]
-    untuned = pk.sweep(bundled_bf16, spec, [512], [0.0], trials=4, seed=0, base=config)[0]
+    untuned = pk.sweep(bundled_fast, spec, [512], [0.0], trials=4, seed=0, base=config)[0]
     assert with_memory.mean_key_logprob > -8.0, with_memory.mean_key_logprob
     assert with_memory.mean_key_logprob > untuned.mean_key_logprob + 8.0, (
         with_memory.mean_key_logprob,
@@ -339,7 +339,7 @@ def test_the_shipped_adapter_carries_the_key_through_its_memory(bundled_bf16):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_the_default_adapter_retrieves_pass_keys_through_its_memory(bundled_bf16):
+def test_the_default_adapter_retrieves_pass_keys_through_its_memory(bundled_fast):
     """The app's default adapter retrieves keys that only its FAM can hold (its card, 50 trials: 96% at 512,
     92% at 2,048, 64% at 4,096 and 50% at 8,192 tokens, the question ending a block; BSWA, which cannot see
     the key, 0%). Fixed trials at 512 tokens, greedy."""
@@ -347,10 +347,10 @@ def test_the_default_adapter_retrieves_pass_keys_through_its_memory(bundled_bf16
     from famviz.io.adapters import SHIPPED_ADAPTER, apply_adapter
 
     config = FamConfig(mode="fam", block_size=256, fam_len=64, mem_blocks=0)
-    tuned = load_model(dtype="bfloat16")
+    tuned = load_model(dtype="auto")
     prompt = apply_adapter(SHIPPED_ADAPTER, tuned, config)
     cell = pk.sweep(tuned, [pk.ModeSpec("fam", 0)], [512], [0.0], trials=10, seed=0, base=config, fam_prompt=prompt)[0]
-    bswa = pk.sweep(bundled_bf16, [pk.ModeSpec("bswa", 0)], [512], [0.0], trials=10, seed=0, base=config)[0]
+    bswa = pk.sweep(bundled_fast, [pk.ModeSpec("bswa", 0)], [512], [0.0], trials=5, seed=0, base=config)[0]
     assert cell.accuracy >= 0.5 and cell.mean_key_logprob > -2.5, (cell.accuracy, cell.mean_key_logprob)
     assert bswa.accuracy == 0.0 and cell.mean_key_logprob > bswa.mean_key_logprob + 6.0
 
@@ -364,15 +364,15 @@ def test_the_retrieval_adapter_answers_from_its_fam_over_eight_blocks():
     from famviz.io.adapters import SHIPPED_ADAPTERS, apply_adapter
 
     config = FamConfig(mode="fam", block_size=256, fam_len=64, mem_blocks=0)
-    tuned = load_model(dtype="bfloat16")
+    tuned = load_model(dtype="auto")
     prompt = apply_adapter(SHIPPED_ADAPTERS / "smollm2-135m-fam64-block256-mem0-retrieval", tuned, config)
-    cell = pk.sweep(tuned, [pk.ModeSpec("fam", 0)], [2048], [0.0], trials=8, seed=0, base=config, fam_prompt=prompt)[0]
+    cell = pk.sweep(tuned, [pk.ModeSpec("fam", 0)], [2048], [0.0], trials=4, seed=0, base=config, fam_prompt=prompt)[0]
     assert cell.accuracy >= 0.75 and cell.mean_key_logprob > -1.5, (cell.accuracy, cell.mean_key_logprob)
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_the_default_adapter_predicts_long_text_better_than_untuned_bswa(bundled_bf16):
+def test_the_default_adapter_predicts_long_text_better_than_untuned_bswa(bundled_fast):
     """The app's default adapter (its card: GPL-3 NLL 3.035 against 3.323 for untuned BSWA over 7,658 tokens,
     lower in every quarter): over the first 2,048 held-out tokens its FAM stream predicts better than the
     untuned model with BSWA and no memory blocks. (Its own weights as BSWA do as well, 3.035: the gain is
@@ -382,11 +382,11 @@ def test_the_default_adapter_predicts_long_text_better_than_untuned_bswa(bundled
     from famviz.training.evaluation import held_out_documents, long_document_eval
 
     config = FamConfig(mode="fam", block_size=256, fam_len=64, mem_blocks=0)
-    tuned = load_model(dtype="bfloat16")
+    tuned = load_model(dtype="auto")
     prompt = apply_adapter(SHIPPED_ADAPTER, tuned, config)
     ids = held_out_documents(tuned.tokenizer, 2048)[0].ids  # GPL-3
     fam = long_document_eval(FamModel(tuned, config, fam_prompt=prompt), ids, norm_after=())
-    bswa = long_document_eval(FamModel(bundled_bf16, FamConfig(mode="bswa", block_size=256, mem_blocks=0)), ids)
+    bswa = long_document_eval(FamModel(bundled_fast, FamConfig(mode="bswa", block_size=256, mem_blocks=0)), ids)
     assert fam["nll"] < 0.97 * bswa["nll"], (fam["nll"], bswa["nll"])
     assert all(f < b for f, b in zip(fam["nll_quarters"], bswa["nll_quarters"], strict=True)), (fam, bswa)
 
@@ -412,7 +412,7 @@ def test_cli_sweep_json_and_figure(tmp_path, capfd):
             "--figure",
             str(out),
             "--dtype",
-            "bfloat16",
+            "auto",
         ],
         capfd,
     )
@@ -443,7 +443,7 @@ def test_cli_sweep_json_and_figure(tmp_path, capfd):
             "128",
             "--json",
             "--dtype",
-            "bfloat16",
+            "auto",
         ],
         capfd,
     )
@@ -452,10 +452,10 @@ def test_cli_sweep_json_and_figure(tmp_path, capfd):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_live_retention_curve_on_the_bundled_model(bundled_bf16):
+def test_live_retention_curve_on_the_bundled_model(bundled_fast):
     """Full attention keeps the key in view: every probe after the key retrieves it."""
-    fam = FamModel(bundled_bf16, FamConfig(mode="full", block_size=128))
-    doc = pk.make_passkey_document(bundled_bf16.tokenizer, 600, depth=0.0, seed=4)
+    fam = FamModel(bundled_fast, FamConfig(mode="full", block_size=128))
+    doc = pk.make_passkey_document(bundled_fast.tokenizer, 600, depth=0.0, seed=4)
     points = pk.retention_curve(fam, doc, every=1)
     assert [p.blocks_since_key for p in points] == list(range(len(points))) and len(points) >= 4
     assert all(p.correct for p in points), [(p.predicted, doc.key) for p in points]
@@ -499,7 +499,7 @@ def test_cli_prints_a_retention_curve(tmp_path, capfd):
             "--probe-every",
             "1",
             "--dtype",
-            "bfloat16",
+            "auto",
             "--figure",
             str(out),
         ],
@@ -523,7 +523,7 @@ def test_cli_prints_a_retention_curve(tmp_path, capfd):
             "--block-size",
             "128",
             "--dtype",
-            "bfloat16",
+            "auto",
         ],
         capfd,
     )

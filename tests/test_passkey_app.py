@@ -120,11 +120,11 @@ def test_bad_intervention_input_is_a_message(context, args, message):
 
 
 @pytest.mark.slow
-def test_served_passkey_tab_streams_a_retention_curve(bundled_bf16):
+def test_served_passkey_tab_streams_a_retention_curve(bundled_fast):
     """The real app on the bundled model: the retention event yields one update per block."""
     from gradio_client import Client
 
-    demo = launch.build_app(bundled_bf16)
+    demo = launch.build_app(bundled_fast)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
     try:
         client = Client(url, verbose=False)

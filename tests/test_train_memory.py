@@ -337,7 +337,9 @@ def test_finish_block_equals_forward_block_on_the_whole_block_in_value_and_gradi
     for a, b in zip(shared_grads, whole_grads, strict=True):
         assert (a is None) == (b is None)
         if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+            # Summed in another order (two blocks' keys against one): float32 rounding of a gradient entry that
+            # nearly cancels is relative to the tensor's scale, not the entry's (seen: 2.7e-6 of 5e-4 on AVX2).
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
     bounded = FamModel(tiny_loaded(), FamConfig(mode="fam", block_size=8, fam_len=4, mem_blocks=1))
     assert not bounded.can_finish_blocks
     with pytest.raises(ValueError, match="no memory blocks"):

@@ -35,6 +35,7 @@ from famviz.core.engine import Stream
 from famviz.core.tokenize import tokenize_prefix
 from famviz.core.trace import Trace
 from famviz.errors import DocumentError, FamvizError
+from famviz.io.models import auto_dtype_note
 from famviz.viz import export, figures
 from famviz.viz.inspector import (
     DEFAULT_VIEW,
@@ -423,7 +424,11 @@ def build_inspector_tab(context: AppContext) -> None:
                             ["auto", "cpu", "cuda"], value=startup_key[2], label="Device", elem_id="device"
                         )
                         dtype = gr.Dropdown(
-                            ["auto", "bfloat16", "float32"], value=startup_key[3], label="Dtype", elem_id="dtype"
+                            ["auto", "bfloat16", "float32"],
+                            value=startup_key[3],
+                            label="Dtype",
+                            info=auto_dtype_note(),
+                            elem_id="dtype",
                         )
                     context.adapter_note = gr.Markdown("", elem_id="adapter-note")
                     gr.Markdown("A changed model is loaded when you press Start (here or in the PassKey tab).")
