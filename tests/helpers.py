@@ -14,15 +14,6 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def auto_dtype_name() -> str:
-    """What ``--dtype auto`` resolves to on this machine's CPU: bfloat16 where it computes it, else float32."""
-    from famviz.io.models import resolve_dtype
-
-    return str(resolve_dtype("auto", "cpu")).replace("torch.", "")
-
-
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 # Geometry shared by every tiny model: 2 layers, 4 query heads of 16 dims, 2 KV heads.
@@ -34,6 +25,14 @@ TINY_DIMS = dict(
     num_key_value_heads=2,
     max_position_embeddings=4096,
 )
+
+
+def auto_dtype_name() -> str:
+    """What ``--dtype auto`` resolves to on this machine's default device (bfloat16 where it is computed
+    natively, else float32), as the CLI reports it."""
+    from famviz.io.models import resolve_device, resolve_dtype
+
+    return str(resolve_dtype("auto", resolve_device("auto"))).replace("torch.", "")
 
 
 # -- models ---------------------------------------------------------------------------------------

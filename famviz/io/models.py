@@ -198,8 +198,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 def cpu_computes_bfloat16() -> bool:
     """Whether this CPU has bfloat16 matrix arithmetic (AVX-512, AVX-512 BF16 or AMX, through oneDNN).
 
-    Without it PyTorch emulates bfloat16: the bundled model's fam stream ran 4.5x slower than in float32
-    on an AVX2-only EPYC (2026-12-06), while on a Zen 4 with AVX-512 BF16 it runs ~1.6x faster.
+    Without it PyTorch emulates bfloat16: the bundled model's fam stream ran 2.8x slower than in float32
+    on an AVX2-only EPYC (2026-12-06, docs/benchmarks.md §6), while on a Zen 4 with AVX-512 BF16 it runs
+    ~1.6x faster.
     """
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
