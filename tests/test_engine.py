@@ -10,6 +10,7 @@ import torch
 
 from famviz import FamConfig, FamModel, Stream
 from famviz.core.attention import WindowLayout, attend, window_mask
+from famviz.errors import ConfigError
 
 B = 8  # block size used throughout: small, so documents span many blocks
 TOL = dict(atol=2e-4, rtol=2e-4)
@@ -355,3 +356,42 @@ def test_rotation_equals_rotate_half_formula():
     x, cos, sin = torch.randn(2, 3, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
     rotated = torch.cat([-x[..., 4:], x[..., :4]], dim=-1)
     torch.testing.assert_close(apply_rope(x, cos, sin), x * cos + rotated * sin)
+
+
+# -- fam_norm: keep (docs/algorithm.md §9) ---------------------------------------------------------
+def _stream_fams(loaded, config: FamConfig, ids: list[int]) -> list[tuple[torch.Tensor, ...]]:
+    fam = FamModel(loaded, config)
+    state, fams = fam.initial_state(), []
+    with torch.no_grad():
+        for s in range(0, len(ids), config.block_size):
+            state = fam.forward_block(torch.tensor([ids[s : s + config.block_size]]), state).state
+            fams.append(state.fam)
+    return fams
+
+
+def test_fam_norm_grow_is_the_default_and_not_written_into_records(tiny_llama):
+    assert FamConfig().fam_norm == "grow" and "fam_norm" not in FamConfig().to_dict()
+    assert FamConfig(fam_norm="keep").to_dict()["fam_norm"] == "keep"
+    assert "fam_norm" not in FamConfig("bswa", fam_norm="keep").to_dict()  # no FAM, nothing to keep
+    ids = random_ids(40)
+    explicit = _stream_fams(tiny_llama, FamConfig("fam", B, 4, 0, fam_norm="grow"), ids)
+    default = _stream_fams(tiny_llama, FamConfig("fam", B, 4, 0), ids)
+    for a, b in zip(explicit, default, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
+
+
+def test_fam_norm_keep_holds_each_slot_at_the_norm_of_its_first_write(tiny_llama):
+    ids = random_ids(48)  # 6 blocks
+    grow = _stream_fams(tiny_llama, FamConfig("fam", B, 4, 0), ids)
+    keep = _stream_fams(tiny_llama, FamConfig("fam", B, 4, 0, fam_norm="keep"), ids)
+    for layer in range(len(grow[0])):
+        torch.testing.assert_close(keep[0][layer], grow[0][layer])  # the first write is the paper's
+        first = keep[0][layer].norm(dim=-1)
+        for later in keep[1:]:
+            torch.testing.assert_close(later[layer].norm(dim=-1), first, rtol=1e-5, atol=1e-6)
+    # the second update is the paper's update, rescaled: same direction per slot
+    a, b = keep[1][0], grow[1][0]
+    torch.testing.assert_close(torch.nn.functional.cosine_similarity(a, b, dim=-1), torch.ones(a.shape[:2]))
+    with pytest.raises(ConfigError, match="FAM norm must be one of"):
+        FamConfig(fam_norm="shrink")

@@ -790,3 +790,20 @@ def test_a_resumed_run_smooths_its_loss_over_the_steps_before_the_resume():
     assert smoothed_loss([{"loss": 1.0}], smoothed_loss(history)) == pytest.approx(
         smoothed_loss([*history, {"loss": 1.0}])
     )
+
+
+def test_finish_block_equals_forward_block_with_fam_norm_keep(tmp_path):
+    """finish_block hands on the same rescaled FAM as forward_block when the FAM norm is kept."""
+    trainer = Trainer(tiny_config(tmp_path, fam_norm="keep"), loaded=tiny_loaded(), data=KeyWithProbe())
+    fam = trainer.fam_model
+    assert fam.config.fam_norm == "keep"
+    ids = torch.randint(30, VOCAB, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        state = fam.forward_block(ids[:, :8], initial_training_state(fam, 1, trainer.prompt, None)).state
+        window_kv: list = []
+        fam.forward_block(ids[:, 8:16], state, window_kv=window_kv)
+        shared = fam.finish_block(ids[:, 21:24], state, window_kv, prefix=5).state.fam
+        whole = fam.forward_block(torch.cat([ids[:, 8:13], ids[:, 21:24]], dim=1), state).state.fam
+    for a, b, before in zip(shared, whole, state.fam, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.norm(dim=-1), before.norm(dim=-1), rtol=1e-5, atol=1e-5)

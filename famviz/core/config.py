@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from famviz.errors import ConfigError
 
 MODES = ("full", "bswa", "fam", "sink")
+FAM_NORMS = ("grow", "keep")  # how a FAM slot's norm evolves over updates (FamConfig.fam_norm)
 # The key groups attention shares are measured over (docs/algorithm.md §2's window): what block queries and what FAM
 # queries attend to. Engine, trace, figures and app all take them from here. "sink" (the first tokens kept
 # by sink mode) comes last, so traces written before it existed keep their group indices.
@@ -28,6 +29,9 @@ class FamConfig:
     block_size: tokens per block. fam_len: FAM slots per layer (used by ``fam`` only).
     mem_blocks: cached past blocks of token keys/values per layer (``bswa``, ``fam`` and ``sink``).
     sink_tokens: kept first tokens (used by ``sink`` only; StreamingLLM's default is 4).
+    fam_norm: ``grow`` (the paper's: each update adds to the FAM's residual stream, so its norm grows with
+    the block count) or ``keep`` (after every update but the first, each FAM slot is rescaled to the norm it
+    had before the update, so a new block's write stays the same share of the state; docs/algorithm.md §9).
     """
 
     mode: str = "fam"
@@ -35,6 +39,7 @@ class FamConfig:
     fam_len: int = 64
     mem_blocks: int = 3
     sink_tokens: int = 4
+    fam_norm: str = "grow"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -42,6 +47,8 @@ class FamConfig:
         for name in ("block_size", "fam_len", "mem_blocks", "sink_tokens"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.fam_norm not in FAM_NORMS:
+            raise ConfigError(f"FAM norm must be one of {', '.join(FAM_NORMS)}, got {self.fam_norm!r}")
         if self.block_size <= 0:
             raise ConfigError(f"block size must be a positive number of tokens, got {self.block_size}")
         if self.fam_len < 0:
@@ -72,6 +79,8 @@ class FamConfig:
         settings = asdict(self)
         if self.mode != "sink":
             settings.pop("sink_tokens")
+        if self.mode != "fam" or self.fam_norm == "grow":
+            settings.pop("fam_norm")
         return settings
 
 

@@ -229,7 +229,7 @@ class FamModel:
         next_state = replace(
             state,
             position=state.position + n,
-            fam=tuple(new_fam),
+            fam=self.settle_fam(state, new_fam),
             fam_fresh=state.fam_fresh and not f,
             mem_k=tuple(new_k),
             mem_v=tuple(new_v),
@@ -270,8 +270,22 @@ class FamModel:
             )
             new_fam.append(h[:, :f])
             x = h[:, f:]
-        next_state = replace(state, position=state.position + n, fam=tuple(new_fam), fam_fresh=False)
+        next_state = replace(state, position=state.position + n, fam=self.settle_fam(state, new_fam), fam_fresh=False)
         return BlockOutput(hidden=self.decoder.norm(x), state=next_state, stats=None, fam_before=state.fam)
+
+    def settle_fam(self, state: StreamState, updated: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The FAM a block hands on: the layers' outputs for the FAM rows, or with ``fam_norm`` keep each
+        slot rescaled to the norm it had before this update (not on the first update, whose input is the
+        context-free prompt: that write sets the norm). Per slot because every reader normalises each
+        slot on its own (RMSNorm), so the norm only sets how much of the state the next update replaces."""
+        if self.config.fam_norm == "grow" or state.fam_fresh or not updated:
+            return tuple(updated)
+        kept = []
+        for before, after in zip(state.fam, updated, strict=True):
+            old_norm = before.float().norm(dim=-1, keepdim=True)
+            new_norm = after.float().norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            kept.append(after * (old_norm / new_norm).to(after.dtype))
+        return tuple(kept)
 
     def read_block(self, input_ids: torch.Tensor, state: StreamState, offset: int = 0) -> torch.Tensor:
         """Hidden states (batch, n, d), after the final norm, of a side block that reads ``state`` but

@@ -37,6 +37,7 @@ class TrainConfig:
     block_size: int = 256
     fam_len: int = 64
     mem_blocks: int = 0
+    fam_norm: str = "grow"  # FamConfig.fam_norm: keep rescales each FAM slot to its norm before the update
     steps: int = 1000
     lr: float = 5e-4
     prompt_lr: float | None = None  # default: lr
@@ -85,7 +86,13 @@ class TrainConfig:
     stage_command: str = ""  # this invocation alone (a stage of the training card)
 
     def fam_config(self) -> FamConfig:
-        return FamConfig(mode=self.mode, block_size=self.block_size, fam_len=self.fam_len, mem_blocks=self.mem_blocks)
+        return FamConfig(
+            mode=self.mode,
+            block_size=self.block_size,
+            fam_len=self.fam_len,
+            mem_blocks=self.mem_blocks,
+            fam_norm=self.fam_norm,
+        )
 
     def lr_scale(self, step: int) -> float:
         """Multiplier of the base learning rates at optimiser step ``step`` (0-based): linear warm-up to 1,
@@ -168,6 +175,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         ("block_size", int, "tokens per block"),
         ("fam_len", int, "FAM slots per layer"),
         ("mem_blocks", int, "cached memory blocks"),
+        (
+            "fam_norm",
+            str,
+            "grow (the paper's) or keep: each FAM slot rescaled to its norm before the update, so new writes "
+            "stay visible as the memory ages",
+        ),
         ("steps", int, "optimiser steps in total"),
         ("lr", float, "LoRA learning rate"),
         ("prompt_lr", float, "FAM prompt learning rate (default: --lr)"),
