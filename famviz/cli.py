@@ -13,7 +13,7 @@ import os
 import sys
 
 from famviz import __version__
-from famviz.core.config import MODES, TOOL_DEFAULTS
+from famviz.core.config import FAM_NORMS, MODES, TOOL_DEFAULTS
 from famviz.errors import FamvizError
 
 log = logging.getLogger("famviz")
@@ -62,6 +62,13 @@ def _add_geometry_options(parser: argparse.ArgumentParser, mem_help: str = "", m
             if default is None
             else f"{extra}default {default}",
         )
+    parser.add_argument(
+        "--fam-norm",
+        choices=FAM_NORMS,
+        default=None,
+        help="how FAM slots' norms evolve: grow (the paper's) or keep (each slot rescaled to its norm before "
+        "the update); default: the adapter's, else grow",
+    )
 
 
 def _add_sink_option(parser: argparse.ArgumentParser) -> None:

@@ -37,7 +37,7 @@ def fill_geometry(args: argparse.Namespace) -> None:
         from famviz.io.adapters import read_adapter
 
         base = read_adapter(args.adapter).trained_config()
-    for name in ("block_size", "fam_len", "mem_blocks"):
+    for name in ("block_size", "fam_len", "mem_blocks", "fam_norm"):
         if getattr(args, name, None) is None:
             setattr(args, name, getattr(base, name))
 
@@ -55,6 +55,7 @@ def run_passkey(args: argparse.Namespace) -> int:
                 fam_len=args.fam_len,
                 mem_blocks=args.mem_blocks,
                 sink_tokens=args.sink_tokens,
+                fam_norm=args.fam_norm,
             )
         )
         for spec in specs:
@@ -128,7 +129,13 @@ def run_ablate(args: argparse.Namespace) -> int:
     ab.check_method(args.method)
     fill_geometry(args)  # block size and FAM length left out: the adapter's (memory blocks default to 0)
     config = check_limits(
-        FamConfig(mode="fam", block_size=args.block_size, fam_len=args.fam_len, mem_blocks=args.mem_blocks)
+        FamConfig(
+            mode="fam",
+            block_size=args.block_size,
+            fam_len=args.fam_len,
+            mem_blocks=args.mem_blocks,
+            fam_norm=args.fam_norm,
+        )
     )
     if args.trials < 1 or args.length < 1 or not 0 <= args.depth <= 1:
         raise FamvizError("--trials and --length must be at least 1 and --depth between 0 and 1")
@@ -386,6 +393,7 @@ def run_stream(args: argparse.Namespace) -> int:
             fam_len=args.fam_len,
             mem_blocks=args.mem_blocks,
             sink_tokens=args.sink_tokens,
+            fam_norm=args.fam_norm,
         )
     )
     if args.max_tokens is not None and args.max_tokens <= 0:

@@ -594,3 +594,27 @@ def test_cli_and_app_share_one_table_of_defaults_and_limits(capfd, tmp_path):
     doc.write_text("some words " * 50)
     status, out, err = run_cli_in_process(["stream", str(doc), "--mode", "fam", "--fam-len", "0"], capfd)
     assert_one_line_error(status, out, err, contains=("FAM length must be from 1",))
+
+
+def test_fam_norm_follows_the_adapter_unless_given(tmp_path):
+    """An adapter trained with --fam-norm keep is streamed with it (the rule is part of how its memory
+    works); --fam-norm overrides it; without an adapter it is the paper's grow."""
+    import json
+
+    from famviz.cli import build_parser
+    from famviz.commands import fill_geometry
+    from famviz.io.adapters import ADAPTER_FORMAT, ADAPTER_META
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    fam = {"mode": "fam", "block_size": 256, "fam_len": 64, "mem_blocks": 0, "fam_norm": "keep"}
+    (adapter / ADAPTER_META).write_text(json.dumps({"format": ADAPTER_FORMAT, "fam": fam}))
+    for command, expected in (
+        (["passkey", "--adapter", str(adapter)], "keep"),
+        (["stream", "x.txt", "--adapter", str(adapter), "--fam-norm", "grow"], "grow"),
+        (["ablate", "--adapter", str(adapter)], "keep"),
+        (["passkey"], "grow"),
+    ):
+        args = build_parser().parse_args(command)
+        fill_geometry(args)
+        assert args.fam_norm == expected, command

@@ -101,6 +101,7 @@ LABELS = {
     "mem_blocks": "memory blocks",
     "sink_tokens": "sink tokens",
     "max_tokens": "max tokens",
+    "fam_norm": "FAM norm",
 }
 
 
@@ -135,7 +136,7 @@ def geometry_warnings(config: FamConfig) -> list[str]:
 def trained_geometry_differences(trained: FamConfig, config: FamConfig, adapter: str) -> list[str]:
     """One line per geometry setting in which a run differs from what its adapter was trained with (the
     mode may differ: comparing a tuned model's fam run with bswa or full is routine)."""
-    names = ["block_size", "mem_blocks"] + (["fam_len"] if config.mode == "fam" else [])
+    names = ["block_size", "mem_blocks"] + (["fam_len", "fam_norm"] if config.mode == "fam" else [])
     return [
         f"adapter {adapter} was trained with {LABELS.get(name, name)} {getattr(trained, name)}, "
         f"this run uses {getattr(config, name)}"

@@ -608,6 +608,7 @@ def sweep_config(base: FamConfig, spec: ModeSpec) -> FamConfig:
         fam_len=fam_len,
         mem_blocks=spec.mem_blocks,
         sink_tokens=base.sink_tokens,
+        fam_norm=base.fam_norm,
     )
 
 

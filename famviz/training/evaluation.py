@@ -269,7 +269,7 @@ def long_document_comparison(
 
 # -- `famviz evaluate`: every check of a (tuned) model in one command -------------------------------------------
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    from famviz.core.config import TOOL_DEFAULTS
+    from famviz.core.config import FAM_NORMS, TOOL_DEFAULTS
 
     parser.add_argument(
         "adapter",
@@ -293,6 +293,13 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--fam-len", type=int, default=None, metavar="N", help=f"default: the adapter's (else {TOOL_DEFAULTS.fam_len})"
+    )
+    parser.add_argument(
+        "--fam-norm",
+        choices=FAM_NORMS,
+        default=None,
+        help="grow (the paper's) or keep (each FAM slot rescaled to its norm before the update); "
+        "default: the adapter's, else grow",
     )
     parser.add_argument(
         "--mem-blocks",
@@ -361,6 +368,7 @@ def _geometry(args: argparse.Namespace, adapter: Adapter | None) -> FamConfig:
             fam_len=trained.fam_len if args.fam_len is None else args.fam_len,
             mem_blocks=trained.mem_blocks if args.mem_blocks is None else args.mem_blocks,
             sink_tokens=getattr(args, "sink_tokens", TOOL_DEFAULTS.sink_tokens),  # for the sink baselines
+            fam_norm=trained.fam_norm if getattr(args, "fam_norm", None) is None else args.fam_norm,
         )
     )
 
