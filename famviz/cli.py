@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="every check of an adapter (or the untuned conversion): PassKey grid against bswa and full, "
         "long-document NLL per quarter, in-window loss, FAM norm",
-        description="Results go to stdout (a table, or JSON with --json) and, for an adapter, into its training card.",
+        description="Results go to stdout (a table, or JSON with --json); with --write-card also into the "
+        "adapter's training card. --quick: a smoke check in about a minute on a CPU.",
     )
     from famviz.training.evaluation import add_evaluate_arguments, run_evaluate
 

@@ -96,6 +96,7 @@ def test_evaluate_prints_tables_and_fills_the_card(tiny_adapter, tmp_path, capfd
         "1024",
         "--threads",
         "1",
+        "--write-card",
     ]
     status, out, err = run_cli_in_process(args, capfd)
     assert status == 0, err
@@ -103,7 +104,8 @@ def test_evaluate_prints_tables_and_fills_the_card(tiny_adapter, tmp_path, capfd
     assert "tuned weights, BSWA" in out and "÷ same weights in bswa" in out  # the memory's own effect
     assert "fam (mem 0)" in out and "bswa (mem 0)" in out and "150@0" in out and "300@0" in out
     assert "sink (mem 0)" in out and "untuned sink (StreamingLLM)" in out  # the streaming baseline beside FAM
-    assert "evaluate" in err  # the progress bar
+    assert "evaluate 2/4 in-window loss" in err and "evaluate 4/4 PassKey" in err  # a progress bar per part
+    assert f"results recorded in {adapter_dir / 'training_card.json'}" in err
     card = json.loads((adapter_dir / "training_card.json").read_text())
     result = card["evaluation"]["fam_mem0_block64"]
     assert result["adapter"] == str(adapter_dir) and result["label"].endswith("+ adapter adapter")
@@ -189,7 +191,7 @@ def test_evaluate_json_of_an_adapter_and_its_card_keep_what_an_interrupted_run_d
     card_path.write_text(json.dumps(card))
     common = ["--model", model_dir, "--dtype", "float32", "--lengths", "150,300", "--trials", "1"]
     common += ["--modes", "fam,bswa,sink", "--document", str(_document(tmp_path)), "--threads", "1", "--json"]
-    common += ["--sink-tokens", "0"]  # no sinks: the sink baselines must equal bswa
+    common += ["--sink-tokens", "0", "--write-card"]  # no sinks: the sink baselines must equal bswa
     figure = tmp_path / "grid.html"
     status, out, err = run_cli_in_process(
         ["evaluate", adapter_dir, *common, "--long-tokens", "1024", "--figure", figure], capfd
@@ -223,6 +225,9 @@ def test_evaluate_json_of_an_adapter_and_its_card_keep_what_an_interrupted_run_d
 @pytest.mark.parametrize(
     "bad, words",
     [
+        (["--threads", "0"], ("--threads", "at least 1")),
+        (["--modes", "fam,bswa:65"], ("memory blocks", "64")),
+        (["--norm-after-blocks", "0"], ("--norm-after-blocks",)),
         (["--lengths", "10"], ("lengths",)),
         (["--depths", "2"], ("depths",)),
         (["--trials", "0"], ("--trials",)),
@@ -243,3 +248,102 @@ def test_evaluate_refuses_bad_arguments_with_one_line(tiny_adapter, bad, words, 
     status, out, err = run_cli_in_process(["evaluate", "--model", model_dir, "--dtype", "float32", *bad], capfd)
     assert status == 2
     assert_one_line_error(status, out, err, contains=words)
+
+
+# -- sizes, progress, and the card left alone ------------------------------------------------------------------
+def _evaluate_args(*argv):
+    from famviz.cli import build_parser
+
+    return build_parser().parse_args(["evaluate", *map(str, argv)])
+
+
+def test_quick_sizes_everything_down_and_explicit_options_still_win(tiny_adapter, tmp_path):
+    from helpers import write_random_lora_adapter
+
+    from famviz.training.evaluation import QUICK, plan_evaluation
+
+    model_dir, adapter_dir = tiny_adapter
+    full = plan_evaluation(_evaluate_args("--model", model_dir))
+    assert full.lengths == [2048, 4096, 8192] and full.sizes.trials == 50 and full.norm_after == (4, 64)
+    assert not full.quick and not full.write_card
+    quick = plan_evaluation(_evaluate_args("--quick", "--model", model_dir))
+    assert quick.quick and [s.label for s in quick.specs] == ["fam (mem 0)", "bswa (mem 0)"]
+    assert quick.lengths == [512]  # the untuned conversion's block 256, no memory: two blocks
+    assert (quick.sizes.trials, quick.sizes.long_tokens, quick.sizes.windows) == (5, 1024, 4)
+    assert quick.norm_after == (4,) and quick.sizes.long_documents == 1
+    assert plan_evaluation(_evaluate_args(adapter_dir, "--quick")).lengths == [128]  # the adapter's block 64
+    _, with_memory = write_random_lora_adapter(tmp_path, fam_len=4, block_size=64, mem_blocks=1)
+    assert plan_evaluation(_evaluate_args(with_memory, "--quick")).lengths == [192]  # past the memory block
+    mine = plan_evaluation(
+        _evaluate_args("--quick", "--model", model_dir, "--trials", "7", "--lengths", "300", "--modes", "fam")
+    )
+    assert mine.sizes.trials == 7 and mine.lengths == [300] and len(mine.specs) == 1
+    assert mine.sizes.windows == QUICK.windows and mine.sizes.long_tokens == 1024  # the rest stays quick
+
+
+def test_every_numeric_option_of_evaluate_states_its_limits():
+    from famviz.cli import build_parser
+
+    parser = build_parser()
+    evaluate = parser._subparsers._group_actions[0].choices["evaluate"]
+    numeric = [a for a in evaluate._actions if a.type is int or a.metavar == "LIST"]
+    assert {a.dest for a in numeric} >= {"threads", "block_size", "trials", "long_tokens", "lengths", "seed"}
+    for action in numeric:
+        assert any(words in action.help for words in ("at least", "…", "any integer")), (action.dest, action.help)
+    long_tokens = next(a for a in numeric if a.dest == "long_tokens")
+    assert "0 (no long-document check) or at least 1,024" in long_tokens.help
+
+
+def test_quick_evaluation_shows_each_part_with_its_own_bar_and_leaves_the_card_alone(tiny_adapter, tmp_path, capfd):
+    import json
+    import shutil
+
+    from helpers import run_cli_in_process
+
+    model_dir, shared_adapter = tiny_adapter
+    adapter_dir = shutil.copytree(shared_adapter, tmp_path / "adapter")
+    card_files = {name: (adapter_dir / name).read_bytes() for name in ("training_card.json", "TRAINING_CARD.md")}
+    status, out, err = run_cli_in_process(
+        ["evaluate", adapter_dir, "--model", model_dir, "--quick", "--dtype", "float32", "--threads", "1", "--json"],
+        capfd,
+    )
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["quick"] and result["in_window_nll"]["windows"] == 4
+    assert [(c["mode"], c["length"], c["trials"]) for c in result["passkey"]] == [("fam", 128, 5), ("bswa", 128, 5)]
+    (document,) = result["long_documents"]
+    assert document["document"] == "GPL-3" and document["tokens"] == 1024
+    assert set(document["tuned"]["fam_norm_after_blocks"]) == {"0", "4"}
+    parts = [
+        "evaluate 1/4 loading: the model and a copy with the adapter",
+        "evaluate 2/4 in-window loss: 4 windows × 3 models",
+        "evaluate 3/4 long documents: 1 document × 5 streams",
+        "evaluate 4/4 PassKey: 2 modes × 1 length × 1 depth × 5 keys",
+    ]
+    shown = err.replace("\r", "\n").splitlines()
+    for part in parts:
+        last = [line for line in shown if line.startswith(part)][-1]
+        assert "100%" in last, last  # each bar counts its own part to the end, no more, no less
+    # the adapter's card is not touched, and the output says so
+    assert all((adapter_dir / name).read_bytes() == data for name, data in card_files.items())
+    assert "training card is unchanged (--write-card records them)" in err
+
+
+def test_write_card_needs_an_adapter(tiny_adapter, capfd):
+    from helpers import assert_one_line_error, run_cli_in_process
+
+    model_dir, _ = tiny_adapter
+    status, out, err = run_cli_in_process(["evaluate", "--model", model_dir, "--write-card"], capfd)
+    assert_one_line_error(status, out, err, contains=("--write-card", "ADAPTER_DIR"))
+
+
+def test_the_long_document_progress_counts_every_streamed_token(tiny):
+    from famviz.training.evaluation import HeldOutDocument, comparison_tokens, long_document_comparison
+
+    config = FamConfig("fam", 8, 4, 0)
+    documents = [HeldOutDocument("a", list(range(1, 41))), HeldOutDocument("b", list(range(1, 17)))]
+    counted = []
+    rows = long_document_comparison(tiny, tiny, config, None, documents, norm_after=(3, 7), on_tokens=counted.append)
+    # fam streams both documents on to block 7 (56 tokens); bswa, sink and full read each document once
+    assert sum(counted) == comparison_tokens(config, False, documents, (3, 7)) == 2 * 56 + 3 * (40 + 16)
+    assert set(rows[1]["tuned"]["fam_norm_after_blocks"]) == {"0", "3", "7"}

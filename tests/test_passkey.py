@@ -268,6 +268,37 @@ def test_retention_figure():
     assert retention_figure([]).layout.annotations[0].text.startswith("no probe")
 
 
+def retention_points(logprobs: list[float]) -> list[pk.RetentionPoint]:
+    return [
+        pk.RetentionPoint(
+            block=i, tokens=256 * i, blocks_since_key=i, correct=True, predicted=12345, key_logprob=v, seconds=0.1
+        )
+        for i, v in enumerate(logprobs)
+    ]
+
+
+def test_chance_of_a_random_key_counts_the_keys_of_its_length():
+    assert [pk.keys_with_digits(d) for d in (1, 2, 3, 4, 5, 6)] == [9, 90, 900, 9000, 40001, 0]
+    assert pk.chance_key_logprob(12345) == pytest.approx(-np.log(40001))
+    assert pk.chance_key_logprob(7) == pytest.approx(-np.log(9))
+    assert pk.chance_key_logprob() == pytest.approx(-np.log(50000))  # no key: any of them
+
+
+def test_retention_log_p_is_drawn_from_chance_to_zero_whatever_the_data():
+    """-0.003 to -0.007 over 6 blocks must look flat: the axis spans chance … 0, not the data."""
+    fig = retention_figure(retention_points([-0.003 - 0.0008 * i for i in range(6)]), key=12345)
+    low, high = fig.layout.yaxis.range
+    chance = pk.chance_key_logprob(12345)
+    assert low <= chance < -10 and 0 <= high < 0.5
+    (line,) = [s for s in fig.layout.shapes if s.y0 == s.y1]
+    assert line.y0 == pytest.approx(chance) and line.yref == "y"  # on the log p axis, not the yes/no one
+    labels = [a.text for a in fig.layout.annotations]
+    assert any("chance" in t and "5-digit" in t and "40,001" in t for t in labels), labels
+    # a curve below chance stays on the plot
+    below = retention_figure(retention_points([-1.0, -25.0]), key=12345)
+    assert below.layout.yaxis.range[0] <= -25.0 and below.layout.yaxis.range[1] >= 0
+
+
 # -- the CLI (fast: argument errors only) ------------------------------------------------------------------
 @pytest.mark.parametrize(
     "args, message",

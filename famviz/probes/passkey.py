@@ -57,6 +57,19 @@ def random_key(rng: random.Random) -> int:
     return rng.randint(KEY_MIN, KEY_MAX)
 
 
+def keys_with_digits(digits: int) -> int:
+    """How many possible keys (``KEY_MIN`` … ``KEY_MAX``) have ``digits`` digits."""
+    low, high = max(KEY_MIN, 10 ** (digits - 1)), min(KEY_MAX, 10**digits - 1)
+    return max(0, high - low + 1)
+
+
+def chance_key_logprob(key: int | None = None) -> float:
+    """log p of a uniform guess among the keys as long as ``key`` (all keys without one): the level a memory
+    that knows only the key's length would reach, e.g. log(1/40,001) = -10.6 for a 5-digit key."""
+    count = keys_with_digits(len(str(key))) if key is not None else KEY_MAX - KEY_MIN + 1
+    return -math.log(max(count, 1))
+
+
 def trial_rng(seed: int, *parts) -> random.Random:
     """A generator for one trial that depends only on the seed and the trial's coordinates."""
     return random.Random(":".join(str(p) for p in (seed, *parts)))

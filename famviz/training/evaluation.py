@@ -80,19 +80,20 @@ MIN_LONG_TOKENS = 1024
 
 
 def held_out_documents(
-    tokenizer: PreTrainedTokenizerBase, tokens: int, paths: list[str] | None = None
+    tokenizer: PreTrainedTokenizerBase, tokens: int, paths: list[str] | None = None, count: int | None = None
 ) -> list[HeldOutDocument]:
     """The first ``tokens`` tokens of each given file, or of GPL-3 (7,658 tokens: used whole) and the pydoc
-    text by default. A document shorter than ``MIN_LONG_TOKENS`` is refused: it would check nothing long.
+    text by default (the first ``count`` of those two: only those are read). A document shorter than
+    ``MIN_LONG_TOKENS`` is refused: it would check nothing long.
     """
     from famviz.io.documents import read_document
     from famviz.training.data import HELD_OUT_TEXT
 
-    sources = (
-        [(Path(p).name, read_document(p)) for p in paths]
-        if paths
-        else [("GPL-3", HELD_OUT_TEXT.read_text(encoding="utf-8")), ("pydoc", pydoc_text())]
-    )
+    if paths:
+        sources = [(Path(p).name, read_document(p)) for p in paths]
+    else:
+        defaults = [("GPL-3", lambda: HELD_OUT_TEXT.read_text(encoding="utf-8")), ("pydoc", pydoc_text)]
+        sources = [(name, read()) for name, read in defaults[:count]]
     documents = []
     for name, text in sources:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -140,30 +141,46 @@ def fam_norm(fam: tuple[torch.Tensor, ...]) -> float:
     return float(torch.stack([f[0].float().norm(dim=-1).mean() for f in fam]).mean())
 
 
+NORM_AFTER_BLOCKS = (4, 64)  # the FAM norm is read after a few and after many blocks
+
+
+def streamed_tokens(config: FamConfig, tokens: int, norm_after: Iterable[int] = NORM_AFTER_BLOCKS) -> int:
+    """How many tokens ``long_document_eval`` streams for a document of ``tokens``: the document, repeated in
+    fam mode up to the last block the FAM norm is read after."""
+    longest = max(norm_after, default=0) * config.block_size
+    return max(tokens, longest) if config.active_fam_len and longest else tokens
+
+
 @torch.inference_mode()
 def long_document_eval(
-    fam_model: FamModel, ids: list[int], quarters: int = 4, norm_after: tuple[int, ...] = (4, 64)
+    fam_model: FamModel,
+    ids: list[int],
+    quarters: int = 4,
+    norm_after: tuple[int, ...] = NORM_AFTER_BLOCKS,
+    on_tokens: Callable[[int], None] | None = None,
 ) -> dict:
     """Stream ``ids`` from the initial state; mean NLL overall and per quarter, and the FAM norm after the
-    blocks in ``norm_after`` (the document is streamed again, repeated, where it has fewer blocks)."""
+    blocks in ``norm_after`` (the document is streamed again, repeated, where it has fewer blocks).
+    ``on_tokens`` gets each block's token count as the stream goes."""
     from famviz.core.engine import Stream
 
     fam = bool(fam_model.fam_len and norm_after)
-    block = fam_model.config.block_size
-    longest = max(norm_after, default=0) * block
     # One stream: the document, repeated where the norm is asked after more blocks than it has (causal, so
     # the document's own losses are those of streaming it alone).
-    streamed = (ids * (longest // len(ids) + 1))[: max(len(ids), longest)] if fam else ids
+    length = streamed_tokens(fam_model.config, len(ids), norm_after)
+    streamed = (ids * (length // len(ids) + 1))[:length]
     norms: dict[str, float] = {}
     stream = Stream(fam_model, record=False)
     if fam:
         norms["0"] = fam_norm(stream.state.fam)
 
-        def on_block(result: BlockResult) -> None:
-            if result.index + 1 in norm_after:
-                norms[str(result.index + 1)] = fam_norm(stream.state.fam)
+    def on_block(result: BlockResult) -> None:
+        if fam and result.index + 1 in norm_after:
+            norms[str(result.index + 1)] = fam_norm(stream.state.fam)
+        if on_tokens is not None:
+            on_tokens(len(result.token_ids))
 
-        stream.on_block = on_block
+    stream.on_block = on_block
     nll = stream.run(streamed).nll[: len(ids)]
     edges = np.linspace(0, len(nll), quarters + 1).astype(int)
     parts = [nll[a:b][np.isfinite(nll[a:b])] for a, b in pairwise(edges)]
@@ -178,9 +195,14 @@ def long_document_eval(
 
 
 def in_window_nll(
-    loaded: LoadedModel, config: FamConfig, fam_prompt: torch.Tensor | None, windows: list[list[int]]
+    loaded: LoadedModel,
+    config: FamConfig,
+    fam_prompt: torch.Tensor | None,
+    windows: list[list[int]],
+    on_tokens: Callable[[int], None] | None = None,
 ) -> float:
-    """Mean next-token NLL over windows, each streamed alone from a fresh state (one block each)."""
+    """Mean next-token NLL over windows, each streamed alone from a fresh state (one block each);
+    ``on_tokens`` gets each window's token count when it is done."""
     model = FamModel(loaded, config, fam_prompt=fam_prompt)
     total, count = 0.0, 0
     with torch.inference_mode():
@@ -191,6 +213,8 @@ def in_window_nll(
             values = nll[~torch.isnan(nll)]
             total += float(values.sum())
             count += values.numel()
+            if on_tokens is not None:
+                on_tokens(len(window))
     return total / max(count, 1)
 
 
@@ -209,21 +233,8 @@ def text_windows(
 
 
 # -- the comparison behind `famviz evaluate` ------------------------------------------------------------------
-def long_document_comparison(
-    base: LoadedModel,
-    tuned: LoadedModel,
-    config: FamConfig,
-    prompt: torch.Tensor | None,
-    documents: list[HeldOutDocument],
-    on_done: Callable[[], None] | None = None,
-) -> list[dict]:
-    """Per held-out document: NLL overall and per quarter of the evaluated model ("tuned": ``tuned`` in
-    ``config``'s mode, with ``prompt``), of the same weights with BSWA and the same memory blocks
-    ("tuned_bswa": what the memory itself adds, with fine-tuning's other gains equal; only when ``tuned``
-    differs from ``base``), of the untuned model with BSWA, with BSWA plus attention sinks (StreamingLLM, the
-    training-free streaming baseline) and with full attention; the evaluated FAM's norm after 0, 4 and 64
-    blocks. ``on_done`` after each stream."""
-    rows = []
+def comparison_configs(config: FamConfig, tuned: bool) -> list[tuple[str, bool, FamConfig]]:
+    """The streams of each long document: (key, whether the tuned weights stream it, config)."""
     bswa = FamConfig(mode="bswa", block_size=config.block_size, fam_len=0, mem_blocks=config.mem_blocks)
     sink = FamConfig(
         mode="sink",
@@ -233,20 +244,42 @@ def long_document_comparison(
         sink_tokens=config.sink_tokens,
     )
     full = FamConfig(mode="full", block_size=config.block_size)
+    streams = [("tuned", True, config)] + ([("tuned_bswa", True, bswa)] if tuned else [])
+    return streams + [("untuned_bswa", False, bswa), ("untuned_sink", False, sink), ("untuned_full", False, full)]
+
+
+def comparison_tokens(
+    config: FamConfig, tuned: bool, documents: list[HeldOutDocument], norm_after: tuple[int, ...] = NORM_AFTER_BLOCKS
+) -> int:
+    """Tokens ``long_document_comparison`` streams in all (what its progress counts)."""
+    return sum(
+        streamed_tokens(stream_config, len(document.ids), norm_after)
+        for document in documents
+        for _, _, stream_config in comparison_configs(config, tuned)
+    )
+
+
+def long_document_comparison(
+    base: LoadedModel,
+    tuned: LoadedModel,
+    config: FamConfig,
+    prompt: torch.Tensor | None,
+    documents: list[HeldOutDocument],
+    norm_after: tuple[int, ...] = NORM_AFTER_BLOCKS,
+    on_tokens: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Per held-out document: NLL overall and per quarter of the evaluated model ("tuned": ``tuned`` in
+    ``config``'s mode, with ``prompt``), of the same weights with BSWA and the same memory blocks
+    ("tuned_bswa": what the memory itself adds, with fine-tuning's other gains equal; only when ``tuned``
+    differs from ``base``), of the untuned model with BSWA, with BSWA plus attention sinks (StreamingLLM, the
+    training-free streaming baseline) and with full attention; the evaluated FAM's norm after 0 blocks and
+    the blocks in ``norm_after``. ``on_tokens`` gets each streamed block's token count."""
+    rows = []
     for document in documents:
         row = {"document": document.name, "tokens": len(document.ids)}
-        models = [("tuned", FamModel(tuned, config, fam_prompt=prompt))]
-        if tuned is not base:
-            models.append(("tuned_bswa", FamModel(tuned, bswa)))
-        models += [
-            ("untuned_bswa", FamModel(base, bswa)),
-            ("untuned_sink", FamModel(base, sink)),
-            ("untuned_full", FamModel(base, full)),
-        ]
-        for key, model in models:
-            row[key] = long_document_eval(model, document.ids)
-            if on_done is not None:
-                on_done()
+        for key, on_tuned, stream_config in comparison_configs(config, tuned is not base):
+            model = FamModel(tuned if on_tuned else base, stream_config, fam_prompt=prompt if key == "tuned" else None)
+            row[key] = long_document_eval(model, document.ids, norm_after=norm_after, on_tokens=on_tokens)
         row["tuned_vs_bswa"] = row["tuned"]["nll"] / row["untuned_bswa"]["nll"]
         if "tuned_bswa" in row:  # the memory's own effect: fam against bswa with the same weights
             row["tuned_vs_tuned_bswa"] = row["tuned"]["nll"] / row["tuned_bswa"]["nll"]
@@ -268,6 +301,47 @@ def long_document_comparison(
 
 
 # -- `famviz evaluate`: every check of a (tuned) model in one command -------------------------------------------
+@dataclass(frozen=True)
+class Sizes:
+    """How much `famviz evaluate` runs. ``lengths`` None: the shortest PassKey prompt whose key only the FAM
+    can carry, (memory blocks + 2) blocks; ``long_documents`` None: every default long document."""
+
+    modes: str
+    lengths: str | None
+    depths: str
+    trials: int
+    long_tokens: int
+    norm_after_blocks: str
+    windows: int  # in-window loss: windows of one block each
+    long_documents: int | None
+
+
+FULL = Sizes("fam,bswa,full", "2048,4096,8192", "0", 50, 8192, "4,64", 8, None)
+# A smoke check in about a minute on a laptop CPU with the bundled model: a few keys at one short length, one
+# short held-out document, the FAM norm within it. Its figures are noisy: look at them, do not report them.
+QUICK = Sizes("fam,bswa", None, "0", 5, MIN_LONG_TOKENS, "4", 4, 1)
+SIZED_OPTIONS = ("modes", "lengths", "depths", "trials", "long_tokens", "norm_after_blocks")
+MIN_PASSKEY_LENGTH = 64
+
+
+def sizes_for(args: argparse.Namespace, config: FamConfig) -> Sizes:
+    """The sizes of this run: --quick's or the full check's, with every option given explicitly kept."""
+    chosen = QUICK if getattr(args, "quick", False) else FULL
+    if chosen.lengths is None:
+        chosen = dataclasses.replace(chosen, lengths=str((config.mem_blocks + 2) * config.block_size))
+    given = {name: getattr(args, name) for name in SIZED_OPTIONS if getattr(args, name, None) is not None}
+    if args.document and chosen.long_documents is not None:
+        given["long_documents"] = None  # documents named explicitly are all read
+    return dataclasses.replace(chosen, **given)
+
+
+def _limits_help(name: str) -> str:
+    from famviz.core.config import LIMITS
+
+    low, high = LIMITS[name]
+    return f"{low:,}…{high:,}"
+
+
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     from famviz.core.config import FAM_NORMS, TOOL_DEFAULTS
 
@@ -276,23 +350,44 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         default=None,
         metavar="ADAPTER_DIR",
-        help="the adapter to evaluate (its results go into its training card); none: the untuned conversion",
+        help="the adapter to evaluate (its training card is left unchanged unless --write-card); "
+        "none: the untuned conversion",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke check, about a minute on a CPU, instead of the full one (an hour or more there): "
+        f"modes {QUICK.modes}, PassKey at (memory blocks + 2) blocks (512 tokens for block 256, no memory), "
+        f"depth {QUICK.depths}, {QUICK.trials} keys per cell, {QUICK.windows} in-window windows, one long "
+        f"document (GPL-3, or the first of the corpus's held-out split) of {QUICK.long_tokens:,} tokens, FAM "
+        f"norm after {QUICK.norm_after_blocks} blocks; options given explicitly still apply. Noisy: to look "
+        "at, not to report",
+    )
+    parser.add_argument(
+        "--write-card",
+        action="store_true",
+        help="also record the results in ADAPTER_DIR's training card (training_card.json and TRAINING_CARD.md); "
+        "default: they are only printed",
     )
     parser.add_argument(
         "--model", default=None, help="Hugging Face model id or local path (default: bundled SmolLM2-135M)"
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads, at least 1")
     parser.add_argument(
         "--block-size",
         type=int,
         default=None,
         metavar="N",
-        help=f"default: the adapter's (else {TOOL_DEFAULTS.block_size})",
+        help=f"{_limits_help('block_size')}; default: the adapter's (else {TOOL_DEFAULTS.block_size})",
     )
     parser.add_argument(
-        "--fam-len", type=int, default=None, metavar="N", help=f"default: the adapter's (else {TOOL_DEFAULTS.fam_len})"
+        "--fam-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"{_limits_help('fam_len')}; default: the adapter's (else {TOOL_DEFAULTS.fam_len})",
     )
     parser.add_argument(
         "--fam-norm",
@@ -306,48 +401,74 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="default: the adapter's (else 0, the paper's PassKey setting)",
+        help=f"{_limits_help('mem_blocks')}; default: the adapter's (else 0, the paper's PassKey setting)",
     )
     parser.add_argument(
         "--modes",
-        default="fam,bswa,full",
+        default=None,
         metavar="LIST",
-        help="PassKey modes, all on the same keys; MODE:N sets memory blocks (default: --mem-blocks)",
+        help="PassKey modes, all on the same keys; MODE:N sets memory blocks, N "
+        f"{_limits_help('mem_blocks')} (default: --mem-blocks); default {FULL.modes}, --quick {QUICK.modes}",
     )
-    parser.add_argument("--lengths", default="2048,4096,8192", metavar="LIST", help="PassKey prompt lengths (tokens)")
-    parser.add_argument("--depths", default="0", metavar="LIST", help="PassKey key depths, 0…1")
-    parser.add_argument("--trials", type=int, default=50, metavar="N", help="PassKey keys per cell")
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="PassKey keys' seed")
+    parser.add_argument(
+        "--lengths",
+        default=None,
+        metavar="LIST",
+        help=f"PassKey prompt lengths in tokens, each at least {MIN_PASSKEY_LENGTH} (no upper limit: time grows "
+        f"with length); default {FULL.lengths}, --quick (memory blocks + 2) × block size",
+    )
+    parser.add_argument(
+        "--depths", default=None, metavar="LIST", help=f"PassKey key depths, each 0…1; default {FULL.depths}"
+    )
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"PassKey keys per cell, at least 1; default {FULL.trials}, --quick {QUICK.trials}",
+    )
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="PassKey keys' seed, any integer; default 0")
     parser.add_argument("--skip-passkey", action="store_true", help="only the loss checks")
     parser.add_argument(
         "--document",
         action="append",
         default=None,
         metavar="PATH",
-        help="a held-out long document (repeatable; default: GPL-3 and pydoc text)",
+        help=f"a held-out long document of at least {MIN_LONG_TOKENS:,} tokens (repeatable; default: GPL-3 and "
+        "pydoc text)",
     )
     parser.add_argument(
         "--corpus",
         action="append",
         default=None,
         metavar="PATH",
-        help="long documents from this corpus's held-out split (as `train --corpus`; default for an "
-        "adapter trained on a corpus, unless --document is given)",
+        help=f"long documents from this corpus's held-out split, the first {CORPUS_DOCUMENTS} (--quick: 1) of "
+        f"at least {MIN_LONG_TOKENS:,} tokens (as `train --corpus`; default for an adapter trained on a corpus, "
+        "unless --document is given)",
     )
     parser.add_argument(
         "--long-tokens",
         type=int,
-        default=8192,
+        default=None,
         metavar="N",
-        help="tokens of each long document (0: no long-document check)",
+        help=f"tokens of each long document: 0 (no long-document check) or at least {MIN_LONG_TOKENS:,} "
+        f"(a shorter document is used whole); default {FULL.long_tokens:,}, --quick {QUICK.long_tokens:,}",
+    )
+    parser.add_argument(
+        "--norm-after-blocks",
+        default=None,
+        metavar="LIST",
+        help="the evaluated FAM's norm after these blocks, each at least 1 (a long document is streamed again, "
+        f"repeated, past its end; the tuned stream's time grows with the largest); default {FULL.norm_after_blocks}, "
+        f"--quick {QUICK.norm_after_blocks}",
     )
     parser.add_argument(
         "--sink-tokens",
         type=int,
         default=TOOL_DEFAULTS.sink_tokens,
         metavar="S",
-        help="tokens the sink baselines keep for ever (PassKey mode sink, the long documents' untuned sink row; "
-        f"default {TOOL_DEFAULTS.sink_tokens})",
+        help="tokens the sink baselines keep for ever (PassKey mode sink, the long documents' untuned sink row), "
+        f"{_limits_help('sink_tokens')}; default {TOOL_DEFAULTS.sink_tokens}",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     parser.add_argument(
@@ -384,36 +505,68 @@ class EvaluationPlan:
     specs: list  # famviz.probes.passkey.ModeSpec
     corpus: list[str] | None = None  # long documents from this corpus's held-out split
     figure: str | None = None  # where the PassKey grid's heatmap goes (checked)
+    sizes: Sizes = FULL
+    norm_after: tuple[int, ...] = NORM_AFTER_BLOCKS
+    quick: bool = False
+    write_card: bool = False  # record the results in the adapter's training card
+
+    @property
+    def parts(self) -> list[str]:
+        """The parts run, in order (each gets its own progress bar)."""
+        return (
+            ["loading", "in-window loss"]
+            + (["long documents"] if self.sizes.long_tokens else [])
+            + (["PassKey"] if self.specs else [])
+        )
+
+
+def _check_sizes(sizes: Sizes, lengths: list[int], depths: list[float], norm_after: list[int]) -> None:
+    if any(n < MIN_PASSKEY_LENGTH for n in lengths):
+        raise ConfigError(f"--lengths: PassKey lengths must be at least {MIN_PASSKEY_LENGTH} tokens, got {lengths}")
+    if any(not 0 <= d <= 1 for d in depths):
+        raise ConfigError(f"--depths: key depths must be within 0…1, got {depths}")
+    if sizes.trials < 1:
+        raise ConfigError(f"--trials must be at least 1, got {sizes.trials}")
+    if sizes.long_tokens and sizes.long_tokens < MIN_LONG_TOKENS:
+        raise ConfigError(f"--long-tokens must be 0 or at least {MIN_LONG_TOKENS}, got {sizes.long_tokens}")
+    if any(n < 1 for n in norm_after):
+        raise ConfigError(f"--norm-after-blocks must be block counts of at least 1, got {norm_after}")
 
 
 def plan_evaluation(args: argparse.Namespace) -> EvaluationPlan:
     """The checked plan, or a FamvizError with one clear message (bad numbers, modes, files, adapter)."""
+    from famviz.core.config import check_limit
     from famviz.io.adapters import read_adapter
     from famviz.io.documents import read_document
     from famviz.probes import passkey as pk
 
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     adapter = read_adapter(args.adapter) if args.adapter else None
+    if getattr(args, "write_card", False) and adapter is None:
+        raise ConfigError("--write-card records the results in an adapter's training card: give ADAPTER_DIR")
     config = _geometry(args, adapter)
-    lengths = number_list(args.lengths, int, "--lengths")
-    depths = number_list(args.depths, float, "--depths")
-    if any(n < 64 for n in lengths) or any(not 0 <= d <= 1 for d in depths) or args.trials < 1:
-        raise ConfigError("PassKey lengths must be at least 64 tokens, depths within 0…1 and --trials at least 1")
+    sizes = sizes_for(args, config)
+    lengths = number_list(sizes.lengths, int, "--lengths")
+    depths = number_list(sizes.depths, float, "--depths")
+    norm_after = number_list(sizes.norm_after_blocks, int, "--norm-after-blocks")
+    _check_sizes(sizes, lengths, depths, norm_after)
     try:
-        specs = [pk.ModeSpec.parse(m, config.mem_blocks) for m in args.modes.split(",") if m.strip()]
+        specs = [pk.ModeSpec.parse(m, config.mem_blocks) for m in sizes.modes.split(",") if m.strip()]
     except ValueError as exc:
         raise ConfigError(f"--modes: {exc}") from None
-    if args.long_tokens and args.long_tokens < MIN_LONG_TOKENS:
-        raise ConfigError(f"--long-tokens must be 0 or at least {MIN_LONG_TOKENS}, got {args.long_tokens}")
+    for spec in specs:
+        check_limit("mem_blocks", spec.mem_blocks)
     for path in args.document or []:
         read_document(path)  # unreadable documents fail now, not after the model has loaded
     corpus = getattr(args, "corpus", None)
     if corpus and args.document:
         raise ConfigError("give --document or --corpus, not both")
-    if corpus and args.long_tokens:
+    if corpus and sizes.long_tokens:
         from famviz.io.corpus import Corpus
 
         Corpus(corpus)  # a missing or unreadable corpus fails now
-    elif not args.document and args.long_tokens and adapter is not None:
+    elif not args.document and sizes.long_tokens and adapter is not None:
         corpus = trained_corpus(adapter.directory)  # the held-out split of the adapter's own training text
         if corpus and not all(Path(p).exists() for p in corpus):
             log.warning(
@@ -426,7 +579,19 @@ def plan_evaluation(args: argparse.Namespace) -> EvaluationPlan:
     figure = check_figure_path(getattr(args, "figure", None))
     if figure and args.skip_passkey:
         raise ConfigError("--figure draws the PassKey grid: leave out --skip-passkey")
-    return EvaluationPlan(adapter, config, lengths, depths, specs, corpus if args.long_tokens else None, figure)
+    return EvaluationPlan(
+        adapter,
+        config,
+        lengths,
+        depths,
+        [] if args.skip_passkey else specs,
+        corpus if sizes.long_tokens else None,
+        figure,
+        sizes=sizes,
+        norm_after=tuple(norm_after),
+        quick=getattr(args, "quick", False),
+        write_card=getattr(args, "write_card", False),
+    )
 
 
 def trained_corpus(directory: str | Path) -> list[str] | None:
@@ -440,17 +605,76 @@ def trained_corpus(directory: str | Path) -> list[str] | None:
     return list(sources["paths"]) if isinstance(sources, dict) and sources.get("paths") else None
 
 
-def evaluate(args: argparse.Namespace, plan: EvaluationPlan, result: dict, progress: tqdm | None = None) -> dict:
-    """Fill ``result`` step by step (so an interruption keeps what is done): in-window loss, long-document
-    NLL per quarter with the FAM norm, and the PassKey grid of every mode on the same keys."""
+class PartProgress:
+    """One progress bar per part of the evaluation, named with its place and what it runs ("evaluate 3/4 long
+    documents: 1 × 5 streams"), each counting its own work (tokens, mostly), so that the rate and the time
+    left it shows are that part's own, not an average over unlike parts. Each finished bar stays on screen
+    with the time its part took."""
+
+    def __init__(self, parts: list[str], enabled: bool = True):
+        self.parts, self.enabled = parts, enabled
+        self.bar: tqdm | None = None
+
+    def start(self, part: str, detail: str, total: int, unit: str = "tok") -> Callable[[int], None]:
+        """A bar for ``part`` (closing the previous one); returns what to call with each step's count."""
+        self.close()
+        if not self.enabled:
+            return lambda count: None
+        from tqdm import tqdm
+
+        place = f"{self.parts.index(part) + 1}/{len(self.parts)}"
+        self.bar = tqdm(
+            total=total,
+            desc=f"evaluate {place} {part}: {detail}",
+            unit=unit,
+            unit_scale=unit == "tok",
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        return self.bar.update
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count:,} {word}" + ("" if count == 1 else "s")
+
+
+def load_models(
+    args: argparse.Namespace, plan: EvaluationPlan, progress: PartProgress
+) -> tuple[LoadedModel, LoadedModel, torch.Tensor | None]:
+    """(untuned model, evaluated model, its FAM prompt): the evaluated one is a second copy with the adapter
+    merged in, or the untuned model itself."""
     from famviz.io.adapters import apply_adapter
     from famviz.io.models import load_model
+
+    copies = 2 if plan.adapter is not None else 1
+    what = "the model and a copy with the adapter" if copies == 2 else "the model"
+    tick = progress.start("loading", what, copies, unit="model")
+    base = load_model(args.model, device=args.device, dtype=args.dtype)
+    tick(1)
+    if plan.adapter is None:
+        return base, base, None
+    tuned = load_model(args.model, device=args.device, dtype=args.dtype)
+    prompt = apply_adapter(args.adapter, tuned, plan.config)
+    tick(1)
+    return base, tuned, prompt
+
+
+def evaluate(
+    args: argparse.Namespace, plan: EvaluationPlan, result: dict, progress: PartProgress | None = None
+) -> dict:
+    """Fill ``result`` step by step (so an interruption keeps what is done): in-window loss, long-document
+    NLL per quarter with the FAM norm, and the PassKey grid of every mode on the same keys."""
     from famviz.probes import passkey as pk
 
+    progress = progress or PartProgress(plan.parts, enabled=False)
     adapter, config, lengths, depths, specs = plan.adapter, plan.config, plan.lengths, plan.depths, plan.specs
-    base = load_model(args.model, device=args.device, dtype=args.dtype)
-    tuned = load_model(args.model, device=args.device, dtype=args.dtype) if adapter is not None else base
-    prompt = apply_adapter(args.adapter, tuned, config) if adapter is not None else None
+    sizes = plan.sizes
+    base, tuned, prompt = load_models(args, plan, progress)
     result.update(
         model=base.name,
         adapter=str(adapter.directory) if adapter else None,
@@ -459,58 +683,67 @@ def evaluate(args: argparse.Namespace, plan: EvaluationPlan, result: dict, progr
         sink_tokens=config.sink_tokens,  # of the sink baselines (the fam config's record leaves it out)
         dtype=str(base.dtype).replace("torch.", ""),
         device=str(base.device),
+        quick=plan.quick,
     )
-    documents = []
-    if args.long_tokens:
-        documents = (
-            corpus_documents(base.tokenizer, args.long_tokens, plan.corpus)
-            if plan.corpus
-            else held_out_documents(base.tokenizer, args.long_tokens, args.document)
-        )
-    n_docs = len(documents)
-    total = (
-        3
-        + ((4 + (adapter is not None)) * n_docs if args.long_tokens else 0)
-        + (0 if args.skip_passkey else len(specs) * len(lengths) * len(depths) * args.trials)
-    )
-    if progress is not None:
-        progress.reset(total=total)
-    tick = (lambda *_: progress.update(1)) if progress is not None else (lambda *_: None)
 
-    windows = text_windows(base.tokenizer, config.block_size, 8)
+    windows = text_windows(base.tokenizer, config.block_size, sizes.windows)
+    tick = progress.start(
+        "in-window loss", f"{_plural(len(windows), 'window')} × 3 models", 3 * sum(len(w) for w in windows)
+    )
     nll = {"windows": len(windows), "window_tokens": config.block_size, "text": "GPL-3 (held out from training)"}
     nll["untuned_full_attention"] = in_window_nll(
-        base, FamConfig(mode="full", block_size=config.block_size), None, windows
+        base, FamConfig(mode="full", block_size=config.block_size), None, windows, tick
     )
-    tick()
-    nll["untuned_same_mode"] = in_window_nll(base, config, None, windows)  # what the conversion alone costs
-    tick()
-    nll["tuned"] = in_window_nll(tuned, config, prompt, windows)
-    tick()
+    nll["untuned_same_mode"] = in_window_nll(base, config, None, windows, tick)  # what the conversion alone costs
+    nll["tuned"] = in_window_nll(tuned, config, prompt, windows, tick)
     nll["relative_change"] = nll["tuned"] / nll["untuned_full_attention"] - 1
     result["in_window_nll"] = nll
     result["long_documents"] = []
-    if args.long_tokens:
-        result["long_documents"] = long_document_comparison(base, tuned, config, prompt, documents, on_done=tick)
+    if sizes.long_tokens:
+        documents = (
+            corpus_documents(base.tokenizer, sizes.long_tokens, plan.corpus, sizes.long_documents or CORPUS_DOCUMENTS)
+            if plan.corpus
+            else held_out_documents(base.tokenizer, sizes.long_tokens, args.document, sizes.long_documents)
+        )
+        streams = len(comparison_configs(config, tuned is not base))
+        tick = progress.start(
+            "long documents",
+            f"{_plural(len(documents), 'document')} × {streams} streams",
+            comparison_tokens(config, tuned is not base, documents, plan.norm_after),
+        )
+        result["long_documents"] = long_document_comparison(
+            base, tuned, config, prompt, documents, norm_after=plan.norm_after, on_tokens=tick
+        )
         if plan.corpus:
             result["long_documents_source"] = {"corpus": plan.corpus, "split": "held out (famviz.io.corpus)"}
     result["passkey"] = []
-    if not args.skip_passkey:
+    if specs:
         result["passkey_scoring"] = (
             "greedy decoding, first integer of the answer equals the key (famviz.probes.passkey)"
         )
+        detail = " × ".join(
+            [
+                _plural(len(specs), "mode"),
+                _plural(len(lengths), "length"),
+                _plural(len(depths), "depth"),
+                _plural(sizes.trials, "key"),
+            ]
+        )
+        # counted in prompt tokens, so that longer prompts weigh as much as they take
+        tick = progress.start("PassKey", detail, len(specs) * len(depths) * sizes.trials * sum(lengths))
         pk.sweep(
             tuned,
             specs,
             lengths,
             depths,
-            args.trials,
+            sizes.trials,
             seed=args.seed,
             base=config,
             fam_prompt=prompt,
-            on_trial=tick,
+            on_trial=lambda trial: tick(trial.length),
             on_cell=lambda cell: result["passkey"].append(cell.summary()),
         )
+    progress.close()
     return result
 
 
@@ -518,6 +751,7 @@ def evaluation_table(result: dict) -> str:
     """The evaluation as plain-text tables for a terminal."""
     lines = [
         f"famviz evaluate · {result.get('label')} · {result.get('config')} · {result.get('dtype')}"
+        + (" · QUICK CHECK (--quick: few keys, one short document; noisy)" if result.get("quick") else "")
         + (" · INTERRUPTED: partial results" if result.get("interrupted") else "")
     ]
     nll = result.get("in_window_nll")
@@ -559,57 +793,83 @@ def evaluation_table(result: dict) -> str:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """`famviz evaluate`: the result to stdout (table, or JSON with --json) and, with an adapter, into its card;
-    a progress bar on stderr; Ctrl-C keeps and reports what was done (exit status 130)."""
+    """`famviz evaluate`: the result to stdout (table, or JSON with --json) and, with --write-card, into the
+    adapter's training card; a progress bar per part on stderr, and a line saying where the results went;
+    Ctrl-C keeps and reports what was done (exit status 130)."""
     import json
     import time
 
-    from tqdm import tqdm
-
-    from famviz.io.adapters import read_training_card, write_training_card
-
+    plan = plan_evaluation(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    plan = plan_evaluation(args)
     result: dict = {}
     started = time.time()
     status = 0
-    with tqdm(total=1, desc="evaluate", unit="step", file=sys.stderr, dynamic_ncols=True) as progress:
-        try:
-            evaluate(args, plan, result, progress)
-        except KeyboardInterrupt:
-            result["interrupted"] = True
-            status = 130
+    progress = PartProgress(plan.parts)
+    try:
+        evaluate(args, plan, result, progress)
+    except KeyboardInterrupt:
+        result["interrupted"] = True
+        status = 130
+    finally:
+        progress.close()
     if not result.get("config"):  # interrupted while loading: nothing to report
         return status
     result["seconds"] = round(time.time() - started, 1)
-    if args.adapter:
-        directory = Path(args.adapter)
-        card = read_training_card(directory)
-        key = f"{result['config']['mode']}_mem{result['config']['mem_blocks']}_block{result['config']['block_size']}"
-        earlier = card.setdefault("evaluation", {}).get(key, {})
-        # A run that skipped a part (e.g. --skip-passkey: an empty list) keeps the card's earlier figures for
-        # it; every value it did produce replaces the earlier one (0 included), and a complete run is no
-        # longer marked interrupted.
-        skipped = [k for k, v in result.items() if k in earlier and v in (None, [], {})]
-        merged = {**earlier, **{k: v for k, v in result.items() if k not in skipped}}
-        if not result.get("interrupted"):
-            merged.pop("interrupted", None)
-        card["evaluation"][key] = merged
-        card.setdefault("stage_evaluations", []).append({"after_step": card.get("steps"), "key": key, **result})
-        write_training_card(directory, card)
+    if plan.write_card:
+        record_in_card(Path(args.adapter), result)
     if plan.figure and result.get("passkey"):
-        from famviz.probes.passkey import CellResult
-        from famviz.viz.export import write_figure
-        from famviz.viz.passkey_figures import passkey_heatmap
-
-        cells = [CellResult(**cell) for cell in result["passkey"]]
-        figure = passkey_heatmap(cells, title=f"PassKey retrieval: {result['label']}")
-        caption = f"{result['model']}; {args.trials} trials per cell, seed {args.seed}, greedy"
-        try:
-            result["figure"] = str(write_figure(figure, plan.figure, caption=caption, size=(1100, 420)))
-        except FamvizError as exc:  # the figure is lost, not the results printed below
-            log.error("the PassKey figure was not written: %s", exc)
-            result["figure_error"] = str(exc)
+        write_passkey_figure(plan.figure, result, plan.sizes.trials, args.seed)
     print(json.dumps(result) if args.json else evaluation_table(result))
+    print(f"famviz: {where_results_went(args, plan, result)}", file=sys.stderr)
     return status
+
+
+def record_in_card(directory: Path, result: dict) -> None:
+    """The result into the adapter's training card: the current figures of its geometry, and one entry more
+    in the list of evaluations made after each stage."""
+    from famviz.io.adapters import read_training_card, write_training_card
+
+    card = read_training_card(directory)
+    key = f"{result['config']['mode']}_mem{result['config']['mem_blocks']}_block{result['config']['block_size']}"
+    earlier = card.setdefault("evaluation", {}).get(key, {})
+    # A run that skipped a part (e.g. --skip-passkey: an empty list) keeps the card's earlier figures for
+    # it; every value it did produce replaces the earlier one (0 included), and a complete run is no
+    # longer marked interrupted.
+    skipped = [k for k, v in result.items() if k in earlier and v in (None, [], {})]
+    merged = {**earlier, **{k: v for k, v in result.items() if k not in skipped}}
+    if not result.get("interrupted"):
+        merged.pop("interrupted", None)
+    card["evaluation"][key] = merged
+    card.setdefault("stage_evaluations", []).append({"after_step": card.get("steps"), "key": key, **result})
+    write_training_card(directory, card)
+
+
+def write_passkey_figure(path: str, result: dict, trials: int, seed: int) -> None:
+    """The PassKey grid's heatmap; a figure that cannot be written is reported, and the results still printed."""
+    from famviz.probes.passkey import CellResult
+    from famviz.viz.export import write_figure
+    from famviz.viz.passkey_figures import passkey_heatmap
+
+    cells = [CellResult(**cell) for cell in result["passkey"]]
+    figure = passkey_heatmap(cells, title=f"PassKey retrieval: {result['label']}")
+    caption = f"{result['model']}; {trials} trials per cell, seed {seed}, greedy"
+    try:
+        result["figure"] = str(write_figure(figure, path, caption=caption, size=(1100, 420)))
+    except FamvizError as exc:
+        log.error("the PassKey figure was not written: %s", exc)
+        result["figure_error"] = str(exc)
+
+
+def where_results_went(args: argparse.Namespace, plan: EvaluationPlan, result: dict) -> str:
+    """One line for stderr: whether the results are in the adapter's card (and the figure's file)."""
+    from famviz.io.adapters import CARD_JSON, CARD_MARKDOWN
+
+    if plan.write_card:
+        directory = Path(args.adapter)
+        where = f"results recorded in {directory / CARD_JSON} and {directory / CARD_MARKDOWN}"
+    elif args.adapter:
+        where = f"results printed only; {args.adapter}'s training card is unchanged (--write-card records them)"
+    else:
+        where = "results printed only"
+    return where + (f"; PassKey figure in {result['figure']}" if result.get("figure") else "")

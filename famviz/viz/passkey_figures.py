@@ -12,7 +12,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from famviz.probes.passkey import CellResult, RetentionPoint, accuracy_grid
+from famviz.probes.passkey import CellResult, RetentionPoint, accuracy_grid, chance_key_logprob, keys_with_digits
 from famviz.viz.figures import empty_figure
 
 ACCURACY_SCALE = [[0.0, "#b2182b"], [0.5, "#f7f7f7"], [1.0, "#2166ac"]]
@@ -72,23 +72,50 @@ def passkey_heatmap(cells: Sequence[CellResult], title: str = "PassKey retrieval
     return fig
 
 
+def chance_words(key: int | None) -> str:
+    """What the chance line stands for, in words."""
+    if key is None:
+        return "chance: a random key"
+    digits = len(str(key))
+    return f"chance: a random {digits}-digit key, log(1/{keys_with_digits(digits):,})"
+
+
+def logprob_range(values: Sequence[float], chance: float) -> list[float]:
+    """The log p axis: from the chance level (or below it, where a value is) up to 0, whatever the curve.
+    A fixed scale keeps a change of a few thousandths near 0 from looking like a fall."""
+    low = min([chance, *(v for v in values if math.isfinite(v))])
+    return [1.04 * low, -0.02 * low]  # a little room, so markers at the ends are drawn whole
+
+
 def retention_figure(
     points: Sequence[RetentionPoint], key: int | None = None, title: str = "Does the memory still hold the key?"
 ) -> go.Figure:
-    """Key log-probability (line) and greedy retrieval success (markers) against blocks since the key."""
+    """Key log-probability (line) and greedy retrieval success (markers) against blocks since the key. The
+    log p axis runs from the chance level of a random key of the key's length (a labelled line;
+    ``famviz.probes.passkey.chance_key_logprob``) to 0, so its scale does not follow the data."""
     if not points:
         return empty_figure("no probe yet: the key has not gone by", title)
     x = [p.blocks_since_key for p in points]
+    logprobs = [p.key_logprob for p in points]
+    chance = chance_key_logprob(key)
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(
         go.Scatter(
             x=x,
-            y=[p.key_logprob for p in points],
+            y=logprobs,
             mode="lines+markers",
             name="log p(key)",
             line=dict(color="#444"),
-            hovertemplate="blocks since key %{x}<br>log p(key) %{y:.2f}<extra></extra>",
+            customdata=[math.exp(v) for v in logprobs],
+            hovertemplate="blocks since key %{x}<br>log p(key) %{y:.3f} (p %{customdata:.1%})<extra></extra>",
         ),
+        secondary_y=False,
+    )
+    fig.add_hline(
+        y=chance,
+        line=dict(color="#999", dash="dot"),
+        annotation=dict(text=f"{chance_words(key)} = {chance:.1f}", font=dict(size=11, color="#666")),
+        annotation_position="top left",
         secondary_y=False,
     )
     fig.add_trace(
@@ -122,7 +149,9 @@ def retention_figure(
         tick0=0,
         dtick=max(1, math.ceil(max((p.blocks_since_key for p in points), default=1) / 10)),
     )
-    fig.update_yaxes(title_text="log p(key tokens)", secondary_y=False)
+    fig.update_yaxes(
+        title_text="log p(key tokens)", range=logprob_range(logprobs, chance), autorange=False, secondary_y=False
+    )
     fig.update_yaxes(
         title_text="retrieved", range=[-0.15, 1.15], tickvals=[0, 1], ticktext=["no", "yes"], secondary_y=True
     )
