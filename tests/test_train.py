@@ -17,6 +17,7 @@ from famviz.training.data import Example, copy_example, parse_mixture, parse_ran
 from famviz.training.loop import Trainer
 from famviz.training.loss import collate, sequence_loss
 from famviz.training.rpo_rsp import StatePassing, TrainingFamModel, draw_position_offsets, initial_training_state
+from famviz.training.used_state import UsedStates, read_text_into_fam
 
 VOCAB = 128
 
@@ -232,6 +233,75 @@ def test_rsp_off_always_starts_from_the_prompt(tmp_path):
     assert not any(r["rsp"] for r in records)
 
 
+# -- used memories -------------------------------------------------------------------------------------
+class RandomText:
+    """A stand-in for the text corpus of used states: random tokens, drawn from the step's generator."""
+
+    def window(self, rng: random.Random, length: int) -> list[int]:
+        return [rng.randrange(30, VOCAB) for _ in range(length)]
+
+
+def test_reading_text_into_the_fam_is_the_training_forward_and_touches_nothing(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, rpo=False), loaded=tiny_loaded(), data=KeyRecall())
+    ids = torch.tensor([RandomText().window(random.Random(1), 3 * 8)])
+    before = {n: p.detach().clone() for n, p in trainer.peft_model.named_parameters()}
+    used = read_text_into_fam(trainer.fam_model, trainer.prompt, ids, block_size=8)
+    assert all(p.grad is None for p in trainer.trainable_parameters)
+    assert all(torch.equal(p, before[n]) for n, p in trainer.peft_model.named_parameters())
+    with torch.no_grad():
+        state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
+        _, final, _ = sequence_loss(trainer.fam_model, ids, torch.zeros(ids.shape), state)
+    assert all(not u.requires_grad and torch.allclose(u, f, atol=1e-6) for u, f in zip(used, final.fam, strict=True))
+
+
+def test_a_passkey_step_can_start_from_a_memory_that_read_text(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, rsp=False, rpo=False), loaded=tiny_loaded(), data=KeyRecall())
+    trainer.used_states = UsedStates(1.0, (2, 3), RandomText(), block_size=8)
+    started = []
+    original = initial_training_state
+
+    def spy(fam_model, batch, prompt, passed):
+        started.append(original(fam_model, batch, prompt, passed))
+        return started[-1]
+
+    monkeypatch.setattr("famviz.training.loop.initial_training_state", spy)
+    replay = random.Random()
+    replay.setstate(trainer.rng.getstate())
+    trainer.data.draw(replay)  # the step draws its example first, then the used state's length and text
+    replay.random()
+    blocks = replay.randint(2, 3)
+    text = torch.tensor([RandomText().window(replay, blocks * 8)])
+    expected = read_text_into_fam(trainer.fam_model, trainer.prompt, text, block_size=8)
+    record = trainer.train_step()
+    assert record["used_blocks"] == blocks and not record["rsp"]
+    assert not started[0].fam_fresh  # a used memory keeps its residual at the first update
+    assert all(torch.equal(s, e) for s, e in zip(started[0].fam, expected, strict=True))
+
+
+def test_used_states_off_draw_nothing_and_copy_steps_never_use_them():
+    rng = random.Random(5)
+    state = rng.getstate()
+    assert UsedStates(0.0, (1, 16), None, 8).choose(rng, passkey_step=True) == 0 and rng.getstate() == state
+    sometimes = UsedStates(0.5, (1, 16), RandomText(), 8)
+    assert not any(sometimes.choose(rng, passkey_step=False) for _ in range(200))
+    chosen = [sometimes.choose(rng, passkey_step=True) for _ in range(2000)]
+    assert 0.45 < sum(1 for c in chosen if c) / 2000 < 0.55 and {c for c in chosen if c} == set(range(1, 17))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(used_state_prob=1.5), "--used-state-prob must be within"),
+        (dict(used_state_prob=0.5, mode="bswa"), "needs a FAM"),
+        (dict(used_state_blocks="8-2"), "--used-state-blocks"),
+        (dict(eval_depth=2.0), "--eval-depth must be within"),
+    ],
+)
+def test_used_state_and_eval_depth_options_are_checked(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path, **overrides).validate()
+
+
 # -- checkpoints and resume ------------------------------------------------------------------------
 def test_resume_continues_identically(tmp_path):
     straight = Trainer(tiny_config(tmp_path / "a", steps=4), loaded=tiny_loaded(), data=KeyRecall())
@@ -300,6 +370,29 @@ def test_run_writes_adapter_card_log_and_curve(tmp_path):
     card = json.loads((out / "training_card.json").read_text())
     assert card["steps"] == 3 and card["lora"]["rank"] == 4 and card["rsp_prob"] == 0.8
     assert card["data_mixture"]["weights"]
+    losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert card["final_loss_steps"] == 3 and card["final_loss_mean_last_50"] == pytest.approx(sum(losses) / 3)
+    assert "Mean training loss over all 3 steps (the run has fewer than 50):" in (out / "TRAINING_CARD.md").read_text()
+
+
+def test_the_card_says_over_how_many_steps_its_mean_loss_is():
+    from famviz.io.adapters import card_markdown
+
+    def line(card):
+        return next(t for t in card_markdown(card).splitlines() if t.startswith("- Mean training loss"))
+
+    assert line({"final_loss_steps": 50, "steps": 400, "final_loss_mean_last_50": 1.2}).endswith("last 50 steps: 1.2")
+    assert "over its only step:" in line({"final_loss_steps": 1, "steps": 1, "final_loss_mean_last_50": 2.0})
+    assert "over all 7 steps" in line({"steps": 7, "final_loss_mean_last_50": 2.0})  # a card without the count
+    assert "the last 50 steps" in line({"steps": 171, "final_loss_mean_last_50": 2.0})
+
+
+def test_the_progress_bar_labels_its_losses(tmp_path, capfd):
+    trainer = Trainer(tiny_config(tmp_path, steps=3), loaded=tiny_loaded(), data=KeyRecall())
+    capfd.readouterr()
+    trainer.run(progress=True)
+    err = capfd.readouterr().err
+    assert "loss=" in err and "loss(avg3)=" in err and "tok/s=" in err, err
 
 
 @pytest.mark.parametrize(
@@ -435,6 +528,58 @@ def test_cli_train_refuses_bad_input(tmp_path, capfd):
     assert_one_line_error(status, out, err, contains=("poetry",))
     status, out, err = run_cli_in_process(["train", "--resume", tmp_path / "nothing"], capfd)
     assert_one_line_error(status, out, err, contains=("resume",))
+
+
+def _corpus_of_one_short_document(tmp_path):
+    corpus = tmp_path / "short-corpus"
+    corpus.mkdir()
+    (corpus / "note.txt").write_text("Too short to train on.")
+    return corpus
+
+
+@pytest.mark.parametrize(
+    ("corpus", "words"),
+    [
+        (lambda t: t / "missing", "does not exist"),  # found before the model loads
+        (_corpus_of_one_short_document, "shorter than one training sequence"),  # found once the model is there
+    ],
+)
+def test_a_run_that_cannot_start_prints_one_line_and_leaves_no_directory(tmp_path, capfd, caplog, corpus, words):
+    import logging
+
+    from helpers import save_tiny_llama_dir
+
+    model_dir = save_tiny_llama_dir(tmp_path / "model")
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="famviz"):
+        status, stdout, err = run_cli_in_process(
+            ["train", "--out", out, "--model", model_dir, "--corpus", corpus(tmp_path), "--data", "passkey,copy"],
+            capfd,
+        )
+    assert_one_line_error(status, stdout, err, contains=(words,))
+    assert not out.exists()
+    assert not [r.getMessage() for r in caplog.records if r.getMessage().startswith("training fam:")]  # no config
+
+
+def test_a_run_that_fails_in_its_first_step_leaves_no_directory_but_an_existing_one_stays(tmp_path, capfd, monkeypatch):
+    from helpers import save_tiny_llama_dir
+
+    from famviz.errors import FamvizError
+
+    def fail(self):
+        raise FamvizError("the first step failed")
+
+    monkeypatch.setattr(Trainer, "train_step", fail)
+    model_dir = save_tiny_llama_dir(tmp_path / "model")
+    args = ["--model", model_dir, "--data", "passkey", "--passkey-tokens", "90-140", "--block-size", "64"]
+    status, stdout, err = run_cli_in_process(["train", "--out", tmp_path / "run", *args], capfd)
+    assert status == 2 and "famviz: error: the first step failed" in err
+    assert not (tmp_path / "run").exists()
+    kept = tmp_path / "mine"
+    (kept / "notes.txt").parent.mkdir()
+    (kept / "notes.txt").write_text("the user's own")
+    status, stdout, err = run_cli_in_process(["train", "--out", kept, *args], capfd)
+    assert status == 2 and (kept / "notes.txt").read_text() == "the user's own"  # not made by the run: kept
 
 
 @pytest.mark.slow

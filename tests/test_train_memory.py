@@ -18,7 +18,7 @@ from famviz.core.projections import ProjectionGroup, linear_parts
 from famviz.errors import ConfigError
 from famviz.training.config import TrainConfig
 from famviz.training.data import Example, ExampleStream, Readout
-from famviz.training.loop import Trainer, add_lora, resumed_stage, smoothed_loss
+from famviz.training.loop import Trainer, add_lora, loss_postfix, resumed_stage
 from famviz.training.loss import collate, sequence_loss
 from famviz.training.rpo_rsp import initial_training_state
 
@@ -783,13 +783,22 @@ def test_steps_from_before_stage_records_form_a_first_stage():
     assert stages[0]["held_out"]["accuracy"] == 0.5 and stages[1]["held_out"] is None
 
 
-def test_a_resumed_run_smooths_its_loss_over_the_steps_before_the_resume():
-    history = [{"step": 1, "loss": 2.0}, {"step": 1, "eval": {"accuracy": 0.5}}, {"step": 2, "loss": 4.0}]
-    assert smoothed_loss([]) is None
-    assert smoothed_loss(history) == pytest.approx(0.95 * 2.0 + 0.05 * 4.0)
-    assert smoothed_loss([{"loss": 1.0}], smoothed_loss(history)) == pytest.approx(
-        smoothed_loss([*history, {"loss": 1.0}])
-    )
+def test_the_progress_bar_shows_the_step_loss_and_a_mean_labelled_with_the_steps_it_averages():
+    """Steps 1.107, 7.186, 1.080 read as loss=1.080 and loss(avg3)=3.124, never an unlabelled average."""
+    from famviz.training.card import recent_loss
+
+    history = [
+        {"stage": "start", "from_step": 0, "command": "A"},
+        {"step": 1, "loss": 1.107},
+        {"step": 1, "eval": {"accuracy": 0.5}},
+        {"step": 2, "loss": 7.186},
+        {"step": 3, "loss": 1.080},
+    ]
+    assert loss_postfix([]) == {} and recent_loss([]) == (None, 0)
+    assert loss_postfix(history) == {"loss": "1.080", "loss(avg3)": "3.124"}
+    long_run = [{"step": i, "loss": float(i)} for i in range(1, 121)]  # a resumed run: its earlier steps count
+    assert recent_loss(long_run) == (pytest.approx(sum(range(71, 121)) / 50), 50)
+    assert loss_postfix(long_run) == {"loss": "120.000", "loss(avg50)": "95.500"}
 
 
 def test_finish_block_equals_forward_block_with_fam_norm_keep(tmp_path):

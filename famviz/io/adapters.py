@@ -190,6 +190,16 @@ def read_training_card(directory: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def final_loss_span(card: dict) -> str:
+    """Which steps the card's mean training loss averages: the last 50, or all of a shorter run's."""
+    steps = card.get("final_loss_steps")
+    if steps is None:  # a card written before the count was kept: its run's steps, up to 50
+        steps = min(50, card.get("steps") or 50)
+    if steps >= 50:  # famviz.training.card.LOSS_WINDOW
+        return "the last 50 steps"
+    return "its only step" if steps == 1 else f"all {steps} steps (the run has fewer than 50)"
+
+
 def card_markdown(card: dict) -> str:
     lines = ["# famviz adapter: training card", ""]
     if card.get("note"):
@@ -207,7 +217,7 @@ def card_markdown(card: dict) -> str:
         f"- RPO: {card.get('rpo')}; RSP: {card.get('rsp')} (p = {card.get('rsp_prob')})",
         f"- Data mixture: {json.dumps(card.get('data_mixture'))}",
         f"- Hardware: {card.get('hardware')}, {card.get('dtype')}; wall time {card.get('wall_seconds')} s",
-        f"- Mean training loss over the last 50 steps: {card.get('final_loss_mean_last_50')}",
+        f"- Mean training loss over {final_loss_span(card)}: {card.get('final_loss_mean_last_50')}",
         "",
     ]
     origin = card.get("initialised_from")

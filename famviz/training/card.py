@@ -15,6 +15,20 @@ from famviz.training.data import parse_mixture
 if TYPE_CHECKING:
     from famviz.training.loop import Trainer
 
+LOSS_WINDOW = 50  # steps the progress bar's and the card's mean training loss average over, at most
+
+
+def recent_loss(history: list[dict], window: int = LOSS_WINDOW) -> tuple[float | None, int]:
+    """The mean loss of the last ``window`` training steps in ``history``, and how many steps it averages
+    (fewer in a short run): (None, 0) before the first step."""
+    losses = []
+    for record in reversed(history):  # from the end: the bar asks after every step of a long run
+        if len(losses) == window:
+            break
+        if "loss" in record:
+            losses.append(record["loss"])
+    return (sum(losses) / len(losses) if losses else None), len(losses)
+
 
 def stage_summaries(history: list[dict], first_command: str = "") -> list[dict]:
     """One record per invocation of a run (``stage`` markers in the history): its command, steps, tokens,
@@ -119,7 +133,7 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
         hardware = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         if trainer.accelerator.num_processes > 1:
             hardware = f"{trainer.accelerator.num_processes} processes × {hardware}"
-    tail = steps[-50:]
+    final_loss, final_loss_steps = recent_loss(steps)
     note = None
     if device.type != "cuda":
         note = (
@@ -169,11 +183,16 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
         "rpo": config.rpo,
         "rsp": config.rsp,
         "rsp_prob": config.rsp_prob if config.rsp else None,
+        "used_state_prob": config.used_state_prob or None,  # PassKey steps written into a FAM that read text
+        "used_state_blocks": config.used_state_blocks if config.used_state_prob else None,
+        "used_state_steps": sum(1 for r in trainer.history if r.get("used_blocks")),
         "hardware": hardware,
         "dtype": config.dtype,
         "wall_seconds": round(wall_seconds, 1),
         "lora_storage_dtype": config.adapter_dtype or config.dtype,
-        "final_loss_mean_last_50": sum(r["loss"] for r in tail) / max(len(tail), 1),
+        # the key keeps its name (cards already written have it); the count says how many steps it averages
+        "final_loss_mean_last_50": final_loss,
+        "final_loss_steps": final_loss_steps,
         "held_out_passkey_during_training": [dict(step=r["step"], **r["eval"]) for r in evals],
         "best_held_out": best_evaluation(trainer.history),  # what --keep-best wrote to best/
         "evaluation": {},

@@ -68,9 +68,12 @@ class TrainConfig:
     rpo: bool = True
     rsp: bool = True
     rsp_prob: float = 0.8
+    used_state_prob: float = 0.0  # share of PassKey steps whose FAM first reads real text (training.used_state)
+    used_state_blocks: str = "1-16"  # ... this many blocks of it, drawn from the range
     eval_every: int = 100
     eval_trials: int = 8
     eval_tokens: int = 1024
+    eval_depth: float = 0.0  # where the held-out prompts' key sits (0 = the start; 0.5: written into a used memory)
     keep_best: bool = False  # the adapter of the best held-out evaluation so far, in best/
     checkpoint_every: int = 50
     max_minutes: float | None = None  # stop (checkpoint + adapter) after this wall time
@@ -116,6 +119,13 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0 <= self.rsp_prob <= 1:
             raise ConfigError(f"--rsp-prob must be within 0…1, got {self.rsp_prob}")
+        if not 0 <= self.eval_depth <= 1:
+            raise ConfigError(f"--eval-depth must be within 0…1, got {self.eval_depth}")
+        if not 0 <= self.used_state_prob <= 1:
+            raise ConfigError(f"--used-state-prob must be within 0…1, got {self.used_state_prob}")
+        if self.used_state_prob > 0 and not self.fam_config().active_fam_len:
+            raise ConfigError("--used-state-prob needs a FAM to write into: train in fam mode with --fam-len > 0")
+        parse_range(self.used_state_blocks, "--used-state-blocks")
         if not 0 <= self.passkey_aligned <= 1:
             raise ConfigError(f"--passkey-aligned must be within 0…1, got {self.passkey_aligned}")
         if self.lr <= 0:
@@ -230,9 +240,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         ("curriculum_threshold", float, "held-out accuracy that advances the curriculum"),
         ("init_from", str, "start from this adapter directory's LoRA and FAM prompt (fresh optimizer)"),
         ("rsp_prob", float, "Random State Passing probability (paper: 0.8)"),
+        (
+            "used_state_prob",
+            float,
+            "share of PassKey steps written into a used memory: the FAM first reads real text without gradient",
+        ),
+        ("used_state_blocks", str, "blocks of text a used memory has read, a range such as 1-16"),
         ("eval_every", int, "held-out PassKey evaluation every N steps (0 = never)"),
         ("eval_trials", int, "held-out PassKey prompts per evaluation"),
         ("eval_tokens", int, "length of held-out PassKey prompts"),
+        ("eval_depth", float, "depth of the held-out prompts' key, 0…1 (0.5: written into a memory that read text)"),
         ("checkpoint_every", int, "checkpoint every N steps"),
         ("max_minutes", float, "stop after this wall time (checkpoint and adapter are written)"),
         ("seed", int, "random seed"),

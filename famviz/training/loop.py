@@ -28,6 +28,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from famviz.errors import ConfigError
-from famviz.training.card import best_evaluation, training_card
+from famviz.training.card import best_evaluation, recent_loss, training_card
 from famviz.training.checkpoints import load_checkpoint, save_checkpoint
 from famviz.training.config import (
     BEST_DIR,
@@ -55,10 +56,12 @@ from famviz.training.rpo_rsp import (
     initial_training_state,
     rope_theta,
 )
+from famviz.training.used_state import UsedStates
 from famviz.viz.training_figures import write_loss_curve
 
 if TYPE_CHECKING:
     import argparse
+    from logging.handlers import MemoryHandler
     from typing import Protocol
 
     from accelerate import Accelerator
@@ -75,12 +78,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("famviz.training")
 
 
-def smoothed_loss(history: list[dict], smoothed: float | None = None) -> float | None:
-    """The progress bar's loss: an exponential moving average (0.95) over the training records' losses."""
-    for record in history:
-        if "loss" in record:
-            smoothed = record["loss"] if smoothed is None else 0.95 * smoothed + 0.05 * record["loss"]
-    return smoothed
+def loss_postfix(history: list[dict]) -> dict[str, str]:
+    """The progress bar's losses: the last step's, and the mean over the last steps labelled with how many
+    it averages (``loss(avg3)`` after three steps), so that neither is mistaken for the other."""
+    last = next((r["loss"] for r in reversed(history) if "loss" in r), None)
+    mean, count = recent_loss(history)
+    if last is None:
+        return {}
+    return {"loss": f"{last:.3f}", f"loss(avg{count})": f"{mean:.3f}"}
 
 
 def beats(evaluation: dict, best: dict | None) -> bool:
@@ -117,7 +122,10 @@ def add_lora(loaded: LoadedModel, rank: int, alpha: float | None) -> PeftModel:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(loaded.model, lora)
+    with warnings.catch_warnings():
+        # peft asks transformers for a name transformers has deprecated: nothing a user can act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(loaded.model, lora)
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -144,6 +152,8 @@ class Trainer:
                 cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
             )
         self.accelerator = accelerator
+        # The corpus first: a missing or unusable one fails in a moment, not after the model has loaded.
+        documents = self._corpus_documents() if data is None else None
         if loaded is None:
             from famviz.io.models import load_model
 
@@ -177,15 +187,16 @@ class Trainer:
         self.state_passing = StatePassing(config.rsp_prob if config.rsp and self.prompt is not None else 0.0)
         self.step = 0
         self.history: list[dict] = []
-        self.text = None  # the copy examples' text: the machine's, or --corpus (training split only)
-        if data is None and "copy" in parse_mixture(config.data):
-            documents = None
-            if config.corpus:
-                from famviz.io.corpus import Corpus
-
-                documents = Corpus(config.corpus)
+        self.text = None  # the copy examples' and used states' text: the machine's, or --corpus (training split)
+        used_blocks = parse_range(config.used_state_blocks, "--used-state-blocks")
+        wants_used = config.used_state_prob > 0 and self.prompt is not None
+        if (data is None and "copy" in parse_mixture(config.data)) or wants_used:
             self.text = TextCorpus(loaded.tokenizer, documents=documents)
-            self.text.check_long_enough(parse_range(config.copy_text_tokens, "--copy-text-tokens")[1])
+            longest = parse_range(config.copy_text_tokens, "--copy-text-tokens")[1] if data is None else 0
+            self.text.check_long_enough(max(longest, used_blocks[1] * config.block_size))
+        self.used_states = UsedStates(
+            config.used_state_prob if wants_used else 0.0, used_blocks, self.text, config.block_size
+        )
         self.data = (
             data
             if data is not None
@@ -212,6 +223,15 @@ class Trainer:
         self.pad_id = pad if pad is not None else (loaded.config.eos_token_id or 0)
         if isinstance(self.pad_id, list):
             self.pad_id = self.pad_id[0]
+
+    def _corpus_documents(self):
+        """The --corpus documents of the copy examples and used states (None: the machine's text, or neither)."""
+        uses_text = "copy" in parse_mixture(self.config.data) or self.config.used_state_prob > 0
+        if not self.config.corpus or not uses_text:
+            return None
+        from famviz.io.corpus import Corpus
+
+        return Corpus(self.config.corpus)
 
     @property
     def trainable_parameters(self) -> list[torch.Tensor]:
@@ -298,9 +318,14 @@ class Trainer:
         # Padded to the global batch's longest sequence: every process runs the same blocks as one process
         # with the whole batch would (pad tokens carry no loss and come after everything that does).
         ids, weights, readout = collate(examples, self.pad_id, self.loaded.device, max(len(e.ids) for e in drawn))
+        # Drawn and read before this step's RPO offsets are set: the used state is what inference would hand on.
+        used_blocks = self.used_states.choose(self.rng, any(e.kind == "passkey" for e in examples))
+        used = self.used_states.make(self.fam_model, self.prompt, used_blocks, self.rng) if used_blocks else None
         offsets = draw_position_offsets(self.rng, len(drawn), self.theta) if config.rpo else None
         self.fam_model.position_offsets = offsets[rank * batch : (rank + 1) * batch] if offsets is not None else None
         passed = self.state_passing.choose(self.rng) if self.prompt is not None else None
+        if used is not None and passed is None:
+            passed = used
         lr_scale = config.lr_scale(self.step)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * lr_scale
@@ -376,7 +401,8 @@ class Trainer:
             "tokens": int(ids.numel()) * world,
             "loss_tokens": count,
             "grad_norm": grad_norm,
-            "rsp": passed is not None,
+            "rsp": passed is not None and passed is not used,
+            "used_blocks": used_blocks if used is not None and passed is used else 0,  # text the FAM read first
             "lr": self.optimizer.param_groups[0]["lr"],
         }
 
@@ -391,13 +417,19 @@ class Trainer:
         return bool(broadcast(flag, from_process=0).item())
 
     def evaluate(self) -> dict:
-        """Held-out PassKey (teacher-forced) at --eval-tokens, or at the curriculum stage's length, which
-        advances to the next stage when the accuracy reaches the threshold."""
+        """Held-out PassKey (teacher-forced) at --eval-tokens and --eval-depth, or at the curriculum stage's
+        length, which advances to the next stage when the accuracy reaches the threshold."""
         config = self.config
         self.peft_model.eval()
         length = self.curriculum_blocks * config.block_size if self.stages else config.eval_tokens
         result = passkey_teacher_forced(
-            self.fam_model, self.loaded.tokenizer, self.prompt, length, config.eval_trials, seed=1_000_000
+            self.fam_model,
+            self.loaded.tokenizer,
+            self.prompt,
+            length,
+            config.eval_trials,
+            seed=1_000_000,
+            depth=config.eval_depth,
         )
         record = {"step": self.step, "eval": result}
         if self.stages:
@@ -454,7 +486,6 @@ class Trainer:
                 file=sys.stderr,
             )
         log_file = (self.out / LOG_FILE).open("a") if main else None
-        smoothed = smoothed_loss(self.history)  # a resumed run's curve goes on where it stopped
         stopped_early = False
         try:
             while self.step < config.steps:
@@ -463,20 +494,22 @@ class Trainer:
                 record["seconds"] = time.time() - t0
                 record["tokens_per_s"] = record["tokens"] / max(record["seconds"], 1e-9)  # the global batch's tokens
                 self.history.append(record)
-                smoothed = smoothed_loss([record], smoothed)
                 if main:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{smoothed:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                        # a resumed run's average goes on over the steps before the resume
+                        bar.set_postfix({**loss_postfix(self.history), "tok/s": f"{record['tokens_per_s']:.0f}"})
                     if not sys.stderr.isatty() and self.step % 10 == 0:
                         growth = record.get("fam_growth")
+                        mean, count = recent_loss(self.history)
                         log.info(
-                            "step %d loss %.4f (smoothed %.4f) %.0f tok/s%s",
+                            "step %d loss %.4f (mean of the last %d steps %.4f) %.0f tok/s%s",
                             self.step,
                             record["loss"],
-                            smoothed,
+                            count,
+                            mean,
                             record["tokens_per_s"],
                             f", FAM growth {growth:.3f}/update" if growth is not None else "",
                         )
@@ -559,29 +592,56 @@ def run_train(args: argparse.Namespace) -> int:
     config, resume = config_from_args(args)
     config.validate()  # before anything is written or logged
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     # Logging is set up before the Trainer creates its Accelerator (which would tell is_main_process), so the
     # main process is read from RANK, which accelerate launch and torchrun set for every process. Only it
     # writes train.log, logs progress and prints the run directory; the others log warnings only.
     main_process = os.environ.get("RANK", "0") == "0"
-    handler = logging.FileHandler(out / "train.log") if main_process else logging.NullHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("famviz").addHandler(handler)
-    logging.getLogger("famviz").setLevel(logging.INFO if main_process else logging.WARNING)
+    famviz_log = logging.getLogger("famviz")
+    famviz_log.setLevel(logging.INFO if main_process else logging.WARNING)
     if not any(
         isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-        for h in logging.getLogger().handlers + logging.getLogger("famviz").handlers
+        for h in logging.getLogger().handlers + famviz_log.handlers
     ):
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(logging.Formatter("%(message)s"))
-        logging.getLogger("famviz").addHandler(stream)
+        famviz_log.addHandler(stream)
+    created = main_process and not out.exists()
+    trainer, setup_log = setup_trainer(config)  # a run that cannot start fails here, before its directory exists
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "train.log") if main_process else logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    setup_log.setTarget(handler)  # the setup's messages go into train.log too
+    setup_log.close()
+    famviz_log.removeHandler(setup_log)
+    famviz_log.addHandler(handler)
     log.info("training %s: %s", config.mode, json.dumps(asdict(config)))
     try:
-        trainer = Trainer(config)
         trainer.run(resume=resume)
+    except BaseException:
+        if created and trainer.step == 0:  # nothing trained: leave no run directory behind
+            handler.close()
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
-        logging.getLogger("famviz").removeHandler(handler)
+        famviz_log.removeHandler(handler)
         handler.close()
     if main_process:
         print(str(out))
     return 0
+
+
+def setup_trainer(config: TrainConfig) -> tuple[Trainer, MemoryHandler]:
+    """The Trainer with its model and data loaded, and a handler that kept the setup's log messages (shown on
+    stderr as they came) for the run's train.log, which is created only once the setup has succeeded."""
+    from logging.handlers import MemoryHandler
+
+    famviz_log = logging.getLogger("famviz")
+    setup_log = MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)  # flushed only when told
+    famviz_log.addHandler(setup_log)
+    try:
+        return Trainer(config), setup_log
+    except BaseException:
+        famviz_log.removeHandler(setup_log)
+        setup_log.close()  # no target: what it kept goes with the run that never started
+        raise
