@@ -201,11 +201,11 @@ def run_ablate(args: argparse.Namespace) -> int:
     }
     output = result.to_dict()
     output["seconds"] = round(time.perf_counter() - started, 2)
+    caption = describe_run(loaded.name, loaded.adapter, config, f"{result.trials} trials, seed {args.seed}")
     if figure_out:
         from famviz.viz.export import write_figure
         from famviz.viz.passkey_figures import intervention_heatmap
 
-        caption = describe_run(loaded.name, args.adapter, config, f"{result.trials} trials, seed {args.seed}")
         output["figure"] = str(
             write_figure(
                 intervention_heatmap(output), figure_out, caption=caption, metadata=result.config, size=(1100, 700)
@@ -214,6 +214,7 @@ def run_ablate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(output))
     else:
+        print(f"{args.method}: {caption}")  # what made the figures below
         print(
             f"log p(target), mean over {result.trials} trials: "
             + ", ".join(f"{k} {v:.2f}" for k, v in result.values.items())
@@ -443,6 +444,7 @@ def run_stream(args: argparse.Namespace) -> int:
             except OSError as exc:
                 raise FamvizError(f"cannot write the trace to {trace_out}: {exc.strerror or exc}") from None
     summary = {
+        "document": Path(args.path).name,
         "mode": config.mode,
         "tokens": result.tokens,
         "blocks": result.blocks,

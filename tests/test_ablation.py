@@ -194,6 +194,17 @@ def test_cli_prints_one_json_object_and_writes_the_figure(tiny_model_dir, tmp_pa
     assert figure.stat().st_size > 10_000 and "Δ log p" in figure.read_text()
 
 
+def test_cli_text_output_names_the_model_and_adapter(tiny_model_dir, capfd):
+    from helpers import run_cli_in_process
+
+    argv = ["ablate", "--model", tiny_model_dir, "--length", 200, "--trials", 1, "--block-size", 64, "--fam-len", 4]
+    status, out, err = run_cli_in_process([*argv, "--layers", "0", "--dtype", "float32"], capfd)
+    assert status == 0, err
+    first = out.splitlines()[0]
+    assert first.startswith("ablate: ") and str(tiny_model_dir) in first and "untuned" in first, first
+    assert "block 64, FAM 4" in first
+
+
 def test_cli_takes_the_adapters_trained_geometry_for_what_is_left_out(tmp_path, capfd):
     from helpers import run_cli_in_process, write_random_lora_adapter
 

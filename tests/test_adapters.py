@@ -134,10 +134,12 @@ def test_adapter_for_another_model_is_refused(trained):
         apply_adapter(out, tiny_loaded("qwen2"), config)
 
 
-def test_adapter_for_another_fam_length_is_refused(trained):
+def test_adapter_for_another_fam_length_is_refused_in_the_users_words(trained):
     _, out = trained
-    with pytest.raises(AdapterError, match="fam_len=4"):
+    with pytest.raises(AdapterError, match="memory has 4 slots, so the FAM length must be 4") as refused:
         apply_adapter(out, tiny_loaded(), FamConfig(mode="fam", block_size=8, fam_len=8, mem_blocks=0))
+    message = str(refused.value)
+    assert str(out.parent) not in message and "fam_len" not in message  # no server path, no internal name
 
 
 def test_damaged_or_foreign_directories_are_refused(tmp_path):

@@ -313,7 +313,7 @@ def test_stream_json_and_trace_in_process(mode, tiny_model_dir, document, tmp_pa
         mem_blocks=GEOMETRY["mem_blocks"],
         vocab_size=len(bundled_tokenizer()),
     )
-    assert summary["model"] == str(tiny_model_dir)
+    assert summary["model"] == str(tiny_model_dir) and summary["document"] == Path(document).name
     check_trace(out_path, summary, mode, document)
     assert "Traceback" not in err
 

@@ -100,9 +100,11 @@ def check_compatible(adapter: Adapter, loaded: LoadedModel, config: FamConfig) -
     if config.mode == "fam" and adapter.fam_prompt is not None:
         trained_len = adapter.fam_config.get("fam_len")
         if trained_len != config.fam_len:
+            # Its learned initial FAM has exactly this many slots: no other length has a trained meaning.
             raise AdapterError(
-                f"adapter {adapter.directory} was trained with fam_len={trained_len}, "
-                f"the run asks for fam_len={config.fam_len}"
+                f"the adapter {adapter.directory.name}'s memory has {trained_len} slots, so the FAM length must "
+                f"be {trained_len} with it (this run asks for {config.fam_len}); choose FAM length {trained_len}, "
+                "or no adapter to try another length"
             )
 
 
