@@ -3,6 +3,7 @@ export/trace handlers, session isolation; slow: the served app driven through gr
 
 from __future__ import annotations
 
+import html
 import os
 import socket
 import sys
@@ -129,6 +130,26 @@ def test_a_large_upload_streams_its_start_and_says_so(hub, tmp_path, monkeypatch
     assert f"40 / 40 tokens (the first 2,000 bytes of a {big.stat().st_size:,} bytes file: document cut" in status
 
 
+def test_uploads_take_any_text_file_and_refuse_others_with_one_message(tiny_loaded, hub, tmp_path):
+    """A .py file was refused in the browser by its suffix (a toast) and then by Start ("No file uploaded"),
+    while the CLI reads it (issue 31, item 4): the page accepts any file and the reader decides by content."""
+    demo = launch.build_app(tiny_loaded)
+    uploads = {b.elem_id: b for b in demo.blocks.values() if b.elem_id in ("upload", "pk-upload")}
+    assert set(uploads) == {"upload", "pk-upload"}
+    assert all(upload.file_types is None for upload in uploads.values())
+    script = tmp_path / "script.py"
+    script.write_text(TEXT)
+    status = _run(hub, source="upload", upload=str(script))[-1][0]
+    assert status.startswith("**Done**") and "script.py" in status
+    binary = tmp_path / "notes.txt"  # a text file's name, binary content: the content decides
+    binary.write_bytes(bytes(range(256)) * 4)
+    empty = tmp_path / "empty.py"
+    empty.write_bytes(b"")
+    for refused, words in ((binary, "binary"), (empty, "empty")):
+        updates = _run(hub, source="upload", upload=str(refused))
+        assert len(updates) == 1 and updates[0][0].count(inputs.ERROR_MARK) == 1 and words in updates[0][0]
+
+
 def _pdf_without_text() -> bytes:
     """A one-page PDF with no text layer (what a scan looks like to a text extractor)."""
     import io
@@ -194,7 +215,7 @@ def test_stream_yields_once_per_block(tiny_loaded, hub, mode):
     updates = _run(hub, mode=mode)
     assert len(updates) == 1 + n_blocks  # "starting" (hands the run to the session), then one per block
     assert all(len(u) == inspector_tab.N_OUTPUTS for u in updates)
-    status, heatmap, heads, document, trajectory, dynamics, nll, slider, layer, run = updates[-1]
+    status, heatmap, heads, document, trajectory, dynamics, nll, slider, layer, view, run = updates[-1]
     assert status.startswith("**Done**") and f"{n_blocks} / {n_blocks} blocks" in status
     assert np.asarray(heatmap.data[0].z).shape == (2, n_blocks)
     assert np.asarray(heads.data[0].z).shape == (2, 4)
@@ -259,6 +280,59 @@ def test_stream_errors_are_one_status_and_keep_the_plots(hub, kwargs, words):
     assert status.startswith("**Error:**") and words in status
     skip = gr.skip()
     assert all(type(item) is type(skip) and item == skip for item in rest)  # previous results stay
+
+
+def test_each_mode_opens_on_a_view_it_has_and_a_view_it_lacks_says_so(hub):
+    """Sink mode once opened on "Block queries → FAM": all zeros and no word of why (issue 31, item 3)."""
+    updates = _run(hub, mode="sink")
+    run = updates[-1][-1]
+    assert run.view == "block-sink" and updates[1][9]["value"] == "block-sink"  # the dropdown follows
+    heatmap = updates[-1][1]
+    assert heatmap.layout.title.text == figures.SHARE_VIEWS["block-sink"].title
+    assert np.nanmax(np.asarray(heatmap.data[0].z, dtype=float)) > 0  # later blocks read the kept first tokens
+    heatmap, heads = inspector_tab.change_view("block-fam", run)
+    for figure in (heatmap, heads):
+        assert not figure.data and "sink mode has no FAM" in figure.layout.annotations[0].text
+        assert "Block queries → sink tokens" in figure.layout.annotations[0].text  # what to pick instead
+    # The next run keeps the view where its mode has it, else takes its own.
+    assert _run(hub, mode="fam", previous=run)[-1][-1].view == "block-fam"
+    run.view = "block-block"
+    assert _run(hub, mode="bswa", previous=run)[-1][-1].view == "block-block"
+    bswa = _run(hub, mode="bswa", mem_blocks=0)[-1][-1]
+    assert bswa.view == "block-block"
+    assert "no memory blocks" in inspector_tab.change_view("block-memory", bswa)[0].layout.annotations[0].text
+
+
+def test_after_an_error_the_status_still_names_the_run_the_plots_show(hub):
+    """The status line is the plots' caption: an error in a later Start adds to it instead of replacing it
+    (issue 31, item 5); only the error's paragraph is repeated beside Start."""
+    import gradio as gr
+
+    run = _run(hub, mode="bswa")[-1][-1]
+    status, *rest = _run(hub, block_size=-3, previous=run)[-1]
+    first, shown = status.split("\n\n", 1)
+    assert first.startswith("**Error:**") and "Block size" in first
+    assert shown == f"{inspector_tab.PLOTS_STILL_SHOW} {run.status()}"
+    assert "pasted text" in shown and "bswa" in shown and run.model_label in shown
+    assert all(type(item) is type(gr.skip()) for item in rest)  # plots and run stay
+    assert _run(hub, block_size=-3, previous=None)[-1][0].startswith("**Error:**")  # nothing shown: error only
+    replayed = inspector_tab.replay_trace("/no/such/trace.npz", run)[0]
+    assert replayed.startswith("**Error:**") and inspector_tab.PLOTS_STILL_SHOW in replayed
+
+
+def test_only_the_error_paragraph_goes_beside_start():
+    """The page's script (run by node where there is one): the error, not the kept run's status after it."""
+    import json
+    import shutil
+    import subprocess
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no node to run the page's script")
+    statuses = ["**Error:** boom\n\nThe plots still show: **Done** · x", "**Failed** · x\n\n**Error:** old", "**Done**"]
+    script = f"console.log(JSON.stringify({json.dumps(statuses)}.map({inspector_tab.ERROR_BESIDE_START_JS})))"
+    out = subprocess.run([node, "-e", script], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert json.loads(out) == ["**Error:** boom", "**Error:** old", ""]
 
 
 def test_view_controls_act_on_the_run(hub):
@@ -365,6 +439,29 @@ def test_export_download_and_replay(hub, tmp_path):
     status, *rest = inspector_tab.replay_trace(str(bad), replayed)
     assert status.startswith("**Error:**") and "trace" in status
     assert inspector_tab.export_plot("heatmap", "png", None)[1].startswith("Nothing to export")
+
+
+def test_exports_caption_the_modes_they_show_and_name_mode_and_adapter(hub):
+    """A heatmap exported from a fam-vs-bswa run was captioned "mode fam vs bswa" though it shows fam only,
+    and no file name said mode or adapter (issue 31, item 7)."""
+    import json
+    import re
+
+    run = _run(hub, compare="bswa")[-1][-1]
+    for name, modes, stem in (
+        ("heatmap", "mode fam ·", "famviz-heatmap-fam-untuned-pasted-text"),
+        ("nll", "mode fam vs bswa ·", "famviz-nll-fam-vs-bswa-untuned-pasted-text"),
+    ):
+        path, _ = inspector_tab.export_plot(name, "html", run)
+        assert Path(path).name == f"{stem}.html"
+        content = re.search(r'name="famviz-metadata" content="([^"]*)"', Path(path).read_text()).group(1)
+        caption = json.loads(html.unescape(content))["caption"]
+        assert modes in caption and run.model_label in caption
+    assert Path(inspector_tab.download_trace(run)[0]).name == "famviz-trace-fam-vs-bswa-untuned-pasted-text.npz"
+    from famviz.viz import export
+
+    assert export.adapter_tag("/x/smollm2-135m-fam64-block256-mem0-balanced") == "balanced"
+    assert export.adapter_tag("my adapter") == "my-adapter" and export.adapter_tag(None) == "untuned"
 
 
 def test_sessions_streaming_at_once_keep_their_own_runs(hub):

@@ -92,6 +92,39 @@ def test_view_figure_without_fam_says_so():
     assert figures.view_figure(_trace(fam=False), "block-fam").data  # BSWA still has (zero) FAM shares
 
 
+def test_each_mode_has_its_own_default_view_and_names_the_views_it_lacks():
+    """issue 31, item 3: sink mode opened on the FAM view, all zeros and no word of why."""
+    config = dict(block_size=4, fam_len=3)
+    expected = {
+        FamConfig("fam", mem_blocks=0, **config): ("block-fam", {"block-memory", "block-sink"}),
+        FamConfig("sink", mem_blocks=1, **config): ("block-sink", {"block-fam", "fam-block"}),
+        FamConfig("bswa", mem_blocks=1, **config): ("block-memory", {"block-fam", "fam-block", "block-sink"}),
+        FamConfig("bswa", mem_blocks=0, **config): (
+            "block-block",
+            {"block-fam", "fam-block", "block-sink", "block-memory"},
+        ),
+        FamConfig("full", mem_blocks=0, **config): ("block-memory", {"block-fam", "fam-block", "block-sink"}),
+        FamConfig("sink", mem_blocks=0, sink_tokens=0, **config): (
+            "block-block",
+            {"block-sink", "block-memory", "block-fam", "fam-block"},
+        ),
+    }
+    for run_config, (default, lacking) in expected.items():
+        assert figures.default_view(run_config) == default, run_config
+        assert {v for v in figures.SHARE_VIEWS if figures.missing_view(run_config, v)} == lacking, run_config
+        assert figures.missing_view(run_config, default) is None
+    message = figures.missing_view(FamConfig("sink", **config), "block-fam")
+    assert message == "sink mode has no FAM (only fam mode has one): pick “Block queries → sink tokens”"
+    # A replayed (or exported) sink trace opens on its sink tokens; a view it lacks is a message in the plot.
+    trace = _trace(fam=False)
+    trace.meta["config"] = FamConfig("sink", **config).to_dict()
+    run = inspector.Run.from_trace(trace, name="sink.npz")
+    assert run.view == "block-sink" and run.heatmap().data
+    run.view = "block-fam"
+    for figure in (run.heatmap(), run.heads()):
+        assert not figure.data and "sink mode has no FAM" in figure.layout.annotations[0].text
+
+
 def test_block_means_ignore_nan_and_keep_empty_blocks_nan():
     nll = np.array([np.nan, 1.0, 3.0, np.nan, np.nan, 2.0, 4.0])
     means = figures.block_means(nll, [0, 3, 5])

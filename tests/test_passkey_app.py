@@ -65,8 +65,8 @@ def test_bad_retention_input_is_a_message_and_keeps_the_session(context, args, m
 
 def test_sweep_fills_the_heatmap_trial_by_trial(context, tmp_path):
     updates = list(tab.run_sweep(context, ["fam:0", "bswa:0"], "200, 300", "0,1", 2, 64, 4, 0, None))
-    status, heatmap, rows, session = updates[-1]
-    assert "Done" in status and len(session.cells) == 8 and len(rows) == 8
+    status, heatmap, table, sweeps, session = updates[-1]
+    assert "Done" in status and len(session.cells) == 8 and len(table["value"]) == 8
     assert len(updates) == 1 + 16 + 1  # start, one per trial, done
     partial = updates[1][1]
     assert sum(1 for v in partial.data[0].z.flatten() if v == v) == 1  # one cell drawn after the first trial
@@ -75,6 +75,41 @@ def test_sweep_fills_the_heatmap_trial_by_trial(context, tmp_path):
     assert Path(file).read_text().startswith("{") and "8 cells" in note
     file, note = tab.export_passkey("heatmap", "html", session)
     assert Path(file).stat().st_size > 10_000 and "Exported" in note
+
+
+def test_sweeps_are_kept_labelled_and_name_what_made_them(context, monkeypatch):
+    """A new sweep replaced the last one, and neither its heatmap nor its table said which model made it
+    (issue 31, item 7): the last KEPT_SWEEPS stay, each labelled, one shown; exports name mode and adapter."""
+    monkeypatch.setattr(tab, "KEPT_SWEEPS", 2)
+    session = None
+    for modes in (["fam:0"], ["bswa:0"], ["full"]):
+        updates = list(tab.run_sweep(context, modes, "200", "0", 1, 64, 4, 0, session))
+        session = updates[-1][-1]
+    status, heatmap, table, sweeps, _ = updates[0]  # the start of the third sweep
+    assert [s.number for s in session.sweeps] == [2, 3] and session.shown_sweep == 3  # the first one went
+    labels = [label for label, _ in sweeps["choices"]]
+    assert sweeps["value"] == 3 and len(labels) == 2
+    assert labels[0].startswith("sweep 3 (") and "tiny-vocab (untuned conversion) · full · 200 tokens" in labels[0]
+    assert "bswa (mem 0)" in labels[1]
+    heatmap, table = updates[-1][1:3]
+    assert "tiny-vocab (untuned conversion)" in heatmap.layout.title.text
+    assert table["label"] == f"Cells of {labels[0]}" and table["value"][0][0] == "full"
+    heatmap, table = tab.show_sweep(2, session)  # an earlier sweep, shown again
+    assert table["value"][0][0] == "bswa (mem 0)" and session.cells[0].label == "bswa (mem 0)"
+    assert tab.show_sweep(1, session) == (tab.gr.skip(), tab.gr.skip())  # no longer kept
+    file, _ = tab.export_passkey("heatmap", "html", session)
+    assert Path(file).name == "famviz-passkey-heatmap-bswa0-untuned.html"
+    assert "tiny-vocab (untuned conversion)" in Path(file).read_text()
+    assert Path(tab.download_results(session)[0]).name == "famviz-passkey-sweep-bswa0-untuned.json"
+    session = list(tab.watch_retention(context, "bswa", 1, 32, 4, 300, 0.0, 2, tab.FILLER, None, 1, session))[-1][-1]
+    assert (
+        Path(tab.export_passkey("retention", "html", session)[0]).name == "famviz-passkey-retention-bswa1-untuned.html"
+    )
+    # While another kept sweep is shown, a running sweep leaves the heatmap and table alone.
+    running = tab.run_sweep(context, ["fam:0"], "200", "0", 1, 64, 4, 0, session)
+    next(running)
+    tab.show_sweep(3, session)
+    assert all(update[1] == tab.gr.skip() for update in running)
 
 
 def test_bad_sweep_input(context):
@@ -174,8 +209,8 @@ def test_both_tabs_run_the_model_and_adapter_chosen_in_the_model_panel(tmp_path)
     assert "untuned conversion" in runs["untuned"][0] and "adapter adapter" in runs["tuned"][0]
     assert "adapter adapter" in runs["tuned"][2] and "untuned conversion" in runs["untuned"][2]
     assert runs["tuned"][1] != runs["untuned"][1]  # the adapter changed what the memory holds
-    tuned_sweep, untuned_sweep = runs["tuned"][3][3], runs["untuned"][3][3]
-    assert tuned_sweep.sweep_config["adapter"] == str(adapter_dir) and untuned_sweep.sweep_config["adapter"] is None
+    tuned_sweep, untuned_sweep = runs["tuned"][3][-1], runs["untuned"][3][-1]
+    assert tuned_sweep.sweep.config["adapter"] == str(adapter_dir) and untuned_sweep.sweep.config["adapter"] is None
     assert tuned_sweep.cells[0].mean_key_logprob != untuned_sweep.cells[0].mean_key_logprob
     assert (
         "adapter adapter" in runs["tuned"][3][0] and "untuned conversion" in runs["untuned"][3][0]

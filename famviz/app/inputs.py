@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from famviz.core.config import LIMITS, MODES, TOOL_DEFAULTS, FamConfig
 from famviz.errors import DocumentError, FamvizError
-from famviz.io.documents import MAX_DOCUMENT_BYTES, SUPPORTED_SUFFIXES, head_bytes_for, read_document, read_upload_start
+from famviz.io.documents import MAX_DOCUMENT_BYTES, head_bytes_for, read_document, read_upload_start
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -34,8 +34,10 @@ MAX_MEM_BLOCKS = LIMITS["mem_blocks"][1]
 MAX_TOKENS_LIMIT = LIMITS["max_tokens"][1]
 MAX_UPLOAD = "512mb"  # what the server accepts; documents are then held to MAX_DOCUMENT_BYTES with a message
 MAX_TRACE_BYTES = 512 * 1024**2
-UPLOAD_TYPES = list(SUPPORTED_SUFFIXES)
-UPLOAD_LABEL = f"({' '.join(SUPPORTED_SUFFIXES)}, ≤ {MAX_DOCUMENT_BYTES // 1024**2} MB)"
+# Upload fields take any file: like the CLI, the reader decides by content (any UTF-8 text, a PDF's text layer,
+# an HTML page's visible text) and refuses the rest with one message; a suffix filter in the browser refused
+# .py or .rst files the CLI reads, with a toast that contradicted the status.
+UPLOAD_LABEL = f"(any UTF-8 text, .pdf or .html; ≤ {MAX_DOCUMENT_BYTES // 1024**2} MB)"
 
 ERROR_MARK = "**Error:**"
 

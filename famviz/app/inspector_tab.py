@@ -24,7 +24,6 @@ from famviz.app.inputs import (
     MAX_TRACE_BYTES,
     SOURCES,
     UPLOAD_LABEL,
-    UPLOAD_TYPES,
     document_cut,
     error_status,
     parse_settings,
@@ -73,20 +72,36 @@ PLOT_NOTES = {
 }
 
 
-# The error part of the status, repeated beside Start (the status line sits far above it).
+# The status's first error paragraph, repeated beside Start (the status line sits far above it).
 ERROR_BESIDE_START_JS = (
-    f"(status) => {{ const at = (status || '').indexOf('{ERROR_MARK}'); return at < 0 ? '' : status.slice(at); }}"
+    f"(status) => {{ const s = status || ''; const at = s.indexOf('{ERROR_MARK}'); if (at < 0) return ''; "
+    "const end = s.indexOf('\\n\\n', at); return end < 0 ? s.slice(at) : s.slice(at, end); }"
 )
+# After an error the plots stay, and so does the status of the run they show, under this heading.
+PLOTS_STILL_SHOW = "The plots still show:"
 
 
 # -- what every update sends -----------------------------------------------------------------------------
 # Outputs of a full refresh, in this order: status, heatmap, heads, document, trajectory, dynamics, nll,
-# block slider, layer dropdown, run state.
-N_OUTPUTS = 10
+# block slider, layer dropdown, view dropdown, run state.
+N_OUTPUTS = 11
 
 
 def _skips(n: int) -> list:
     return [gr.skip() for _ in range(n)]
+
+
+def with_shown_run(line: str, shown: Run | None) -> str:
+    """``line`` (an error, "Loading…") followed by the status of the run whose plots stay on the page, so
+    they never lose what made them (model, adapter, mode, document)."""
+    if shown is None or not shown.has_blocks():
+        return line
+    return f"{line}\n\n{PLOTS_STILL_SHOW} {shown.status()}"
+
+
+def error_update(message: str, shown: Run | None) -> tuple:
+    """One error (its paragraph also goes beside Start); every view, and the session's run, stay as they were."""
+    return with_shown_run(error_status(message), shown), *_skips(N_OUTPUTS - 1)
 
 
 def _layer_choices(run: Run) -> list:
@@ -94,13 +109,14 @@ def _layer_choices(run: Run) -> list:
     return [("mean over layers", MEAN_LAYER)] + [(f"layer {i}", str(i)) for i in range(n_layers)]
 
 
-def refresh(run: Run, *, layer_choices: bool = False) -> tuple:
-    """Every view of ``run`` (one tuple per update: N_OUTPUTS items)."""
+def refresh(run: Run, *, new_run: bool = False) -> tuple:
+    """Every view of ``run`` (one tuple per update: N_OUTPUTS items); ``new_run``: its first draw, which also
+    sets the layer choices and the view dropdown to the run's own."""
     last = max(run.blocks_done - 1, 0)
     slider = gr.update(maximum=max(last, 1), value=run.shown_block, interactive=run.blocks_done > 1)
     layer = (
         gr.update(choices=_layer_choices(run), value=MEAN_LAYER if run.layer is None else str(run.layer))
-        if layer_choices
+        if new_run
         else gr.skip()
     )
     return (
@@ -113,6 +129,7 @@ def refresh(run: Run, *, layer_choices: bool = False) -> tuple:
         run.loss(),
         slider,
         layer,
+        gr.update(value=run.view) if new_run else gr.skip(),
         run,
     )
 
@@ -151,10 +168,8 @@ def stream_document(
         if compare == config.mode:
             raise FamvizError(f"Compare needs a second mode different from {config.mode}.")
         if not hub.is_loaded(key):
-            yield (
-                f"Loading model **{key[0] or 'bundled'}**{' with adapter ' + key[1] if key[1] else ''}…",
-                *_skips(N_OUTPUTS - 1),
-            )
+            loading = f"Loading model **{key[0] or 'bundled'}**{' with adapter ' + key[1] if key[1] else ''}…"
+            yield with_shown_run(loading, previous), *_skips(N_OUTPUTS - 1)
         loaded, adapter = hub.for_choice(*key)
         text, name, read_cut = read_input_document(source, upload, pasted, loaded.tokenizer, passkey_tokens, limit)
         n_layers = loaded.config.num_hidden_layers
@@ -173,11 +188,11 @@ def stream_document(
             other_prompt = adapter.prompt_for(loaded, other_config) if adapter is not None else None
             other = Stream(loaded, other_config, record=False, fam_prompt=other_prompt)
     except FamvizError as exc:
-        yield error_status(str(exc)), *_skips(N_OUTPUTS - 1)
+        yield error_update(str(exc), previous)
         return
     except Exception as exc:  # the app must survive anything; details go to the log
         log.exception("could not start a stream")
-        yield error_status(f"could not start: {type(exc).__name__}: {exc}"), *_skips(N_OUTPUTS - 1)
+        yield error_update(f"could not start: {type(exc).__name__}: {exc}", previous)
         return
 
     primary.describe_document(name, text, offsets)
@@ -194,10 +209,11 @@ def stream_document(
         features=StateFeatures(layers) if layers else None,
         notes=notes,
     )
-    if previous is not None:  # keep what the user was looking at
-        run.view, run.method = previous.view, previous.method
+    run.keep_view_of(previous)  # what the user was looking at, where this run's mode has it
+    if previous is not None:
         run.layer = previous.layer if previous.layer is not None and previous.layer < n_layers else None
-    yield run.status(), *_skips(N_OUTPUTS - 2), run  # the run is the session's from now on (Stop acts on it)
+    # The run is the session's from now on (Stop acts on it); the view dropdown shows the run's view.
+    yield run.status(), *_skips(N_OUTPUTS - 3), gr.update(value=run.view), run
 
     last_redraw = 0.0
     log.info(
@@ -237,7 +253,7 @@ def stream_document(
         if run.state == "stopped":  # Stop came during this block: its reply draws the block, nothing more runs
             return
         if run.state == "done" or run.blocks_done == 1 or time.perf_counter() - last_redraw >= redraw_seconds:
-            yield refresh(run, layer_choices=run.blocks_done == 1)
+            yield refresh(run, new_run=run.blocks_done == 1)
             last_redraw = time.perf_counter()
         else:
             yield run.status(), *_skips(N_OUTPUTS - 2), run
@@ -346,15 +362,11 @@ def poll_umap(run: Run | None) -> tuple:
 
 
 # -- export, trace download and replay ----------------------------------------------------------------------------
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:40] or "run"
-
-
 def export_plot(name: str, fmt: str, run: Run | None) -> tuple:
     """Write one figure of the session's run in a paper-ready format; returns (file, note)."""
     if run is None or not run.has_blocks():
         return gr.skip(), "Nothing to export yet: stream a document or replay a trace first."
-    path = export.download_dir() / f"famviz-{name}-{_slug(run.document)}.{fmt}"
+    path = export.download_dir() / f"{export.run_file_stem(run, name)}.{fmt}"
     file, note = export.export_for_download(lambda: export.export_run_figure(run, name, fmt, path))
     return file or gr.skip(), note
 
@@ -364,7 +376,7 @@ def download_trace(run: Run | None) -> tuple:
     if run is None or run.trace is None or run.trace.n_blocks == 0:
         return gr.skip(), "No run to download yet."
     try:
-        path = run.trace.save(export.download_dir() / f"famviz-trace-{_slug(run.document)}.npz")
+        path = run.trace.save(export.download_dir() / f"{export.run_file_stem(run, 'trace')}.npz")
     except OSError as exc:
         return gr.skip(), error_status(f"cannot write the trace: {exc.strerror or exc}")
     return str(path), f"Trace **{path.name}** ({path.stat().st_size / 1024**2:,.1f} MB): {run.blocks_done} blocks."
@@ -383,13 +395,12 @@ def replay_trace(upload: str | None, previous: Run | None) -> tuple:
             raise FamvizError(f"{path.name} holds no blocks.")
         run = Run.from_trace(trace, name=path.name)
     except FamvizError as exc:
-        return error_status(str(exc)), *_skips(N_OUTPUTS - 1)
+        return error_update(str(exc), previous)
     except Exception as exc:
         log.exception("replay failed")
-        return error_status(f"cannot replay {path.name}: {type(exc).__name__}: {exc}"), *_skips(N_OUTPUTS - 1)
-    if previous is not None:
-        run.view, run.method = previous.view, previous.method
-    return refresh(run, layer_choices=True)
+        return error_update(f"cannot replay {path.name}: {type(exc).__name__}: {exc}", previous)
+    run.keep_view_of(previous)
+    return refresh(run, new_run=True)
 
 
 def build_inspector_tab(context: AppContext) -> None:
@@ -481,9 +492,7 @@ def build_inspector_tab(context: AppContext) -> None:
                     precision=0,
                     elem_id="passkey-tokens",
                 )
-                upload = gr.File(
-                    label=f"Upload {UPLOAD_LABEL}", file_types=UPLOAD_TYPES, type="filepath", elem_id="upload"
-                )
+                upload = gr.File(label=f"Upload {UPLOAD_LABEL}", type="filepath", elem_id="upload")
                 pasted = gr.Textbox(
                     label="Or paste text", lines=4, max_lines=10, placeholder="Paste a document here", elem_id="pasted"
                 )
@@ -569,7 +578,7 @@ def build_inspector_tab(context: AppContext) -> None:
     def start(*args: object) -> Iterator[tuple]:
         yield from stream_document(hub, *args, redraw_seconds=context.redraw_seconds)
 
-    outputs = [status, heatmap, heads, document, trajectory, dynamics, nll, block, layer, run_state]
+    outputs = [status, heatmap, heads, document, trajectory, dynamics, nll, block, layer, view, run_state]
     # Picking a file or typing text selects that source (in the browser, no round trip).
     upload.upload(None, None, source, js="() => 'upload'")
     pasted.input(None, None, source, js="() => 'paste'")

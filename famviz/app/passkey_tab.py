@@ -23,7 +23,6 @@ from famviz.app.inputs import (
     MAX_FAM_LEN,
     MAX_MEM_BLOCKS,
     UPLOAD_LABEL,
-    UPLOAD_TYPES,
     error_status,
     fraction,
     number_list,
@@ -57,6 +56,8 @@ NO_UPLOAD = "No document uploaded: upload a file or use the PassKey filler."
 MAX_LENGTH = 1_000_000
 MAX_TRIALS = 1000
 MAX_CELLS = 400
+KEPT_SWEEPS = 3  # a new sweep keeps the previous ones (each labelled) up to this many
+SWEEP_TITLE = "PassKey retrieval accuracy"
 
 
 def _base(block_size: float | str | None, fam_len: float | str | None) -> FamConfig:
@@ -78,18 +79,51 @@ def _export_path(stem: str, fmt: str) -> Path:
     return export.download_dir() / f"{stem}.{fmt}"
 
 
+def _mode_tag(spec: pk.ModeSpec) -> str:
+    """A mode with its memory blocks for file names: fam0, bswa1, full."""
+    return spec.mode if spec.mode == "full" else f"{spec.mode}{spec.mem_blocks}"
+
+
+@dataclass
+class SweepRecord:
+    """One sweep: its cells (filled trial by trial) and what made them."""
+
+    number: int  # counts the session's sweeps from 1: the sweep dropdown's value
+    label: str  # names it in the dropdown and the table: number, time, model + adapter, modes, lengths
+    caption: str  # the heatmap's subtitle and export caption: model + adapter, geometry, trials, seed
+    config: dict  # what reproduces it (the download's "config")
+    file_tag: str  # its modes and adapter in exported file names, e.g. "fam0-bswa0-balanced"
+    cells: list = field(default_factory=list)
+
+
 @dataclass
 class PasskeySession:
-    """One browser session's PassKey results (gr.State): the latest retention curve and sweep."""
+    """One browser session's PassKey results (gr.State): the latest retention curve and interventions, and
+    the last ``KEPT_SWEEPS`` sweeps (one of them shown)."""
 
     points: list = field(default_factory=list)
     key: int | None = None
     retention_caption: str = ""
-    cells: list = field(default_factory=list)
-    sweep_caption: str = ""
-    sweep_config: dict = field(default_factory=dict)
+    retention_file_tag: str = ""  # mode and adapter in exported file names, e.g. "fam0-balanced"
+    sweeps: list[SweepRecord] = field(default_factory=list)
+    shown_sweep: int | None = None  # the number of the sweep the heatmap and table show
     intervention: dict | None = None  # the latest FAM intervention result (famviz.probes.ablation's to_dict())
     intervention_caption: str = ""
+    intervention_file_tag: str = ""
+
+    @property
+    def sweep(self) -> SweepRecord | None:
+        """The sweep shown (what export and download write)."""
+        return next((s for s in self.sweeps if s.number == self.shown_sweep), None)
+
+    @property
+    def cells(self) -> list:
+        return self.sweep.cells if self.sweep is not None else []
+
+    def add_sweep(self, record: SweepRecord) -> None:
+        """Show ``record``; the oldest sweep goes once more than ``KEPT_SWEEPS`` are kept."""
+        self.sweeps = [*self.sweeps, record][-KEPT_SWEEPS:]
+        self.shown_sweep = record.number
 
 
 # -- live retention -------------------------------------------------------------------------------------------
@@ -144,6 +178,7 @@ def watch_retention(
         f"{label}; {spec.label}, block {base.block_size}, fam_len {base.fam_len}; "
         f"{document.length} tokens, key at depth {depth:g}, probe every {every} block(s)"
     )
+    session.retention_file_tag = export.file_stem(_mode_tag(spec), export.adapter_tag(loaded.adapter))
     stream = Stream(fam_model, record=False)
     probe = pk.RetentionProbe(document.key, document.key_span[1], every).attach(stream)
     probe.points = session.points  # the session sees every point as soon as it is measured
@@ -198,6 +233,26 @@ def _rows(cells: list[pk.CellResult]) -> list[list]:
     return [[c.label, c.length, c.depth, c.trials, round(c.accuracy, 3), round(c.mean_key_logprob, 3)] for c in cells]
 
 
+def sweep_views(record: SweepRecord) -> tuple:
+    """(heatmap, table) of one sweep, each naming the model and adapter that made it."""
+    heatmap = passkey_heatmap(record.cells, f"{SWEEP_TITLE}<br><sup>{record.caption}</sup>")
+    return heatmap, gr.update(value=_rows(record.cells), label=f"Cells of {record.label}")
+
+
+def sweep_choices(session: PasskeySession) -> dict:
+    """The sweep dropdown: the kept sweeps, newest first, the shown one selected."""
+    choices = [(s.label, s.number) for s in reversed(session.sweeps)]
+    return gr.update(choices=choices, value=session.shown_sweep)
+
+
+def show_sweep(number: int | None, session: PasskeySession | None) -> tuple:
+    """The sweep dropdown's handler: the chosen kept sweep's heatmap and table."""
+    if session is None or not any(s.number == number for s in session.sweeps):
+        return gr.skip(), gr.skip()
+    session.shown_sweep = number
+    return sweep_views(session.sweep)
+
+
 def run_sweep(
     context: AppContext,
     modes: list[str] | None,
@@ -211,7 +266,8 @@ def run_sweep(
     model_choice: tuple | None = None,
 ) -> Iterator[tuple]:
     """Every (mode, length, depth) cell, trial by trial, with the Model panel's model (``model_choice``);
-    yields (status, heatmap, table, session)."""
+    yields (status, heatmap, table, sweep dropdown, session). The sweep is added to the session's kept ones
+    (its heatmap and table drawn while it is the one shown)."""
     session = session or PasskeySession()
     try:
         if not modes:
@@ -233,63 +289,75 @@ def run_sweep(
         except ValueError as exc:
             raise FamvizError(str(exc)) from None
     except FamvizError as exc:
-        yield error_status(str(exc)), gr.skip(), gr.skip(), session
+        yield error_status(str(exc)), gr.skip(), gr.skip(), gr.skip(), session
         return
     except Exception as exc:  # keep what was measured
         log.exception("could not start the sweep")
-        yield error_status(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), gr.skip(), session
+        yield error_status(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), gr.skip(), gr.skip(), session
         return
 
-    session.cells = []
-    session.sweep_config = {
-        "modes": [s.label for s in specs],
-        "lengths": lengths,
-        "depths": depths,
-        "trials": trials,
-        "seed": seed,
-        "block_size": base.block_size,
-        "fam_len": base.fam_len,
-        "model": loaded.name,
-        "adapter": str(adapter.directory) if adapter is not None else None,
-    }
-    session.sweep_caption = (
-        f"{label}; block {base.block_size}, fam_len {base.fam_len}; {trials} trials per cell, seed {seed}"
+    number = session.sweeps[-1].number + 1 if session.sweeps else 1
+    mode_names = ", ".join(s.label for s in specs)
+    record = SweepRecord(
+        number=number,
+        label=f"sweep {number} ({time.strftime('%H:%M:%S')}): {label} · {mode_names} · "
+        f"{', '.join(map(str, lengths))} tokens",
+        caption=f"{label}; block {base.block_size}, fam_len {base.fam_len}; {trials} trials per cell, seed {seed}",
+        config={
+            "modes": [s.label for s in specs],
+            "lengths": lengths,
+            "depths": depths,
+            "trials": trials,
+            "seed": seed,
+            "block_size": base.block_size,
+            "fam_len": base.fam_len,
+            "model": loaded.name,
+            "adapter": str(adapter.directory) if adapter is not None else None,
+        },
+        file_tag=export.file_stem(*map(_mode_tag, specs), export.adapter_tag(loaded.adapter)),
     )
+    session.add_sweep(record)
+
+    def views() -> tuple:  # the heatmap and table, unless another kept sweep is shown now
+        return sweep_views(record) if session.shown_sweep == record.number else (gr.skip(), gr.skip())
+
     total = len(specs) * len(documents) * trials
     done, started = 0, time.perf_counter()
     notes = notes_markdown(status_notes(adapter, [pk.sweep_config(base, spec) for spec in specs]))
+    kept = f" (earlier sweeps stay under *Sweeps*, the last {KEPT_SWEEPS} kept)" if len(session.sweeps) > 1 else ""
     yield (
-        f"Sweeping {len(specs) * len(documents)} cells × {trials} trials on {label}…{notes}",
-        passkey_heatmap([]),
-        [],
+        f"Sweeping {len(specs) * len(documents)} cells × {trials} trials on {label}…{kept}{notes}",
+        *views(),
+        sweep_choices(session),
         session,
     )
+    cells = record.cells
     for spec in specs:
         fam_model = _fam_model(loaded, adapter, spec, base)
         for (length, depth), docs in documents.items():
             results, cell_started = [], time.perf_counter()
-            session.cells.append(None)  # this cell's slot, filled as its trials come in
+            cells.append(None)  # this cell's slot, filled as its trials come in
             try:
                 for result in pk.iter_trials(fam_model, docs, spec):
                     results.append(result)
                     done += 1
-                    session.cells[-1] = pk.summarise_cell(spec, results, time.perf_counter() - cell_started)
+                    cells[-1] = pk.summarise_cell(spec, results, time.perf_counter() - cell_started)
                     elapsed = time.perf_counter() - started
                     status = (
                         f"Trial **{done} / {total}** · {spec.label}, {length:,} tokens, depth {depth:g} · "
                         f"{elapsed:.0f} s elapsed · {label}{notes}"
                     )
-                    yield status, passkey_heatmap(session.cells), _rows(session.cells), session
+                    yield status, *views(), gr.skip(), session
             except Exception as exc:  # keep the cells so far
                 log.exception("sweep failed")
-                if session.cells[-1] is None:
-                    session.cells.pop()
-                yield error_status(f"stopped: {type(exc).__name__}: {exc}"), gr.skip(), gr.skip(), session
+                if cells[-1] is None:
+                    cells.pop()
+                yield error_status(f"stopped: {type(exc).__name__}: {exc}"), gr.skip(), gr.skip(), gr.skip(), session
                 return
     yield (
-        (f"Done: {len(session.cells)} cells, {total} trials in {time.perf_counter() - started:.0f} s · {label}{notes}"),
-        passkey_heatmap(session.cells),
-        _rows(session.cells),
+        (f"Done: {len(record.cells)} cells, {total} trials in {time.perf_counter() - started:.0f} s · {label}{notes}"),
+        *views(),
+        gr.skip(),
         session,
     )
 
@@ -346,6 +414,7 @@ def run_interventions_tab(
         yield error_status(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), session
         return
     label = loaded.label
+    session.intervention_file_tag = export.file_stem(method, "fam0", export.adapter_tag(loaded.adapter))
     session.intervention_caption = (
         f"{label}; block {base.block_size}, FAM {base.fam_len}, memory blocks 0; "
         f"PassKey {length} tokens, depth {depth:g}; {trials} trials, seed {seed}"
@@ -391,7 +460,8 @@ def run_interventions_tab(
 
 
 def export_passkey(which: str, fmt: str, session: PasskeySession | None) -> tuple:
-    """The retention curve or the sweep heatmap as a paper-ready file; returns (file, note)."""
+    """The retention curve, the shown sweep's heatmap or the interventions as a paper-ready file named by its
+    mode(s) and adapter; returns (file, note)."""
     if (
         session is None
         or (which == "heatmap" and not session.cells)
@@ -402,43 +472,45 @@ def export_passkey(which: str, fmt: str, session: PasskeySession | None) -> tupl
 
     def write() -> Path:
         if which == "interventions":
-            fig, caption, meta, size = (
+            fig, caption, meta, size, tag = (
                 intervention_heatmap(session.intervention),
                 session.intervention_caption,
                 session.intervention["config"],
                 (1100, 700),
+                session.intervention_file_tag,
             )
         elif which == "heatmap":
-            fig, caption, meta, size = (
-                passkey_heatmap(session.cells),
-                session.sweep_caption,
-                session.sweep_config,
+            sweep = session.sweep
+            fig, caption, meta, size, tag = (
+                passkey_heatmap(sweep.cells, SWEEP_TITLE),  # the caption under it says what made it
+                sweep.caption,
+                sweep.config,
                 (1100, 420),
+                sweep.file_tag,
             )
         else:
-            fig, caption, meta, size = (
+            fig, caption, meta, size, tag = (
                 retention_figure(session.points, session.key),
                 session.retention_caption,
                 {"key": session.key},
                 (900, 520),
+                session.retention_file_tag,
             )
-        return export.write_figure(
-            fig, _export_path(f"famviz-passkey-{which}", fmt), fmt, caption=caption, metadata=meta, size=size
-        )
+        path = _export_path(export.file_stem(f"famviz-passkey-{which}", tag), fmt)
+        return export.write_figure(fig, path, fmt, caption=caption, metadata=meta, size=size)
 
     file, note = export.export_for_download(write)
     return file or gr.skip(), note
 
 
 def download_results(session: PasskeySession | None) -> tuple:
-    """The sweep as the CLI's JSON: {"results": [...], "config": {...}}."""
+    """The shown sweep as the CLI's JSON: {"results": [...], "config": {...}}."""
     if session is None or not session.cells:
         return gr.skip(), "No sweep results yet."
-    path = _export_path("famviz-passkey-sweep", "json")
-    path.write_text(
-        json.dumps({"results": [c.summary() for c in session.cells], "config": session.sweep_config}, indent=1)
-    )
-    return str(path), f"Results **{path.name}**: {len(session.cells)} cells."
+    sweep = session.sweep
+    path = _export_path(export.file_stem("famviz-passkey-sweep", sweep.file_tag), "json")
+    path.write_text(json.dumps({"results": [c.summary() for c in sweep.cells], "config": sweep.config}, indent=1))
+    return str(path), f"Results **{path.name}** ({sweep.label}): {len(sweep.cells)} cells."
 
 
 # -- the tab --------------------------------------------------------------------------------------------------------
@@ -479,9 +551,7 @@ def build_passkey_tab(context: AppContext) -> None:
         context.geometry_fields.append((block_size, fam_len, mem_blocks))
         with gr.Row():
             source = gr.Radio([FILLER, UPLOAD], value=FILLER, label="Hide the key in", elem_id="pk-source")
-            upload = gr.File(
-                label=f"Document {UPLOAD_LABEL}", file_types=UPLOAD_TYPES, type="filepath", elem_id="pk-upload"
-            )
+            upload = gr.File(label=f"Document {UPLOAD_LABEL}", type="filepath", elem_id="pk-upload")
         with gr.Row():
             watch_button = gr.Button("Watch retention", variant="primary", elem_id="pk-watch")
             watch_stop = gr.Button("Stop", variant="stop", elem_id="pk-watch-stop")
@@ -498,7 +568,10 @@ def build_passkey_tab(context: AppContext) -> None:
             sweep_button = gr.Button("Run sweep", variant="primary", elem_id="pk-sweep")
             sweep_stop = gr.Button("Stop", variant="stop", elem_id="pk-sweep-stop")
         sweep_status = gr.Markdown("", elem_id="pk-sweep-status")
-        heatmap = gr.Plot(passkey_heatmap([]), label="Accuracy", elem_id="pk-heatmap")
+        sweeps = gr.Dropdown(
+            [], value=None, label=f"Sweeps (the last {KEPT_SWEEPS} are kept; pick one to show)", elem_id="pk-sweeps"
+        )
+        heatmap = gr.Plot(passkey_heatmap([], SWEEP_TITLE), label="Accuracy", elem_id="pk-heatmap")
         table = gr.Dataframe(
             headers=["mode", "length", "depth", "trials", "accuracy", "mean log p(key)"],
             label="Cells",
@@ -592,9 +665,10 @@ def build_passkey_tab(context: AppContext) -> None:
         sweep_stop,
         run_sweep,
         [modes, lengths, depths, trials, block_size, fam_len, seed, session],
-        [sweep_status, heatmap, table, session],
+        [sweep_status, heatmap, table, sweeps, session],
         "passkey_sweep",
     )
+    sweeps.input(show_sweep, [sweeps, session], [heatmap, table], show_progress="hidden")
     run_on_chosen_model(
         ab_button,
         ab_stop,

@@ -17,6 +17,7 @@ import html as html_lib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -48,6 +49,7 @@ class FigureSpec:
     build: Callable  # (Run) -> go.Figure
     size: tuple[int, int]  # exported width, height in px (at scale 1; PNG is written at scale 2)
     cli_options: str = ""  # the `famviz export` options that choose what it shows (the app has controls)
+    both_modes: bool = False  # draws a compared run's second mode too (the others show the run's own mode only)
 
 
 def _specs() -> dict[str, FigureSpec]:
@@ -81,6 +83,7 @@ def _specs() -> dict[str, FigureSpec]:
             "next-token loss per block (two modes and the memory benefit when compared)",
             lambda run: run.loss(),
             (900, 520),
+            both_modes=True,
         ),
     ]
     return {spec.name: spec for spec in specs}
@@ -96,9 +99,46 @@ def figure_help() -> str:
     )
 
 
-# -- configuration caption ---------------------------------------------------------------------------------
-def caption_of(run: Run) -> str:
-    return run.caption()
+# -- configuration caption and file names ----------------------------------------------------------------
+def shows_both_modes(run: Run, name: str | None) -> bool:
+    """Whether figure ``name`` (None: the whole run) of ``run`` draws a compared mode beside its own."""
+    return bool(run.compare_mode) and (name is None or (name in FIGURES and FIGURES[name].both_modes))
+
+
+def caption_of(run: Run, name: str | None = None) -> str:
+    """The run's caption for figure ``name``: "mode fam vs bswa" only on a figure that draws both."""
+    return run.caption(with_compare=shows_both_modes(run, name))
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name part: lower case, every run of other characters one dash, at most ``limit`` characters."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower())[:limit].strip("-")
+
+
+def adapter_tag(adapter: str | None) -> str:
+    """An adapter's short name for file names: "untuned" for none; a shipped adapter's own suffix
+    ("smollm2-135m-fam64-block256-mem0-balanced" -> "balanced"), since its geometry is in the caption."""
+    if not adapter:
+        return "untuned"
+    name = Path(adapter).name
+    suffix = re.search(r"-fam\d+-block\d+-mem\d+-(.+)$", name)
+    return slug(suffix.group(1) if suffix else name)
+
+
+def file_stem(*parts: str | None) -> str:
+    """("famviz", "heatmap", "fam", "balanced", "GPL-3 licence") -> "famviz-heatmap-fam-balanced-gpl-3-licence";
+    empty parts are left out."""
+    return "-".join(filter(None, (slug(part) for part in parts if part)))
+
+
+def run_file_stem(run: Run, kind: str) -> str:
+    """A file name (no suffix) for ``kind`` of ``run`` (a name from FIGURES, or e.g. "trace" for the whole
+    run): what, the mode(s) it shows, the adapter's short name, the document."""
+    meta = run.trace.meta if run.trace is not None else {}
+    both = shows_both_modes(run, kind if kind in FIGURES else None)
+    mode = run.config.mode + (f" vs {run.compare_mode}" if both else "")
+    adapter = adapter_tag(meta.get("adapter")) if "adapter" in meta else None  # old traces did not record it
+    return file_stem("famviz", kind, mode, adapter, run.document)
 
 
 def metadata_of(run: Run) -> dict:
@@ -296,7 +336,12 @@ def export_run_figure(run: Run, name: str, fmt: str, path: str | Path) -> Path:
         message = fig.layout.annotations[0].text if fig.layout.annotations else "no data"
         raise ExportError(f"the {name} figure has nothing to draw for this run: {message}")
     return write_figure(
-        fig, path, fmt, caption=caption_of(run), metadata=dict(metadata_of(run), figure=name), size=FIGURES[name].size
+        fig,
+        path,
+        fmt,
+        caption=caption_of(run, name),
+        metadata=dict(metadata_of(run), figure=name),
+        size=FIGURES[name].size,
     )
 
 

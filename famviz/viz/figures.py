@@ -25,7 +25,7 @@ from itertools import pairwise
 import numpy as np
 import plotly.graph_objects as go
 
-from famviz.core.config import BLOCK_GROUPS, FAM_GROUPS
+from famviz.core.config import BLOCK_GROUPS, FAM_GROUPS, FamConfig
 from famviz.core.trace import Trace
 
 SHARE_COLORSCALE = "Viridis"
@@ -74,6 +74,37 @@ SHARE_VIEWS: dict[str, ShareView] = {
         "fam.share", "block", "FAM queries → block", "Share of attention that FAM queries give to the current block"
     ),
 }
+
+
+def default_view(config: FamConfig) -> str:
+    """The share view that shows what a run's mode attends to besides its own block."""
+    if config.active_fam_len:
+        return "block-fam"
+    if config.active_sink_tokens:
+        return "block-sink"
+    if config.mode == "full" or config.mem_blocks:
+        return "block-memory"
+    return "block-block"
+
+
+def missing_view(config: FamConfig, view: str) -> str | None:
+    """Why ``view`` is empty for every block of a run of ``config`` (its mode has no such keys), else None:
+    a plot of zeros would read as "no attention there" rather than "nothing there"."""
+    spec = SHARE_VIEWS[view]
+    if spec.key == "fam.share" or spec.group == "fam":
+        has, lacks = config.active_fam_len, f"{config.mode} mode has no FAM (only fam mode has one)"
+    elif spec.group == "sink":
+        has = config.active_sink_tokens
+        lacks = (
+            "this run keeps no sink tokens (sink tokens 0)"
+            if config.mode == "sink"
+            else f"{config.mode} mode keeps no sink tokens (only sink mode does)"
+        )
+    elif spec.group == "memory":
+        has, lacks = config.mode == "full" or config.mem_blocks, "this run has no memory blocks (memory blocks 0)"
+    else:  # every mode attends to its own block
+        return None
+    return None if has else f"{lacks}: pick “{SHARE_VIEWS[default_view(config)].label}”"
 
 
 AXIS = dict(gridcolor="#e6e6e6", zeroline=False, linecolor="#999", ticks="outside")

@@ -307,7 +307,7 @@ class Run:
     compare_mode: str | None = None
     compare_nll: list[float] = field(default_factory=list)  # per-block mean NLL of the compared mode
     features: StateFeatures | None = None
-    view: str = DEFAULT_VIEW
+    view: str = DEFAULT_VIEW  # a figures.SHARE_VIEWS key
     layer: int | None = None  # the document's shading layer (None = mean over layers)
     block: int | None = None  # drill-down block (None = follow the latest)
     method: str = "PCA"
@@ -327,6 +327,15 @@ class Run:
     # Set while no block is being computed (the stream clears it around each block; Stop waits for it).
     idle: threading.Event = field(default_factory=_idle_event, repr=False)
 
+    def __post_init__(self) -> None:
+        self._own_view_if_missing()
+
+    def _own_view_if_missing(self) -> None:
+        """A view this run's mode lacks gives way to the mode's own (a sink run opens on its sink tokens, not
+        on a blank FAM plot)."""
+        if figures.missing_view(self.config, self.view):
+            self.view = figures.default_view(self.config)
+
     @classmethod
     def from_trace(cls, trace: Trace, name: str) -> Run:
         """A finished run rebuilt from a saved trace (no model needed)."""
@@ -345,6 +354,13 @@ class Run:
         )
         run.blocks_done, run.tokens_done = trace.n_blocks, trace.n_tokens
         return run
+
+    def keep_view_of(self, previous: Run | None) -> None:
+        """Carry the share view and trajectory method over from the session's previous run (the view only
+        where this run's mode has it)."""
+        if previous is not None:
+            self.view, self.method = previous.view, previous.method
+            self._own_view_if_missing()
 
     # -- progress -------------------------------------------------------------------------------------
     @property
@@ -420,11 +436,16 @@ class Run:
     def heatmap(self) -> go.Figure:
         if not self.has_blocks():
             return figures.empty_figure("no blocks yet")
+        if missing := figures.missing_view(self.config, self.view):
+            return figures.empty_figure(missing, figures.SHARE_VIEWS[self.view].title)
         return figures.view_figure(self.trace, self.view, selected_block=self.shown_block)
 
     def heads(self) -> go.Figure:
         if not self.has_blocks():
             return figures.empty_figure("no blocks yet")
+        if missing := figures.missing_view(self.config, self.view):
+            title = f"Block {self.shown_block}: {figures.SHARE_VIEWS[self.view].label} per head"
+            return figures.empty_figure(missing, title)
         return figures.head_view_figure(self.trace, self.view, self.shown_block, selected_layer=self.layer)
 
     def loss(self) -> go.Figure:
@@ -502,13 +523,14 @@ class Run:
         meta = self.trace.meta if self.trace is not None else {}
         return describe_model(meta.get("model"), meta.get("adapter"), adapter_known="adapter" in meta)
 
-    def caption(self) -> str:
-        """One line describing the run, for figure captions and file metadata."""
+    def caption(self, with_compare: bool = True) -> str:
+        """One line describing the run, for figure captions and file metadata; ``with_compare`` False for a
+        figure that shows the run's own mode only (a compared mode appears in the loss plot alone)."""
         cfg = self.config
         meta = self.trace.meta if self.trace is not None else {}
         parts = [
             self.model_label,
-            f"mode {cfg.mode}" + (f" vs {self.compare_mode}" if self.compare_mode else ""),
+            f"mode {cfg.mode}" + (f" vs {self.compare_mode}" if self.compare_mode and with_compare else ""),
             f"block {cfg.block_size}",
             f"memory blocks {cfg.mem_blocks}",
         ]
