@@ -5,8 +5,11 @@ python app.py [--model ID_OR_PATH] [--adapter DIR] [--device auto|cpu|cuda]
 """
 
 import sys
+import time
 
-from famviz.app.launch import main
+STARTED = time.perf_counter()  # before gradio and torch load: the app logs what each phase of start-up took
+
+from famviz.app.launch import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(started=STARTED))

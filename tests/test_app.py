@@ -4,6 +4,7 @@ export/trace handlers, session isolation; slow: the served app driven through gr
 from __future__ import annotations
 
 import html
+import logging
 import os
 import socket
 import sys
@@ -752,3 +753,11 @@ def test_errors_are_repeated_beside_start_and_the_plots_are_explained(hub):
     assert inputs.error_status("boom").startswith(inputs.ERROR_MARK)  # what the page's JS looks for
     assert set(inspector_tab.PLOT_NOTES) == {"heatmap", "trajectory", "dynamics", "nll"}
     assert launch.warm_up(hub, FamConfig("fam", 32, 8, 1)) > 0  # runs the real stream handler
+
+
+def test_the_warm_up_logs_nothing_about_its_own_run(hub, caplog):
+    """Its status would read as a note on the user's settings ("this run uses block 64")."""
+    with caplog.at_level(logging.INFO):
+        launch.warm_up(hub, FamConfig("fam", 32, 8, 1))
+    assert not [r for r in caplog.records if r.name.startswith("famviz") and r.levelno < logging.WARNING]
+    assert logging.getLogger("famviz").level == logging.NOTSET  # its level is given back

@@ -153,12 +153,22 @@ def warm_up(hub: ModelHub, defaults: FamConfig) -> float:
         "",
         None,
     ]
-    for _ in stream_document(hub, *args):
-        pass
+    # Quiet: its status ("adapter trained with block 256, this run uses 64") is about this run, not the user's.
+    famviz_log = logging.getLogger("famviz")
+    level = famviz_log.level
+    famviz_log.setLevel(logging.WARNING)
+    try:
+        for _ in stream_document(hub, *args):
+            pass
+    finally:
+        famviz_log.setLevel(level)
     return time.perf_counter() - started
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, started: float | None = None) -> int:
+    """``started``: ``time.perf_counter()`` before the launcher imported the app (gradio, torch), so the log
+    says what each phase of start-up took."""
+    started = time.perf_counter() if started is None else started
     args = build_parser().parse_args(argv)
     if args.redraw_seconds < 0:
         print("famviz: error: --redraw-seconds must be 0 or more", file=sys.stderr)
@@ -170,30 +180,36 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
+    log.info("famviz: starting: libraries imported in %.1f s", time.perf_counter() - started)
     try:
         from famviz.io.models import load_model
 
-        started = time.perf_counter()
+        loading = time.perf_counter()
         loaded = load_model(args.model, device=args.device, dtype=args.dtype)
         args.adapter = startup_adapter(args.model, args.adapter)
         adapter = attach_adapter(loaded, args.adapter) if args.adapter else None
         log.info(
             "famviz: %s loaded in %.1f s on %s (%s)",
             loaded.name,
-            time.perf_counter() - started,
+            time.perf_counter() - loading,
             loaded.device,
             str(loaded.dtype).replace("torch.", ""),
         )
+        built = time.perf_counter()
         demo = build_app(
             loaded,
             adapter,
             startup_key=model_key(args.model, args.adapter, args.device, args.dtype),
             redraw_seconds=args.redraw_seconds,
         )
+        log.info(
+            "famviz: page built in %.1f s; warming up (two short blocks, every view once)", time.perf_counter() - built
+        )
         log.info("famviz: warmed up in %.1f s", warm_up(demo.famviz_context.hub, demo.famviz_context.defaults))
     except FamvizError as exc:
         print(f"famviz: error: {exc}", file=sys.stderr)
         return 2
+    log.info("famviz: serving, %.1f s after start-up began", time.perf_counter() - started)
     demo.launch(server_name=args.host, server_port=args.port, share=False, max_file_size=MAX_UPLOAD)
     return 0
 
