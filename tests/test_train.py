@@ -639,6 +639,7 @@ def test_cli_trains_resumes_and_evaluates_a_tiny_model(tmp_path, capfd):
             "--long-tokens",
             "0",
             "--json",
+            "--write-card",  # the card is written only when asked
         ],
         capfd,
     )
