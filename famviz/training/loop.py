@@ -190,10 +190,11 @@ class Trainer:
         self.text = None  # the copy examples' and used states' text: the machine's, or --corpus (training split)
         used_blocks = parse_range(config.used_state_blocks, "--used-state-blocks")
         wants_used = config.used_state_prob > 0 and self.prompt is not None
-        if (data is None and "copy" in parse_mixture(config.data)) or wants_used:
+        copies = data is None and "copy" in parse_mixture(config.data)
+        if copies or wants_used:
             self.text = TextCorpus(loaded.tokenizer, documents=documents)
-            longest = parse_range(config.copy_text_tokens, "--copy-text-tokens")[1] if data is None else 0
-            self.text.check_long_enough(max(longest, used_blocks[1] * config.block_size))
+            longest_copy = parse_range(config.copy_text_tokens, "--copy-text-tokens")[1] if copies else 0
+            self.text.check_long_enough(max(longest_copy, used_blocks[1] * config.block_size if wants_used else 0))
         self.used_states = UsedStates(
             config.used_state_prob if wants_used else 0.0, used_blocks, self.text, config.block_size
         )
@@ -324,7 +325,8 @@ class Trainer:
         offsets = draw_position_offsets(self.rng, len(drawn), self.theta) if config.rpo else None
         self.fam_model.position_offsets = offsets[rank * batch : (rank + 1) * batch] if offsets is not None else None
         passed = self.state_passing.choose(self.rng) if self.prompt is not None else None
-        if used is not None and passed is None:
+        rsp = passed is not None  # a passed FAM wins over a used one
+        if not rsp:
             passed = used
         lr_scale = config.lr_scale(self.step)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
@@ -401,8 +403,8 @@ class Trainer:
             "tokens": int(ids.numel()) * world,
             "loss_tokens": count,
             "grad_norm": grad_norm,
-            "rsp": passed is not None and passed is not used,
-            "used_blocks": used_blocks if used is not None and passed is used else 0,  # text the FAM read first
+            "rsp": rsp,
+            "used_blocks": 0 if rsp else used_blocks,  # blocks of text the FAM read first (0: none)
             "lr": self.optimizer.param_groups[0]["lr"],
         }
 
