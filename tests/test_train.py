@@ -17,7 +17,7 @@ from famviz.training.data import Example, copy_example, parse_mixture, parse_ran
 from famviz.training.loop import Trainer
 from famviz.training.loss import collate, sequence_loss
 from famviz.training.rpo_rsp import StatePassing, TrainingFamModel, draw_position_offsets, initial_training_state
-from famviz.training.used_state import UsedStates, read_text_into_fam
+from famviz.training.used_state import PasskeyFiller, UsedStates, read_text_into_fam
 
 VOCAB = 128
 
@@ -288,9 +288,60 @@ def test_used_states_off_draw_nothing_and_copy_steps_never_use_them():
     assert 0.45 < sum(1 for c in chosen if c) / 2000 < 0.55 and {c for c in chosen if c} == set(range(1, 17))
 
 
+class WordTokenizer:
+    """One id per word, in order of first appearance: enough to check which words a window holds."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]}
+
+
+def test_filler_windows_are_the_passkey_filler_from_a_random_token_of_its_cycle():
+    from famviz.probes.passkey import FILLER
+
+    tokenizer = WordTokenizer()
+    filler = PasskeyFiller(tokenizer)
+    words = FILLER.split()
+    ids = tokenizer(FILLER)["input_ids"]
+    starts = set()
+    for seed in range(40):
+        window = filler.window(random.Random(seed), 50)
+        assert len(window) == 50
+        repeated = ids * 4
+        at = [start for start in range(len(words)) if repeated[start : start + 50] == window]
+        assert at  # the filler, in order, repeated, from some token of its cycle
+        starts.add(at[0])
+    assert len(starts) > len(words) // 2  # phases vary
+    assert len(filler.window(random.Random(0), 500)) == 500  # a longer window than first asked for
+
+
+def test_a_mixed_used_memory_reads_filler_or_text_and_the_step_says_which(tmp_path):
+    trainer = Trainer(tiny_config(tmp_path, rsp=False, rpo=False), loaded=tiny_loaded(), data=KeyRecall())
+
+    class Filler:
+        def window(self, rng, length):
+            return [3] * length
+
+    mixed = UsedStates(1.0, (1, 2), RandomText(), 8, reads="mix", filler=Filler())
+    rng = random.Random(0)
+    reads = [mixed.make(trainer.fam_model, trainer.prompt, 1, rng)[1] for _ in range(40)]
+    assert 10 < reads.count("filler") < 30 and set(reads) == {"filler", "text"}
+    only_filler = UsedStates(1.0, (1, 2), None, 8, reads="filler", filler=Filler())  # needs no corpus
+    fam, read = only_filler.make(trainer.fam_model, trainer.prompt, 2, random.Random(0))
+    expected = read_text_into_fam(trainer.fam_model, trainer.prompt, torch.full((1, 16), 3), block_size=8)
+    assert read == "filler" and all(torch.equal(f, e) for f, e in zip(fam, expected, strict=True))
+    with pytest.raises(ValueError, match="text corpus"):
+        UsedStates(0.5, (1, 2), None, 8, reads="mix", filler=Filler())
+    trainer.used_states = mixed
+    assert trainer.train_step()["used_reads"] in {"filler", "text"}
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (dict(used_state_reads="noise"), "--used-state-reads must be one of"),
         (dict(used_state_prob=1.5), "--used-state-prob must be within"),
         (dict(used_state_prob=0.5, mode="bswa"), "needs a FAM"),
         (dict(used_state_blocks="8-2"), "--used-state-blocks"),

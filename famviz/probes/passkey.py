@@ -181,7 +181,8 @@ def _build(
     )
 
 
-def _repeated_filler(chars: int) -> str:
+def repeated_filler(chars: int) -> str:
+    """At least ``chars`` characters of the PassKey filler, whole sentences."""
     return " ".join([FILLER] * (chars // (len(FILLER) + 1) + 2))
 
 
@@ -197,7 +198,7 @@ def make_passkey_document(
     if key is None:
         key = random_key(rng or random.Random(seed))
     # About 4.6 characters per filler token for Llama-style BPE; twice that is always enough.
-    return _build(tokenizer, _repeated_filler(10 * length + 200), length, depth, key, INSTRUCTION, allow_short=False)
+    return _build(tokenizer, repeated_filler(10 * length + 200), length, depth, key, INSTRUCTION, allow_short=False)
 
 
 def make_document_probe(

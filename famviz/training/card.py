@@ -185,6 +185,8 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
         "rsp_prob": config.rsp_prob if config.rsp else None,
         "used_state_prob": config.used_state_prob or None,  # PassKey steps written into a FAM that read text
         "used_state_blocks": config.used_state_blocks if config.used_state_prob else None,
+        "used_state_reads": config.used_state_reads if config.used_state_prob else None,
+        "used_state_filler_steps": sum(1 for r in trainer.history if r.get("used_reads") == "filler") or None,
         "used_state_steps": sum(1 for r in trainer.history if r.get("used_blocks")),
         "hardware": hardware,
         "dtype": config.dtype,

@@ -18,6 +18,8 @@ from famviz.core.config import FamConfig
 from famviz.errors import ConfigError
 from famviz.training.data import parse_mixture, parse_range
 
+USED_TEXTS = ("text", "filler", "mix")  # what a used memory has read: real text, PassKey filler, either
+
 if TYPE_CHECKING:
     import argparse
 
@@ -70,6 +72,7 @@ class TrainConfig:
     rsp_prob: float = 0.8
     used_state_prob: float = 0.0  # share of PassKey steps whose FAM first reads real text (training.used_state)
     used_state_blocks: str = "1-16"  # ... this many blocks of it, drawn from the range
+    used_state_reads: str = "text"  # ... of real text, the PassKey filler, or either ("mix"): USED_TEXTS
     eval_every: int = 100
     eval_trials: int = 8
     eval_tokens: int = 1024
@@ -126,6 +129,9 @@ class TrainConfig:
         if self.used_state_prob > 0 and not self.fam_config().active_fam_len:
             raise ConfigError("--used-state-prob needs a FAM to write into: train in fam mode with --fam-len > 0")
         parse_range(self.used_state_blocks, "--used-state-blocks")
+        if self.used_state_reads not in USED_TEXTS:
+            choices = ", ".join(USED_TEXTS)
+            raise ConfigError(f"--used-state-reads must be one of {choices}, got {self.used_state_reads!r}")
         if not 0 <= self.passkey_aligned <= 1:
             raise ConfigError(f"--passkey-aligned must be within 0…1, got {self.passkey_aligned}")
         if self.lr <= 0:
@@ -270,6 +276,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-rpo", dest="rpo", action="store_false", default=None, help="disable Random Position Offset"
+    )
+    parser.add_argument(
+        "--used-state-reads",
+        choices=USED_TEXTS,
+        default=None,
+        help=f"what a used memory has read: real text, the PassKey filler, or either at even odds "
+        f"(default {d.used_state_reads})",
     )
     parser.add_argument("--no-rsp", dest="rsp", action="store_false", default=None, help="disable Random State Passing")
     parser.add_argument(

@@ -56,7 +56,7 @@ from famviz.training.rpo_rsp import (
     initial_training_state,
     rope_theta,
 )
-from famviz.training.used_state import UsedStates
+from famviz.training.used_state import PasskeyFiller, UsedStates
 from famviz.viz.training_figures import write_loss_curve
 
 if TYPE_CHECKING:
@@ -191,12 +191,18 @@ class Trainer:
         used_blocks = parse_range(config.used_state_blocks, "--used-state-blocks")
         wants_used = config.used_state_prob > 0 and self.prompt is not None
         copies = data is None and "copy" in parse_mixture(config.data)
-        if copies or wants_used:
+        if copies or (wants_used and config.used_state_reads != "filler"):
             self.text = TextCorpus(loaded.tokenizer, documents=documents)
             longest_copy = parse_range(config.copy_text_tokens, "--copy-text-tokens")[1] if copies else 0
-            self.text.check_long_enough(max(longest_copy, used_blocks[1] * config.block_size if wants_used else 0))
+            used_text = wants_used and config.used_state_reads != "filler"
+            self.text.check_long_enough(max(longest_copy, used_blocks[1] * config.block_size if used_text else 0))
         self.used_states = UsedStates(
-            config.used_state_prob if wants_used else 0.0, used_blocks, self.text, config.block_size
+            config.used_state_prob if wants_used else 0.0,
+            used_blocks,
+            self.text,
+            config.block_size,
+            reads=config.used_state_reads,
+            filler=PasskeyFiller(loaded.tokenizer) if wants_used and config.used_state_reads != "text" else None,
         )
         self.data = (
             data
@@ -321,7 +327,9 @@ class Trainer:
         ids, weights, readout = collate(examples, self.pad_id, self.loaded.device, max(len(e.ids) for e in drawn))
         # Drawn and read before this step's RPO offsets are set: the used state is what inference would hand on.
         used_blocks = self.used_states.choose(self.rng, any(e.kind == "passkey" for e in examples))
-        used = self.used_states.make(self.fam_model, self.prompt, used_blocks, self.rng) if used_blocks else None
+        used, used_reads = (
+            self.used_states.make(self.fam_model, self.prompt, used_blocks, self.rng) if used_blocks else (None, None)
+        )
         offsets = draw_position_offsets(self.rng, len(drawn), self.theta) if config.rpo else None
         self.fam_model.position_offsets = offsets[rank * batch : (rank + 1) * batch] if offsets is not None else None
         passed = self.state_passing.choose(self.rng) if self.prompt is not None else None
@@ -405,6 +413,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "rsp": rsp,
             "used_blocks": 0 if rsp else used_blocks,  # blocks of text the FAM read first (0: none)
+            "used_reads": None if rsp else used_reads,  # ... "text" or "filler"
             "lr": self.optimizer.param_groups[0]["lr"],
         }
 

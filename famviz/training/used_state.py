@@ -6,6 +6,10 @@ Passing teaches writing into a used state at the cost of a training step's backw
 without control over what the state has read. Here the used state comes from a forward pass without
 gradient over ``n`` blocks of real text from the learned initial FAM (inference runs ~2.5× training's
 speed), ``n`` drawn from a range, so a chosen share of PassKey steps starts from a memory of 1–32 updates.
+
+What the used memory has read is real text, the PassKey filler (what the grid's keys at depth > 0 are
+written after), or either at even odds: a stage that learnt to write after real text only lost the keys
+written after filler (docs/training-history.md §18).
 """
 
 from __future__ import annotations
@@ -15,7 +19,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from famviz.training.config import USED_TEXTS
+
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from famviz.core.fam_model import FamModel
     from famviz.training.data import TextCorpus
 
@@ -33,18 +41,50 @@ def read_text_into_fam(
     return tuple(f.detach() for f in state.fam)
 
 
+class PasskeyFiller:
+    """Windows of the PassKey prompts' filler, tokenized once, each starting at a random token of its cycle."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+
+    def window(self, rng: random.Random, length: int) -> list[int]:
+        from famviz.probes.passkey import FILLER, repeated_filler
+
+        cycle = len(self.tokenizer(FILLER + " ", add_special_tokens=False)["input_ids"])
+        if len(self.ids) < length + cycle:  # one tokenization of the longest window asked for
+            text = repeated_filler(6 * (length + cycle) + 200)
+            self.ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        start = rng.randrange(cycle)
+        return self.ids[start : start + length]
+
+
 class UsedStates:
     """With probability ``prob`` a PassKey step starts from a FAM that has read ``blocks`` (low, high) blocks
-    of real text from ``corpus``; draws from the step's generator only when ``prob`` > 0, so a run without
-    used states keeps its random sequence."""
+    of real text from ``corpus`` or of ``filler`` (``reads``: one of USED_TEXTS); draws from the step's
+    generator only when ``prob`` > 0, so a run without used states keeps its random sequence."""
 
-    def __init__(self, prob: float, blocks: tuple[int, int], corpus: TextCorpus | None, block_size: int):
-        if prob > 0 and corpus is None:
+    def __init__(
+        self,
+        prob: float,
+        blocks: tuple[int, int],
+        corpus: TextCorpus | None,
+        block_size: int,
+        reads: str = "text",
+        filler: PasskeyFiller | None = None,
+    ):
+        if reads not in USED_TEXTS:
+            raise ValueError(f"a used memory reads one of {', '.join(USED_TEXTS)}, not {reads!r}")
+        if prob > 0 and reads != "filler" and corpus is None:
             raise ValueError("used states need a text corpus")
+        if prob > 0 and reads != "text" and filler is None:
+            raise ValueError("used states of filler need the PassKey filler")
         self.prob = prob
         self.blocks = blocks
         self.corpus = corpus
         self.block_size = block_size
+        self.reads = reads
+        self.filler = filler
 
     def choose(self, rng: random.Random, passkey_step: bool) -> int:
         """Blocks of text the step's FAM reads first (0: none)."""
@@ -56,6 +96,10 @@ class UsedStates:
 
     def make(
         self, fam_model: FamModel, prompt: torch.Tensor, blocks: int, rng: random.Random
-    ) -> tuple[torch.Tensor, ...]:
-        ids = self.corpus.window(rng, blocks * self.block_size)
-        return read_text_into_fam(fam_model, prompt, torch.tensor([ids], device=fam_model.device), self.block_size)
+    ) -> tuple[tuple[torch.Tensor, ...], str]:
+        """The used FAM and what it read ("text" or "filler")."""
+        reads = self.reads if self.reads != "mix" else ("filler" if rng.random() < 0.5 else "text")
+        source = self.filler if reads == "filler" else self.corpus
+        ids = source.window(rng, blocks * self.block_size)
+        fam = read_text_into_fam(fam_model, prompt, torch.tensor([ids], device=fam_model.device), self.block_size)
+        return fam, reads
