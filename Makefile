@@ -21,10 +21,12 @@ app: setup
 test: setup
 	$(PY) -m pytest -q
 
-# Lint: ruff's checks as configured in pyproject.toml and the formatter's layout (CI runs both before the tests).
+# Lint: ruff's checks as configured in pyproject.toml, the formatter's layout, and the package's layers
+# (import-linter's contract in pyproject.toml); CI runs all three before the tests.
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

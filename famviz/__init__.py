@@ -3,10 +3,11 @@
 from famviz.core.config import MODES, FamConfig
 from famviz.core.engine import BlockResult, Stream, StreamResult, stream_tokens
 from famviz.core.fam_model import FamModel, StreamState
+from famviz.core.model import LoadedModel, prepare_model
 from famviz.core.tokenize import IncrementalTokenizer, tokenize_document
 from famviz.core.trace import CHANNEL_KINDS, Trace
 from famviz.errors import FamvizError
-from famviz.io.models import LoadedModel, load_model, prepare_model
+from famviz.io.models import load_model
 
 __all__ = [
     "MODES",

@@ -1,6 +1,6 @@
 """``python -m famviz bench``: how fast and how flat streaming is, measured side by side in one run.
 
-Every figure of issue 6 comes from one process: the ratios compare runs made in the same minute,
+Every speed and memory figure comes from one process: the ratios compare runs made in the same minute,
 repeated in alternation (A B A B ...) and summarised by their medians, because the machines this
 runs on are shared and noisy. ``run_bench`` returns one flat dict (the ``--json`` object);
 ``format_table`` prints it with the targets.
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from famviz.core.engine import StreamResult
     from famviz.core.fam_model import FamModel
-    from famviz.io.models import LoadedModel
+    from famviz.core.model import LoadedModel
     from famviz.training.config import TrainConfig
     from famviz.training.data import Example
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from famviz.core.config import TOOL_DEFAULTS, FamConfig, check_limits, number_list
 from famviz.errors import FamvizError
+from famviz.io.paths import check_figure_path, check_output_path
 
 if TYPE_CHECKING:
     import argparse
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from famviz.core.engine import StreamResult
-    from famviz.io.models import LoadedModel
+    from famviz.core.model import LoadedModel
     from famviz.probes.passkey import ModeSpec, RetentionPoint
 
 log = logging.getLogger("famviz")
@@ -229,7 +229,7 @@ def run_ablate(args: argparse.Namespace) -> int:
 
 
 def describe_run(model: str, adapter: str | None, config: FamConfig, extra: str) -> str:
-    from famviz.io.models import describe_model
+    from famviz.core.model import describe_model
 
     return (
         f"{describe_model(model, adapter)}; block {config.block_size}, FAM {config.fam_len}, "
@@ -471,28 +471,6 @@ def run_stream(args: argparse.Namespace) -> int:
         for key, value in summary.items():
             print(f"{key:>13}: {value}")
     return 0
-
-
-def check_figure_path(path: str | None) -> str | None:
-    """A --figure path checked before any work is done (None when no figure is asked for)."""
-    if not path:
-        return None
-    target = check_output_path(path)
-    if os.path.splitext(target)[1].lower() not in (".png", ".svg", ".pdf", ".html"):
-        raise FamvizError("--figure must end in .png, .svg, .pdf or .html")
-    return target
-
-
-def check_output_path(path: str) -> str:
-    """Refuse an unwritable output path before any work is done."""
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise FamvizError(f"{path} is a directory; give a file name such as {target / 'trace.npz'}")
-    if not target.parent.is_dir():
-        raise FamvizError(f"cannot write {path}: folder {target.parent} does not exist")
-    if not os.access(target.parent, os.W_OK):
-        raise FamvizError(f"cannot write {path}: folder {target.parent} is not writable")
-    return str(target)
 
 
 def load_for_cli(args: argparse.Namespace, config: FamConfig) -> tuple[LoadedModel, torch.Tensor | None]:

@@ -133,7 +133,7 @@ def test_a_large_upload_streams_its_start_and_says_so(hub, tmp_path, monkeypatch
 
 def test_uploads_take_any_text_file_and_refuse_others_with_one_message(tiny_loaded, hub, tmp_path):
     """A .py file was refused in the browser by its suffix (a toast) and then by Start ("No file uploaded"),
-    while the CLI reads it (issue 31, item 4): the page accepts any file and the reader decides by content."""
+    while the CLI reads it: the page accepts any file and the reader decides by content."""
     demo = launch.build_app(tiny_loaded)
     uploads = {b.elem_id: b for b in demo.blocks.values() if b.elem_id in ("upload", "pk-upload")}
     assert set(uploads) == {"upload", "pk-upload"}
@@ -257,7 +257,6 @@ def test_stream_respects_max_tokens(hub):
 
 
 def test_passkey_example(hub):
-    pytest.importorskip("famviz.probes.passkey")
     run = _run(hub, source="passkey", passkey_tokens=200, block_size=64)[-1][-1]
     assert "PassKey" in run.document and 150 < run.tokens_done < 260
 
@@ -284,7 +283,7 @@ def test_stream_errors_are_one_status_and_keep_the_plots(hub, kwargs, words):
 
 
 def test_each_mode_opens_on_a_view_it_has_and_a_view_it_lacks_says_so(hub):
-    """Sink mode once opened on "Block queries → FAM": all zeros and no word of why (issue 31, item 3)."""
+    """Sink mode once opened on "Block queries → FAM": all zeros and no word of why."""
     updates = _run(hub, mode="sink")
     run = updates[-1][-1]
     assert run.view == "block-sink" and updates[1][9]["value"] == "block-sink"  # the dropdown follows
@@ -305,8 +304,8 @@ def test_each_mode_opens_on_a_view_it_has_and_a_view_it_lacks_says_so(hub):
 
 
 def test_after_an_error_the_status_still_names_the_run_the_plots_show(hub):
-    """The status line is the plots' caption: an error in a later Start adds to it instead of replacing it
-    (issue 31, item 5); only the error's paragraph is repeated beside Start."""
+    """The status line is the plots' caption: an error in a later Start adds to it instead of
+    replacing it; only the error's paragraph is repeated beside Start."""
     import gradio as gr
 
     run = _run(hub, mode="bswa")[-1][-1]
@@ -444,7 +443,7 @@ def test_export_download_and_replay(hub, tmp_path):
 
 def test_exports_caption_the_modes_they_show_and_name_mode_and_adapter(hub):
     """A heatmap exported from a fam-vs-bswa run was captioned "mode fam vs bswa" though it shows fam only,
-    and no file name said mode or adapter (issue 31, item 7)."""
+    and no file name said mode or adapter."""
     import json
     import re
 

@@ -87,7 +87,6 @@ def test_quick_bench_on_the_bundled_model(bundled_fast):
     )
     for name in TARGETS:
         assert figures[name] is not None or name == "probe_vs_block", name
-    pytest.importorskip("famviz.probes.passkey")
     assert figures["probe_s"] > 0 and figures["probe_vs_block"] > 0
 
 

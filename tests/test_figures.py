@@ -93,7 +93,7 @@ def test_view_figure_without_fam_says_so():
 
 
 def test_each_mode_has_its_own_default_view_and_names_the_views_it_lacks():
-    """issue 31, item 3: sink mode opened on the FAM view, all zeros and no word of why."""
+    """Sink mode opened on the FAM view, all zeros and no word of why."""
     config = dict(block_size=4, fam_len=3)
     expected = {
         FamConfig("fam", mem_blocks=0, **config): ("block-fam", {"block-memory", "block-sink"}),

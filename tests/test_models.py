@@ -1,4 +1,4 @@
-"""Tests for famviz.io.models: supported families, device/dtype choice, the bundled model's cache."""
+"""Tests for famviz.core.model and famviz.io.models: families, device/dtype choice, the bundled model's cache."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from helpers import SUPPORTED_FAMILIES, bundled_tokenizer, tiny_causal_lm, tiny_gpt2
 
 import famviz
+import famviz.core.model as core_model
 import famviz.io.models as models
 from famviz.errors import FamvizError, UnsupportedModelError
 
@@ -22,16 +23,16 @@ CACHE_NAME = "smollm2-135m-instruct-f32"
 
 # -- supported families ---------------------------------------------------------------------------
 def test_supported_families_are_the_documented_ones():
-    assert set(models.ARCHITECTURES) == set(SUPPORTED_FAMILIES)
-    assert models.supported_families() == "llama, mistral, qwen2, qwen3"
+    assert set(core_model.ARCHITECTURES) == set(SUPPORTED_FAMILIES)
+    assert core_model.supported_families() == "llama, mistral, qwen2, qwen3"
 
 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
 def test_check_supported_accepts_tiny_models(family):
     model = tiny_causal_lm(family)
     assert model.config.model_type == family
-    spec = models.check_supported(model)
-    assert spec is models.ARCHITECTURES[family]
+    spec = core_model.check_supported(model)
+    assert spec is core_model.ARCHITECTURES[family]
     assert spec.qk_norm == (family == "qwen3")
 
 
@@ -42,10 +43,10 @@ def test_tiny_mistral_has_no_sliding_window():
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
 def test_prepare_model_wraps_tiny_models(family):
     model = tiny_causal_lm(family).train()
-    loaded = models.prepare_model(model, tokenizer=None, name=f"tiny-{family}")
+    loaded = core_model.prepare_model(model, tokenizer=None, name=f"tiny-{family}")
     assert isinstance(loaded, famviz.LoadedModel)
     assert loaded.model is model and loaded.name == f"tiny-{family}"
-    assert loaded.arch is models.ARCHITECTURES[family]
+    assert loaded.arch is core_model.ARCHITECTURES[family]
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())
     assert loaded.device == torch.device("cpu") and loaded.dtype == torch.float32
@@ -56,7 +57,7 @@ def test_prepare_model_wraps_tiny_models(family):
 def test_full_mode_of_accepted_models_matches_their_own_forward(family):
     """Accepting a family means the engine really runs it: full mode gives the model's own NLL."""
     model = tiny_causal_lm(family)
-    loaded = models.prepare_model(model, tokenizer=None, name=family)
+    loaded = core_model.prepare_model(model, tokenizer=None, name=family)
     ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
     result = famviz.Stream(loaded, famviz.FamConfig(mode="full", block_size=16), record=False).run(ids[0].tolist())
     with torch.no_grad():
@@ -69,7 +70,7 @@ def test_full_mode_of_accepted_models_matches_their_own_forward(family):
 
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
 def test_fam_mode_runs_on_accepted_models(family):
-    loaded = models.prepare_model(tiny_causal_lm(family), tokenizer=None, name=family)
+    loaded = core_model.prepare_model(tiny_causal_lm(family), tokenizer=None, name=family)
     config = famviz.FamConfig(mode="fam", block_size=8, fam_len=4, mem_blocks=1)
     result = famviz.Stream(loaded, config, record=False).run(list(range(3, 23)))
     assert (result.tokens, result.blocks) == (20, 3)
@@ -83,7 +84,7 @@ def _assert_names_families(message: str) -> None:
 
 def test_check_supported_refuses_gpt2():
     with pytest.raises(UnsupportedModelError) as info:
-        models.check_supported(tiny_gpt2())
+        core_model.check_supported(tiny_gpt2())
     assert isinstance(info.value, FamvizError)  # the CLI turns it into one line
     assert "gpt2" in str(info.value)
     _assert_names_families(str(info.value))
@@ -91,7 +92,7 @@ def test_check_supported_refuses_gpt2():
 
 def test_prepare_model_refuses_gpt2():
     with pytest.raises(UnsupportedModelError) as info:
-        models.prepare_model(tiny_gpt2(), tokenizer=None, name="tiny-gpt2")
+        core_model.prepare_model(tiny_gpt2(), tokenizer=None, name="tiny-gpt2")
     _assert_names_families(str(info.value))
 
 
@@ -99,14 +100,14 @@ def test_check_supported_refuses_an_unexpected_layer_layout():
     model = tiny_causal_lm("llama")
     del model.model.layers[0].post_attention_layernorm
     with pytest.raises(UnsupportedModelError, match="post_attention_layernorm"):
-        models.check_supported(model)
+        core_model.check_supported(model)
 
 
 def test_qwen3_needs_its_qk_norms():
     model = tiny_causal_lm("qwen3")
     del model.model.layers[0].self_attn.q_norm
     with pytest.raises(UnsupportedModelError, match="q_norm"):
-        models.check_supported(model)
+        core_model.check_supported(model)
 
 
 def test_load_model_refuses_gpt2_directory(tmp_path):
@@ -134,7 +135,7 @@ def test_load_model_tiny_directory(tmp_path, dtype, expected):
     loaded = models.load_model(str(tmp_path), device="cpu", dtype=dtype)
     assert loaded.config.model_type == "qwen2"
     assert loaded.dtype == expected
-    assert loaded.arch is models.ARCHITECTURES["qwen2"]
+    assert loaded.arch is core_model.ARCHITECTURES["qwen2"]
     assert loaded.name == str(tmp_path)
     assert not loaded.model.training
 
@@ -152,8 +153,26 @@ def test_resolve_dtype(monkeypatch, native):
     assert models.resolve_dtype(torch.float32) == torch.float32
 
 
-def test_cpu_bfloat16_probe_answers_without_failing():
-    assert isinstance(models.cpu_computes_bfloat16(), bool)
+def test_cpu_bfloat16_probe_agrees_with_the_cpus_own_flags():
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    lines = [line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")]
+    flags = set(lines[0].split(":", 1)[1].split()) if lines else set()
+    if not any(flag.startswith("avx512") for flag in flags):
+        assert models.cpu_computes_bfloat16() is False  # AVX2 only: PyTorch would emulate bfloat16
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        assert models.cpu_computes_bfloat16() is True
+
+
+@pytest.mark.parametrize(("capability", "expected"), [("AVX512", True), ("AVX2", False), ("DEFAULT", False)])
+def test_without_onednn_bfloat16_is_judged_by_the_vector_extension(monkeypatch, capability, expected):
+    def no_onednn():
+        raise RuntimeError("built without oneDNN")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", no_onednn)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert models.cpu_computes_bfloat16.__wrapped__() is expected  # the cached answer is this CPU's
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["bf16-cpu", "emulating-cpu"])
@@ -332,7 +351,7 @@ def test_load_bundled_model(real_cache_dir):
     assert loaded.dtype == models.resolve_dtype("auto", loaded.device)
     assert loaded.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert loaded.name == models.BUNDLED_NAME
-    assert loaded.arch is models.ARCHITECTURES["llama"]
+    assert loaded.arch is core_model.ARCHITECTURES["llama"]
     assert len(loaded.tokenizer) == loaded.config.vocab_size == 49152
 
 

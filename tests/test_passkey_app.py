@@ -78,8 +78,8 @@ def test_sweep_fills_the_heatmap_trial_by_trial(context, tmp_path):
 
 
 def test_sweeps_are_kept_labelled_and_name_what_made_them(context, monkeypatch):
-    """A new sweep replaced the last one, and neither its heatmap nor its table said which model made it
-    (issue 31, item 7): the last KEPT_SWEEPS stay, each labelled, one shown; exports name mode and adapter."""
+    """A new sweep replaced the last one, and neither its heatmap nor its table said which model made
+    it: the last KEPT_SWEEPS stay, each labelled, one shown; exports name mode and adapter."""
     monkeypatch.setattr(tab, "KEPT_SWEEPS", 2)
     session = None
     for modes in (["fam:0"], ["bswa:0"], ["full"]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import replace
@@ -96,8 +97,24 @@ def test_gradient_reaches_the_first_block_through_the_fam(tmp_path):
     out = trainer.fam_model.forward_block(first_block, state)
     fam_after_first = out.state.fam
     loss, _, _ = sequence_loss(trainer.fam_model, ids[:, 8:], torch.tensor([example.weights[8:]]), out.state)
-    grads = torch.autograd.grad(loss, fam_after_first[0], allow_unused=True)
+    grads = torch.autograd.grad(loss, fam_after_first[0], allow_unused=True, retain_graph=True)
     assert grads[0] is not None and grads[0].abs().sum() > 0
+    # The LoRA weights' gradient has a part that flows back through the first block's FAM update: cut
+    # that path (the same state, detached) and their gradient changes.
+    # (LoRA's B starts at zero, so only B's gradient is non-zero at the first step.)
+    lora = [p for n, p in trainer.peft_model.named_parameters() if "lora_B" in n and p.requires_grad]
+    through = torch.autograd.grad(loss, lora)
+    cut = dataclasses.replace(
+        out.state,
+        fam=tuple(f.detach() for f in out.state.fam),
+        mem_k=tuple(k.detach() for k in out.state.mem_k),
+        mem_v=tuple(v.detach() for v in out.state.mem_v),
+    )
+    cut_loss, _, _ = sequence_loss(trainer.fam_model, ids[:, 8:], torch.tensor([example.weights[8:]]), cut)
+    without = torch.autograd.grad(cut_loss, lora, allow_unused=True)
+    assert torch.allclose(loss, cut_loss)  # same value, only the gradient path differs
+    differs = [w is None or not torch.allclose(t, w, atol=1e-7) for t, w in zip(through, without, strict=True)]
+    assert lora and all(differs)
 
 
 # -- Random Position Offset ------------------------------------------------------------------------

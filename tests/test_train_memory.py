@@ -1,4 +1,4 @@
-"""Training mechanisms for the memory (issue 11), on tiny random models: fused projections, read-out probes,
+"""Training mechanisms for the memory, on tiny random models: fused projections, read-out probes,
 the PassKey curriculum, --init-from, float32 master weights under a bfloat16 model, and the NLL whose gradient
 is formed in forward."""
 

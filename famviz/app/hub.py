@@ -17,9 +17,9 @@ import torch
 
 from famviz.app.inputs import error_status
 from famviz.core.config import FamConfig
+from famviz.core.model import LoadedModel
 from famviz.errors import FamvizError
 from famviz.io.adapters import SHIPPED_ADAPTER, SHIPPED_ADAPTERS, run_notes
-from famviz.io.models import LoadedModel
 
 # While streaming, plots are redrawn at most this often; blocks that come faster update only the status
 # line (every block still sends one update). Redrawing every plot costs a browser ~0.2 s on a desktop

@@ -38,9 +38,9 @@ from famviz.app.inputs import DEFAULT_PASSKEY_TOKENS, DEFAULT_SETTINGS, MAX_UPLO
 from famviz.app.inspector_tab import NO_COMPARE, build_inspector_tab, stream_document
 from famviz.app.passkey_tab import build_passkey_tab
 from famviz.core.config import FamConfig
+from famviz.core.model import LoadedModel
 from famviz.errors import FamvizError
 from famviz.io.adapters import SHIPPED_ADAPTER
-from famviz.io.models import LoadedModel
 
 log = logging.getLogger("famviz.app")
 

@@ -39,7 +39,7 @@ from famviz.viz.passkey_figures import intervention_heatmap, passkey_heatmap, re
 
 if TYPE_CHECKING:
     from famviz.app.hub import AppAdapter
-    from famviz.io.models import LoadedModel
+    from famviz.core.model import LoadedModel
 
 log = logging.getLogger("famviz.app")
 

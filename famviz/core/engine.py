@@ -22,9 +22,9 @@ import torch
 
 from famviz.core.config import BLOCK_GROUPS, FAM_GROUPS, FamConfig
 from famviz.core.fam_model import BlockOutput, FamModel, StreamState
+from famviz.core.model import LoadedModel
 from famviz.core.tokenize import IncrementalTokenizer
 from famviz.core.trace import ChannelSelection, Trace
-from famviz.io.models import LoadedModel
 
 STAT_KEYS = ("block.share", "fam.share", "fam.read")
 

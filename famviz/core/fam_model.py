@@ -25,8 +25,8 @@ import torch.utils.checkpoint
 from famviz.core.attention import BACKENDS, AttentionStats, WindowLayout, attend, window_mask
 from famviz.core.config import FamConfig
 from famviz.core.linear_nll import linear_nll
+from famviz.core.model import LoadedModel
 from famviz.core.projections import ProjectionGroup
-from famviz.io.models import LoadedModel
 
 if TYPE_CHECKING:
     from collections.abc import Callable

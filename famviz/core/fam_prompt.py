@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from famviz.io.models import LoadedModel
+from famviz.core.model import LoadedModel
 
 UNTRAINED_PROMPT_TEXT = " Summary of the text so far:"
 

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from famviz.core.config import TOOL_DEFAULTS, FamConfig
+from famviz.core.model import LoadedModel
 from famviz.errors import AdapterError
-from famviz.io.models import LoadedModel
 
 if TYPE_CHECKING:
     from peft import PeftModel

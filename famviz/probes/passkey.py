@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from famviz.core.engine import BlockResult, Stream
-    from famviz.io.models import LoadedModel
+    from famviz.core.model import LoadedModel
 
 INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from famviz.core.engine import BlockResult
+    from famviz.core.model import LoadedModel
     from famviz.io.adapters import Adapter
-    from famviz.io.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -574,7 +574,7 @@ def plan_evaluation(args: argparse.Namespace) -> EvaluationPlan:
                 ", ".join(corpus),
             )
             corpus = None
-    from famviz.commands import check_figure_path
+    from famviz.io.paths import check_figure_path
 
     figure = check_figure_path(getattr(args, "figure", None))
     if figure and args.skip_passkey:

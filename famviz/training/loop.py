@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from peft import PeftModel
 
-    from famviz.io.models import LoadedModel
+    from famviz.core.model import LoadedModel
 
     class ExampleSource(Protocol):
         """Anything that draws training examples (``ExampleStream`` by default)."""

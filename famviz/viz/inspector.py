@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from famviz.core.config import FamConfig
+from famviz.core.model import describe_model
 from famviz.core.trace import Trace
-from famviz.io.models import describe_model
 from famviz.viz import figures
 
 if TYPE_CHECKING:
