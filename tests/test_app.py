@@ -755,10 +755,38 @@ def test_errors_are_repeated_beside_start_and_the_plots_are_explained(hub):
 
 
 def test_the_warm_up_logs_nothing_about_its_own_run(hub, caplog):
-    """Its status would read as a note on the user's settings ("this run uses block 64")."""
-    famviz_log = logging.getLogger("famviz")
-    level_before = famviz_log.level  # other tests may have set it (the CLI configures logging)
+    """Its status would read as a note on the user's settings ("this run uses block 64"); what other
+    threads log meanwhile, and what is logged after it, still comes through."""
     with caplog.at_level(logging.INFO):
         launch.warm_up(hub, FamConfig("fam", 32, 8, 1))
-    assert not [r for r in caplog.records if r.name.startswith("famviz") and r.levelno < logging.WARNING]
-    assert famviz_log.level == level_before  # its level is given back
+        assert not [r for r in caplog.records if r.name.startswith("famviz") and r.levelno < logging.WARNING]
+        logging.getLogger("famviz.app").info("after the warm-up")
+    assert [r.getMessage() for r in caplog.records] == ["after the warm-up"]
+    assert not any(isinstance(f, launch._WarmUpQuiet) for h in logging.getLogger().handlers for f in h.filters)
+
+
+def test_a_run_asked_for_during_the_background_warm_up_waits_for_it(hub, caplog):
+    release, order = threading.Event(), []
+
+    def slow_warm_up():
+        order.append("warm-up starts")
+        assert hub.default  # the warm-up's own thread does not wait for itself
+        release.wait(10)
+        order.append("warm-up ends")
+
+    warming = hub.warm_up_in_background(slow_warm_up)
+    user = threading.Thread(target=lambda: (hub.default, order.append("the user's run gets the model")))
+    user.start()
+    user.join(0.3)
+    assert user.is_alive()  # waiting
+    release.set()
+    user.join(10)
+    warming.join(10)
+    assert order == ["warm-up starts", "warm-up ends", "the user's run gets the model"]
+
+    def failing_warm_up():
+        raise RuntimeError("no memory")
+
+    with caplog.at_level(logging.WARNING):
+        hub.warm_up_in_background(failing_warm_up).join(10)
+    assert hub.default and "the warm-up failed" in caplog.text  # the app serves on, nothing waits for ever

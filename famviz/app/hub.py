@@ -8,7 +8,9 @@ every ``build_*_tab`` takes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from famviz.core.config import FamConfig
 from famviz.core.model import LoadedModel
 from famviz.errors import FamvizError
 from famviz.io.adapters import SHIPPED_ADAPTER, SHIPPED_ADAPTERS, run_notes
+
+log = logging.getLogger("famviz.app")
 
 # While streaming, plots are redrawn at most this often; blocks that come faster update only the status
 # line (every block still sends one update). Redrawing every plot costs a browser ~0.2 s on a desktop
@@ -89,9 +93,32 @@ class ModelHub:
         self.default_key = key
         self._models: dict[tuple, tuple[LoadedModel, AppAdapter | None]] = {key: (loaded, adapter)}
         self._lock = threading.Lock()
+        self._warm_up_done = threading.Event()
+        self._warm_up_done.set()
+        self._warm_up_thread: threading.Thread | None = None
+
+    def warm_up_in_background(self, warm_up: Callable[[], object]) -> threading.Thread:
+        """Run ``warm_up`` (a stream on the startup model) on a thread of its own while the page is served;
+        until it ends, a run that asks for the startup model waits for it, so a user's first run neither
+        shares the model with it nor pays the one-time costs it takes."""
+        self._warm_up_done.clear()
+
+        def run() -> None:
+            try:
+                warm_up()
+            except Exception:  # the app serves without it: the first run is only slower
+                log.warning("famviz: the warm-up failed; the first run will be slower", exc_info=True)
+            finally:
+                self._warm_up_done.set()
+
+        self._warm_up_thread = threading.Thread(target=run, name="famviz-warm-up", daemon=True)
+        self._warm_up_thread.start()
+        return self._warm_up_thread
 
     @property
     def default(self) -> tuple[LoadedModel, AppAdapter | None]:
+        if threading.current_thread() is not self._warm_up_thread:
+            self._warm_up_done.wait()
         return self._models[self.default_key]
 
     def is_loaded(self, key: tuple) -> bool:

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -131,10 +132,23 @@ def startup_adapter(model: str | None, adapter: str | None) -> str | None:
     return str(SHIPPED_ADAPTER) if model is None and (SHIPPED_ADAPTER / "famviz_adapter.json").is_file() else None
 
 
+class _WarmUpQuiet(logging.Filter):
+    """Drops famviz's records below WARNING made on one thread: the warm-up's status ("adapter trained with
+    block 256, this run uses 64") is about its own run, not the user's; other threads log as usual."""
+
+    def __init__(self, thread_id: int | None):
+        super().__init__()
+        self.thread_id = thread_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        mine = record.thread == self.thread_id and record.name.startswith("famviz")
+        return not (mine and record.levelno < logging.WARNING)
+
+
 def warm_up(hub: ModelHub, defaults: FamConfig) -> float:
-    """Stream two short blocks and draw every view once before the page is served, so that one-time costs
-    (kernel selection, first allocations, plotly's first figures) never fall on a user's first run and
-    nothing warms up in the background while a user streams. Returns the seconds it took."""
+    """Stream two short blocks and draw every view once, so that one-time costs (kernel selection, first
+    allocations, plotly's first figures) never fall on a user's first run; ``main`` runs it while the page
+    is served (``ModelHub.warm_up_in_background``: a user's run waits for it). Returns the seconds it took."""
     started = time.perf_counter()
     settings = dataclasses.replace(defaults, block_size=min(defaults.block_size, 64))
     text = " ".join(f"Warm-up sentence {i} for the memory inspector." for i in range(40))
@@ -153,15 +167,16 @@ def warm_up(hub: ModelHub, defaults: FamConfig) -> float:
         "",
         None,
     ]
-    # Quiet: its status ("adapter trained with block 256, this run uses 64") is about this run, not the user's.
-    famviz_log = logging.getLogger("famviz")
-    level = famviz_log.level
-    famviz_log.setLevel(logging.WARNING)
+    quiet = _WarmUpQuiet(threading.get_ident())
+    handlers = logging.getLogger().handlers
+    for handler in handlers:
+        handler.addFilter(quiet)
     try:
         for _ in stream_document(hub, *args):
             pass
     finally:
-        famviz_log.setLevel(level)
+        for handler in handlers:
+            handler.removeFilter(quiet)
     return time.perf_counter() - started
 
 
@@ -202,14 +217,18 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
             startup_key=model_key(args.model, args.adapter, args.device, args.dtype),
             redraw_seconds=args.redraw_seconds,
         )
-        log.info(
-            "famviz: page built in %.1f s; warming up (two short blocks, every view once)", time.perf_counter() - built
-        )
-        log.info("famviz: warmed up in %.1f s", warm_up(demo.famviz_context.hub, demo.famviz_context.defaults))
+        log.info("famviz: page built in %.1f s", time.perf_counter() - built)
     except FamvizError as exc:
         print(f"famviz: error: {exc}", file=sys.stderr)
         return 2
-    log.info("famviz: serving, %.1f s after start-up began", time.perf_counter() - started)
+    context = demo.famviz_context
+
+    def warm_up_and_say_so() -> None:
+        seconds = warm_up(context.hub, context.defaults)
+        log.info("famviz: warmed up in %.1f s (two short blocks, every view once)", seconds)
+
+    context.hub.warm_up_in_background(warm_up_and_say_so)
+    log.info("famviz: serving, %.1f s after start-up began; warming up meanwhile", time.perf_counter() - started)
     demo.launch(server_name=args.host, server_port=args.port, share=False, max_file_size=MAX_UPLOAD)
     return 0
 
