@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 
 import pytest
 import torch
@@ -75,8 +76,11 @@ def test_applied_adapter_reproduces_the_trained_model(trained):
         reference = FamModel(trainer.loaded, config, fam_prompt=trainer.prompt.detach())
         expected = _stream_hidden(reference, ids)
         fresh = tiny_loaded()  # the same random base model, never trained
-        prompt = apply_adapter(out, fresh, config)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prompt = apply_adapter(out, fresh, config)
         got = _stream_hidden(FamModel(fresh, config, fam_prompt=prompt), ids)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]  # nothing a user can act on
     assert torch.equal(prompt, trainer.prompt.detach())
     assert torch.allclose(got, expected, atol=1e-5)  # LoRA merged into the weights: equal up to rounding
     plain = _stream_hidden(FamModel(tiny_loaded(), config), ids)

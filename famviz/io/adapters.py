@@ -10,8 +10,11 @@ Training (``python -m famviz train``) writes these; ``--adapter DIR`` reads them
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -108,6 +111,15 @@ def check_compatible(adapter: Adapter, loaded: LoadedModel, config: FamConfig) -
             )
 
 
+@contextlib.contextmanager
+def peft_quiet() -> Iterator[None]:
+    """peft asks transformers for ``is_gradient_checkpointing``, a name transformers has deprecated: a
+    FutureWarning a user can do nothing about, printed at every adapter load."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def apply_adapter(directory: str | Path, loaded: LoadedModel, config: FamConfig) -> torch.Tensor | None:
     """Merge the adapter's LoRA weights into ``loaded`` (in place) and return its FAM prompt."""
     adapter = read_adapter(directory)
@@ -116,7 +128,8 @@ def apply_adapter(directory: str | Path, loaded: LoadedModel, config: FamConfig)
         try:
             from peft import PeftModel
 
-            merged = PeftModel.from_pretrained(loaded.model, str(adapter.directory)).merge_and_unload()
+            with peft_quiet():
+                merged = PeftModel.from_pretrained(loaded.model, str(adapter.directory)).merge_and_unload()
         except Exception as exc:  # noqa: BLE001
             raise AdapterError(f"cannot apply the LoRA weights in {adapter.directory}: {exc}") from None
         loaded.model = merged.eval().requires_grad_(False)

@@ -28,7 +28,6 @@ import random
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -122,9 +121,9 @@ def add_lora(loaded: LoadedModel, rank: int, alpha: float | None) -> PeftModel:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with warnings.catch_warnings():
-        # peft asks transformers for a name transformers has deprecated: nothing a user can act on
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from famviz.io.adapters import peft_quiet
+
+    with peft_quiet():
         return get_peft_model(loaded.model, lora)
 
 
