@@ -312,12 +312,12 @@ def test_after_an_error_the_status_still_names_the_run_the_plots_show(hub):
     status, *rest = _run(hub, block_size=-3, previous=run)[-1]
     first, shown = status.split("\n\n", 1)
     assert first.startswith("**Error:**") and "Block size" in first
-    assert shown == f"{inspector_tab.PLOTS_STILL_SHOW} {run.status()}"
+    assert shown == f"{inputs.PLOTS_STILL_SHOW} {run.status()}"
     assert "pasted text" in shown and "bswa" in shown and run.model_label in shown
     assert all(type(item) is type(gr.skip()) for item in rest)  # plots and run stay
     assert _run(hub, block_size=-3, previous=None)[-1][0].startswith("**Error:**")  # nothing shown: error only
     replayed = inspector_tab.replay_trace("/no/such/trace.npz", run)[0]
-    assert replayed.startswith("**Error:**") and inspector_tab.PLOTS_STILL_SHOW in replayed
+    assert replayed.startswith("**Error:**") and inputs.PLOTS_STILL_SHOW in replayed
 
 
 def test_only_the_error_paragraph_goes_beside_start():

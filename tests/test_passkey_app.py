@@ -63,6 +63,27 @@ def test_bad_retention_input_is_a_message_and_keeps_the_session(context, args, m
     assert updates[0][2].points == ["kept"]
 
 
+def test_after_an_error_each_panel_still_says_what_its_plot_shows(context):
+    """An error replaced the status line, so the kept curve, heatmap and interventions lost what made them;
+    the error's paragraph comes first (it alone is repeated beside the button), the caption under it."""
+    from famviz.app.inputs import PLOTS_STILL_SHOW
+
+    session = list(tab.watch_retention(context, "fam", 0, 32, 4, 300, 0.0, 2, tab.FILLER, None, 1, None))[-1][-1]
+    session = list(tab.run_sweep(context, ["fam:0"], "200", "0", 1, 64, 4, 0, session))[-1][-1]
+    session = list(tab.run_interventions_tab(context, "ablate", 200, 0.0, 1, "0", "last", 64, 4, 0, session))[-1][-1]
+    failed = {
+        "retention": tab.watch_retention(context, "fam", 0, 32, 4, "x", 0.0, 2, tab.FILLER, None, 1, session),
+        "sweep": tab.run_sweep(context, ["fam:0"], "x", "0", 1, 64, 4, 0, session),
+        "interventions": tab.run_interventions_tab(context, "ablate", "x", 0.0, 1, "0", "last", 64, 4, 0, session),
+    }
+    for panel, updates in failed.items():
+        status = list(updates)[-1][0]
+        error, kept = status.split("\n\n", 1)
+        assert error.startswith("**Error:**") and "Length" in error
+        assert kept == f"{PLOTS_STILL_SHOW} {session.caption(panel)}" and session.caption(panel)
+    assert tab.PasskeySession().error("sweep", "boom") == "**Error:** boom"  # nothing shown: the error alone
+
+
 def test_sweep_fills_the_heatmap_trial_by_trial(context, tmp_path):
     updates = list(tab.run_sweep(context, ["fam:0", "bswa:0"], "200, 300", "0,1", 2, 64, 4, 0, None))
     status, heatmap, table, sweeps, session = updates[-1]

@@ -47,6 +47,16 @@ def error_status(message: str) -> str:
     return f"{ERROR_MARK} {message}"
 
 
+# After an error the plots stay, and so does the caption of the run they show, under this heading.
+PLOTS_STILL_SHOW = "The plots still show:"
+
+
+def keeping_caption(line: str, caption: str | None) -> str:
+    """``line`` (e.g. an error status) with the caption of what the plots still show under it, so that they
+    never lose what made them; only the first paragraph is repeated beside the button."""
+    return f"{line}\n\n{PLOTS_STILL_SHOW} {caption}" if caption else line
+
+
 # -- numbers -------------------------------------------------------------------------------------------------
 def whole_number(label: str, value: object, low: int, high: int) -> int:
     """``value`` from a form field as an int in [low, high]; 2.5, inf, text or an empty field are refused."""

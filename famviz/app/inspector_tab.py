@@ -26,6 +26,7 @@ from famviz.app.inputs import (
     UPLOAD_LABEL,
     document_cut,
     error_status,
+    keeping_caption,
     parse_settings,
     read_input_document,
 )
@@ -77,8 +78,6 @@ ERROR_BESIDE_START_JS = (
     f"(status) => {{ const s = status || ''; const at = s.indexOf('{ERROR_MARK}'); if (at < 0) return ''; "
     "const end = s.indexOf('\\n\\n', at); return end < 0 ? s.slice(at) : s.slice(at, end); }"
 )
-# After an error the plots stay, and so does the status of the run they show, under this heading.
-PLOTS_STILL_SHOW = "The plots still show:"
 
 
 # -- what every update sends -----------------------------------------------------------------------------
@@ -94,9 +93,7 @@ def _skips(n: int) -> list:
 def with_shown_run(line: str, shown: Run | None) -> str:
     """``line`` (an error, "Loading…") followed by the status of the run whose plots stay on the page, so
     they never lose what made them (model, adapter, mode, document)."""
-    if shown is None or not shown.has_blocks():
-        return line
-    return f"{line}\n\n{PLOTS_STILL_SHOW} {shown.status()}"
+    return keeping_caption(line, shown.status() if shown is not None and shown.has_blocks() else None)
 
 
 def error_update(message: str, shown: Run | None) -> tuple:

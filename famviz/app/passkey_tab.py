@@ -25,6 +25,7 @@ from famviz.app.inputs import (
     UPLOAD_LABEL,
     error_status,
     fraction,
+    keeping_caption,
     number_list,
     read_uploaded_document,
     whole_number,
@@ -120,6 +121,18 @@ class PasskeySession:
     def cells(self) -> list:
         return self.sweep.cells if self.sweep is not None else []
 
+    def caption(self, panel: str) -> str | None:
+        """What the panel's plot shows now ("retention", "sweep" or "interventions"); None: nothing yet."""
+        if panel == "retention":
+            return self.retention_caption if self.points else None
+        if panel == "sweep":
+            return self.sweep.label if self.sweep is not None and self.sweep.cells else None
+        return self.intervention_caption if self.intervention is not None else None
+
+    def error(self, panel: str, message: str) -> str:
+        """The error's status line; the panel's plot stays, and so does what made it."""
+        return keeping_caption(error_status(message), self.caption(panel))
+
     def add_sweep(self, record: SweepRecord) -> None:
         """Show ``record``; the oldest sweep goes once more than ``KEPT_SWEEPS`` are kept."""
         self.sweeps = [*self.sweeps, record][-KEPT_SWEEPS:]
@@ -166,11 +179,11 @@ def watch_retention(
         except ValueError as exc:
             raise FamvizError(str(exc)) from None
     except FamvizError as exc:
-        yield error_status(str(exc)), gr.skip(), session
+        yield session.error("retention", str(exc)), gr.skip(), session
         return
     except Exception as exc:  # the app stays up; details go to the log
         log.exception("could not start the retention probe")
-        yield error_status(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), session
+        yield session.error("retention", f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), session
         return
 
     session.points, session.key = [], document.key
@@ -200,7 +213,8 @@ def watch_retention(
             next(blocks)
         except Exception as exc:  # keep the curve so far
             log.exception("retention stream failed")
-            yield error_status(f"stopped at block {index}: {type(exc).__name__}: {exc}"), gr.skip(), session
+            stopped = f"stopped at block {index}: {type(exc).__name__}: {exc}"
+            yield session.error("retention", stopped), gr.skip(), session
             return
         last = session.points[-1] if session.points else None
         said = "no number" if last is None or last.predicted is None else last.predicted
@@ -289,11 +303,12 @@ def run_sweep(
         except ValueError as exc:
             raise FamvizError(str(exc)) from None
     except FamvizError as exc:
-        yield error_status(str(exc)), gr.skip(), gr.skip(), gr.skip(), session
+        yield session.error("sweep", str(exc)), gr.skip(), gr.skip(), gr.skip(), session
         return
     except Exception as exc:  # keep what was measured
         log.exception("could not start the sweep")
-        yield error_status(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), gr.skip(), gr.skip(), session
+        could_not = f"could not start: {type(exc).__name__}: {exc}"
+        yield session.error("sweep", could_not), gr.skip(), gr.skip(), gr.skip(), session
         return
 
     number = session.sweeps[-1].number + 1 if session.sweeps else 1
@@ -352,7 +367,8 @@ def run_sweep(
                 log.exception("sweep failed")
                 if cells[-1] is None:
                     cells.pop()
-                yield error_status(f"stopped: {type(exc).__name__}: {exc}"), gr.skip(), gr.skip(), gr.skip(), session
+                stopped = f"stopped: {type(exc).__name__}: {exc}"
+                yield session.error("sweep", stopped), gr.skip(), gr.skip(), gr.skip(), session
                 return
     yield (
         (f"Done: {len(record.cells)} cells, {total} trials in {time.perf_counter() - started:.0f} s · {label}{notes}"),
@@ -407,11 +423,11 @@ def run_interventions_tab(
         block_list = list(range(1, n_blocks + 1)) if blocks == "all" else None
         results = ab.iter_interventions(fam_model, cases, method, blocks=block_list, layers=layer_list)
     except (FamvizError, ValueError) as exc:
-        yield error_status(str(exc)), gr.skip(), session
+        yield session.error("interventions", str(exc)), gr.skip(), session
         return
     except Exception as exc:
         log.exception("could not start the interventions")
-        yield error_status(f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), session
+        yield session.error("interventions", f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), session
         return
     label = loaded.label
     session.intervention_file_tag = export.file_stem(method, "fam0", export.adapter_tag(loaded.adapter))
@@ -446,7 +462,7 @@ def run_interventions_tab(
                 )
     except Exception as exc:
         log.exception("interventions failed")
-        yield error_status(f"stopped: {type(exc).__name__}: {exc}"), gr.skip(), session
+        yield session.error("interventions", f"stopped: {type(exc).__name__}: {exc}"), gr.skip(), session
         return
     values = ", ".join(f"{k} {v:.2f}" for k, v in (result.values if result else {}).items())
     yield (
