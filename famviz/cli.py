@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="every check of an adapter (or the untuned conversion): PassKey grid against bswa and full, "
         "long-document NLL per quarter, in-window loss, FAM norm",
         description="Results go to stdout (a table, or JSON with --json); with --write-card also into the "
-        "adapter's training card. --quick: a smoke check in about a minute on a CPU.",
+        "adapter's training card. --quick: a smoke check in about 1.5 minutes on a 2-core CPU.",
     )
     from famviz.training.evaluation import add_evaluate_arguments, run_evaluate
 
