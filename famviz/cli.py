@@ -93,6 +93,12 @@ def _command(name: str):
     return run
 
 
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from famviz.training.evaluation import run_evaluate  # the library, imported when the command runs
+
+    return run_evaluate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     prog = "famviz" if os.path.basename(sys.argv[0]) == "famviz" else "python -m famviz"  # the command, or -m
     parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
@@ -155,10 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Results go to stdout (a table, or JSON with --json); with --write-card also into the "
         "adapter's training card. --quick: a smoke check in about 1.5 minutes on a 2-core CPU.",
     )
-    from famviz.training.evaluation import add_evaluate_arguments, run_evaluate
+    from famviz.training.evaluate_options import add_evaluate_arguments
 
     add_evaluate_arguments(evaluate)
-    evaluate.set_defaults(handler=run_evaluate)
+    evaluate.set_defaults(handler=_run_evaluate)
 
     passkey = commands.add_parser(
         "passkey",

@@ -618,3 +618,23 @@ def test_fam_norm_follows_the_adapter_unless_given(tmp_path):
         args = build_parser().parse_args(command)
         fill_geometry(args)
         assert args.fam_norm == expected, command
+
+
+@pytest.mark.parametrize("command", ["", "stream", "passkey", "ablate", "export", "train", "evaluate", "bench"])
+def test_help_imports_no_torch(command):
+    """Parsing and --help load only the command line: torch, transformers and numpy come with the work."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, contextlib, io\n"
+        "from famviz.cli import build_parser\n"
+        f"argv = {[command, '--help'] if command else ['--help']!r}\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+        "    build_parser().parse_args(argv)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'numpy', 'gradio') if m in sys.modules)\n"
+        "print(len(out.getvalue()) > 100, heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True []"
