@@ -91,6 +91,13 @@ class TrainConfig:
     command: str = ""  # every invocation of the run, resumes included
     stage_command: str = ""  # this invocation alone (a stage of the training card)
 
+    @property
+    def used_state_sources(self) -> frozenset[str]:
+        """What the used memories read ("text", "filler"); empty without used memories."""
+        if self.used_state_prob <= 0:
+            return frozenset()
+        return frozenset(("text", "filler")) if self.used_state_reads == "mix" else frozenset({self.used_state_reads})
+
     def fam_config(self) -> FamConfig:
         return FamConfig(
             mode=self.mode,

@@ -6,10 +6,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from famviz.core.config import FamConfig
+from famviz.core.config import FAM_NORMS, LIMITS, TOOL_DEFAULTS, FamConfig  # light: no torch
 
 MIN_LONG_TOKENS = 1024
 CORPUS_DOCUMENTS = 2  # held-out documents of a corpus used for the long-document check
@@ -51,15 +49,11 @@ def sizes_for(args: argparse.Namespace, config: FamConfig) -> Sizes:
 
 
 def _limits_help(name: str) -> str:
-    from famviz.core.config import LIMITS
-
     low, high = LIMITS[name]
     return f"{low:,}…{high:,}"
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    from famviz.core.config import FAM_NORMS, TOOL_DEFAULTS
-
     parser.add_argument(
         "adapter",
         nargs="?",

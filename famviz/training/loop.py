@@ -188,20 +188,20 @@ class Trainer:
         self.history: list[dict] = []
         self.text = None  # the copy examples' and used states' text: the machine's, or --corpus (training split)
         used_blocks = parse_range(config.used_state_blocks, "--used-state-blocks")
-        wants_used = config.used_state_prob > 0 and self.prompt is not None
+        used_reads = config.used_state_sources if self.prompt is not None else frozenset()  # a FAM to use
         copies = data is None and "copy" in parse_mixture(config.data)
-        if copies or (wants_used and config.used_state_reads != "filler"):
+        if copies or "text" in used_reads:
             self.text = TextCorpus(loaded.tokenizer, documents=documents)
             longest_copy = parse_range(config.copy_text_tokens, "--copy-text-tokens")[1] if copies else 0
-            used_text = wants_used and config.used_state_reads != "filler"
-            self.text.check_long_enough(max(longest_copy, used_blocks[1] * config.block_size if used_text else 0))
+            longest_used = used_blocks[1] * config.block_size if "text" in used_reads else 0
+            self.text.check_long_enough(max(longest_copy, longest_used))
         self.used_states = UsedStates(
-            config.used_state_prob if wants_used else 0.0,
+            config.used_state_prob if used_reads else 0.0,
             used_blocks,
             self.text,
             config.block_size,
             reads=config.used_state_reads,
-            filler=PasskeyFiller(loaded.tokenizer) if wants_used and config.used_state_reads != "text" else None,
+            filler=PasskeyFiller(loaded.tokenizer) if "filler" in used_reads else None,
         )
         self.data = (
             data
@@ -232,7 +232,7 @@ class Trainer:
 
     def _corpus_documents(self):
         """The --corpus documents of the copy examples and used states (None: the machine's text, or neither)."""
-        uses_text = "copy" in parse_mixture(self.config.data) or self.config.used_state_prob > 0
+        uses_text = "copy" in parse_mixture(self.config.data) or "text" in self.config.used_state_sources
         if not self.config.corpus or not uses_text:
             return None
         from famviz.io.corpus import Corpus

@@ -45,17 +45,19 @@ class PasskeyFiller:
     """Windows of the PassKey prompts' filler, tokenized once, each starting at a random token of its cycle."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        from famviz.probes.passkey import FILLER
+
         self.tokenizer = tokenizer
+        self.cycle = len(tokenizer(FILLER + " ", add_special_tokens=False)["input_ids"])  # tokens a sentence round
         self.ids: list[int] = []
 
     def window(self, rng: random.Random, length: int) -> list[int]:
-        from famviz.probes.passkey import FILLER, repeated_filler
+        if len(self.ids) < length + self.cycle:  # one tokenization of the longest window asked for
+            from famviz.probes.passkey import repeated_filler
 
-        cycle = len(self.tokenizer(FILLER + " ", add_special_tokens=False)["input_ids"])
-        if len(self.ids) < length + cycle:  # one tokenization of the longest window asked for
-            text = repeated_filler(6 * (length + cycle) + 200)
+            text = repeated_filler(6 * (length + self.cycle) + 200)
             self.ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        start = rng.randrange(cycle)
+        start = rng.randrange(self.cycle)
         return self.ids[start : start + length]
 
 
