@@ -250,37 +250,30 @@ def _passkey_sweep(
 ) -> tuple[dict, go.Figure]:
     from tqdm import tqdm
 
-    from famviz.core.fam_model import FamModel
     from famviz.probes import passkey as pk
     from famviz.viz.passkey_figures import passkey_heatmap
 
-    documents = {
-        (n, d): pk.trial_documents(loaded.tokenizer, n, d, args.trials, args.seed, text)
-        for n in lengths
-        for d in depths
-    }
+    try:
+        documents = pk.sweep_documents(loaded.tokenizer, lengths, depths, args.trials, args.seed, text)
+    except ValueError as exc:
+        raise FamvizError(str(exc)) from None
     cells = []
-    with tqdm(
-        total=len(specs) * len(documents) * args.trials, unit="trial", file=sys.stderr, dynamic_ncols=True
-    ) as bar:
-        for spec in specs:
-            fam_model = FamModel(
-                loaded,
-                pk.sweep_config(base, spec),
-                backend=backend,
-                fam_prompt=fam_prompt if spec.mode == "fam" else None,
+    total = len(specs) * len(documents) * args.trials
+    with tqdm(total=total, unit="trial", file=sys.stderr, dynamic_ncols=True) as bar:
+        for step in pk.iter_sweep(loaded, specs, documents, base, fam_prompt, backend):
+            cell = step.cell
+            bar.set_description(f"{cell.label} {cell.length} tok depth {cell.depth:g}")
+            bar.update(1)
+            if not step.cell_done:
+                continue
+            cells.append(cell)
+            # One line per cell on stderr, also with --json: partial results survive an interruption.
+            bar.write(
+                f"{cell.label:>14}  length {cell.length:>6}  depth {cell.depth:4g}  "
+                f"accuracy {cell.accuracy:6.1%}  mean log p(key) {cell.mean_key_logprob:8.2f}  "
+                f"({cell.seconds:.1f} s)",
+                file=sys.stderr,
             )
-            for (length, depth), docs in documents.items():
-                bar.set_description(f"{spec.label} {length} tok depth {depth:g}")
-                cell = pk.run_cell(fam_model, docs, spec, on_trial=lambda _: bar.update(1))
-                cells.append(cell)
-                # One line per cell on stderr, also with --json: partial results survive an interruption.
-                bar.write(
-                    f"{cell.label:>14}  length {cell.length:>6}  depth {cell.depth:4g}  "
-                    f"accuracy {cell.accuracy:6.1%}  mean log p(key) {cell.mean_key_logprob:8.2f}  "
-                    f"({cell.seconds:.1f} s)",
-                    file=sys.stderr,
-                )
     return {"results": [cell.summary() for cell in cells]}, passkey_heatmap(cells)
 
 
@@ -301,9 +294,7 @@ def _passkey_retention(
 
     curves, last = [], None
     for spec in specs:
-        fam_model = FamModel(
-            loaded, pk.sweep_config(base, spec), backend=backend, fam_prompt=fam_prompt if spec.mode == "fam" else None
-        )
+        fam_model = FamModel(loaded, pk.sweep_config(base, spec), backend=backend, fam_prompt=fam_prompt)
         for length in lengths:
             for depth in depths:
                 document = pk.trial_documents(loaded.tokenizer, length, depth, 1, args.seed, text)[0]

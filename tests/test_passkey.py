@@ -182,6 +182,32 @@ def test_shared_prefix_is_run_once_and_gives_the_same_answers(tiny_with_vocab, t
     assert cell.trials == 3 and 0 <= cell.accuracy <= 1
 
 
+def test_the_sweep_yields_every_trial_then_each_cell_once(tiny_with_vocab, tokenizer):
+    specs = [pk.ModeSpec("fam", 0), pk.ModeSpec("bswa", 1)]
+    base = FamConfig(block_size=16, fam_len=4, mem_blocks=0)
+    documents = pk.sweep_documents(tokenizer, [130, 150], [0.0, 1.0], 2, seed=5)
+    steps = list(pk.iter_sweep(tiny_with_vocab, specs, documents, base))
+    assert len(steps) == 2 * 4 * 2  # modes × cells × trials, each trial once
+    done = [step.cell for step in steps if step.cell_done]
+    assert [(c.label, c.length, c.depth) for c in done] == [
+        (spec.label, n, d) for spec in specs for n in (130, 150) for d in (0.0, 1.0)
+    ]
+    assert [step.cell.trials for step in steps[:2]] == [1, 2]  # the running cell grows trial by trial
+    collected = pk.sweep(tiny_with_vocab, specs, [130, 150], [0.0, 1.0], 2, seed=5, base=base)
+    assert [c.summary() | {"seconds": 0} for c in collected] == [c.summary() | {"seconds": 0} for c in done]
+    with pytest.raises(ValueError, match="trials"):
+        pk.sweep_documents(tokenizer, [130], [0.0], 0, seed=0)
+
+
+def test_a_fam_prompt_is_used_only_by_a_mode_with_a_fam(tiny_with_vocab):
+    prompt = torch.randn(4, tiny_with_vocab.config.hidden_size)
+    fam = FamModel(tiny_with_vocab, FamConfig(mode="fam", block_size=16, fam_len=4), fam_prompt=prompt)
+    assert fam.fam_prompt is prompt
+    for mode in ("bswa", "sink", "full"):
+        config = pk.sweep_config(FamConfig(block_size=16, fam_len=4), pk.ModeSpec(mode, 1))
+        assert FamModel(tiny_with_vocab, config, fam_prompt=prompt).fam_prompt is None
+
+
 def test_bswa_without_memory_needs_only_its_last_block(tiny_with_vocab, tokenizer):
     fam = FamModel(tiny_with_vocab, FamConfig(mode="bswa", block_size=16, fam_len=0, mem_blocks=0))
     for doc in pk.trial_documents(tokenizer, 130, 0.5, 2, seed=3):

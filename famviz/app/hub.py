@@ -52,11 +52,12 @@ class AppAdapter:
         return self.adapter.trained_config()
 
     def prompt_for(self, loaded: LoadedModel, config: FamConfig) -> torch.Tensor | None:
-        """The FAM prompt for a run, or an AdapterError when the run's settings don't fit the adapter."""
+        """The FAM prompt for a run (``FamModel`` ignores it in modes without a FAM), or an AdapterError when
+        the run's settings don't fit the adapter."""
         from famviz.io.adapters import check_compatible
 
         check_compatible(self.adapter, loaded, config)
-        return self.fam_prompt if config.mode == "fam" else None
+        return self.fam_prompt
 
 
 def attach_adapter(loaded: LoadedModel, directory: str | Path) -> AppAdapter:

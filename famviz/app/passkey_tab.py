@@ -39,6 +39,8 @@ from famviz.viz import export
 from famviz.viz.passkey_figures import intervention_heatmap, passkey_heatmap, retention_figure
 
 if TYPE_CHECKING:
+    import torch
+
     from famviz.app.hub import AppAdapter
     from famviz.core.model import LoadedModel
 
@@ -70,10 +72,16 @@ def _base(block_size: float | str | None, fam_len: float | str | None) -> FamCon
     )
 
 
+def _fam_prompt(loaded: LoadedModel, adapter: AppAdapter | None, configs: list[FamConfig]) -> torch.Tensor | None:
+    """The adapter's FAM prompt, once every run's settings are checked against the adapter (an AdapterError
+    before anything runs)."""
+    prompts = [adapter.prompt_for(loaded, config) for config in configs] if adapter is not None else []
+    return prompts[0] if prompts else None
+
+
 def _fam_model(loaded: LoadedModel, adapter: AppAdapter | None, spec: pk.ModeSpec, base: FamConfig) -> FamModel:
     config = pk.sweep_config(base, spec)
-    prompt = adapter.prompt_for(loaded, config) if adapter is not None and spec.mode == "fam" else None
-    return FamModel(loaded, config, fam_prompt=prompt)
+    return FamModel(loaded, config, fam_prompt=_fam_prompt(loaded, adapter, [config]))
 
 
 def _export_path(stem: str, fmt: str) -> Path:
@@ -297,11 +305,10 @@ def run_sweep(
         loaded, adapter = chosen_model(context, model_choice)
         label = loaded.label
         try:
-            documents = {
-                (n, d): pk.trial_documents(loaded.tokenizer, n, d, trials, seed) for n in lengths for d in depths
-            }
+            documents = pk.sweep_documents(loaded.tokenizer, lengths, depths, trials, seed)
         except ValueError as exc:
             raise FamvizError(str(exc)) from None
+        fam_prompt = _fam_prompt(loaded, adapter, [pk.sweep_config(base, spec) for spec in specs])
     except FamvizError as exc:
         yield session.error("sweep", str(exc)), gr.skip(), gr.skip(), gr.skip(), session
         return
@@ -346,30 +353,26 @@ def run_sweep(
         sweep_choices(session),
         session,
     )
-    cells = record.cells
-    for spec in specs:
-        fam_model = _fam_model(loaded, adapter, spec, base)
-        for (length, depth), docs in documents.items():
-            results, cell_started = [], time.perf_counter()
-            cells.append(None)  # this cell's slot, filled as its trials come in
-            try:
-                for result in pk.iter_trials(fam_model, docs, spec):
-                    results.append(result)
-                    done += 1
-                    cells[-1] = pk.summarise_cell(spec, results, time.perf_counter() - cell_started)
-                    elapsed = time.perf_counter() - started
-                    status = (
-                        f"Trial **{done} / {total}** · {spec.label}, {length:,} tokens, depth {depth:g} · "
-                        f"{elapsed:.0f} s elapsed · {label}{notes}"
-                    )
-                    yield status, *views(), gr.skip(), session
-            except Exception as exc:  # keep the cells so far
-                log.exception("sweep failed")
-                if cells[-1] is None:
-                    cells.pop()
-                stopped = f"stopped: {type(exc).__name__}: {exc}"
-                yield session.error("sweep", stopped), gr.skip(), gr.skip(), gr.skip(), session
-                return
+    cells, cell_starts = record.cells, True
+    try:
+        for step in pk.iter_sweep(loaded, specs, documents, base, fam_prompt):
+            if cell_starts:
+                cells.append(step.cell)
+            else:
+                cells[-1] = step.cell  # the running cell, redrawn trial by trial
+            cell_starts = step.cell_done
+            done += 1
+            elapsed = time.perf_counter() - started
+            status = (
+                f"Trial **{done} / {total}** · {step.cell.label}, {step.cell.length:,} tokens, "
+                f"depth {step.cell.depth:g} · {elapsed:.0f} s elapsed · {label}{notes}"
+            )
+            yield status, *views(), gr.skip(), session
+    except Exception as exc:  # keep the cells so far
+        log.exception("sweep failed")
+        stopped = f"stopped: {type(exc).__name__}: {exc}"
+        yield session.error("sweep", stopped), gr.skip(), gr.skip(), gr.skip(), session
+        return
     yield (
         (f"Done: {len(record.cells)} cells, {total} trials in {time.perf_counter() - started:.0f} s · {label}{notes}"),
         *views(),

@@ -123,7 +123,9 @@ class FamModel:
                 raise ValueError(
                     f"FAM prompt has shape {tuple(fam_prompt.shape)}, expected ({self.fam_len}, {self.hidden_size})"
                 )
-        self.fam_prompt = fam_prompt
+        # The one place that decides where a learned FAM prompt applies: callers pass an adapter's prompt
+        # whatever the mode, and a mode without a FAM ignores it.
+        self.fam_prompt = fam_prompt if self.fam_len else None
         self._initial_fam: tuple[torch.Tensor, ...] | None = None
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.checkpoint_layers = False  # recompute layers in backward (set by training)

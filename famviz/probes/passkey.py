@@ -615,15 +615,61 @@ def run_cell(
 
 
 def sweep_config(base: FamConfig, spec: ModeSpec) -> FamConfig:
-    fam_len = base.fam_len if spec.mode == "fam" else 0
-    return FamConfig(
-        mode=spec.mode,
-        block_size=base.block_size,
-        fam_len=fam_len,
-        mem_blocks=spec.mem_blocks,
-        sink_tokens=base.sink_tokens,
-        fam_norm=base.fam_norm,
-    )
+    """The run of one sweep column: ``base``'s geometry in the column's mode and memory (no FAM slots outside
+    fam mode)."""
+    return replace(base, mode=spec.mode, mem_blocks=spec.mem_blocks, fam_len=base.fam_len if spec.mode == "fam" else 0)
+
+
+SweepDocuments = dict[tuple[int, float], list[PasskeyDocument]]
+
+
+def sweep_documents(
+    tokenizer: PreTrainedTokenizerBase,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    trials: int,
+    seed: int,
+    text: str | None = None,
+) -> SweepDocuments:
+    """Every cell's documents, keyed (length, depth); built before a sweep starts, so bad sizes fail at once."""
+    if trials < 1:
+        raise ValueError("trials must be at least 1")
+    return {(n, d): trial_documents(tokenizer, n, d, trials, seed, text) for n in lengths for d in depths}
+
+
+@dataclass(frozen=True)
+class SweepStep:
+    """One trial of a sweep as it finishes: the trial, its cell's summary so far, and whether the cell is done."""
+
+    spec: ModeSpec
+    trial: TrialResult
+    cell: CellResult
+    cell_done: bool
+
+
+def iter_sweep(
+    loaded: LoadedModel,
+    specs: Sequence[ModeSpec],
+    documents: SweepDocuments,
+    base: FamConfig | None = None,
+    fam_prompt: torch.Tensor | None = None,
+    backend: str = "sdpa",
+    skip_unseen: bool = True,
+) -> Iterator[SweepStep]:
+    """The PassKey sweep, trial by trial: every mode column over every (length, depth) cell of ``documents``
+    (the same keys for every mode). The CLI, ``evaluate`` and the app consume it; stopping early is
+    closing the generator."""
+    base = base or FamConfig()
+    for spec in specs:
+        # FamModel uses the FAM prompt only where the mode has a FAM.
+        fam_model = FamModel(loaded, sweep_config(base, spec), fam_prompt=fam_prompt, backend=backend)
+        for docs in documents.values():
+            results: list[TrialResult] = []
+            started = time.perf_counter()
+            for trial in iter_trials(fam_model, docs, spec, skip_unseen):
+                results.append(trial)
+                cell = summarise_cell(spec, results, time.perf_counter() - started)
+                yield SweepStep(spec, trial, cell, cell_done=len(results) == len(docs))
 
 
 def sweep(
@@ -636,33 +682,12 @@ def sweep(
     base: FamConfig | None = None,
     fam_prompt: torch.Tensor | None = None,
     backend: str = "sdpa",
-    on_trial: Callable[[TrialResult], None] | None = None,
-    on_cell: Callable[[CellResult], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
     skip_unseen: bool = True,
 ) -> list[CellResult]:
     """Accuracy and key log-prob for every (mode, length, depth); seeded, so runs are reproducible."""
-    base = base or FamConfig()
-    if trials < 1:
-        raise ValueError("trials must be at least 1")
-    documents = {
-        (length, depth): trial_documents(loaded.tokenizer, length, depth, trials, seed)
-        for length in lengths
-        for depth in depths
-    }
-    cells = []
-    for spec in specs:
-        prompt = fam_prompt if spec.mode == "fam" else None
-        fam_model = FamModel(loaded, sweep_config(base, spec), fam_prompt=prompt, backend=backend)
-        for length in lengths:
-            for depth in depths:
-                if should_stop is not None and should_stop():
-                    return cells
-                cell = run_cell(fam_model, documents[(length, depth)], spec, on_trial, skip_unseen)
-                cells.append(cell)
-                if on_cell is not None:
-                    on_cell(cell)
-    return cells
+    documents = sweep_documents(loaded.tokenizer, lengths, depths, trials, seed)
+    steps = iter_sweep(loaded, specs, documents, base, fam_prompt, backend, skip_unseen)
+    return [step.cell for step in steps if step.cell_done]
 
 
 def accuracy_grid(cells: Iterable[CellResult]) -> dict[str, tuple[list[int], list[float], np.ndarray]]:

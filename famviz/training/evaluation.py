@@ -558,18 +558,11 @@ def evaluate(
         )
         # counted in prompt tokens, so that longer prompts weigh as much as they take
         tick = progress.start("PassKey", detail, len(specs) * len(depths) * sizes.trials * sum(lengths))
-        pk.sweep(
-            tuned,
-            specs,
-            lengths,
-            depths,
-            sizes.trials,
-            seed=args.seed,
-            base=config,
-            fam_prompt=prompt,
-            on_trial=lambda trial: tick(trial.length),
-            on_cell=lambda cell: result["passkey"].append(cell.summary()),
-        )
+        documents = pk.sweep_documents(tuned.tokenizer, lengths, depths, sizes.trials, args.seed)
+        for step in pk.iter_sweep(tuned, specs, documents, base=config, fam_prompt=prompt):
+            tick(step.trial.length)
+            if step.cell_done:
+                result["passkey"].append(step.cell.summary())
     progress.close()
     return result
 
