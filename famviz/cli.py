@@ -45,7 +45,7 @@ def _add_fam_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_geometry_options(parser: argparse.ArgumentParser, mem_help: str = "", mem_default: int | None = None) -> None:
     """Block size, FAM length and memory blocks; left out, they are the --adapter's trained geometry, else the
-    defaults the app uses (``famviz.commands.fill_geometry``). ``mem_default``: a fixed memory-block default
+    defaults the app uses (``famviz.commands.run_config``). ``mem_default``: a fixed memory-block default
     instead (whatever the adapter was trained with)."""
     defaults = TOOL_DEFAULTS
     for flag, name, extra, default in (

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from famviz.core.config import TOOL_DEFAULTS, FamConfig, check_limits, number_list
+from famviz.core.config import FamConfig, check_limits, number_list
 from famviz.errors import FamvizError
 from famviz.io.paths import check_figure_path, check_output_path
 
@@ -29,35 +29,29 @@ if TYPE_CHECKING:
 log = logging.getLogger("famviz")
 
 
-def fill_geometry(args: argparse.Namespace) -> None:
-    """Block size, FAM length and memory blocks not given: the --adapter's trained geometry (as the app applies
-    it), else the defaults shared with the app (``TOOL_DEFAULTS``)."""
-    base = TOOL_DEFAULTS
-    if getattr(args, "adapter", None):
-        from famviz.io.adapters import read_adapter
+GEOMETRY_OPTIONS = ("block_size", "fam_len", "mem_blocks", "sink_tokens", "fam_norm")
 
-        base = read_adapter(args.adapter).trained_config()
-    for name in ("block_size", "fam_len", "mem_blocks", "fam_norm"):
-        if getattr(args, name, None) is None:
-            setattr(args, name, getattr(base, name))
+
+def run_config(args: argparse.Namespace, mode: str) -> FamConfig:
+    """The run's FAM geometry (``famviz.io.adapters.run_geometry``): each option given, else the --adapter's
+    trained value (as the app applies it), else the defaults shared with the app (``TOOL_DEFAULTS``);
+    checked against the limits."""
+    from famviz.io.adapters import read_adapter, run_geometry
+
+    adapter = read_adapter(args.adapter) if getattr(args, "adapter", None) else None
+    given = {name: getattr(args, name, None) for name in GEOMETRY_OPTIONS}
+    try:
+        return check_limits(run_geometry(adapter, mode, **given))
+    except ValueError as exc:
+        raise FamvizError(str(exc)) from None
 
 
 def run_passkey(args: argparse.Namespace) -> int:
     from famviz.probes import passkey as pk
 
-    fill_geometry(args)
+    base = run_config(args, "fam")
     try:
-        specs = [pk.ModeSpec.parse(part, args.mem_blocks) for part in args.modes.split(",") if part.strip()]
-        base = check_limits(
-            FamConfig(
-                mode="fam",
-                block_size=args.block_size,
-                fam_len=args.fam_len,
-                mem_blocks=args.mem_blocks,
-                sink_tokens=args.sink_tokens,
-                fam_norm=args.fam_norm,
-            )
-        )
+        specs = [pk.ModeSpec.parse(part, base.mem_blocks) for part in args.modes.split(",") if part.strip()]
         for spec in specs:
             check_limits(pk.sweep_config(base, spec))
     except ValueError as exc:
@@ -82,9 +76,9 @@ def run_passkey(args: argparse.Namespace) -> int:
     tuned = [pk.sweep_config(base, spec) for spec in specs if spec.mode == "fam"]
     print_geometry_notes(args, *(tuned or [base]))
     config = {
-        "block_size": args.block_size,
-        "fam_len": args.fam_len,
-        "sink_tokens": args.sink_tokens,
+        "block_size": base.block_size,
+        "fam_len": base.fam_len,
+        "sink_tokens": base.sink_tokens,
         "modes": [s.label for s in specs],
         "lengths": lengths,
         "depths": depths,
@@ -107,7 +101,7 @@ def run_passkey(args: argparse.Namespace) -> int:
         from famviz.viz.export import write_figure
 
         caption = (
-            f"{loaded.name}; block {args.block_size}, fam_len {args.fam_len}; {args.trials} trials per cell, "
+            f"{loaded.name}; block {base.block_size}, fam_len {base.fam_len}; {args.trials} trials per cell, "
             f"seed {args.seed}"
         )
         output["figure"] = str(write_figure(figure, figure_out, caption=caption, metadata=config, size=(1100, 420)))
@@ -127,16 +121,7 @@ def run_ablate(args: argparse.Namespace) -> int:
     from famviz.probes import ablation as ab
 
     ab.check_method(args.method)
-    fill_geometry(args)  # block size and FAM length left out: the adapter's (memory blocks default to 0)
-    config = check_limits(
-        FamConfig(
-            mode="fam",
-            block_size=args.block_size,
-            fam_len=args.fam_len,
-            mem_blocks=args.mem_blocks,
-            fam_norm=args.fam_norm,
-        )
-    )
+    config = run_config(args, "fam")  # memory blocks default to 0 (the parser's), whatever the adapter's
     if args.trials < 1 or args.length < 1 or not 0 <= args.depth <= 1:
         raise FamvizError("--trials and --length must be at least 1 and --depth between 0 and 1")
     if (args.text is None) != (args.target is None):
@@ -377,17 +362,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_stream(args: argparse.Namespace) -> int:
     from famviz.io.documents import head_bytes_for, read_document_start
 
-    fill_geometry(args)
-    config = check_limits(
-        FamConfig(
-            mode=args.mode,
-            block_size=args.block_size,
-            fam_len=args.fam_len,
-            mem_blocks=args.mem_blocks,
-            sink_tokens=args.sink_tokens,
-            fam_norm=args.fam_norm,
-        )
-    )
+    config = run_config(args, args.mode)
     if args.max_tokens is not None and args.max_tokens <= 0:
         raise FamvizError(f"--max-tokens must be positive, got {args.max_tokens}")
     trace_out = check_output_path(args.trace) if args.trace else None

@@ -33,6 +33,36 @@ def test_split_form_equals_masked_sdpa(layout):
     torch.testing.assert_close(attend_split(q, k, v, layout, 0.25, sdpa_kernel), reference, atol=1e-5, rtol=1e-5)
 
 
+PARTIAL_LAYOUTS = [
+    WindowLayout(6, 3, 5, fam_queries=False),  # a side read of the FAM: only the block's tokens ask
+    WindowLayout(0, 4, 7, first_query=3),  # the end of a block begun: FAM rows and tokens 3.. ask
+    WindowLayout(2, 0, 6, first_query=5),
+]
+
+
+@pytest.mark.parametrize("layout", PARTIAL_LAYOUTS, ids=str)
+def test_a_window_where_some_rows_ask_is_those_rows_of_the_whole_window(layout):
+    """Leaving query rows out changes nothing for the rows that ask: the same mask rows, the same outputs,
+    in the masked SDPA form and in the split form flash-attn uses."""
+    from dataclasses import replace
+
+    from famviz.core.attention import window_mask
+
+    whole = replace(layout, fam_queries=True, first_query=0)
+    q, k, v = qkv(whole)
+    f = whole.fam
+    asking = [*range(f)] * layout.fam_queries + [*range(f + layout.first_query, f + whole.block)]
+    assert layout.n_queries == len(asking)
+    torch.testing.assert_close(window_mask(layout), window_mask(whole)[asking])
+    reference, _ = attend(q, k, v, whole, 0.25)
+    partial, _ = attend(q[:, :, asking], k, v, layout, 0.25)
+    torch.testing.assert_close(partial, reference[:, :, asking], atol=1e-6, rtol=1e-6)
+    split = attend_split(q[:, :, asking], k, v, layout, 0.25, sdpa_kernel)
+    torch.testing.assert_close(split, reference[:, :, asking], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="every window row"):
+        attend(q[:, :, asking], k, v, layout, 0.25, with_stats=True)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif("flex" not in available_backends("cpu"), reason="FlexAttention not available")
 def test_flex_stream_equals_sdpa_stream(tiny_llama):
@@ -42,6 +72,31 @@ def test_flex_stream_equals_sdpa_stream(tiny_llama):
     a = Stream(tiny_llama, config, record=False).run(ids)
     b = Stream(tiny_llama, config, record=False, backend="flex").run(ids)
     np.testing.assert_allclose(b.nll, a.nll, atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("flex" not in available_backends("cpu"), reason="FlexAttention not available")
+def test_every_pass_of_the_engine_honours_the_back_end(tiny_llama):
+    """The prompt's run up the stack, a side read of the FAM and the end of a block begun all go through
+    the chosen back end and agree with SDPA."""
+    from famviz.core.fam_model import FamModel
+
+    config = FamConfig("fam", 16, 4, 0)
+    sdpa, flex = FamModel(tiny_llama, config), FamModel(tiny_llama, config, backend="flex")
+    ids = torch.tensor([random_ids(16)])
+    with torch.no_grad():
+        for a, b in zip(sdpa.initial_fam(), flex.initial_fam(), strict=True):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        state = sdpa.forward_block(ids, sdpa.initial_state()).state
+        torch.testing.assert_close(
+            flex.read_block(ids[:, :5], state), sdpa.read_block(ids[:, :5], state), atol=1e-4, rtol=1e-4
+        )
+        collected_a, collected_b = [], []
+        sdpa.forward_block(ids[:, :6], state, window_kv=collected_a)
+        flex.forward_block(ids[:, :6], state, window_kv=collected_b)
+        finished_a = sdpa.finish_block(ids[:, 6:], state, collected_a, prefix=6)
+        finished_b = flex.finish_block(ids[:, 6:], state, collected_b, prefix=6)
+        torch.testing.assert_close(finished_b.hidden, finished_a.hidden, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(

@@ -580,12 +580,11 @@ def test_cli_and_app_share_one_table_of_defaults_and_limits(capfd, tmp_path):
     from famviz.core.config import TOOL_DEFAULTS
 
     assert inputs.DEFAULT_SETTINGS == TOOL_DEFAULTS
-    from famviz.commands import fill_geometry
+    from famviz.commands import run_config
 
     for command in (["stream", "x.txt"], ["passkey"]):
-        args = build_parser().parse_args(command)
-        fill_geometry(args)  # no --adapter: the app's defaults
-        assert (args.block_size, args.fam_len, args.mem_blocks) == (
+        config = run_config(build_parser().parse_args(command), "fam")  # no --adapter: the app's defaults
+        assert (config.block_size, config.fam_len, config.mem_blocks) == (
             TOOL_DEFAULTS.block_size,
             TOOL_DEFAULTS.fam_len,
             TOOL_DEFAULTS.mem_blocks,
@@ -602,7 +601,7 @@ def test_fam_norm_follows_the_adapter_unless_given(tmp_path):
     import json
 
     from famviz.cli import build_parser
-    from famviz.commands import fill_geometry
+    from famviz.commands import run_config
     from famviz.io.adapters import ADAPTER_FORMAT, ADAPTER_META
 
     adapter = tmp_path / "adapter"
@@ -615,9 +614,7 @@ def test_fam_norm_follows_the_adapter_unless_given(tmp_path):
         (["ablate", "--adapter", str(adapter)], "keep"),
         (["passkey"], "grow"),
     ):
-        args = build_parser().parse_args(command)
-        fill_geometry(args)
-        assert args.fam_norm == expected, command
+        assert run_config(build_parser().parse_args(command), "fam").fam_norm == expected, command
 
 
 @pytest.mark.parametrize("command", ["", "stream", "passkey", "ablate", "export", "train", "evaluate", "bench"])

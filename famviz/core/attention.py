@@ -47,20 +47,35 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class WindowLayout:
-    """Sizes of the key groups and query groups of one block's attention."""
+    """Sizes of the key groups and query groups of one block's attention.
+
+    Every window row is a key; by default every row also asks (queries [FAM rows | block tokens]). A side
+    read of the FAM has no FAM queries (``fam_queries`` False), and finishing a block whose first tokens
+    already ran asks only from block token ``first_query`` on: the mask's other rows, unchanged."""
 
     memory: int  # cached token keys from earlier blocks (the sink tokens included)
-    fam: int  # FAM rows (queries and keys)
-    block: int  # tokens of the current block (queries and keys)
+    fam: int  # FAM rows (keys; queries too when fam_queries)
+    block: int  # tokens of the current block (keys; queries from first_query on)
     sink: int = 0  # of the memory keys, how many (the first) are kept sink tokens
+    fam_queries: bool = True
+    first_query: int = 0
+
+    @property
+    def fam_queried(self) -> int:
+        """FAM rows among the queries (the first ones)."""
+        return self.fam if self.fam_queries else 0
 
     @property
     def n_queries(self) -> int:
-        return self.fam + self.block
+        return self.fam_queried + self.block - self.first_query
 
     @property
     def n_keys(self) -> int:
         return self.memory + self.fam + self.block
+
+    @property
+    def every_row_queries(self) -> bool:
+        return self.fam_queries and not self.first_query
 
 
 @lru_cache(maxsize=64)
@@ -70,7 +85,10 @@ def _window_mask_cpu(layout: WindowLayout) -> torch.Tensor:
     mask[:f, m:] = True  # FAM rows: previous FAM and the whole block, never memory
     mask[f:, : m + f] = True  # block tokens: all memory and the FAM
     mask[f:, m + f :] = torch.ones(n, n, dtype=torch.bool).tril()  # causal inside the block
-    return mask
+    if layout.every_row_queries:
+        return mask
+    block_rows = mask[f + layout.first_query :]
+    return torch.cat([mask[:f], block_rows]) if layout.fam_queries else block_rows.clone()
 
 
 _mask_by_device: dict[tuple[WindowLayout, torch.device], torch.Tensor] = {}
@@ -127,8 +145,11 @@ def attend(
     with_stats: bool = False,
     backend: str = "sdpa",
 ) -> tuple[torch.Tensor, AttentionStats | None]:
-    """Masked attention of q (b, heads, Q, d) over k, v (b, kv_heads, K, d); GQA without repeating K/V."""
+    """Masked attention of q (b, heads, Q, d) over k, v (b, kv_heads, K, d); GQA without repeating K/V.
+    Q = ``layout.n_queries`` (the rows that ask), K = ``layout.n_keys``."""
     if with_stats:
+        if not layout.every_row_queries:
+            raise ValueError("attention statistics need every window row as a query")
         return attend_with_stats(q, k, v, layout, scale)
     if backend == "flex":
         return _attend_flex(q, k, v, layout, scale), None
@@ -147,14 +168,15 @@ def attend_split(
     """The window mask as two unmasked/causal kernel calls; ``kernel(q, k, v, scale, causal)``
     takes (b, heads, n, d) tensors, with causal meaning bottom-right aligned.
 
-    q: (batch, heads, fam + block, head_dim); k, v: (batch, kv_heads, memory + fam + block, head_dim);
-    returns (batch, heads, fam + block, head_dim).
+    q: (batch, heads, n_queries, head_dim); k, v: (batch, kv_heads, memory + fam + block, head_dim);
+    returns (batch, heads, n_queries, head_dim). Block rows from ``first_query`` on are still the causal
+    kernel's: bottom-right alignment puts the last query on the last key.
     """
-    m, f = layout.memory, layout.fam
+    m, f = layout.memory, layout.fam_queried
     parts = []
     if f:
         parts.append(kernel(q[:, :, :f], k[:, :, m:], v[:, :, m:], scale, False))
-    if layout.block:
+    if layout.block > layout.first_query:
         parts.append(kernel(q[:, :, f:], k, v, scale, True))
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
@@ -191,12 +213,14 @@ def _attend_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Wind
         _compiled_flex = torch.compile(flex_attention, dynamic=False)  # uncompiled it materialises scores
     key = (layout, q.device)
     if key not in _flex_masks:
-        m, f = layout.memory, layout.fam
+        m, f, asking = layout.memory, layout.fam, layout.fam_queried
+        skipped = layout.first_query
 
         def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-            fam_row = q_idx < f
+            fam_row = q_idx < asking
             sees_as_fam = kv_idx >= m
-            sees_as_token = (kv_idx < m + f) | (kv_idx - m - f <= q_idx - f)
+            token = q_idx - asking + skipped  # the query's index in the block
+            sees_as_token = (kv_idx < m + f) | (kv_idx - m - f <= token)
             return (fam_row & sees_as_fam) | (~fam_row & sees_as_token)
 
         if len(_flex_masks) > 32:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 import torch
 import torch.utils.checkpoint
 
-from famviz.core.attention import BACKENDS, AttentionStats, WindowLayout, attend, window_mask
+from famviz.core.attention import BACKENDS, AttentionStats, WindowLayout, attend
 from famviz.core.config import FamConfig
 from famviz.core.linear_nll import linear_nll
 from famviz.core.model import LoadedModel
@@ -61,6 +61,11 @@ class StreamState:
         return self.mem_k[0].shape[2] if self.mem_k else 0
 
 
+def state_memory(state: StreamState, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``index``'s memory keys and values in ``state``."""
+    return state.mem_k[index], state.mem_v[index]
+
+
 @dataclass
 class BlockOutput:
     hidden: torch.Tensor  # (batch, n, d) after the final norm
@@ -89,6 +94,17 @@ class LayerStep(NamedTuple):
     stats: AttentionStats | None
     keys: torch.Tensor  # (batch, kv_heads, window, head_dim): the whole window's keys (rotated) and values
     values: torch.Tensor
+
+
+class LayerWindow(NamedTuple):
+    """What every layer of one pass over a window shares: which rows ask (``layout``), the RoPE angles of the
+    rows computed ([FAM ; block tokens from layout.first_query on]) and of the memory keys, and whether the FAM
+    rows' residual starts at zero (the first update of the context-free initial FAM, docs/algorithm.md §3)."""
+
+    layout: WindowLayout
+    angles: WindowAngles
+    fam_fresh: bool = False
+    with_stats: bool = False
 
 
 class FamModel:
@@ -185,16 +201,16 @@ class FamModel:
         prompt: (fam_len, d); returns per layer (1, fam_len, d).
         """
         f = prompt.shape[0]
-        layout = WindowLayout(memory=0, fam=f, block=0)
-        cos, sin = self._rope(torch.arange(f, device=self.device))
+        # Positions 0 … f-1 and never a random offset (RPO): the initial FAM is the same in every stream.
+        angles = WindowAngles(*self._rope(torch.arange(f, device=self.device)), None, None)
+        window = LayerWindow(WindowLayout(memory=0, fam=f, block=0), angles)
         h = prompt.to(device=self.device, dtype=self.dtype).unsqueeze(0)
+        no_tokens = h[:, :0]
+        no_memory = (h.new_zeros(1, self.n_kv_heads, 0, self.head_dim),) * 2
         per_layer = []
         for index in range(len(self.layers)):
             per_layer.append(h)
-            q, k, v = self.qkv(index, h)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            out, _ = attend(q, k, v, layout, self.scale)
-            h = self.layer_tail(index, h, out)
+            h = self._layer(index, no_tokens, h, no_memory, None, window).fam
         return tuple(per_layer)
 
     def invalidate_initial_fam(self) -> None:
@@ -213,11 +229,12 @@ class FamModel:
         batch, n = input_ids.shape
         f, m = self.fam_len, state.memory_tokens
         layout = WindowLayout(memory=m, fam=f, block=n, sink=min(self.sink_tokens, m))
-        angles = self.window_angles(state.position, m, f, n)
+        window = LayerWindow(layout, self.window_angles(state.position, m, f, n), state.fam_fresh, with_stats)
         x = self.decoder.embed_tokens(input_ids.to(self.device))
         new_fam, new_k, new_v, stats = [], [], [], []
         for index in range(len(self.layers)):
-            outputs = self._run_layer(self._layer_block, index, x, state, layout, angles, with_stats)
+            fam = state.fam[index] if f else None
+            outputs = self._run_layer(self._layer, index, x, fam, state_memory(state, index), None, window)
             x = outputs.hidden
             if f:
                 new_fam.append(outputs.fam)
@@ -261,17 +278,18 @@ class FamModel:
         f, n = self.fam_len, prefix + s
         rows_cos, rows_sin, _, _ = self.window_angles(state.position, 0, f, n)
         rows = torch.cat([torch.arange(f), torch.arange(f + prefix, f + n)]).to(self.device)  # FAM and new rows
-        cos, sin = rows_cos.index_select(2, rows), rows_sin.index_select(2, rows)
-        mask = window_mask(WindowLayout(memory=0, fam=f, block=n), self.device)[rows]  # their rows of the mask
+        angles = WindowAngles(rows_cos.index_select(2, rows), rows_sin.index_select(2, rows), None, None)
+        window = LayerWindow(WindowLayout(memory=0, fam=f, block=n, first_query=prefix), angles, state.fam_fresh)
         x = self.decoder.embed_tokens(input_ids.to(self.device))
         new_fam = []
         for index in range(len(self.layers)):
-            prefix_k, prefix_v = (t[:, :, f : f + prefix] for t in window_kv[index])  # window: [FAM | block]
-            h = self._run_layer(
-                self._finish_layer, index, x, state.fam[index], prefix_k, prefix_v, cos, sin, mask, state.fam_fresh
+            keys, values = window_kv[index]  # window: [FAM | block]
+            earlier = (keys[:, :, f : f + prefix], values[:, :, f : f + prefix])
+            outputs = self._run_layer(
+                self._layer, index, x, state.fam[index], state_memory(state, index), earlier, window
             )
-            new_fam.append(h[:, :f])
-            x = h[:, f:]
+            new_fam.append(outputs.fam)
+            x = outputs.hidden
         next_state = replace(state, position=state.position + n, fam=self.settle_fam(state, new_fam), fam_fresh=False)
         return BlockOutput(hidden=self.decoder.norm(x), state=next_state, stats=None, fam_before=state.fam)
 
@@ -305,11 +323,11 @@ class FamModel:
         if offset:  # the FAM rows' angles, then those of the block rows from ``offset`` on
             rows_cos = torch.cat([rows_cos[:, :, :f], rows_cos[:, :, f + offset :]], dim=2)
             rows_sin = torch.cat([rows_sin[:, :, :f], rows_sin[:, :, f + offset :]], dim=2)
-        mask = window_mask(layout, self.device)[f:]  # the block rows of the window's mask
+        window = LayerWindow(replace(layout, fam_queries=False), WindowAngles(rows_cos, rows_sin, mem_cos, mem_sin))
         x = self.decoder.embed_tokens(input_ids.to(self.device))
-        angles = WindowAngles(rows_cos, rows_sin, mem_cos, mem_sin)
         for index in range(len(self.layers)):
-            x = self._run_layer(self._read_layer, index, x, state, angles, mask)
+            fam = state.fam[index] if f else None
+            x = self._run_layer(self._layer, index, x, fam, state_memory(state, index), None, window).hidden
         return self.decoder.norm(x)
 
     def _run_layer(self, step: Callable[..., T], *args: object) -> T:
@@ -319,96 +337,53 @@ class FamModel:
             return torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
         return step(*args)
 
-    def _finish_layer(
+    def _layer(
         self,
         index: int,
         x: torch.Tensor,
-        fam: torch.Tensor,
-        prefix_k: torch.Tensor,
-        prefix_v: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor,
-        fam_fresh: bool,
-    ) -> torch.Tensor:
-        """One layer of ``finish_block``: rows [FAM ; new tokens] (batch, f + s, d) out, reading the prefix's
-        rotated keys and values (batch, kv_heads, prefix, head_dim) between them."""
-        f = fam.shape[1]
-        z = torch.cat([fam, x], dim=1)
-        q, k, v = self.qkv(index, z)
-        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys = torch.cat([k_rot[:, :, :f], prefix_k, k_rot[:, :, f:]], dim=2)
-        values = torch.cat([v[:, :, :f], prefix_v, v[:, :, f:]], dim=2)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q_rot, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=q.shape[1] != keys.shape[1]
-        )
-        residual = torch.cat([torch.zeros_like(fam), x], dim=1) if fam_fresh else z  # as _layer_block
-        return self.layer_tail(index, residual, out)
-
-    def _read_layer(
-        self, index: int, x: torch.Tensor, state: StreamState, angles: WindowAngles, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """One layer of ``read_block``: the block rows (batch, n, d) out; the FAM rows are keys only."""
-        f = self.fam_len
-        rows_cos, rows_sin, mem_cos, mem_sin = angles
-        z = torch.cat([state.fam[index], x], dim=1) if f else x
-        q, k, v = self.qkv(index, z)
-        q_rot, k_rot = (
-            apply_rope(q[:, :, f:], rows_cos[:, :, f:], rows_sin[:, :, f:]),
-            apply_rope(k, rows_cos, rows_sin),
-        )
-        keys, values = self._window_kv(index, state, k_rot, v, mem_cos, mem_sin)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q_rot, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=q.shape[1] != keys.shape[1]
-        )
-        return self.layer_tail(index, x, out)
-
-    def _layer_block(
-        self,
-        index: int,
-        x: torch.Tensor,
-        state: StreamState,
-        layout: WindowLayout,
-        angles: WindowAngles,
-        with_stats: bool,
+        fam: torch.Tensor | None,
+        memory: tuple[torch.Tensor, torch.Tensor],
+        earlier: tuple[torch.Tensor, torch.Tensor] | None,
+        window: LayerWindow,
     ) -> LayerStep:
-        """One layer over [FAM ; block] (x: (batch, n, d), the block rows from the layer below)."""
-        f = layout.fam
-        rows_cos, rows_sin, mem_cos, mem_sin = angles
-        fam = state.fam[index] if f else None
+        """One layer over the window [memory | FAM | block]: the per-layer step of every pass (a block, a side
+        read of the FAM, the end of a block already begun, the prompt's run up the stack).
+
+        x: (batch, rows, d) the block tokens computed here (from ``layout.first_query`` on), from the layer
+        below; fam: (batch, fam_len, d) this layer's FAM rows (None without FAM); memory: this layer's memory
+        keys (pre-RoPE when bounded) and values (batch, kv_heads, m, head_dim); earlier: the rotated keys and
+        values of the block's first ``first_query`` tokens (None when there are none). Returns the asking rows'
+        outputs: the FAM rows' as ``fam`` (when they ask), the block tokens' as ``hidden``.
+        """
+        layout, (rows_cos, rows_sin, mem_cos, mem_sin) = window.layout, window.angles
+        f, asking = layout.fam, layout.fam_queried
         z = torch.cat([fam, x], dim=1) if f else x  # FAM rows are prepended: [F ; X]
         q, k, v = self.qkv(index, z)
-        q_rot, k_rot = apply_rope(q, rows_cos, rows_sin), apply_rope(k, rows_cos, rows_sin)
-        keys, values = self._window_kv(index, state, k_rot, v, mem_cos, mem_sin)
-        out, layer_stats = attend(q_rot, keys, values, layout, self.scale, with_stats, self.backend)
-        # The first update of the context-free initial FAM uses a zero residual (docs/algorithm.md §3).
-        residual = torch.cat([torch.zeros_like(fam), x], dim=1) if f and state.fam_fresh else z
+        asks = slice(f - asking, None)  # the FAM rows ask only when they are updated
+        q_rot = apply_rope(q[:, :, asks], rows_cos[:, :, asks], rows_sin[:, :, asks])
+        k_rot = apply_rope(k, rows_cos, rows_sin)
+        mem_k, mem_v = memory
+        if mem_k.shape[2] and self.memory_capacity is not None:
+            mem_k = apply_rope(mem_k, mem_cos, mem_sin)  # bounded memory holds pre-RoPE keys
+        if earlier is None:
+            keys, values = torch.cat([mem_k, k_rot], dim=2), torch.cat([mem_v, v], dim=2)
+        else:  # [memory | FAM | the block's earlier tokens | these tokens]
+            keys = torch.cat([mem_k, k_rot[:, :, :f], earlier[0], k_rot[:, :, f:]], dim=2)
+            values = torch.cat([mem_v, v[:, :, :f], earlier[1], v[:, :, f:]], dim=2)
+        out, layer_stats = attend(q_rot, keys, values, layout, self.scale, window.with_stats, self.backend)
+        residual = z if asking else x
+        if asking and window.fam_fresh:  # the first update of the context-free initial FAM: a zero residual
+            residual = torch.cat([torch.zeros_like(fam), x], dim=1)
         h = self.layer_tail(index, residual, out)  # FAM rows go through the MLP too
-        stored_k = k[:, :, f:] if self.memory_capacity is not None else k_rot[:, :, f:]
         return LayerStep(
-            hidden=h[:, f:],
-            fam=h[:, :f] if f else None,
-            stored_k=stored_k,
+            hidden=h[:, asking:],
+            fam=h[:, :asking] if asking else None,
+            stored_k=k[:, :, f:] if self.memory_capacity is not None else k_rot[:, :, f:],
             stored_v=v[:, :, f:],
             stats=layer_stats,
             keys=keys,
             values=values,
         )
-
-    def _window_kv(
-        self,
-        index: int,
-        state: StreamState,
-        k_rot: torch.Tensor,
-        v: torch.Tensor,
-        mem_cos: torch.Tensor | None,
-        mem_sin: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A layer's window keys (rotated) and values: the memory blocks', then the rows' [FAM ; block]."""
-        mem_k = state.mem_k[index]
-        if state.memory_tokens and self.memory_capacity is not None:
-            mem_k = apply_rope(mem_k, mem_cos, mem_sin)  # bounded memory holds pre-RoPE keys
-        return torch.cat([mem_k, k_rot], dim=2), torch.cat([state.mem_v[index], v], dim=2)
 
     def _remember(self, memory: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """The memory after a block: the last mem_blocks blocks' tokens, after the sink tokens if any.

@@ -51,10 +51,20 @@ class Adapter:
     def fam_config(self) -> dict:
         return self.meta.get("fam", {})
 
-    def trained_config(self) -> FamConfig:
-        """The FAM geometry the adapter was trained with (the tool's defaults for anything not recorded)."""
+    def trained_config(self, default: FamConfig = TOOL_DEFAULTS) -> FamConfig:
+        """The FAM geometry the adapter was trained with (``default``'s for anything not recorded)."""
         names = {f.name for f in dataclasses.fields(FamConfig)}
-        return dataclasses.replace(TOOL_DEFAULTS, **{k: v for k, v in self.fam_config.items() if k in names})
+        return dataclasses.replace(default, **{k: v for k, v in self.fam_config.items() if k in names})
+
+
+def run_geometry(
+    adapter: Adapter | None, mode: str = "fam", default: FamConfig = TOOL_DEFAULTS, **given: object
+) -> FamConfig:
+    """A run's FAM geometry, the one rule of the CLI's commands and ``evaluate`` (the app shows the same as its
+    controls' values): each setting in ``given`` that is not None, else the adapter's trained one, else
+    ``default``'s. ``given``: FamConfig field names (block_size, fam_len, mem_blocks, sink_tokens, fam_norm)."""
+    base = adapter.trained_config(default) if adapter is not None else default
+    return dataclasses.replace(base, mode=mode, **{name: value for name, value in given.items() if value is not None})
 
 
 def read_adapter(directory: str | Path) -> Adapter:

@@ -305,19 +305,16 @@ def long_document_comparison(
 # -- `famviz evaluate`: every check of a (tuned) model in one command -------------------------------------------
 def _geometry(args: argparse.Namespace, adapter: Adapter | None) -> FamConfig:
     from famviz.core.config import TOOL_DEFAULTS, check_limit, check_limits
+    from famviz.io.adapters import run_geometry
 
-    trained = adapter.trained_config() if adapter is not None else dataclasses.replace(TOOL_DEFAULTS, mem_blocks=0)
     # The fam config carries the sink baselines' count, which check_limits skips outside sink mode.
     check_limit("sink_tokens", getattr(args, "sink_tokens", TOOL_DEFAULTS.sink_tokens))
+    given = {name: getattr(args, name, None) for name in ("block_size", "fam_len", "mem_blocks", "fam_norm")}
+    # Without an adapter: no memory blocks (the FAM alone is what is evaluated).
+    untuned_default = dataclasses.replace(TOOL_DEFAULTS, mem_blocks=0)
+    config = run_geometry(adapter, "fam", untuned_default, **given)
     return check_limits(
-        FamConfig(
-            mode="fam",
-            block_size=trained.block_size if args.block_size is None else args.block_size,
-            fam_len=trained.fam_len if args.fam_len is None else args.fam_len,
-            mem_blocks=trained.mem_blocks if args.mem_blocks is None else args.mem_blocks,
-            sink_tokens=getattr(args, "sink_tokens", TOOL_DEFAULTS.sink_tokens),  # for the sink baselines
-            fam_norm=trained.fam_norm if getattr(args, "fam_norm", None) is None else args.fam_norm,
-        )
+        dataclasses.replace(config, sink_tokens=getattr(args, "sink_tokens", TOOL_DEFAULTS.sink_tokens))
     )
 
 
