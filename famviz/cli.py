@@ -292,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     # (set HF_HUB_OFFLINE=0 to allow downloads).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # what the user typed: training records it as the run's command
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr, format="%(message)s"
     )

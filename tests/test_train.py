@@ -41,6 +41,14 @@ def tiny_loaded(seed: int = 0):
     return prepare_model(tiny_causal_lm("llama", vocab_size=VOCAB, seed=seed), tokenizer=None, name="tiny-llama")
 
 
+def read_recipe_text(tmp_path, text: str) -> dict:
+    from famviz.training.recipe import read_recipe
+
+    path = tmp_path / "from-card.toml"
+    path.write_text(text)
+    return read_recipe(path)
+
+
 def tiny_config(tmp_path, **overrides) -> TrainConfig:
     return tiny_train_config(tmp_path, **overrides)
 
@@ -433,9 +441,14 @@ def test_run_writes_adapter_card_log_and_curve(tmp_path):
         "train_log.jsonl",
         "loss_curve.html",
         "train_config.json",
+        "recipe.toml",
     ):
         assert (out / name).is_file(), name
     card = json.loads((out / "training_card.json").read_text())
+    from famviz.training.recipe import read_recipe
+
+    assert read_recipe(out / "recipe.toml") == read_recipe_text(tmp_path, card["recipe"])  # the recipe as run
+    assert read_recipe(out / "recipe.toml")["lora_rank"] == 4 and "```toml" in (out / "TRAINING_CARD.md").read_text()
     assert card["steps"] == 3 and card["lora"]["rank"] == 4 and card["rsp_prob"] == 0.8
     assert card["data_mixture"]["weights"]
     losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]

@@ -234,7 +234,8 @@ def card_markdown(card: dict) -> str:
         f"- Base model: {card.get('base_model')}",
         f"- Mode: {card.get('mode')}; block {fam.get('block_size')}, FAM {fam.get('fam_len')} slots, "
         f"{fam.get('mem_blocks')} memory blocks",
-        f"- Command: `{card.get('command')}`",
+        f"- Command: `{card.get('command')}`"
+        + (" (every setting as run: *Recipe* below)" if card.get("recipe") else ""),
         f"- Steps: {card.get('steps')} (batch {card.get('batch_size')}, {card.get('tokens_seen')} tokens)"
         + (" — stopped early by --max-minutes" if card.get("stopped_early") else ""),
         f"- Optimiser: {card.get('optimizer')}",
@@ -245,6 +246,9 @@ def card_markdown(card: dict) -> str:
         f"- Mean training loss over {final_loss_span(card)}: {card.get('final_loss_mean_last_50')}",
         "",
     ]
+    if card.get("recipe"):
+        lines += ["## Recipe (`famviz train --recipe FILE.toml --out DIR` repeats the run)", "", "```toml"]
+        lines += [card["recipe"].rstrip("\n"), "```", ""]
     origin = card.get("initialised_from")
     if origin:
         lines += [

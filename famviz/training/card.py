@@ -11,6 +11,7 @@ import torch
 
 from famviz.training.config import LORA_TARGETS, TrainConfig
 from famviz.training.data import parse_mixture
+from famviz.training.recipe import recipe_text
 
 if TYPE_CHECKING:
     from famviz.training.loop import Trainer
@@ -143,6 +144,7 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
     return {
         "note": note,
         "command": config.command,
+        "recipe": recipe_text(config),  # every setting as run: famviz train --recipe FILE repeats it
         "base_model": trainer.loaded.name,
         "mode": config.mode,
         "fam": config.fam_config().to_dict(),

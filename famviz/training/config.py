@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import shlex
-import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -192,6 +191,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig(out="")
     parser.add_argument("--out", metavar="DIR", help="output directory: the adapter, checkpoints, logs")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    parser.add_argument(
+        "--recipe",
+        metavar="FILE.toml",
+        help="the run's settings from a recipe file (TrainConfig names, e.g. lr = 1e-4; assets/recipes/ holds the "
+        "shipped adapters'); options given here override it",
+    )
+    parser.add_argument(
+        "--print-recipe",
+        action="store_true",
+        help="print the run's settings (the recipe, the options given and the defaults) as a recipe file and exit",
+    )
     parser.add_argument("--model", default=None, help="HF id or local path (default: the bundled SmolLM2-135M)")
     parser.add_argument("--mode", choices=("fam", "bswa"), default=None, help=f"default {d.mode}")
     for name, kind, help_text in (
@@ -318,12 +328,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
-    overrides = {
+    """The run's settings: the defaults (or the resumed run's), then the --recipe file's, then the options given."""
+    from famviz.training.recipe import read_recipe
+
+    overrides = read_recipe(args.recipe) if getattr(args, "recipe", None) else {}
+    overrides |= {
         f.name: getattr(args, f.name)
         for f in fields(TrainConfig)
         if f.name not in ("out", "command") and getattr(args, f.name, None) is not None
     }
-    argv = sys.argv[1:] if "train" in sys.argv[1:2] else []
+    argv = getattr(args, "argv", None) or []  # famviz.cli.main sets it; a Namespace built in Python has none
     command = (
         "python -m famviz " + " ".join(shlex.quote(a) for a in argv) if argv else "python -m famviz train (from Python)"
     )
@@ -335,8 +349,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         config = replace(config, out=str(args.resume), stage_command=command, **overrides)
         config.command = f"{config.command}  (resumed: {command})"
         return config, True
-    if not args.out:
+    printing = getattr(args, "print_recipe", False)  # nothing is written: no run directory needed
+    if not args.out and not printing:
         raise ConfigError("train needs --out DIR (or --resume DIR)")
-    if (Path(args.out) / CHECKPOINT_DIR).exists():
+    if args.out and not printing and (Path(args.out) / CHECKPOINT_DIR).exists():
         raise ConfigError(f"{args.out} already holds a training run; use --resume {args.out} or another --out")
-    return replace(TrainConfig(out=args.out, command=command, stage_command=command), **overrides), False
+    return replace(TrainConfig(out=args.out or "", command=command, stage_command=command), **overrides), False

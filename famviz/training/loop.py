@@ -48,6 +48,7 @@ from famviz.training.config import (
 )
 from famviz.training.data import Example, ExampleStream, TextCorpus, parse_mixture, parse_range
 from famviz.training.loss import collate, global_parts, passkey_teacher_forced, sequence_loss
+from famviz.training.recipe import RECIPE_FILE, recipe_text
 from famviz.training.rpo_rsp import (
     StatePassing,
     TrainingFamModel,
@@ -464,6 +465,7 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / TRAIN_CONFIG).write_text(json.dumps(asdict(config), indent=2))
+            (self.out / RECIPE_FILE).write_text(recipe_text(config, f"as run: {config.stage_command}"))
         if resume:
             self.resume()
             evaluated = [r for r in self.history if "eval" in r]
@@ -601,6 +603,9 @@ class Trainer:
 def run_train(args: argparse.Namespace) -> int:
     config, resume = config_from_args(args)
     config.validate()  # before anything is written or logged
+    if getattr(args, "print_recipe", False):
+        print(recipe_text(config), end="")
+        return 0
     out = Path(config.out)
     # Logging is set up before the Trainer creates its Accelerator (which would tell is_main_process), so the
     # main process is read from RANK, which accelerate launch and torchrun set for every process. Only it
