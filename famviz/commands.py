@@ -29,17 +29,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("famviz")
 
 
-GEOMETRY_OPTIONS = ("block_size", "fam_len", "mem_blocks", "sink_tokens", "fam_norm")
-
-
 def run_config(args: argparse.Namespace, mode: str) -> FamConfig:
     """The run's FAM geometry (``famviz.io.adapters.run_geometry``): each option given, else the --adapter's
     trained value (as the app applies it), else the defaults shared with the app (``TOOL_DEFAULTS``);
     checked against the limits."""
-    from famviz.io.adapters import read_adapter, run_geometry
+    from famviz.io.adapters import GEOMETRY_SETTINGS, read_adapter, run_geometry
 
     adapter = read_adapter(args.adapter) if getattr(args, "adapter", None) else None
-    given = {name: getattr(args, name, None) for name in GEOMETRY_OPTIONS}
+    given = {name: getattr(args, name, None) for name in GEOMETRY_SETTINGS}
     try:
         return check_limits(run_geometry(adapter, mode, **given))
     except ValueError as exc:

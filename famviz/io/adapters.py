@@ -57,12 +57,16 @@ class Adapter:
         return dataclasses.replace(default, **{k: v for k, v in self.fam_config.items() if k in names})
 
 
+# The settings run_geometry fills: an option's name on the command line, a FamConfig field.
+GEOMETRY_SETTINGS = ("block_size", "fam_len", "mem_blocks", "sink_tokens", "fam_norm")
+
+
 def run_geometry(
     adapter: Adapter | None, mode: str = "fam", default: FamConfig = TOOL_DEFAULTS, **given: object
 ) -> FamConfig:
     """A run's FAM geometry, the one rule of the CLI's commands and ``evaluate`` (the app shows the same as its
     controls' values): each setting in ``given`` that is not None, else the adapter's trained one, else
-    ``default``'s. ``given``: FamConfig field names (block_size, fam_len, mem_blocks, sink_tokens, fam_norm)."""
+    ``default``'s. ``given``: FamConfig field names (``GEOMETRY_SETTINGS``)."""
     base = adapter.trained_config(default) if adapter is not None else default
     return dataclasses.replace(base, mode=mode, **{name: value for name, value in given.items() if value is not None})
 

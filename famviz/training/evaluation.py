@@ -305,17 +305,15 @@ def long_document_comparison(
 # -- `famviz evaluate`: every check of a (tuned) model in one command -------------------------------------------
 def _geometry(args: argparse.Namespace, adapter: Adapter | None) -> FamConfig:
     from famviz.core.config import TOOL_DEFAULTS, check_limit, check_limits
-    from famviz.io.adapters import run_geometry
+    from famviz.io.adapters import GEOMETRY_SETTINGS, run_geometry
 
-    # The fam config carries the sink baselines' count, which check_limits skips outside sink mode.
+    # The fam config carries the sink baselines' count (--sink-tokens, always given), which check_limits skips
+    # outside sink mode.
     check_limit("sink_tokens", getattr(args, "sink_tokens", TOOL_DEFAULTS.sink_tokens))
-    given = {name: getattr(args, name, None) for name in ("block_size", "fam_len", "mem_blocks", "fam_norm")}
+    given = {name: getattr(args, name, None) for name in GEOMETRY_SETTINGS}
     # Without an adapter: no memory blocks (the FAM alone is what is evaluated).
     untuned_default = dataclasses.replace(TOOL_DEFAULTS, mem_blocks=0)
-    config = run_geometry(adapter, "fam", untuned_default, **given)
-    return check_limits(
-        dataclasses.replace(config, sink_tokens=getattr(args, "sink_tokens", TOOL_DEFAULTS.sink_tokens))
-    )
+    return check_limits(run_geometry(adapter, "fam", untuned_default, **given))
 
 
 @dataclass
