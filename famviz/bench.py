@@ -3,7 +3,7 @@
 Every speed and memory figure comes from one process: the ratios compare runs made in the same minute,
 repeated in alternation (A B A B ...) and summarised by their medians, because the machines this
 runs on are shared and noisy. ``run_bench`` returns one flat dict (the ``--json`` object);
-``format_table`` prints it with the targets.
+``famviz.commands.bench`` prints it with the targets.
 
 Figures (fam = block 256, fam_len 64, mem_blocks 1, trace recorded in its compact form unless stated):
 
@@ -49,15 +49,6 @@ TARGETS = {  # figure: (comparison, target)
     "fam_vs_bswa": ("<=", 1.30),
     "probe_vs_block": ("<=", 0.5),
     "growth": ("<=", 1.05),
-}
-LABELS = {
-    "fam_vs_full": "fam tok/s ÷ model's own full forward",
-    "mfu": "model-FLOP utilisation",
-    "memory_growth": "peak memory large ÷ small document",
-    "trace_on_vs_off": "trace on ÷ trace off (time)",
-    "fam_vs_bswa": "fam ÷ bswa (time)",
-    "probe_vs_block": "live PassKey probe ÷ one block",
-    "growth": "time large ÷ (16 × time small)",
 }
 
 
@@ -314,46 +305,6 @@ def _meets(value: float | None, comparison: str, target: float) -> bool | None:
     return value >= target if comparison == ">=" else value <= target
 
 
-def format_table(figures: dict) -> str:
-    """The figures as a Markdown table (figure, measured, target, met) plus the raw timings."""
-    lines = ["| figure | measured | in CPU time | target | met |", "|---|---|---|---|---|"]
-    for name, (comparison, target) in TARGETS.items():
-        value = figures.get(name)
-        shown = "n/a" if value is None else (f"{value:.1%}" if name == "mfu" else f"{value:.2f}")
-        goal = f"{comparison} {target:.0%}" if name == "mfu" else f"{comparison} {target:.2f}"
-        met = {True: "yes", False: "no", None: "-"}[figures["checks"].get(name)]
-        cpu = figures.get(f"{name}_cpu")
-        lines.append(f"| {LABELS[name]} | {shown} | {'' if cpu is None else f'{cpu:.2f}'} | {goal} | {met} |")
-    sizes = figures["sizes"]
-    large = sizes["small_tokens"] * sizes["growth_factor"]
-    raw = [
-        f"{figures['model']} ({figures['parameters'] / 1e6:.1f}M parameters), {figures['device']} {figures['dtype']}, "
-        f"{figures['threads']} threads, torch {figures['torch']}",
-        f"matmul {sizes['matmul_size']}³: {figures['matmul_gflops']:.0f} GFLOP/s; "
-        f"{sizes['compare_tokens']} tokens: fam {figures['fam_tokens_per_s']:.0f} tok/s, "
-        f"own forward {figures['full_forward_tokens_per_s']:.0f} tok/s",
-        f"{sizes['small_tokens']} tokens: trace on {figures['trace_on_s']:.2f} s, off {figures['trace_off_s']:.2f} s, "
-        f"bswa {figures['bswa_s']:.2f} s; one block {figures['block_s'] * 1e3:.0f} ms"
-        + (f", one probe {figures['probe_s'] * 1e3:.0f} ms" if figures.get("probe_s") else ""),
-        f"{large} tokens: {figures['large_s']:.1f} s (small {figures['small_s']:.2f} s), per-block time last ÷ first "
-        f"{sizes['small_tokens']} tokens {figures.get('growth_per_block', float('nan')):.2f}; peak memory "
-        + (
-            f"{figures['peak_large_mb']:.0f} MB vs {figures['peak_small_mb']:.0f} MB"
-            if figures.get("peak_large_mb") and figures.get("peak_small_mb")
-            else "n/a"
-        )
-        + (
-            f"; compact trace {figures['trace_mb_large']:.1f} MB vs {figures['trace_mb_small']:.1f} MB, "
-            f"state {figures['state_mb']:.1f} MB"
-            if "trace_mb_large" in figures
-            else ""
-        ),
-    ]
-    if figures.get("probe_note"):
-        raw.append(figures["probe_note"])
-    return "\n".join(lines + [""] + raw)
-
-
 # -- training against inference (``bench --train``) ------------------------------------------------------
 @dataclass(frozen=True)
 class TrainBenchSizes:
@@ -492,24 +443,3 @@ def run_train_bench(
         "met": train_rate / stream_rate >= TRAIN_TARGET,
         "turns": {"train_tokens_per_s": train_rates, "stream_tokens_per_s": stream_rates},
     }
-
-
-def format_train_table(figures: dict) -> str:
-    fam = figures["fam"]
-    return "\n".join(
-        [
-            "| figure | measured | target | met |",
-            "|---|---|---|---|",
-            f"| training tok/s ÷ fam inference stream tok/s | {figures['train_vs_stream']:.2f} "
-            f"| >= {figures['target']:.2f} | {'yes' if figures['met'] else 'no'} |",
-            "",
-            f"{figures['model']}, {figures['device']} {figures['dtype']}, {figures['threads']} threads; "
-            f"block {fam['block_size']}, FAM {fam['fam_len']}, mem_blocks {fam['mem_blocks']}",
-            f"training {figures['train_tokens_per_s']:.0f} tok/s (recipe {figures['recipe']}: "
-            f"LoRA rank {figures['lora_rank']}, data {figures['data']}, read-out weight {figures['readout_weight']}, "
-            f"layer recompute {'on' if figures['checkpoint_layers'] else 'off'}, "
-            f"{figures['training_tokens_per_turn']} tokens a turn)",
-            f"fam inference stream {figures['stream_tokens_per_s']:.0f} tok/s (trace recorded, "
-            f"{figures['sizes']['stream_tokens']} tokens of GPL-3)",
-        ]
-    )

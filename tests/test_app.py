@@ -21,8 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from famviz.app import (  # noqa: E402
+    MIN_REDRAW_SECONDS,
+    inputs,
+    inspector_tab,
+    launch,
+)
 from famviz.app import hub as app_hub  # noqa: E402
-from famviz.app import inputs, inspector_tab, launch  # noqa: E402
 from famviz.core.config import FamConfig  # noqa: E402
 from famviz.viz import figures  # noqa: E402
 from famviz.viz.inspector import Run  # noqa: E402
@@ -33,7 +38,9 @@ TEXT = " ".join(f"Sentence number {i} says something about memory and attention.
 
 # -- inputs (no model) ------------------------------------------------------------------------------------
 def test_command_line_options():
-    parser = launch.build_parser()
+    from famviz.commands.app import standalone_parser
+
+    parser = standalone_parser()
     args = parser.parse_args([])
     assert (args.model, args.adapter, args.device, args.dtype, args.host, args.port) == (
         None,
@@ -46,7 +53,7 @@ def test_command_line_options():
     help_text = parser.format_help()
     for option in ("--model", "--adapter", "--device", "--dtype", "--host", "--port", "--redraw-seconds"):
         assert option in help_text
-    assert args.redraw_seconds == app_hub.MIN_REDRAW_SECONDS
+    assert args.redraw_seconds == MIN_REDRAW_SECONDS
 
 
 def test_parse_settings():
@@ -200,7 +207,7 @@ def _args(**kwargs):
     return list(args.values())
 
 
-def _run(hub, redraw_seconds: float = app_hub.MIN_REDRAW_SECONDS, **kwargs):
+def _run(hub, redraw_seconds: float = MIN_REDRAW_SECONDS, **kwargs):
     return list(inspector_tab.stream_document(hub, *_args(**kwargs), redraw_seconds=redraw_seconds))
 
 

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from famviz.bench import TARGETS, BenchSizes, alternate, format_table, run_bench
+from famviz.bench import TARGETS, BenchSizes, alternate, run_bench
+from famviz.commands.bench import format_table
 
 TINY = BenchSizes(
     compare_tokens=64,
@@ -73,7 +74,7 @@ def test_cli_parses_bench_options():
     from famviz.cli import build_parser
 
     args = build_parser().parse_args(["bench", "--quick", "--json", "--device", "cpu"])
-    assert args.quick and args.json and args.device == "cpu" and args.handler.__name__ == "run_bench"
+    assert args.quick and args.json and args.device == "cpu" and args.handler.__module__ == "famviz.commands.bench"
     assert not args.train
     args = build_parser().parse_args(["bench", "--train", "--recipe", "DIR"])
     assert args.train and args.recipe == "DIR"
@@ -96,7 +97,8 @@ def test_train_bench_reads_the_recipe_and_compares_in_one_run(tmp_path):
 
     from helpers import save_tiny_llama_dir
 
-    from famviz.bench import TrainBenchSizes, format_train_table, run_train_bench
+    from famviz.bench import TrainBenchSizes, run_train_bench
+    from famviz.commands.bench import format_train_table
     from famviz.training.config import TRAIN_CONFIG, TrainConfig
 
     model_dir = save_tiny_llama_dir(tmp_path / "tiny")

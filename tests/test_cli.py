@@ -580,7 +580,7 @@ def test_cli_and_app_share_one_table_of_defaults_and_limits(capfd, tmp_path):
     from famviz.core.config import TOOL_DEFAULTS
 
     assert inputs.DEFAULT_SETTINGS == TOOL_DEFAULTS
-    from famviz.commands import run_config
+    from famviz.commands.common import run_config
 
     for command in (["stream", "x.txt"], ["passkey"]):
         config = run_config(build_parser().parse_args(command), "fam")  # no --adapter: the app's defaults
@@ -601,7 +601,7 @@ def test_fam_norm_follows_the_adapter_unless_given(tmp_path):
     import json
 
     from famviz.cli import build_parser
-    from famviz.commands import run_config
+    from famviz.commands.common import run_config
     from famviz.io.adapters import ADAPTER_FORMAT, ADAPTER_META
 
     adapter = tmp_path / "adapter"

@@ -259,8 +259,8 @@ def _evaluate_args(*argv):
 def test_quick_sizes_everything_down_and_explicit_options_still_win(tiny_adapter, tmp_path):
     from helpers import write_random_lora_adapter
 
-    from famviz.training.evaluate_options import QUICK
-    from famviz.training.evaluation import plan_evaluation
+    from famviz.commands.evaluate import plan_evaluation
+    from famviz.training.evaluation_plan import QUICK
 
     model_dir, adapter_dir = tiny_adapter
     full = plan_evaluation(_evaluate_args("--model", model_dir))

@@ -21,7 +21,7 @@ ADAPTERS = Path(__file__).resolve().parents[1] / "assets" / "adapters"
 
 def train_config(argv: list[str]) -> TrainConfig:
     from famviz.cli import build_parser
-    from famviz.training.config import config_from_args
+    from famviz.commands.train import config_from_args
 
     args = build_parser().parse_args(["train", *argv])
     args.argv = ["train", *argv]  # as famviz.cli.main records it

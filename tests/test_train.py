@@ -412,13 +412,14 @@ def test_resume_can_change_the_recipe(tmp_path):
     import argparse
     from dataclasses import asdict
 
-    from famviz.training.config import TRAIN_CONFIG, add_train_arguments, config_from_args
+    from famviz.commands.train import add_train_options, config_from_args
+    from famviz.training.config import TRAIN_CONFIG
 
     run = tmp_path / "run"
     run.mkdir()
     (run / TRAIN_CONFIG).write_text(json.dumps(asdict(tiny_config(tmp_path, rsp=False, passkey_tokens="260-420"))))
     parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
+    add_train_options(parser)
     config, resumed = config_from_args(
         parser.parse_args(["--resume", str(run), "--rsp", "--passkey-tokens", "300-1300"])
     )

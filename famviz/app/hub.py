@@ -17,6 +17,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
+from famviz.app import MIN_REDRAW_SECONDS
 from famviz.app.inputs import error_status
 from famviz.core.config import FamConfig
 from famviz.core.model import LoadedModel
@@ -25,10 +26,6 @@ from famviz.io.adapters import SHIPPED_ADAPTER, SHIPPED_ADAPTERS, run_notes
 
 log = logging.getLogger("famviz.app")
 
-# While streaming, plots are redrawn at most this often; blocks that come faster update only the status
-# line (every block still sends one update). Redrawing every plot costs a browser ~0.2 s on a desktop
-# and 2-3 s on a busy 2-core machine; redraws sent faster than that queue up and freeze the page.
-MIN_REDRAW_SECONDS = 2.0
 UNTUNED_NOTE = (
     "Untuned conversion: the FAM is the model's own layers run on a fixed prompt, never trained to "
     "remember; expect its loss to rise over a long document."

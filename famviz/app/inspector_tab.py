@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
-from famviz.app.hub import MIN_REDRAW_SECONDS, AppContext, ModelHub, model_key, shipped_adapters, status_notes
+from famviz.app import MIN_REDRAW_SECONDS
+from famviz.app.hub import AppContext, ModelHub, model_key, shipped_adapters, status_notes
 from famviz.app.inputs import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_PASSKEY_TOKENS,

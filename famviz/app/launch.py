@@ -1,8 +1,7 @@
 """famviz app: the live memory inspector. Stream a document through TransformerFAM and watch its
 working memory, block by block; export any plot for a paper.
 
-    python app.py [--model ID_OR_PATH] [--adapter DIR] [--device auto|cpu|cuda]
-                  [--dtype auto|bfloat16|float32] [--host 127.0.0.1] [--port 7860]
+    python app.py [--model ID_OR_PATH] [--adapter DIR] ...   # or famviz app ... (famviz.commands.app)
 
 The model given here (the bundled SmolLM2-135M with its tuned FAM adapter by default) is loaded at startup;
 the Model panel can switch to another supported model or adapter (loaded on the next Start). Pick a mode and
@@ -13,7 +12,6 @@ replays every view without a model.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import logging
@@ -24,8 +22,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from famviz.app import MIN_REDRAW_SECONDS
 from famviz.app.hub import (
-    MIN_REDRAW_SECONDS,
     AppAdapter,
     AppContext,
     ModelHub,
@@ -44,8 +42,6 @@ from famviz.errors import FamvizError
 from famviz.io.adapters import SHIPPED_ADAPTER
 
 log = logging.getLogger("famviz.app")
-
-DESCRIPTION = "famviz app: the live memory inspector of a TransformerFAM model"
 
 
 def build_app(
@@ -88,40 +84,6 @@ def build_app(
     demo.queue(default_concurrency_limit=4)
     demo.famviz_context = context  # for warm_up, benchmarks and tests
     return demo
-
-
-# -- command line -----------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python app.py", description=DESCRIPTION)
-    parser.add_argument(
-        "--model",
-        default=None,
-        metavar="ID_OR_PATH",
-        help="Hugging Face model id or local path (default: bundled SmolLM2-135M)",
-    )
-    parser.add_argument(
-        "--adapter",
-        default=None,
-        metavar="DIR",
-        help="trained FAM adapter directory; 'none' for the untuned conversion (default: the "
-        "shipped tuned FAM adapter with the bundled model, none with --model)",
-    )
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine only)"
-    )
-    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
-    parser.add_argument(
-        "--redraw-seconds",
-        type=float,
-        default=MIN_REDRAW_SECONDS,
-        metavar="S",
-        help=f"while blocks come faster, redraw the plots at most every S seconds "
-        f"(default {MIN_REDRAW_SECONDS:g}; the status line updates after every block)",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="more logging on stderr")
-    return parser
 
 
 def startup_adapter(model: str | None, adapter: str | None) -> str | None:
@@ -180,29 +142,30 @@ def warm_up(hub: ModelHub, defaults: FamConfig) -> float:
     return time.perf_counter() - started
 
 
-def main(argv: list[str] | None = None, started: float | None = None) -> int:
-    """``started``: ``time.perf_counter()`` before the launcher imported the app (gradio, torch), so the log
-    says what each phase of start-up took."""
+def serve(
+    model: str | None = None,
+    adapter: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    redraw_seconds: float = MIN_REDRAW_SECONDS,
+    started: float | None = None,
+) -> int:
+    """Load the model (and ``adapter``, the shipped one by default: ``startup_adapter``), build the page and
+    serve it until stopped, warming up meanwhile. ``started``: ``time.perf_counter()`` before the launcher
+    imported the app (gradio, torch), so the log says what each phase of start-up took. User errors: one
+    line on stderr, status 2."""
     started = time.perf_counter() if started is None else started
-    args = build_parser().parse_args(argv)
-    if args.redraw_seconds < 0:
-        print("famviz: error: --redraw-seconds must be 0 or more", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    logging.getLogger("httpx").setLevel(logging.INFO if args.verbose else logging.WARNING)  # gradio's own pings
-    if not args.verbose:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
+    logging.getLogger().setLevel(logging.INFO)  # the start-up's phases are shown
     log.info("famviz: starting: libraries imported in %.1f s", time.perf_counter() - started)
     try:
         from famviz.io.models import load_model
 
         loading = time.perf_counter()
-        loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-        args.adapter = startup_adapter(args.model, args.adapter)
-        adapter = attach_adapter(loaded, args.adapter) if args.adapter else None
+        loaded = load_model(model, device=device, dtype=dtype)
+        adapter = startup_adapter(model, adapter)
+        attached = attach_adapter(loaded, adapter) if adapter else None
         log.info(
             "famviz: %s loaded in %.1f s on %s (%s)",
             loaded.name,
@@ -212,10 +175,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         )
         built = time.perf_counter()
         demo = build_app(
-            loaded,
-            adapter,
-            startup_key=model_key(args.model, args.adapter, args.device, args.dtype),
-            redraw_seconds=args.redraw_seconds,
+            loaded, attached, startup_key=model_key(model, adapter, device, dtype), redraw_seconds=redraw_seconds
         )
         log.info("famviz: page built in %.1f s", time.perf_counter() - built)
     except FamvizError as exc:
@@ -229,9 +189,5 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
 
     context.hub.warm_up_in_background(warm_up_and_say_so)
     log.info("famviz: serving, %.1f s after start-up began; warming up meanwhile", time.perf_counter() - started)
-    demo.launch(server_name=args.host, server_port=args.port, share=False, max_file_size=MAX_UPLOAD)
+    demo.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_UPLOAD)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

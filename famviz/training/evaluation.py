@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
@@ -23,29 +22,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from famviz.core.config import FamConfig, number_list
+from famviz.core.config import FamConfig
 from famviz.core.fam_model import FamModel
-from famviz.errors import ConfigError, FamvizError
-from famviz.io.adapters import LONG_DOCUMENT_MODELS
-from famviz.training.evaluate_options import (
-    CORPUS_DOCUMENTS,
-    FULL,
-    MIN_LONG_TOKENS,
-    MIN_PASSKEY_LENGTH,
-    Sizes,
-    sizes_for,
-)
+from famviz.errors import ConfigError
+from famviz.training.evaluation_plan import CORPUS_DOCUMENTS, MIN_LONG_TOKENS, NORM_AFTER_BLOCKS, EvaluationPlan
 
 if TYPE_CHECKING:
-    import argparse
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator
 
-    from tqdm import tqdm
     from transformers import PreTrainedTokenizerBase
 
     from famviz.core.engine import BlockResult
     from famviz.core.model import LoadedModel
-    from famviz.io.adapters import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +129,6 @@ def corpus_documents(
 def fam_norm(fam: tuple[torch.Tensor, ...]) -> float:
     """Mean over layers and slots of the FAM slots' L2 norms (batch element 0)."""
     return float(torch.stack([f[0].float().norm(dim=-1).mean() for f in fam]).mean())
-
-
-NORM_AFTER_BLOCKS = (4, 64)  # the FAM norm is read after a few and after many blocks
 
 
 def streamed_tokens(config: FamConfig, tokens: int, norm_after: Iterable[int] = NORM_AFTER_BLOCKS) -> int:
@@ -302,120 +287,6 @@ def long_document_comparison(
     return rows
 
 
-# -- `famviz evaluate`: every check of a (tuned) model in one command -------------------------------------------
-def _geometry(args: argparse.Namespace, adapter: Adapter | None) -> FamConfig:
-    from famviz.core.config import TOOL_DEFAULTS, check_limit, check_limits
-    from famviz.io.adapters import GEOMETRY_SETTINGS, run_geometry
-
-    # The fam config carries the sink baselines' count (--sink-tokens, always given), which check_limits skips
-    # outside sink mode.
-    check_limit("sink_tokens", getattr(args, "sink_tokens", TOOL_DEFAULTS.sink_tokens))
-    given = {name: getattr(args, name, None) for name in GEOMETRY_SETTINGS}
-    # Without an adapter: no memory blocks (the FAM alone is what is evaluated).
-    untuned_default = dataclasses.replace(TOOL_DEFAULTS, mem_blocks=0)
-    return check_limits(run_geometry(adapter, "fam", untuned_default, **given))
-
-
-@dataclass
-class EvaluationPlan:
-    """What `famviz evaluate` will run, checked before anything is loaded."""
-
-    adapter: object  # famviz.io.adapters.Adapter or None
-    config: FamConfig
-    lengths: list[int]
-    depths: list[float]
-    specs: list  # famviz.probes.passkey.ModeSpec
-    corpus: list[str] | None = None  # long documents from this corpus's held-out split
-    figure: str | None = None  # where the PassKey grid's heatmap goes (checked)
-    sizes: Sizes = FULL
-    norm_after: tuple[int, ...] = NORM_AFTER_BLOCKS
-    quick: bool = False
-    write_card: bool = False  # record the results in the adapter's training card
-
-    @property
-    def parts(self) -> list[str]:
-        """The parts run, in order (each gets its own progress bar)."""
-        return (
-            ["loading", "in-window loss"]
-            + (["long documents"] if self.sizes.long_tokens else [])
-            + (["PassKey"] if self.specs else [])
-        )
-
-
-def _check_sizes(sizes: Sizes, lengths: list[int], depths: list[float], norm_after: list[int]) -> None:
-    if any(n < MIN_PASSKEY_LENGTH for n in lengths):
-        raise ConfigError(f"--lengths: PassKey lengths must be at least {MIN_PASSKEY_LENGTH} tokens, got {lengths}")
-    if any(not 0 <= d <= 1 for d in depths):
-        raise ConfigError(f"--depths: key depths must be within 0…1, got {depths}")
-    if sizes.trials < 1:
-        raise ConfigError(f"--trials must be at least 1, got {sizes.trials}")
-    if sizes.long_tokens and sizes.long_tokens < MIN_LONG_TOKENS:
-        raise ConfigError(f"--long-tokens must be 0 or at least {MIN_LONG_TOKENS}, got {sizes.long_tokens}")
-    if any(n < 1 for n in norm_after):
-        raise ConfigError(f"--norm-after-blocks must be block counts of at least 1, got {norm_after}")
-
-
-def plan_evaluation(args: argparse.Namespace) -> EvaluationPlan:
-    """The checked plan, or a FamvizError with one clear message (bad numbers, modes, files, adapter)."""
-    from famviz.core.config import check_limit
-    from famviz.io.adapters import read_adapter
-    from famviz.io.documents import read_document
-    from famviz.probes import passkey as pk
-
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    adapter = read_adapter(args.adapter) if args.adapter else None
-    if getattr(args, "write_card", False) and adapter is None:
-        raise ConfigError("--write-card records the results in an adapter's training card: give ADAPTER_DIR")
-    config = _geometry(args, adapter)
-    sizes = sizes_for(args, config)
-    lengths = number_list(sizes.lengths, int, "--lengths")
-    depths = number_list(sizes.depths, float, "--depths")
-    norm_after = number_list(sizes.norm_after_blocks, int, "--norm-after-blocks")
-    _check_sizes(sizes, lengths, depths, norm_after)
-    try:
-        specs = [pk.ModeSpec.parse(m, config.mem_blocks) for m in sizes.modes.split(",") if m.strip()]
-    except ValueError as exc:
-        raise ConfigError(f"--modes: {exc}") from None
-    for spec in specs:
-        check_limit("mem_blocks", spec.mem_blocks)
-    for path in args.document or []:
-        read_document(path)  # unreadable documents fail now, not after the model has loaded
-    corpus = getattr(args, "corpus", None)
-    if corpus and args.document:
-        raise ConfigError("give --document or --corpus, not both")
-    if corpus and sizes.long_tokens:
-        from famviz.io.corpus import Corpus
-
-        Corpus(corpus)  # a missing or unreadable corpus fails now
-    elif not args.document and sizes.long_tokens and adapter is not None:
-        corpus = trained_corpus(adapter.directory)  # the held-out split of the adapter's own training text
-        if corpus and not all(Path(p).exists() for p in corpus):
-            log.warning(
-                "the corpus the adapter was trained on (%s) is not here: long documents are GPL-3 and pydoc",
-                ", ".join(corpus),
-            )
-            corpus = None
-    from famviz.io.paths import check_figure_path
-
-    figure = check_figure_path(getattr(args, "figure", None))
-    if figure and args.skip_passkey:
-        raise ConfigError("--figure draws the PassKey grid: leave out --skip-passkey")
-    return EvaluationPlan(
-        adapter,
-        config,
-        lengths,
-        depths,
-        [] if args.skip_passkey else specs,
-        corpus if sizes.long_tokens else None,
-        figure,
-        sizes=sizes,
-        norm_after=tuple(norm_after),
-        quick=getattr(args, "quick", False),
-        write_card=getattr(args, "write_card", False),
-    )
-
-
 def trained_corpus(directory: str | Path) -> list[str] | None:
     """The corpus paths an adapter was trained on, from its training card (None: the machine's text)."""
     from famviz.io.adapters import read_training_card
@@ -427,47 +298,49 @@ def trained_corpus(directory: str | Path) -> list[str] | None:
     return list(sources["paths"]) if isinstance(sources, dict) and sources.get("paths") else None
 
 
-class PartProgress:
-    """One progress bar per part of the evaluation, named with its place and what it runs ("evaluate 3/4 long
-    documents: 1 × 5 streams"), each counting its own work (tokens, mostly), so that the rate and the time
-    left it shows are that part's own, not an average over unlike parts. Each finished bar stays on screen
-    with the time its part took."""
-
-    def __init__(self, parts: list[str], enabled: bool = True):
-        self.parts, self.enabled = parts, enabled
-        self.bar: tqdm | None = None
-
-    def start(self, part: str, detail: str, total: int, unit: str = "tok") -> Callable[[int], None]:
-        """A bar for ``part`` (closing the previous one); returns what to call with each step's count."""
-        self.close()
-        if not self.enabled:
-            return lambda count: None
-        from tqdm import tqdm
-
-        place = f"{self.parts.index(part) + 1}/{len(self.parts)}"
-        self.bar = tqdm(
-            total=total,
-            desc=f"evaluate {place} {part}: {detail}",
-            unit=unit,
-            unit_scale=unit == "tok",
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
-        return self.bar.update
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
 def _plural(count: int, word: str) -> str:
     return f"{count:,} {word}" + ("" if count == 1 else "s")
 
 
-def load_models(
-    args: argparse.Namespace, plan: EvaluationPlan, progress: PartProgress
-) -> tuple[LoadedModel, LoadedModel, torch.Tensor | None]:
+# What a part of the evaluation reports its progress to: called with (part, what it runs, its total count,
+# the unit counted) when the part starts, it returns what to call with each step's count.
+StartPart = Callable[[str, str, int, str], Callable[[int], None]]
+
+
+def no_progress(part: str, detail: str, total: int, unit: str) -> Callable[[int], None]:
+    return lambda count: None
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What an evaluation has found so far; a part that has not run (yet) is None."""
+
+    model: str
+    adapter: str | None
+    label: str
+    config: dict
+    sink_tokens: int  # of the sink baselines (the fam config's record leaves it out)
+    dtype: str
+    device: str
+    quick: bool
+    in_window_nll: dict | None = None
+    long_documents: tuple[dict, ...] | None = None  # one row per document (long_document_comparison)
+    long_documents_source: dict | None = None  # where a corpus's documents came from
+    passkey: tuple[dict, ...] | None = None  # one summary per finished cell (CellResult.summary)
+    passkey_scoring: str | None = None
+
+    def to_dict(self) -> dict:
+        """The JSON record (``--json``, the training card) of the parts run so far."""
+        record = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None and field.default is None:
+                continue  # a part not run
+            record[field.name] = list(value) if isinstance(value, tuple) else value
+        return record
+
+
+def load_models(plan: EvaluationPlan, start_part: StartPart) -> tuple[LoadedModel, LoadedModel, torch.Tensor | None]:
     """(untuned model, evaluated model, its FAM prompt): the evaluated one is a second copy with the adapter
     merged in, or the untuned model itself."""
     from famviz.io.adapters import apply_adapter
@@ -475,42 +348,63 @@ def load_models(
 
     copies = 2 if plan.adapter is not None else 1
     what = "the model and a copy with the adapter" if copies == 2 else "the model"
-    tick = progress.start("loading", what, copies, unit="model")
-    base = load_model(args.model, device=args.device, dtype=args.dtype)
+    tick = start_part("loading", what, copies, "model")
+    base = load_model(plan.model, device=plan.device, dtype=plan.dtype)
     tick(1)
     if plan.adapter is None:
         return base, base, None
-    tuned = load_model(args.model, device=args.device, dtype=args.dtype)
-    prompt = apply_adapter(args.adapter, tuned, plan.config)
+    tuned = load_model(plan.model, device=plan.device, dtype=plan.dtype)
+    prompt = apply_adapter(plan.adapter.directory, tuned, plan.config)
     tick(1)
     return base, tuned, prompt
 
 
-def evaluate(
-    args: argparse.Namespace, plan: EvaluationPlan, result: dict, progress: PartProgress | None = None
-) -> dict:
-    """Fill ``result`` step by step (so an interruption keeps what is done): in-window loss, long-document
-    NLL per quarter with the FAM norm, and the PassKey grid of every mode on the same keys."""
-    from famviz.probes import passkey as pk
-
-    progress = progress or PartProgress(plan.parts, enabled=False)
-    adapter, config, lengths, depths, specs = plan.adapter, plan.config, plan.lengths, plan.depths, plan.specs
-    sizes = plan.sizes
-    base, tuned, prompt = load_models(args, plan, progress)
-    result.update(
+def iter_evaluation(plan: EvaluationPlan, start_part: StartPart = no_progress) -> Iterator[EvaluationResult]:
+    """Run the plan: in-window loss, long-document NLL per quarter with the FAM norm, and the PassKey grid of
+    every mode on the same keys. Yields the result so far after loading, after each part and after each
+    PassKey cell, so that whoever stops the run keeps what was done."""
+    config, sizes = plan.config, plan.sizes
+    base, tuned, prompt = load_models(plan, start_part)
+    result = EvaluationResult(
         model=base.name,
-        adapter=str(adapter.directory) if adapter else None,
+        adapter=str(plan.adapter.directory) if plan.adapter else None,
         label=tuned.label,
         config=config.to_dict(),
-        sink_tokens=config.sink_tokens,  # of the sink baselines (the fam config's record leaves it out)
+        sink_tokens=config.sink_tokens,
         dtype=str(base.dtype).replace("torch.", ""),
         device=str(base.device),
         quick=plan.quick,
     )
+    yield result
+    nll = _in_window_part(base, tuned, prompt, config, sizes.windows, start_part)
+    result = dataclasses.replace(result, in_window_nll=nll, long_documents=())
+    yield result
+    if sizes.long_tokens:
+        rows = _long_document_part(plan, base, tuned, prompt, start_part)
+        source = {"corpus": plan.corpus, "split": "held out (famviz.io.corpus)"} if plan.corpus else None
+        result = dataclasses.replace(result, long_documents=tuple(rows), long_documents_source=source)
+        yield result
+    result = dataclasses.replace(result, passkey=())
+    if plan.specs:
+        scoring = "greedy decoding, first integer of the answer equals the key (famviz.probes.passkey)"
+        result = dataclasses.replace(result, passkey_scoring=scoring)
+        for cell in _passkey_cells(plan, base, tuned, prompt, start_part):
+            result = dataclasses.replace(result, passkey=(*result.passkey, cell))
+            yield result
+    yield result
 
-    windows = text_windows(base.tokenizer, config.block_size, sizes.windows)
-    tick = progress.start(
-        "in-window loss", f"{_plural(len(windows), 'window')} × 3 models", 3 * sum(len(w) for w in windows)
+
+def _in_window_part(
+    base: LoadedModel,
+    tuned: LoadedModel,
+    prompt: torch.Tensor | None,
+    config: FamConfig,
+    n_windows: int,
+    start_part: StartPart,
+) -> dict:
+    windows = text_windows(base.tokenizer, config.block_size, n_windows)
+    tick = start_part(
+        "in-window loss", f"{_plural(len(windows), 'window')} × 3 models", 3 * sum(len(w) for w in windows), "tok"
     )
     nll = {"windows": len(windows), "window_tokens": config.block_size, "text": "GPL-3 (held out from training)"}
     nll["untuned_full_attention"] = in_window_nll(
@@ -519,172 +413,41 @@ def evaluate(
     nll["untuned_same_mode"] = in_window_nll(base, config, None, windows, tick)  # what the conversion alone costs
     nll["tuned"] = in_window_nll(tuned, config, prompt, windows, tick)
     nll["relative_change"] = nll["tuned"] / nll["untuned_full_attention"] - 1
-    result["in_window_nll"] = nll
-    result["long_documents"] = []
-    if sizes.long_tokens:
-        documents = (
-            corpus_documents(base.tokenizer, sizes.long_tokens, plan.corpus, sizes.long_documents or CORPUS_DOCUMENTS)
-            if plan.corpus
-            else held_out_documents(base.tokenizer, sizes.long_tokens, args.document, sizes.long_documents)
-        )
-        streams = len(comparison_configs(config, tuned is not base))
-        tick = progress.start(
-            "long documents",
-            f"{_plural(len(documents), 'document')} × {streams} streams",
-            comparison_tokens(config, tuned is not base, documents, plan.norm_after),
-        )
-        result["long_documents"] = long_document_comparison(
-            base, tuned, config, prompt, documents, norm_after=plan.norm_after, on_tokens=tick
-        )
-        if plan.corpus:
-            result["long_documents_source"] = {"corpus": plan.corpus, "split": "held out (famviz.io.corpus)"}
-    result["passkey"] = []
-    if specs:
-        result["passkey_scoring"] = (
-            "greedy decoding, first integer of the answer equals the key (famviz.probes.passkey)"
-        )
-        detail = " × ".join(
-            [
-                _plural(len(specs), "mode"),
-                _plural(len(lengths), "length"),
-                _plural(len(depths), "depth"),
-                _plural(sizes.trials, "key"),
-            ]
-        )
-        # counted in prompt tokens, so that longer prompts weigh as much as they take
-        tick = progress.start("PassKey", detail, len(specs) * len(depths) * sizes.trials * sum(lengths))
-        documents = pk.sweep_documents(tuned.tokenizer, lengths, depths, sizes.trials, args.seed)
-        for step in pk.iter_sweep(tuned, specs, documents, base=config, fam_prompt=prompt):
-            tick(step.trial.length)
-            if step.cell_done:
-                result["passkey"].append(step.cell.summary())
-    progress.close()
-    return result
+    return nll
 
 
-def evaluation_table(result: dict) -> str:
-    """The evaluation as plain-text tables for a terminal."""
-    lines = [
-        f"famviz evaluate · {result.get('label')} · {result.get('config')} · {result.get('dtype')}"
-        + (" · QUICK CHECK (--quick: few keys, one short document; noisy)" if result.get("quick") else "")
-        + (" · INTERRUPTED: partial results" if result.get("interrupted") else "")
-    ]
-    nll = result.get("in_window_nll")
-    if nll:
-        lines += [
-            "",
-            f"In one window ({nll['windows']} windows of {nll['window_tokens']} tokens of {nll['text']}):",
-            f"  evaluated {nll['tuned']:.4f}   untuned same mode {nll['untuned_same_mode']:.4f}   "
-            f"untuned full attention {nll['untuned_full_attention']:.4f}   ({nll['relative_change']:+.1%} vs full)",
-        ]
-    for row in result.get("long_documents") or []:
-        lines += ["", f"Long document {row['document']} ({row['tokens']:,} tokens): mean NLL [quarters]"]
-        for key, label in LONG_DOCUMENT_MODELS:
-            if key not in row:
-                continue
-            part = row[key]
-            lines.append(
-                f"  {label:<27} {part['nll']:.3f}  [" + " ".join(f"{q:.3f}" for q in part["nll_quarters"]) + "]"
-            )
-        norms = row["tuned"].get("fam_norm_after_blocks") or {}
-        same = f", ÷ same weights in bswa {row['tuned_vs_tuned_bswa']:.3f}" if "tuned_vs_tuned_bswa" in row else ""
-        lines.append(
-            f"  evaluated ÷ untuned bswa {row['tuned_vs_bswa']:.3f}{same}"
-            + ("; FAM norm after blocks " + ", ".join(f"{k}: {v:,.0f}" for k, v in norms.items()) if norms else "")
-        )
-    cells = result.get("passkey") or []
-    if cells:
-        lines += ["", "PassKey (greedy): retrieved (mean log p(key)), trials per cell in brackets"]
-        columns = sorted({(c["length"], c["depth"]) for c in cells})
-        lines.append("  " + f"{'mode':<14}" + "".join(f"{f'{n}@{d:g}':>20}" for n, d in columns))
-        for label in dict.fromkeys(c["label"] for c in cells):
-            by = {(c["length"], c["depth"]): c for c in cells if c["label"] == label}
-            row = [
-                f"{by[k]['accuracy']:.0%} ({by[k]['mean_key_logprob']:.2f}) [{by[k]['trials']}]" if k in by else "-"
-                for k in columns
-            ]
-            lines.append("  " + f"{label:<14}" + "".join(f"{cell:>20}" for cell in row))
-    return "\n".join(lines)
+def _long_document_part(
+    plan: EvaluationPlan, base: LoadedModel, tuned: LoadedModel, prompt: torch.Tensor | None, start_part: StartPart
+) -> list[dict]:
+    sizes, config = plan.sizes, plan.config
+    documents = (
+        corpus_documents(base.tokenizer, sizes.long_tokens, plan.corpus, sizes.long_documents or CORPUS_DOCUMENTS)
+        if plan.corpus
+        else held_out_documents(base.tokenizer, sizes.long_tokens, plan.documents, sizes.long_documents)
+    )
+    streams = len(comparison_configs(config, tuned is not base))
+    tick = start_part(
+        "long documents",
+        f"{_plural(len(documents), 'document')} × {streams} streams",
+        comparison_tokens(config, tuned is not base, documents, plan.norm_after),
+        "tok",
+    )
+    return long_document_comparison(base, tuned, config, prompt, documents, norm_after=plan.norm_after, on_tokens=tick)
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    """`famviz evaluate`: the result to stdout (table, or JSON with --json) and, with --write-card, into the
-    adapter's training card; a progress bar per part on stderr, and a line saying where the results went;
-    Ctrl-C keeps and reports what was done (exit status 130)."""
-    import json
-    import time
+def _passkey_cells(
+    plan: EvaluationPlan, base: LoadedModel, tuned: LoadedModel, prompt: torch.Tensor | None, start_part: StartPart
+) -> Iterator[dict]:
+    """Each finished cell's summary, every mode on the same keys."""
+    from famviz.probes import passkey as pk
 
-    plan = plan_evaluation(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result: dict = {}
-    started = time.time()
-    status = 0
-    progress = PartProgress(plan.parts)
-    try:
-        evaluate(args, plan, result, progress)
-    except KeyboardInterrupt:
-        result["interrupted"] = True
-        status = 130
-    finally:
-        progress.close()
-    if not result.get("config"):  # interrupted while loading: nothing to report
-        return status
-    result["seconds"] = round(time.time() - started, 1)
-    if plan.write_card:
-        record_in_card(Path(args.adapter), result)
-    if plan.figure and result.get("passkey"):
-        write_passkey_figure(plan.figure, result, plan.sizes.trials, args.seed)
-    print(json.dumps(result) if args.json else evaluation_table(result))
-    print(f"famviz: {where_results_went(args, plan, result)}", file=sys.stderr)
-    return status
-
-
-def record_in_card(directory: Path, result: dict) -> None:
-    """The result into the adapter's training card: the current figures of its geometry, and one entry more
-    in the list of evaluations made after each stage."""
-    from famviz.io.adapters import read_training_card, write_training_card
-
-    card = read_training_card(directory)
-    key = f"{result['config']['mode']}_mem{result['config']['mem_blocks']}_block{result['config']['block_size']}"
-    earlier = card.setdefault("evaluation", {}).get(key, {})
-    # A run that skipped a part (e.g. --skip-passkey: an empty list) keeps the card's earlier figures for
-    # it; every value it did produce replaces the earlier one (0 included), and a complete run is no
-    # longer marked interrupted.
-    skipped = [k for k, v in result.items() if k in earlier and v in (None, [], {})]
-    merged = {**earlier, **{k: v for k, v in result.items() if k not in skipped}}
-    if not result.get("interrupted"):
-        merged.pop("interrupted", None)
-    card["evaluation"][key] = merged
-    card.setdefault("stage_evaluations", []).append({"after_step": card.get("steps"), "key": key, **result})
-    write_training_card(directory, card)
-
-
-def write_passkey_figure(path: str, result: dict, trials: int, seed: int) -> None:
-    """The PassKey grid's heatmap; a figure that cannot be written is reported, and the results still printed."""
-    from famviz.probes.passkey import CellResult
-    from famviz.viz.export import write_figure
-    from famviz.viz.passkey_figures import passkey_heatmap
-
-    cells = [CellResult(**cell) for cell in result["passkey"]]
-    figure = passkey_heatmap(cells, title=f"PassKey retrieval: {result['label']}")
-    caption = f"{result['model']}; {trials} trials per cell, seed {seed}, greedy"
-    try:
-        result["figure"] = str(write_figure(figure, path, caption=caption, size=(1100, 420)))
-    except FamvizError as exc:
-        log.error("the PassKey figure was not written: %s", exc)
-        result["figure_error"] = str(exc)
-
-
-def where_results_went(args: argparse.Namespace, plan: EvaluationPlan, result: dict) -> str:
-    """One line for stderr: whether the results are in the adapter's card (and the figure's file)."""
-    from famviz.io.adapters import CARD_JSON, CARD_MARKDOWN
-
-    if plan.write_card:
-        directory = Path(args.adapter)
-        where = f"results recorded in {directory / CARD_JSON} and {directory / CARD_MARKDOWN}"
-    elif args.adapter:
-        where = f"results printed only; {args.adapter}'s training card is unchanged (--write-card records them)"
-    else:
-        where = "results printed only"
-    return where + (f"; PassKey figure in {result['figure']}" if result.get("figure") else "")
+    specs, lengths, depths, trials = plan.specs, plan.lengths, plan.depths, plan.sizes.trials
+    counts = ((len(specs), "mode"), (len(lengths), "length"), (len(depths), "depth"), (trials, "key"))
+    detail = " × ".join(_plural(count, word) for count, word in counts)
+    # counted in prompt tokens, so that longer prompts weigh as much as they take
+    tick = start_part("PassKey", detail, len(specs) * len(depths) * trials * sum(lengths), "tok")
+    documents = pk.sweep_documents(tuned.tokenizer, lengths, depths, trials, plan.seed)
+    for step in pk.iter_sweep(tuned, specs, documents, base=plan.config, fam_prompt=prompt):
+        tick(step.trial.length)
+        if step.cell_done:
+            yield step.cell.summary()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import sys
@@ -44,7 +43,6 @@ from famviz.training.config import (
     LORA_TARGETS,
     TRAIN_CONFIG,
     TrainConfig,
-    config_from_args,
 )
 from famviz.training.data import Example, ExampleStream, TextCorpus, parse_mixture, parse_range
 from famviz.training.loss import collate, global_parts, passkey_teacher_forced, sequence_loss
@@ -60,7 +58,6 @@ from famviz.training.used_state import PasskeyFiller, UsedStates
 from famviz.viz.training_figures import write_loss_curve
 
 if TYPE_CHECKING:
-    import argparse
     from logging.handlers import MemoryHandler
     from typing import Protocol
 
@@ -598,52 +595,6 @@ class Trainer:
         lora_dtype = resolve_dtype(self.config.adapter_dtype) if self.config.adapter_dtype else None
         write_adapter(directory, self.loaded, self.config.fam_config(), self.prompt, self.peft_model, lora_dtype)
         write_training_card(directory, training_card(self, wall_seconds, stopped_early))
-
-
-def run_train(args: argparse.Namespace) -> int:
-    config, resume = config_from_args(args)
-    config.validate()  # before anything is written or logged
-    if getattr(args, "print_recipe", False):
-        print(recipe_text(config), end="")
-        return 0
-    out = Path(config.out)
-    # Logging is set up before the Trainer creates its Accelerator (which would tell is_main_process), so the
-    # main process is read from RANK, which accelerate launch and torchrun set for every process. Only it
-    # writes train.log, logs progress and prints the run directory; the others log warnings only.
-    main_process = os.environ.get("RANK", "0") == "0"
-    famviz_log = logging.getLogger("famviz")
-    famviz_log.setLevel(logging.INFO if main_process else logging.WARNING)
-    if not any(
-        isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-        for h in logging.getLogger().handlers + famviz_log.handlers
-    ):
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter("%(message)s"))
-        famviz_log.addHandler(stream)
-    created = main_process and not out.exists()
-    trainer, setup_log = setup_trainer(config)  # a run that cannot start fails here, before its directory exists
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "train.log") if main_process else logging.NullHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    setup_log.setTarget(handler)  # the setup's messages go into train.log too
-    setup_log.close()
-    famviz_log.removeHandler(setup_log)
-    famviz_log.addHandler(handler)
-    log.info("training %s: %s", config.mode, json.dumps(asdict(config)))
-    try:
-        trainer.run(resume=resume)
-    except BaseException:
-        if created and trainer.step == 0:  # nothing trained: leave no run directory behind
-            handler.close()
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    finally:
-        famviz_log.removeHandler(handler)
-        handler.close()
-    if main_process:
-        print(str(out))
-    return 0
 
 
 def setup_trainer(config: TrainConfig) -> tuple[Trainer, MemoryHandler]:

@@ -1,0 +1,48 @@
+"""``famviz export TRACE``: a figure of a saved trace, written without a model."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import argparse
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    from famviz.viz.export import FIGURES, FORMATS, figure_help
+
+    parser = commands.add_parser(
+        "export",
+        help="write a figure of a saved trace (png, svg, pdf or html; no model)",
+        description=f"Figures: {figure_help()}.",
+    )
+    parser.add_argument("trace", metavar="TRACE", help="trace file (.npz) from `stream --trace` or the app")
+    parser.add_argument(
+        "--figure", required=True, choices=list(FIGURES), metavar="NAME", help=f"one of: {', '.join(FIGURES)}"
+    )
+    parser.add_argument("--format", default=None, choices=FORMATS, help="default: from --out's suffix")
+    parser.add_argument("--out", required=True, metavar="PATH", help="file to write")
+    parser.add_argument(
+        "--view", default=None, help="heatmap/heads: block-fam, block-memory, block-block, block-sink or fam-block"
+    )
+    parser.add_argument("--block", type=int, default=None, help="heads: the block to drill into (default: last)")
+    parser.add_argument("--layer", type=int, default=None, help="heads: the layer to frame")
+    parser.add_argument("--method", default="PCA", choices=["PCA", "UMAP"], help="trajectory projection")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from famviz.viz.export import export_trace_file
+
+    path = export_trace_file(
+        args.trace,
+        args.figure,
+        args.format,
+        args.out,
+        view=args.view,
+        block=args.block,
+        layer=args.layer,
+        method=args.method,
+    )
+    print(path)
+    return 0
