@@ -617,7 +617,22 @@ def test_fam_norm_follows_the_adapter_unless_given(tmp_path):
         assert run_config(build_parser().parse_args(command), "fam").fam_norm == expected, command
 
 
-@pytest.mark.parametrize("command", ["", "stream", "passkey", "ablate", "export", "train", "evaluate", "bench"])
+def test_every_command_has_its_module_with_options_and_a_run():
+    import importlib
+
+    from famviz.cli import build_parser
+    from famviz.commands import COMMANDS
+
+    parser = build_parser()
+    choices = parser._subparsers._group_actions[0].choices
+    assert list(choices) == list(COMMANDS)
+    for name in COMMANDS:
+        module = importlib.import_module(f"famviz.commands.{name}")
+        required = {"stream": ["doc.txt"], "export": ["t.npz", "--figure", "heatmap", "--out", "x.png"]}
+        assert parser.parse_args([name, *required.get(name, [])]).handler is module.run, name
+
+
+@pytest.mark.parametrize("command", ["", "stream", "passkey", "ablate", "export", "train", "evaluate", "bench", "app"])
 def test_help_imports_no_torch(command):
     """Parsing and --help load only the command line: torch, transformers and numpy come with the work."""
     import subprocess
