@@ -36,7 +36,7 @@ fast-test: setup
 	$(PY) -m pytest -q -m "not slow"
 
 browser-test: setup
-	$(PY) -m pytest -q tests/test_browser.py tests/test_export.py
+	$(PY) -m pytest -q tests/app/test_browser.py tests/viz/test_export.py
 
 # App figures for the closing note: Start -> first plotted block, overhead per block, long-document responsiveness.
 bench-app: setup

@@ -83,6 +83,14 @@ def tiny_config(family: str, vocab_size: int = 128):
     raise ValueError(f"no tiny config for {family!r}")
 
 
+def tiny_loaded(family: str = "llama", vocab_size: int = 128, seed: int = 0, dtype=None):
+    """``tiny_causal_lm`` prepared as a famviz LoadedModel (no tokenizer), in ``dtype`` (default float32)."""
+    from famviz import prepare_model
+
+    model = tiny_causal_lm(family, vocab_size=vocab_size, seed=seed)
+    return prepare_model(model.to(dtype) if dtype is not None else model, tokenizer=None, name=f"tiny-{family}")
+
+
 def tiny_causal_lm(family: str, vocab_size: int = 128, seed: int = 0):
     """A tiny random *ForCausalLM (float32, eval mode) of a supported family."""
     import torch
@@ -278,3 +286,19 @@ def make_pdf(*page_streams: bytes) -> bytes:
 
 def text_stream(text: str) -> bytes:
     return b"BT /F1 12 Tf 72 712 Td (%s) Tj ET" % text.encode("latin-1")
+
+
+class KeyRecall:
+    """A miniature PassKey: a key token, filler, a question token, then the key again (loss on it only)."""
+
+    def __init__(self, length: int = 20, answer: int | None = None, vocab_size: int = 128):
+        self.length, self.vocab_size = length, vocab_size
+        self.answer = answer  # a fixed answer token instead of the key: quick to learn
+
+    def draw(self, rng):  # -> famviz.training.data.Example
+        from famviz.training.data import Example
+
+        key = rng.randrange(10, 20)
+        filler = [rng.randrange(30, self.vocab_size) for _ in range(self.length - 3)]
+        ids = [1, key] + filler + [2, key if self.answer is None else self.answer]
+        return Example("passkey", ids, [0.0] * (len(ids) - 1) + [1.0])

@@ -15,7 +15,7 @@ import torch
 from helpers import run_cli_in_process
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = [
     "--fam-growth-weight",  # its penalty is averaged over every process's FAM updates, like the tokens
     "0.5",

@@ -15,8 +15,8 @@ from famviz.errors import ConfigError
 from famviz.training.config import TrainConfig
 from famviz.training.recipe import NOT_IN_RECIPES, read_recipe, recipe_text
 
-RECIPES = Path(__file__).resolve().parents[1] / "assets" / "recipes"
-ADAPTERS = Path(__file__).resolve().parents[1] / "assets" / "adapters"
+RECIPES = Path(__file__).resolve().parents[2] / "assets" / "recipes"
+ADAPTERS = Path(__file__).resolve().parents[2] / "assets" / "adapters"
 
 
 def train_config(argv: list[str]) -> TrainConfig:

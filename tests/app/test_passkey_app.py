@@ -19,7 +19,7 @@ from famviz.app import hub as app_hub
 from famviz.app import launch
 from famviz.app import passkey_tab as tab
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -380,7 +380,7 @@ def test_the_shipped_adapter_carries_the_key_through_its_memory(bundled_fast):
     from famviz import load_model
     from famviz.io.adapters import apply_adapter
 
-    directory = Path(__file__).resolve().parent.parent / "assets/adapters/smollm2-135m-fam64-block256-mem0"
+    directory = Path(__file__).resolve().parents[2] / "assets/adapters/smollm2-135m-fam64-block256-mem0"
     config = FamConfig(mode="fam", block_size=256, fam_len=64, mem_blocks=0)
     tuned = load_model(dtype="auto")
     prompt = apply_adapter(directory, tuned, config)

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import assert_one_line_error, run_cli_in_process, tiny_causal_lm, tiny_train_config
+from helpers import KeyRecall, assert_one_line_error, run_cli_in_process, tiny_causal_lm, tiny_train_config
 
 from famviz import FamConfig, prepare_model
 from famviz.errors import ConfigError
@@ -21,20 +21,6 @@ from famviz.training.rpo_rsp import StatePassing, TrainingFamModel, draw_positio
 from famviz.training.used_state import PasskeyFiller, UsedStates, read_text_into_fam
 
 VOCAB = 128
-
-
-class KeyRecall:
-    """A miniature PassKey: a key token, filler, a question token, then the key again (loss on it only)."""
-
-    def __init__(self, length: int = 20, answer: int | None = None):
-        self.length = length
-        self.answer = answer  # a fixed answer token instead of the key: quick to learn
-
-    def draw(self, rng: random.Random) -> Example:
-        key = rng.randrange(10, 20)
-        filler = [rng.randrange(30, VOCAB) for _ in range(self.length - 3)]
-        ids = [1, key] + filler + [2, key if self.answer is None else self.answer]
-        return Example("passkey", ids, [0.0] * (len(ids) - 1) + [1.0])
 
 
 def tiny_loaded(seed: int = 0):

@@ -8,8 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import tiny_causal_lm
-from test_train import VOCAB, KeyRecall
+from helpers import KeyRecall, tiny_loaded
 
 from famviz import FamConfig, FamModel, prepare_model
 from famviz.errors import AdapterError
@@ -24,9 +23,7 @@ from famviz.io.adapters import (
 from famviz.training.config import TrainConfig
 from famviz.training.loop import Trainer
 
-
-def tiny_loaded(family: str = "llama", seed: int = 0):
-    return prepare_model(tiny_causal_lm(family, vocab_size=VOCAB, seed=seed), tokenizer=None, name=f"tiny-{family}")
+VOCAB = 128
 
 
 @pytest.fixture(scope="module")
