@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from famviz.core.config import LIMITS, MODES, TOOL_DEFAULTS, FamConfig
+from famviz.core.modes import MODE_TABLE
 from famviz.errors import DocumentError, FamvizError
 from famviz.io.documents import MAX_DOCUMENT_BYTES, head_bytes_for, read_document, read_upload_start
 
@@ -107,7 +108,7 @@ def parse_settings(
     """The inspector run's FamConfig and token limit from the form, or a FamvizError with one clear message."""
     if mode not in MODES:
         raise FamvizError(f"mode must be one of {', '.join(MODES)}, got {mode!r}.")
-    if mode == "fam":
+    if MODE_TABLE[mode].fam:
         fam_slots = whole_number("FAM length", fam_len, 1, MAX_FAM_LEN)
     else:  # unused outside fam mode: whatever is in the box must not stop a bswa/full run
         try:

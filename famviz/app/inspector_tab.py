@@ -31,8 +31,10 @@ from famviz.app.inputs import (
     parse_settings,
     read_input_document,
 )
+from famviz.app.views import InspectorViews
 from famviz.core.config import MODES
 from famviz.core.engine import Stream
+from famviz.core.modes import mode_summary
 from famviz.core.tokenize import tokenize_prefix
 from famviz.core.trace import Trace
 from famviz.errors import DocumentError, FamvizError
@@ -50,6 +52,11 @@ from famviz.viz.inspector import (
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from famviz.app.hub import AppAdapter
+    from famviz.app.inputs import InputDocument
+    from famviz.core.config import FamConfig
+    from famviz.core.model import LoadedModel
 
 log = logging.getLogger("famviz.app")
 
@@ -82,24 +89,15 @@ ERROR_BESIDE_START_JS = (
 
 
 # -- what every update sends -----------------------------------------------------------------------------
-# Outputs of a full refresh, in this order: status, heatmap, heads, document, trajectory, dynamics, nll,
-# block slider, layer dropdown, view dropdown, run state.
-N_OUTPUTS = 11
-
-
-def _skips(n: int) -> list:
-    return [gr.skip() for _ in range(n)]
-
-
 def with_shown_run(line: str, shown: Run | None) -> str:
     """``line`` (an error, "Loading…") followed by the status of the run whose plots stay on the page, so
     they never lose what made them (model, adapter, mode, document)."""
     return keeping_caption(line, shown.status() if shown is not None and shown.has_blocks() else None)
 
 
-def error_update(message: str, shown: Run | None) -> tuple:
+def error_update(message: str, shown: Run | None) -> InspectorViews:
     """One error (its paragraph also goes beside Start); every view, and the session's run, stay as they were."""
-    return with_shown_run(error_status(message), shown), *_skips(N_OUTPUTS - 1)
+    return InspectorViews.only(status=with_shown_run(error_status(message), shown))
 
 
 def _layer_choices(run: Run) -> list:
@@ -107,9 +105,9 @@ def _layer_choices(run: Run) -> list:
     return [("mean over layers", MEAN_LAYER)] + [(f"layer {i}", str(i)) for i in range(n_layers)]
 
 
-def refresh(run: Run, *, new_run: bool = False) -> tuple:
-    """Every view of ``run`` (one tuple per update: N_OUTPUTS items); ``new_run``: its first draw, which also
-    sets the layer choices and the view dropdown to the run's own."""
+def refresh(run: Run, *, new_run: bool = False) -> InspectorViews:
+    """Every view of ``run``; ``new_run``: its first draw, which also sets the layer choices and the view
+    dropdown to the run's own."""
     last = max(run.blocks_done - 1, 0)
     slider = gr.update(maximum=max(last, 1), value=run.shown_block, interactive=run.blocks_done > 1)
     layer = (
@@ -117,19 +115,29 @@ def refresh(run: Run, *, new_run: bool = False) -> tuple:
         if new_run
         else gr.skip()
     )
-    return (
-        run.status(),
-        run.heatmap(),
-        run.heads(),
-        run.document_html(),
-        run.trajectory(),
-        run.dynamics(),
-        run.loss(),
-        slider,
-        layer,
-        gr.update(value=run.view) if new_run else gr.skip(),
-        run,
+    return InspectorViews(
+        status=run.status(),
+        heatmap=run.heatmap(),
+        heads=run.heads(),
+        document=run.document_html(),
+        trajectory=run.trajectory(),
+        dynamics=run.dynamics(),
+        nll=run.loss(),
+        block=slider,
+        layer=layer,
+        view=gr.update(value=run.view) if new_run else gr.skip(),
+        run=run,
     )
+
+
+@dataclasses.dataclass
+class StartedStreams:
+    """What Start prepared before the first block: the document's tokens and the stream(s) to run over them."""
+
+    ids: list[int]
+    primary: Stream
+    other: Stream | None  # the compare mode's stream (its losses only)
+    run: Run
 
 
 def stream_document(
@@ -152,7 +160,7 @@ def stream_document(
     previous: Run | None,
     *,
     redraw_seconds: float = MIN_REDRAW_SECONDS,
-) -> Iterator[tuple]:
+) -> Iterator[InspectorViews]:
     """The Start handler: yields an update once per block (every view at most every ``redraw_seconds``).
 
     Bad input yields one error status and leaves the plots (and the previous run) as they were.
@@ -160,31 +168,13 @@ def stream_document(
     key = model_key(model, adapter_dir, device, dtype)
     try:
         config, limit = parse_settings(mode, block_size, fam_len, mem_blocks, max_tokens)
-        compare = None if compare in (None, "", NO_COMPARE) else compare
-        if compare is not None and compare not in MODES:
-            raise FamvizError(f"compare mode must be one of {', '.join(MODES)} or {NO_COMPARE}, got {compare!r}.")
-        if compare == config.mode:
-            raise FamvizError(f"Compare needs a second mode different from {config.mode}.")
+        compare = _compare_mode(compare, config)
         if not hub.is_loaded(key):
             loading = f"Loading model **{key[0] or 'bundled'}**{' with adapter ' + key[1] if key[1] else ''}…"
-            yield with_shown_run(loading, previous), *_skips(N_OUTPUTS - 1)
+            yield InspectorViews.only(status=with_shown_run(loading, previous))
         loaded, adapter = hub.for_choice(*key)
-        text, name, read_cut = read_input_document(source, upload, pasted, loaded.tokenizer, passkey_tokens, limit)
-        n_layers = loaded.config.num_hidden_layers
-        try:
-            layers = parse_layers(trajectory_layers, n_layers) if config.mode == "fam" else []
-        except ValueError as exc:
-            raise FamvizError(str(exc)) from None
-        fam_prompt = adapter.prompt_for(loaded, config) if adapter is not None else None
-        ids, offsets = tokenize_prefix(loaded.tokenizer, text, limit)
-        if not ids:
-            raise DocumentError(f"{name}: the document has no tokens.")
-        primary = Stream(loaded, config, channels=app_channels(layers, config.mode == "fam"), fam_prompt=fam_prompt)
-        other = None
-        if compare is not None:
-            other_config = dataclasses.replace(config, mode=compare)
-            other_prompt = adapter.prompt_for(loaded, other_config) if adapter is not None else None
-            other = Stream(loaded, other_config, record=False, fam_prompt=other_prompt)
+        document = read_input_document(source, upload, pasted, loaded.tokenizer, passkey_tokens, limit)
+        started = _start_streams(loaded, adapter, config, compare, document, limit, trajectory_layers, previous)
     except FamvizError as exc:
         yield error_update(str(exc), previous)
         return
@@ -192,16 +182,66 @@ def stream_document(
         log.exception("could not start a stream")
         yield error_update(f"could not start: {type(exc).__name__}: {exc}", previous)
         return
+    run = started.run
+    # The run is the session's from now on (Stop acts on it); the view dropdown shows the run's view.
+    yield InspectorViews.only(status=run.status(), view=gr.update(value=run.view), run=run)
+    log.info(
+        "streaming %s: %d tokens, %d blocks, %s%s",
+        run.document,
+        len(started.ids),
+        run.total_blocks,
+        config,
+        f" vs {compare}" if compare else "",
+    )
+    yield from _stream_blocks(started, redraw_seconds)
+    log.info("done: %s (engine %.1f s of %.1f s)", run.status().replace("**", ""), run.engine_seconds, run.elapsed)
 
+
+def _compare_mode(compare: str | None, config: FamConfig) -> str | None:
+    """The second mode streamed beside the run (None: none), or a FamvizError."""
+    compare = None if compare in (None, "", NO_COMPARE) else compare
+    if compare is not None and compare not in MODES:
+        raise FamvizError(f"compare mode must be one of {', '.join(MODES)} or {NO_COMPARE}, got {compare!r}.")
+    if compare == config.mode:
+        raise FamvizError(f"Compare needs a second mode different from {config.mode}.")
+    return compare
+
+
+def _start_streams(
+    loaded: LoadedModel,
+    adapter: AppAdapter | None,
+    config: FamConfig,
+    compare: str | None,
+    document: InputDocument,
+    limit: int,
+    trajectory_layers: str | None,
+    previous: Run | None,
+) -> StartedStreams:
+    """The run's stream (and the compare mode's) over the document's first ``limit`` tokens, and its Run."""
+    text, name, read_cut = document
+    n_layers = loaded.config.num_hidden_layers
+    try:
+        layers = parse_layers(trajectory_layers, n_layers) if config.active_fam_len else []
+    except ValueError as exc:
+        raise FamvizError(str(exc)) from None
+    fam_prompt = adapter.prompt_for(loaded, config) if adapter is not None else None
+    ids, offsets = tokenize_prefix(loaded.tokenizer, text, limit)
+    if not ids:
+        raise DocumentError(f"{name}: the document has no tokens.")
+    primary = Stream(loaded, config, channels=app_channels(layers, bool(config.active_fam_len)), fam_prompt=fam_prompt)
+    other = None
+    if compare is not None:
+        other_config = dataclasses.replace(config, mode=compare)
+        other_prompt = adapter.prompt_for(loaded, other_config) if adapter is not None else None
+        other = Stream(loaded, other_config, record=False, fam_prompt=other_prompt)
     primary.describe_document(name, text, offsets)
     notes = status_notes(adapter, [config])
-    trace = primary.trace
-    trace.set_notes(notes)
+    primary.trace.set_notes(notes)
     run = Run(
         config=config,
         document=name,
         total_tokens=len(ids),
-        trace=trace,
+        trace=primary.trace,
         compare_mode=compare,
         document_cut=read_cut or document_cut(loaded.tokenizer, text, ids, offsets),
         features=StateFeatures(layers) if layers else None,
@@ -210,20 +250,14 @@ def stream_document(
     run.keep_view_of(previous)  # what the user was looking at, where this run's mode has it
     if previous is not None:
         run.layer = previous.layer if previous.layer is not None and previous.layer < n_layers else None
-    # The run is the session's from now on (Stop acts on it); the view dropdown shows the run's view.
-    yield run.status(), *_skips(N_OUTPUTS - 3), gr.update(value=run.view), run
+    return StartedStreams(ids, primary, other, run)
 
-    last_redraw = 0.0
-    log.info(
-        "streaming %s: %d tokens, %d blocks, %s%s",
-        name,
-        len(ids),
-        run.total_blocks,
-        config,
-        f" vs {compare}" if compare else "",
-    )
-    primary_blocks = primary.blocks(ids)
-    other_blocks = other.blocks(ids) if other is not None else None
+
+def _stream_blocks(started: StartedStreams, redraw_seconds: float) -> Iterator[InspectorViews]:
+    """Block by block until done, stopped or failed; every view redrawn at most every ``redraw_seconds``."""
+    run, last_redraw = started.run, 0.0
+    primary_blocks = started.primary.blocks(started.ids)
+    other_blocks = started.other.blocks(started.ids) if started.other is not None else None
     while run.blocks_done < run.total_blocks:
         if run.state != "streaming":  # stopped from the UI: the event is being cancelled
             return
@@ -240,10 +274,10 @@ def stream_document(
             run.state, run.error = "failed", f"{type(exc).__name__}: {exc}"
             run.elapsed = time.perf_counter() - run.started
             run.idle.set()
-            yield run.status(), *_skips(N_OUTPUTS - 2), run
+            yield InspectorViews.only(status=run.status(), run=run)
             return
         run.blocks_done += 1
-        run.tokens_done = primary.position
+        run.tokens_done = started.primary.position
         run.elapsed = time.perf_counter() - run.started
         if run.blocks_done == run.total_blocks:
             run.state = "done"
@@ -254,14 +288,13 @@ def stream_document(
             yield refresh(run, new_run=run.blocks_done == 1)
             last_redraw = time.perf_counter()
         else:
-            yield run.status(), *_skips(N_OUTPUTS - 2), run
-    log.info("done: %s (engine %.1f s of %.1f s)", run.status().replace("**", ""), run.engine_seconds, run.elapsed)
+            yield InspectorViews.only(status=run.status(), run=run)
 
 
-def stop_run(run: Run | None) -> tuple:
+def stop_run(run: Run | None) -> InspectorViews:
     """The Stop handler (runs beside the cancelled stream): every view as of the last finished block."""
     if run is None or run.state != "streaming":
-        return (gr.skip(),) * N_OUTPUTS
+        return InspectorViews.only()
     run.state = "stopped"
     # The block being computed when Stop came is finished and recorded anyway (a block cannot be interrupted):
     # wait for it, so that the views, the status and a downloaded trace all hold the same blocks.
@@ -271,7 +304,7 @@ def stop_run(run: Run | None) -> tuple:
         return refresh(run)
     except Exception:  # a block was being appended right now: the status is enough
         log.debug("stop: views skipped", exc_info=True)
-        return run.status(), *_skips(N_OUTPUTS - 1)
+        return InspectorViews.only(status=run.status())
 
 
 def settled_status(run: Run | None) -> str | dict:
@@ -380,10 +413,10 @@ def download_trace(run: Run | None) -> tuple:
     return str(path), f"Trace **{path.name}** ({path.stat().st_size / 1024**2:,.1f} MB): {run.blocks_done} blocks."
 
 
-def replay_trace(upload: str | None, previous: Run | None) -> tuple:
+def replay_trace(upload: str | None, previous: Run | None) -> InspectorViews:
     """Load an uploaded trace file and show every view of it, without a model."""
     if not upload:
-        return (gr.skip(),) * N_OUTPUTS
+        return InspectorViews.only()
     path = Path(upload)
     try:
         if path.stat().st_size > MAX_TRACE_BYTES:
@@ -401,99 +434,221 @@ def replay_trace(upload: str | None, previous: Run | None) -> tuple:
     return refresh(run, new_run=True)
 
 
+@dataclasses.dataclass
+class RunControls:
+    """The left column's inputs of a run, in the Start handler's order after the Model panel's four."""
+
+    source: gr.Radio
+    upload: gr.File
+    pasted: gr.Textbox
+    passkey_tokens: gr.Number
+    mode: gr.Radio
+    compare: gr.Dropdown
+    block_size: gr.Number
+    fam_len: gr.Number
+    mem_blocks: gr.Number
+    max_tokens: gr.Number
+    trajectory_layers: gr.Textbox
+
+    def inputs(self) -> list:
+        return [getattr(self, field.name) for field in dataclasses.fields(self)]
+
+
+@dataclasses.dataclass
+class ViewControls:
+    """The right column: the status, what to show, and every plot."""
+
+    status: gr.Markdown
+    view: gr.Dropdown
+    layer: gr.Dropdown
+    block: gr.Slider
+    follow: gr.Checkbox
+    heatmap: gr.Plot
+    heads: gr.Plot
+    document: gr.HTML
+    method: gr.Radio
+    trajectory: gr.Plot
+    dynamics: gr.Plot
+    nll: gr.Plot
+
+
+@dataclasses.dataclass
+class ExportControls:
+    figure_name: gr.Dropdown
+    export_format: gr.Radio
+    export_button: gr.Button
+    trace_button: gr.Button
+    file: gr.File
+    note: gr.Markdown
+
+
+def _model_panel(context: AppContext) -> list:
+    """The Model panel (model, adapter, device, dtype), shared by every tab through ``context.model_inputs``."""
+    startup_key = context.hub.default_key
+    with gr.Accordion("Model", open=False, elem_id="model-panel"):
+        model = gr.Textbox(
+            startup_key[0] or "",
+            label="Model (Hugging Face id or local path)",
+            placeholder="empty: bundled SmolLM2-135M",
+            elem_id="model",
+        )
+        adapter_dir = gr.Dropdown(
+            [("none: untuned conversion (memory not trained)", ""), *shipped_adapters()],
+            value=startup_key[1] or "",
+            allow_custom_value=True,
+            label="Adapter (or type a directory)",
+            elem_id="adapter",
+        )
+        with gr.Row():
+            device = gr.Dropdown(["auto", "cpu", "cuda"], value=startup_key[2], label="Device", elem_id="device")
+            dtype = gr.Dropdown(
+                ["auto", "bfloat16", "float32"],
+                value=startup_key[3],
+                label="Dtype",
+                info=auto_dtype_note(),
+                elem_id="dtype",
+            )
+        context.adapter_note = gr.Markdown("", elem_id="adapter-note")
+        gr.Markdown("A changed model is loaded when you press Start (here or in the PassKey tab).")
+    context.model_inputs[:] = [model, adapter_dir, device, dtype]
+    return context.model_inputs
+
+
+def _run_controls(context: AppContext, n_layers: int) -> RunControls:
+    """Mode, geometry, trajectory layers and the document to stream."""
+    defaults = context.defaults
+    with gr.Row():
+        mode = gr.Radio(list(MODES), value=defaults.mode, label="Mode", elem_id="mode", info=mode_summary())
+        compare = gr.Dropdown(
+            [NO_COMPARE, *MODES],
+            value=NO_COMPARE,
+            label="Compare with",
+            elem_id="compare",
+            info="same document, second mode",
+        )
+    with gr.Row():
+        block_size = gr.Number(
+            defaults.block_size, label="Block size (tokens)", precision=None, step=1, elem_id="block-size"
+        )
+        fam_len = gr.Number(defaults.fam_len, label="FAM length (slots)", precision=None, step=1, elem_id="fam-len")
+    with gr.Row():
+        mem_blocks = gr.Number(defaults.mem_blocks, label="Memory blocks", precision=None, step=1, elem_id="mem-blocks")
+        max_tokens = gr.Number(DEFAULT_MAX_TOKENS, label="Max tokens", precision=None, step=1, elem_id="max-tokens")
+    context.geometry_fields.append((block_size, fam_len, mem_blocks))
+    trajectory_layers = gr.Textbox(
+        ", ".join(map(str, default_trajectory_layers(n_layers))),
+        label="Trajectory layers (FAM states recorded)",
+        elem_id="trajectory-layers",
+    )
+    source = gr.Radio(
+        [(label, key) for key, label in SOURCES.items()], value="example", label="Document", elem_id="source"
+    )
+    passkey_tokens = gr.Number(
+        DEFAULT_PASSKEY_TOKENS,
+        label="PassKey haystack length (tokens; key at the start)",
+        precision=0,
+        elem_id="passkey-tokens",
+    )
+    upload = gr.File(label=f"Upload {UPLOAD_LABEL}", type="filepath", elem_id="upload")
+    pasted = gr.Textbox(
+        label="Or paste text", lines=4, max_lines=10, placeholder="Paste a document here", elem_id="pasted"
+    )
+    # Picking a file or typing text selects that source (in the browser, no round trip).
+    upload.upload(None, None, source, js="() => 'upload'")
+    pasted.input(None, None, source, js="() => 'paste'")
+    passkey_tokens.input(None, None, source, js="() => 'passkey'")
+    return RunControls(
+        source,
+        upload,
+        pasted,
+        passkey_tokens,
+        mode,
+        compare,
+        block_size,
+        fam_len,
+        mem_blocks,
+        max_tokens,
+        trajectory_layers,
+    )
+
+
+def _view_controls(n_layers: int, blank: object) -> ViewControls:
+    """The status line, the view, layer and block choices, and the plots with their notes."""
+    status = gr.Markdown("Ready: pick a document and press **Start**.", elem_id="status")
+    with gr.Row():
+        view = gr.Dropdown(
+            [(spec.label, key) for key, spec in figures.SHARE_VIEWS.items()],
+            value=DEFAULT_VIEW,
+            label="Attention share shown",
+            elem_id="heatmap-view",
+        )
+        layer = gr.Dropdown(
+            [("mean over layers", MEAN_LAYER)] + [(f"layer {i}", str(i)) for i in range(n_layers)],
+            value=MEAN_LAYER,
+            label="Layer (document shading, drill-down frame)",
+            elem_id="layer",
+        )
+        with gr.Column(min_width=240):
+            block = gr.Slider(0, 1, value=0, step=1, label="Drill-down block", interactive=False, elem_id="block")
+            follow = gr.Checkbox(True, label="follow the latest block", elem_id="follow")
+    with gr.Row():
+        heatmap = gr.Plot(blank, label="Attention share: layer × block (mean over heads)", elem_id="heatmap", scale=3)
+        heads = gr.Plot(blank, label="Drill-down: layer × head of the selected block", elem_id="heads", scale=2)
+    gr.Markdown(PLOT_NOTES["heatmap"], elem_id="note-heatmap", container=False)
+    document = gr.HTML("<div id='famviz-doc'>No document streamed yet.</div>", label="Document", elem_id="document")
+    with gr.Row():
+        with gr.Column(scale=1):
+            method = gr.Radio(list(TRAJECTORY_METHODS), value="PCA", label="Trajectory projection", elem_id="method")
+            trajectory = gr.Plot(blank, label="FAM state trajectory", elem_id="trajectory")
+            gr.Markdown(PLOT_NOTES["trajectory"], elem_id="note-trajectory", container=False)
+        with gr.Column(scale=1):
+            dynamics = gr.Plot(blank, label="FAM norm and update per layer", elem_id="dynamics")
+            gr.Markdown(PLOT_NOTES["dynamics"], elem_id="note-dynamics", container=False)
+    nll = gr.Plot(blank, label="Next-token loss per block", elem_id="nll")
+    gr.Markdown(PLOT_NOTES["nll"], elem_id="note-nll", container=False)
+    return ViewControls(status, view, layer, block, follow, heatmap, heads, document, method, trajectory, dynamics, nll)
+
+
+def _export_controls() -> ExportControls:
+    """Figure export (paper formats where a browser is available, else HTML) and the trace download."""
+    static_problem = export.static_export_problem()
+    with gr.Group():
+        with gr.Row():
+            figure_name = gr.Dropdown(
+                [(f"{name}: {spec.description}", name) for name, spec in export.FIGURES.items()],
+                value="heatmap",
+                label="Export figure",
+                elem_id="export-figure",
+                scale=2,
+            )
+            export_format = gr.Radio(
+                list(export.FORMATS) if static_problem is None else ["html"],
+                value="svg" if static_problem is None else "html",
+                label="Format",
+                elem_id="export-format",
+                scale=1,
+            )
+        with gr.Row():
+            export_button = gr.Button("Export figure", elem_id="export")
+            trace_button = gr.Button("Download trace (.npz)", elem_id="download-trace")
+        file = gr.File(label="Exported file", interactive=False, elem_id="export-file")
+        note = gr.Markdown(
+            "Exports are publication-styled (fixed size, caption with the run's settings)."
+            + (f"\n\n**Note:** {static_problem}" if static_problem else ""),
+            elem_id="export-note",
+        )
+    return ExportControls(figure_name, export_format, export_button, trace_button, file, note)
+
+
 def build_inspector_tab(context: AppContext) -> None:
     """The live memory inspector: controls, per-block plots, document view, export."""
-    hub, run_state, defaults = context.hub, context.run_state, context.defaults
-    loaded, adapter = hub.default
-    n_layers = loaded.config.num_hidden_layers
+    n_layers = context.hub.default[0].config.num_hidden_layers
     blank = figures.empty_figure("Press Start to stream a document")
-    view_choices = [(spec.label, key) for key, spec in figures.SHARE_VIEWS.items()]
-    static_problem = export.static_export_problem()
-    startup_key = hub.default_key
-
     with gr.Tab("Memory inspector", id="inspector", elem_id="tab-inspector"):
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
-                with gr.Accordion("Model", open=False, elem_id="model-panel"):
-                    model = gr.Textbox(
-                        startup_key[0] or "",
-                        label="Model (Hugging Face id or local path)",
-                        placeholder="empty: bundled SmolLM2-135M",
-                        elem_id="model",
-                    )
-                    adapter_dir = gr.Dropdown(
-                        [("none: untuned conversion (memory not trained)", ""), *shipped_adapters()],
-                        value=startup_key[1] or "",
-                        allow_custom_value=True,
-                        label="Adapter (or type a directory)",
-                        elem_id="adapter",
-                    )
-                    with gr.Row():
-                        device = gr.Dropdown(
-                            ["auto", "cpu", "cuda"], value=startup_key[2], label="Device", elem_id="device"
-                        )
-                        dtype = gr.Dropdown(
-                            ["auto", "bfloat16", "float32"],
-                            value=startup_key[3],
-                            label="Dtype",
-                            info=auto_dtype_note(),
-                            elem_id="dtype",
-                        )
-                    context.adapter_note = gr.Markdown("", elem_id="adapter-note")
-                    gr.Markdown("A changed model is loaded when you press Start (here or in the PassKey tab).")
-                    context.model_inputs[:] = [model, adapter_dir, device, dtype]
-                with gr.Row():
-                    mode = gr.Radio(
-                        list(MODES),
-                        value=defaults.mode,
-                        label="Mode",
-                        elem_id="mode",
-                        info="fam: window + feedback memory · bswa: window only · sink: window + the first 4 tokens "
-                        "(StreamingLLM) · full: all tokens",
-                    )
-                    compare = gr.Dropdown(
-                        [NO_COMPARE, *MODES],
-                        value=NO_COMPARE,
-                        label="Compare with",
-                        elem_id="compare",
-                        info="same document, second mode",
-                    )
-                with gr.Row():
-                    block_size = gr.Number(
-                        defaults.block_size, label="Block size (tokens)", precision=None, step=1, elem_id="block-size"
-                    )
-                    fam_len = gr.Number(
-                        defaults.fam_len, label="FAM length (slots)", precision=None, step=1, elem_id="fam-len"
-                    )
-                with gr.Row():
-                    mem_blocks = gr.Number(
-                        defaults.mem_blocks, label="Memory blocks", precision=None, step=1, elem_id="mem-blocks"
-                    )
-                    max_tokens = gr.Number(
-                        DEFAULT_MAX_TOKENS, label="Max tokens", precision=None, step=1, elem_id="max-tokens"
-                    )
-                context.geometry_fields.append((block_size, fam_len, mem_blocks))
-                trajectory_layers = gr.Textbox(
-                    ", ".join(map(str, default_trajectory_layers(n_layers))),
-                    label="Trajectory layers (FAM states recorded)",
-                    elem_id="trajectory-layers",
-                )
-                source = gr.Radio(
-                    [(label, key) for key, label in SOURCES.items()],
-                    value="example",
-                    label="Document",
-                    elem_id="source",
-                )
-                passkey_tokens = gr.Number(
-                    DEFAULT_PASSKEY_TOKENS,
-                    label="PassKey haystack length (tokens; key at the start)",
-                    precision=0,
-                    elem_id="passkey-tokens",
-                )
-                upload = gr.File(label=f"Upload {UPLOAD_LABEL}", type="filepath", elem_id="upload")
-                pasted = gr.Textbox(
-                    label="Or paste text", lines=4, max_lines=10, placeholder="Paste a document here", elem_id="pasted"
-                )
+                model_inputs = _model_panel(context)
+                run = _run_controls(context, n_layers)
                 with gr.Row():
                     start_button = gr.Button("Start", variant="primary", elem_id="start")
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -506,101 +661,33 @@ def build_inspector_tab(context: AppContext) -> None:
                         elem_id="trace-upload",
                     )
             with gr.Column(scale=3):
-                status = gr.Markdown("Ready: pick a document and press **Start**.", elem_id="status")
-                with gr.Row():
-                    view = gr.Dropdown(
-                        view_choices, value=DEFAULT_VIEW, label="Attention share shown", elem_id="heatmap-view"
-                    )
-                    layer = gr.Dropdown(
-                        [("mean over layers", MEAN_LAYER)] + [(f"layer {i}", str(i)) for i in range(n_layers)],
-                        value=MEAN_LAYER,
-                        label="Layer (document shading, drill-down frame)",
-                        elem_id="layer",
-                    )
-                    with gr.Column(min_width=240):
-                        block = gr.Slider(
-                            0, 1, value=0, step=1, label="Drill-down block", interactive=False, elem_id="block"
-                        )
-                        follow = gr.Checkbox(True, label="follow the latest block", elem_id="follow")
-                with gr.Row():
-                    heatmap = gr.Plot(
-                        blank, label="Attention share: layer × block (mean over heads)", elem_id="heatmap", scale=3
-                    )
-                    heads = gr.Plot(
-                        blank, label="Drill-down: layer × head of the selected block", elem_id="heads", scale=2
-                    )
-                gr.Markdown(PLOT_NOTES["heatmap"], elem_id="note-heatmap", container=False)
-                document = gr.HTML(
-                    "<div id='famviz-doc'>No document streamed yet.</div>", label="Document", elem_id="document"
-                )
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        method = gr.Radio(
-                            list(TRAJECTORY_METHODS), value="PCA", label="Trajectory projection", elem_id="method"
-                        )
-                        trajectory = gr.Plot(blank, label="FAM state trajectory", elem_id="trajectory")
-                        gr.Markdown(PLOT_NOTES["trajectory"], elem_id="note-trajectory", container=False)
-                    with gr.Column(scale=1):
-                        dynamics = gr.Plot(blank, label="FAM norm and update per layer", elem_id="dynamics")
-                        gr.Markdown(PLOT_NOTES["dynamics"], elem_id="note-dynamics", container=False)
-                nll = gr.Plot(blank, label="Next-token loss per block", elem_id="nll")
-                gr.Markdown(PLOT_NOTES["nll"], elem_id="note-nll", container=False)
-                with gr.Group():
-                    with gr.Row():
-                        figure_name = gr.Dropdown(
-                            [(f"{name}: {spec.description}", name) for name, spec in export.FIGURES.items()],
-                            value="heatmap",
-                            label="Export figure",
-                            elem_id="export-figure",
-                            scale=2,
-                        )
-                        formats = list(export.FORMATS) if static_problem is None else ["html"]
-                        export_format = gr.Radio(
-                            formats,
-                            value="svg" if static_problem is None else "html",
-                            label="Format",
-                            elem_id="export-format",
-                            scale=1,
-                        )
-                    with gr.Row():
-                        export_button = gr.Button("Export figure", elem_id="export")
-                        trace_button = gr.Button("Download trace (.npz)", elem_id="download-trace")
-                    export_file = gr.File(label="Exported file", interactive=False, elem_id="export-file")
-                    export_note = gr.Markdown(
-                        "Exports are publication-styled (fixed size, caption with the run's settings)."
-                        + (f"\n\n**Note:** {static_problem}" if static_problem else ""),
-                        elem_id="export-note",
-                    )
+                views = _view_controls(n_layers, blank)
+                exports = _export_controls()
         umap_timer = gr.Timer(1.0, active=False)
 
-    def start(*args: object) -> Iterator[tuple]:
-        yield from stream_document(hub, *args, redraw_seconds=context.redraw_seconds)
+    def start(*args: object) -> Iterator[InspectorViews]:
+        yield from stream_document(context.hub, *args, redraw_seconds=context.redraw_seconds)
 
-    outputs = [status, heatmap, heads, document, trajectory, dynamics, nll, block, layer, view, run_state]
-    # Picking a file or typing text selects that source (in the browser, no round trip).
-    upload.upload(None, None, source, js="() => 'upload'")
-    pasted.input(None, None, source, js="() => 'paste'")
-    passkey_tokens.input(None, None, source, js="() => 'passkey'")
+    run_state = context.run_state
+    v = views
+    outputs = list(
+        InspectorViews(
+            v.status,
+            v.heatmap,
+            v.heads,
+            v.document,
+            v.trajectory,
+            v.dynamics,
+            v.nll,
+            v.block,
+            v.layer,
+            v.view,
+            run_state,
+        )
+    )
     run_event = start_button.click(
         start,
-        [
-            model,
-            adapter_dir,
-            device,
-            dtype,
-            source,
-            upload,
-            pasted,
-            passkey_tokens,
-            mode,
-            compare,
-            block_size,
-            fam_len,
-            mem_blocks,
-            max_tokens,
-            trajectory_layers,
-            run_state,
-        ],
+        [*model_inputs, *run.inputs(), run_state],
         outputs,
         api_name="stream",
         show_progress="hidden",
@@ -609,29 +696,37 @@ def build_inspector_tab(context: AppContext) -> None:
     )
     context.refresh_header_after(run_event)
     # In the browser (no server round trip per block): the status's error part, or nothing.
-    status.change(None, [status], [start_error], js=ERROR_BESIDE_START_JS)
+    v.status.change(None, [v.status], [start_error], js=ERROR_BESIDE_START_JS)
     # While streaming with UMAP chosen, the timer picks up background fits as they finish.
     run_event.then(lambda run: gr.Timer(active=run is not None and run.method == "UMAP"), [run_state], [umap_timer])
     stop_button.click(
         stop_run, [run_state], outputs, cancels=[run_event], api_name="stop", show_progress="hidden"
-    ).then(settled_status, [run_state], [status], show_progress="hidden")
-    view.change(change_view, [view, run_state], [heatmap, heads], api_name="view", show_progress="hidden")
-    layer.input(change_layer, [layer, run_state], [heads, document], api_name="layer", show_progress="hidden")
-    block.release(
-        drag_block, [block, run_state], [heatmap, heads, document, follow], api_name="block", show_progress="hidden"
+    ).then(settled_status, [run_state], [v.status], show_progress="hidden")
+    trace_upload.upload(replay_trace, [trace_upload, run_state], outputs, api_name="replay", show_progress="hidden")
+    _wire_views(v, run_state, umap_timer)
+    _wire_exports(exports, run_state)
+
+
+def _wire_views(v: ViewControls, run_state: gr.State, umap_timer: gr.Timer) -> None:
+    """The view controls act on the session's run only (no model)."""
+    drill_down = [v.heatmap, v.heads, v.document, v.follow]
+    v.view.change(change_view, [v.view, run_state], [v.heatmap, v.heads], api_name="view", show_progress="hidden")
+    v.layer.input(change_layer, [v.layer, run_state], [v.heads, v.document], api_name="layer", show_progress="hidden")
+    v.block.release(drag_block, [v.block, run_state], drill_down, api_name="block", show_progress="hidden")
+    v.follow.input(select_block, [v.block, v.follow, run_state], drill_down, show_progress="hidden")
+    v.method.change(
+        change_method, [v.method, run_state], [v.trajectory, umap_timer], api_name="method", show_progress="hidden"
     )
-    follow.input(select_block, [block, follow, run_state], [heatmap, heads, document, follow], show_progress="hidden")
-    method.change(
-        change_method, [method, run_state], [trajectory, umap_timer], api_name="method", show_progress="hidden"
-    )
-    umap_timer.tick(poll_umap, [run_state], [trajectory, umap_timer], show_progress="hidden")
-    export_button.click(
+    umap_timer.tick(poll_umap, [run_state], [v.trajectory, umap_timer], show_progress="hidden")
+
+
+def _wire_exports(exports: ExportControls, run_state: gr.State) -> None:
+    exports.export_button.click(
         export_plot,
-        [figure_name, export_format, run_state],
-        [export_file, export_note],
+        [exports.figure_name, exports.export_format, run_state],
+        [exports.file, exports.note],
         api_name="export",
         concurrency_id="export",
         concurrency_limit=1,
     )
-    trace_button.click(download_trace, [run_state], [export_file, export_note], api_name="download_trace")
-    trace_upload.upload(replay_trace, [trace_upload, run_state], outputs, api_name="replay", show_progress="hidden")
+    exports.trace_button.click(download_trace, [run_state], [exports.file, exports.note], api_name="download_trace")

@@ -30,9 +30,11 @@ from famviz.app.inputs import (
     read_uploaded_document,
     whole_number,
 )
-from famviz.core.config import FamConfig
+from famviz.app.views import PanelViews, SweepViews
+from famviz.core.config import MODES, FamConfig
 from famviz.core.engine import Stream
 from famviz.core.fam_model import FamModel
+from famviz.core.modes import MODE_TABLE
 from famviz.errors import FamvizError
 from famviz.probes import passkey as pk
 from famviz.viz import export
@@ -46,13 +48,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("famviz.app")
 
+# The sweep's columns: every mode of the table, a bounded one with no memory blocks and with one.
 MODE_CHOICES = [
-    ("FAM, no memory blocks", "fam:0"),
-    ("FAM, 1 memory block", "fam:1"),
-    ("BSWA, no memory", "bswa:0"),
-    ("BSWA, 1 memory block", "bswa:1"),
-    ("attention sinks (StreamingLLM), no memory", "sink:0"),
-    ("full attention", "full"),
+    choice
+    for row in MODE_TABLE.values()
+    for choice in (
+        [(f"{row.label}, no memory blocks", f"{row.name}:0"), (f"{row.label}, 1 memory block", f"{row.name}:1")]
+        if row.bounded
+        else [(row.label, row.name)]
+    )
 ]
 FILLER, UPLOAD = "PassKey filler", "Your document (upload)"
 NO_UPLOAD = "No document uploaded: upload a file or use the PassKey filler."
@@ -90,7 +94,7 @@ def _export_path(stem: str, fmt: str) -> Path:
 
 def _mode_tag(spec: pk.ModeSpec) -> str:
     """A mode with its memory blocks for file names: fam0, bswa1, full."""
-    return spec.mode if spec.mode == "full" else f"{spec.mode}{spec.mem_blocks}"
+    return MODE_TABLE[spec.mode].tag(spec.mem_blocks)
 
 
 @dataclass
@@ -162,7 +166,7 @@ def watch_retention(
     seed: float | str | None,
     session: PasskeySession | None,
     model_choice: tuple | None = None,
-) -> Iterator[tuple]:
+) -> Iterator[PanelViews]:
     """Stream one PassKey prompt and probe the memory after every ``every`` blocks once the key went by,
     with the model of the Model panel (``model_choice``). Yields (status, retention figure, session) after
     every block."""
@@ -187,11 +191,13 @@ def watch_retention(
         except ValueError as exc:
             raise FamvizError(str(exc)) from None
     except FamvizError as exc:
-        yield session.error("retention", str(exc)), gr.skip(), session
+        yield PanelViews.only(status=session.error("retention", str(exc)), session=session)
         return
     except Exception as exc:  # the app stays up; details go to the log
         log.exception("could not start the retention probe")
-        yield session.error("retention", f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), session
+        yield PanelViews.only(
+            status=session.error("retention", f"could not start: {type(exc).__name__}: {exc}"), session=session
+        )
         return
 
     session.points, session.key = [], document.key
@@ -207,7 +213,7 @@ def watch_retention(
     total = -(-len(ids) // base.block_size)
     started = time.perf_counter()
     notes = notes_markdown(status_notes(adapter, [fam_model.config]))
-    yield (
+    yield PanelViews(
         (
             f"Streaming {document.length:,} tokens ({total} blocks) with {spec.label} on {label}; key "
             f"**{document.key}**…{notes}"
@@ -222,7 +228,7 @@ def watch_retention(
         except Exception as exc:  # keep the curve so far
             log.exception("retention stream failed")
             stopped = f"stopped at block {index}: {type(exc).__name__}: {exc}"
-            yield session.error("retention", stopped), gr.skip(), session
+            yield PanelViews.only(status=session.error("retention", stopped), session=session)
             return
         last = session.points[-1] if session.points else None
         said = "no number" if last is None or last.predicted is None else last.predicted
@@ -238,9 +244,9 @@ def watch_retention(
             f"Block **{index + 1} / {total}** · {stream.position:,} tokens · "
             f"{time.perf_counter() - started:.1f} s · key {document.key}{answer}{notes}"
         )
-        yield status, retention_figure(session.points, document.key), session
+        yield PanelViews(status, retention_figure(session.points, document.key), session)
     kept = sum(p.correct for p in session.points)
-    yield (
+    yield PanelViews(
         (
             f"Done: key retrieved in **{kept} of {len(session.points)}** probes · {document.length:,} tokens · "
             f"{time.perf_counter() - started:.1f} s · {label}{notes}"
@@ -255,10 +261,10 @@ def _rows(cells: list[pk.CellResult]) -> list[list]:
     return [[c.label, c.length, c.depth, c.trials, round(c.accuracy, 3), round(c.mean_key_logprob, 3)] for c in cells]
 
 
-def sweep_views(record: SweepRecord) -> tuple:
-    """(heatmap, table) of one sweep, each naming the model and adapter that made it."""
+def sweep_views(record: SweepRecord) -> dict:
+    """The heatmap and table of one sweep, each naming the model and adapter that made it."""
     heatmap = passkey_heatmap(record.cells, f"{SWEEP_TITLE}<br><sup>{record.caption}</sup>")
-    return heatmap, gr.update(value=_rows(record.cells), label=f"Cells of {record.label}")
+    return {"heatmap": heatmap, "table": gr.update(value=_rows(record.cells), label=f"Cells of {record.label}")}
 
 
 def sweep_choices(session: PasskeySession) -> dict:
@@ -272,7 +278,8 @@ def show_sweep(number: int | None, session: PasskeySession | None) -> tuple:
     if session is None or not any(s.number == number for s in session.sweeps):
         return gr.skip(), gr.skip()
     session.shown_sweep = number
-    return sweep_views(session.sweep)
+    views = sweep_views(session.sweep)
+    return views["heatmap"], views["table"]
 
 
 def run_sweep(
@@ -286,7 +293,7 @@ def run_sweep(
     seed: float | str | None,
     session: PasskeySession | None,
     model_choice: tuple | None = None,
-) -> Iterator[tuple]:
+) -> Iterator[SweepViews]:
     """Every (mode, length, depth) cell, trial by trial, with the Model panel's model (``model_choice``);
     yields (status, heatmap, table, sweep dropdown, session). The sweep is added to the session's kept ones
     (its heatmap and table drawn while it is the one shown)."""
@@ -310,12 +317,12 @@ def run_sweep(
             raise FamvizError(str(exc)) from None
         fam_prompt = _fam_prompt(loaded, adapter, [pk.sweep_config(base, spec) for spec in specs])
     except FamvizError as exc:
-        yield session.error("sweep", str(exc)), gr.skip(), gr.skip(), gr.skip(), session
+        yield SweepViews.only(status=session.error("sweep", str(exc)), session=session)
         return
     except Exception as exc:  # keep what was measured
         log.exception("could not start the sweep")
         could_not = f"could not start: {type(exc).__name__}: {exc}"
-        yield session.error("sweep", could_not), gr.skip(), gr.skip(), gr.skip(), session
+        yield SweepViews.only(status=session.error("sweep", could_not), session=session)
         return
 
     number = session.sweeps[-1].number + 1 if session.sweeps else 1
@@ -340,18 +347,18 @@ def run_sweep(
     )
     session.add_sweep(record)
 
-    def views() -> tuple:  # the heatmap and table, unless another kept sweep is shown now
-        return sweep_views(record) if session.shown_sweep == record.number else (gr.skip(), gr.skip())
+    def views() -> dict:  # the heatmap and table, unless another kept sweep is shown now
+        return sweep_views(record) if session.shown_sweep == record.number else {}
 
     total = len(specs) * len(documents) * trials
     done, started = 0, time.perf_counter()
     notes = notes_markdown(status_notes(adapter, [pk.sweep_config(base, spec) for spec in specs]))
     kept = f" (earlier sweeps stay under *Sweeps*, the last {KEPT_SWEEPS} kept)" if len(session.sweeps) > 1 else ""
-    yield (
-        f"Sweeping {len(specs) * len(documents)} cells × {trials} trials on {label}…{kept}{notes}",
-        *views(),
-        sweep_choices(session),
-        session,
+    yield SweepViews.only(
+        status=f"Sweeping {len(specs) * len(documents)} cells × {trials} trials on {label}…{kept}{notes}",
+        sweeps=sweep_choices(session),
+        session=session,
+        **views(),
     )
     cells, cell_starts = record.cells, True
     try:
@@ -367,18 +374,14 @@ def run_sweep(
                 f"Trial **{done} / {total}** · {step.cell.label}, {step.cell.length:,} tokens, "
                 f"depth {step.cell.depth:g} · {elapsed:.0f} s elapsed · {label}{notes}"
             )
-            yield status, *views(), gr.skip(), session
+            yield SweepViews.only(status=status, session=session, **views())
     except Exception as exc:  # keep the cells so far
         log.exception("sweep failed")
         stopped = f"stopped: {type(exc).__name__}: {exc}"
-        yield session.error("sweep", stopped), gr.skip(), gr.skip(), gr.skip(), session
+        yield SweepViews.only(status=session.error("sweep", stopped), session=session)
         return
-    yield (
-        (f"Done: {len(record.cells)} cells, {total} trials in {time.perf_counter() - started:.0f} s · {label}{notes}"),
-        *views(),
-        gr.skip(),
-        session,
-    )
+    done_status = f"Done: {len(record.cells)} cells, {total} trials in {time.perf_counter() - started:.0f} s · {label}"
+    yield SweepViews.only(status=done_status + notes, session=session, **views())
 
 
 # -- interventions ------------------------------------------------------------------------------------------------
@@ -403,7 +406,7 @@ def run_interventions_tab(
     seed: float | str | None,
     session: PasskeySession | None,
     model_choice: tuple | None = None,
-) -> Iterator[tuple]:
+) -> Iterator[PanelViews]:
     """FAM ablation / patching (``famviz.probes.ablation``) with the Model panel's model; yields (status, heatmap,
     session) as the interventions finish, the heatmap redrawn about once a second."""
     from famviz.probes import ablation as ab
@@ -426,11 +429,13 @@ def run_interventions_tab(
         block_list = list(range(1, n_blocks + 1)) if blocks == "all" else None
         results = ab.iter_interventions(fam_model, cases, method, blocks=block_list, layers=layer_list)
     except (FamvizError, ValueError) as exc:
-        yield session.error("interventions", str(exc)), gr.skip(), session
+        yield PanelViews.only(status=session.error("interventions", str(exc)), session=session)
         return
     except Exception as exc:
         log.exception("could not start the interventions")
-        yield session.error("interventions", f"could not start: {type(exc).__name__}: {exc}"), gr.skip(), session
+        yield PanelViews.only(
+            status=session.error("interventions", f"could not start: {type(exc).__name__}: {exc}"), session=session
+        )
         return
     label = loaded.label
     session.intervention_file_tag = export.file_stem(method, "fam0", export.adapter_tag(loaded.adapter))
@@ -447,7 +452,7 @@ def run_interventions_tab(
         **fam_model.config.to_dict(),
     }
     notes = notes_markdown(status_notes(adapter, [fam_model.config]))
-    yield f"Intervening ({method}) on {label}…{notes}", intervention_heatmap({}), session
+    yield PanelViews(f"Intervening ({method}) on {label}…{notes}", intervention_heatmap({}), session)
     started, drawn, done, result = time.perf_counter(), 0.0, 0, None
     try:
         for result in results:
@@ -455,7 +460,7 @@ def run_interventions_tab(
             session.intervention = dict(result.to_dict(), config=config)
             if time.perf_counter() - drawn >= REDRAW_SECONDS:
                 drawn = time.perf_counter()
-                yield (
+                yield PanelViews(
                     (
                         f"Intervention **{done}** · trial {result.trials} / {trials} · "
                         f"{drawn - started:.0f} s elapsed · {label}{notes}"
@@ -465,10 +470,12 @@ def run_interventions_tab(
                 )
     except Exception as exc:
         log.exception("interventions failed")
-        yield session.error("interventions", f"stopped: {type(exc).__name__}: {exc}"), gr.skip(), session
+        yield PanelViews.only(
+            status=session.error("interventions", f"stopped: {type(exc).__name__}: {exc}"), session=session
+        )
         return
     values = ", ".join(f"{k} {v:.2f}" for k, v in (result.values if result else {}).items())
-    yield (
+    yield PanelViews(
         (
             f"Done: {done} interventions in {time.perf_counter() - started:.0f} s · mean log p(key): {values} · "
             f"{label}{notes}"
@@ -533,18 +540,37 @@ def download_results(session: PasskeySession | None) -> tuple:
 
 
 # -- the tab --------------------------------------------------------------------------------------------------------
+INTRO = (
+    "Hide a pass key in irrelevant text and ask for it at the end (the paper's PassKey test). "
+    "**Watch retention** streams one prompt and, after every *k* blocks once the key has gone by, forks "
+    "the memory, asks the question and decodes the answer: does the memory still hold the key? "
+    "**Sweep** measures accuracy over lengths × depths for several modes. Depth 0 puts the key right "
+    "after the instruction (the paper's setting), 1 right before the question."
+)
+INTERVENTIONS_NOTE = (
+    "Attention shares say where a query looks; interventions say what the memory is used for. Each cell "
+    "replaces the FAM of one layer (or of all) as it stands after a block, then streams on to the question "
+    "and scores log p(key): **ablate** puts the initial FAM there (what the model knows without memory), "
+    "**patch** the FAM of the same prompt with another key (the key's causal path), **write time** patches "
+    "the clean FAM into that other key's run after each block (when the key entered memory, and where it "
+    "stays). Red: the key became less likely; blue: more. FAM mode, no memory blocks, the Model panel's model."
+)
+
+
+@dataclass
+class SharedInputs:
+    """The tab's inputs every panel reads: the geometry, the seed and the session's results."""
+
+    block_size: gr.Number
+    fam_len: gr.Number
+    seed: gr.Number
+    session: gr.State
+
+
 def build_passkey_tab(context: AppContext) -> None:
-    static_problem = export.static_export_problem()
-    formats = list(export.FORMATS) if static_problem is None else ["html"]
     with gr.Tab("PassKey", id="passkey", elem_id="tab-passkey"):
         session = gr.State(None)  # inside the tab: another child of gr.Tabs would show as a second tab label
-        gr.Markdown(
-            "Hide a pass key in irrelevant text and ask for it at the end (the paper's PassKey test). "
-            "**Watch retention** streams one prompt and, after every *k* blocks once the key has gone by, forks "
-            "the memory, asks the question and decodes the answer: does the memory still hold the key? "
-            "**Sweep** measures accuracy over lengths × depths for several modes. Depth 0 puts the key right "
-            "after the instruction (the paper's setting), 1 right before the question."
-        )
+        gr.Markdown(INTRO)
         with gr.Row():
             trained = context.defaults  # the startup adapter's geometry (the tool's defaults without one)
             block_size = gr.Number(
@@ -554,148 +580,148 @@ def build_passkey_tab(context: AppContext) -> None:
                 value=trained.fam_len, precision=None, step=1, label="FAM length (slots)", elem_id="pk-fam-len"
             )
             seed = gr.Number(value=0, precision=None, step=1, label="Seed", elem_id="pk-seed")
-        gr.Markdown("### Watch retention")
-        with gr.Row():
-            mode = gr.Radio(["fam", "bswa", "sink", "full"], value="fam", label="Mode", elem_id="pk-mode")
-            mem_blocks = gr.Number(
-                value=trained.mem_blocks if context.hub.default[1] else 0,
-                precision=None,
-                step=1,
-                label="Memory blocks",
-                elem_id="pk-mem-blocks",
-            )
-            length = gr.Number(value=2000, precision=None, step=1, label="Length (tokens)", elem_id="pk-length")
-            depth = gr.Slider(0, 1, value=0, step=0.05, label="Key depth", elem_id="pk-depth")
-            every = gr.Number(value=1, precision=None, step=1, label="Probe every k blocks", elem_id="pk-every")
-        context.geometry_fields.append((block_size, fam_len, mem_blocks))
-        with gr.Row():
-            source = gr.Radio([FILLER, UPLOAD], value=FILLER, label="Hide the key in", elem_id="pk-source")
-            upload = gr.File(label=f"Document {UPLOAD_LABEL}", type="filepath", elem_id="pk-upload")
-        with gr.Row():
-            watch_button = gr.Button("Watch retention", variant="primary", elem_id="pk-watch")
-            watch_stop = gr.Button("Stop", variant="stop", elem_id="pk-watch-stop")
-        retention_status = gr.Markdown("", elem_id="pk-retention-status")
-        retention_plot = gr.Plot(retention_figure([]), label="Retention", elem_id="pk-retention")
+        shared = SharedInputs(block_size, fam_len, seed, session)
+        _retention_panel(context, shared)
+        _sweep_panel(context, shared)
+        _interventions_panel(context, shared)
+        _export_panel(session)
 
-        gr.Markdown("### Sweep length × depth")
-        with gr.Row():
-            modes = gr.CheckboxGroup(MODE_CHOICES, value=["fam:0", "bswa:0", "full"], label="Modes", elem_id="pk-modes")
-            lengths = gr.Textbox(value="1000,2000", label="Lengths (tokens)", elem_id="pk-lengths")
-            depths = gr.Textbox(value="0,0.5,1", label="Depths", elem_id="pk-depths")
-            trials = gr.Number(value=3, precision=None, step=1, label="Trials per cell", elem_id="pk-trials")
-        with gr.Row():
-            sweep_button = gr.Button("Run sweep", variant="primary", elem_id="pk-sweep")
-            sweep_stop = gr.Button("Stop", variant="stop", elem_id="pk-sweep-stop")
-        sweep_status = gr.Markdown("", elem_id="pk-sweep-status")
-        sweeps = gr.Dropdown(
-            [], value=None, label=f"Sweeps (the last {KEPT_SWEEPS} are kept; pick one to show)", elem_id="pk-sweeps"
-        )
-        heatmap = gr.Plot(passkey_heatmap([], SWEEP_TITLE), label="Accuracy", elem_id="pk-heatmap")
-        table = gr.Dataframe(
-            headers=["mode", "length", "depth", "trials", "accuracy", "mean log p(key)"],
-            label="Cells",
-            interactive=False,
-            elem_id="pk-table",
-        )
 
-        gr.Markdown("### Where the memory keeps the key: interventions on the FAM")
-        gr.Markdown(
-            "Attention shares say where a query looks; interventions say what the memory is used for. Each cell "
-            "replaces the FAM of one layer (or of all) as it stands after a block, then streams on to the question "
-            "and scores log p(key): **ablate** puts the initial FAM there (what the model knows without memory), "
-            "**patch** the FAM of the same prompt with another key (the key's causal path), **write time** patches "
-            "the clean FAM into that other key's run after each block (when the key entered memory, and where it "
-            "stays). Red: the key became less likely; blue: more. FAM mode, no memory blocks, the Model panel's model.",
-            elem_id="note-interventions",
-        )
-        with gr.Row():
-            method = gr.Radio(INTERVENTION_METHODS, value="ablate", label="Method", elem_id="ab-method")
-            ab_length = gr.Number(value=1024, precision=None, step=1, label="Length (tokens)", elem_id="ab-length")
-            ab_depth = gr.Slider(0, 1, value=0, step=0.05, label="Key depth", elem_id="ab-depth")
-            ab_trials = gr.Number(value=1, precision=None, step=1, label="Trials", elem_id="ab-trials")
-            ab_layers = gr.Textbox(value="", label="Layers (empty: all)", elem_id="ab-layers")
-            ab_blocks = gr.Radio(
-                [("the question block's FAM", "last"), ("after every block", "all")],
-                value="last",
-                label="Replace the FAM after",
-                elem_id="ab-blocks",
-                info="write time always uses every block",
-            )
-        with gr.Row():
-            ab_button = gr.Button("Run interventions", variant="primary", elem_id="ab-run")
-            ab_stop = gr.Button("Stop", variant="stop", elem_id="ab-stop")
-        ab_status = gr.Markdown("", elem_id="ab-status")
-        ab_plot = gr.Plot(intervention_heatmap({}), label="Δ log p(key)", elem_id="ab-heatmap")
-        with gr.Row():
-            which = gr.Radio(
-                [
-                    ("Sweep heatmap", "heatmap"),
-                    ("Retention curve", "retention"),
-                    ("Intervention heatmap", "interventions"),
-                ],
-                value="heatmap",
-                label="Export",
-                elem_id="pk-export-which",
-            )
-            fmt = gr.Radio(
-                formats, value="svg" if static_problem is None else "html", label="Format", elem_id="pk-export-format"
-            )
-            export_button = gr.Button("Export figure", elem_id="pk-export")
-            json_button = gr.Button("Download results (.json)", elem_id="pk-download")
-        export_file = gr.File(label="Exported file", interactive=False, elem_id="pk-export-file")
-        export_note = gr.Markdown(
-            "" if static_problem is None else f"**Note:** {static_problem}", elem_id="pk-export-note"
-        )
+def _run_on_chosen_model(
+    context: AppContext,
+    button: gr.Button,
+    stop: gr.Button,
+    handler: Callable,
+    inputs: list,
+    outputs: list,
+    api_name: str,
+) -> None:
+    """``handler(context, *inputs, model_choice=...)`` on the Model panel's choice (its four inputs come first),
+    queued on the model with the inspector's stream (one forward pass at a time), ``stop`` cancelling it, and
+    the page's model line redrawn after it."""
 
-    def run_on_chosen_model(
-        button: gr.Button, stop: gr.Button, handler: Callable, inputs: list, outputs: list, api_name: str
-    ) -> None:
-        """``handler(context, *inputs, model_choice=...)`` on the Model panel's choice (its four inputs come
-        first), queued on the model with the inspector's stream (one forward pass at a time), ``stop``
-        cancelling it, and the page's model line redrawn after it."""
+    def run(
+        model: str | None, adapter_dir: str | None, device: str | None, dtype: str | None, *args: object
+    ) -> Iterator:
+        yield from handler(context, *args, model_choice=(model, adapter_dir, device, dtype))
 
-        def run(
-            model: str | None, adapter_dir: str | None, device: str | None, dtype: str | None, *args: object
-        ) -> Iterator[tuple]:
-            yield from handler(context, *args, model_choice=(model, adapter_dir, device, dtype))
-
-        event = button.click(
-            run,
-            [*context.model_inputs, *inputs],
-            outputs,
-            api_name=api_name,
-            show_progress="hidden",
-            concurrency_id="model",
-            concurrency_limit=1,
-        )
-        stop.click(None, cancels=[event])
-        context.refresh_header_after(event)
-
-    run_on_chosen_model(
-        watch_button,
-        watch_stop,
-        watch_retention,
-        [mode, mem_blocks, block_size, fam_len, length, depth, every, source, upload, seed, session],
-        [retention_status, retention_plot, session],
-        "passkey_retention",
+    event = button.click(
+        run,
+        [*context.model_inputs, *inputs],
+        outputs,
+        api_name=api_name,
+        show_progress="hidden",
+        concurrency_id="model",
+        concurrency_limit=1,
     )
-    run_on_chosen_model(
-        sweep_button,
-        sweep_stop,
-        run_sweep,
-        [modes, lengths, depths, trials, block_size, fam_len, seed, session],
-        [sweep_status, heatmap, table, sweeps, session],
-        "passkey_sweep",
-    )
-    sweeps.input(show_sweep, [sweeps, session], [heatmap, table], show_progress="hidden")
-    run_on_chosen_model(
-        ab_button,
-        ab_stop,
-        run_interventions_tab,
-        [method, ab_length, ab_depth, ab_trials, ab_layers, ab_blocks, block_size, fam_len, seed, session],
-        [ab_status, ab_plot, session],
-        "passkey_interventions",
-    )
+    stop.click(None, cancels=[event])
+    context.refresh_header_after(event)
+
+
+def _retention_panel(context: AppContext, shared: SharedInputs) -> None:
+    gr.Markdown("### Watch retention")
+    with gr.Row():
+        mode = gr.Radio(list(MODES), value="fam", label="Mode", elem_id="pk-mode")
+        mem_blocks = gr.Number(
+            value=context.defaults.mem_blocks if context.hub.default[1] else 0,
+            precision=None,
+            step=1,
+            label="Memory blocks",
+            elem_id="pk-mem-blocks",
+        )
+        length = gr.Number(value=2000, precision=None, step=1, label="Length (tokens)", elem_id="pk-length")
+        depth = gr.Slider(0, 1, value=0, step=0.05, label="Key depth", elem_id="pk-depth")
+        every = gr.Number(value=1, precision=None, step=1, label="Probe every k blocks", elem_id="pk-every")
+    context.geometry_fields.append((shared.block_size, shared.fam_len, mem_blocks))
+    with gr.Row():
+        source = gr.Radio([FILLER, UPLOAD], value=FILLER, label="Hide the key in", elem_id="pk-source")
+        upload = gr.File(label=f"Document {UPLOAD_LABEL}", type="filepath", elem_id="pk-upload")
+    with gr.Row():
+        button = gr.Button("Watch retention", variant="primary", elem_id="pk-watch")
+        stop = gr.Button("Stop", variant="stop", elem_id="pk-watch-stop")
+    status = gr.Markdown("", elem_id="pk-retention-status")
+    plot = gr.Plot(retention_figure([]), label="Retention", elem_id="pk-retention")
     upload.upload(None, None, source, js=f"() => '{UPLOAD}'")
-    export_button.click(export_passkey, [which, fmt, session], [export_file, export_note], api_name="passkey_export")
-    json_button.click(download_results, [session], [export_file, export_note], api_name="passkey_download")
+    inputs = [mode, mem_blocks, shared.block_size, shared.fam_len, length, depth, every, source, upload, shared.seed]
+    outputs = list(PanelViews(status, plot, shared.session))
+    _run_on_chosen_model(
+        context, button, stop, watch_retention, [*inputs, shared.session], outputs, "passkey_retention"
+    )
+
+
+def _sweep_panel(context: AppContext, shared: SharedInputs) -> None:
+    gr.Markdown("### Sweep length × depth")
+    with gr.Row():
+        modes = gr.CheckboxGroup(MODE_CHOICES, value=["fam:0", "bswa:0", "full"], label="Modes", elem_id="pk-modes")
+        lengths = gr.Textbox(value="1000,2000", label="Lengths (tokens)", elem_id="pk-lengths")
+        depths = gr.Textbox(value="0,0.5,1", label="Depths", elem_id="pk-depths")
+        trials = gr.Number(value=3, precision=None, step=1, label="Trials per cell", elem_id="pk-trials")
+    with gr.Row():
+        button = gr.Button("Run sweep", variant="primary", elem_id="pk-sweep")
+        stop = gr.Button("Stop", variant="stop", elem_id="pk-sweep-stop")
+    status = gr.Markdown("", elem_id="pk-sweep-status")
+    sweeps = gr.Dropdown(
+        [], value=None, label=f"Sweeps (the last {KEPT_SWEEPS} are kept; pick one to show)", elem_id="pk-sweeps"
+    )
+    heatmap = gr.Plot(passkey_heatmap([], SWEEP_TITLE), label="Accuracy", elem_id="pk-heatmap")
+    table = gr.Dataframe(
+        headers=["mode", "length", "depth", "trials", "accuracy", "mean log p(key)"],
+        label="Cells",
+        interactive=False,
+        elem_id="pk-table",
+    )
+    inputs = [modes, lengths, depths, trials, shared.block_size, shared.fam_len, shared.seed, shared.session]
+    outputs = list(SweepViews(status, heatmap, table, sweeps, shared.session))
+    _run_on_chosen_model(context, button, stop, run_sweep, inputs, outputs, "passkey_sweep")
+    sweeps.input(show_sweep, [sweeps, shared.session], [heatmap, table], show_progress="hidden")
+
+
+def _interventions_panel(context: AppContext, shared: SharedInputs) -> None:
+    gr.Markdown("### Where the memory keeps the key: interventions on the FAM")
+    gr.Markdown(INTERVENTIONS_NOTE, elem_id="note-interventions")
+    with gr.Row():
+        method = gr.Radio(INTERVENTION_METHODS, value="ablate", label="Method", elem_id="ab-method")
+        length = gr.Number(value=1024, precision=None, step=1, label="Length (tokens)", elem_id="ab-length")
+        depth = gr.Slider(0, 1, value=0, step=0.05, label="Key depth", elem_id="ab-depth")
+        trials = gr.Number(value=1, precision=None, step=1, label="Trials", elem_id="ab-trials")
+        layers = gr.Textbox(value="", label="Layers (empty: all)", elem_id="ab-layers")
+        blocks = gr.Radio(
+            [("the question block's FAM", "last"), ("after every block", "all")],
+            value="last",
+            label="Replace the FAM after",
+            elem_id="ab-blocks",
+            info="write time always uses every block",
+        )
+    with gr.Row():
+        button = gr.Button("Run interventions", variant="primary", elem_id="ab-run")
+        stop = gr.Button("Stop", variant="stop", elem_id="ab-stop")
+    status = gr.Markdown("", elem_id="ab-status")
+    plot = gr.Plot(intervention_heatmap({}), label="Δ log p(key)", elem_id="ab-heatmap")
+    inputs = [method, length, depth, trials, layers, blocks, shared.block_size, shared.fam_len, shared.seed]
+    outputs = list(PanelViews(status, plot, shared.session))
+    _run_on_chosen_model(
+        context, button, stop, run_interventions_tab, [*inputs, shared.session], outputs, "passkey_interventions"
+    )
+
+
+def _export_panel(session: gr.State) -> None:
+    static_problem = export.static_export_problem()
+    with gr.Row():
+        which = gr.Radio(
+            [("Sweep heatmap", "heatmap"), ("Retention curve", "retention"), ("Intervention heatmap", "interventions")],
+            value="heatmap",
+            label="Export",
+            elem_id="pk-export-which",
+        )
+        fmt = gr.Radio(
+            list(export.FORMATS) if static_problem is None else ["html"],
+            value="svg" if static_problem is None else "html",
+            label="Format",
+            elem_id="pk-export-format",
+        )
+        export_button = gr.Button("Export figure", elem_id="pk-export")
+        json_button = gr.Button("Download results (.json)", elem_id="pk-download")
+    file = gr.File(label="Exported file", interactive=False, elem_id="pk-export-file")
+    note = gr.Markdown("" if static_problem is None else f"**Note:** {static_problem}", elem_id="pk-export-note")
+    export_button.click(export_passkey, [which, fmt, session], [file, note], api_name="passkey_export")
+    json_button.click(download_results, [session], [file, note], api_name="passkey_download")

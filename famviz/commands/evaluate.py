@@ -346,6 +346,7 @@ def evaluation_table(result: dict) -> str:
             f"  evaluated {nll['tuned']:.4f}   untuned same mode {nll['untuned_same_mode']:.4f}   "
             f"untuned full attention {nll['untuned_full_attention']:.4f}   ({nll['relative_change']:+.1%} vs full)",
         ]
+    width = max(len(label) for _, label in LONG_DOCUMENT_MODELS)
     for row in result.get("long_documents") or []:
         lines += ["", f"Long document {row['document']} ({row['tokens']:,} tokens): mean NLL [quarters]"]
         for key, label in LONG_DOCUMENT_MODELS:
@@ -353,7 +354,7 @@ def evaluation_table(result: dict) -> str:
                 continue
             part = row[key]
             lines.append(
-                f"  {label:<27} {part['nll']:.3f}  [" + " ".join(f"{q:.3f}" for q in part["nll_quarters"]) + "]"
+                f"  {label:<{width}} {part['nll']:.3f}  [" + " ".join(f"{q:.3f}" for q in part["nll_quarters"]) + "]"
             )
         norms = row["tuned"].get("fam_norm_after_blocks") or {}
         same = f", ÷ same weights in bswa {row['tuned_vs_tuned_bswa']:.3f}" if "tuned_vs_tuned_bswa" in row else ""

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     loaded, fam_prompt = load_for_cli(args, base)
     backend = resolve_backend(args.backend, loaded.device)
     # Notes about the runs the adapter is used in (a sweep's fam columns), not about the --mem-blocks default.
-    tuned = [pk.sweep_config(base, spec) for spec in specs if spec.mode == "fam"]
+    tuned = [config for config in (pk.sweep_config(base, spec) for spec in specs) if config.active_fam_len]
     print_geometry_notes(args.adapter, *(tuned or [base]))
     config = {
         "block_size": base.block_size,

@@ -13,6 +13,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from famviz.core.modes import mode_names
 from famviz.training.config import USED_TEXTS, TrainConfig, resolve_config  # light: no torch
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         help="print the run's settings (the recipe, the options given and the defaults) as a recipe file and exit",
     )
     parser.add_argument("--model", default=None, help="HF id or local path (default: the bundled SmolLM2-135M)")
-    parser.add_argument("--mode", choices=("fam", "bswa"), default=None, help=f"default {d.mode}")
+    parser.add_argument("--mode", choices=mode_names("trainable"), default=None, help=f"default {d.mode}")
     for name, kind, help_text in (
         ("block_size", int, "tokens per block"),
         ("fam_len", int, "FAM slots per layer"),

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from famviz.core.config import BLOCK_GROUPS, FAM_GROUPS
+from famviz.core.modes import BLOCK_GROUPS, FAM_GROUPS
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -7,25 +7,21 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from famviz.core.modes import MODE_TABLE, Mode, mode_names
 from famviz.errors import ConfigError
 
-MODES = ("full", "bswa", "fam", "sink")
+MODES = mode_names()  # "fam", "bswa", "sink", "full": the rows of core.modes.MODE_TABLE
 FAM_NORMS = ("grow", "keep")  # how a FAM slot's norm evolves over updates (FamConfig.fam_norm)
-# The key groups attention shares are measured over (docs/algorithm.md §2's window): what block queries and what FAM
-# queries attend to. Engine, trace, figures and app all take them from here. "sink" (the first tokens kept
-# by sink mode) comes last, so traces written before it existed keep their group indices.
-BLOCK_GROUPS = ("fam", "memory", "block", "sink")
-FAM_GROUPS = ("fam", "block")
 
 
 @dataclass(frozen=True)
 class FamConfig:
     """How a document is streamed.
 
-    mode: ``full`` (the model's own causal attention, unbounded cache), ``bswa`` (block sliding
-    window attention), ``fam`` (BSWA plus Feedback Attention Memory) or ``sink`` (BSWA plus the
-    keys/values of the stream's first ``sink_tokens`` tokens kept for ever: StreamingLLM's attention
-    sinks, the training-free streaming baseline).
+    mode: a row of ``core.modes.MODE_TABLE``: ``fam`` (BSWA plus Feedback Attention Memory), ``bswa`` (block
+    sliding window attention), ``sink`` (BSWA plus the keys/values of the stream's first ``sink_tokens``
+    tokens kept for ever: StreamingLLM's attention sinks, the training-free streaming baseline) or ``full``
+    (the model's own causal attention, unbounded cache).
     block_size: tokens per block. fam_len: FAM slots per layer (used by ``fam`` only).
     mem_blocks: cached past blocks of token keys/values per layer (``bswa``, ``fam`` and ``sink``).
     sink_tokens: kept first tokens (used by ``sink`` only; StreamingLLM's default is 4).
@@ -59,27 +55,42 @@ class FamConfig:
             raise ConfigError(f"sink tokens must be 0 or more, got {self.sink_tokens}")
 
     @property
+    def spec(self) -> Mode:
+        """This config's row of the mode table: what its blocks attend to and which settings it reads."""
+        return MODE_TABLE[self.mode]
+
+    @property
     def active_fam_len(self) -> int:
-        """FAM slots actually used: only ``fam`` mode has a FAM."""
-        return self.fam_len if self.mode == "fam" else 0
+        """FAM slots actually used: only a mode with a FAM has any."""
+        return self.fam_len if self.spec.fam else 0
 
     @property
     def active_sink_tokens(self) -> int:
-        """First tokens kept for ever: only ``sink`` mode keeps any."""
-        return self.sink_tokens if self.mode == "sink" else 0
+        """First tokens kept for ever: only a mode with sinks keeps any."""
+        return self.sink_tokens if self.spec.sinks else 0
 
     @property
     def bounded(self) -> bool:
         """Whether the carried state has constant size (every mode but ``full``)."""
-        return self.mode != "full"
+        return self.spec.bounded
+
+    @property
+    def has_memory(self) -> bool:
+        """Whether a block's queries can see earlier blocks' tokens (memory blocks, or full attention's cache)."""
+        return not self.bounded or self.mem_blocks > 0
+
+    def geometry(self) -> list[str]:
+        """The settings this mode reads, as words for status lines: ``block 256``, ``memory blocks 1``, ``FAM 64``."""
+        words = {"block_size": "block", "mem_blocks": "memory blocks", "fam_len": "FAM", "sink_tokens": "sink tokens"}
+        return [f"{words[name]} {getattr(self, name)}" for name in self.spec.options if name in words]
 
     def to_dict(self) -> dict:
-        """The settings; ``sink_tokens`` only in sink mode (where it means something), so records of the
-        other modes read as they always have."""
+        """The settings; ``sink_tokens`` and a non-default ``fam_norm`` only where the mode reads them, so records
+        of the other modes read as they always have."""
         settings = asdict(self)
-        if self.mode != "sink":
+        if "sink_tokens" not in self.spec.options:
             settings.pop("sink_tokens")
-        if self.mode != "fam" or self.fam_norm == "grow":
+        if "fam_norm" not in self.spec.options or self.fam_norm == "grow":
             settings.pop("fam_norm")
         return settings
 
@@ -109,9 +120,8 @@ def check_limits(config: FamConfig) -> FamConfig:
     """``config`` if its numbers lie within ``LIMITS`` (the FAM length only matters in fam mode), else a
     ConfigError naming the first one that does not."""
     for name in ("block_size", "fam_len", "mem_blocks", "sink_tokens"):
-        if (name == "fam_len" and config.mode != "fam") or (name == "sink_tokens" and config.mode != "sink"):
-            continue
-        check_limit(name, getattr(config, name))
+        if name in config.spec.options or name == "mem_blocks":
+            check_limit(name, getattr(config, name))
     return config
 
 
@@ -125,7 +135,7 @@ def check_limit(name: str, value: int) -> int:
 def geometry_warnings(config: FamConfig) -> list[str]:
     """Settings that run but are unlikely to be what was meant (shown beside the results, never refused)."""
     warnings = []
-    if config.mode == "fam" and config.fam_len and config.block_size < config.fam_len:
+    if config.active_fam_len and config.block_size < config.fam_len:
         warnings.append(
             f"the block ({config.block_size} tokens) is shorter than the FAM ({config.fam_len} slots): "
             f"each update compresses fewer tokens than the memory holds, and streaming is slow"
@@ -136,7 +146,7 @@ def geometry_warnings(config: FamConfig) -> list[str]:
 def trained_geometry_differences(trained: FamConfig, config: FamConfig, adapter: str) -> list[str]:
     """One line per geometry setting in which a run differs from what its adapter was trained with (the
     mode may differ: comparing a tuned model's fam run with bswa or full is routine)."""
-    names = ["block_size", "mem_blocks"] + (["fam_len", "fam_norm"] if config.mode == "fam" else [])
+    names = ["block_size", "mem_blocks"] + (["fam_len", "fam_norm"] if config.spec.fam else [])
     return [
         f"adapter {adapter} was trained with {LABELS.get(name, name)} {getattr(trained, name)}, "
         f"this run uses {getattr(config, name)}"

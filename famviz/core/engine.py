@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from famviz.core.config import BLOCK_GROUPS, FAM_GROUPS, FamConfig
+from famviz.core.config import FamConfig
 from famviz.core.fam_model import BlockOutput, FamModel, StreamState
 from famviz.core.model import LoadedModel
+from famviz.core.modes import BLOCK_GROUPS, FAM_GROUPS
 from famviz.core.tokenize import IncrementalTokenizer
 from famviz.core.trace import ChannelSelection, Trace
 

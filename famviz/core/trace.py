@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from famviz.core.config import BLOCK_GROUPS
+from famviz.core.modes import BLOCK_GROUPS
 from famviz.errors import FamvizError
 
 TRACE_FORMAT = "famviz-trace"

@@ -23,6 +23,7 @@ import torch
 
 from famviz.core.config import TOOL_DEFAULTS, FamConfig
 from famviz.core.model import LoadedModel
+from famviz.core.modes import MODE_TABLE, mode_names
 from famviz.errors import AdapterError
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ def check_compatible(adapter: Adapter, loaded: LoadedModel, config: FamConfig) -
                 f"adapter {adapter.directory} was made for a model with {key}={adapter.meta.get(key)!r}, "
                 f"this model has {key}={value!r} (base model of the adapter: {adapter.meta.get('base_model')!r})"
             )
-    if config.mode == "fam" and adapter.fam_prompt is not None:
+    if config.active_fam_len and adapter.fam_prompt is not None:
         trained_len = adapter.fam_config.get("fam_len")
         if trained_len != config.fam_len:
             # Its learned initial FAM has exactly this many slots: no other length has a trained meaning.
@@ -148,7 +149,7 @@ def apply_adapter(directory: str | Path, loaded: LoadedModel, config: FamConfig)
             raise AdapterError(f"cannot apply the LoRA weights in {adapter.directory}: {exc}") from None
         loaded.model = merged.eval().requires_grad_(False)
     loaded.adapter = adapter.directory.name
-    if adapter.fam_prompt is None or config.mode != "fam":
+    if adapter.fam_prompt is None or not config.active_fam_len:
         return None
     return adapter.fam_prompt.to(device=loaded.device, dtype=loaded.dtype)
 
@@ -190,7 +191,7 @@ def write_adapter(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if fam_prompt is not None:
-        if config.mode != "fam" or tuple(fam_prompt.shape) != (config.fam_len, loaded.config.hidden_size):
+        if not config.active_fam_len or tuple(fam_prompt.shape) != (config.fam_len, loaded.config.hidden_size):
             raise AdapterError(f"FAM prompt of shape {tuple(fam_prompt.shape)} does not fit {config}")
         save_file({"fam_prompt": fam_prompt.detach().cpu().contiguous().clone()}, str(directory / PROMPT_FILE))
     else:
@@ -344,9 +345,7 @@ def card_markdown(card: dict) -> str:
 LONG_DOCUMENT_MODELS = (
     ("tuned", "tuned"),
     ("tuned_bswa", "tuned weights, BSWA"),
-    ("untuned_bswa", "untuned BSWA"),
-    ("untuned_sink", "untuned sink (StreamingLLM)"),
-    ("untuned_full", "untuned full"),
+    *((f"untuned_{name}", f"untuned {MODE_TABLE[name].label}") for name in mode_names("baseline")),
 )
 
 

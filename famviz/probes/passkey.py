@@ -30,6 +30,7 @@ import torch
 from famviz.core.config import MODES, FamConfig
 from famviz.core.decode import BlockCursor, end_of_sequence_ids
 from famviz.core.fam_model import FamModel, StreamState
+from famviz.core.modes import MODE_TABLE
 from famviz.core.tokenize import adds_leading_special, tokenize_document
 from famviz.errors import DocumentError
 
@@ -493,7 +494,7 @@ class ModeSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.mode}" if self.mode == "full" else f"{self.mode} (mem {self.mem_blocks})"
+        return MODE_TABLE[self.mode].describe(self.mem_blocks)
 
     @classmethod
     def parse(cls, text: str, default_mem_blocks: int) -> ModeSpec:
@@ -615,9 +616,10 @@ def run_cell(
 
 
 def sweep_config(base: FamConfig, spec: ModeSpec) -> FamConfig:
-    """The run of one sweep column: ``base``'s geometry in the column's mode and memory (no FAM slots outside
-    fam mode)."""
-    return replace(base, mode=spec.mode, mem_blocks=spec.mem_blocks, fam_len=base.fam_len if spec.mode == "fam" else 0)
+    """The run of one sweep column: ``base``'s geometry in the column's mode and memory (no FAM slots in a mode
+    without a FAM)."""
+    config = replace(base, mode=spec.mode, mem_blocks=spec.mem_blocks)
+    return replace(config, fam_len=config.active_fam_len)
 
 
 SweepDocuments = dict[tuple[int, float], list[PasskeyDocument]]

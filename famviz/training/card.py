@@ -159,7 +159,7 @@ def training_card(trainer: Trainer, wall_seconds: float, stopped_early: bool) ->
             "alpha": config.lora_alpha or 2 * config.lora_rank,
             "targets": list(LORA_TARGETS),
         },
-        "fam_prompt": "trained in full" if config.mode == "fam" else None,
+        "fam_prompt": "trained in full" if config.fam_config().active_fam_len else None,
         "data_mixture": {
             "weights": parse_mixture(config.data),
             "passkey_tokens": config.passkey_tokens,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from famviz.core.config import FamConfig
+from famviz.core.modes import mode_names
 from famviz.errors import ConfigError
 from famviz.training.data import parse_mixture, parse_range
 
@@ -113,8 +114,8 @@ class TrainConfig:
         return self.lr_final + (1.0 - self.lr_final) * shape
 
     def validate(self) -> None:
-        if self.mode not in ("fam", "bswa"):
-            raise ConfigError(f"training mode must be fam or bswa, got {self.mode!r}")
+        if self.mode not in mode_names("trainable"):
+            raise ConfigError(f"training mode must be {' or '.join(mode_names('trainable'))}, got {self.mode!r}")
         if self.adapter_dtype not in (None, "float32", "float16", "bfloat16"):
             raise ConfigError(f"--adapter-dtype must be float32, float16 or bfloat16, got {self.adapter_dtype!r}")
         self.fam_config()

@@ -24,6 +24,7 @@ import torch
 
 from famviz.core.config import FamConfig
 from famviz.core.fam_model import FamModel
+from famviz.core.modes import mode_names
 from famviz.errors import ConfigError
 from famviz.training.evaluation_plan import CORPUS_DOCUMENTS, MIN_LONG_TOKENS, NORM_AFTER_BLOCKS, EvaluationPlan
 
@@ -221,18 +222,17 @@ def text_windows(
 
 # -- the comparison behind `famviz evaluate` ------------------------------------------------------------------
 def comparison_configs(config: FamConfig, tuned: bool) -> list[tuple[str, bool, FamConfig]]:
-    """The streams of each long document: (key, whether the tuned weights stream it, config)."""
-    bswa = FamConfig(mode="bswa", block_size=config.block_size, fam_len=0, mem_blocks=config.mem_blocks)
-    sink = FamConfig(
-        mode="sink",
-        block_size=config.block_size,
-        fam_len=0,
-        mem_blocks=config.mem_blocks,
-        sink_tokens=config.sink_tokens,
-    )
-    full = FamConfig(mode="full", block_size=config.block_size)
-    streams = [("tuned", True, config)] + ([("tuned_bswa", True, bswa)] if tuned else [])
-    return streams + [("untuned_bswa", False, bswa), ("untuned_sink", False, sink), ("untuned_full", False, full)]
+    """The streams of each long document: (key, whether the tuned weights stream it, config): the evaluated run,
+    the same weights as BSWA with the same memory (the memory's own effect; only when ``tuned``), and the untuned
+    model in every baseline mode of the mode table (``untuned_bswa``, ``untuned_sink``, ``untuned_full``), each
+    with the evaluated run's geometry."""
+
+    def as_mode(mode: str) -> FamConfig:
+        in_mode = dataclasses.replace(config, mode=mode)
+        return dataclasses.replace(in_mode, fam_len=in_mode.active_fam_len)
+
+    streams = [("tuned", True, config)] + ([("tuned_bswa", True, as_mode("bswa"))] if tuned else [])
+    return streams + [(f"untuned_{mode}", False, as_mode(mode)) for mode in mode_names("baseline")]
 
 
 def comparison_tokens(

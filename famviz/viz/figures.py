@@ -25,7 +25,8 @@ from itertools import pairwise
 import numpy as np
 import plotly.graph_objects as go
 
-from famviz.core.config import BLOCK_GROUPS, FAM_GROUPS, FamConfig
+from famviz.core.config import FamConfig
+from famviz.core.modes import BLOCK_GROUPS, FAM_GROUPS, mode_names
 from famviz.core.trace import Trace
 
 SHARE_COLORSCALE = "Viridis"
@@ -82,9 +83,7 @@ def default_view(config: FamConfig) -> str:
         return "block-fam"
     if config.active_sink_tokens:
         return "block-sink"
-    if config.mode == "full" or config.mem_blocks:
-        return "block-memory"
-    return "block-block"
+    return "block-memory" if config.has_memory else "block-block"
 
 
 def missing_view(config: FamConfig, view: str) -> str | None:
@@ -92,19 +91,28 @@ def missing_view(config: FamConfig, view: str) -> str | None:
     a plot of zeros would read as "no attention there" rather than "nothing there"."""
     spec = SHARE_VIEWS[view]
     if spec.key == "fam.share" or spec.group == "fam":
-        has, lacks = config.active_fam_len, f"{config.mode} mode has no FAM (only fam mode has one)"
+        has = config.active_fam_len
+        lacks = (
+            "this run has no FAM (FAM length 0)"
+            if config.spec.fam
+            else f"{config.mode} mode has no FAM (only {_modes_with('fam')} mode has one)"
+        )
     elif spec.group == "sink":
         has = config.active_sink_tokens
         lacks = (
             "this run keeps no sink tokens (sink tokens 0)"
-            if config.mode == "sink"
-            else f"{config.mode} mode keeps no sink tokens (only sink mode does)"
+            if config.spec.sinks
+            else f"{config.mode} mode keeps no sink tokens (only {_modes_with('sinks')} mode does)"
         )
     elif spec.group == "memory":
-        has, lacks = config.mode == "full" or config.mem_blocks, "this run has no memory blocks (memory blocks 0)"
+        has, lacks = config.has_memory, "this run has no memory blocks (memory blocks 0)"
     else:  # every mode attends to its own block
         return None
     return None if has else f"{lacks}: pick “{SHARE_VIEWS[default_view(config)].label}”"
+
+
+def _modes_with(flag: str) -> str:
+    return " or ".join(mode_names(flag))
 
 
 AXIS = dict(gridcolor="#e6e6e6", zeroline=False, linecolor="#999", ticks="outside")

@@ -374,11 +374,7 @@ class Run:
 
     def status(self) -> str:
         cfg = self.config
-        geometry = (
-            f"block {cfg.block_size}, memory blocks {cfg.mem_blocks}"
-            + (f", FAM {cfg.fam_len}" if cfg.mode == "fam" else "")
-            + (f", sink tokens {cfg.sink_tokens}" if cfg.mode == "sink" else "")
-        )
+        geometry = ", ".join(cfg.geometry())
         mode = cfg.mode + (f" vs {self.compare_mode}" if self.compare_mode else "")
         tokens = f"{self.tokens_done:,} / {self.total_tokens:,} tokens"
         if self.document_cut:
@@ -531,12 +527,7 @@ class Run:
         parts = [
             self.model_label,
             f"mode {cfg.mode}" + (f" vs {self.compare_mode}" if self.compare_mode and with_compare else ""),
-            f"block {cfg.block_size}",
-            f"memory blocks {cfg.mem_blocks}",
+            *cfg.geometry(),
         ]
-        if cfg.mode == "fam":
-            parts.append(f"FAM {cfg.fam_len}")
-        if cfg.mode == "sink":
-            parts.append(f"sink tokens {cfg.sink_tokens}")
         parts += [meta.get("dtype", ""), f"{self.tokens_done:,} tokens of {self.document}"]
         return " · ".join(p for p in parts if p)

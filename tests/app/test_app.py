@@ -134,7 +134,7 @@ def test_a_large_upload_streams_its_start_and_says_so(hub, tmp_path, monkeypatch
     big = tmp_path / "big.txt"
     big.write_text(TEXT * 3)
     monkeypatch.setattr(inputs, "MAX_DOCUMENT_BYTES", 2000)
-    status = _run(hub, source="upload", upload=str(big), max_tokens=40)[-1][0]
+    status = _run(hub, source="upload", upload=str(big), max_tokens=40)[-1].status
     assert f"40 / 40 tokens (the first 2,000 bytes of a {big.stat().st_size:,} bytes file: document cut" in status
 
 
@@ -147,7 +147,7 @@ def test_uploads_take_any_text_file_and_refuse_others_with_one_message(tiny_load
     assert all(upload.file_types is None for upload in uploads.values())
     script = tmp_path / "script.py"
     script.write_text(TEXT)
-    status = _run(hub, source="upload", upload=str(script))[-1][0]
+    status = _run(hub, source="upload", upload=str(script))[-1].status
     assert status.startswith("**Done**") and "script.py" in status
     binary = tmp_path / "notes.txt"  # a text file's name, binary content: the content decides
     binary.write_bytes(bytes(range(256)) * 4)
@@ -155,7 +155,7 @@ def test_uploads_take_any_text_file_and_refuse_others_with_one_message(tiny_load
     empty.write_bytes(b"")
     for refused, words in ((binary, "binary"), (empty, "empty")):
         updates = _run(hub, source="upload", upload=str(refused))
-        assert len(updates) == 1 and updates[0][0].count(inputs.ERROR_MARK) == 1 and words in updates[0][0]
+        assert len(updates) == 1 and updates[0].status.count(inputs.ERROR_MARK) == 1 and words in updates[0].status
 
 
 def _pdf_without_text() -> bytes:
@@ -222,7 +222,7 @@ def test_stream_yields_once_per_block(tiny_loaded, hub, mode):
     n_blocks = _n_blocks(tiny_loaded)
     updates = _run(hub, mode=mode)
     assert len(updates) == 1 + n_blocks  # "starting" (hands the run to the session), then one per block
-    assert all(len(u) == inspector_tab.N_OUTPUTS for u in updates)
+    assert all(isinstance(u, inspector_tab.InspectorViews) for u in updates)
     status, heatmap, heads, document, trajectory, dynamics, nll, slider, layer, view, run = updates[-1]
     assert status.startswith("**Done**") and f"{n_blocks} / {n_blocks} blocks" in status
     assert np.asarray(heatmap.data[0].z).shape == (2, n_blocks)
@@ -232,13 +232,13 @@ def test_stream_yields_once_per_block(tiny_loaded, hub, mode):
     assert bool(dynamics.data) == bool(trajectory.data) == (mode == "fam")
     assert ('class="tok s' in document) == (mode == "fam")
     assert slider["maximum"] == n_blocks - 1 and slider["value"] == n_blocks - 1
-    first = updates[1][0]
+    first = updates[1].status
     assert first.startswith("**Streaming**") and "tokens/s" in first and "elapsed" in first
-    assert updates[1][8]["choices"][0][1] == "mean"  # the layer choices come with the first block
+    assert updates[1].layer["choices"][0][1] == "mean"  # the layer choices come with the first block
 
 
 def test_trajectory_records_only_the_chosen_layers(tiny_loaded, hub):
-    run = _run(hub, trajectory_layers="1")[-1][-1]
+    run = _run(hub, trajectory_layers="1")[-1].run
     assert run.trace.layers_of("fam.state") == [1] and run.features.layers == [1]
     assert run.features.n_blocks == run.blocks_done
     assert [t.name for t in run.trajectory().data if t.name] == ["layer 1"]
@@ -247,7 +247,7 @@ def test_trajectory_records_only_the_chosen_layers(tiny_loaded, hub):
 def test_compare_mode_streams_both_and_shows_the_benefit(tiny_loaded, hub):
     from famviz import FamConfig, Stream, tokenize_document
 
-    run = _run(hub, compare="bswa")[-1][-1]
+    run = _run(hub, compare="bswa")[-1].run
     assert len(run.compare_nll) == run.blocks_done
     ids = tokenize_document(tiny_loaded.tokenizer, TEXT)[0]
     bswa = Stream(tiny_loaded, FamConfig(mode="bswa", block_size=32, fam_len=8, mem_blocks=1), record=False).run(ids)
@@ -260,11 +260,11 @@ def test_compare_mode_streams_both_and_shows_the_benefit(tiny_loaded, hub):
 def test_stream_respects_max_tokens(hub):
     updates = _run(hub, max_tokens=70)
     assert len(updates) == 1 + 3  # 32 + 32 + 6 tokens
-    assert updates[-1][-1].trace.n_tokens == 70
+    assert updates[-1].run.trace.n_tokens == 70
 
 
 def test_passkey_example(hub):
-    run = _run(hub, source="passkey", passkey_tokens=200, block_size=64)[-1][-1]
+    run = _run(hub, source="passkey", passkey_tokens=200, block_size=64)[-1].run
     assert "PassKey" in run.document and 150 < run.tokens_done < 260
 
 
@@ -292,9 +292,9 @@ def test_stream_errors_are_one_status_and_keep_the_plots(hub, kwargs, words):
 def test_each_mode_opens_on_a_view_it_has_and_a_view_it_lacks_says_so(hub):
     """Sink mode once opened on "Block queries → FAM": all zeros and no word of why."""
     updates = _run(hub, mode="sink")
-    run = updates[-1][-1]
-    assert run.view == "block-sink" and updates[1][9]["value"] == "block-sink"  # the dropdown follows
-    heatmap = updates[-1][1]
+    run = updates[-1].run
+    assert run.view == "block-sink" and updates[1].view["value"] == "block-sink"  # the dropdown follows
+    heatmap = updates[-1].heatmap
     assert heatmap.layout.title.text == figures.SHARE_VIEWS["block-sink"].title
     assert np.nanmax(np.asarray(heatmap.data[0].z, dtype=float)) > 0  # later blocks read the kept first tokens
     heatmap, heads = inspector_tab.change_view("block-fam", run)
@@ -302,10 +302,10 @@ def test_each_mode_opens_on_a_view_it_has_and_a_view_it_lacks_says_so(hub):
         assert not figure.data and "sink mode has no FAM" in figure.layout.annotations[0].text
         assert "Block queries → sink tokens" in figure.layout.annotations[0].text  # what to pick instead
     # The next run keeps the view where its mode has it, else takes its own.
-    assert _run(hub, mode="fam", previous=run)[-1][-1].view == "block-fam"
+    assert _run(hub, mode="fam", previous=run)[-1].run.view == "block-fam"
     run.view = "block-block"
-    assert _run(hub, mode="bswa", previous=run)[-1][-1].view == "block-block"
-    bswa = _run(hub, mode="bswa", mem_blocks=0)[-1][-1]
+    assert _run(hub, mode="bswa", previous=run)[-1].run.view == "block-block"
+    bswa = _run(hub, mode="bswa", mem_blocks=0)[-1].run
     assert bswa.view == "block-block"
     assert "no memory blocks" in inspector_tab.change_view("block-memory", bswa)[0].layout.annotations[0].text
 
@@ -315,15 +315,15 @@ def test_after_an_error_the_status_still_names_the_run_the_plots_show(hub):
     replacing it; only the error's paragraph is repeated beside Start."""
     import gradio as gr
 
-    run = _run(hub, mode="bswa")[-1][-1]
+    run = _run(hub, mode="bswa")[-1].run
     status, *rest = _run(hub, block_size=-3, previous=run)[-1]
     first, shown = status.split("\n\n", 1)
     assert first.startswith("**Error:**") and "Block size" in first
     assert shown == f"{inputs.PLOTS_STILL_SHOW} {run.status()}"
     assert "pasted text" in shown and "bswa" in shown and run.model_label in shown
     assert all(type(item) is type(gr.skip()) for item in rest)  # plots and run stay
-    assert _run(hub, block_size=-3, previous=None)[-1][0].startswith("**Error:**")  # nothing shown: error only
-    replayed = inspector_tab.replay_trace("/no/such/trace.npz", run)[0]
+    assert _run(hub, block_size=-3, previous=None)[-1].status.startswith("**Error:**")  # nothing shown: error only
+    replayed = inspector_tab.replay_trace("/no/such/trace.npz", run).status
     assert replayed.startswith("**Error:**") and inputs.PLOTS_STILL_SHOW in replayed
 
 
@@ -345,7 +345,7 @@ def test_only_the_error_paragraph_goes_beside_start():
 def test_view_controls_act_on_the_run(hub):
     import gradio as gr
 
-    run = _run(hub)[-1][-1]
+    run = _run(hub)[-1].run
     heatmap, heads = inspector_tab.change_view("fam-block", run)
     assert run.view == "fam-block" and heatmap.layout.title.text == figures.SHARE_VIEWS["fam-block"].title
     heads, document = inspector_tab.change_layer("1", run)
@@ -372,17 +372,17 @@ def test_fast_blocks_redraw_at_a_bounded_rate(hub):
 
 def test_stop_keeps_what_was_computed(hub):
     stream = inspector_tab.stream_document(hub, *_args(), redraw_seconds=0.0)
-    live = next(stream)[-1]
+    live = next(stream).run
     next(stream)
     inspector_tab.change_view("block-memory", live)  # while streaming: the next block shows the new view
-    assert next(stream)[1].layout.title.text == figures.SHARE_VIEWS["block-memory"].title
+    assert next(stream).heatmap.layout.title.text == figures.SHARE_VIEWS["block-memory"].title
     stopped = inspector_tab.stop_run(live)
-    assert stopped[0].startswith("**Stopped**") and live.state == "stopped"
-    assert np.asarray(stopped[1].data[0].z).shape[1] == 2  # the plots show every finished block
+    assert stopped.status.startswith("**Stopped**") and live.state == "stopped"
+    assert np.asarray(stopped.heatmap.data[0].z).shape[1] == 2  # the plots show every finished block
     assert list(stream) == []  # a stopped run yields nothing more
     assert live.blocks_done == 2 and live.trace.n_blocks == 2
     # Re-sent once Stop has finished, so a block update still in flight cannot leave "Streaming" showing.
-    assert inspector_tab.settled_status(live) == stopped[0]
+    assert inspector_tab.settled_status(live) == stopped.status
 
 
 def test_stop_during_a_block_waits_for_it_so_views_status_and_trace_agree(hub, monkeypatch):
@@ -402,7 +402,7 @@ def test_stop_during_a_block_waits_for_it_so_views_status_and_trace_agree(hub, m
         return original(stream, chunk)
 
     stream = inspector_tab.stream_document(hub, *_args(), redraw_seconds=0.0)
-    live = next(stream)[-1]
+    live = next(stream).run
     next(stream)  # block 1 done
     monkeypatch.setattr(Stream, "_run_block", slow_block)
     worker = threading.Thread(target=lambda: next(stream, None))
@@ -412,15 +412,15 @@ def test_stop_during_a_block_waits_for_it_so_views_status_and_trace_agree(hub, m
     stopped = inspector_tab.stop_run(live)
     worker.join(10)
     assert live.blocks_done == live.trace.n_blocks == 2
-    assert np.asarray(stopped[1].data[0].z).shape[1] == 2  # the heatmap has both blocks
-    assert re.search(r"\b2 / \d+ blocks", stopped[0]), stopped[0]  # and so has the status
+    assert np.asarray(stopped.heatmap.data[0].z).shape[1] == 2  # the heatmap has both blocks
+    assert re.search(r"\b2 / \d+ blocks", stopped.status), stopped.status  # and so has the status
     assert list(stream) == []
 
 
 @pytest.mark.slow  # numba compiles UMAP on first use (~30 s)
 def test_umap_is_computed_off_the_handler(hub):
     pytest.importorskip("umap")
-    run = _run(hub)[-1][-1]
+    run = _run(hub)[-1].run
     figure, timer = inspector_tab.change_method("UMAP", run)
     assert run.method == "UMAP"
     assert figure.data  # something is drawn at once (PCA, or UMAP when already done)
@@ -430,14 +430,14 @@ def test_umap_is_computed_off_the_handler(hub):
 
 
 def test_export_download_and_replay(hub, tmp_path):
-    run = _run(hub, compare="bswa")[-1][-1]
+    run = _run(hub, compare="bswa")[-1].run
     path, note = inspector_tab.export_plot("nll", "html", run)
     assert Path(path).read_text().count("famviz-metadata") == 1 and "Exported" in note
     trace_path, note = inspector_tab.download_trace(run)
     assert trace_path.endswith(".npz") and "MB" in note
     replay = inspector_tab.replay_trace(trace_path, None)
-    assert replay[0].startswith("**Replayed from trace**")
-    replayed = replay[-1]
+    assert replay.status.startswith("**Replayed from trace**")
+    replayed = replay.run
     np.testing.assert_allclose(np.asarray(replay[1].data[0].z), np.asarray(run.heatmap().data[0].z))
     assert replayed.compare_nll == pytest.approx(run.compare_nll)
     assert replayed.features.n_blocks == run.blocks_done
@@ -454,7 +454,7 @@ def test_exports_caption_the_modes_they_show_and_name_mode_and_adapter(hub):
     import json
     import re
 
-    run = _run(hub, compare="bswa")[-1][-1]
+    run = _run(hub, compare="bswa")[-1].run
     for name, modes, stem in (
         ("heatmap", "mode fam ·", "famviz-heatmap-fam-untuned-pasted-text"),
         ("nll", "mode fam vs bswa ·", "famviz-nll-fam-vs-bswa-untuned-pasted-text"),
@@ -477,7 +477,7 @@ def test_sessions_streaming_at_once_keep_their_own_runs(hub):
     results = {}
 
     def session(name, text, mode):
-        results[name] = _run(hub, pasted=text, mode=mode)[-1][-1]
+        results[name] = _run(hub, pasted=text, mode=mode)[-1].run
 
     threads = [
         threading.Thread(target=session, args=("a", TEXT, "fam")),
@@ -491,7 +491,7 @@ def test_sessions_streaming_at_once_keep_their_own_runs(hub):
     assert a.trace is not b.trace
     assert a.trace.text == TEXT and b.trace.text == other_text
     assert a.config.mode == "fam" and b.config.mode == "bswa"
-    solo = _run(hub, pasted=other_text, mode="bswa")[-1][-1]
+    solo = _run(hub, pasted=other_text, mode="bswa")[-1].run
     np.testing.assert_allclose(b.trace.array("tokens.nll"), solo.trace.array("tokens.nll"), rtol=1e-5)
 
 
@@ -688,10 +688,10 @@ def test_load_eight_sessions_at_once_each_get_their_own_results_and_memory_retur
 
 def test_status_says_when_max_tokens_cut_the_document(hub):
     updates = _run(hub, max_tokens=40)
-    status = updates[-1][0]
+    status = updates[-1].status
     total = len(hub.default[0].tokenizer(TEXT, add_special_tokens=False)["input_ids"])
     assert f"40 / 40 tokens (of {total:,} tokens: document cut at max tokens)" in status
-    whole = _run(hub)[-1][0]
+    whole = _run(hub)[-1].status
     assert "document cut" not in whole
 
 
@@ -731,17 +731,17 @@ def test_runs_exports_and_traces_name_the_model_and_adapter(tmp_path):
     common = dict(model=str(model_dir), device="cpu", dtype="float32", fam_len=4, mem_blocks=0)
     untuned = _run(hub, adapter="", **common)[-1]
     tuned = _run(hub, adapter=str(adapter_dir), **common)[-1]
-    assert "(untuned conversion)" in untuned[0] and "+ adapter adapter" in tuned[0]
-    assert "Note:" not in tuned[0]
-    run = tuned[-1]
+    assert "(untuned conversion)" in untuned.status and "+ adapter adapter" in tuned.status
+    assert "Note:" not in tuned.status
+    run = tuned.run
     assert "+ adapter adapter" in run.caption() and export.metadata_of(run)["adapter"] == "adapter"
     path = run.trace.save(tmp_path / "run.npz")
     replayed = Run.from_trace(Trace.load(path), name="run.npz")
     assert "+ adapter adapter" in replayed.caption() and "+ adapter adapter" in replayed.status()
 
-    other = _run(hub, adapter=str(adapter_dir), **dict(common, mem_blocks=1))[-1][0]
+    other = _run(hub, adapter=str(adapter_dir), **dict(common, mem_blocks=1))[-1].status
     assert "**Note:** adapter adapter was trained with memory blocks 0, this run uses 1" in other
-    short = _run(hub, adapter="", **dict(common, block_size=2))[-1][0]
+    short = _run(hub, adapter="", **dict(common, block_size=2))[-1].status
     assert "shorter than the FAM (4 slots)" in short
 
     *values, note = app_hub.adapter_geometry(2, str(adapter_dir))

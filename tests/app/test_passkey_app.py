@@ -43,7 +43,7 @@ def test_retention_in_an_uploaded_document(context, tmp_path, gpl_text):
     path = tmp_path / "doc.txt"
     path.write_text(gpl_text)
     updates = list(tab.watch_retention(context, "bswa", 1, 64, 4, 400, 0.5, 1, tab.UPLOAD, str(path), 0, None))
-    assert "Done" in updates[-1][0]
+    assert "Done" in updates[-1].status
 
 
 @pytest.mark.parametrize(
@@ -59,8 +59,8 @@ def test_retention_in_an_uploaded_document(context, tmp_path, gpl_text):
 def test_bad_retention_input_is_a_message_and_keeps_the_session(context, args, message):
     previous = tab.PasskeySession(points=["kept"])
     updates = list(tab.watch_retention(context, *args, previous))
-    assert len(updates) == 1 and message in updates[0][0] and "Error" in updates[0][0]
-    assert updates[0][2].points == ["kept"]
+    assert len(updates) == 1 and message in updates[0].status and "Error" in updates[0].status
+    assert updates[0].session.points == ["kept"]
 
 
 def test_after_an_error_each_panel_still_says_what_its_plot_shows(context):
@@ -68,16 +68,18 @@ def test_after_an_error_each_panel_still_says_what_its_plot_shows(context):
     the error's paragraph comes first (it alone is repeated beside the button), the caption under it."""
     from famviz.app.inputs import PLOTS_STILL_SHOW
 
-    session = list(tab.watch_retention(context, "fam", 0, 32, 4, 300, 0.0, 2, tab.FILLER, None, 1, None))[-1][-1]
-    session = list(tab.run_sweep(context, ["fam:0"], "200", "0", 1, 64, 4, 0, session))[-1][-1]
-    session = list(tab.run_interventions_tab(context, "ablate", 200, 0.0, 1, "0", "last", 64, 4, 0, session))[-1][-1]
+    session = list(tab.watch_retention(context, "fam", 0, 32, 4, 300, 0.0, 2, tab.FILLER, None, 1, None))[-1].session
+    session = list(tab.run_sweep(context, ["fam:0"], "200", "0", 1, 64, 4, 0, session))[-1].session
+    session = list(tab.run_interventions_tab(context, "ablate", 200, 0.0, 1, "0", "last", 64, 4, 0, session))[
+        -1
+    ].session
     failed = {
         "retention": tab.watch_retention(context, "fam", 0, 32, 4, "x", 0.0, 2, tab.FILLER, None, 1, session),
         "sweep": tab.run_sweep(context, ["fam:0"], "x", "0", 1, 64, 4, 0, session),
         "interventions": tab.run_interventions_tab(context, "ablate", "x", 0.0, 1, "0", "last", 64, 4, 0, session),
     }
     for panel, updates in failed.items():
-        status = list(updates)[-1][0]
+        status = list(updates)[-1].status
         error, kept = status.split("\n\n", 1)
         assert error.startswith("**Error:**") and "Length" in error
         assert kept == f"{PLOTS_STILL_SHOW} {session.caption(panel)}" and session.caption(panel)
@@ -89,7 +91,7 @@ def test_sweep_fills_the_heatmap_trial_by_trial(context, tmp_path):
     status, heatmap, table, sweeps, session = updates[-1]
     assert "Done" in status and len(session.cells) == 8 and len(table["value"]) == 8
     assert len(updates) == 1 + 16 + 1  # start, one per trial, done
-    partial = updates[1][1]
+    partial = updates[1].heatmap
     assert sum(1 for v in partial.data[0].z.flatten() if v == v) == 1  # one cell drawn after the first trial
     assert {trace.zmax for trace in heatmap.data} == {1.0}
     file, note = tab.download_results(session)
@@ -105,14 +107,14 @@ def test_sweeps_are_kept_labelled_and_name_what_made_them(context, monkeypatch):
     session = None
     for modes in (["fam:0"], ["bswa:0"], ["full"]):
         updates = list(tab.run_sweep(context, modes, "200", "0", 1, 64, 4, 0, session))
-        session = updates[-1][-1]
+        session = updates[-1].session
     status, heatmap, table, sweeps, _ = updates[0]  # the start of the third sweep
     assert [s.number for s in session.sweeps] == [2, 3] and session.shown_sweep == 3  # the first one went
     labels = [label for label, _ in sweeps["choices"]]
     assert sweeps["value"] == 3 and len(labels) == 2
     assert labels[0].startswith("sweep 3 (") and "tiny-vocab (untuned conversion) · full · 200 tokens" in labels[0]
     assert "bswa (mem 0)" in labels[1]
-    heatmap, table = updates[-1][1:3]
+    heatmap, table = updates[-1].heatmap, updates[-1].table
     assert "tiny-vocab (untuned conversion)" in heatmap.layout.title.text
     assert table["label"] == f"Cells of {labels[0]}" and table["value"][0][0] == "full"
     heatmap, table = tab.show_sweep(2, session)  # an earlier sweep, shown again
@@ -122,7 +124,9 @@ def test_sweeps_are_kept_labelled_and_name_what_made_them(context, monkeypatch):
     assert Path(file).name == "famviz-passkey-heatmap-bswa0-untuned.html"
     assert "tiny-vocab (untuned conversion)" in Path(file).read_text()
     assert Path(tab.download_results(session)[0]).name == "famviz-passkey-sweep-bswa0-untuned.json"
-    session = list(tab.watch_retention(context, "bswa", 1, 32, 4, 300, 0.0, 2, tab.FILLER, None, 1, session))[-1][-1]
+    session = list(tab.watch_retention(context, "bswa", 1, 32, 4, 300, 0.0, 2, tab.FILLER, None, 1, session))[
+        -1
+    ].session
     assert (
         Path(tab.export_passkey("retention", "html", session)[0]).name == "famviz-passkey-retention-bswa1-untuned.html"
     )
@@ -141,7 +145,7 @@ def test_bad_sweep_input(context):
         ((["fam:0"], "200", "0", 0), "Trials"),
     ]:
         updates = list(tab.run_sweep(context, *args, 64, 4, 0, None))
-        assert len(updates) == 1 and message in updates[0][0]
+        assert len(updates) == 1 and message in updates[0].status
     assert "Nothing to export" in tab.export_passkey("heatmap", "svg", None)[1]
 
 
@@ -152,7 +156,7 @@ def test_interventions_fill_their_heatmap_and_export(context, monkeypatch):
     assert "Done" in status and "clean" in status
     assert session.intervention["layers"] == [0, 1, "all"] and session.intervention["blocks"] == [1, 2]
     assert len(updates) == 1 + 6 + 1  # start, one per cell (3 rows x 2 blocks), done
-    first = updates[1][1].data[0].z
+    first = updates[1].plot.data[0].z
     assert sum(1 for row in first for v in row if v == v) == 1  # the first cell drawn alone
     assert session.intervention["config"]["adapter"] is None and session.intervention_caption.startswith("tiny-vocab")
     file, note = tab.export_passkey("interventions", "html", session)
@@ -171,8 +175,8 @@ def test_interventions_fill_their_heatmap_and_export(context, monkeypatch):
 )
 def test_bad_intervention_input_is_a_message(context, args, message):
     updates = list(tab.run_interventions_tab(context, *args, 64, 4, 0, tab.PasskeySession(points=["kept"])))
-    assert len(updates) == 1 and message in updates[0][0] and "Error" in updates[0][0]
-    assert updates[0][2].points == ["kept"]
+    assert len(updates) == 1 and message in updates[0].status and "Error" in updates[0].status
+    assert updates[0].session.points == ["kept"]
 
 
 @pytest.mark.slow
@@ -189,8 +193,8 @@ def test_served_passkey_tab_streams_a_retention_curve(bundled_fast):
         )
         updates = list(job)
         assert len(updates) >= 5
-        assert "retrieved in" in updates[-1][0]
-        assert "retrieved in **" in updates[-1][0]
+        assert "retrieved in" in updates[-1].status
+        assert "retrieved in **" in updates[-1].status
     finally:
         demo.close()
 
@@ -230,11 +234,11 @@ def test_both_tabs_run_the_model_and_adapter_chosen_in_the_model_panel(tmp_path)
     assert "untuned conversion" in runs["untuned"][0] and "adapter adapter" in runs["tuned"][0]
     assert "adapter adapter" in runs["tuned"][2] and "untuned conversion" in runs["untuned"][2]
     assert runs["tuned"][1] != runs["untuned"][1]  # the adapter changed what the memory holds
-    tuned_sweep, untuned_sweep = runs["tuned"][3][-1], runs["untuned"][3][-1]
+    tuned_sweep, untuned_sweep = runs["tuned"][3].session, runs["untuned"][3].session
     assert tuned_sweep.sweep.config["adapter"] == str(adapter_dir) and untuned_sweep.sweep.config["adapter"] is None
     assert tuned_sweep.cells[0].mean_key_logprob != untuned_sweep.cells[0].mean_key_logprob
     assert (
-        "adapter adapter" in runs["tuned"][3][0] and "untuned conversion" in runs["untuned"][3][0]
+        "adapter adapter" in runs["tuned"][3].status and "untuned conversion" in runs["untuned"][3].status
     )  # the sweep's status
     assert "Note:" not in runs["tuned"][0]  # the adapter's own geometry: nothing to note
     # Another geometry than the adapter's runs, and the status says so.
@@ -254,5 +258,5 @@ def test_both_tabs_run_the_model_and_adapter_chosen_in_the_model_panel(tmp_path)
             None,
             model_choice=(str(model_dir), str(adapter_dir), "cpu", "float32"),
         )
-    )[-1][0]
+    )[-1].status
     assert "adapter adapter was trained with memory blocks 0, this run uses 1" in other

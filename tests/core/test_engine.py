@@ -292,7 +292,7 @@ def test_sink_mode_keeps_the_first_tokens_and_the_last_blocks(tiny_llama):
 
 
 def test_sink_shares_are_their_own_group_and_sum_to_one(tiny_llama):
-    from famviz.core.config import BLOCK_GROUPS
+    from famviz.core.modes import BLOCK_GROUPS
 
     result = Stream(tiny_llama, FamConfig("sink", B, 0, mem_blocks=1, sink_tokens=3)).run(random_ids(40))
     share = result.trace.array("block.share")  # (blocks, layers, heads, groups)

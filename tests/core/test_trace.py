@@ -59,7 +59,7 @@ def test_save_and_reload_without_model(fam_trace, tmp_path):
 
 
 def test_traces_from_before_sink_mode_load_with_an_empty_sink_group(fam_trace, tmp_path):
-    from famviz.core.config import BLOCK_GROUPS
+    from famviz.core.modes import BLOCK_GROUPS
 
     old = Trace(dict(fam_trace.meta, block_share_groups=["fam", "memory", "block"]), fam_trace._layers)
     for b, start in enumerate(fam_trace.block_starts):

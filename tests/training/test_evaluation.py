@@ -103,7 +103,7 @@ def test_evaluate_prints_tables_and_fills_the_card(tiny_adapter, tmp_path, capfd
     assert "Long document held-out.txt (1,024 tokens)" in out and "evaluated ÷ untuned bswa" in out
     assert "tuned weights, BSWA" in out and "÷ same weights in bswa" in out  # the memory's own effect
     assert "fam (mem 0)" in out and "bswa (mem 0)" in out and "150@0" in out and "300@0" in out
-    assert "sink (mem 0)" in out and "untuned sink (StreamingLLM)" in out  # the streaming baseline beside FAM
+    assert "sink (mem 0)" in out and "untuned attention sinks (StreamingLLM)" in out  # StreamingLLM beside FAM
     assert "evaluate 2/4 in-window loss" in err and "evaluate 4/4 PassKey" in err  # a progress bar per part
     assert f"results recorded in {adapter_dir / 'training_card.json'}" in err
     card = json.loads((adapter_dir / "training_card.json").read_text())

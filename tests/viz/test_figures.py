@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from famviz.core.config import FAM_GROUPS, FamConfig
+from famviz.core.config import FamConfig
+from famviz.core.modes import FAM_GROUPS
 from famviz.core.trace import Trace
 from famviz.viz import figures, inspector
 
