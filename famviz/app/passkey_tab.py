@@ -42,6 +42,7 @@ from famviz.viz.passkey_figures import intervention_heatmap, passkey_heatmap, re
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedTokenizerBase
 
     from famviz.app.hub import AppAdapter
     from famviz.core.model import LoadedModel
@@ -151,6 +152,22 @@ class PasskeySession:
         self.shown_sweep = record.number
 
 
+def _layer_list(layers: str) -> list[int] | None:
+    """The interventions' layers from the form (None, when empty: every layer, and all of them at once)."""
+    return None if not str(layers).strip() else [int(v) for v in number_list("Layers", layers, float, 0, 4096)]
+
+
+def _could_not_start(
+    session: PasskeySession, panel: str, exc: Exception, expected: tuple[type[Exception], ...] = (FamvizError,)
+) -> str:
+    """The panel's error status when its handler could not start: an ``expected`` error's message (bad input),
+    else the unexpected error's type and message (its traceback goes to the log)."""
+    if isinstance(exc, expected):
+        return session.error(panel, str(exc))
+    log.error("could not start the %s panel", panel, exc_info=exc)
+    return session.error(panel, f"could not start: {type(exc).__name__}: {exc}")
+
+
 # -- live retention -------------------------------------------------------------------------------------------
 def watch_retention(
     context: AppContext,
@@ -181,23 +198,9 @@ def watch_retention(
         loaded, adapter = chosen_model(context, model_choice)
         fam_model = _fam_model(loaded, adapter, spec, base)
         label = loaded.label
-        tokenizer = fam_model.loaded.tokenizer
-        try:
-            if source == UPLOAD:
-                text = read_uploaded_document(upload, length, NO_UPLOAD).text
-                document = pk.make_document_probe(tokenizer, text, depth, length, seed=seed)
-            else:
-                document = pk.make_passkey_document(tokenizer, length, depth, seed=seed)
-        except ValueError as exc:
-            raise FamvizError(str(exc)) from None
-    except FamvizError as exc:
-        yield PanelViews.only(status=session.error("retention", str(exc)), session=session)
-        return
-    except Exception as exc:  # the app stays up; details go to the log
-        log.exception("could not start the retention probe")
-        yield PanelViews.only(
-            status=session.error("retention", f"could not start: {type(exc).__name__}: {exc}"), session=session
-        )
+        document = _retention_document(fam_model.loaded.tokenizer, source, upload, length, depth, seed)
+    except Exception as exc:  # noqa: BLE001 (logged by _could_not_start): the app stays up
+        yield PanelViews.only(status=_could_not_start(session, "retention", exc), session=session)
         return
 
     session.points, session.key = [], document.key
@@ -230,19 +233,9 @@ def watch_retention(
             stopped = f"stopped at block {index}: {type(exc).__name__}: {exc}"
             yield PanelViews.only(status=session.error("retention", stopped), session=session)
             return
-        last = session.points[-1] if session.points else None
-        said = "no number" if last is None or last.predicted is None else last.predicted
-        answer = (
-            ""
-            if last is None
-            else (
-                f" · last probe: {'retrieved' if last.correct else 'lost'} "
-                f"(answer {said}, log p {last.key_logprob:.2f})"
-            )
-        )
         status = (
             f"Block **{index + 1} / {total}** · {stream.position:,} tokens · "
-            f"{time.perf_counter() - started:.1f} s · key {document.key}{answer}{notes}"
+            f"{time.perf_counter() - started:.1f} s · key {document.key}{_last_probe(session)}{notes}"
         )
         yield PanelViews(status, retention_figure(session.points, document.key), session)
     kept = sum(p.correct for p in session.points)
@@ -254,6 +247,28 @@ def watch_retention(
         retention_figure(session.points, document.key),
         session,
     )
+
+
+def _retention_document(
+    tokenizer: PreTrainedTokenizerBase, source: str, upload: str | None, length: int, depth: float, seed: int
+) -> pk.PasskeyDocument:
+    """The prompt to watch: the key in the PassKey filler, or in the uploaded document."""
+    try:
+        if source == UPLOAD:
+            text = read_uploaded_document(upload, length, NO_UPLOAD).text
+            return pk.make_document_probe(tokenizer, text, depth, length, seed=seed)
+        return pk.make_passkey_document(tokenizer, length, depth, seed=seed)
+    except ValueError as exc:
+        raise FamvizError(str(exc)) from None
+
+
+def _last_probe(session: PasskeySession) -> str:
+    """The latest probe's outcome for the status line ("" before the first)."""
+    if not session.points:
+        return ""
+    last = session.points[-1]
+    said = "no number" if last.predicted is None else last.predicted
+    return f" · last probe: {'retrieved' if last.correct else 'lost'} (answer {said}, log p {last.key_logprob:.2f})"
 
 
 # -- sweeps -------------------------------------------------------------------------------------------------------
@@ -280,6 +295,40 @@ def show_sweep(number: int | None, session: PasskeySession | None) -> tuple:
     session.shown_sweep = number
     views = sweep_views(session.sweep)
     return views["heatmap"], views["table"]
+
+
+def _new_sweep_record(
+    session: PasskeySession,
+    specs: list[pk.ModeSpec],
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    seed: int,
+    base: FamConfig,
+    loaded: LoadedModel,
+    adapter: AppAdapter | None,
+) -> SweepRecord:
+    """The next sweep of the session, labelled, captioned and tagged with what makes it (no cells yet)."""
+    number = session.sweeps[-1].number + 1 if session.sweeps else 1
+    label = loaded.label
+    return SweepRecord(
+        number=number,
+        label=f"sweep {number} ({time.strftime('%H:%M:%S')}): {label} · {', '.join(s.label for s in specs)} · "
+        f"{', '.join(map(str, lengths))} tokens",
+        caption=f"{label}; block {base.block_size}, fam_len {base.fam_len}; {trials} trials per cell, seed {seed}",
+        config={
+            "modes": [s.label for s in specs],
+            "lengths": lengths,
+            "depths": depths,
+            "trials": trials,
+            "seed": seed,
+            "block_size": base.block_size,
+            "fam_len": base.fam_len,
+            "model": loaded.name,
+            "adapter": str(adapter.directory) if adapter is not None else None,
+        },
+        file_tag=export.file_stem(*map(_mode_tag, specs), export.adapter_tag(loaded.adapter)),
+    )
 
 
 def run_sweep(
@@ -316,35 +365,11 @@ def run_sweep(
         except ValueError as exc:
             raise FamvizError(str(exc)) from None
         fam_prompt = _fam_prompt(loaded, adapter, [pk.sweep_config(base, spec) for spec in specs])
-    except FamvizError as exc:
-        yield SweepViews.only(status=session.error("sweep", str(exc)), session=session)
-        return
-    except Exception as exc:  # keep what was measured
-        log.exception("could not start the sweep")
-        could_not = f"could not start: {type(exc).__name__}: {exc}"
-        yield SweepViews.only(status=session.error("sweep", could_not), session=session)
+    except Exception as exc:  # noqa: BLE001 (logged there): the app stays up, and earlier sweeps stay
+        yield SweepViews.only(status=_could_not_start(session, "sweep", exc), session=session)
         return
 
-    number = session.sweeps[-1].number + 1 if session.sweeps else 1
-    mode_names = ", ".join(s.label for s in specs)
-    record = SweepRecord(
-        number=number,
-        label=f"sweep {number} ({time.strftime('%H:%M:%S')}): {label} · {mode_names} · "
-        f"{', '.join(map(str, lengths))} tokens",
-        caption=f"{label}; block {base.block_size}, fam_len {base.fam_len}; {trials} trials per cell, seed {seed}",
-        config={
-            "modes": [s.label for s in specs],
-            "lengths": lengths,
-            "depths": depths,
-            "trials": trials,
-            "seed": seed,
-            "block_size": base.block_size,
-            "fam_len": base.fam_len,
-            "model": loaded.name,
-            "adapter": str(adapter.directory) if adapter is not None else None,
-        },
-        file_tag=export.file_stem(*map(_mode_tag, specs), export.adapter_tag(loaded.adapter)),
-    )
+    record = _new_sweep_record(session, specs, lengths, depths, trials, seed, base, loaded, adapter)
     session.add_sweep(record)
 
     def views() -> dict:  # the heatmap and table, unless another kept sweep is shown now
@@ -419,23 +444,16 @@ def run_interventions_tab(
         seed = whole_number("Seed", seed, 0, 2**31 - 1)
         depth = fraction("Depth", depth)
         base = _base(block_size, fam_len)
-        layer_list = (
-            None if not str(layers).strip() else [int(v) for v in number_list("Layers", layers, float, 0, 4096)]
-        )
+        layer_list = _layer_list(layers)
         loaded, adapter = chosen_model(context, model_choice)
         fam_model = _fam_model(loaded, adapter, pk.ModeSpec("fam", 0), base)
         cases = ab.passkey_cases(loaded.tokenizer, base.block_size, length, depth, trials, seed)
         n_blocks = cases[0][0].blocks(base.block_size)
         block_list = list(range(1, n_blocks + 1)) if blocks == "all" else None
         results = ab.iter_interventions(fam_model, cases, method, blocks=block_list, layers=layer_list)
-    except (FamvizError, ValueError) as exc:
-        yield PanelViews.only(status=session.error("interventions", str(exc)), session=session)
-        return
-    except Exception as exc:
-        log.exception("could not start the interventions")
-        yield PanelViews.only(
-            status=session.error("interventions", f"could not start: {type(exc).__name__}: {exc}"), session=session
-        )
+    except Exception as exc:  # noqa: BLE001 (logged by _could_not_start): the app stays up
+        status = _could_not_start(session, "interventions", exc, expected=(FamvizError, ValueError))
+        yield PanelViews.only(status=status, session=session)
         return
     label = loaded.label
     session.intervention_file_tag = export.file_stem(method, "fam0", export.adapter_tag(loaded.adapter))
@@ -460,14 +478,10 @@ def run_interventions_tab(
             session.intervention = dict(result.to_dict(), config=config)
             if time.perf_counter() - drawn >= REDRAW_SECONDS:
                 drawn = time.perf_counter()
-                yield PanelViews(
-                    (
-                        f"Intervention **{done}** · trial {result.trials} / {trials} · "
-                        f"{drawn - started:.0f} s elapsed · {label}{notes}"
-                    ),
-                    intervention_heatmap(session.intervention),
-                    session,
+                progress = (
+                    f"Intervention **{done}** · trial {result.trials} / {trials} · {drawn - started:.0f} s elapsed"
                 )
+                yield PanelViews(f"{progress} · {label}{notes}", intervention_heatmap(session.intervention), session)
     except Exception as exc:
         log.exception("interventions failed")
         yield PanelViews.only(
