@@ -93,6 +93,25 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help=MODEL_HELP)
     add_device_options(parser)
     parser.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads, at least 1")
+    _add_geometry_options(parser)
+    _add_passkey_options(parser)
+    _add_document_options(parser)
+    parser.add_argument(
+        "--sink-tokens",
+        type=int,
+        default=TOOL_DEFAULTS.sink_tokens,
+        metavar="S",
+        help="tokens the sink baselines keep for ever (PassKey mode sink, the long documents' untuned sink row), "
+        f"{_limits_help('sink_tokens')}; default {TOOL_DEFAULTS.sink_tokens}",
+    )
+    add_json_option(parser, "print one JSON object instead of tables")
+    parser.add_argument(
+        "--figure", default=None, metavar="OUT", help="the PassKey grid as a heatmap (.png, .svg, .pdf, .html)"
+    )
+
+
+def _add_geometry_options(parser: argparse.ArgumentParser) -> None:
+    """The evaluated run's geometry (default: the adapter's)."""
     parser.add_argument(
         "--block-size",
         type=int,
@@ -121,6 +140,10 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"{_limits_help('mem_blocks')}; default: the adapter's (else 0, the paper's PassKey setting)",
     )
+
+
+def _add_passkey_options(parser: argparse.ArgumentParser) -> None:
+    """The PassKey grid: modes, lengths, depths, keys."""
     parser.add_argument(
         "--modes",
         default=None,
@@ -147,6 +170,10 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="PassKey keys' seed, any integer; default 0")
     parser.add_argument("--skip-passkey", action="store_true", help="only the loss checks")
+
+
+def _add_document_options(parser: argparse.ArgumentParser) -> None:
+    """The long documents and the FAM norm checks."""
     parser.add_argument(
         "--document",
         action="append",
@@ -179,18 +206,6 @@ def add_evaluate_options(parser: argparse.ArgumentParser) -> None:
         help="the evaluated FAM's norm after these blocks, each at least 1 (a long document is streamed again, "
         f"repeated, past its end; the tuned stream's time grows with the largest); default {FULL.norm_after_blocks}, "
         f"--quick {QUICK.norm_after_blocks}",
-    )
-    parser.add_argument(
-        "--sink-tokens",
-        type=int,
-        default=TOOL_DEFAULTS.sink_tokens,
-        metavar="S",
-        help="tokens the sink baselines keep for ever (PassKey mode sink, the long documents' untuned sink row), "
-        f"{_limits_help('sink_tokens')}; default {TOOL_DEFAULTS.sink_tokens}",
-    )
-    add_json_option(parser, "print one JSON object instead of tables")
-    parser.add_argument(
-        "--figure", default=None, metavar="OUT", help="the PassKey grid as a heatmap (.png, .svg, .pdf, .html)"
     )
 
 

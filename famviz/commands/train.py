@@ -28,6 +28,85 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+# The options that set one TrainConfig field each: (field, type, help). Their default is the field's (None on the
+# command line, so that a recipe or a resumed run's value stays unless the option is given).
+VALUED_OPTIONS: tuple[tuple[str, type, str], ...] = (
+    ("block_size", int, "tokens per block"),
+    ("fam_len", int, "FAM slots per layer"),
+    ("mem_blocks", int, "cached memory blocks"),
+    (
+        "fam_norm",
+        str,
+        "grow (the paper's) or keep: each FAM slot rescaled to its norm before the update, so new writes "
+        "stay visible as the memory ages",
+    ),
+    ("steps", int, "optimiser steps in total"),
+    ("lr", float, "LoRA learning rate"),
+    ("prompt_lr", float, "FAM prompt learning rate (default: --lr)"),
+    ("warmup_steps", int, "linear warm-up steps"),
+    ("lr_decay", str, "learning-rate decay after warm-up: none, linear or cosine (to lr × lr-final at --steps)"),
+    ("lr_final", float, "the decayed learning rate at --steps, as a fraction of --lr"),
+    ("batch_size", int, "sequences per step (per process)"),
+    ("lora_rank", int, "LoRA rank"),
+    ("lora_alpha", float, "LoRA alpha (default 2×rank)"),
+    ("data", str, "mixture, e.g. passkey:0.8,copy:0.2"),
+    ("passkey_tokens", str, "PassKey prompt length range in tokens, e.g. 256-2048"),
+    ("passkey_depth_zero", float, "share of PassKey prompts with the key at depth 0"),
+    (
+        "passkey_aligned",
+        float,
+        "share of PassKey prompts a whole number of blocks long (minus 0-6 tokens), "
+        "so that the answer is read from the FAM alone",
+    ),
+    ("copy_text_tokens", str, "text length range of copy examples"),
+    ("copy_len", int, "tokens to repeat"),
+    ("copy_weight", float, "loss weight of repeated tokens (paper: 0.1)"),
+    ("text_weight", float, "loss weight of ordinary next-token prediction on the copy text"),
+    ("readout_weight", float, "PassKey read-out probe after every block, weight of its answer (0 = off)"),
+    (
+        "readout_split",
+        float,
+        "share of steps whose probes end a block after the question, the answer read "
+        "from the FAM alone as at round prompt lengths",
+    ),
+    (
+        "readout_fill",
+        float,
+        "share of split steps whose question block starts with the stream's next tokens, so the "
+        "question ends a full block of text (the FAM update then reads the text too)",
+    ),
+    (
+        "fam_growth_weight",
+        float,
+        "loss weight of the FAM's norm growth: mean over updates and layers of max(0, Δ log norm), "
+        "against the ~linear growth of a memory fed back into itself",
+    ),
+    (
+        "curriculum",
+        str,
+        "PassKey lengths in blocks, e.g. 2,4,8,16: the next when held-out accuracy reaches the threshold",
+    ),
+    ("curriculum_threshold", float, "held-out accuracy that advances the curriculum"),
+    ("init_from", str, "start from this adapter directory's LoRA and FAM prompt (fresh optimizer)"),
+    ("rsp_prob", float, "Random State Passing probability (paper: 0.8)"),
+    (
+        "used_state_prob",
+        float,
+        "share of PassKey steps written into a used memory: the FAM first reads real text without gradient",
+    ),
+    ("used_state_blocks", str, "blocks of text a used memory has read, a range such as 1-16"),
+    ("eval_every", int, "held-out PassKey evaluation every N steps (0 = never)"),
+    ("eval_trials", int, "held-out PassKey prompts per evaluation"),
+    ("eval_tokens", int, "length of held-out PassKey prompts"),
+    ("eval_depth", float, "depth of the held-out prompts' key, 0…1 (0.5: written into a memory that read text)"),
+    ("checkpoint_every", int, "checkpoint every N steps"),
+    ("max_minutes", float, "stop after this wall time (checkpoint and adapter are written)"),
+    ("seed", int, "random seed"),
+    ("dtype", str, "float32 or bfloat16"),
+    ("adapter_dtype", str, "store the adapter's LoRA weights as float16/bfloat16 (half the file size)"),
+)
+
+
 def add_train_options(parser: argparse.ArgumentParser) -> None:
     """Options of ``famviz train`` (defaults: TrainConfig; None = keep the resumed run's)."""
     d = TrainConfig(out="")
@@ -46,81 +125,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", default=None, help="HF id or local path (default: the bundled SmolLM2-135M)")
     parser.add_argument("--mode", choices=mode_names("trainable"), default=None, help=f"default {d.mode}")
-    for name, kind, help_text in (
-        ("block_size", int, "tokens per block"),
-        ("fam_len", int, "FAM slots per layer"),
-        ("mem_blocks", int, "cached memory blocks"),
-        (
-            "fam_norm",
-            str,
-            "grow (the paper's) or keep: each FAM slot rescaled to its norm before the update, so new writes "
-            "stay visible as the memory ages",
-        ),
-        ("steps", int, "optimiser steps in total"),
-        ("lr", float, "LoRA learning rate"),
-        ("prompt_lr", float, "FAM prompt learning rate (default: --lr)"),
-        ("warmup_steps", int, "linear warm-up steps"),
-        ("lr_decay", str, "learning-rate decay after warm-up: none, linear or cosine (to lr × lr-final at --steps)"),
-        ("lr_final", float, "the decayed learning rate at --steps, as a fraction of --lr"),
-        ("batch_size", int, "sequences per step (per process)"),
-        ("lora_rank", int, "LoRA rank"),
-        ("lora_alpha", float, "LoRA alpha (default 2×rank)"),
-        ("data", str, "mixture, e.g. passkey:0.8,copy:0.2"),
-        ("passkey_tokens", str, "PassKey prompt length range in tokens, e.g. 256-2048"),
-        ("passkey_depth_zero", float, "share of PassKey prompts with the key at depth 0"),
-        (
-            "passkey_aligned",
-            float,
-            "share of PassKey prompts a whole number of blocks long (minus 0-6 tokens), "
-            "so that the answer is read from the FAM alone",
-        ),
-        ("copy_text_tokens", str, "text length range of copy examples"),
-        ("copy_len", int, "tokens to repeat"),
-        ("copy_weight", float, "loss weight of repeated tokens (paper: 0.1)"),
-        ("text_weight", float, "loss weight of ordinary next-token prediction on the copy text"),
-        ("readout_weight", float, "PassKey read-out probe after every block, weight of its answer (0 = off)"),
-        (
-            "readout_split",
-            float,
-            "share of steps whose probes end a block after the question, the answer read "
-            "from the FAM alone as at round prompt lengths",
-        ),
-        (
-            "readout_fill",
-            float,
-            "share of split steps whose question block starts with the stream's next tokens, so the "
-            "question ends a full block of text (the FAM update then reads the text too)",
-        ),
-        (
-            "fam_growth_weight",
-            float,
-            "loss weight of the FAM's norm growth: mean over updates and layers of max(0, Δ log norm), "
-            "against the ~linear growth of a memory fed back into itself",
-        ),
-        (
-            "curriculum",
-            str,
-            "PassKey lengths in blocks, e.g. 2,4,8,16: the next when held-out accuracy reaches the threshold",
-        ),
-        ("curriculum_threshold", float, "held-out accuracy that advances the curriculum"),
-        ("init_from", str, "start from this adapter directory's LoRA and FAM prompt (fresh optimizer)"),
-        ("rsp_prob", float, "Random State Passing probability (paper: 0.8)"),
-        (
-            "used_state_prob",
-            float,
-            "share of PassKey steps written into a used memory: the FAM first reads real text without gradient",
-        ),
-        ("used_state_blocks", str, "blocks of text a used memory has read, a range such as 1-16"),
-        ("eval_every", int, "held-out PassKey evaluation every N steps (0 = never)"),
-        ("eval_trials", int, "held-out PassKey prompts per evaluation"),
-        ("eval_tokens", int, "length of held-out PassKey prompts"),
-        ("eval_depth", float, "depth of the held-out prompts' key, 0…1 (0.5: written into a memory that read text)"),
-        ("checkpoint_every", int, "checkpoint every N steps"),
-        ("max_minutes", float, "stop after this wall time (checkpoint and adapter are written)"),
-        ("seed", int, "random seed"),
-        ("dtype", str, "float32 or bfloat16"),
-        ("adapter_dtype", str, "store the adapter's LoRA weights as float16/bfloat16 (half the file size)"),
-    ):
+    for name, kind, help_text in VALUED_OPTIONS:
         parser.add_argument(
             "--" + name.replace("_", "-"), type=kind, default=None, help=f"{help_text} (default {getattr(d, name)})"
         )
@@ -133,6 +138,13 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         "a .jsonl file with a 'text' field, or a Hugging Face dataset (.parquet/.arrow files or a "
         "save_to_disk directory); ~1%% of its documents are held out. Default: the machine's text",
     )
+    _add_switches(parser, d)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    parser.add_argument("--device", default=None, help="auto, cpu or cuda (default auto: Accelerate's device)")
+
+
+def _add_switches(parser: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The on/off options (None unless given, like the valued ones)."""
     parser.add_argument(
         "--no-rpo", dest="rpo", action="store_false", default=None, help="disable Random Position Offset"
     )
@@ -165,8 +177,6 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="write the adapter of the best held-out evaluation so far (accuracy, then key log-prob) to DIR/best",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
-    parser.add_argument("--device", default=None, help="auto, cpu or cuda (default auto: Accelerate's device)")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
