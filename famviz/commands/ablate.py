@@ -66,6 +66,27 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    if args.trials < 1 or args.length < 1 or not 0 <= args.depth <= 1:
+        raise FamvizError("--trials and --length must be at least 1 and --depth between 0 and 1")
+    if (args.text is None) != (args.target is None):
+        raise FamvizError("--text and --target go together")
+    if args.text is not None and args.method != "ablate":
+        raise FamvizError(f"--method {args.method} needs a corrupted prompt: use it with PassKey prompts (no --text)")
+
+
+def _cases(args: argparse.Namespace, tokenizer: object, text: str | None, block_size: int) -> list:
+    """The prompts to intervene on: the given text with its target, or PassKey prompts with a corrupted twin."""
+    from famviz.probes import ablation as ab
+
+    try:
+        if text is not None:
+            return [(ab.text_case(tokenizer, text, args.target, block_size), None)]
+        return ab.passkey_cases(tokenizer, block_size, args.length, args.depth, args.trials, args.seed)
+    except ValueError as exc:  # e.g. a length shorter than the prompt without filler
+        raise FamvizError(str(exc)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from famviz.commands.common import describe_run, load_for_cli, print_geometry_notes, resolve_backend, run_config
     from famviz.io.paths import check_figure_path
@@ -73,12 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     ab.check_method(args.method)
     config = run_config(args, "fam")  # memory blocks default to 0 (the parser's), whatever the adapter's
-    if args.trials < 1 or args.length < 1 or not 0 <= args.depth <= 1:
-        raise FamvizError("--trials and --length must be at least 1 and --depth between 0 and 1")
-    if (args.text is None) != (args.target is None):
-        raise FamvizError("--text and --target go together")
-    if args.text is not None and args.method != "ablate":
-        raise FamvizError(f"--method {args.method} needs a corrupted prompt: use it with PassKey prompts (no --text)")
+    _check_options(args)
     blocks = None if args.blocks in (None, "all") else number_list(args.blocks, int, "--blocks")
     layers = None if args.layers is None else number_list(args.layers, int, "--layers")
     figure_out = check_figure_path(args.figure)
@@ -92,15 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from famviz.core.fam_model import FamModel
 
     fam_model = FamModel(loaded, config, fam_prompt=fam_prompt, backend=resolve_backend(args.backend, loaded.device))
-    try:
-        if text is not None:
-            cases = [(ab.text_case(loaded.tokenizer, text, args.target, config.block_size), None)]
-        else:
-            cases = ab.passkey_cases(
-                loaded.tokenizer, config.block_size, args.length, args.depth, args.trials, args.seed
-            )
-    except ValueError as exc:  # e.g. a length shorter than the prompt without filler
-        raise FamvizError(str(exc)) from None
+    cases = _cases(args, loaded.tokenizer, text, config.block_size)
     n_blocks = cases[0][0].blocks(config.block_size)
     if args.blocks == "all":
         blocks = list(range(1, n_blocks + 1))
