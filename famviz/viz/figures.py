@@ -431,6 +431,39 @@ def nll_per_block(
     )
 
 
+def _nll_line(x: np.ndarray, values: np.ndarray, labels: list, name: str, color: str) -> dict:
+    """One run's per-block mean NLL as a line on the top axes."""
+    return dict(
+        type="scatter",
+        x=x,
+        y=values,
+        mode="lines+markers",
+        name=name,
+        customdata=labels,
+        hovertemplate="%{customdata}<br>%{fullData.name}: %{y:.3f} nats<extra></extra>",
+        line=dict(color=color),
+        marker=dict(size=4),
+        xaxis="x",
+        yaxis="y",
+    )
+
+
+def _benefit_bars(x: np.ndarray, benefit: np.ndarray, labels: list, name: str) -> dict:
+    """The second run's NLL minus the first's per block, on the bottom axes (green: the first predicts better)."""
+    return dict(
+        type="bar",
+        x=x,
+        y=benefit,
+        name=name,
+        customdata=labels,
+        marker=dict(color=np.where(benefit >= 0, "#2a9d8f", "#b5654d")),
+        xaxis="x2",
+        yaxis="y2",
+        hovertemplate="%{customdata}<br>memory benefit %{y:+.3f} nats<extra></extra>",
+        showlegend=False,
+    )
+
+
 def nll_compare(
     primary: np.ndarray,
     other: np.ndarray | None,
@@ -451,22 +484,9 @@ def nll_compare(
     edges, x, labels = _block_columns(n, block_starts, max_columns)
     y = bin_blocks(primary, edges)
     colors = ("#3b6fb6", "#e4572e")
-    hover = "%{customdata}<br>" + "%{fullData.name}: %{y:.3f} nats<extra></extra>"
 
     def line(values: np.ndarray, name: str, color: str) -> dict:
-        return dict(
-            type="scatter",
-            x=x,
-            y=values,
-            mode="lines+markers",
-            name=name,
-            customdata=labels,
-            hovertemplate=hover,
-            line=dict(color=color),
-            marker=dict(size=4),
-            xaxis="x",
-            yaxis="y",
-        )
+        return _nll_line(x, values, labels, name, color)
 
     lines = [line(y, primary_label, colors[0])]
     xrange = [-0.5, max(n, 1) - 0.5]
@@ -485,21 +505,7 @@ def nll_compare(
         raise ValueError(f"the two runs differ in blocks: {primary.shape} and {other.shape}")
     y_other = bin_blocks(other, edges)
     lines.append(line(y_other, other_label, colors[1]))
-    benefit = y_other - y
-    lines.append(
-        dict(
-            type="bar",
-            x=x,
-            y=benefit,
-            name=f"{other_label} − {primary_label}",
-            customdata=labels,
-            marker=dict(color=np.where(benefit >= 0, "#2a9d8f", "#b5654d")),
-            xaxis="x2",
-            yaxis="y2",
-            hovertemplate="%{customdata}<br>memory benefit %{y:+.3f} nats<extra></extra>",
-            showlegend=False,
-        )
-    )
+    lines.append(_benefit_bars(x, y_other - y, labels, f"{other_label} − {primary_label}"))
     top, bottom = (0.42, 1.0), (0.0, 0.3)
     return _figure(
         lines,
