@@ -12,6 +12,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("famviz.training")
 
 
+WINDOW = 25  # steps in each moving mean
+
+
+def _moving_mean(values: list[float], window: int = WINDOW) -> list[float]:
+    return [sum(values[max(0, i - window + 1) : i + 1]) / (i - max(0, i - window + 1) + 1) for i in range(len(values))]
+
+
 def loss_curve_figure(history: list[dict], mode: str = "fam") -> go.Figure | None:
     """The training loss per data kind (their scales differ: a PassKey answer against a whole text) with
     moving means, read-out probes asked in their block and across a block boundary apart, and, when the run
@@ -20,11 +27,9 @@ def loss_curve_figure(history: list[dict], mode: str = "fam") -> go.Figure | Non
     steps = [r for r in history if "loss" in r]
     if not steps:
         return None
-    import plotly.graph_objects as go
     from plotly.colors import DEFAULT_PLOTLY_COLORS
     from plotly.subplots import make_subplots
 
-    window = 25
     evals = [r for r in history if "eval" in r]
     panels = 2 if evals else 1  # no empty lower panel for a run without evaluations
     figure = make_subplots(
@@ -35,86 +40,80 @@ def loss_curve_figure(history: list[dict], mode: str = "fam") -> go.Figure | Non
         vertical_spacing=0.08,
     )
     for index, kind in enumerate(sorted({r["kind"] for r in steps})):
-        rows = [r for r in steps if r["kind"] == kind]
-        x, y = [r["step"] for r in rows], [r["loss"] for r in rows]
-        smooth = [sum(y[max(0, i - window + 1) : i + 1]) / (i - max(0, i - window + 1) + 1) for i in range(len(y))]
         color = DEFAULT_PLOTLY_COLORS[index % len(DEFAULT_PLOTLY_COLORS)]
-        figure.add_trace(
-            go.Scatter(
-                x=x,
-                y=y,
-                mode="markers",
-                marker=dict(size=3, opacity=0.3, color=color),
-                name=f"{kind}: per step",
-                legendgroup=kind,
-            ),
-            row=1,
-            col=1,
-        )
-        figure.add_trace(
-            go.Scatter(
-                x=x,
-                y=smooth,
-                mode="lines",
-                line=dict(color=color),
-                name=f"{kind}: mean of last {window} steps",
-                legendgroup=kind,
-            ),
-            row=1,
-            col=1,
-        )
-        probed = [r for r in rows if r.get("loss_readout") is not None]
-        split = [r for r in probed if r.get("readout_split")]  # probes asked across a block boundary
-        in_block = [r for r in probed if not r.get("readout_split")]
-        series = [("loss_main", "the question's answer", "dot", probed)]
-        if split:  # the round-length case and the in-block case learn at different rates: one line each
-            series += [
-                ("loss_readout", "read-out probes in their block", "dash", in_block),
-                ("loss_readout", "read-out probes across a block boundary", "dashdot", split),
-            ]
-        else:
-            series.append(("loss_readout", "read-out probes", "dash", probed))
-        for field_name, label, dash, records in series:
-            if not records:
-                continue
-            ys = [r[field_name] for r in records]
-            means = [sum(ys[max(0, i - window + 1) : i + 1]) / (i - max(0, i - window + 1) + 1) for i in range(len(ys))]
-            figure.add_trace(
-                go.Scatter(
-                    x=[r["step"] for r in records],
-                    y=means,
-                    mode="lines",
-                    line=dict(color=color, dash=dash),
-                    legendgroup=kind,
-                    name=f"{kind}: {label} (mean of last {window})",
-                ),
-                row=1,
-                col=1,
-            )
+        for trace in _kind_traces(kind, [r for r in steps if r["kind"] == kind], color):
+            figure.add_trace(trace, row=1, col=1)
     if evals:
-        labels = [f"{r['eval']['length']} tokens, {r['eval']['accuracy']:.0%} of {r['eval']['trials']}" for r in evals]
-        figure.add_trace(
-            go.Scatter(
-                x=[r["step"] for r in evals],
-                y=[r["eval"]["key_logprob"] for r in evals],
-                mode="lines+markers+text",
-                text=[str(r["eval"]["length"]) for r in evals],
-                textposition="top center",
-                cliponaxis=False,
-                line=dict(color="#444"),
-                customdata=labels,
-                name="key log-prob (label: tokens)",
-                hovertemplate="step %{x}: %{y:.2f}<br>%{customdata}<extra></extra>",
-            ),
-            row=2,
-            col=1,
-        )
+        figure.add_trace(_evaluation_trace(evals), row=2, col=1)
     figure.update_layout(title=f"{mode} fine-tuning", template="plotly_white", width=900, height=620 if evals else 420)
     figure.update_xaxes(title_text="step", row=panels, col=1)
     figure.update_yaxes(title_text="training loss (weighted)", row=1, col=1)
     if evals:
-        figure.update_yaxes(title_text="held-out log p(key)<br>depth 0, teacher-forced", row=2, col=1)
+        depths = ", ".join(f"{d:g}" for d in sorted({r["eval"].get("depth", 0.0) for r in evals}))
+        figure.update_yaxes(title_text=f"held-out log p(key)<br>depth {depths}, teacher-forced", row=2, col=1)
     return figure
+
+
+def _kind_traces(kind: str, rows: list[dict], color: str) -> list[go.Scatter]:
+    """One data kind's losses: every step, their moving mean, and the PassKey answer and read-out probes."""
+    import plotly.graph_objects as go
+
+    x, y = [r["step"] for r in rows], [r["loss"] for r in rows]
+    marker = dict(size=3, opacity=0.3, color=color)
+    traces = [
+        go.Scatter(x=x, y=y, mode="markers", marker=marker, name=f"{kind}: per step", legendgroup=kind),
+        go.Scatter(
+            x=x,
+            y=_moving_mean(y),
+            mode="lines",
+            line=dict(color=color),
+            name=f"{kind}: mean of last {WINDOW} steps",
+            legendgroup=kind,
+        ),
+    ]
+    probed = [r for r in rows if r.get("loss_readout") is not None]
+    split = [r for r in probed if r.get("readout_split")]  # probes asked across a block boundary
+    in_block = [r for r in probed if not r.get("readout_split")]
+    series = [("loss_main", "the question's answer", "dot", probed)]
+    if split:  # the round-length case and the in-block case learn at different rates: one line each
+        series += [
+            ("loss_readout", "read-out probes in their block", "dash", in_block),
+            ("loss_readout", "read-out probes across a block boundary", "dashdot", split),
+        ]
+    else:
+        series.append(("loss_readout", "read-out probes", "dash", probed))
+    for field_name, label, dash, records in series:
+        if records:
+            traces.append(
+                go.Scatter(
+                    x=[r["step"] for r in records],
+                    y=_moving_mean([r[field_name] for r in records]),
+                    mode="lines",
+                    line=dict(color=color, dash=dash),
+                    legendgroup=kind,
+                    name=f"{kind}: {label} (mean of last {WINDOW})",
+                )
+            )
+    return traces
+
+
+def _evaluation_trace(evals: list[dict]) -> go.Scatter:
+    """The held-out PassKey key log-probability per evaluation, labelled with its prompt length."""
+    import plotly.graph_objects as go
+
+    labels = [f"{r['eval']['length']} tokens, {r['eval']['accuracy']:.0%} of {r['eval']['trials']}" for r in evals]
+    return go.Scatter(
+        x=[r["step"] for r in evals],
+        y=[r["eval"]["key_logprob"] for r in evals],
+        mode="lines+markers+text",
+        text=[str(r["eval"]["length"]) for r in evals],
+        textposition="top center",
+        cliponaxis=False,
+        line=dict(color="#444"),
+        customdata=labels,
+        name="key log-prob (label: tokens)",
+        hovertemplate="step %{x}: %{y:.2f}<br>%{customdata}<extra></extra>",
+    )
 
 
 def write_loss_curve(history: list[dict], out: Path, mode: str = "fam") -> Path | None:

@@ -407,6 +407,9 @@ def test_loss_curve_draws_split_probes_apart_and_no_empty_panel(tmp_path):
         [*history, {"step": 4, "eval": {"length": 512, "accuracy": 0.5, "trials": 2, "key_logprob": -1.0}}]
     )
     assert evaluated.data[-1].name.startswith("key log-prob") and "yaxis2" in evaluated.layout.to_plotly_json()
+    assert "depth 0," in evaluated.layout.yaxis2.title.text  # logs before the depth was recorded: depth 0
+    deep = {"step": 4, "eval": {"length": 8192, "depth": 0.5, "accuracy": 0.0, "trials": 2, "key_logprob": -4.0}}
+    assert "depth 0.5," in loss_curve_figure([*history, deep]).layout.yaxis2.title.text  # the run's own depth
     assert loss_curve_figure([{"stage": "start"}]) is None
     old = [{k: v for k, v in r.items() if k != "readout_split"} for r in history]  # logs before the field existed
     assert "passkey: read-out probes (mean of last 25)" in [t.name for t in loss_curve_figure(old).data]
