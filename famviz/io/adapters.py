@@ -231,6 +231,14 @@ def final_loss_span(card: dict) -> str:
 
 
 def card_markdown(card: dict) -> str:
+    """The training card as Markdown (TRAINING_CARD.md): the run, its recipe and lineage, its stages, and what
+    was measured during and after it."""
+    sections = (_card_summary, _card_lineage, _card_stages, _card_stage_evaluations, _card_results)
+    return "\n".join(line for section in sections for line in section(card))
+
+
+def _card_summary(card: dict) -> list[str]:
+    """The title, the note and the run in one list."""
     lines = ["# famviz adapter: training card", ""]
     if card.get("note"):
         lines += [f"**{card['note']}**", ""]
@@ -251,6 +259,12 @@ def card_markdown(card: dict) -> str:
         f"- Mean training loss over {final_loss_span(card)}: {card.get('final_loss_mean_last_50')}",
         "",
     ]
+    return lines
+
+
+def _card_lineage(card: dict) -> list[str]:
+    """The recipe as run, and the runs this one was initialised from."""
+    lines = []
     if card.get("recipe"):
         lines += ["## Recipe (`famviz train --recipe FILE.toml --out DIR` repeats the run)", "", "```toml"]
         lines += [card["recipe"].rstrip("\n"), "```", ""]
@@ -270,6 +284,12 @@ def card_markdown(card: dict) -> str:
             )
             origin = origin.get("initialised_from")
         lines.append("")
+    return lines
+
+
+def _card_stages(card: dict) -> list[str]:
+    """Each stage's steps, tokens, time, held-out check and command."""
+    lines = []
     stages = card.get("stages") or []
     if stages:
         lines += [
@@ -288,6 +308,12 @@ def card_markdown(card: dict) -> str:
                 f"{stage['wall_seconds'] / 60:.0f} min | {held_text} | `{stage['command']}` |"
             )
         lines.append("")
+    return lines
+
+
+def _card_stage_evaluations(card: dict) -> list[str]:
+    """The evaluations recorded after stages."""
+    lines = []
     stage_evaluations = card.get("stage_evaluations") or []
     if stage_evaluations:
         lines += [
@@ -315,6 +341,12 @@ def card_markdown(card: dict) -> str:
             )
             lines.append(f"| {entry.get('after_step')} | {cells} | {docs} |")
         lines.append("")
+    return lines
+
+
+def _card_results(card: dict) -> list[str]:
+    """The held-out checks during training, the evaluation, and a same-budget baseline."""
+    lines = []
     evals = card.get("held_out_passkey_during_training") or []
     if evals:
         lines += [
@@ -338,7 +370,7 @@ def card_markdown(card: dict) -> str:
             "",
         ]
         lines += _evaluation_markdown(baseline.get("evaluation") or {})
-    return "\n".join(lines)
+    return lines
 
 
 # The models of a long-document comparison (``famviz.training.evaluation.long_document_comparison``), in table order.
