@@ -5,7 +5,7 @@ Defaults are the paper's (arXiv 2404.09173): block 1024, FAM 64 slots, 3 memory 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from famviz.core.modes import MODE_TABLE, Mode, mode_names
 from famviz.errors import ConfigError
@@ -73,6 +73,11 @@ class FamConfig:
     def bounded(self) -> bool:
         """Whether the carried state has constant size (every mode but ``full``)."""
         return self.spec.bounded
+
+    def in_mode(self, mode: str, **changes: object) -> FamConfig:
+        """This geometry in another mode (with ``changes``), and no FAM slots where that mode has no FAM."""
+        moved = replace(self, mode=mode, **changes)
+        return replace(moved, fam_len=moved.active_fam_len)
 
     @property
     def has_memory(self) -> bool:

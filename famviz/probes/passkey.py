@@ -618,8 +618,7 @@ def run_cell(
 def sweep_config(base: FamConfig, spec: ModeSpec) -> FamConfig:
     """The run of one sweep column: ``base``'s geometry in the column's mode and memory (no FAM slots in a mode
     without a FAM)."""
-    config = replace(base, mode=spec.mode, mem_blocks=spec.mem_blocks)
-    return replace(config, fam_len=config.active_fam_len)
+    return base.in_mode(spec.mode, mem_blocks=spec.mem_blocks)
 
 
 SweepDocuments = dict[tuple[int, float], list[PasskeyDocument]]

@@ -226,13 +226,8 @@ def comparison_configs(config: FamConfig, tuned: bool) -> list[tuple[str, bool, 
     the same weights as BSWA with the same memory (the memory's own effect; only when ``tuned``), and the untuned
     model in every baseline mode of the mode table (``untuned_bswa``, ``untuned_sink``, ``untuned_full``), each
     with the evaluated run's geometry."""
-
-    def as_mode(mode: str) -> FamConfig:
-        in_mode = dataclasses.replace(config, mode=mode)
-        return dataclasses.replace(in_mode, fam_len=in_mode.active_fam_len)
-
-    streams = [("tuned", True, config)] + ([("tuned_bswa", True, as_mode("bswa"))] if tuned else [])
-    return streams + [(f"untuned_{mode}", False, as_mode(mode)) for mode in mode_names("baseline")]
+    streams = [("tuned", True, config)] + ([("tuned_bswa", True, config.in_mode("bswa"))] if tuned else [])
+    return streams + [(f"untuned_{mode}", False, config.in_mode(mode)) for mode in mode_names("baseline")]
 
 
 def comparison_tokens(
