@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 TrainingFamModel.can_finish_blocks = can_finish
                 state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
                 started = time.perf_counter()
-                loss, _, _ = sequence_loss(
+                result = sequence_loss(
                     trainer.fam_model,
                     ids,
                     weights,
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                     readout_split=QUESTION_TOKENS,
                     readout_fill=config.block_size - QUESTION_TOKENS,
                 )
-                loss.backward()
+                result.loss.backward()
                 seconds[name].append(time.perf_counter() - started)
         TrainingFamModel.can_finish_blocks = shared
     for name, values in seconds.items():

@@ -45,7 +45,14 @@ from famviz.training.config import (
     TrainConfig,
 )
 from famviz.training.data import Example, ExampleStream, TextCorpus, parse_mixture, parse_range
-from famviz.training.loss import collate, global_parts, passkey_teacher_forced, sequence_loss
+from famviz.training.loss import (
+    LossParts,
+    SequenceLoss,
+    collate,
+    global_parts,
+    passkey_teacher_forced,
+    sequence_loss,
+)
 from famviz.training.recipe import RECIPE_FILE, recipe_text
 from famviz.training.rpo_rsp import (
     StatePassing,
@@ -59,12 +66,15 @@ from famviz.viz.training_figures import write_loss_curve
 
 if TYPE_CHECKING:
     from logging.handlers import MemoryHandler
-    from typing import Protocol
+    from typing import Protocol, TextIO
 
     from accelerate import Accelerator
     from peft import PeftModel
+    from tqdm import tqdm
 
+    from famviz.core.fam_model import StreamState
     from famviz.core.model import LoadedModel
+    from famviz.io.corpus import Corpus
 
     class ExampleSource(Protocol):
         """Anything that draws training examples (``ExampleStream`` by default)."""
@@ -126,6 +136,20 @@ def add_lora(loaded: LoadedModel, rank: int, alpha: float | None) -> PeftModel:
 
 
 # -- the run -------------------------------------------------------------------------------------
+def _default_accelerator(device: str) -> Accelerator:
+    from accelerate import Accelerator
+
+    # cpu=True also where no GPU exists: Accelerate then runs launched processes as MULTI_CPU (gloo)
+    return Accelerator(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
+
+
+def _pad_id(loaded: LoadedModel) -> int:
+    """The token that pads a batch's shorter rows: the tokenizer's pad token, else end of text, else 0."""
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer is not None else None
+    pad = pad if pad is not None else (loaded.config.eos_token_id or 0)
+    return pad[0] if isinstance(pad, list) else pad
+
+
 class Trainer:
     def __init__(
         self,
@@ -141,49 +165,62 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.out = Path(config.out)
-        if accelerator is None:
-            from accelerate import Accelerator
-
-            # cpu=True also where no GPU exists: Accelerate then runs launched processes as MULTI_CPU (gloo)
-            accelerator = Accelerator(
-                cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-            )
-        self.accelerator = accelerator
+        self.accelerator = accelerator if accelerator is not None else _default_accelerator(config.device)
         # The corpus first: a missing or unusable one fails in a moment, not after the model has loaded.
         documents = self._corpus_documents() if data is None else None
-        if loaded is None:
-            from famviz.io.models import load_model
-
-            # several processes: each on its own device (accelerate's cuda:LOCAL_RANK), whatever --device says
-            device = (
-                str(accelerator.device) if config.device == "auto" or accelerator.num_processes > 1 else config.device
-            )
-            loaded = load_model(config.model, device=device, dtype=config.dtype)
-        self.loaded = loaded
+        self.loaded = loaded if loaded is not None else self._load_model()
         torch.manual_seed(config.seed)  # LoRA's random init: the same in every run and on every process
-        self.peft_model = add_lora(loaded, config.lora_rank, config.lora_alpha)
-        fam_config = config.fam_config()
-        self.prompt = None
-        if fam_config.active_fam_len:
-            from famviz.core.fam_prompt import default_fam_prompt
-
-            # float32 master weights, like the LoRA's (peft keeps those in float32): a bfloat16 step casts
-            # them inside the graph, so updates smaller than bfloat16's resolution are not lost.
-            self.prompt = torch.nn.Parameter(default_fam_prompt(loaded, config.fam_len).float().to(loaded.device))
-        self.fam_model = TrainingFamModel(loaded, fam_config, fam_prompt=self.prompt)
+        self.peft_model = add_lora(self.loaded, config.lora_rank, config.lora_alpha)
+        self.prompt = self._learned_prompt()
+        self.fam_model = TrainingFamModel(self.loaded, config.fam_config(), fam_prompt=self.prompt)
         self.fam_model.checkpoint_layers = config.checkpoint_layers
         self.fam_model.fused_projections = True
-        self.theta = rope_theta(loaded.config)
-        lora_params = [p for p in self.peft_model.parameters() if p.requires_grad]
-        groups = [{"params": lora_params, "lr": config.lr, "weight_decay": config.weight_decay}]
-        if self.prompt is not None:
-            groups.append({"params": [self.prompt], "lr": config.prompt_lr or config.lr, "weight_decay": 0.0})
-        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.99))
-        self.base_lrs = [g["lr"] for g in groups]
+        self.theta = rope_theta(self.loaded.config)
+        self.optimizer, self.base_lrs = self._optimizer()
         self.rng = random.Random(config.seed)  # the same on every process: each takes its slice of a global batch
         self.state_passing = StatePassing(config.rsp_prob if config.rsp and self.prompt is not None else 0.0)
         self.step = 0
         self.history: list[dict] = []
+        self._make_data(data, documents)
+        self.stages = config.curriculum_stages()
+        self.stage = 0
+        if config.init_from:
+            self.init_from(config.init_from)
+        self.pad_id = _pad_id(self.loaded)
+
+    def _load_model(self) -> LoadedModel:
+        from famviz.io.models import load_model
+
+        config = self.config
+        # several processes: each on its own device (accelerate's cuda:LOCAL_RANK), whatever --device says
+        several = self.accelerator.num_processes > 1
+        device = str(self.accelerator.device) if config.device == "auto" or several else config.device
+        return load_model(config.model, device=device, dtype=config.dtype)
+
+    def _learned_prompt(self) -> torch.nn.Parameter | None:
+        """The initial FAM to learn (None in a mode without FAM slots)."""
+        if not self.config.fam_config().active_fam_len:
+            return None
+        from famviz.core.fam_prompt import default_fam_prompt
+
+        # float32 master weights, like the LoRA's (peft keeps those in float32): a bfloat16 step casts
+        # them inside the graph, so updates smaller than bfloat16's resolution are not lost.
+        prompt = default_fam_prompt(self.loaded, self.config.fam_len).float().to(self.loaded.device)
+        return torch.nn.Parameter(prompt)
+
+    def _optimizer(self) -> tuple[torch.optim.Optimizer, list[float]]:
+        """AdamW over the LoRA weights and the prompt (its own rate, no decay), and each group's base rate."""
+        config = self.config
+        lora_params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        groups = [{"params": lora_params, "lr": config.lr, "weight_decay": config.weight_decay}]
+        if self.prompt is not None:
+            groups.append({"params": [self.prompt], "lr": config.prompt_lr or config.lr, "weight_decay": 0.0})
+        return torch.optim.AdamW(groups, betas=(0.9, 0.99)), [g["lr"] for g in groups]
+
+    def _make_data(self, data: ExampleSource | None, documents: Corpus | None) -> None:
+        """The examples (``data``, or the mixture of ``config.data``), the text they and the used states read,
+        and the used states."""
+        config, loaded = self.config, self.loaded
         self.text = None  # the copy examples' and used states' text: the machine's, or --corpus (training split)
         used_blocks = parse_range(config.used_state_blocks, "--used-state-blocks")
         used_reads = config.used_state_sources if self.prompt is not None else frozenset()  # a FAM to use
@@ -219,14 +256,6 @@ class Trainer:
                 block_size=config.block_size,
             )
         )
-        self.stages = config.curriculum_stages()
-        self.stage = 0
-        if config.init_from:
-            self.init_from(config.init_from)
-        pad = loaded.tokenizer.pad_token_id if loaded.tokenizer is not None else None
-        self.pad_id = pad if pad is not None else (loaded.config.eos_token_id or 0)
-        if isinstance(self.pad_id, list):
-            self.pad_id = self.pad_id[0]
 
     def _corpus_documents(self):
         """The --corpus documents of the copy examples and used states (None: the machine's text, or neither)."""
@@ -311,33 +340,90 @@ class Trainer:
         """One optimiser step on one batch; returns its log record."""
         config = self.config
         self.apply_curriculum()
+        world = self.accelerator.num_processes
+        drawn, examples = self._draw_batch()
+        # Padded to the global batch's longest sequence: every process runs the same blocks as one process
+        # with the whole batch would (pad tokens carry no loss and come after everything that does).
+        ids, weights, readout = collate(examples, self.pad_id, self.loaded.device, max(len(e.ids) for e in drawn))
+        state, rsp, used_blocks, used_reads = self._starting_state(drawn, examples)
+        lr_scale = config.lr_scale(self.step)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * lr_scale
+        self.peft_model.train()
+        offset, split, fill = self._probe_placement(drawn)
+        result = sequence_loss(
+            self.fam_model,
+            ids,
+            weights,
+            state,
+            readout=readout,
+            readout_offset=offset,
+            readout_split=split,
+            readout_fill=fill,
+            fam_growth_weight=config.fam_growth_weight,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, parts = self._backward(result)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, config.grad_clip))
+        self.optimizer.step()
+        self.fam_model.position_offsets = None
+        if self.prompt is not None:
+            fam = result.state.fam
+            if world > 1:  # the global batch's element 0 is process 0's: every process passes on the same FAM
+                from accelerate.utils import broadcast
+
+                fam = tuple(broadcast(f[:1].detach().contiguous(), from_process=0) for f in fam)
+            self.state_passing.remember(fam)
+        self.step += 1
+        return {
+            "step": self.step,
+            "loss": loss,
+            "loss_main": parts.main,
+            "loss_readout": parts.readout,
+            "readout_split": split,  # 0: probes asked inside their block; else the question's length in tokens
+            "readout_fill": fill,  # stream tokens before the question in its block (0: the question alone)
+            "fam_growth": parts.fam_growth,  # mean log-norm growth of the FAM per update (FamGrowth)
+            "lengths": [len(e.ids) for e in drawn],
+            "kind": "+".join(e.kind for e in examples),
+            "tokens": int(ids.numel()) * world,
+            "loss_tokens": result.count,
+            "grad_norm": grad_norm,
+            "rsp": rsp,
+            "used_blocks": 0 if rsp else used_blocks,  # blocks of text the FAM read first (0: none)
+            "used_reads": None if rsp else used_reads,  # ... "text" or "filler"
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+
+    def _draw_batch(self) -> tuple[list[Example], list[Example]]:
+        """The global batch, longest first, and this process's slice of it."""
         # Every process draws the whole global batch from the same generator and keeps its own slice, so
         # N processes with batch b train on exactly the examples of one process with batch N·b.
-        world, rank, batch = self.accelerator.num_processes, self.accelerator.process_index, config.batch_size
+        world, rank, batch = self.accelerator.num_processes, self.accelerator.process_index, self.config.batch_size
         drawn = [self.data.draw(self.rng) for _ in range(batch * world)]
         # Longest first: RSP passes on element 0's final FAM, and only the longest row's FAM never reads the
         # pad tokens that fill shorter rows' last blocks (a stable sort: equal lengths keep their order).
         drawn.sort(key=lambda example: -len(example.ids))
-        examples = drawn[rank * batch : (rank + 1) * batch]
-        # Padded to the global batch's longest sequence: every process runs the same blocks as one process
-        # with the whole batch would (pad tokens carry no loss and come after everything that does).
-        ids, weights, readout = collate(examples, self.pad_id, self.loaded.device, max(len(e.ids) for e in drawn))
+        return drawn, drawn[rank * batch : (rank + 1) * batch]
+
+    def _starting_state(self, drawn: list[Example], examples: list[Example]) -> tuple[StreamState, bool, int, str]:
+        """The step's starting state (the initial FAM, a passed one under RSP, or a used one) and RPO's
+        position offsets (set on the model); also whether RSP passed it, the used blocks and what they read."""
+        rank, batch = self.accelerator.process_index, self.config.batch_size
         # Drawn and read before this step's RPO offsets are set: the used state is what inference would hand on.
         used_blocks = self.used_states.choose(self.rng, any(e.kind == "passkey" for e in examples))
         used, used_reads = (
             self.used_states.make(self.fam_model, self.prompt, used_blocks, self.rng) if used_blocks else (None, None)
         )
-        offsets = draw_position_offsets(self.rng, len(drawn), self.theta) if config.rpo else None
+        offsets = draw_position_offsets(self.rng, len(drawn), self.theta) if self.config.rpo else None
         self.fam_model.position_offsets = offsets[rank * batch : (rank + 1) * batch] if offsets is not None else None
         passed = self.state_passing.choose(self.rng) if self.prompt is not None else None
         rsp = passed is not None  # a passed FAM wins over a used one
-        if not rsp:
-            passed = used
-        lr_scale = config.lr_scale(self.step)
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base * lr_scale
-        self.peft_model.train()
-        state = initial_training_state(self.fam_model, len(examples), self.prompt, passed)
+        state = initial_training_state(self.fam_model, len(examples), self.prompt, passed if rsp else used)
+        return state, rsp, used_blocks, used_reads
+
+    def _probe_placement(self, drawn: list[Example]) -> tuple[int, int, int]:
+        """Where this step asks its read-out probes: (offset in the block, split, fill; see ``sequence_loss``)."""
+        config = self.config
         # Probes at a random place in their block: read only right after the FAM, they teach a reading that
         # fails for the real question, which sits at the end of its block (measured: probe loss 0.003 vs
         # main answer 1.3 per token on the same prompt).
@@ -348,71 +434,33 @@ class Trainer:
         # Drawn only when asked for, so runs without fill keep their random sequence.
         use_fill = split > 0 and config.readout_fill > 0 and self.rng.random() < config.readout_fill
         fill = max(0, config.block_size - split) if use_fill else 0
-        parts: dict = {}
-        loss, final, count = sequence_loss(
-            self.fam_model,
-            ids,
-            weights,
-            state,
-            readout=readout,
-            readout_offset=offset,
-            parts=parts,
-            readout_split=split,
-            readout_fill=fill,
-            fam_growth_weight=config.fam_growth_weight,
-        )
-        self.optimizer.zero_grad(set_to_none=True)
-        params = self.trainable_parameters
-        if world > 1:
-            # The loss is Σ w·nll over the global batch ÷ its weighted count: scaled so that the mean of the
-            # processes' gradients is that (each process alone knows only its own count).
-            # The FAM-growth penalty likewise: λ Σ growth ÷ the global batch's count of counted updates.
-            counts = torch.tensor([float(count), float(parts["growth_count"])], device=loss.device)
-            total, growth_total = (max(c, 1.0) for c in self.accelerator.reduce(counts, reduction="sum").tolist())
-            local = (loss - parts["penalty"]) * count
-            penalty_sum = parts["penalty_sum"].to(loss.device)
-            (local * (world / total) + penalty_sum * (world / growth_total)).backward()
-            both = torch.stack([local.detach(), penalty_sum.detach()])
-            local_sum, penalty_total = self.accelerator.reduce(both, reduction="sum").tolist()
-            loss = torch.tensor(local_sum / total + penalty_total / growth_total)
-            parts = global_parts(self.accelerator, parts)
-            for p in params:  # layers are called directly, so average gradients by hand
-                # A parameter without a gradient (the prompt, on a step that starts from a passed FAM) has none
-                # on every process: that choice comes from the shared generator. It stays None, as in one
-                # process, so the optimiser leaves it alone (a zero gradient would still move it by momentum).
-                if p.grad is not None:
-                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
-        else:
-            loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-        self.optimizer.step()
-        self.fam_model.position_offsets = None
-        if self.prompt is not None:
-            fam = final.fam
-            if world > 1:  # the global batch's element 0 is process 0's: every process passes on the same FAM
-                from accelerate.utils import broadcast
+        return offset, split, fill
 
-                fam = tuple(broadcast(f[:1].detach().contiguous(), from_process=0) for f in fam)
-            self.state_passing.remember(fam)
-        self.step += 1
-        return {
-            "step": self.step,
-            "loss": loss.item(),
-            "loss_main": parts["main"],
-            "loss_readout": parts["readout"],
-            "readout_split": split,  # 0: probes asked inside their block; else the question's length in tokens
-            "readout_fill": fill,  # stream tokens before the question in its block (0: the question alone)
-            "fam_growth": parts["fam_growth"],  # mean log-norm growth of the FAM per update (FamGrowth)
-            "lengths": [len(e.ids) for e in drawn],
-            "kind": "+".join(e.kind for e in examples),
-            "tokens": int(ids.numel()) * world,
-            "loss_tokens": count,
-            "grad_norm": grad_norm,
-            "rsp": rsp,
-            "used_blocks": 0 if rsp else used_blocks,  # blocks of text the FAM read first (0: none)
-            "used_reads": None if rsp else used_reads,  # ... "text" or "filler"
-            "lr": self.optimizer.param_groups[0]["lr"],
-        }
+    def _backward(self, result: SequenceLoss) -> tuple[float, LossParts]:
+        """Backpropagate the step's loss (averaged over processes by hand where there are several); the
+        loss over the global batch and its parts."""
+        world = self.accelerator.num_processes
+        if world == 1:
+            result.loss.backward()
+            return result.loss.item(), result.parts
+        # The loss is Σ w·nll over the global batch ÷ its weighted count: scaled so that the mean of the
+        # processes' gradients is that (each process alone knows only its own count).
+        # The FAM-growth penalty likewise: λ Σ growth ÷ the global batch's count of counted updates.
+        loss, count = result.loss, result.count
+        counts = torch.tensor([float(count), float(result.parts.growth_count)], device=loss.device)
+        total, growth_total = (max(c, 1.0) for c in self.accelerator.reduce(counts, reduction="sum").tolist())
+        local = (loss - result.penalty) * count
+        penalty_sum = result.penalty_sum.to(loss.device)
+        (local * (world / total) + penalty_sum * (world / growth_total)).backward()
+        both = torch.stack([local.detach(), penalty_sum.detach()])
+        local_sum, penalty_total = self.accelerator.reduce(both, reduction="sum").tolist()
+        for p in self.trainable_parameters:  # layers are called directly, so average gradients by hand
+            # A parameter without a gradient (the prompt, on a step that starts from a passed FAM) has none
+            # on every process: that choice comes from the shared generator. It stays None, as in one
+            # process, so the optimiser leaves it alone (a zero gradient would still move it by momentum).
+            if p.grad is not None:
+                p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        return local_sum / total + penalty_total / growth_total, global_parts(self.accelerator, result.parts)
 
     def agreed(self, decision: bool) -> bool:
         """The main process's decision, on every process: processes deciding alone (a clock that started a
@@ -459,41 +507,13 @@ class Trainer:
     def run(self, resume: bool = False, progress: bool = True) -> Path:
         config, acc = self.config, self.accelerator
         main = acc.is_main_process
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / TRAIN_CONFIG).write_text(json.dumps(asdict(config), indent=2))
-            (self.out / RECIPE_FILE).write_text(recipe_text(config, f"as run: {config.stage_command}"))
-        if resume:
-            self.resume()
-            evaluated = [r for r in self.history if "eval" in r]
-            if config.keep_best and evaluated and best_evaluation(self.history) is None:
-                log.warning(
-                    "--keep-best: the %d earlier held-out evaluations of this run were not kept; %s/ starts "
-                    "with the next one",
-                    len(evaluated),
-                    BEST_DIR,
-                )
-            if main:  # steps run after the last checkpoint were lost with the interruption: drop their records
-                (self.out / LOG_FILE).write_text(
-                    "".join(json.dumps(r) + "\n" for r in self.history if "stage" not in r)
-                )  # stages are in the card
+        self._open_run(resume)
         self.history.append(
             {"stage": "start", "from_step": self.step, "command": config.stage_command or config.command}
         )
         started = time.time()
         wall_before = sum(r.get("seconds", 0.0) for r in self.history if "loss" in r)
-        bar = None
-        if progress and main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=config.steps,
-                initial=self.step,
-                desc=f"train {config.mode}",
-                unit="step",
-                mininterval=1.0 if sys.stderr.isatty() else 30.0,
-                file=sys.stderr,
-            )
+        bar = self._progress_bar() if progress and main else None
         log_file = (self.out / LOG_FILE).open("a") if main else None
         stopped_early = False
         try:
@@ -504,43 +524,14 @@ class Trainer:
                 record["tokens_per_s"] = record["tokens"] / max(record["seconds"], 1e-9)  # the global batch's tokens
                 self.history.append(record)
                 if main:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                    if bar is not None:
-                        bar.update(1)
-                        # a resumed run's average goes on over the steps before the resume
-                        bar.set_postfix({**loss_postfix(self.history), "tok/s": f"{record['tokens_per_s']:.0f}"})
-                    if not sys.stderr.isatty() and self.step % 10 == 0:
-                        growth = record.get("fam_growth")
-                        mean, count = recent_loss(self.history)
-                        log.info(
-                            "step %d loss %.4f (mean of the last %d steps %.4f) %.0f tok/s%s",
-                            self.step,
-                            record["loss"],
-                            count,
-                            mean,
-                            record["tokens_per_s"],
-                            f", FAM growth {growth:.3f}/update" if growth is not None else "",
-                        )
+                    self._log_step(record, log_file, bar)
+                kept = False
                 if config.eval_every and self.step % config.eval_every == 0:
                     # on every process: the curriculum it may advance decides every process's data
                     evaluation = self.evaluate()
                     self.history.append(evaluation)
-                kept = False
-                if config.eval_every and self.step % config.eval_every == 0 and main:
-                    kept = config.keep_best and beats(evaluation, best_evaluation(self.history[:-1]))
-                    if kept:
-                        evaluation["kept_best"] = True
-                        self.save_best(wall_before + time.time() - started)
-                    log_file.write(json.dumps(evaluation) + "\n")
-                    log_file.flush()
-                    log.info(
-                        "step %d held-out PassKey (%d tokens, teacher-forced): %.0f%%, key log-prob %.2f",
-                        self.step,
-                        evaluation["eval"]["length"],
-                        100 * evaluation["eval"]["accuracy"],
-                        evaluation["eval"]["key_logprob"],
-                    )
+                    if main:
+                        kept = self._record_evaluation(evaluation, log_file, wall_before + time.time() - started)
                 # After a kept best at once: a resume must not redo this step without the flag that names best/.
                 if (self.step % config.checkpoint_every == 0 or kept) and main:
                     self.save_checkpoint()
@@ -559,6 +550,79 @@ class Trainer:
             write_loss_curve(self.history, self.out, self.config.mode)
         acc.wait_for_everyone()
         return self.out
+
+    def _open_run(self, resume: bool) -> None:
+        """Write the run's settings and recipe; on a resume, load the checkpoint and drop the log's records of
+        steps run after it (they were lost with the interruption)."""
+        config, main = self.config, self.accelerator.is_main_process
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / TRAIN_CONFIG).write_text(json.dumps(asdict(config), indent=2))
+            (self.out / RECIPE_FILE).write_text(recipe_text(config, f"as run: {config.stage_command}"))
+        if not resume:
+            return
+        self.resume()
+        evaluated = [r for r in self.history if "eval" in r]
+        if config.keep_best and evaluated and best_evaluation(self.history) is None:
+            log.warning(
+                "--keep-best: the %d earlier held-out evaluations of this run were not kept; %s/ starts with "
+                "the next one",
+                len(evaluated),
+                BEST_DIR,
+            )
+        if main:  # stages are in the card, not the log
+            records = (json.dumps(r) + "\n" for r in self.history if "stage" not in r)
+            (self.out / LOG_FILE).write_text("".join(records))
+
+    def _progress_bar(self) -> tqdm:
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.config.steps,
+            initial=self.step,
+            desc=f"train {self.config.mode}",
+            unit="step",
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            file=sys.stderr,
+        )
+
+    def _log_step(self, record: dict, log_file: TextIO, bar: tqdm | None) -> None:
+        """A step's record to the log file, the progress bar and (every 10 steps, without a terminal) the log."""
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+        if bar is not None:
+            bar.update(1)
+            # a resumed run's average goes on over the steps before the resume
+            bar.set_postfix({**loss_postfix(self.history), "tok/s": f"{record['tokens_per_s']:.0f}"})
+        if not sys.stderr.isatty() and self.step % 10 == 0:
+            growth = record.get("fam_growth")
+            mean, count = recent_loss(self.history)
+            log.info(
+                "step %d loss %.4f (mean of the last %d steps %.4f) %.0f tok/s%s",
+                self.step,
+                record["loss"],
+                count,
+                mean,
+                record["tokens_per_s"],
+                f", FAM growth {growth:.3f}/update" if growth is not None else "",
+            )
+
+    def _record_evaluation(self, evaluation: dict, log_file: TextIO, seconds: float) -> bool:
+        """Log a held-out evaluation and keep the adapter as best/ when it beats every earlier one (whether it did)."""
+        kept = self.config.keep_best and beats(evaluation, best_evaluation(self.history[:-1]))
+        if kept:
+            evaluation["kept_best"] = True
+            self.save_best(seconds)
+        log_file.write(json.dumps(evaluation) + "\n")
+        log_file.flush()
+        log.info(
+            "step %d held-out PassKey (%d tokens, teacher-forced): %.0f%%, key log-prob %.2f",
+            self.step,
+            evaluation["eval"]["length"],
+            100 * evaluation["eval"]["accuracy"],
+            evaluation["eval"]["key_logprob"],
+        )
+        return kept
 
     def save_checkpoint(self) -> None:
         """Everything ``--resume`` needs, in ``checkpoint/`` (written atomically)."""

@@ -5,7 +5,7 @@ blocks; and the held-out PassKey score used during training (teacher-forced, che
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -76,6 +76,82 @@ class ReadoutBatch:
     last: torch.Tensor
 
 
+@dataclass(frozen=True)
+class LossParts:
+    """The parts of a step's loss, as sums and counts so that processes can add theirs: the weighted NLL of
+    the stream's own predictions ("main") and of the read-out probes (learned at different rates), and the
+    FAM's growth per counted update (``FamGrowth``, measured whatever its weight in the loss)."""
+
+    main_sum: float = 0.0
+    main_count: int = 0
+    probe_sum: float = 0.0
+    probe_count: int = 0
+    growth_sum: float = 0.0
+    growth_count: int = 0
+
+    @property
+    def main(self) -> float:
+        return self.main_sum / max(self.main_count, 1)
+
+    @property
+    def readout(self) -> float | None:
+        return self.probe_sum / self.probe_count if self.probe_count else None
+
+    @property
+    def fam_growth(self) -> float | None:
+        return self.growth_sum / self.growth_count if self.growth_count else None
+
+
+@dataclass(frozen=True)
+class SequenceLoss:
+    """``sequence_loss``'s result. ``loss`` is Σ w·nll / #(w > 0) over the stream's predictions and the
+    probes, plus ``penalty`` (λ · the mean FAM growth; ``penalty_sum`` is λ · the growths' sum, so that a
+    multi-process step can average it over every process's updates apart from the tokens)."""
+
+    loss: torch.Tensor
+    state: StreamState  # after the last block
+    count: int  # weighted predictions, probes included
+    parts: LossParts
+    penalty: torch.Tensor
+    penalty_sum: torch.Tensor
+
+
+@dataclass
+class _ProbeQuestions:
+    """How the read-out probes of a batch are asked of the stream's state at a block end (``sequence_loss``)."""
+
+    fam_model: FamModel
+    ids: torch.Tensor  # the stream's tokens (for the fill before a split question)
+    readout: ReadoutBatch
+    start: int  # the stream's position at its first token
+    offset: int
+    split: int
+    fill: int
+
+    def ask(self, at: StreamState, asked: torch.Tensor, next_block_kv: list | None = None) -> tuple[torch.Tensor, int]:
+        """The weighted NLL sum and count of the probes asked of rows ``asked`` at the block end ``at``;
+        ``next_block_kv``: the window keys and values of the block run after ``at``, whose first rows a
+        filled question shares."""
+        fam_model, readout, split, fill = self.fam_model, self.readout, self.split, self.fill
+        w = readout.weights[:, 1:] * asked.unsqueeze(1)
+        mask = w > 0
+        if split:
+            if next_block_kv is not None:
+                asked_block = fam_model.finish_block(readout.ids[:, :split], at, next_block_kv, fill)
+                question_rows = asked_block.hidden
+            else:
+                end = at.position - self.start
+                question = torch.cat([self.ids[:, end : end + fill], readout.ids[:, :split]], dim=1)
+                asked_block = fam_model.forward_block(question, at)
+                question_rows = asked_block.hidden[:, fill:]
+            rest = fam_model.read_block(readout.ids[:, split:], asked_block.state)
+            hidden = torch.cat([question_rows, rest], dim=1)[:, :-1]
+        else:
+            hidden = fam_model.read_block(readout.ids, at, self.offset)[:, :-1]
+        nll = fam_model.target_nll(hidden[mask], readout.ids[:, 1:][mask])
+        return (nll * w[mask]).sum(), int(mask.sum())
+
+
 def sequence_loss(
     fam_model: FamModel,
     ids: torch.Tensor,
@@ -84,11 +160,10 @@ def sequence_loss(
     skip_unseen: bool = True,
     readout: ReadoutBatch | None = None,
     readout_offset: int = 0,
-    parts: dict | None = None,
     readout_split: int = 0,
     readout_fill: int = 0,
     fam_growth_weight: float = 0.0,
-) -> tuple[torch.Tensor, StreamState, int]:
+) -> SequenceLoss:
     """Weighted next-token loss of whole sequences streamed block by block, and the final state.
 
     With ``readout``, after every block whose end lies within a row's [first, last], the row's probe is
@@ -104,13 +179,6 @@ def sequence_loss(
     ``fam_growth_weight`` λ > 0 adds λ · ``fam_growth`` (see ``FamGrowth``) to the loss: over many updates
     the FAM, a residual stream fed back into itself, otherwise grows about linearly with the block count.
     ids: (batch, n) long; weights: (batch, n).
-    Returns (loss, final state, weighted token count): the loss is Σ w·nll / #(w > 0), probes included,
-    plus the growth penalty.
-    ``parts``, when given, receives the mean weighted NLL of the stream's own predictions ("main") and of
-    the probes ("readout") as floats (they are learned at different rates), the FAM's growth
-    ("fam_growth", a float, measured whatever the weight; its sum and count "growth_sum", "growth_count"),
-    and the penalty tensor added to the loss ("penalty") with its sum ("penalty_sum": λ · the growths'
-    sum), so that a multi-process step can average it over every process's updates apart from the tokens.
     """
     main_sum = torch.zeros((), device=fam_model.device)
     probe_sum = torch.zeros((), device=fam_model.device)
@@ -118,68 +186,50 @@ def sequence_loss(
     probe_count = 0
     start, block = state.position, fam_model.config.block_size
     growth = FamGrowth(track_gradient=fam_growth_weight > 0)
+    questions = None
+    if readout is not None:
+        questions = _ProbeQuestions(fam_model, ids, readout, start, readout_offset, readout_split, readout_fill)
     # A filled question block starts with the next block's first tokens: asked once that block has run, it
     # shares their rows (FamModel.finish_block) instead of computing them again.
     shared = bool(readout is not None and readout_split and readout_fill and fam_model.can_finish_blocks)
     window_kv: list | None = [] if shared else None
     waiting: tuple[StreamState, torch.Tensor] | None = None  # (state at a block end, rows asked there)
-
-    def ask(at: StreamState, asked: torch.Tensor, next_block_kv: list | None = None) -> tuple[torch.Tensor, int]:
-        """The weighted NLL sum and count of the probes asked of rows ``asked`` at the block end ``at``."""
-        w = readout.weights[:, 1:] * asked.unsqueeze(1)
-        mask = w > 0
-        if readout_split:
-            end = at.position - start
-            if next_block_kv is not None:
-                asked_block = fam_model.finish_block(readout.ids[:, :readout_split], at, next_block_kv, readout_fill)
-                question_rows = asked_block.hidden
-            else:
-                question = torch.cat([ids[:, end : end + readout_fill], readout.ids[:, :readout_split]], dim=1)
-                asked_block = fam_model.forward_block(question, at)
-                question_rows = asked_block.hidden[:, readout_fill:]
-            rest = fam_model.read_block(readout.ids[:, readout_split:], asked_block.state)
-            hidden = torch.cat([question_rows, rest], dim=1)[:, :-1]
-        else:
-            hidden = fam_model.read_block(readout.ids, at, readout_offset)[:, :-1]
-        nll = fam_model.target_nll(hidden[mask], readout.ids[:, 1:][mask])
-        return (nll * w[mask]).sum(), int(mask.sum())
-
     for state, scored in weighted_predictions(fam_model, ids, weights, state, skip_unseen, window_kv):  # noqa: B020 - each block's state replaces the one before
         # A row's update counts when its block holds or precedes something weighted (padding comes after).
         block_start = (state.position - start - 1) // block * block
         growth.update(state.fam, (weights[:, block_start:] > 0).any(dim=1))
         if waiting is not None:  # the block just run is the one the waiting question block begins with
-            nll_sum, n = ask(*waiting, next_block_kv=window_kv)
+            nll_sum, n = questions.ask(*waiting, next_block_kv=window_kv)
             probe_sum, probe_count, waiting = probe_sum + nll_sum, probe_count + n, None
         if scored is not None:
             rows, targets, w = scored
             main_sum = main_sum + (fam_model.target_nll(rows, targets) * w).sum()
-        if readout is not None:
+        if questions is not None:
             end = state.position - start
             asked = (readout.first <= end) & (end + readout_fill <= readout.last)
             if asked.any():
                 if shared:
                     waiting = (state, asked)  # end + fill ≤ last: the next block holds the fill
                 else:
-                    nll_sum, n = ask(state, asked)
+                    nll_sum, n = questions.ask(state, asked)
                     probe_sum, probe_count = probe_sum + nll_sum, probe_count + n
     if waiting is not None:  # a probe row whose question lies past the sequence's end (no next block)
-        nll_sum, n = ask(*waiting)
+        nll_sum, n = questions.ask(*waiting)
         probe_sum, probe_count = probe_sum + nll_sum, probe_count + n
     zero = torch.zeros((), device=fam_model.device)
     penalty_sum = fam_growth_weight * growth.total if fam_growth_weight > 0 and growth.count else zero
     penalty = penalty_sum / max(growth.count, 1)
-    if parts is not None:
-        main_value, probe_value = float(main_sum.detach()), float(probe_sum.detach())
-        parts["main"] = main_value / max(main_count, 1)
-        parts["readout"] = probe_value / probe_count if probe_count else None
-        parts.update(main_sum=main_value, main_count=main_count, probe_sum=probe_value, probe_count=probe_count)
-        growth_sum = float(growth.total.detach()) if growth.count else 0.0
-        parts.update(growth_sum=growth_sum, growth_count=growth.count)
-        parts["fam_growth"] = growth_sum / growth.count if growth.count else None
-        parts.update(penalty=penalty, penalty_sum=penalty_sum)
+    parts = LossParts(
+        main_sum=float(main_sum.detach()),
+        main_count=main_count,
+        probe_sum=float(probe_sum.detach()),
+        probe_count=probe_count,
+        growth_sum=float(growth.total.detach()) if growth.count else 0.0,
+        growth_count=growth.count,
+    )
     count = main_count + probe_count
-    return (main_sum + probe_sum) / max(count, 1) + penalty, state, count
+    loss = (main_sum + probe_sum) / max(count, 1) + penalty
+    return SequenceLoss(loss, state, count, parts, penalty, penalty_sum)
 
 
 class FamGrowth:
@@ -212,20 +262,13 @@ class FamGrowth:
             self.previous = log_norm
 
 
-def global_parts(accelerator: Accelerator, parts: dict) -> dict:
-    """``sequence_loss``'s per-part means over every process's tokens and FAM updates (the log's loss_main,
-    loss_readout and fam_growth)."""
-    keys = ("main_sum", "main_count", "probe_sum", "probe_count", "growth_sum", "growth_count")
-    totals = accelerator.reduce(
-        torch.tensor([float(parts[k]) for k in keys], device=accelerator.device), reduction="sum"
-    )
-    main_sum, main_count, probe_sum, probe_count, growth_sum, growth_count = totals.tolist()
-    return dict(
-        parts,
-        main=main_sum / max(main_count, 1.0),
-        readout=probe_sum / probe_count if probe_count else None,
-        fam_growth=growth_sum / growth_count if growth_count else None,
-    )
+def global_parts(accelerator: Accelerator, parts: LossParts) -> LossParts:
+    """A step's loss parts summed over every process's tokens and FAM updates (the log's loss_main,
+    loss_readout and fam_growth are their means)."""
+    names = [f.name for f in fields(LossParts)]
+    values = torch.tensor([float(getattr(parts, n)) for n in names], device=accelerator.device)
+    totals = accelerator.reduce(values, reduction="sum").tolist()
+    return LossParts(**{n: int(t) if n.endswith("_count") else t for n, t in zip(names, totals, strict=True)})
 
 
 def collate(

@@ -47,8 +47,7 @@ def fixed_loss(trainer: Trainer, examples: list[Example]) -> float:
             ids = torch.tensor([example.ids])
             weights = torch.tensor([example.weights])
             state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
-            loss, _, _ = sequence_loss(trainer.fam_model, ids, weights, state)
-            total += float(loss)
+            total += float(sequence_loss(trainer.fam_model, ids, weights, state).loss)
     return total / len(examples)
 
 
@@ -90,7 +89,7 @@ def test_gradient_reaches_the_first_block_through_the_fam(tmp_path):
     state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
     out = trainer.fam_model.forward_block(first_block, state)
     fam_after_first = out.state.fam
-    loss, _, _ = sequence_loss(trainer.fam_model, ids[:, 8:], torch.tensor([example.weights[8:]]), out.state)
+    loss = sequence_loss(trainer.fam_model, ids[:, 8:], torch.tensor([example.weights[8:]]), out.state).loss
     grads = torch.autograd.grad(loss, fam_after_first[0], allow_unused=True, retain_graph=True)
     assert grads[0] is not None and grads[0].abs().sum() > 0
     # The LoRA weights' gradient has a part that flows back through the first block's FAM update: cut
@@ -104,7 +103,7 @@ def test_gradient_reaches_the_first_block_through_the_fam(tmp_path):
         mem_k=tuple(k.detach() for k in out.state.mem_k),
         mem_v=tuple(v.detach() for v in out.state.mem_v),
     )
-    cut_loss, _, _ = sequence_loss(trainer.fam_model, ids[:, 8:], torch.tensor([example.weights[8:]]), cut)
+    cut_loss = sequence_loss(trainer.fam_model, ids[:, 8:], torch.tensor([example.weights[8:]]), cut).loss
     without = torch.autograd.grad(cut_loss, lora, allow_unused=True)
     assert torch.allclose(loss, cut_loss)  # same value, only the gradient path differs
     differs = [w is None or not torch.allclose(t, w, atol=1e-7) for t, w in zip(through, without, strict=True)]
@@ -127,7 +126,8 @@ def test_bswa_without_memory_skips_unscored_blocks_exactly(tmp_path):
         trainer.optimizer.zero_grad(set_to_none=True)
         calls.clear()
         state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
-        loss, final, _ = sequence_loss(trainer.fam_model, ids, weights, state, skip_unseen=skip)
+        result = sequence_loss(trainer.fam_model, ids, weights, state, skip_unseen=skip)
+        loss, final = result.loss, result.state
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in trainer.trainable_parameters], len(calls), final))
     (loss_a, grads_a, calls_a, final_a), (loss_b, grads_b, calls_b, final_b) = results
@@ -233,7 +233,7 @@ def test_the_passed_fam_never_read_pad_tokens(tmp_path):
     ids, weights, _ = collate([long], trainer.pad_id, "cpu")
     with torch.no_grad():
         state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
-        _, final, _ = sequence_loss(trainer.fam_model, ids, weights, state)
+        final = sequence_loss(trainer.fam_model, ids, weights, state).state
     saved = trainer.state_passing.saved
     assert all(torch.allclose(s[0], f[0], atol=1e-5) for s, f in zip(saved, final.fam, strict=True))
 
@@ -261,7 +261,7 @@ def test_reading_text_into_the_fam_is_the_training_forward_and_touches_nothing(t
     assert all(torch.equal(p, before[n]) for n, p in trainer.peft_model.named_parameters())
     with torch.no_grad():
         state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
-        _, final, _ = sequence_loss(trainer.fam_model, ids, torch.zeros(ids.shape), state)
+        final = sequence_loss(trainer.fam_model, ids, torch.zeros(ids.shape), state).state
     assert all(not u.requires_grad and torch.allclose(u, f, atol=1e-6) for u, f in zip(used, final.fam, strict=True))
 
 

@@ -18,7 +18,7 @@ from famviz.errors import ConfigError
 from famviz.training.config import TrainConfig
 from famviz.training.data import Example, ExampleStream, Readout
 from famviz.training.loop import Trainer, add_lora, loss_postfix, resumed_stage
-from famviz.training.loss import collate, sequence_loss
+from famviz.training.loss import LossParts, collate, sequence_loss
 from famviz.training.rpo_rsp import initial_training_state
 
 VOCAB = 128
@@ -113,11 +113,11 @@ def test_readout_probes_leave_the_main_stream_unchanged_and_add_their_loss(tmp_p
     assert readout is not None and readout.first.tolist() == [2] and readout.last.tolist() == [len(example.ids) - 2]
     with torch.no_grad():
         state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
-        plain, final_plain, count_plain = sequence_loss(trainer.fam_model, ids, weights, state)
-        probed, final_probed, count_probed = sequence_loss(trainer.fam_model, ids, weights, state, readout=readout)
-    assert all(torch.equal(a, b) for a, b in zip(final_plain.fam, final_probed.fam, strict=True))
+        plain = sequence_loss(trainer.fam_model, ids, weights, state)
+        probed = sequence_loss(trainer.fam_model, ids, weights, state, readout=readout)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state.fam, probed.state.fam, strict=True))
     # 32 tokens in blocks of 8: block ends 8, 16, 24 lie within [2, 30], 32 does not: three probes of one answer
-    assert count_plain == 1 and count_probed == 4
+    assert plain.count == 1 and probed.count == 4
     # the probed loss is the mean over the main answer and the three probe answers, each a fresh read of the FAM
     with torch.no_grad():
         manual, s = [], state
@@ -125,12 +125,10 @@ def test_readout_probes_leave_the_main_stream_unchanged_and_add_their_loss(tmp_p
             s = trainer.fam_model.forward_block(ids[:, start : start + 8], s).state
             logits = trainer.fam_model.logits(trainer.fam_model.read_block(readout.ids, s))[0, 0]
             manual.append(float(torch.nn.functional.cross_entropy(logits[None], readout.ids[0, 1:])))
-    assert probed.item() == pytest.approx((plain.item() + sum(manual)) / 4, rel=1e-5)
-    parts = {}
-    with torch.no_grad():
-        sequence_loss(trainer.fam_model, ids, weights, state, readout=readout, parts=parts)
-    assert parts["main"] == pytest.approx(plain.item(), rel=1e-5)
-    assert parts["readout"] == pytest.approx(sum(manual) / 3, rel=1e-5)
+    assert probed.loss.item() == pytest.approx((plain.loss.item() + sum(manual)) / 4, rel=1e-5)
+    assert probed.parts.main == pytest.approx(plain.loss.item(), rel=1e-5)
+    assert probed.parts.readout == pytest.approx(sum(manual) / 3, rel=1e-5)
+    assert plain.parts.readout is None and plain.parts.probe_count == 0
 
 
 def test_split_readout_probes_read_the_answer_from_the_fam_the_question_wrote(tmp_path):
@@ -143,9 +141,8 @@ def test_split_readout_probes_read_the_answer_from_the_fam_the_question_wrote(tm
     fam = trainer.fam_model
     with torch.no_grad():
         state = initial_training_state(fam, 1, trainer.prompt, None)
-        plain, final_plain, _ = sequence_loss(fam, ids, weights, state)
-        parts = {}
-        _, final_split, count = sequence_loss(fam, ids, weights, state, readout=readout, readout_split=3, parts=parts)
+        plain = sequence_loss(fam, ids, weights, state)
+        split = sequence_loss(fam, ids, weights, state, readout=readout, readout_split=3)
         manual, s = [], state
         for start in range(0, 24, 8):
             s = fam.forward_block(ids[:, start : start + 8], s).state
@@ -153,14 +150,13 @@ def test_split_readout_probes_read_the_answer_from_the_fam_the_question_wrote(tm
             rest = fam.read_block(readout.ids[:, 3:], asked.state)
             logits = fam.logits(torch.cat([asked.hidden, rest], dim=1)[0, 2:4])
             manual.append(float(torch.nn.functional.cross_entropy(logits, readout.ids[0, 3:5], reduction="sum")))
-        unsplit = {}
-        sequence_loss(fam, ids, weights, state, readout=readout, parts=unsplit)
+        unsplit = sequence_loss(fam, ids, weights, state, readout=readout)
     assert all(
-        torch.equal(a, b) for a, b in zip(final_plain.fam, final_split.fam, strict=True)
+        torch.equal(a, b) for a, b in zip(plain.state.fam, split.state.fam, strict=True)
     )  # the stream is untouched
-    assert count == 1 + 3 * 2
-    assert parts["readout"] == pytest.approx(sum(manual) / 6, rel=1e-5)
-    assert parts["readout"] != pytest.approx(unsplit["readout"], rel=1e-3)  # a different question than unsplit
+    assert split.count == 1 + 3 * 2
+    assert split.parts.readout == pytest.approx(sum(manual) / 6, rel=1e-5)
+    assert split.parts.readout != pytest.approx(unsplit.parts.readout, rel=1e-3)  # a different question
 
 
 def test_filled_split_probes_ask_the_question_at_the_end_of_a_block_of_the_streams_text(tmp_path):
@@ -175,12 +171,9 @@ def test_filled_split_probes_ask_the_question_at_the_end_of_a_block_of_the_strea
     fam = trainer.fam_model
     with torch.no_grad():
         state = initial_training_state(fam, 1, trainer.prompt, None)
-        _, final_plain, _ = sequence_loss(fam, ids, weights, state)
-        parts, unfilled = {}, {}
-        _, final_filled, count = sequence_loss(
-            fam, ids, weights, state, readout=readout, readout_split=3, readout_fill=5, parts=parts
-        )
-        sequence_loss(fam, ids, weights, state, readout=readout, readout_split=3, parts=unfilled)
+        plain = sequence_loss(fam, ids, weights, state)
+        filled = sequence_loss(fam, ids, weights, state, readout=readout, readout_split=3, readout_fill=5)
+        unfilled = sequence_loss(fam, ids, weights, state, readout=readout, readout_split=3)
         manual, s = [], state
         for start in range(0, 16, 8):
             s = fam.forward_block(ids[:, start : start + 8], s).state
@@ -189,9 +182,9 @@ def test_filled_split_probes_ask_the_question_at_the_end_of_a_block_of_the_strea
             rest = fam.read_block(readout.ids[:, 3:], asked.state)
             logits = fam.logits(torch.cat([asked.hidden[:, 5:], rest], dim=1)[0, 2:4])
             manual.append(float(torch.nn.functional.cross_entropy(logits, readout.ids[0, 3:5], reduction="sum")))
-    assert all(torch.equal(a, b) for a, b in zip(final_plain.fam, final_filled.fam, strict=True))
-    assert count == 1 + 2 * 2 and unfilled["probe_count"] == 3 * 2
-    assert parts["readout"] == pytest.approx(sum(manual) / 4, rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state.fam, filled.state.fam, strict=True))
+    assert filled.count == 1 + 2 * 2 and unfilled.parts.probe_count == 3 * 2
+    assert filled.parts.readout == pytest.approx(sum(manual) / 4, rel=1e-5)
 
 
 @pytest.mark.parametrize("fresh", [True, False])
@@ -303,18 +296,15 @@ def test_shared_rows_give_the_loss_of_filled_blocks_of_their_own_for_a_padded_ba
         examples.append(Example("passkey", e.ids, e.weights, probe))
     ids, weights, readout = collate(examples, pad_id=0, device="cpu")
 
-    def run() -> tuple[float, dict, list[torch.Tensor]]:
-        parts: dict = {}
+    def run() -> tuple[float, LossParts, list[torch.Tensor]]:
         state = initial_training_state(fam, 2, trainer.prompt, None)
-        loss, _, _ = sequence_loss(
-            fam, ids, weights, state, readout=readout, readout_split=3, readout_fill=5, parts=parts
-        )
-        return loss.item(), parts, torch.autograd.grad(loss, [trainer.prompt])
+        result = sequence_loss(fam, ids, weights, state, readout=readout, readout_split=3, readout_fill=5)
+        return result.loss.item(), result.parts, torch.autograd.grad(result.loss, [trainer.prompt])
 
     shared_loss, shared_parts, shared_grad = run()
     monkeypatch.setattr(type(fam), "can_finish_blocks", property(lambda self: False))
     own_loss, own_parts, own_grad = run()
-    assert shared_parts["probe_count"] == own_parts["probe_count"] > 0
+    assert shared_parts.probe_count == own_parts.probe_count > 0
     assert shared_loss == pytest.approx(own_loss, rel=1e-5)
     torch.testing.assert_close(shared_grad[0], own_grad[0], rtol=1e-3, atol=1e-6)
 
@@ -341,38 +331,32 @@ def test_fam_growth_is_measured_always_and_penalised_only_when_weighted(tmp_path
     fam = trainer.fam_model
     with torch.no_grad():
         state = initial_training_state(fam, 1, trainer.prompt, None)
-        plain, _, _ = sequence_loss(fam, ids, weights, state)
-        measured, weighted = {}, {}
-        unweighted, _, _ = sequence_loss(fam, ids, weights, state, parts=measured)
-        penalised, _, _ = sequence_loss(fam, ids, weights, state, parts=weighted, fam_growth_weight=0.5)
+        plain = sequence_loss(fam, ids, weights, state)
+        penalised = sequence_loss(fam, ids, weights, state, fam_growth_weight=0.5)
         log_norms, s = [], state
         for start in range(0, ids.shape[1], 8):
             s = fam.forward_block(ids[:, start : start + 8], s).state
             log_norms.append(torch.stack([f[0].norm(dim=-1).mean() for f in s.fam]).log())
         growth = torch.stack([torch.relu(b - a).mean() for a, b in itertools.pairwise(log_norms)]).mean()
     assert len(log_norms) == 8 and float(growth) > 0
-    assert torch.equal(plain, unweighted)
-    assert measured["fam_growth"] == pytest.approx(float(growth), rel=1e-5) == weighted["fam_growth"]
-    assert penalised.item() == pytest.approx(plain.item() + 0.5 * float(growth), rel=1e-5)
+    assert float(plain.penalty) == 0 and plain.loss.item() == pytest.approx(plain.parts.main, rel=1e-6)
+    assert plain.parts.fam_growth == pytest.approx(float(growth), rel=1e-5) == penalised.parts.fam_growth
+    assert penalised.loss.item() == pytest.approx(plain.loss.item() + 0.5 * float(growth), rel=1e-5)
     short = KeyWithProbe(23).draw(random.Random(1))  # 3 blocks, padded with 5 blocks in a batch with the long row
     with torch.no_grad():
         alone = []
         for e in (example, short):
-            alone.append({})
             row_ids, row_weights, _ = collate([e], pad_id=0, device="cpu")
-            sequence_loss(
-                fam, row_ids, row_weights, initial_training_state(fam, 1, trainer.prompt, None), parts=alone[-1]
-            )
+            row_state = initial_training_state(fam, 1, trainer.prompt, None)
+            alone.append(sequence_loss(fam, row_ids, row_weights, row_state).parts)
         batch_ids, batch_weights, _ = collate([example, short], pad_id=0, device="cpu")
-        both = {}
-        sequence_loss(fam, batch_ids, batch_weights, initial_training_state(fam, 2, trainer.prompt, None), parts=both)
+        both = sequence_loss(fam, batch_ids, batch_weights, initial_training_state(fam, 2, trainer.prompt, None)).parts
     # the short row's padding blocks do not count: the batch's growth is its rows' growths together
-    assert both["growth_count"] == alone[0]["growth_count"] + alone[1]["growth_count"] == 7 + 2
-    assert both["growth_sum"] == pytest.approx(alone[0]["growth_sum"] + alone[1]["growth_sum"], rel=1e-5)
+    assert both.growth_count == alone[0].growth_count + alone[1].growth_count == 7 + 2
+    assert both.growth_sum == pytest.approx(alone[0].growth_sum + alone[1].growth_sum, rel=1e-5)
     with torch.no_grad():  # one block: no update after the first, nothing to measure
-        one = {}
-        sequence_loss(fam, ids[:, :8], weights[:, :8], state, parts=one, fam_growth_weight=0.5)
-    assert one["fam_growth"] is None and float(one["penalty"]) == 0
+        one = sequence_loss(fam, ids[:, :8], weights[:, :8], state, fam_growth_weight=0.5)
+    assert one.parts.fam_growth is None and float(one.penalty) == 0
 
 
 def test_the_growth_penalty_trains_the_fam_to_grow_less(tmp_path):
@@ -382,12 +366,11 @@ def test_the_growth_penalty_trains_the_fam_to_grow_less(tmp_path):
     no_tokens = weights * 1e-9  # the penalty alone, in effect (a weighted answer marks the row's real blocks)
     growth = []
     for _ in range(4):
-        parts = {}
         state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
-        loss, _, _ = sequence_loss(trainer.fam_model, ids, no_tokens, state, parts=parts, fam_growth_weight=1.0)
-        growth.append(parts["fam_growth"])
+        result = sequence_loss(trainer.fam_model, ids, no_tokens, state, fam_growth_weight=1.0)
+        growth.append(result.parts.fam_growth)
         trainer.optimizer.zero_grad()
-        loss.backward()
+        result.loss.backward()
         trainer.optimizer.step()
     assert growth[-1] < 0.8 * growth[0], growth
     record = trainer.train_step()
@@ -424,10 +407,8 @@ def test_readout_probes_train_the_memory_faster(tmp_path):
         with torch.no_grad():
             for example in held:
                 ids, weights, _ = collate([example], 0, "cpu")
-                loss, _, _ = sequence_loss(
-                    trainer.fam_model, ids, weights, initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
-                )
-                total += float(loss)
+                state = initial_training_state(trainer.fam_model, 1, trainer.prompt, None)
+                total += float(sequence_loss(trainer.fam_model, ids, weights, state).loss)
         losses[readout] = total / len(held)
     assert losses[True] < losses[False], losses
 
