@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from famviz.core.model import LoadedModel
     from famviz.training.config import TrainConfig
     from famviz.training.data import Example
+    from famviz.training.loop import Trainer
 
 TARGETS = {  # figure: (comparison, target)
     "fam_vs_full": (">=", 2.0),
@@ -139,52 +140,75 @@ def document_ids(loaded: LoadedModel, n_tokens: int) -> list[int]:
 
 
 # -- the benchmark -------------------------------------------------------------------------------------
+def _stream(model: FamModel, ids: list[int], record: bool = True) -> StreamResult:
+    from famviz.core.engine import Stream
+
+    return Stream(model, record=record, compact_trace=True).run(ids)
+
+
 def run_bench(
     loaded: LoadedModel, sizes: BenchSizes = FULL, progress: Callable[[str], None] = lambda message: None
 ) -> dict:
     """Measure every figure on ``loaded`` (a ``famviz.LoadedModel``); returns one flat dict."""
-    from famviz.core.engine import Stream
     from famviz.core.fam_model import FamModel
     from famviz.process import steady_heap
 
-    device = loaded.device
-    heap = steady_heap() if device.type == "cpu" else False  # RSS otherwise creeps with glibc's heap
-    fam_config = FamConfig("fam", sizes.block_size, sizes.fam_len, sizes.mem_blocks)
-    bswa_config = FamConfig("bswa", sizes.block_size, 0, sizes.mem_blocks)
-    fam_model, bswa_model = FamModel(loaded, fam_config), FamModel(loaded, bswa_config)
-    n_params = sum(p.numel() for p in loaded.model.parameters())
-    large_tokens = sizes.small_tokens * sizes.growth_factor
-    compare_ids = document_ids(loaded, sizes.compare_tokens)
+    heap = steady_heap() if loaded.device.type == "cpu" else False  # RSS otherwise creeps with glibc's heap
+    fam_model = FamModel(loaded, FamConfig("fam", sizes.block_size, sizes.fam_len, sizes.mem_blocks))
+    bswa_model = FamModel(loaded, FamConfig("bswa", sizes.block_size, 0, sizes.mem_blocks))
     small_ids = document_ids(loaded, sizes.small_tokens)
-    large_ids = document_ids(loaded, large_tokens)
+    figures = _machine_figures(loaded, sizes)
+    figures["steady_heap"] = heap
+    progress("warming up")
+    _stream(fam_model, small_ids[: 2 * sizes.block_size])
+    _stream(bswa_model, small_ids[: 2 * sizes.block_size])
+    _stream(fam_model, small_ids[: 2 * sizes.block_size], record=False)
 
-    def stream(model: FamModel, ids: list[int], record: bool = True) -> StreamResult:
-        return Stream(model, record=record, compact_trace=True).run(ids)
+    progress(f"growth: {sizes.small_tokens} and {sizes.small_tokens * sizes.growth_factor} tokens, peak memory")
+    figures.update(_growth_figures(fam_model, sizes))
+    if heap:
+        # Speed figures on glibc's usual heap: the 64 KB mmap threshold that keeps RSS flat costs a page
+        # fault per large tensor (measured: 1m40 s of system time in a 3 min quick bench).
+        steady_heap(32 * 2**20)
+    progress(f"fam vs the model's own forward on {sizes.compare_tokens} tokens")
+    figures.update(_fam_vs_full_figures(fam_model, sizes, figures["parameters"]))
+    progress(f"trace on / off and fam / bswa on {sizes.small_tokens} tokens")
+    figures.update(_trace_figures(fam_model, bswa_model, small_ids, sizes))
+    progress("one live PassKey probe")
+    figures.update(_probe_figures(fam_model, small_ids, sizes, loaded.device))
+    figures["checks"] = {name: _meets(figures.get(name), *target) for name, target in TARGETS.items()}
+    return figures
 
-    figures: dict = {
-        "device": str(device),
+
+def _machine_figures(loaded: LoadedModel, sizes: BenchSizes) -> dict:
+    """What the figures were measured on: the model, its dtype and device, the threads, CPU and sizes."""
+    return {
+        "device": str(loaded.device),
         "dtype": str(loaded.dtype).replace("torch.", ""),
         "model": loaded.name,
-        "parameters": n_params,
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
         "sizes": asdict(sizes),
-        "steady_heap": heap,
     }
-    progress("warming up")
-    stream(fam_model, small_ids[: 2 * sizes.block_size])
-    stream(bswa_model, small_ids[: 2 * sizes.block_size])
-    stream(fam_model, small_ids[: 2 * sizes.block_size], record=False)
 
-    progress(f"growth: {sizes.small_tokens} and {large_tokens} tokens, peak memory")
+
+def _growth_figures(fam_model: FamModel, sizes: BenchSizes) -> dict:
+    """Time and peak memory of the small document (median of its runs) against the large one (run once),
+    the per-block time at the large one's end against its start, and the trace's and state's sizes."""
+    device = fam_model.device
+    small_ids = document_ids(fam_model.loaded, sizes.small_tokens)
+    large_ids = document_ids(fam_model.loaded, sizes.small_tokens * sizes.growth_factor)
+    figures: dict = {}
     small_times, small_cpu_times, small_peaks, results = [], [], [], {}
+    large_cpu_times: list[float] = []
     large_time = large_peak = None
 
     def kept(name: str, ids: list[int]) -> None:
         # the stream's result stays alive until its peak is read, as a user's would
-        results[name] = stream(fam_model, ids)
+        results[name] = _stream(fam_model, ids)
 
     for turn in range(max(2, sizes.repeats)):  # small, large, small[, small]: the large run once
         _reset_peak(device)
@@ -194,29 +218,33 @@ def run_bench(
             figures["trace_mb_small"] = results["small"].trace.nbytes() / 2**20
             results.clear()
             _reset_peak(device)
-            large_cpu_times: list[float] = []
             large_time = _timed(lambda: kept("large", large_ids), device, large_cpu_times)
             blocks = results["large"].block_seconds
             quarter = max(1, len(blocks) // sizes.growth_factor)  # as many blocks as the small document has
-            figures["growth_per_block"] = statistics.median(blocks[-quarter:]) / statistics.median(
-                blocks[1 : quarter + 1]
-            )
+            end, start = statistics.median(blocks[-quarter:]), statistics.median(blocks[1 : quarter + 1])
+            figures["growth_per_block"] = end / start
             large_peak = _peak_mb(device)
             figures["trace_mb_large"] = results["large"].trace.nbytes() / 2**20
             figures["state_mb"] = results["large"].state_bytes / 2**20
         results.clear()
-    small_time = statistics.median(small_times)
-    small_cpu = statistics.median(small_cpu_times)
-    figures["small_s"], figures["large_s"] = small_time, large_time
-    figures["growth"] = large_time / (sizes.growth_factor * small_time)
-    figures["growth_cpu"] = large_cpu_times[0] / (sizes.growth_factor * small_cpu)
+    small_time, small_cpu = statistics.median(small_times), statistics.median(small_cpu_times)
     small_peak = max((p for p in small_peaks if p is not None), default=None)
-    figures["peak_small_mb"], figures["peak_large_mb"] = small_peak, large_peak
-    figures["memory_growth"] = large_peak / small_peak if small_peak and large_peak else None
-    if heap:
-        # Speed figures on glibc's usual heap: the 64 KB mmap threshold that keeps RSS flat costs a page
-        # fault per large tensor (measured: 1m40 s of system time in a 3 min quick bench).
-        steady_heap(32 * 2**20)
+    return figures | {
+        "small_s": small_time,
+        "large_s": large_time,
+        "growth": large_time / (sizes.growth_factor * small_time),
+        "growth_cpu": large_cpu_times[0] / (sizes.growth_factor * small_cpu),
+        "peak_small_mb": small_peak,
+        "peak_large_mb": large_peak,
+        "memory_growth": large_peak / small_peak if small_peak and large_peak else None,
+    }
+
+
+def _fam_vs_full_figures(fam_model: FamModel, sizes: BenchSizes, n_params: int) -> dict:
+    """The fam stream against the model's own forward over the whole document and against square matrix
+    products in the model's dtype, taken in turns (model FLOP utilisation)."""
+    loaded, device = fam_model.loaded, fam_model.device
+    compare_ids = document_ids(loaded, sizes.compare_tokens)
     a = torch.randn(sizes.matmul_size, sizes.matmul_size, device=device, dtype=loaded.dtype)
     b = torch.randn(sizes.matmul_size, sizes.matmul_size, device=device, dtype=loaded.dtype)
     a @ b
@@ -226,54 +254,57 @@ def run_bench(
         for _ in range(matmuls):
             a @ b
 
-    progress(f"fam vs the model's own forward on {sizes.compare_tokens} tokens")
     whole = torch.tensor([compare_ids], device=device)
 
     @torch.inference_mode()
     def own_forward() -> torch.Tensor:
         return loaded.model(whole).logits  # one call over the whole document, every position's logits
 
-    own_forward_small = torch.tensor([compare_ids[: sizes.block_size]], device=device)
     with torch.inference_mode():
-        loaded.model(own_forward_small)
+        loaded.model(torch.tensor([compare_ids[: sizes.block_size]], device=device))
     cpu: dict[str, float] = {}  # the matrix multiplies take turns with the runs: MFU compares like with like
     times = alternate(
-        {"fam": lambda: stream(fam_model, compare_ids), "full": own_forward, "matmul": matmul},
+        {"fam": lambda: _stream(fam_model, compare_ids), "full": own_forward, "matmul": matmul},
         sizes.repeats,
         device,
         cpu,
     )
     flops = matmuls * 2 * sizes.matmul_size**3 / times["matmul"]
-    figures["matmul_gflops"] = flops / 1e9
-    figures["fam_vs_full_cpu"] = cpu["full"] / cpu["fam"]
-    figures["fam_tokens_per_s"] = sizes.compare_tokens / times["fam"]
-    figures["full_forward_tokens_per_s"] = sizes.compare_tokens / times["full"]
-    figures["fam_vs_full"] = times["full"] / times["fam"]
-    figures["mfu"] = 2 * n_params * figures["fam_tokens_per_s"] / flops
+    fam_rate = sizes.compare_tokens / times["fam"]
     whole = None  # frees the document-long input before the next measurements
     gc.collect()
+    return {
+        "matmul_gflops": flops / 1e9,
+        "fam_vs_full_cpu": cpu["full"] / cpu["fam"],
+        "fam_tokens_per_s": fam_rate,
+        "full_forward_tokens_per_s": sizes.compare_tokens / times["full"],
+        "fam_vs_full": times["full"] / times["fam"],
+        "mfu": 2 * n_params * fam_rate / flops,
+    }
 
-    progress(f"trace on / off and fam / bswa on {sizes.small_tokens} tokens")
+
+def _trace_figures(fam_model: FamModel, bswa_model: FamModel, ids: list[int], sizes: BenchSizes) -> dict:
+    """The fam stream with its trace recorded, against no trace and against BSWA (recorded), in turns."""
+    cpu: dict[str, float] = {}
     times = alternate(
         {
-            "on": lambda: stream(fam_model, small_ids),
-            "off": lambda: stream(fam_model, small_ids, record=False),
-            "bswa": lambda: stream(bswa_model, small_ids),
+            "on": lambda: _stream(fam_model, ids),
+            "off": lambda: _stream(fam_model, ids, record=False),
+            "bswa": lambda: _stream(bswa_model, ids),
         },
         sizes.repeats,
-        device,
+        fam_model.device,
         cpu,
     )
-    figures["trace_on_vs_off_cpu"], figures["fam_vs_bswa_cpu"] = cpu["on"] / cpu["off"], cpu["on"] / cpu["bswa"]
-    figures["trace_on_s"], figures["trace_off_s"], figures["bswa_s"] = times["on"], times["off"], times["bswa"]
-    figures["trace_on_vs_off"] = times["on"] / times["off"]
-    figures["fam_vs_bswa"] = times["on"] / times["bswa"]
-
-    progress("one live PassKey probe")
-    figures.update(_probe_figures(fam_model, small_ids, sizes, device))
-
-    figures["checks"] = {name: _meets(figures.get(name), *target) for name, target in TARGETS.items()}
-    return figures
+    return {
+        "trace_on_vs_off_cpu": cpu["on"] / cpu["off"],
+        "fam_vs_bswa_cpu": cpu["on"] / cpu["bswa"],
+        "trace_on_s": times["on"],
+        "trace_off_s": times["off"],
+        "bswa_s": times["bswa"],
+        "trace_on_vs_off": times["on"] / times["off"],
+        "fam_vs_bswa": times["on"] / times["bswa"],
+    }
 
 
 def _probe_figures(fam_model: FamModel, ids: list[int], sizes: BenchSizes, device: torch.device) -> dict:
@@ -375,56 +406,40 @@ def run_train_bench(
     """
     import tempfile
 
-    from famviz.core.engine import Stream
     from famviz.core.fam_model import FamModel
-    from famviz.io.adapters import SHIPPED_ADAPTER, read_training_card
+    from famviz.io.adapters import SHIPPED_ADAPTER
     from famviz.io.models import load_model
-    from famviz.training.loop import Trainer
 
     recipe_dir = recipe_dir or SHIPPED_ADAPTER
     with tempfile.TemporaryDirectory(prefix="famviz-bench-train-") as out:
         config, from_recipe = recipe_config(recipe_dir, out, model, device, dtype)
         progress(f"loading two copies of the model ({dtype})")
-        trainer = Trainer(config, loaded=load_model(model, device=device, dtype=dtype))
-        reached = (
-            (read_training_card(recipe_dir).get("data_mixture") or {}).get("curriculum_reached_blocks")
-            if from_recipe
-            else None
-        )
-        if reached and reached in trainer.stages:
-            trainer.stage = trainer.stages.index(reached)
-        trainer.apply_curriculum()
-        examples = [trainer.data.draw(random.Random(seed)) for seed in range(sizes.steps)]
-        trainer.data = _FixedExamples(examples)
+        loaded = load_model(model, device=device, dtype=dtype)
+        trainer, examples = _bench_trainer(config, loaded, recipe_dir if from_recipe else None, sizes)
         streamed = load_model(model, device=device, dtype=dtype)
         fam_model = FamModel(streamed, config.fam_config())
         ids = document_ids(streamed, sizes.stream_tokens)
-        device_ = streamed.device
-
         turn_tokens: list[int] = []  # tokens trained in each turn, read after its timing
 
         def train_turn() -> None:
             turn_tokens.append(sum(trainer.train_step()["tokens"] for _ in range(sizes.steps)))
 
-        def stream_turn() -> None:
-            Stream(fam_model, record=True, compact_trace=True).run(ids)
-
         progress("warming up")
         trainer.train_step()
-        Stream(fam_model, record=True, compact_trace=True).run(ids[: 2 * config.block_size])
+        _stream(fam_model, ids[: 2 * config.block_size])
         train_rates, stream_rates = [], []
         for turn in range(sizes.repeats):
             progress(
                 f"turn {turn + 1} of {sizes.repeats}: {sizes.steps} training steps, "
                 f"then {sizes.stream_tokens} tokens streamed"
             )
-            seconds = _timed(train_turn, device_)
+            seconds = _timed(train_turn, streamed.device)
             train_rates.append(turn_tokens[-1] / seconds)
-            stream_rates.append(sizes.stream_tokens / _timed(stream_turn, device_))
+            stream_rates.append(sizes.stream_tokens / _timed(lambda: _stream(fam_model, ids), streamed.device))
     train_rate, stream_rate = statistics.median(train_rates), statistics.median(stream_rates)
     return {
         "model": streamed.name,
-        "device": str(device_),
+        "device": str(streamed.device),
         "dtype": str(streamed.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
         "recipe": str(recipe_dir) if from_recipe else "TrainConfig defaults (no train_config.json found)",
@@ -443,3 +458,22 @@ def run_train_bench(
         "met": train_rate / stream_rate >= TRAIN_TARGET,
         "turns": {"train_tokens_per_s": train_rates, "stream_tokens_per_s": stream_rates},
     }
+
+
+def _bench_trainer(
+    config: TrainConfig, loaded: LoadedModel, recipe_dir: str | Path | None, sizes: TrainBenchSizes
+) -> tuple[Trainer, list[Example]]:
+    """A trainer of the recipe at the curriculum stage its adapter (``recipe_dir``, if any) reached, set to
+    train on the same ``sizes.steps`` examples (drawn once from the recipe's mixture) every turn."""
+    from famviz.io.adapters import read_training_card
+    from famviz.training.loop import Trainer
+
+    trainer = Trainer(config, loaded=loaded)
+    card = read_training_card(recipe_dir) if recipe_dir is not None else {}
+    reached = (card.get("data_mixture") or {}).get("curriculum_reached_blocks")
+    if reached and reached in trainer.stages:
+        trainer.stage = trainer.stages.index(reached)
+    trainer.apply_curriculum()
+    examples = [trainer.data.draw(random.Random(seed)) for seed in range(sizes.steps)]
+    trainer.data = _FixedExamples(examples)
+    return trainer, examples
