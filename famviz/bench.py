@@ -25,7 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -77,33 +77,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], object], device: torch.device, cpu_times: list | None = None) -> float:
-    """Wall seconds of ``fn``; its process CPU seconds are appended to ``cpu_times`` when given."""
+def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """Wall seconds and process CPU seconds of ``fn``."""
     _sync(device)
     started, cpu_started = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    if cpu_times is not None:
-        cpu_times.append(time.process_time() - cpu_started)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu_started
 
 
-def alternate(
-    runs: dict[str, Callable[[], object]], repeats: int, device: torch.device, cpu: dict[str, float] | None = None
-) -> dict[str, float]:
-    """Median wall seconds of each run, the runs taken in turn ``repeats`` times (noise hits all alike).
+class Timings(NamedTuple):
+    """Median seconds of each run: ``wall`` clock, and process ``cpu`` time (on a shared machine CPU time
+    does not count the time spent waiting for a core, so its ratios are the steadier companions)."""
 
-    ``cpu``, when given, receives each run's median process CPU seconds: on a shared machine CPU time
-    does not count the time spent waiting for a core, so its ratios are the steadier companions.
-    """
+    wall: dict[str, float]
+    cpu: dict[str, float]
+
+
+def alternate(runs: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> Timings:
+    """Each run's median seconds, the runs taken in turn ``repeats`` times (noise hits all alike)."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     cpu_times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
-            times[name].append(_timed(fn, device, cpu_times[name]))
-    if cpu is not None:
-        cpu.update({name: statistics.median(values) for name, values in cpu_times.items()})
-    return {name: statistics.median(values) for name, values in times.items()}
+            wall, cpu = _timed(fn, device)
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
+    return Timings(
+        {name: statistics.median(values) for name, values in times.items()},
+        {name: statistics.median(values) for name, values in cpu_times.items()},
+    )
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -203,8 +206,7 @@ def _growth_figures(fam_model: FamModel, sizes: BenchSizes) -> dict:
     large_ids = document_ids(fam_model.loaded, sizes.small_tokens * sizes.growth_factor)
     figures: dict = {}
     small_times, small_cpu_times, small_peaks, results = [], [], [], {}
-    large_cpu_times: list[float] = []
-    large_time = large_peak = None
+    large_time = large_cpu = large_peak = None
 
     def kept(name: str, ids: list[int]) -> None:
         # the stream's result stays alive until its peak is read, as a user's would
@@ -212,13 +214,15 @@ def _growth_figures(fam_model: FamModel, sizes: BenchSizes) -> dict:
 
     for turn in range(max(2, sizes.repeats)):  # small, large, small[, small]: the large run once
         _reset_peak(device)
-        small_times.append(_timed(lambda: kept("small", small_ids), device, small_cpu_times))
+        wall, cpu = _timed(lambda: kept("small", small_ids), device)
+        small_times.append(wall)
+        small_cpu_times.append(cpu)
         small_peaks.append(_peak_mb(device))
         if turn == 0:
             figures["trace_mb_small"] = results["small"].trace.nbytes() / 2**20
             results.clear()
             _reset_peak(device)
-            large_time = _timed(lambda: kept("large", large_ids), device, large_cpu_times)
+            large_time, large_cpu = _timed(lambda: kept("large", large_ids), device)
             blocks = results["large"].block_seconds
             quarter = max(1, len(blocks) // sizes.growth_factor)  # as many blocks as the small document has
             end, start = statistics.median(blocks[-quarter:]), statistics.median(blocks[1 : quarter + 1])
@@ -233,7 +237,7 @@ def _growth_figures(fam_model: FamModel, sizes: BenchSizes) -> dict:
         "small_s": small_time,
         "large_s": large_time,
         "growth": large_time / (sizes.growth_factor * small_time),
-        "growth_cpu": large_cpu_times[0] / (sizes.growth_factor * small_cpu),
+        "growth_cpu": large_cpu / (sizes.growth_factor * small_cpu),
         "peak_small_mb": small_peak,
         "peak_large_mb": large_peak,
         "memory_growth": large_peak / small_peak if small_peak and large_peak else None,
@@ -262,13 +266,9 @@ def _fam_vs_full_figures(fam_model: FamModel, sizes: BenchSizes, n_params: int) 
 
     with torch.inference_mode():
         loaded.model(torch.tensor([compare_ids[: sizes.block_size]], device=device))
-    cpu: dict[str, float] = {}  # the matrix multiplies take turns with the runs: MFU compares like with like
-    times = alternate(
-        {"fam": lambda: _stream(fam_model, compare_ids), "full": own_forward, "matmul": matmul},
-        sizes.repeats,
-        device,
-        cpu,
-    )
+    # the matrix multiplies take turns with the runs: MFU compares like with like
+    runs = {"fam": lambda: _stream(fam_model, compare_ids), "full": own_forward, "matmul": matmul}
+    times, cpu = alternate(runs, sizes.repeats, device)
     flops = matmuls * 2 * sizes.matmul_size**3 / times["matmul"]
     fam_rate = sizes.compare_tokens / times["fam"]
     whole = None  # frees the document-long input before the next measurements
@@ -285,17 +285,12 @@ def _fam_vs_full_figures(fam_model: FamModel, sizes: BenchSizes, n_params: int) 
 
 def _trace_figures(fam_model: FamModel, bswa_model: FamModel, ids: list[int], sizes: BenchSizes) -> dict:
     """The fam stream with its trace recorded, against no trace and against BSWA (recorded), in turns."""
-    cpu: dict[str, float] = {}
-    times = alternate(
-        {
-            "on": lambda: _stream(fam_model, ids),
-            "off": lambda: _stream(fam_model, ids, record=False),
-            "bswa": lambda: _stream(bswa_model, ids),
-        },
-        sizes.repeats,
-        fam_model.device,
-        cpu,
-    )
+    runs = {
+        "on": lambda: _stream(fam_model, ids),
+        "off": lambda: _stream(fam_model, ids, record=False),
+        "bswa": lambda: _stream(bswa_model, ids),
+    }
+    times, cpu = alternate(runs, sizes.repeats, fam_model.device)
     return {
         "trace_on_vs_off_cpu": cpu["on"] / cpu["off"],
         "fam_vs_bswa_cpu": cpu["on"] / cpu["bswa"],
@@ -324,7 +319,7 @@ def _probe_figures(fam_model: FamModel, ids: list[int], sizes: BenchSizes, devic
         figures["probe_note"] = "no live probe: the model has no tokenizer"
         return figures
     live_probe(fam_model, stream.state, 12345)  # warm-up
-    probe_times = [_timed(lambda: live_probe(fam_model, stream.state, 12345), device) for _ in range(sizes.repeats)]
+    probe_times = [_timed(lambda: live_probe(fam_model, stream.state, 12345), device)[0] for _ in range(sizes.repeats)]
     figures["probe_s"] = statistics.median(probe_times)
     figures["probe_vs_block"] = figures["probe_s"] / block_s
     return figures
@@ -433,9 +428,10 @@ def run_train_bench(
                 f"turn {turn + 1} of {sizes.repeats}: {sizes.steps} training steps, "
                 f"then {sizes.stream_tokens} tokens streamed"
             )
-            seconds = _timed(train_turn, streamed.device)
+            seconds, _ = _timed(train_turn, streamed.device)
             train_rates.append(turn_tokens[-1] / seconds)
-            stream_rates.append(sizes.stream_tokens / _timed(lambda: _stream(fam_model, ids), streamed.device))
+            stream_seconds, _ = _timed(lambda: _stream(fam_model, ids), streamed.device)
+            stream_rates.append(sizes.stream_tokens / stream_seconds)
     train_rate, stream_rate = statistics.median(train_rates), statistics.median(stream_rates)
     return {
         "model": streamed.name,

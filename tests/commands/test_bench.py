@@ -60,8 +60,9 @@ def test_json_and_table(tiny_figures):
 
 def test_alternate_takes_turns_and_reports_medians():
     order = []
-    medians = alternate({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3, _cpu())
-    assert order == ["a", "b"] * 3 and set(medians) == {"a", "b"}
+    wall, cpu = alternate({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3, _cpu())
+    assert order == ["a", "b"] * 3 and set(wall) == set(cpu) == {"a", "b"}
+    assert all(seconds >= 0 for seconds in [*wall.values(), *cpu.values()])
 
 
 def _cpu():
