@@ -42,10 +42,12 @@ from famviz.io.models import auto_dtype_note
 from famviz.viz import export, figures
 from famviz.viz.inspector import (
     DEFAULT_VIEW,
+    MAX_LENS_LAYERS,
     TRAJECTORY_METHODS,
     Run,
     StateFeatures,
     app_channels,
+    default_lens_layers,
     default_trajectory_layers,
     parse_layers,
 )
@@ -78,6 +80,12 @@ PLOT_NOTES = {
     "bounded; a norm that keeps growing block after block is drift.",
     "nll": "Mean next-token loss (nats) of each block's tokens; lower is better. Pick **Compare with: bswa** "
     "to draw the same document with the same window and no memory: the gap is what the memory adds.",
+    "lens": "Each cell: one FAM slot (row) after one block (column), decoded through the model's final norm "
+    "and unembedding as if it were the last layer's output (the logit lens, applied to the memory); colour is "
+    "the top token's probability, hover shows the slot's top tokens. It is a view of what the slot's vector "
+    "points at in the vocabulary, not what the model reads out of it: most slots decode to a few sub-word "
+    "tokens whatever the text, and a change after a block (a digit after a pass key) is the signal. "
+    "The layer dropdown above picks the layer among those recorded (set them before Start).",
 }
 
 
@@ -123,6 +131,7 @@ def refresh(run: Run, *, new_run: bool = False) -> InspectorViews:
         trajectory=run.trajectory(),
         dynamics=run.dynamics(),
         nll=run.loss(),
+        lens=run.lens(),
         block=slider,
         layer=layer,
         view=gr.update(value=run.view) if new_run else gr.skip(),
@@ -157,6 +166,7 @@ def stream_document(
     mem_blocks: float | str | None,
     max_tokens: float | str | None,
     trajectory_layers: str | None,
+    lens_layers: str | None,
     previous: Run | None,
     *,
     redraw_seconds: float = MIN_REDRAW_SECONDS,
@@ -174,7 +184,8 @@ def stream_document(
             yield InspectorViews.only(status=with_shown_run(loading, previous))
         loaded, adapter = hub.for_choice(*key)
         document = read_input_document(source, upload, pasted, loaded.tokenizer, passkey_tokens, limit)
-        started = _start_streams(loaded, adapter, config, compare, document, limit, trajectory_layers, previous)
+        layers = _recorded_layers(trajectory_layers, lens_layers, loaded.config.num_hidden_layers, config)
+        started = _start_streams(loaded, adapter, config, compare, document, limit, layers, previous)
     except FamvizError as exc:
         yield error_update(str(exc), previous)
         return
@@ -207,6 +218,27 @@ def _compare_mode(compare: str | None, config: FamConfig) -> str | None:
     return compare
 
 
+@dataclasses.dataclass(frozen=True)
+class RecordedLayers:
+    """The layers whose FAM states (trajectories) and memory lens a run records."""
+
+    trajectory: list[int]
+    lens: list[int]
+
+
+def _recorded_layers(trajectory: str | None, lens: str | None, n_layers: int, config: FamConfig) -> RecordedLayers:
+    """The layer fields' choices (none in a mode without FAM slots), or a FamvizError saying what is wrong."""
+    if not config.active_fam_len:
+        return RecordedLayers([], [])
+    try:
+        return RecordedLayers(
+            parse_layers(trajectory, n_layers),
+            parse_layers(lens, n_layers, "memory lens layers", default=[], most=MAX_LENS_LAYERS),
+        )
+    except ValueError as exc:
+        raise FamvizError(str(exc)) from None
+
+
 def _start_streams(
     loaded: LoadedModel,
     adapter: AppAdapter | None,
@@ -214,21 +246,18 @@ def _start_streams(
     compare: str | None,
     document: InputDocument,
     limit: int,
-    trajectory_layers: str | None,
+    layers: RecordedLayers,
     previous: Run | None,
 ) -> StartedStreams:
     """The run's stream (and the compare mode's) over the document's first ``limit`` tokens, and its Run."""
     text, name, read_cut = document
     n_layers = loaded.config.num_hidden_layers
-    try:
-        layers = parse_layers(trajectory_layers, n_layers) if config.active_fam_len else []
-    except ValueError as exc:
-        raise FamvizError(str(exc)) from None
     fam_prompt = adapter.prompt_for(loaded, config) if adapter is not None else None
     ids, offsets = tokenize_prefix(loaded.tokenizer, text, limit)
     if not ids:
         raise DocumentError(f"{name}: the document has no tokens.")
-    primary = Stream(loaded, config, channels=app_channels(layers, bool(config.active_fam_len)), fam_prompt=fam_prompt)
+    channels = app_channels(layers.trajectory, bool(config.active_fam_len), layers.lens)
+    primary = Stream(loaded, config, channels=channels, fam_prompt=fam_prompt)
     other = None
     if compare is not None:
         other_config = dataclasses.replace(config, mode=compare)
@@ -244,7 +273,7 @@ def _start_streams(
         trace=primary.trace,
         compare_mode=compare,
         document_cut=read_cut or document_cut(loaded.tokenizer, text, ids, offsets),
-        features=StateFeatures(layers) if layers else None,
+        features=StateFeatures(layers.trajectory) if layers.trajectory else None,
         notes=notes,
     )
     run.keep_view_of(previous)  # what the user was looking at, where this run's mode has it
@@ -345,31 +374,31 @@ def change_view(view: str, run: Run | None) -> tuple:
     return run.heatmap(), run.heads()
 
 
-@_view_handler(2)
+@_view_handler(3)
 def change_layer(layer: str | None, run: Run | None) -> tuple:
-    """The layer the document is shaded by (and framed in the drill-down)."""
+    """The layer the document is shaded by, framed in the drill-down and decoded by the memory lens."""
     if run is None:
-        return gr.skip(), gr.skip()
+        return gr.skip(), gr.skip(), gr.skip()
     run.layer = None if layer in (None, "", MEAN_LAYER) else int(layer)
     if not run.has_blocks():
-        return gr.skip(), gr.skip()
-    return run.heads(), run.document_html()
+        return gr.skip(), gr.skip(), gr.skip()
+    return run.heads(), run.document_html(), run.lens()
 
 
-@_view_handler(4)
+@_view_handler(5)
 def select_block(block: float | str | None, follow: bool, run: Run | None) -> tuple:
-    """Drill down into one block, or follow the latest: heatmap frame, head view, document window."""
+    """Drill down into one block, or follow the latest: heatmap frame, head view, document window, lens."""
     if run is None or not run.has_blocks():
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
     run.block = None if follow or block is None else int(block)
-    return run.heatmap(), run.heads(), run.document_html(), gr.skip()
+    return run.heatmap(), run.heads(), run.document_html(), run.lens(), gr.skip()
 
 
-@_view_handler(4)
+@_view_handler(5)
 def drag_block(block: float | str | None, run: Run | None) -> tuple:
     """Moving the slider picks that block and stops following (else the next block would move it back)."""
-    heatmap, heads, document, _ = select_block.__wrapped__(block, False, run)
-    return heatmap, heads, document, False
+    heatmap, heads, document, lens, _ = select_block.__wrapped__(block, False, run)
+    return heatmap, heads, document, lens, False
 
 
 def change_method(method: str, run: Run | None) -> tuple:
@@ -449,6 +478,7 @@ class RunControls:
     mem_blocks: gr.Number
     max_tokens: gr.Number
     trajectory_layers: gr.Textbox
+    lens_layers: gr.Textbox
 
     def inputs(self) -> list:
         return [getattr(self, field.name) for field in dataclasses.fields(self)]
@@ -470,6 +500,7 @@ class ViewControls:
     trajectory: gr.Plot
     dynamics: gr.Plot
     nll: gr.Plot
+    lens: gr.Plot
 
 
 @dataclasses.dataclass
@@ -540,6 +571,11 @@ def _run_controls(context: AppContext, n_layers: int) -> RunControls:
         label="Trajectory layers (FAM states recorded)",
         elem_id="trajectory-layers",
     )
+    lens_layers = gr.Textbox(
+        ", ".join(map(str, default_lens_layers(n_layers))),
+        label=f"Memory lens layers (at most {MAX_LENS_LAYERS}; empty: off)",
+        elem_id="lens-layers",
+    )
     source = gr.Radio(
         [(label, key) for key, label in SOURCES.items()], value="example", label="Document", elem_id="source"
     )
@@ -569,6 +605,7 @@ def _run_controls(context: AppContext, n_layers: int) -> RunControls:
         mem_blocks,
         max_tokens,
         trajectory_layers,
+        lens_layers,
     )
 
 
@@ -585,7 +622,7 @@ def _view_controls(n_layers: int, blank: object) -> ViewControls:
         layer = gr.Dropdown(
             [("mean over layers", MEAN_LAYER)] + [(f"layer {i}", str(i)) for i in range(n_layers)],
             value=MEAN_LAYER,
-            label="Layer (document shading, drill-down frame)",
+            label="Layer (document shading, drill-down frame, memory lens)",
             elem_id="layer",
         )
         with gr.Column(min_width=240):
@@ -596,6 +633,8 @@ def _view_controls(n_layers: int, blank: object) -> ViewControls:
         heads = gr.Plot(blank, label="Drill-down: layer × head of the selected block", elem_id="heads", scale=2)
     gr.Markdown(PLOT_NOTES["heatmap"], elem_id="note-heatmap", container=False)
     document = gr.HTML("<div id='famviz-doc'>No document streamed yet.</div>", label="Document", elem_id="document")
+    lens = gr.Plot(blank, label="Memory lens: FAM slot × block", elem_id="lens")
+    gr.Markdown(PLOT_NOTES["lens"], elem_id="note-lens", container=False)
     with gr.Row():
         with gr.Column(scale=1):
             method = gr.Radio(list(TRAJECTORY_METHODS), value="PCA", label="Trajectory projection", elem_id="method")
@@ -606,7 +645,9 @@ def _view_controls(n_layers: int, blank: object) -> ViewControls:
             gr.Markdown(PLOT_NOTES["dynamics"], elem_id="note-dynamics", container=False)
     nll = gr.Plot(blank, label="Next-token loss per block", elem_id="nll")
     gr.Markdown(PLOT_NOTES["nll"], elem_id="note-nll", container=False)
-    return ViewControls(status, view, layer, block, follow, heatmap, heads, document, method, trajectory, dynamics, nll)
+    return ViewControls(
+        status, view, layer, block, follow, heatmap, heads, document, method, trajectory, dynamics, nll, lens
+    )
 
 
 def _export_controls() -> ExportControls:
@@ -679,6 +720,7 @@ def build_inspector_tab(context: AppContext) -> None:
             v.trajectory,
             v.dynamics,
             v.nll,
+            v.lens,
             v.block,
             v.layer,
             v.view,
@@ -709,9 +751,11 @@ def build_inspector_tab(context: AppContext) -> None:
 
 def _wire_views(v: ViewControls, run_state: gr.State, umap_timer: gr.Timer) -> None:
     """The view controls act on the session's run only (no model)."""
-    drill_down = [v.heatmap, v.heads, v.document, v.follow]
+    drill_down = [v.heatmap, v.heads, v.document, v.lens, v.follow]
     v.view.change(change_view, [v.view, run_state], [v.heatmap, v.heads], api_name="view", show_progress="hidden")
-    v.layer.input(change_layer, [v.layer, run_state], [v.heads, v.document], api_name="layer", show_progress="hidden")
+    v.layer.input(
+        change_layer, [v.layer, run_state], [v.heads, v.document, v.lens], api_name="layer", show_progress="hidden"
+    )
     v.block.release(drag_block, [v.block, run_state], drill_down, api_name="block", show_progress="hidden")
     v.follow.input(select_block, [v.block, v.follow, run_state], drill_down, show_progress="hidden")
     v.method.change(

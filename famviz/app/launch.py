@@ -127,6 +127,7 @@ def warm_up(hub: ModelHub, defaults: FamConfig) -> float:
         settings.mem_blocks,
         2 * settings.block_size,
         "",
+        "",
         None,
     ]
     quiet = _WarmUpQuiet(threading.get_ident())

@@ -32,6 +32,7 @@ class InspectorViews(NamedTuple):
     trajectory: Any
     dynamics: Any
     nll: Any
+    lens: Any  # the memory lens
     block: Any  # the drill-down slider
     layer: Any  # the layer dropdown
     view: Any  # the share-view dropdown

@@ -37,6 +37,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         metavar="PATTERNS",
         help="comma-separated trace channel patterns to record, e.g. 'block.*.share,tokens.nll'",
     )
+    parser.add_argument(
+        "--lens",
+        default=None,
+        metavar="LAYERS",
+        help="also record the memory lens (each FAM slot decoded through the final norm and unembedding) at "
+        "these layers, e.g. '29' or '-1,-2' (negative: from the top); off by default: each layer costs a "
+        "vocabulary-sized product per slot and block",
+    )
+    parser.add_argument(
+        "--lens-top-k", type=int, default=5, metavar="K", help="tokens kept per FAM slot by --lens (default 5)"
+    )
     add_json_option(parser)
     parser.set_defaults(handler=run)
 
@@ -55,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"famviz: note: read {document.cut} (enough for --max-tokens {args.max_tokens:,})", file=sys.stderr)
     text = document.text
     loaded, fam_prompt = load_for_cli(args, config)
-    channels = args.channels.split(",") if args.channels else None
+    channels = _channels(args, loaded.config.num_hidden_layers, config)
     from famviz.core.trace import ChannelSelection
 
     ChannelSelection(channels, loaded.config.num_hidden_layers, fam=config.active_fam_len > 0)  # fail before streaming
@@ -85,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         record=record,
         channels=channels,
         backend=resolve_backend(args.backend, loaded.device),
+        lens_top_k=args.lens_top_k,
     )
     trace_path = None
     if result.trace is not None and trace_out:
@@ -120,6 +132,24 @@ def run(args: argparse.Namespace) -> int:
         for key, value in summary.items():
             print(f"{key:>13}: {value}")
     return 0
+
+
+def _channels(args: argparse.Namespace, n_layers: int, config: FamConfig) -> list[str] | None:
+    """The trace channel patterns of --channels (None: all) and --lens's layers."""
+    channels = args.channels.split(",") if args.channels else None
+    if args.lens is None:
+        return channels
+    from famviz.viz.inspector import parse_layers
+
+    if not config.active_fam_len:
+        raise FamvizError(f"--lens needs FAM slots: mode {config.mode} has none")
+    if args.lens_top_k < 1:
+        raise FamvizError(f"--lens-top-k must be at least 1, got {args.lens_top_k}")
+    try:
+        layers = parse_layers(args.lens, n_layers, "--lens layers", default=[], most=n_layers)
+    except ValueError as exc:
+        raise FamvizError(str(exc)) from None
+    return [*(channels or ["*"]), *(f"fam.{layer}.lens" for layer in layers)]
 
 
 def stream_with_progress(

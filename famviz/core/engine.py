@@ -70,6 +70,7 @@ class Stream:
     ``backend``: attention kernel when no trace statistics are needed (see ``famviz.core.attention``).
     ``compact_trace``: record ``fam.*.state`` as the mean of the FAM slots (1, d) instead of every
     slot (fam_len, d), so a trace of a very long document stays small (``famviz.core.trace``).
+    ``lens_top_k``: tokens kept per FAM slot by the memory lens (``fam.*.lens``, opt-in).
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class Stream:
         backend: str = "sdpa",
         on_block: Callable[[BlockResult], None] | None = None,
         compact_trace: bool = False,
+        lens_top_k: int = 5,
     ):
         if isinstance(model, FamModel):
             if config is not None and config != model.config:
@@ -96,6 +98,9 @@ class Stream:
         self.pending: list[int] = []
         self.on_block = on_block
         self.compact_trace = compact_trace
+        if lens_top_k < 1:
+            raise ValueError(f"lens_top_k must be at least 1, got {lens_top_k}")
+        self.lens_top_k = lens_top_k
         self._nll: list[np.ndarray] = []
         self._block_seconds: list[float] = []
         self._seconds = 0.0
@@ -103,6 +108,8 @@ class Stream:
         n_layers = len(self.fam_model.layers)
         self.selection = ChannelSelection(channels, n_layers, fam=self.fam_model.fam_len > 0) if record else None
         self.trace = Trace(self._meta(), self.selection.layers) if record else None
+        if self.trace is not None and "fam.lens" in self.selection:
+            self.trace.meta.update(lens_top_k=lens_top_k, lens_vocab={})
 
     def _meta(self) -> dict:
         cfg = self.loaded.config
@@ -262,7 +269,21 @@ class Stream:
             if "fam.update" in layers:
                 old = torch.stack([out.fam_before[layer][0] for layer in wanted]).float()
                 put("fam.update", 1 - torch.nn.functional.cosine_similarity(new.flatten(1), old.flatten(1), dim=1))
+        if "fam.lens" in layers:
+            values.update(self._lens_values(out, layers["fam.lens"]))
         return values
+
+    def _lens_values(self, out: BlockOutput, lens_layers: list[int]) -> dict[str, np.ndarray]:
+        """The memory lens of the block's new FAM at ``lens_layers``; new token ids join the trace's vocabulary."""
+        slots = torch.stack([out.state.fam[layer][0] for layer in lens_layers])  # (layers, fam_len, d)
+        ids, probs = self.fam_model.lens(slots, min(self.lens_top_k, self.loaded.config.vocab_size))
+        ids = ids.to(torch.int32).cpu().numpy()
+        vocab = self.trace.meta["lens_vocab"]
+        tokenizer = self.loaded.tokenizer
+        for token_id in map(int, np.unique(ids)):
+            if str(token_id) not in vocab:
+                vocab[str(token_id)] = tokenizer.decode([token_id]) if tokenizer is not None else f"#{token_id}"
+        return {"fam.lens": ids, "fam.lens_p": probs.to(torch.float16).cpu().numpy()}
 
 
 def stream_tokens(model: LoadedModel, config: FamConfig, token_ids: Sequence[int], **kwargs) -> StreamResult:

@@ -490,6 +490,14 @@ class FamModel:
         """Vocabulary logits (batch, n, vocab) of final-norm hidden states (batch, n, d)."""
         return self.model.lm_head(hidden)
 
+    def lens(self, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logit lens of residual-stream rows (..., d) that are not final-norm hidden states (a layer's
+        FAM slots): decoded through the final norm and the unembedding as if they were the last layer's
+        output; the top-``k`` token ids (..., k) and their probabilities (..., k) float32."""
+        probs = torch.softmax(self.logits(self.decoder.norm(rows)).float(), dim=-1)
+        top = probs.topk(k, dim=-1)
+        return top.indices, top.values
+
     def target_nll(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """NLL (rows,) float32 of ``targets`` (rows,) given final-norm hidden rows (rows, d), differentiable
         in ``hidden``; through ``linear_nll`` (no (rows, vocab) tensor kept for backward) when the output

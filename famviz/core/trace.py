@@ -19,6 +19,10 @@ channel                     shape (per block / per token)  meaning
                             or (1, d) in the compact form  in the compact form the mean of its slots
 ``fam.{layer}.norm``        per block, scalar              mean L2 norm of the state's slots
 ``fam.{layer}.update``      per block, scalar              1 - cosine(flattened state, previous state)
+``fam.{layer}.lens``        per block, (fam_len, k) int32  memory lens (opt-in): each slot of the state
+                                                           decoded through the final norm and the
+                                                           unembedding, its top-k token ids
+``fam.{layer}.lens_p``      per block, (fam_len, k) fp16   ... and their probabilities
 ==========================  ============================  ===========================================
 
 Shares are exact (sums of softmax probabilities) and sum to 1 per query group. In ``full`` mode
@@ -30,7 +34,14 @@ state is fam_len·d·2 bytes per layer per block (2.2 MB per block on the bundle
 slots (1/fam_len of it, enough for state trajectories); ``fam.*.norm`` and ``fam.*.update`` are still
 computed from the full state, and every other channel is unchanged.
 
+Opt-in channels (the memory lens) cost a vocabulary-sized product per slot and layer, so ``*`` and the
+default selection leave them out: a pattern records them only when it names their kind (``fam.*.lens``,
+``fam.29.lens``). ``lens`` and ``lens_p`` are always recorded together, at the same layers; meta
+``lens_top_k`` is k and ``lens_vocab`` maps every token id the lens shows to its text, so that a trace
+replays its lens without the model's tokenizer (``Trace.token_text``).
+
 A trace saves to one ``.npz`` file (arrays plus a JSON metadata record) and reloads without the model.
+Version 2 added the lens; a version-1 trace loads as one that did not record it.
 """
 
 from __future__ import annotations
@@ -47,7 +58,8 @@ from famviz.core.modes import BLOCK_GROUPS
 from famviz.errors import FamvizError
 
 TRACE_FORMAT = "famviz-trace"
-TRACE_VERSION = 1
+TRACE_VERSION = 2
+LENS_KEYS = ("fam.lens", "fam.lens_p")  # recorded together
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,7 @@ class ChannelKind:
     fam_only: bool
     dtype: str
     doc: str
+    opt_in: bool = False  # recorded only when a pattern names the kind (see the module's docstring)
 
     @property
     def per_layer(self) -> bool:
@@ -83,6 +96,8 @@ CHANNEL_KINDS: tuple[ChannelKind, ...] = (
     ChannelKind("fam.{layer}.state", False, True, "float16", "FAM state handed to the next block"),
     ChannelKind("fam.{layer}.norm", False, True, "float32", "mean slot L2 norm of the FAM state"),
     ChannelKind("fam.{layer}.update", False, True, "float32", "1 - cosine to the previous FAM state"),
+    ChannelKind("fam.{layer}.lens", False, True, "int32", "memory lens: each FAM slot's top-k tokens", opt_in=True),
+    ChannelKind("fam.{layer}.lens_p", False, True, "float16", "memory lens: their probabilities", opt_in=True),
 )
 KINDS_BY_KEY = {kind.key(): kind for kind in CHANNEL_KINDS}
 
@@ -100,10 +115,24 @@ def channel_names(n_layers: int, fam: bool = True) -> list[str]:
     return names
 
 
+def _selects(pattern: str, name: str) -> bool:
+    """Whether ``pattern`` records channel ``name``: an opt-in kind only where the pattern names it."""
+    if not fnmatch.fnmatchcase(name, pattern):
+        return False
+    kind = KINDS_BY_KEY[_kind_key(name)]
+    return not kind.opt_in or pattern.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]
+
+
+def _kind_key(name: str) -> str:
+    parts = name.split(".")
+    return name if len(parts) == 2 else f"{parts[0]}.{parts[2]}"
+
+
 class ChannelSelection:
     """Which channels to record: for each kind, the layers it is recorded at.
 
-    Patterns are shell-style (``fam.*.state``, ``block.3.share``, ``tokens.nll``, ``*``).
+    Patterns are shell-style (``fam.*.state``, ``block.3.share``, ``tokens.nll``, ``*``); opt-in kinds
+    (the memory lens) only by a pattern that names them (``fam.*.lens``).
     """
 
     def __init__(self, patterns: Iterable[str] | None, n_layers: int, fam: bool):
@@ -111,14 +140,17 @@ class ChannelSelection:
         self.n_layers = n_layers
         self.layers: dict[str, list[int]] = {}
         for name in channel_names(n_layers, fam):
-            if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            if not any(_selects(p, name) for p in patterns):
                 continue
             parts = name.split(".")
-            key = name if len(parts) == 2 else f"{parts[0]}.{parts[2]}"
+            key = _kind_key(name)
             layer = int(parts[1]) if len(parts) == 3 else -1
             self.layers.setdefault(key, [])
             if layer >= 0:
                 self.layers[key].append(layer)
+        lens_layers = sorted(set().union(*(self.layers.get(key, []) for key in LENS_KEYS)))
+        if lens_layers:
+            self.layers.update({key: list(lens_layers) for key in LENS_KEYS})
         unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in channel_names(n_layers, True))]
         if unknown:
             raise FamvizError(
@@ -261,6 +293,10 @@ class Trace:
             kind = KINDS_BY_KEY[key]
             names.extend(kind.pattern.format(layer=layer) for layer in layers) if kind.per_layer else names.append(key)
         return names
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text as the memory lens recorded it (``#id`` where the trace does not know it)."""
+        return self.meta.get("lens_vocab", {}).get(str(int(token_id)), f"#{int(token_id)}")
 
     def nbytes(self) -> int:
         return sum(c.nbytes for chunks in self._chunks.values() for c in chunks)

@@ -79,6 +79,13 @@ def _specs() -> dict[str, FigureSpec]:
             "dynamics", "FAM norm and update size per layer over blocks", lambda run: run.dynamics(), (900, 620)
         ),
         FigureSpec(
+            "lens",
+            "memory lens: each FAM slot's top tokens, slot × block (where the run recorded it)",
+            lambda run: run.lens(),
+            (1000, 780),
+            "--layer, --block",
+        ),
+        FigureSpec(
             "nll",
             "next-token loss per block (two modes and the memory benefit when compared)",
             lambda run: run.loss(),
@@ -357,17 +364,62 @@ def export_trace_file(
     method: str = "PCA",
 ) -> Path:
     """Headless export (``python -m famviz export``): the same figures from a saved trace, no model."""
-    from famviz.core.trace import Trace
-    from famviz.viz import figures
-    from famviz.viz.inspector import TRAJECTORY_METHODS, Run
-
     if name not in FIGURES:
         raise ExportError(f"unknown figure {name!r}; figures: {', '.join(FIGURES)}")
-    fmt = (fmt or Path(out).suffix.lstrip(".")).lower()
+    fmt = _export_format(fmt or Path(out).suffix.lstrip("."))
+    run = _trace_run(trace_path, view=view, block=block, layer=layer, method=method)
+    return export_run_figure(run, name, fmt, out)
+
+
+def export_trace_figures(
+    trace_path: str | Path,
+    fmt: str,
+    out_dir: str | Path,
+    *,
+    view: str | None = None,
+    block: int | None = None,
+    layer: int | None = None,
+    method: str = "PCA",
+) -> tuple[list[Path], dict[str, str]]:
+    """Every figure of a saved trace into ``out_dir`` (created if missing), in one process (a static format's
+    browser starts once); each file named by figure, mode, adapter and document. Returns the files written and,
+    for each figure the trace has nothing for (e.g. no lens recorded), why it was skipped."""
+    fmt = _export_format(fmt)
+    run = _trace_run(trace_path, view=view, block=block, layer=layer, method=method)
+    folder = Path(out_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"--out {folder} is a file; with --figure all it names a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create {folder}: {exc.strerror or exc}") from None
+    written, skipped = [], {}
+    for name in FIGURES:
+        try:
+            written.append(export_run_figure(run, name, fmt, folder / f"{run_file_stem(run, name)}.{fmt}"))
+        except ExportError as exc:
+            if not str(exc).startswith(f"the {name} figure has nothing to draw"):
+                raise
+            skipped[name] = str(exc)
+    return written, skipped
+
+
+def _export_format(fmt: str | None) -> str:
+    """A known format that this machine can write, or an ExportError saying why not."""
+    fmt = (fmt or "").lower()
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt in STATIC_FORMATS and (problem := static_export_problem()):
         raise ExportError(problem)
+    return fmt
+
+
+def _trace_run(trace_path: str | Path, *, view: str | None, block: int | None, layer: int | None, method: str) -> Run:
+    """A saved trace as a run showing the chosen view, block, layer and trajectory method."""
+    from famviz.core.trace import Trace
+    from famviz.viz import figures
+    from famviz.viz.inspector import TRAJECTORY_METHODS, Run
+
     if not Path(trace_path).is_file():
         raise ExportError(f"trace file {trace_path} does not exist")
     run = Run.from_trace(Trace.load(trace_path), name=Path(trace_path).name)
@@ -390,7 +442,7 @@ def export_trace_file(
             {layer_: umap_2d(run.features.array(layer_)) for layer_ in run.features.layers},
         )
     run.method = method
-    return export_run_figure(run, name, fmt, out)
+    return run
 
 
 def download_dir() -> Path:

@@ -18,8 +18,9 @@ Long documents stay light: block axes show at most ``MAX_BLOCK_COLUMNS`` columns
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from html import escape
 from itertools import pairwise
 
 import numpy as np
@@ -702,4 +703,121 @@ def fam_trajectory(
             xaxis=_axis(f"{method} 1<br><sup>dark = later block; ringed = latest</sup>"),
             yaxis=_axis(f"{method} 2"),
         ),
+    )
+
+
+# -- memory lens ------------------------------------------------------------------------------------------
+TokenText = Callable[[int], str]  # a token id's text
+MAX_LENS_BLOCKS = 48  # block columns of the lens heatmap (each cell carries its top tokens for hover)
+LENS_TITLE = "Memory lens: what each FAM slot decodes to"
+
+
+def lens_layer(trace: Trace, wanted: int | None) -> int | None:
+    """The layer the lens view shows: ``wanted`` where the lens was recorded there, else the top recorded one
+    (None: the trace has no lens)."""
+    if "fam.lens" not in trace.keys or not trace.layers_of("fam.lens"):
+        return None
+    layers = trace.layers_of("fam.lens")
+    return wanted if wanted in layers else layers[-1]
+
+
+def lens_cell_text(ids: np.ndarray, probs: np.ndarray, token_text: TokenText) -> str:
+    """One slot's top tokens as hover lines: ``'␣7' 0.31``, most probable first (whitespace made visible)."""
+    lines = []
+    for token_id, p in zip(ids.tolist(), probs.astype(np.float32).tolist(), strict=True):
+        text = token_text(token_id).replace(" ", "␣").replace("\n", "⏎")
+        lines.append(f"{escape(text)} {p:.2f}")
+    return "<br>".join(lines)
+
+
+def memory_lens_heatmap(
+    ids: np.ndarray,
+    probs: np.ndarray,
+    token_text: TokenText,
+    *,
+    layer: int,
+    block_starts: Sequence[int] | None = None,
+    selected_block: int | None = None,
+    max_blocks: int = MAX_LENS_BLOCKS,
+    title: str | None = None,
+) -> go.Figure:
+    """Slot × block heatmap of one layer's memory lens: colour = the top token's probability, hover = the
+    slot's top-k tokens after that block; the ``max_blocks`` blocks up to ``selected_block`` (default: the
+    last), each its own column.
+
+    ``ids``, ``probs``: (blocks, fam_len, k), e.g. ``trace["fam.29.lens"]`` and ``trace["fam.29.lens_p"]``;
+    ``token_text``: token id -> its text (``Trace.token_text``).
+    """
+    n_blocks, n_slots, _ = ids.shape
+    last = n_blocks - 1 if selected_block is None else min(max(selected_block, 0), n_blocks - 1)
+    first = max(0, last - max_blocks + 1)
+    blocks = np.arange(first, last + 1)
+    z = probs[first : last + 1, :, 0].astype(np.float32).T  # (slots, blocks)
+    text = [[lens_cell_text(ids[b, slot], probs[b, slot], token_text) for b in blocks] for slot in range(n_slots)]
+    starts = None if block_starts is None else np.asarray(block_starts)[blocks]
+    hover = "block %{x}" + (" · tokens from %{customdata:,}" if starts is not None else "")
+    heatmap = dict(
+        type="heatmap",
+        z=z,
+        x=blocks,
+        y=np.arange(n_slots),
+        zmin=0.0,
+        zmax=1.0,
+        colorscale="Magma",
+        reversescale=True,
+        text=text,
+        customdata=None if starts is None else np.broadcast_to(starts, z.shape),
+        colorbar=dict(title=dict(text="top token's<br>probability", side="right")),
+        hovertemplate=hover + "<br>slot %{y}<br>%{text}<extra></extra>",
+    )
+    shown = f"blocks {first}–{last}" if first < last else f"block {last}"
+    return _figure(
+        heatmap,
+        _layout(
+            title or f"{LENS_TITLE} (layer {layer}, {shown})",
+            xaxis=_axis("block", showgrid=False, **_block_ticks(len(blocks))),
+            yaxis=_axis("FAM slot", showgrid=False, autorange="reversed"),
+        ),
+    )
+
+
+def held_tokens(
+    ids: np.ndarray, probs: np.ndarray, token_text: TokenText, top: int = 8
+) -> list[tuple[str, int, float]]:
+    """The tokens one block's lens holds most: (text, slots where it is the top token, its largest
+    probability), most slots first. ``ids``, ``probs``: (fam_len, k) of one block and layer."""
+    first, p = ids[:, 0].tolist(), probs[:, 0].astype(np.float32).tolist()
+    counts: dict[int, list] = {}
+    for token_id, prob in zip(first, p, strict=True):
+        entry = counts.setdefault(token_id, [0, 0.0])
+        entry[0] += 1
+        entry[1] = max(entry[1], prob)
+    ranked = sorted(counts.items(), key=lambda item: (-item[1][0], -item[1][1]))[:top]
+    return [(token_text(token_id), n, prob) for token_id, (n, prob) in ranked]
+
+
+def lens_figure(trace: Trace, layer: int | None = None, selected_block: int | None = None) -> go.Figure:
+    """``memory_lens_heatmap`` of a trace at ``layer`` (see ``lens_layer``), or a message saying why there is none."""
+    shown = lens_layer(trace, layer)
+    if shown is None:
+        why = (
+            "the memory lens exists only in fam mode"
+            if "fam.norm" not in trace.keys
+            else "this run did not record the memory lens (set its layers before Start, or `stream --lens`)"
+        )
+        return empty_figure(why, LENS_TITLE)
+    if trace.n_blocks == 0:
+        return empty_figure("no blocks yet", LENS_TITLE)
+    ids, probs = trace[f"fam.{shown}.lens"], trace[f"fam.{shown}.lens_p"]
+    block = trace.n_blocks - 1 if selected_block is None else min(max(selected_block, 0), trace.n_blocks - 1)
+    first = max(0, block - MAX_LENS_BLOCKS + 1)
+    where = f"layer {shown}" + (f"; layer {layer} was not recorded" if layer is not None and layer != shown else "")
+    held = held_tokens(ids[block], probs[block], trace.token_text)
+    held_text = ", ".join(f"{escape(text).replace(' ', '␣')} ×{n}" for text, n, _ in held)
+    title = (
+        f"{LENS_TITLE} ({where}, blocks {first}–{block})"
+        f"<br><sup>after block {block}, the slots' top tokens: {held_text}</sup>"
+    )
+    return memory_lens_heatmap(
+        ids, probs, trace.token_text, layer=shown, block_starts=trace.block_starts, selected_block=block, title=title
     )

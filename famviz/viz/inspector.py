@@ -6,6 +6,7 @@ the tests share it.
 
     >>> run = Run.from_trace(famviz.Trace.load("run.npz"), name="run.npz")
     >>> run.heatmap(), run.heads(), run.trajectory(), run.dynamics(), run.loss(), run.document_html()
+    >>> run.lens()                                   # the memory lens, where the run recorded it
 
 Bounds for long documents: figures draw at most ``figures.MAX_BLOCK_COLUMNS`` block columns; the
 document view shows the selected block and the one before it (at most ``MAX_WINDOW_TOKENS``
@@ -41,13 +42,18 @@ MAX_HISTORY_ROWS = 40  # earlier blocks listed with their most-read words
 SHADES = 10  # shade classes in the document view (a class per token keeps the HTML small)
 
 
-def app_channels(trajectory_layers: list[int] | None, fam: bool) -> list[str]:
-    """What the inspector records: per-block aggregates, FAM reads per token, and the FAM states
-    of the trajectory layers only (a state is fam_len × hidden per layer and block)."""
+MAX_LENS_LAYERS = 4  # each costs a vocabulary-sized product per FAM slot and block (~4% of a block each)
+
+
+def app_channels(trajectory_layers: list[int] | None, fam: bool, lens_layers: list[int] | None = None) -> list[str]:
+    """What the inspector records: per-block aggregates, FAM reads per token, the FAM states of the
+    trajectory layers only (a state is fam_len × hidden per layer and block) and the memory lens of
+    ``lens_layers``."""
     channels = ["tokens.nll", "block.*.share"]
     if fam:
         channels += ["fam.*.share", "fam.*.read", "fam.*.norm", "fam.*.update"]
         channels += [f"fam.{layer}.state" for layer in trajectory_layers or []]
+        channels += [f"fam.{layer}.lens" for layer in lens_layers or []]
     return channels
 
 
@@ -56,25 +62,37 @@ def default_trajectory_layers(n_layers: int) -> list[int]:
     return sorted({0, n_layers // 2, n_layers - 1})
 
 
-def parse_layers(text: str | None, n_layers: int) -> list[int]:
-    """'0, 15, 29' -> [0, 15, 29]; empty -> the defaults. Raises ValueError with a readable message."""
+def default_lens_layers(n_layers: int) -> list[int]:
+    """The last layer: its FAM slots are closest to what the unembedding reads."""
+    return [n_layers - 1]
+
+
+def parse_layers(
+    text: str | None,
+    n_layers: int,
+    what: str = "trajectory layers",
+    default: list[int] | None = None,
+    most: int = len(figures.TRAJECTORY_COLORS),
+) -> list[int]:
+    """'0, 15, 29' -> [0, 15, 29] (negative counts from the top); empty -> ``default`` (the trajectory
+    defaults when None). Raises ValueError with a readable message naming ``what``."""
     if text is None or not str(text).strip():
-        return default_trajectory_layers(n_layers)
+        return default_trajectory_layers(n_layers) if default is None else list(default)
     layers = []
     for part in str(text).replace(";", ",").split(","):
         part = part.strip()
         if not part:
             continue
         if not part.lstrip("-").isdigit():
-            raise ValueError(f"trajectory layers must be whole numbers separated by commas, got {part!r}")
+            raise ValueError(f"{what} must be whole numbers separated by commas, got {part!r}")
         layer = int(part)
         if layer < 0:
             layer += n_layers
         if not 0 <= layer < n_layers:
-            raise ValueError(f"trajectory layer {part} does not exist: the model has layers 0 to {n_layers - 1}")
+            raise ValueError(f"{what[:-1]} {part} does not exist: the model has layers 0 to {n_layers - 1}")
         layers.append(layer)
-    if len(set(layers)) > len(figures.TRAJECTORY_COLORS):
-        raise ValueError(f"pick at most {len(figures.TRAJECTORY_COLORS)} trajectory layers")
+    if len(set(layers)) > most:
+        raise ValueError(f"pick at most {most} {what}")
     return sorted(set(layers))
 
 
@@ -458,6 +476,12 @@ class Run:
                 block_starts=self.trace.block_starts,
             )
         return figures.nll_compare(means, None, block_starts=self.trace.block_starts)
+
+    def lens(self) -> go.Figure:
+        """The memory lens at the selected layer (else the top recorded one), up to the shown block."""
+        if not self.has_blocks():
+            return figures.empty_figure("no blocks yet", figures.LENS_TITLE)
+        return figures.lens_figure(self.trace, self.layer, self.shown_block)
 
     def dynamics(self) -> go.Figure:
         if not self.has_blocks():

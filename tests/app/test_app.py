@@ -201,6 +201,7 @@ def _args(**kwargs):
         mem_blocks=1,
         max_tokens=4096,
         trajectory_layers="",
+        lens_layers="",
         previous=None,
     )
     args.update(kwargs)
@@ -223,13 +224,14 @@ def test_stream_yields_once_per_block(tiny_loaded, hub, mode):
     updates = _run(hub, mode=mode)
     assert len(updates) == 1 + n_blocks  # "starting" (hands the run to the session), then one per block
     assert all(isinstance(u, inspector_tab.InspectorViews) for u in updates)
-    status, heatmap, heads, document, trajectory, dynamics, nll, slider, layer, view, run = updates[-1]
+    status, heatmap, heads, document, trajectory, dynamics, nll, lens, slider, layer, view, run = updates[-1]
     assert status.startswith("**Done**") and f"{n_blocks} / {n_blocks} blocks" in status
     assert np.asarray(heatmap.data[0].z).shape == (2, n_blocks)
     assert np.asarray(heads.data[0].z).shape == (2, 4)
     assert len(nll.data[0].y) == n_blocks
     assert run.trace.text == TEXT and run.trace.meta["document"] == "pasted text"
     assert bool(dynamics.data) == bool(trajectory.data) == (mode == "fam")
+    assert not lens.data  # the lens layers were left empty
     assert ('class="tok s' in document) == (mode == "fam")
     assert slider["maximum"] == n_blocks - 1 and slider["value"] == n_blocks - 1
     first = updates[1].status
@@ -342,15 +344,37 @@ def test_only_the_error_paragraph_goes_beside_start():
     assert json.loads(out) == ["**Error:** boom", "**Error:** old", ""]
 
 
+def test_the_memory_lens_view_decodes_the_recorded_layers_and_follows_the_controls(hub):
+    updates = _run(hub, lens_layers="0, 1")
+    run = updates[-1].run
+    assert run.trace.layers_of("fam.lens") == [0, 1]
+    lens = updates[-1].lens
+    cells = np.asarray(lens.data[0].z)
+    assert cells.shape == (8, run.blocks_done) and ((cells > 0) & (cells <= 1)).all()  # 8 slots × blocks
+    assert "layer 1" in lens.layout.title.text and "top tokens" in lens.layout.title.text
+    hover = lens.data[0].text[0][0]
+    assert hover.count("<br>") == run.trace.meta["lens_top_k"] - 1  # one line per kept token
+    _, _, lens = inspector_tab.change_layer("0", run)
+    assert "layer 0" in lens.layout.title.text
+    _, _, lens = inspector_tab.change_layer("mean", run)
+    assert "layer 1" in lens.layout.title.text  # no layer chosen: the top recorded one
+    _, _, _, lens, _ = inspector_tab.drag_block(1, run)
+    assert list(lens.data[0].x) == [0, 1] and "after block 1" in lens.layout.title.text
+    unrecorded = _run(hub)[-1].lens  # the layer field left empty: nothing recorded, and the view says so
+    assert not unrecorded.data and "did not record the memory lens" in unrecorded.layout.annotations[0].text
+    bad = _run(hub, lens_layers="0, 1, 0, 1, x")
+    assert "memory lens layers must be whole numbers" in bad[-1].status
+
+
 def test_view_controls_act_on_the_run(hub):
     import gradio as gr
 
     run = _run(hub)[-1].run
     heatmap, heads = inspector_tab.change_view("fam-block", run)
     assert run.view == "fam-block" and heatmap.layout.title.text == figures.SHARE_VIEWS["fam-block"].title
-    heads, document = inspector_tab.change_layer("1", run)
+    heads, document, lens = inspector_tab.change_layer("1", run)
     assert run.layer == 1 and "layer 1" in document and heads.layout.shapes
-    heatmap, heads, document, follow = inspector_tab.drag_block(2, run)
+    heatmap, heads, document, lens, follow = inspector_tab.drag_block(2, run)
     assert run.shown_block == 2 and "Block 2" in heads.layout.title.text and "block 2" in document
     assert follow is False  # dragging the slider stops following the latest block
     inspector_tab.select_block(2, True, run)
@@ -757,7 +781,7 @@ def test_runs_exports_and_traces_name_the_model_and_adapter(tmp_path):
 
 def test_errors_are_repeated_beside_start_and_the_plots_are_explained(hub):
     assert inputs.error_status("boom").startswith(inputs.ERROR_MARK)  # what the page's JS looks for
-    assert set(inspector_tab.PLOT_NOTES) == {"heatmap", "trajectory", "dynamics", "nll"}
+    assert set(inspector_tab.PLOT_NOTES) == {"heatmap", "trajectory", "dynamics", "nll", "lens"}
     assert launch.warm_up(hub, FamConfig("fam", 32, 8, 1)) > 0  # runs the real stream handler
 
 

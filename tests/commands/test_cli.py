@@ -318,6 +318,27 @@ def test_stream_json_and_trace_in_process(mode, tiny_model_dir, document, tmp_pa
     assert "Traceback" not in err
 
 
+def test_stream_records_the_memory_lens_only_where_asked(tiny_model_dir, document, tmp_path, capfd):
+    from famviz import Trace
+
+    out_path = tmp_path / "lens.npz"
+    args = stream_args(document, tiny_model_dir, "fam", **GEOMETRY, extra=["--trace", out_path])
+    status, _, err = run_cli_in_process([*args, "--lens", "-1", "--lens-top-k", "3"], capfd)
+    assert status == 0, err
+    trace = Trace.load(out_path)
+    top = trace.meta["n_layers"] - 1
+    assert trace.layers_of("fam.lens") == [top] and trace[f"fam.{top}.lens"].shape[1:] == (GEOMETRY["fam_len"], 3)
+    assert "block.share" in trace.keys  # --lens adds to the default channels
+    status, _, _ = run_cli_in_process([*args[: args.index("--trace")], "--trace", tmp_path / "plain.npz"], capfd)
+    assert status == 0 and "fam.lens" not in Trace.load(tmp_path / "plain.npz").keys
+    for bad, words in (
+        (["--lens", "x"], "--lens layers must be whole numbers"),
+        (["--lens-top-k", "0", "--lens", "0"], "at least 1"),
+    ):
+        status, _, err = run_cli_in_process([*args, *bad], capfd)
+        assert status == 2 and words in err
+
+
 def test_stream_with_an_adapter_takes_its_geometry_unless_given(document, tmp_path, capfd):
     """As the app does: --adapter sets block size, FAM length and memory blocks the run leaves out."""
     from helpers import write_random_lora_adapter

@@ -160,3 +160,61 @@ def test_compact_trace_keeps_the_slot_mean(tiny_llama, fam_trace):
     for key in ("fam.norm", "fam.update", "block.share", "fam.read", "tokens.nll"):
         np.testing.assert_array_equal(compact.array(key), fam_trace.array(key))
     assert compact.nbytes() < fam_trace.nbytes()
+
+
+# -- the memory lens (opt-in) ----------------------------------------------------------------------------
+def test_the_memory_lens_is_opt_in_and_recorded_with_its_probabilities():
+    everything = ChannelSelection(None, n_layers=3, fam=True)
+    assert "fam.lens" not in everything and "fam.lens_p" not in everything
+    assert "fam.lens" not in ChannelSelection(["*", "fam.*.*"], n_layers=3, fam=True)
+    named = ChannelSelection(["fam.*.lens"], n_layers=3, fam=True)
+    assert named.layers == {"fam.lens": [0, 1, 2], "fam.lens_p": [0, 1, 2]}
+    one = ChannelSelection(["tokens.nll", "fam.2.lens_p"], n_layers=3, fam=True)
+    assert one.layers["fam.lens"] == one.layers["fam.lens_p"] == [2]
+    assert "fam.lens" not in ChannelSelection(["fam.*.lens"], n_layers=3, fam=False)  # no FAM, no lens
+
+
+def test_the_memory_lens_decodes_each_slot_through_the_final_norm_and_unembedding(tiny_llama, tmp_path):
+    import torch
+
+    config = FamConfig("fam", 8, 4, 1)
+    ids = random_ids(20)
+    stream = Stream(tiny_llama, config, channels=["tokens.nll", "fam.1.lens", "fam.1.state"], lens_top_k=3)
+    trace = stream.run(ids).trace
+    lens, probs = trace["fam.1.lens"], trace["fam.1.lens_p"]
+    assert lens.shape == probs.shape == (3, 4, 3) and lens.dtype == np.int32 and probs.dtype == np.float16
+    assert trace.meta["lens_top_k"] == 3
+    fam_model = stream.fam_model
+    state = fam_model.initial_state()
+    with torch.inference_mode():
+        for block, start in enumerate(range(0, 20, 8)):
+            state = fam_model.forward_block(torch.tensor([ids[start : start + 8]]), state).state
+            logits = tiny_llama.model.lm_head(tiny_llama.model.model.norm(state.fam[1][0]))
+            top = torch.softmax(logits.float(), dim=-1).topk(3, dim=-1)
+            np.testing.assert_array_equal(lens[block], top.indices.numpy())
+            np.testing.assert_allclose(probs[block].astype(np.float32), top.values.numpy(), rtol=2e-3, atol=1e-4)
+    assert (np.diff(probs.astype(np.float32), axis=-1) <= 0).all()  # most probable first
+    assert {int(i) for i in np.unique(lens)} == {int(k) for k in trace.meta["lens_vocab"]}
+    loaded = Trace.load(trace.save(tmp_path / "lens.npz"))
+    np.testing.assert_array_equal(loaded["fam.1.lens"], lens)
+    assert loaded.token_text(int(lens[0, 0, 0])) == trace.token_text(int(lens[0, 0, 0]))
+    assert loaded.token_text(10**6) == "#1000000"  # an id the lens never showed
+
+
+def test_a_version_1_trace_loads_as_one_without_the_lens(fam_trace, tmp_path):
+    import io
+    import json
+    import zipfile
+
+    path = fam_trace.save(tmp_path / "v2.npz")
+    with np.load(path) as data:
+        arrays = {name: data[name] for name in data.files}
+    meta = json.loads(bytes(arrays["meta_json"]).decode())
+    meta["version"] = 1
+    arrays["meta_json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    (tmp_path / "v1.npz").write_bytes(buffer.getvalue())
+    assert zipfile.is_zipfile(tmp_path / "v1.npz")
+    old = Trace.load(tmp_path / "v1.npz")
+    assert "fam.lens" not in old.keys and old.channels == fam_trace.channels

@@ -184,3 +184,38 @@ def test_cli_export_svg_from_the_suffix(trace_file, tmp_path):
     assert cli_main(["export", str(trace_file), "--figure", "trajectory", "--out", str(out)]) == 0
     assert out.read_text().lstrip().startswith("<svg")
     np.testing.assert_equal(out.stat().st_size > 1000, True)
+
+
+def test_cli_exports_every_figure_of_a_trace_into_a_folder(trace_file, tmp_path, capsys):
+    out = tmp_path / "figures"
+    assert cli_main(["export", str(trace_file), "--figure", "all", "--format", "html", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.split()
+    names = sorted(path.name for path in out.iterdir())
+    assert sorted(p.rsplit("/", 1)[-1] for p in printed) == names and len(names) == len(export.FIGURES)
+    for name in export.FIGURES:  # figure, mode and document in every name
+        assert f"famviz-{name}-fam-notes-txt.html" in names
+        page = (out / f"famviz-{name}-fam-notes-txt.html").read_text()
+        assert _metadata_from_html(page)["figure"] == name
+    assert cli_main(["export", str(trace_file), "--figure", "all", "--out", str(out)]) == 2
+    assert "--figure all needs --format" in capsys.readouterr().err
+    assert cli_main(["export", str(trace_file), "--figure", "all", "--format", "html", "--out", str(trace_file)]) == 2
+    assert "names a folder" in capsys.readouterr().err
+
+
+def test_a_batch_export_skips_what_the_trace_lacks_and_says_so(tmp_path):
+    from test_figures import _fam_trace
+
+    trace = _fam_trace()
+    for key in ("fam.lens", "fam.lens_p"):
+        del trace._chunks[key], trace._layers[key]
+    written, skipped = export.export_trace_figures(trace.save(tmp_path / "old.npz"), "html", tmp_path / "out")
+    assert list(skipped) == ["lens"] and "did not record the memory lens" in skipped["lens"]
+    assert len(written) == len(export.FIGURES) - 1
+
+
+@needs_browser
+@pytest.mark.slow
+def test_a_batch_export_in_a_static_format_writes_every_figure(trace_file, tmp_path):
+    written, skipped = export.export_trace_figures(trace_file, "svg", tmp_path / "svg")
+    assert not skipped and len(written) == len(export.FIGURES)
+    assert all(path.read_text().lstrip().startswith("<svg") for path in written)

@@ -296,9 +296,13 @@ def _fam_trace(blocks=4, block=5, layers=2, heads=2, fam_len=3, hidden=8) -> Tra
         "fam.norm": list(range(layers)),
         "fam.update": list(range(layers)),
         "fam.state": [1],
+        "fam.lens": [layers - 1],
+        "fam.lens_p": [layers - 1],
     }
     config = FamConfig(mode="fam", block_size=block, fam_len=fam_len, mem_blocks=1)
-    trace = Trace({"model": "tiny", "config": config.to_dict(), "n_layers": layers, "dtype": "float32"}, kinds)
+    meta = {"model": "tiny", "config": config.to_dict(), "n_layers": layers, "dtype": "float32", "lens_top_k": 2}
+    meta["lens_vocab"] = {str(i): f" tok{i}" for i in range(10)}
+    trace = Trace(meta, kinds)
     rng = np.random.default_rng(3)
     words = [f"w{i} " for i in range(blocks * block)]
     trace.text = "".join(words)
@@ -320,6 +324,8 @@ def _fam_trace(blocks=4, block=5, layers=2, heads=2, fam_len=3, hidden=8) -> Tra
                 "fam.norm": rng.random(layers).astype(np.float32),
                 "fam.update": rng.random(layers).astype(np.float32),
                 "fam.state": rng.standard_normal((1, fam_len, hidden)).astype(np.float16),
+                "fam.lens": rng.integers(0, 10, (1, fam_len, 2)).astype(np.int32),
+                "fam.lens_p": np.sort(rng.random((1, fam_len, 2)), axis=-1)[..., ::-1].astype(np.float16) / 2,
             },
         )
     return trace
@@ -414,3 +420,29 @@ def test_loss_curve_draws_split_probes_apart_and_no_empty_panel(tmp_path):
     old = [{k: v for k, v in r.items() if k != "readout_split"} for r in history]  # logs before the field existed
     assert "passkey: read-out probes (mean of last 25)" in [t.name for t in loss_curve_figure(old).data]
     assert write_loss_curve(history, tmp_path).name == "loss_curve.html"
+
+
+def test_the_memory_lens_heatmap_is_slot_by_block_with_the_top_tokens_on_hover():
+    trace = _fam_trace(blocks=6)
+    fig = figures.lens_figure(trace)
+    z = np.asarray(fig.data[0].z)
+    assert z.shape == (3, 6)  # fam_len slots × blocks
+    np.testing.assert_allclose(z[:, 4], trace["fam.1.lens_p"][4, :, 0].astype(np.float32))
+    first, second = trace["fam.1.lens"][4, 0]
+    assert fig.data[0].text[0][4].startswith(f"␣tok{first} ") and f"␣tok{second}" in fig.data[0].text[0][4]
+    assert "layer 1" in fig.layout.title.text and "after block 5" in fig.layout.title.text
+    assert "layer 0 was not recorded" in figures.lens_figure(trace, layer=0).layout.title.text
+    assert list(figures.lens_figure(trace, selected_block=2).data[0].x) == [0, 1, 2]
+    long = figures.memory_lens_heatmap(
+        np.zeros((100, 3, 2), np.int32), np.full((100, 3, 2), 0.5, np.float16), str, layer=1
+    )
+    assert list(long.data[0].x) == list(range(100 - figures.MAX_LENS_BLOCKS, 100))  # the latest blocks only
+    held = figures.held_tokens(np.array([[4, 1], [4, 2], [7, 1]]), np.array([[0.5, 0.1], [0.9, 0.05], [0.3, 0.2]]), str)
+    assert held == [("4", 2, pytest.approx(0.9)), ("7", 1, pytest.approx(0.3))]
+
+
+def test_a_trace_without_the_lens_says_how_to_record_it():
+    trace = _fam_trace()
+    del trace._chunks["fam.lens"], trace._chunks["fam.lens_p"], trace._layers["fam.lens"], trace._layers["fam.lens_p"]
+    fig = figures.lens_figure(trace)
+    assert not fig.data and "--lens" in fig.layout.annotations[0].text
