@@ -763,8 +763,8 @@ def memory_lens_heatmap(
         y=np.arange(n_slots),
         zmin=0.0,
         zmax=1.0,
-        colorscale="Magma",
-        reversescale=True,
+        colorscale="YlGnBu",  # a plotly.js name (figures skip validation, which would expand other names)
+        reversescale=True,  # light: a diffuse slot; dark blue: one token dominates
         text=text,
         customdata=None if starts is None else np.broadcast_to(starts, z.shape),
         colorbar=dict(title=dict(text="top token's<br>probability", side="right")),

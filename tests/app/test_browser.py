@@ -89,6 +89,10 @@ def open_page(url: str, height: int):
             browser.close()
 
 
+def n_blocks_drawn(page) -> int:
+    return page.evaluate("() => document.querySelector('#heatmap .js-plotly-plot')._fullData[0].z[0].length")
+
+
 def test_upload_stream_export_and_screenshot(served_app, tmp_path):
     from playwright.sync_api import expect
 
@@ -106,8 +110,14 @@ def test_upload_stream_export_and_screenshot(served_app, tmp_path):
 
         expect(page.locator("#status")).to_contain_text("Done", timeout=240_000)
         expect(page.locator("#status")).to_contain_text("memory-notes.txt")
-        for plot in ("heatmap", "heads", "trajectory", "dynamics", "nll"):
+        for plot in ("heatmap", "heads", "trajectory", "dynamics", "lens", "nll"):
             page.wait_for_function(PLOT_HAS_DATA, arg=plot, timeout=60_000)
+        lens = page.evaluate(
+            "() => { const t = document.querySelector('#lens .js-plotly-plot')._fullData[0]; "
+            "return [t.z.length, t.z[0].length, t.text[0][0]]; }"
+        )
+        assert lens[0] == 16 and lens[1] == n_blocks_drawn(page)  # FAM slots × blocks (the default: top layer)
+        assert lens[2].count("<br>") == 4  # the slot's top 5 tokens on hover
         n_columns = page.evaluate("() => document.querySelector('#heatmap .js-plotly-plot')._fullData[0].z[0].length")
         assert n_columns > 1  # one column per block
         shaded = page.locator("#document .tok.s10")
