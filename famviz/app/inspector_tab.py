@@ -86,6 +86,10 @@ PLOT_NOTES = {
     "points at in the vocabulary, not what the model reads out of it: most slots decode to a few sub-word "
     "tokens whatever the text, and a change after a block (a digit after a pass key) is the signal. "
     "The layer dropdown above picks the layer among those recorded (set them before Start).",
+    "slots": "The FAM of one layer slot by slot (the dynamics view averages the slots): each slot's norm, how much "
+    "one block changed it (1 − cosine), and the attention the block's tokens give it (the slots' values add up "
+    "to the block's FAM share of that layer). A slot that keeps a fact changes little and is read when the fact "
+    "is needed. Pick a slot above to shade the document by what that slot read.",
 }
 
 
@@ -132,6 +136,7 @@ def refresh(run: Run, *, new_run: bool = False) -> InspectorViews:
         dynamics=run.dynamics(),
         nll=run.loss(),
         lens=run.lens(),
+        slots=run.slots(),
         block=slider,
         layer=layer,
         view=gr.update(value=run.view) if new_run else gr.skip(),
@@ -374,15 +379,28 @@ def change_view(view: str, run: Run | None) -> tuple:
     return run.heatmap(), run.heads()
 
 
-@_view_handler(3)
+@_view_handler(4)
 def change_layer(layer: str | None, run: Run | None) -> tuple:
-    """The layer the document is shaded by, framed in the drill-down and decoded by the memory lens."""
+    """The layer the document is shaded by, framed in the drill-down and shown by the lens and slot views."""
     if run is None:
-        return gr.skip(), gr.skip(), gr.skip()
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
     run.layer = None if layer in (None, "", MEAN_LAYER) else int(layer)
     if not run.has_blocks():
-        return gr.skip(), gr.skip(), gr.skip()
-    return run.heads(), run.document_html(), run.lens()
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    return run.heads(), run.document_html(), run.lens(), run.slots()
+
+
+@_view_handler(2)
+def change_slot(slot: float | str | None, run: Run | None) -> tuple:
+    """The FAM slot whose own reads shade the document (empty: every slot's mean); a slot the FAM lacks is
+    cleared from the field."""
+    if run is None:
+        return gr.skip(), gr.skip()
+    chosen = None if slot in (None, "") else int(float(slot))
+    if chosen is not None and not 0 <= chosen < max(run.config.active_fam_len, 1):
+        return gr.skip(), None
+    run.slot = chosen
+    return (run.document_html() if run.has_blocks() else gr.skip()), gr.skip()
 
 
 @_view_handler(5)
@@ -501,6 +519,8 @@ class ViewControls:
     dynamics: gr.Plot
     nll: gr.Plot
     lens: gr.Plot
+    slot: gr.Number
+    slots: gr.Plot
 
 
 @dataclasses.dataclass
@@ -573,7 +593,7 @@ def _run_controls(context: AppContext, n_layers: int) -> RunControls:
     )
     lens_layers = gr.Textbox(
         ", ".join(map(str, default_lens_layers(n_layers))),
-        label=f"Memory lens layers (at most {MAX_LENS_LAYERS}; empty: off)",
+        label=f"Slot layers: memory lens and per-slot views (at most {MAX_LENS_LAYERS}; empty: off)",
         elem_id="lens-layers",
     )
     source = gr.Radio(
@@ -633,8 +653,17 @@ def _view_controls(n_layers: int, blank: object) -> ViewControls:
         heads = gr.Plot(blank, label="Drill-down: layer × head of the selected block", elem_id="heads", scale=2)
     gr.Markdown(PLOT_NOTES["heatmap"], elem_id="note-heatmap", container=False)
     document = gr.HTML("<div id='famviz-doc'>No document streamed yet.</div>", label="Document", elem_id="document")
+    slot = gr.Number(
+        None,
+        label="FAM slot (document shading: what this slot read; empty: all slots)",
+        precision=0,
+        minimum=0,
+        elem_id="slot",
+    )
     lens = gr.Plot(blank, label="Memory lens: FAM slot × block", elem_id="lens")
     gr.Markdown(PLOT_NOTES["lens"], elem_id="note-lens", container=False)
+    slots = gr.Plot(blank, label="FAM slots: norm, update, attention received", elem_id="slots")
+    gr.Markdown(PLOT_NOTES["slots"], elem_id="note-slots", container=False)
     with gr.Row():
         with gr.Column(scale=1):
             method = gr.Radio(list(TRAJECTORY_METHODS), value="PCA", label="Trajectory projection", elem_id="method")
@@ -646,7 +675,21 @@ def _view_controls(n_layers: int, blank: object) -> ViewControls:
     nll = gr.Plot(blank, label="Next-token loss per block", elem_id="nll")
     gr.Markdown(PLOT_NOTES["nll"], elem_id="note-nll", container=False)
     return ViewControls(
-        status, view, layer, block, follow, heatmap, heads, document, method, trajectory, dynamics, nll, lens
+        status,
+        view,
+        layer,
+        block,
+        follow,
+        heatmap,
+        heads,
+        document,
+        method,
+        trajectory,
+        dynamics,
+        nll,
+        lens,
+        slot,
+        slots,
     )
 
 
@@ -721,6 +764,7 @@ def build_inspector_tab(context: AppContext) -> None:
             v.dynamics,
             v.nll,
             v.lens,
+            v.slots,
             v.block,
             v.layer,
             v.view,
@@ -754,8 +798,13 @@ def _wire_views(v: ViewControls, run_state: gr.State, umap_timer: gr.Timer) -> N
     drill_down = [v.heatmap, v.heads, v.document, v.lens, v.follow]
     v.view.change(change_view, [v.view, run_state], [v.heatmap, v.heads], api_name="view", show_progress="hidden")
     v.layer.input(
-        change_layer, [v.layer, run_state], [v.heads, v.document, v.lens], api_name="layer", show_progress="hidden"
+        change_layer,
+        [v.layer, run_state],
+        [v.heads, v.document, v.lens, v.slots],
+        api_name="layer",
+        show_progress="hidden",
     )
+    v.slot.input(change_slot, [v.slot, run_state], [v.document, v.slot], api_name="slot", show_progress="hidden")
     v.block.release(drag_block, [v.block, run_state], drill_down, api_name="block", show_progress="hidden")
     v.follow.input(select_block, [v.block, v.follow, run_state], drill_down, show_progress="hidden")
     v.method.change(

@@ -33,6 +33,7 @@ class InspectorViews(NamedTuple):
     dynamics: Any
     nll: Any
     lens: Any  # the memory lens
+    slots: Any  # the per-slot views
     block: Any  # the drill-down slider
     layer: Any  # the layer dropdown
     view: Any  # the share-view dropdown

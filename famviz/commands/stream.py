@@ -48,6 +48,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--lens-top-k", type=int, default=5, metavar="K", help="tokens kept per FAM slot by --lens (default 5)"
     )
+    parser.add_argument(
+        "--slots",
+        default=None,
+        metavar="LAYERS",
+        help="also record the per-slot views at these layers: each FAM slot's norm, update and attention "
+        "received per block, and its attention on each token",
+    )
     add_json_option(parser)
     parser.set_defaults(handler=run)
 
@@ -134,22 +141,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _channels(args: argparse.Namespace, n_layers: int, config: FamConfig) -> list[str] | None:
-    """The trace channel patterns of --channels (None: all) and --lens's layers."""
-    channels = args.channels.split(",") if args.channels else None
-    if args.lens is None:
-        return channels
-    from famviz.viz.inspector import parse_layers
+OPT_IN_OPTIONS = {"lens": ("lens",), "slots": ("slot_norm", "slot_update", "slot_received", "slot_read")}
 
-    if not config.active_fam_len:
-        raise FamvizError(f"--lens needs FAM slots: mode {config.mode} has none")
+
+def _channels(args: argparse.Namespace, n_layers: int, config: FamConfig) -> list[str] | None:
+    """The trace channel patterns of --channels (None: all), --lens's and --slots's layers."""
+    channels = args.channels.split(",") if args.channels else None
     if args.lens_top_k < 1:
         raise FamvizError(f"--lens-top-k must be at least 1, got {args.lens_top_k}")
-    try:
-        layers = parse_layers(args.lens, n_layers, "--lens layers", default=[], most=n_layers)
-    except ValueError as exc:
-        raise FamvizError(str(exc)) from None
-    return [*(channels or ["*"]), *(f"fam.{layer}.lens" for layer in layers)]
+    added = []
+    for option, kinds in OPT_IN_OPTIONS.items():
+        text = getattr(args, option)
+        if text is None:
+            continue
+        from famviz.viz.inspector import parse_layers
+
+        if not config.active_fam_len:
+            raise FamvizError(f"--{option} needs FAM slots: mode {config.mode} has none")
+        try:
+            layers = parse_layers(text, n_layers, f"--{option} layers", default=[], most=n_layers)
+        except ValueError as exc:
+            raise FamvizError(str(exc)) from None
+        added += [f"fam.{layer}.{kind}" for layer in layers for kind in kinds]
+    return [*(channels or ["*"]), *added] if added else channels
 
 
 def stream_with_progress(

@@ -112,6 +112,8 @@ class AttentionStats:
     block_share: torch.Tensor  # (batch, heads, 4): block queries on BLOCK_GROUPS [fam, memory, block, sink]
     fam_share: torch.Tensor  # (batch, heads, 2): FAM queries on [fam, block], mean over slots
     fam_read: torch.Tensor  # (batch, block): FAM queries' probability per block token, mean over heads and slots
+    slot_read: torch.Tensor  # (batch, fam, block): each FAM slot's probability per block token, mean over heads
+    slot_received: torch.Tensor  # (batch, fam): block queries' probability on each FAM slot, mean over heads, queries
 
 
 BACKENDS = ("sdpa", "flex", "flash")
@@ -242,7 +244,8 @@ def attend_with_stats(
     b, heads = q.shape[:2]
     keys = {"sink": slice(0, s), "memory": slice(s, m), "fam": slice(m, m + f), "block": slice(m + f, m + f + n)}
     outputs = []
-    fam_read = q.new_zeros(b, n, dtype=torch.float32)
+    slot_read = q.new_zeros(b, f, n, dtype=torch.float32)
+    slot_received = q.new_zeros(b, f, dtype=torch.float32)
     fam_share = q.new_zeros(b, heads, 2, dtype=torch.float32)
     if f:  # FAM rows: [previous FAM, whole block], never memory
         groups = [g for g in FAM_GROUPS if keys[g].stop > keys[g].start]
@@ -251,7 +254,7 @@ def attend_with_stats(
         by_group = dict(zip(groups, weights, strict=True))
         fam_share = torch.stack([by_group.get(g, torch.zeros_like(lse)) for g in FAM_GROUPS], -1).mean(2)
         if n:
-            fam_read = _token_probs(q[:, :, :f], k[:, :, keys["block"]], lse, scale).mean(dim=(1, 2))
+            slot_read = _token_probs(q[:, :, :f], k[:, :, keys["block"]], lse, scale).mean(dim=1)
     block_share = q.new_zeros(b, heads, len(BLOCK_GROUPS), dtype=torch.float32)
     if n:  # block tokens: all sinks and memory, all FAM, their block causally
         groups = [g for g in BLOCK_GROUPS if keys[g].stop > keys[g].start]
@@ -259,8 +262,17 @@ def attend_with_stats(
         outputs.append(out)
         by_group = dict(zip(groups, weights, strict=True))
         block_share = torch.stack([by_group.get(g, torch.zeros_like(lse)) for g in BLOCK_GROUPS], -1).mean(2)
+        if f:
+            slot_received = _token_probs(q[:, :, f:], k[:, :, keys["fam"]], lse, scale).mean(dim=(1, 2))
     out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-    return out, AttentionStats(block_share=block_share, fam_share=fam_share, fam_read=fam_read)
+    stats = AttentionStats(
+        block_share=block_share,
+        fam_share=fam_share,
+        fam_read=slot_read.mean(dim=1) if f else q.new_zeros(b, n, dtype=torch.float32),
+        slot_read=slot_read,
+        slot_received=slot_received,
+    )
+    return out, stats
 
 
 def _merge_groups(
@@ -356,8 +368,16 @@ def _shares(probs: torch.Tensor, layout: WindowLayout) -> AttentionStats:
     if f:
         fam_rows = probs[:, :, :f]
         fam_share = torch.stack([fam_rows[..., m : m + f].sum(-1), fam_rows[..., m + f :].sum(-1)], dim=-1).mean(dim=2)
-        fam_read = fam_rows[..., m + f :].mean(dim=(1, 2))
+        slot_read = fam_rows[..., m + f :].mean(dim=1)
+        slot_received = block_rows[..., m : m + f].mean(dim=(1, 2)) if n else probs.new_zeros(b, f)
     else:
         fam_share = probs.new_zeros(b, heads, 2)
-        fam_read = probs.new_zeros(b, n)
-    return AttentionStats(block_share=block_share, fam_share=fam_share, fam_read=fam_read)
+        slot_read = probs.new_zeros(b, 0, n)
+        slot_received = probs.new_zeros(b, 0)
+    return AttentionStats(
+        block_share=block_share,
+        fam_share=fam_share,
+        fam_read=slot_read.mean(dim=1) if f else probs.new_zeros(b, n),
+        slot_read=slot_read,
+        slot_received=slot_received,
+    )

@@ -27,7 +27,8 @@ from famviz.core.modes import BLOCK_GROUPS, FAM_GROUPS
 from famviz.core.tokenize import IncrementalTokenizer
 from famviz.core.trace import ChannelSelection, Trace
 
-STAT_KEYS = ("block.share", "fam.share", "fam.read")
+STAT_KEYS = ("block.share", "fam.share", "fam.read", "fam.slot_received", "fam.slot_read")
+STATE_KEYS = ("fam.state", "fam.norm", "fam.update", "fam.slot_norm", "fam.slot_update")  # read off the FAM
 
 
 @dataclass
@@ -252,9 +253,11 @@ class Stream:
             pick("block.share", [s.block_share[0] for s in out.stats])
             pick("fam.share", [s.fam_share[0] for s in out.stats])
             pick("fam.read", [s.fam_read[0] for s in out.stats], torch.float16)
-        if self.fam_model.fam_len and any(key in layers for key in ("fam.state", "fam.norm", "fam.update")):
+            pick("fam.slot_received", [s.slot_received[0] for s in out.stats])
+            pick("fam.slot_read", [s.slot_read[0] for s in out.stats], torch.float16)
+        if self.fam_model.fam_len and any(key in layers for key in STATE_KEYS):
             # One batched op per channel over the recorded layers (not one small op per layer).
-            wanted = sorted(set().union(*(layers.get(key, []) for key in ("fam.state", "fam.norm", "fam.update"))))
+            wanted = sorted(set().union(*(layers.get(key, []) for key in STATE_KEYS)))
             new = torch.stack([out.state.fam[layer][0] for layer in wanted]).float()  # (layers, fam_len, d)
             row = {layer: i for i, layer in enumerate(wanted)}
 
@@ -266,9 +269,11 @@ class Stream:
             # float16 keeps traces small; a drifting FAM can exceed its range, so clamp (never inf in a view)
             put("fam.state", state.clamp(-65504.0, 65504.0), torch.float16)
             put("fam.norm", new.norm(dim=-1).mean(dim=-1))
-            if "fam.update" in layers:
+            put("fam.slot_norm", new.norm(dim=-1))
+            if "fam.update" in layers or "fam.slot_update" in layers:
                 old = torch.stack([out.fam_before[layer][0] for layer in wanted]).float()
                 put("fam.update", 1 - torch.nn.functional.cosine_similarity(new.flatten(1), old.flatten(1), dim=1))
+                put("fam.slot_update", 1 - torch.nn.functional.cosine_similarity(new, old, dim=-1))
         if "fam.lens" in layers:
             values.update(self._lens_values(out, layers["fam.lens"]))
         return values

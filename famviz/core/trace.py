@@ -23,6 +23,12 @@ channel                     shape (per block / per token)  meaning
                                                            decoded through the final norm and the
                                                            unembedding, its top-k token ids
 ``fam.{layer}.lens_p``      per block, (fam_len, k) fp16   ... and their probabilities
+``fam.{layer}.slot_norm``   per block, (fam_len,)          per-slot views (opt-in): each slot's L2 norm
+``fam.{layer}.slot_update`` per block, (fam_len,)          1 - cosine(slot, the slot after the block before)
+``fam.{layer}.slot_received`` per block, (fam_len,)        attention probability the block's queries give
+                                                           each slot, mean over heads and queries
+``fam.{layer}.slot_read``   per token, (fam_len,) fp16     each slot's attention probability on the token,
+                                                           mean over heads ("what this slot read")
 ==========================  ============================  ===========================================
 
 Shares are exact (sums of softmax probabilities) and sum to 1 per query group. In ``full`` mode
@@ -34,14 +40,15 @@ state is fam_len·d·2 bytes per layer per block (2.2 MB per block on the bundle
 slots (1/fam_len of it, enough for state trajectories); ``fam.*.norm`` and ``fam.*.update`` are still
 computed from the full state, and every other channel is unchanged.
 
-Opt-in channels (the memory lens) cost a vocabulary-sized product per slot and layer, so ``*`` and the
-default selection leave them out: a pattern records them only when it names their kind (``fam.*.lens``,
-``fam.29.lens``). ``lens`` and ``lens_p`` are always recorded together, at the same layers; meta
-``lens_top_k`` is k and ``lens_vocab`` maps every token id the lens shows to its text, so that a trace
-replays its lens without the model's tokenizer (``Trace.token_text``).
+Opt-in channels (the memory lens, the per-slot views) cost a vocabulary-sized product per slot and layer
+(the lens) or fam_len values per layer and block or token (the per-slot views at every layer would make a
+trace several times today's), so ``*`` and the default selection leave them out: a pattern records them
+only when it names their kind (``fam.*.lens``, ``fam.29.slot_read``). ``lens`` and ``lens_p`` are always
+recorded together, at the same layers; meta ``lens_top_k`` is k and ``lens_vocab`` maps every token id the
+lens shows to its text, so that a trace replays its lens without the model's tokenizer (``Trace.token_text``).
 
 A trace saves to one ``.npz`` file (arrays plus a JSON metadata record) and reloads without the model.
-Version 2 added the lens; a version-1 trace loads as one that did not record it.
+Version 2 added the lens and the per-slot views; a version-1 trace loads as one that did not record them.
 """
 
 from __future__ import annotations
@@ -98,7 +105,14 @@ CHANNEL_KINDS: tuple[ChannelKind, ...] = (
     ChannelKind("fam.{layer}.update", False, True, "float32", "1 - cosine to the previous FAM state"),
     ChannelKind("fam.{layer}.lens", False, True, "int32", "memory lens: each FAM slot's top-k tokens", opt_in=True),
     ChannelKind("fam.{layer}.lens_p", False, True, "float16", "memory lens: their probabilities", opt_in=True),
+    ChannelKind("fam.{layer}.slot_norm", False, True, "float32", "each FAM slot's L2 norm", opt_in=True),
+    ChannelKind("fam.{layer}.slot_update", False, True, "float32", "each slot's 1 - cosine to before", opt_in=True),
+    ChannelKind(
+        "fam.{layer}.slot_received", False, True, "float32", "block queries' attention on each slot", opt_in=True
+    ),
+    ChannelKind("fam.{layer}.slot_read", True, True, "float16", "each slot's attention on each token", opt_in=True),
 )
+SLOT_KEYS = ("fam.slot_norm", "fam.slot_update", "fam.slot_received", "fam.slot_read")
 KINDS_BY_KEY = {kind.key(): kind for kind in CHANNEL_KINDS}
 
 
@@ -251,6 +265,8 @@ class Trace:
             chunks = self._chunks[key]
             if kind.per_token:
                 shape = (len(self._layers[key]), 0) if kind.per_layer else (0,)
+                if chunks:  # a slot axis (fam.slot_read) comes between the layers and the tokens
+                    shape = chunks[0].shape[:-1] + (0,)
                 self._stacked[key] = np.concatenate(chunks, axis=-1) if chunks else np.zeros(shape, kind.dtype)
             else:
                 self._stacked[key] = np.stack(chunks) if chunks else np.zeros((0,), kind.dtype)

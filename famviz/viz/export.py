@@ -86,6 +86,13 @@ def _specs() -> dict[str, FigureSpec]:
             "--layer, --block",
         ),
         FigureSpec(
+            "slots",
+            "per-slot views: each FAM slot's norm, update and attention received, slot × block (where recorded)",
+            lambda run: run.slots(),
+            (1000, 900),
+            "--layer",
+        ),
+        FigureSpec(
             "nll",
             "next-token loss per block (two modes and the memory benefit when compared)",
             lambda run: run.loss(),

@@ -31,6 +31,14 @@ from famviz.core.modes import BLOCK_GROUPS, FAM_GROUPS, mode_names
 from famviz.core.trace import Trace
 
 SHARE_COLORSCALE = "Viridis"
+# Figures skip plotly's validation (``_figure``), which would expand a Python-side scale name: plotly.js knows
+# Viridis, Cividis and YlGnBu itself, Magma only as stops.
+MAGMA = [
+    [i / 9, color]
+    for i, color in enumerate(
+        ("#000004", "#180f3d", "#440f76", "#721f81", "#9e2f7f", "#cd4071", "#f1605d", "#fd9668", "#feca8d", "#fcfdbf")
+    )
+]
 MAX_BLOCK_COLUMNS = 240  # most block columns any figure draws
 RECENT_BLOCKS = 120  # the latest blocks always get one column each
 FONT = dict(family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif", size=12)
@@ -569,7 +577,7 @@ def fam_dynamics(
         z=update.T,
         x=x,
         y=y,
-        colorscale="Magma",
+        colorscale=MAGMA,
         zmin=0.0,
         xaxis="x2",
         yaxis="y2",
@@ -821,3 +829,103 @@ def lens_figure(trace: Trace, layer: int | None = None, selected_block: int | No
     return memory_lens_heatmap(
         ids, probs, trace.token_text, layer=shown, block_starts=trace.block_starts, selected_block=block, title=title
     )
+
+
+# -- per-slot views ------------------------------------------------------------------------------------------
+SLOT_TITLE = "FAM slots"
+SLOT_ROWS = (  # (channel kind, subtitle, colour scale, hover format)
+    ("fam.slot_norm", "norm (L2) of each slot", "Cividis", ".2f"),
+    ("fam.slot_update", "update (1 − cosine to the slot before the block)", MAGMA, ".4f"),
+    ("fam.slot_received", "attention the block's queries give each slot", SHARE_COLORSCALE, ".4f"),
+)
+
+
+def slot_layer(trace: Trace, wanted: int | None) -> int | None:
+    """The layer the per-slot view shows: ``wanted`` where every per-slot row was recorded, else the top such
+    layer (None: none)."""
+    keys = [key for key, *_ in SLOT_ROWS]
+    if not all(key in trace.keys for key in keys):
+        return None
+    layers = sorted(set.intersection(*(set(trace.layers_of(key)) for key in keys)))
+    if not layers:
+        return None
+    return wanted if wanted in layers else layers[-1]
+
+
+def slot_heatmaps(
+    rows: Sequence[np.ndarray],
+    *,
+    layer: int,
+    block_starts: Sequence[int] | None = None,
+    title: str | None = None,
+    max_columns: int = MAX_BLOCK_COLUMNS,
+) -> go.Figure:
+    """Slot × block heatmaps of one layer, stacked on a shared block axis: each FAM slot's norm, its update and
+    the attention the block's queries give it (``SLOT_ROWS``; each row (blocks, fam_len)), not averaged over
+    slots as the dynamics view is."""
+    n_blocks, n_slots = np.asarray(rows[0]).shape
+    edges, x, _ = _block_columns(n_blocks, block_starts, max_columns)
+    hover = _column_hover(n_blocks, len(x))
+    height = 1.0 / len(rows)
+    traces, annotations, axes = [], [], {}
+    for i, ((_, subtitle, colorscale, fmt), values) in enumerate(zip(SLOT_ROWS, rows, strict=True)):
+        domain = (1.0 - (i + 1) * height + 0.04, 1.0 - i * height - 0.04)
+        suffix = "" if i == 0 else str(i + 1)
+        traces.append(
+            dict(
+                type="heatmap",
+                z=bin_blocks(np.asarray(values, dtype=np.float32), edges).T,
+                x=x,
+                y=np.arange(n_slots),
+                colorscale=colorscale,
+                zmin=0.0,
+                xaxis=f"x{suffix}",
+                yaxis=f"y{suffix}",
+                colorbar=dict(y=sum(domain) / 2, len=domain[1] - domain[0], thickness=14),
+                hovertemplate=hover + "<br>slot %{y}<br>%{z:" + fmt + "}<extra></extra>",
+            )
+        )
+        annotations.append(
+            dict(
+                text=subtitle,
+                x=0.5,
+                y=domain[1],
+                xref="paper",
+                yref="paper",
+                xanchor="center",
+                yanchor="bottom",
+                showarrow=False,
+                font=dict(size=12),
+            )
+        )
+        last = i == len(rows) - 1
+        axes[f"xaxis{suffix}"] = _axis(
+            "block" if last else None,
+            anchor=f"y{suffix}",
+            showgrid=False,
+            showticklabels=last,
+            **({} if last else {"matches": f"x{len(rows)}"}),
+            **_block_ticks(n_blocks),
+        )
+        axes[f"yaxis{suffix}"] = _axis("slot", domain=list(domain), showgrid=False, autorange="reversed")
+    layout = _layout(
+        title or f"{SLOT_TITLE}: layer {layer}", annotations=annotations, margin=dict(l=60, r=20, t=70, b=50), **axes
+    )
+    return _figure(traces, layout)
+
+
+def slot_figure(trace: Trace, layer: int | None = None) -> go.Figure:
+    """``slot_heatmaps`` of a trace at ``layer`` (see ``slot_layer``), or a message saying why there are none."""
+    shown = slot_layer(trace, layer)
+    if shown is None:
+        why = (
+            "per-slot views exist only in fam mode"
+            if "fam.norm" not in trace.keys
+            else "this run did not record the per-slot views (set the slot layers before Start, or `stream --slots`)"
+        )
+        return empty_figure(why, SLOT_TITLE)
+    if trace.n_blocks == 0:
+        return empty_figure("no blocks yet", SLOT_TITLE)
+    where = f"layer {shown}" + (f"; layer {layer} was not recorded" if layer is not None and layer != shown else "")
+    rows = [trace[key.replace("fam.", f"fam.{shown}.")] for key, *_ in SLOT_ROWS]
+    return slot_heatmaps(rows, layer=shown, block_starts=trace.block_starts, title=f"{SLOT_TITLE} ({where})")

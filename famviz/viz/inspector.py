@@ -6,7 +6,7 @@ the tests share it.
 
     >>> run = Run.from_trace(famviz.Trace.load("run.npz"), name="run.npz")
     >>> run.heatmap(), run.heads(), run.trajectory(), run.dynamics(), run.loss(), run.document_html()
-    >>> run.lens()                                   # the memory lens, where the run recorded it
+    >>> run.lens(), run.slots()                      # memory lens and per-slot views, where recorded
 
 Bounds for long documents: figures draw at most ``figures.MAX_BLOCK_COLUMNS`` block columns; the
 document view shows the selected block and the one before it (at most ``MAX_WINDOW_TOKENS``
@@ -43,17 +43,20 @@ SHADES = 10  # shade classes in the document view (a class per token keeps the H
 
 
 MAX_LENS_LAYERS = 4  # each costs a vocabulary-sized product per FAM slot and block (~4% of a block each)
+# Recorded at the app's slot layers: the memory lens and the per-slot views.
+SLOT_LAYER_KINDS = ("lens", "slot_norm", "slot_update", "slot_received", "slot_read")
 
 
 def app_channels(trajectory_layers: list[int] | None, fam: bool, lens_layers: list[int] | None = None) -> list[str]:
     """What the inspector records: per-block aggregates, FAM reads per token, the FAM states of the
-    trajectory layers only (a state is fam_len × hidden per layer and block) and the memory lens of
-    ``lens_layers``."""
+    trajectory layers only (a state is fam_len × hidden per layer and block) and the memory lens and
+    per-slot views of ``lens_layers`` (the slot layers)."""
     channels = ["tokens.nll", "block.*.share"]
     if fam:
         channels += ["fam.*.share", "fam.*.read", "fam.*.norm", "fam.*.update"]
         channels += [f"fam.{layer}.state" for layer in trajectory_layers or []]
-        channels += [f"fam.{layer}.lens" for layer in lens_layers or []]
+        for layer in lens_layers or []:
+            channels += [f"fam.{layer}.{kind}" for kind in SLOT_LAYER_KINDS]
     return channels
 
 
@@ -198,8 +201,21 @@ def _shade_css(scope: str) -> str:
     return "<style>" + "\n".join(rules) + "</style>"
 
 
-def token_reads(trace: Trace, layer: int | None) -> np.ndarray | None:
-    """Per token, how much FAM queries read it: one layer's ``fam.read``, or the mean over layers."""
+def slot_read_layer(trace: Trace, layer: int | None) -> int | None:
+    """The layer whose per-slot reads the document shows for a chosen slot: ``layer`` where recorded, else the
+    top recorded one (None: no per-slot reads in the trace)."""
+    if "fam.slot_read" not in trace.keys or not trace.layers_of("fam.slot_read"):
+        return None
+    layers = trace.layers_of("fam.slot_read")
+    return layer if layer in layers else layers[-1]
+
+
+def token_reads(trace: Trace, layer: int | None, slot: int | None = None) -> np.ndarray | None:
+    """Per token, how much FAM queries read it: one layer's ``fam.read``, or the mean over layers; with
+    ``slot``, that FAM slot's own reads (``fam.*.slot_read``, see ``slot_read_layer``)."""
+    if slot is not None and (shown := slot_read_layer(trace, layer)) is not None and trace.n_tokens:
+        reads = trace[f"fam.{shown}.slot_read"]
+        return reads[slot].astype(np.float32) if 0 <= slot < len(reads) else None
     if "fam.read" not in trace.keys or trace.n_tokens == 0:
         return None
     reads = trace.array("fam.read")
@@ -224,8 +240,10 @@ def document_html(
     block: int | None = None,
     layer: int | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    slot: int | None = None,
 ) -> str:
-    """The document around ``block`` (default: the latest) with each token shaded by its FAM read.
+    """The document around ``block`` (default: the latest) with each token shaded by its FAM read (with
+    ``slot``: by what that FAM slot read, where the trace has per-slot reads).
 
     Shades are relative to the largest read in the window (stated in the legend); hover a token
     for its position and value. Earlier blocks appear as a short list of their most-read words.
@@ -236,8 +254,11 @@ def document_html(
     n_blocks = trace.n_blocks
     block = n_blocks - 1 if block is None else int(min(max(block, 0), n_blocks - 1))
     starts = list(trace.block_starts) + [trace.n_tokens]
-    reads = token_reads(trace, layer)
-    which = "mean over layers" if layer is None else f"layer {layer}"
+    slot_layer = slot_read_layer(trace, layer) if slot is not None else None
+    if slot_layer is not None:
+        reads, which = token_reads(trace, layer, slot), f"slot {slot} of layer {slot_layer}"
+    else:
+        reads, which = token_reads(trace, layer), "mean over layers" if layer is None else f"layer {layer}"
     first_block = max(0, block - 1)
     lo = max(starts[first_block], starts[block + 1] - MAX_WINDOW_TOKENS)
     hi = starts[block + 1]
@@ -327,6 +348,7 @@ class Run:
     features: StateFeatures | None = None
     view: str = DEFAULT_VIEW  # a figures.SHARE_VIEWS key
     layer: int | None = None  # the document's shading layer (None = mean over layers)
+    slot: int | None = None  # the FAM slot whose reads shade the document (None: all slots)
     block: int | None = None  # drill-down block (None = follow the latest)
     method: str = "PCA"
     blocks_done: int = 0
@@ -477,6 +499,12 @@ class Run:
             )
         return figures.nll_compare(means, None, block_starts=self.trace.block_starts)
 
+    def slots(self) -> go.Figure:
+        """The per-slot views at the selected layer (else the top recorded one)."""
+        if not self.has_blocks():
+            return figures.empty_figure("no blocks yet", figures.SLOT_TITLE)
+        return figures.slot_figure(self.trace, self.layer)
+
     def lens(self) -> go.Figure:
         """The memory lens at the selected layer (else the top recorded one), up to the shown block."""
         if not self.has_blocks():
@@ -535,7 +563,7 @@ class Run:
             return self.method == "UMAP" and self.umap_future is not None and not self.umap_future.done()
 
     def document_html(self, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
-        return document_html(self.trace, self.shown_block, self.layer, tokenizer)
+        return document_html(self.trace, self.shown_block, self.layer, tokenizer, self.slot)
 
     @property
     def model_label(self) -> str:

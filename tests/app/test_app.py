@@ -224,14 +224,14 @@ def test_stream_yields_once_per_block(tiny_loaded, hub, mode):
     updates = _run(hub, mode=mode)
     assert len(updates) == 1 + n_blocks  # "starting" (hands the run to the session), then one per block
     assert all(isinstance(u, inspector_tab.InspectorViews) for u in updates)
-    status, heatmap, heads, document, trajectory, dynamics, nll, lens, slider, layer, view, run = updates[-1]
+    status, heatmap, heads, document, trajectory, dynamics, nll, lens, slots, slider, layer, view, run = updates[-1]
     assert status.startswith("**Done**") and f"{n_blocks} / {n_blocks} blocks" in status
     assert np.asarray(heatmap.data[0].z).shape == (2, n_blocks)
     assert np.asarray(heads.data[0].z).shape == (2, 4)
     assert len(nll.data[0].y) == n_blocks
     assert run.trace.text == TEXT and run.trace.meta["document"] == "pasted text"
     assert bool(dynamics.data) == bool(trajectory.data) == (mode == "fam")
-    assert not lens.data  # the lens layers were left empty
+    assert not lens.data and not slots.data  # the slot layers were left empty
     assert ('class="tok s' in document) == (mode == "fam")
     assert slider["maximum"] == n_blocks - 1 and slider["value"] == n_blocks - 1
     first = updates[1].status
@@ -354,10 +354,16 @@ def test_the_memory_lens_view_decodes_the_recorded_layers_and_follows_the_contro
     assert "layer 1" in lens.layout.title.text and "top tokens" in lens.layout.title.text
     hover = lens.data[0].text[0][0]
     assert hover.count("<br>") == run.trace.meta["lens_top_k"] - 1  # one line per kept token
-    _, _, lens = inspector_tab.change_layer("0", run)
-    assert "layer 0" in lens.layout.title.text
-    _, _, lens = inspector_tab.change_layer("mean", run)
+    _, _, lens, slots = inspector_tab.change_layer("0", run)
+    assert "layer 0" in lens.layout.title.text and "layer 0" in slots.layout.title.text
+    _, _, lens, slots = inspector_tab.change_layer("mean", run)
     assert "layer 1" in lens.layout.title.text  # no layer chosen: the top recorded one
+    assert [np.asarray(h.z).shape for h in slots.data] == [(8, run.blocks_done)] * 3  # norm, update, received
+    document, _ = inspector_tab.change_slot(3, run)
+    assert run.slot == 3 and "slot 3 of layer 1" in document
+    assert inspector_tab.change_slot(8, run)[1] is None and run.slot == 3  # no slot 8 in a FAM of 8: cleared
+    document, _ = inspector_tab.change_slot(None, run)
+    assert run.slot is None and "slot" not in document.split("FAM read (")[1][:20]
     _, _, _, lens, _ = inspector_tab.drag_block(1, run)
     assert list(lens.data[0].x) == [0, 1] and "after block 1" in lens.layout.title.text
     unrecorded = _run(hub)[-1].lens  # the layer field left empty: nothing recorded, and the view says so
@@ -372,7 +378,7 @@ def test_view_controls_act_on_the_run(hub):
     run = _run(hub)[-1].run
     heatmap, heads = inspector_tab.change_view("fam-block", run)
     assert run.view == "fam-block" and heatmap.layout.title.text == figures.SHARE_VIEWS["fam-block"].title
-    heads, document, lens = inspector_tab.change_layer("1", run)
+    heads, document, lens, slots = inspector_tab.change_layer("1", run)
     assert run.layer == 1 and "layer 1" in document and heads.layout.shapes
     heatmap, heads, document, lens, follow = inspector_tab.drag_block(2, run)
     assert run.shown_block == 2 and "Block 2" in heads.layout.title.text and "block 2" in document

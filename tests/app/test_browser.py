@@ -110,7 +110,7 @@ def test_upload_stream_export_and_screenshot(served_app, tmp_path):
 
         expect(page.locator("#status")).to_contain_text("Done", timeout=240_000)
         expect(page.locator("#status")).to_contain_text("memory-notes.txt")
-        for plot in ("heatmap", "heads", "trajectory", "dynamics", "lens", "nll"):
+        for plot in ("heatmap", "heads", "trajectory", "dynamics", "lens", "slots", "nll"):
             page.wait_for_function(PLOT_HAS_DATA, arg=plot, timeout=60_000)
         lens = page.evaluate(
             "() => { const t = document.querySelector('#lens .js-plotly-plot')._fullData[0]; "

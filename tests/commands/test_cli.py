@@ -329,6 +329,11 @@ def test_stream_records_the_memory_lens_only_where_asked(tiny_model_dir, documen
     top = trace.meta["n_layers"] - 1
     assert trace.layers_of("fam.lens") == [top] and trace[f"fam.{top}.lens"].shape[1:] == (GEOMETRY["fam_len"], 3)
     assert "block.share" in trace.keys  # --lens adds to the default channels
+    status, _, err = run_cli_in_process([*args, "--slots", "0"], capfd)
+    assert status == 0, err
+    slots = Trace.load(out_path)
+    assert {"fam.slot_norm", "fam.slot_update", "fam.slot_received", "fam.slot_read"} <= set(slots.keys)
+    assert slots.layers_of("fam.slot_read") == [0] and "fam.lens" not in slots.keys
     status, _, _ = run_cli_in_process([*args[: args.index("--trace")], "--trace", tmp_path / "plain.npz"], capfd)
     assert status == 0 and "fam.lens" not in Trace.load(tmp_path / "plain.npz").keys
     for bad, words in (

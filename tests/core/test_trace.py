@@ -218,3 +218,22 @@ def test_a_version_1_trace_loads_as_one_without_the_lens(fam_trace, tmp_path):
     assert zipfile.is_zipfile(tmp_path / "v1.npz")
     old = Trace.load(tmp_path / "v1.npz")
     assert "fam.lens" not in old.keys and old.channels == fam_trace.channels
+
+
+# -- per-slot views (opt-in) ---------------------------------------------------------------------------------
+def test_per_slot_channels_add_up_to_the_slot_averaged_ones(tiny_llama, tmp_path):
+    patterns = ["*", "fam.1.slot_norm", "fam.1.slot_update", "fam.1.slot_received", "fam.1.slot_read"]
+    assert not {"fam.slot_norm", "fam.slot_read"} & set(ChannelSelection(None, 3, fam=True).layers)  # opt-in
+    trace = Stream(tiny_llama, FamConfig("fam", 8, 4, 1), channels=patterns).run(random_ids(45)).trace
+    norm, update = trace["fam.1.slot_norm"], trace["fam.1.slot_update"]
+    assert norm.shape == update.shape == (6, 4)  # blocks × slots
+    np.testing.assert_allclose(norm.mean(-1), trace["fam.1.norm"], rtol=1e-5)
+    assert ((update >= 0) & (update <= 2)).all() and (update > 0).any()
+    received = trace["fam.1.slot_received"]  # each slot's share of the block queries' attention
+    fam_share = trace["block.1.share"][..., 0].mean(-1)  # the FAM group's share, mean over heads
+    np.testing.assert_allclose(received.sum(-1), fam_share, rtol=1e-4, atol=1e-6)
+    read = trace["fam.1.slot_read"].astype(np.float32)  # (slots, tokens)
+    assert read.shape == (4, 45)
+    np.testing.assert_allclose(read.mean(0), trace["fam.1.read"].astype(np.float32), atol=2e-3)
+    loaded = Trace.load(trace.save(tmp_path / "slots.npz"))
+    np.testing.assert_array_equal(loaded["fam.1.slot_read"], trace["fam.1.slot_read"])

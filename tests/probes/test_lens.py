@@ -48,3 +48,26 @@ def test_key_in_lens_counts_the_slots_that_show_a_digit_with_and_without_the_key
         lens.key_in_lens(fam_model, tokenizer, document, [0], blocks_after=50)
     with pytest.raises(ValueError, match="FAM slots"):
         lens.key_in_lens(FamModel(tiny_with_tokenizer, FamConfig("bswa", 32, 0, 0)), tokenizer, document, [0])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_shipped_adapters_memory_lens_shows_the_key_where_the_control_shows_none():
+    """docs/probes.md: after the key's block, one of the key's digits is among the top 10 tokens of some
+    slot in the top 4 layers in 38% of 24 prompts, and in none of the same prompts without the key.
+    Fixed prompts (seeds 0-7, 1,024 tokens, key at depth 0): a margin of at least 2 of 8."""
+    from famviz import load_model
+    from famviz.io.adapters import SHIPPED_ADAPTER, apply_adapter
+
+    loaded = load_model(dtype="auto")
+    config = FamConfig("fam", 256, 64, 0)
+    fam_model = FamModel(loaded, config, fam_prompt=apply_adapter(SHIPPED_ADAPTER, loaded, config))
+    top = loaded.config.num_hidden_layers
+    found = [
+        lens.key_in_lens(
+            fam_model, loaded.tokenizer, make_passkey_document(loaded.tokenizer, 1024, seed=seed), range(top - 4, top)
+        )
+        for seed in range(8)
+    ]
+    with_key, without_key = sum(f.with_key for f in found), sum(f.without_key for f in found)
+    assert with_key >= without_key + 2, [(f.slots_with_key, f.slots_without_key) for f in found]

@@ -298,6 +298,7 @@ def _fam_trace(blocks=4, block=5, layers=2, heads=2, fam_len=3, hidden=8) -> Tra
         "fam.state": [1],
         "fam.lens": [layers - 1],
         "fam.lens_p": [layers - 1],
+        **{key: [layers - 1] for key in ("fam.slot_norm", "fam.slot_update", "fam.slot_received", "fam.slot_read")},
     }
     config = FamConfig(mode="fam", block_size=block, fam_len=fam_len, mem_blocks=1)
     meta = {"model": "tiny", "config": config.to_dict(), "n_layers": layers, "dtype": "float32", "lens_top_k": 2}
@@ -326,6 +327,10 @@ def _fam_trace(blocks=4, block=5, layers=2, heads=2, fam_len=3, hidden=8) -> Tra
                 "fam.state": rng.standard_normal((1, fam_len, hidden)).astype(np.float16),
                 "fam.lens": rng.integers(0, 10, (1, fam_len, 2)).astype(np.int32),
                 "fam.lens_p": np.sort(rng.random((1, fam_len, 2)), axis=-1)[..., ::-1].astype(np.float16) / 2,
+                "fam.slot_norm": rng.random((1, fam_len)).astype(np.float32) + 1,
+                "fam.slot_update": rng.random((1, fam_len)).astype(np.float32) / 10,
+                "fam.slot_received": rng.random((1, fam_len)).astype(np.float32) / fam_len,
+                "fam.slot_read": rng.random((1, fam_len, block)).astype(np.float16) / block,
             },
         )
     return trace
@@ -446,3 +451,17 @@ def test_a_trace_without_the_lens_says_how_to_record_it():
     del trace._chunks["fam.lens"], trace._chunks["fam.lens_p"], trace._layers["fam.lens"], trace._layers["fam.lens_p"]
     fig = figures.lens_figure(trace)
     assert not fig.data and "--lens" in fig.layout.annotations[0].text
+
+
+def test_the_per_slot_view_stacks_norm_update_and_received_attention_slot_by_block():
+    trace = _fam_trace(blocks=6)
+    fig = figures.slot_figure(trace)
+    assert len(fig.data) == 3 and "layer 1" in fig.layout.title.text
+    for heatmap, (key, *_) in zip(fig.data, figures.SLOT_ROWS, strict=True):
+        np.testing.assert_allclose(np.asarray(heatmap.z), trace[key.replace("fam.", "fam.1.")].T, rtol=1e-6)
+    assert "layer 0 was not recorded" in figures.slot_figure(trace, layer=0).layout.title.text
+    page = inspector.document_html(trace, block=3, layer=None, slot=2)
+    assert "slot 2 of layer 1" in page  # the shading says whose reads it shows
+    reads = inspector.token_reads(trace, None, slot=2)
+    np.testing.assert_allclose(reads, trace["fam.1.slot_read"][2].astype(np.float32))
+    assert inspector.token_reads(trace, None, slot=99) is None
