@@ -360,7 +360,8 @@ def _view_handler(n_outputs: int) -> Callable[[Callable[..., tuple]], Callable[.
                 return handler(*args)
             except Exception:
                 log.debug("view update skipped", exc_info=True)
-                return tuple(gr.skip() for _ in range(n_outputs))
+                skips = tuple(gr.skip() for _ in range(n_outputs))
+                return skips[0] if n_outputs == 1 else skips
 
         safe.__name__, safe.__doc__, safe.__wrapped__ = handler.__name__, handler.__doc__, handler
         return safe
@@ -388,6 +389,15 @@ def change_layer(layer: str | None, run: Run | None) -> tuple:
     if not run.has_blocks():
         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
     return run.heads(), run.document_html(), run.lens(), run.slots()
+
+
+@_view_handler(1)
+def change_content(content: bool, run: Run | None) -> object:
+    """Shade only content tokens (sink-like ones out of the scale and the most-read lists), or every token."""
+    if run is None:
+        return gr.skip()
+    run.content_only = bool(content)
+    return run.document_html() if run.has_blocks() else gr.skip()
 
 
 @_view_handler(2)
@@ -520,6 +530,7 @@ class ViewControls:
     nll: gr.Plot
     lens: gr.Plot
     slot: gr.Number
+    content: gr.Checkbox
     slots: gr.Plot
 
 
@@ -653,13 +664,20 @@ def _view_controls(n_layers: int, blank: object) -> ViewControls:
         heads = gr.Plot(blank, label="Drill-down: layer × head of the selected block", elem_id="heads", scale=2)
     gr.Markdown(PLOT_NOTES["heatmap"], elem_id="note-heatmap", container=False)
     document = gr.HTML("<div id='famviz-doc'>No document streamed yet.</div>", label="Document", elem_id="document")
-    slot = gr.Number(
-        None,
-        label="FAM slot (document shading: what this slot read; empty: all slots)",
-        precision=0,
-        minimum=0,
-        elem_id="slot",
-    )
+    with gr.Row():
+        slot = gr.Number(
+            None,
+            label="FAM slot (document shading: what this slot read; empty: all slots)",
+            precision=0,
+            minimum=0,
+            elem_id="slot",
+        )
+        content = gr.Checkbox(
+            False,
+            label="Content tokens only",
+            info="shade without the sink-like tokens: each block's first token, whitespace, punctuation, common words",
+            elem_id="content-only",
+        )
     lens = gr.Plot(blank, label="Memory lens: FAM slot × block", elem_id="lens")
     gr.Markdown(PLOT_NOTES["lens"], elem_id="note-lens", container=False)
     slots = gr.Plot(blank, label="FAM slots: norm, update, attention received", elem_id="slots")
@@ -675,21 +693,22 @@ def _view_controls(n_layers: int, blank: object) -> ViewControls:
     nll = gr.Plot(blank, label="Next-token loss per block", elem_id="nll")
     gr.Markdown(PLOT_NOTES["nll"], elem_id="note-nll", container=False)
     return ViewControls(
-        status,
-        view,
-        layer,
-        block,
-        follow,
-        heatmap,
-        heads,
-        document,
-        method,
-        trajectory,
-        dynamics,
-        nll,
-        lens,
-        slot,
-        slots,
+        status=status,
+        view=view,
+        layer=layer,
+        block=block,
+        follow=follow,
+        heatmap=heatmap,
+        heads=heads,
+        document=document,
+        method=method,
+        trajectory=trajectory,
+        dynamics=dynamics,
+        nll=nll,
+        lens=lens,
+        slot=slot,
+        content=content,
+        slots=slots,
     )
 
 
@@ -805,6 +824,7 @@ def _wire_views(v: ViewControls, run_state: gr.State, umap_timer: gr.Timer) -> N
         show_progress="hidden",
     )
     v.slot.input(change_slot, [v.slot, run_state], [v.document, v.slot], api_name="slot", show_progress="hidden")
+    v.content.input(change_content, [v.content, run_state], [v.document], api_name="content", show_progress="hidden")
     v.block.release(drag_block, [v.block, run_state], drill_down, api_name="block", show_progress="hidden")
     v.follow.input(select_block, [v.block, v.follow, run_state], drill_down, show_progress="hidden")
     v.method.change(

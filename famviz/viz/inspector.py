@@ -40,6 +40,13 @@ TRAJECTORY_DIMS = 32  # random projection of each FAM slot: distances are kept (
 MAX_WINDOW_TOKENS = 1200  # tokens shaded in the document view
 MAX_HISTORY_ROWS = 40  # earlier blocks listed with their most-read words
 SHADES = 10  # shade classes in the document view (a class per token keeps the HTML small)
+# Sink-like targets of the FAM's reads, measured on GPL-3 with the shipped adapter (docs/probes.md): each
+# block's first token takes 20% of the read mass (52x the mean token), whitespace, punctuation and these
+# common words 1.3-1.5x; content words 0.7x. "Content tokens only" leaves them out of the shading.
+COMMON_WORDS = frozenset(
+    "the a an of to and or in is are was be by for on as at it its this that with from you your any not "
+    "if no all may can will such".split()
+)
 
 
 MAX_LENS_LAYERS = 4  # each costs a vocabulary-sized product per FAM slot and block (~4% of a block each)
@@ -227,6 +234,22 @@ def token_reads(trace: Trace, layer: int | None, slot: int | None = None) -> np.
     return reads[layers.index(layer)].astype(np.float32)
 
 
+def sink_like(text: str, position: int, block_starts: set[int]) -> bool:
+    """Whether a token is a sink-like target of FAM reads: its block's first token, whitespace, punctuation
+    or a common word (``COMMON_WORDS``)."""
+    word = text.strip()
+    return position in block_starts or not word or all(not c.isalnum() for c in word) or word.lower() in COMMON_WORDS
+
+
+def content_only(reads: np.ndarray, texts: list[str], start: int, block_starts: set[int]) -> np.ndarray:
+    """``reads`` of the tokens from ``start`` (their ``texts``) with the sink-like ones set to NaN."""
+    out = np.array(reads, dtype=np.float32)
+    for i, text in enumerate(texts):
+        if sink_like(text, start + i, block_starts):
+            out[i] = np.nan
+    return out
+
+
 def _token_texts(trace: Trace, start: int, stop: int, tokenizer: PreTrainedTokenizerBase | None = None) -> list[str]:
     if trace.text is not None and len(trace.offsets) >= stop:
         return [trace.text[a:b] for a, b in trace.offsets[start:stop]]
@@ -241,9 +264,11 @@ def document_html(
     layer: int | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     slot: int | None = None,
+    content: bool = False,
 ) -> str:
     """The document around ``block`` (default: the latest) with each token shaded by its FAM read (with
-    ``slot``: by what that FAM slot read, where the trace has per-slot reads).
+    ``slot``: by what that FAM slot read, where the trace has per-slot reads; with ``content``: sink-like
+    tokens left unshaded and out of the scale and the most-read lists, see ``sink_like``).
 
     Shades are relative to the largest read in the window (stated in the legend); hover a token
     for its position and value. Earlier blocks appear as a short list of their most-read words.
@@ -270,6 +295,9 @@ def document_html(
         top = 0.0
     else:
         window = reads[lo:hi]
+        if content:
+            window = content_only(window, texts, lo, set(trace.block_starts))
+            which += "; content tokens only"
         finite = window[np.isfinite(window)]
         top = float(np.quantile(finite, 0.99)) if finite.size else 0.0
         legend = "".join(f'<span class="s{level}"></span>' for level in range(1, SHADES + 1))
@@ -288,31 +316,42 @@ def document_html(
         level = 0 if top <= 0 or not np.isfinite(value) else min(SHADES, int(np.ceil(value / top * SHADES)))
         klass = f"tok s{level}" if level else "tok"
         block_of = block if position >= starts[block] else first_block
+        read = (
+            f"read {value:.4g}" if np.isfinite(value) else f"read {float(reads[position]):.4g}, sink-like: not shaded"
+        )
         parts.append(
-            f'<span class="{klass}" title="token {position:,} · block {block_of} · read {value:.4g}">'
-            f"{html.escape(text)}</span>"
+            f'<span class="{klass}" title="token {position:,} · block {block_of} · {read}">{html.escape(text)}</span>'
         )
     if in_current:
         parts.append("</span>")
     parts.append("</div>")
     if reads is not None and first_block > 0:
-        parts.append(_history_html(trace, reads, starts, first_block, tokenizer))
+        parts.append(_history_html(trace, reads, starts, first_block, tokenizer, content))
     parts.append("</div>")
     return "".join(parts)
 
 
 def _history_html(
-    trace: Trace, reads: np.ndarray, starts: list[int], before: int, tokenizer: PreTrainedTokenizerBase | None
+    trace: Trace,
+    reads: np.ndarray,
+    starts: list[int],
+    before: int,
+    tokenizer: PreTrainedTokenizerBase | None,
+    content: bool = False,
 ) -> str:
-    """Earlier blocks (at most ``MAX_HISTORY_ROWS``, evenly spread) with their three most-read words."""
+    """Earlier blocks (at most ``MAX_HISTORY_ROWS``, evenly spread) with their three most-read words
+    (with ``content``, of the tokens that are not sink-like)."""
     rows = np.unique(np.linspace(0, before - 1, min(before, MAX_HISTORY_ROWS)).round().astype(int))
     items = []
     for b in rows[::-1]:
         a, z = starts[b], starts[b + 1]
         part = reads[a:z]
-        if not part.size:
+        if content:
+            part = content_only(part, _token_texts(trace, a, z, tokenizer), a, {a})
+            part = np.where(np.isfinite(part), part, -np.inf)
+        if not part.size or not np.isfinite(part).any():
             continue
-        best = np.argsort(part)[::-1][:3]
+        best = [j for j in np.argsort(part)[::-1][:3] if np.isfinite(part[j])]
         words = [
             f"{html.escape(_token_texts(trace, a + int(j), a + int(j) + 1, tokenizer)[0].strip() or '␣')} "
             f"({part[j]:.3g})"
@@ -349,6 +388,7 @@ class Run:
     view: str = DEFAULT_VIEW  # a figures.SHARE_VIEWS key
     layer: int | None = None  # the document's shading layer (None = mean over layers)
     slot: int | None = None  # the FAM slot whose reads shade the document (None: all slots)
+    content_only: bool = False  # the document's shading leaves sink-like tokens out (``sink_like``)
     block: int | None = None  # drill-down block (None = follow the latest)
     method: str = "PCA"
     blocks_done: int = 0
@@ -563,7 +603,7 @@ class Run:
             return self.method == "UMAP" and self.umap_future is not None and not self.umap_future.done()
 
     def document_html(self, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
-        return document_html(self.trace, self.shown_block, self.layer, tokenizer, self.slot)
+        return document_html(self.trace, self.shown_block, self.layer, tokenizer, self.slot, self.content_only)
 
     @property
     def model_label(self) -> str:

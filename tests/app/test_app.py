@@ -362,6 +362,8 @@ def test_the_memory_lens_view_decodes_the_recorded_layers_and_follows_the_contro
     document, _ = inspector_tab.change_slot(3, run)
     assert run.slot == 3 and "slot 3 of layer 1" in document
     assert inspector_tab.change_slot(8, run)[1] is None and run.slot == 3  # no slot 8 in a FAM of 8: cleared
+    assert "content tokens only" in inspector_tab.change_content(True, run) and run.content_only
+    assert "content tokens only" not in inspector_tab.change_content(False, run)
     document, _ = inspector_tab.change_slot(None, run)
     assert run.slot is None and "slot" not in document.split("FAM read (")[1][:20]
     _, _, _, lens, _ = inspector_tab.drag_block(1, run)

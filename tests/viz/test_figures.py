@@ -3,6 +3,8 @@ on tiny numpy arrays and hand-built traces: no model."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -465,3 +467,29 @@ def test_the_per_slot_view_stacks_norm_update_and_received_attention_slot_by_blo
     reads = inspector.token_reads(trace, None, slot=2)
     np.testing.assert_allclose(reads, trace["fam.1.slot_read"][2].astype(np.float32))
     assert inspector.token_reads(trace, None, slot=99) is None
+
+
+def test_content_only_shading_leaves_sink_like_tokens_out_of_the_scale_and_the_lists():
+    trace = _fam_trace(blocks=4)  # 4 blocks of 5 tokens
+    words = ["the", ",", "memory", " ", "key"] * 4
+    trace.text = "".join(words)
+    at, trace.offsets = 0, []
+    for word in words:
+        trace.offsets.append((at, at + len(word)))
+        at += len(word)
+    page = inspector.document_html(trace, block=3, content=True)
+    assert "content tokens only" in page
+    spans = re.findall(r'<span class="(tok[^"]*)" title="token (\d+)[^"]*">([^<]*)</span>', page)
+    content_classes = []
+    for klass, position, text in spans:
+        if text in ("the", ",", " ") or int(position) % 5 == 0:  # common word, punctuation, space, block start
+            assert klass == "tok", (position, text)
+        else:
+            content_classes.append(klass)
+    assert content_classes and all(k.startswith("tok s") for k in content_classes)  # random reads are all > 0
+    assert "sink-like: not shaded" in page
+    history = page.split("Most-read tokens")[1]
+    assert "the (" not in history and "memory (" in history
+    assert "sink-like" not in inspector.document_html(trace, block=3)  # off by default
+    assert inspector.sink_like("The", 7, set()) and not inspector.sink_like("memory", 7, set())
+    assert inspector.sink_like("memory", 5, {5}) and inspector.sink_like("\n", 3, set())
