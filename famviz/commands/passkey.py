@@ -61,6 +61,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--probe-every", type=int, default=1, metavar="K", help="with --retention: probe every K blocks"
     )
+    parser.add_argument(
+        "--attribution",
+        action="store_true",
+        help="instead of a sweep: attribute each answer's log p to every prompt token through the stream "
+        "(gradient × input) and count the trials where the key sentence carries the most of any span "
+        "of its length before the question (--figure: the first trial's attribution)",
+    )
     add_json_option(parser)
     parser.add_argument(
         "--figure",
@@ -118,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(loaded.dtype).replace("torch.", ""),
     }
     started = time.perf_counter()
-    run_cells = _retention if args.retention else _sweep
+    if args.retention and args.attribution:
+        raise FamvizError("--retention and --attribution are two different runs: choose one")
+    run_cells = _retention if args.retention else _attribution if args.attribution else _sweep
     output, figure = run_cells(loaded, specs, base, lengths, depths, args, text, fam_prompt, backend)
     output["config"] = config
     output["seconds"] = round(time.perf_counter() - started, 2)
@@ -132,6 +141,13 @@ def run(args: argparse.Namespace) -> int:
         output["figure"] = str(write_figure(figure, figure_out, caption=caption, metadata=config, size=(1100, 420)))
     if args.json:
         print(json.dumps(output))
+    elif args.attribution:
+        print(f"{'mode':>14}  {'length':>7}  {'depth':>5}  {'trials':>6}  {'key first':>9}  {'key / best other':>16}")
+        for cell in output["attribution"]:
+            print(
+                f"{cell['label']:>14}  {cell['length']:>7}  {cell['depth']:>5g}  {cell['trials']:>6}  "
+                f"{cell['key_beats_rate']:>9.1%}  {cell['median_key_over_best_other']:>16.2f}"
+            )
     elif not args.retention:
         print(f"{'mode':>14}  {'length':>7}  {'depth':>5}  {'trials':>6}  {'accuracy':>8}  {'mean log p(key)':>15}")
         for cell in output["results"]:
@@ -180,6 +196,59 @@ def _sweep(
                 file=sys.stderr,
             )
     return {"results": [cell.summary() for cell in cells]}, passkey_heatmap(cells)
+
+
+def _attribution(
+    loaded: LoadedModel,
+    specs: list[ModeSpec],
+    base: FamConfig,
+    lengths: list[int],
+    depths: list[float],
+    args: argparse.Namespace,
+    text: str | None,
+    fam_prompt: torch.Tensor | None,
+    backend: str,
+) -> tuple[dict, go.Figure]:
+    import numpy as np
+    from tqdm import tqdm
+
+    from famviz.core.fam_model import FamModel
+    from famviz.probes import passkey as pk
+    from famviz.probes.attribution import attribute, key_beats_every_span, span_totals
+    from famviz.viz.passkey_figures import attribution_figure
+
+    cells, first = [], None
+    with tqdm(total=len(specs) * len(lengths) * len(depths) * args.trials, unit="trial", file=sys.stderr) as bar:
+        for spec in specs:
+            config = pk.sweep_config(base, spec)
+            fam_model = FamModel(loaded, config, fam_prompt=fam_prompt if config.active_fam_len else None)
+            for length in lengths:
+                for depth in depths:
+                    documents = pk.trial_documents(loaded.tokenizer, length, depth, args.trials, args.seed, text)
+                    beats, ratios = [], []
+                    for document in documents:
+                        scores = attribute(fam_model, document.token_ids, document.answer_ids).scores
+                        start, end = document.key_span
+                        totals = span_totals(scores, end - start, document.question_start)
+                        others = [t for i, t in enumerate(totals) if i + end - start <= start or i >= end]
+                        beats.append(key_beats_every_span(scores, document.key_span, document.question_start))
+                        ratios.append(float(totals[start] / max(max(others, default=0.0), 1e-30)))
+                        first = first or (scores, document, spec.label)
+                        bar.update(1)
+                    cells.append(
+                        {
+                            "label": spec.label,
+                            "length": length,
+                            "depth": depth,
+                            "trials": len(documents),
+                            "key_beats_rate": sum(beats) / len(beats),
+                            "median_key_over_best_other": float(np.median(ratios)),
+                        }
+                    )
+    scores, document, label = first
+    title = f"Attribution of the answer through the memory ({label}, {document.length} tokens, key {document.key})"
+    figure = attribution_figure(scores, document.key_span, document.question_start, base.block_size, title)
+    return {"attribution": cells}, figure
 
 
 def _retention(

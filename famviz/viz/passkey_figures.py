@@ -233,3 +233,35 @@ def intervention_heatmap(result: dict, title: str | None = None) -> go.Figure:
         height=max(320, 16 * len(rows) + 140),
     )
     return fig
+
+
+def attribution_figure(
+    scores: np.ndarray, key_span: tuple[int, int], question_start: int, block_size: int, title: str | None = None
+) -> go.Figure:
+    """|gradient × input| of the answer's log p on every prompt token (``famviz.probes.attribution``), the key
+    sentence shaded, the question's start and the block boundaries marked."""
+    magnitude = np.abs(np.asarray(scores, dtype=np.float32))
+    fig = go.Figure(
+        go.Bar(
+            x=np.arange(len(magnitude)),
+            y=magnitude,
+            marker=dict(color="#3b6fb6", line=dict(width=0)),
+            hovertemplate="token %{x}<br>|attribution| %{y:.3g}<extra></extra>",
+            name="|gradient × input|",
+        )
+    )
+    fig.add_vrect(x0=key_span[0] - 0.5, x1=key_span[1] - 0.5, fillcolor="#e4572e", opacity=0.25, line_width=0)
+    fig.add_annotation(x=(key_span[0] + key_span[1]) / 2, y=1, yref="paper", text="key", showarrow=False)
+    fig.add_vline(x=question_start - 0.5, line=dict(color="#555", dash="dash"))
+    for start in range(block_size, len(magnitude), block_size):
+        fig.add_vline(x=start - 0.5, line=dict(color="#ccc", width=1))
+    fig.update_layout(
+        title=title or "Where the answer came from: attribution through the memory",
+        xaxis_title="prompt token (grey: block boundaries; dashed: the question)",
+        yaxis_title="|gradient × input|",
+        yaxis_type="log",
+        bargap=0,
+        plot_bgcolor="white",
+        showlegend=False,
+    )
+    return fig

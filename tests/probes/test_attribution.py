@@ -65,3 +65,22 @@ def test_the_key_span_is_compared_with_every_other_span_of_its_length():
     np.testing.assert_allclose(attribution.span_totals(np.ones(5), 2), [2, 2, 2, 2])
     with pytest.raises(ValueError, match="needs input tokens"):
         attribution.attribute(None, [], [1])
+
+
+def test_the_passkey_command_reports_where_each_answer_came_from(tmp_path, capfd):
+    import json
+
+    from helpers import run_cli_in_process, save_tiny_llama_dir
+
+    model = save_tiny_llama_dir(tmp_path / "tiny")
+    figure = tmp_path / "attribution.html"
+    args = ["passkey", "--attribution", "--model", str(model), "--modes", "fam:0,bswa:0", "--lengths", "150"]
+    args += ["--depths", "0", "--trials", "2", "--block-size", "64", "--fam-len", "4", "--dtype", "float32"]
+    status, out, err = run_cli_in_process([*args, "--json", "--figure", str(figure)], capfd)
+    assert status == 0, err
+    cells = json.loads(out)["attribution"]
+    assert [c["label"] for c in cells] == ["fam (mem 0)", "bswa (mem 0)"] and all(c["trials"] == 2 for c in cells)
+    assert cells[1]["key_beats_rate"] == 0.0  # BSWA without memory: the key, two blocks back, has no path
+    assert all(0.0 <= c["key_beats_rate"] <= 1.0 for c in cells) and "key" in figure.read_text()
+    status, _, err = run_cli_in_process([*args, "--retention"], capfd)
+    assert status == 2 and "choose one" in err
