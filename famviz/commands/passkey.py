@@ -1,12 +1,13 @@
-"""``famviz passkey``: PassKey retrieval, a length × depth sweep of modes on the same keys, or a live
-retention curve (one prompt per cell, the memory probed as it streams)."""
+"""``famviz passkey``: PassKey retrieval, a length × depth sweep of modes on the same keys, a live
+retention curve (one prompt per cell, the memory probed as it streams), or each answer's attribution
+through the memory."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from famviz.commands.options import add_geometry_options, add_json_option, add_model_options, add_sink_option
 from famviz.core.config import FamConfig, check_limits, number_list
@@ -20,6 +21,20 @@ if TYPE_CHECKING:
 
     from famviz.core.model import LoadedModel
     from famviz.probes.passkey import ModeSpec, RetentionPoint
+
+
+class PasskeyRun(NamedTuple):
+    """What each kind of run (sweep, retention, attribution) works on."""
+
+    loaded: LoadedModel
+    specs: list[ModeSpec]
+    base: FamConfig
+    lengths: list[int]
+    depths: list[float]
+    args: argparse.Namespace  # trials, seed, probe_every, json
+    text: str | None  # --document's text (None: the standard filler)
+    fam_prompt: torch.Tensor | None
+    backend: str
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -128,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     if args.retention and args.attribution:
         raise FamvizError("--retention and --attribution are two different runs: choose one")
     run_cells = _retention if args.retention else _attribution if args.attribution else _sweep
-    output, figure = run_cells(loaded, specs, base, lengths, depths, args, text, fam_prompt, backend)
+    output, figure = run_cells(PasskeyRun(loaded, specs, base, lengths, depths, args, text, fam_prompt, backend))
     output["config"] = config
     output["seconds"] = round(time.perf_counter() - started, 2)
     if figure_out:
@@ -158,17 +173,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(
-    loaded: LoadedModel,
-    specs: list[ModeSpec],
-    base: FamConfig,
-    lengths: list[int],
-    depths: list[float],
-    args: argparse.Namespace,
-    text: str | None,
-    fam_prompt: torch.Tensor | None,
-    backend: str,
-) -> tuple[dict, go.Figure]:
+def _sweep(run: PasskeyRun) -> tuple[dict, go.Figure]:
+    loaded, specs, base, lengths, depths, args, text, fam_prompt, backend = run
     from tqdm import tqdm
 
     from famviz.probes import passkey as pk
@@ -198,17 +204,8 @@ def _sweep(
     return {"results": [cell.summary() for cell in cells]}, passkey_heatmap(cells)
 
 
-def _attribution(
-    loaded: LoadedModel,
-    specs: list[ModeSpec],
-    base: FamConfig,
-    lengths: list[int],
-    depths: list[float],
-    args: argparse.Namespace,
-    text: str | None,
-    fam_prompt: torch.Tensor | None,
-    backend: str,
-) -> tuple[dict, go.Figure]:
+def _attribution(run: PasskeyRun) -> tuple[dict, go.Figure]:
+    loaded, specs, base, lengths, depths, args, text, fam_prompt, backend = run
     import numpy as np
     from tqdm import tqdm
 
@@ -251,17 +248,8 @@ def _attribution(
     return {"attribution": cells}, figure
 
 
-def _retention(
-    loaded: LoadedModel,
-    specs: list[ModeSpec],
-    base: FamConfig,
-    lengths: list[int],
-    depths: list[float],
-    args: argparse.Namespace,
-    text: str | None,
-    fam_prompt: torch.Tensor | None,
-    backend: str,
-) -> tuple[dict, go.Figure]:
+def _retention(run: PasskeyRun) -> tuple[dict, go.Figure]:
+    loaded, specs, base, lengths, depths, args, text, fam_prompt, backend = run
     from famviz.core.fam_model import FamModel
     from famviz.probes import passkey as pk
     from famviz.viz.passkey_figures import retention_figure

@@ -804,18 +804,23 @@ def held_tokens(
     return [(token_text(token_id), n, prob) for token_id, (n, prob) in ranked]
 
 
+def _unrecorded(trace: Trace, shown: int | None, what: str, option: str, title: str) -> go.Figure | None:
+    """A message figure when an opt-in view has nothing to show (``shown`` None: not recorded), else None."""
+    if shown is None:
+        why = (
+            f"only fam mode has {what}"
+            if "fam.norm" not in trace.keys
+            else f"this run did not record {what} (set the slot layers before Start, or {option})"
+        )
+        return empty_figure(why, title)
+    return empty_figure("no blocks yet", title) if trace.n_blocks == 0 else None
+
+
 def lens_figure(trace: Trace, layer: int | None = None, selected_block: int | None = None) -> go.Figure:
     """``memory_lens_heatmap`` of a trace at ``layer`` (see ``lens_layer``), or a message saying why there is none."""
     shown = lens_layer(trace, layer)
-    if shown is None:
-        why = (
-            "the memory lens exists only in fam mode"
-            if "fam.norm" not in trace.keys
-            else "this run did not record the memory lens (set its layers before Start, or `stream --lens`)"
-        )
-        return empty_figure(why, LENS_TITLE)
-    if trace.n_blocks == 0:
-        return empty_figure("no blocks yet", LENS_TITLE)
+    if (missing := _unrecorded(trace, shown, "the memory lens", "`stream --lens`", LENS_TITLE)) is not None:
+        return missing
     ids, probs = trace[f"fam.{shown}.lens"], trace[f"fam.{shown}.lens_p"]
     block = trace.n_blocks - 1 if selected_block is None else min(max(selected_block, 0), trace.n_blocks - 1)
     first = max(0, block - MAX_LENS_BLOCKS + 1)
@@ -917,15 +922,8 @@ def slot_heatmaps(
 def slot_figure(trace: Trace, layer: int | None = None) -> go.Figure:
     """``slot_heatmaps`` of a trace at ``layer`` (see ``slot_layer``), or a message saying why there are none."""
     shown = slot_layer(trace, layer)
-    if shown is None:
-        why = (
-            "per-slot views exist only in fam mode"
-            if "fam.norm" not in trace.keys
-            else "this run did not record the per-slot views (set the slot layers before Start, or `stream --slots`)"
-        )
-        return empty_figure(why, SLOT_TITLE)
-    if trace.n_blocks == 0:
-        return empty_figure("no blocks yet", SLOT_TITLE)
+    if (missing := _unrecorded(trace, shown, "the per-slot views", "`stream --slots`", SLOT_TITLE)) is not None:
+        return missing
     where = f"layer {shown}" + (f"; layer {layer} was not recorded" if layer is not None and layer != shown else "")
     rows = [trace[key.replace("fam.", f"fam.{shown}.")] for key, *_ in SLOT_ROWS]
     return slot_heatmaps(rows, layer=shown, block_starts=trace.block_starts, title=f"{SLOT_TITLE} ({where})")
