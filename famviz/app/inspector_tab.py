@@ -34,11 +34,13 @@ from famviz.app.inputs import (
 from famviz.app.views import InspectorViews
 from famviz.core.config import MODES
 from famviz.core.engine import Stream
+from famviz.core.fam_model import FamModel
 from famviz.core.modes import mode_summary
 from famviz.core.tokenize import tokenize_prefix
 from famviz.core.trace import Trace
 from famviz.errors import DocumentError, FamvizError
 from famviz.io.models import auto_dtype_note
+from famviz.probes.attribution import attribute
 from famviz.viz import export, figures
 from famviz.viz.inspector import (
     DEFAULT_VIEW,
@@ -191,6 +193,7 @@ def stream_document(
         document = read_input_document(source, upload, pasted, loaded.tokenizer, passkey_tokens, limit)
         layers = _recorded_layers(trajectory_layers, lens_layers, loaded.config.num_hidden_layers, config)
         started = _start_streams(loaded, adapter, config, compare, document, limit, layers, previous)
+        started.run.model_key = key  # what an attribution of one of its predictions runs on
     except FamvizError as exc:
         yield error_update(str(exc), previous)
         return
@@ -449,6 +452,60 @@ def poll_umap(run: Run | None) -> tuple:
     return run.trajectory(), gr.Timer(active=run.umap_pending() or run.state == "streaming")
 
 
+# -- attribution of one prediction (runs the model) ------------------------------------------------------------
+MAX_ATTRIBUTION_TOKENS = 4096  # the whole stream's graph is kept: about one training step's memory and time
+
+
+def attribute_prediction(hub: ModelHub, position: float | str | None, run: Run | None) -> tuple:
+    """Attribute the prediction of token ``position`` to every earlier token by gradient × input through the
+    whole stream, and shade the document by it (its block shown); an empty position goes back to the FAM
+    reads. Returns (document, note, block slider, follow)."""
+    skip = gr.skip()
+    if run is None or not run.has_blocks():
+        return skip, "Stream a document first.", skip, skip
+    if position in (None, ""):
+        run.attribution = None
+        return run.document_html(), "", skip, skip
+    try:
+        target = _attribution_target(position, run)
+        loaded, adapter = hub.for_choice(*run.model_key)
+        fam_prompt = adapter.prompt_for(loaded, run.config) if adapter is not None else None
+        began = time.perf_counter()
+        ids = run.trace.token_ids
+        result = attribute(FamModel(loaded, run.config, fam_prompt=fam_prompt), ids[:target], [ids[target]])
+    except FamvizError as exc:
+        return skip, error_status(str(exc)), skip, skip
+    except Exception as exc:  # the app stays up; details go to the log
+        log.exception("attribution failed")
+        return skip, error_status(f"attribution failed: {type(exc).__name__}: {exc}"), skip, skip
+    run.attribution = (target, result.scores)
+    run.block = max(i for i, start in enumerate(run.trace.block_starts) if start <= target)
+    text = loaded.tokenizer.decode([ids[target]]) if loaded.tokenizer is not None else f"#{ids[target]}"
+    note = (
+        f"Token {target:,} ({text!r}, log p {result.target_logprob:.2f}): the document is shaded by |gradient × input| "
+        f"of its log-probability on each earlier token, backpropagated through every FAM update "
+        f"({time.perf_counter() - began:.1f} s). Clear the field for the FAM reads again."
+    )
+    return run.document_html(), note, gr.update(value=run.block), False
+
+
+def _attribution_target(position: float | str, run: Run) -> int:
+    """The token whose prediction to attribute, or a FamvizError saying why it cannot be."""
+    if run.model_key is None:
+        raise FamvizError("a replayed trace has no model: stream the document to attribute a prediction")
+    if run.state == "streaming":
+        raise FamvizError("wait until the stream is done (or Stop it) to attribute a prediction")
+    try:
+        target = int(float(position))
+    except ValueError:
+        raise FamvizError(f"the token to attribute must be a whole number, got {position!r}") from None
+    if not 1 <= target < run.trace.n_tokens:
+        raise FamvizError(f"the token to attribute must be between 1 and {run.trace.n_tokens - 1:,}")
+    if target > MAX_ATTRIBUTION_TOKENS:
+        raise FamvizError(f"attribution keeps the whole stream's graph: pick a token up to {MAX_ATTRIBUTION_TOKENS:,}")
+    return target
+
+
 # -- export, trace download and replay ----------------------------------------------------------------------------
 def export_plot(name: str, fmt: str, run: Run | None) -> tuple:
     """Write one figure of the session's run in a paper-ready format; returns (file, note)."""
@@ -531,6 +588,9 @@ class ViewControls:
     lens: gr.Plot
     slot: gr.Number
     content: gr.Checkbox
+    attribute_at: gr.Number
+    attribute_button: gr.Button
+    attribution_note: gr.Markdown
     slots: gr.Plot
 
 
@@ -640,6 +700,36 @@ def _run_controls(context: AppContext, n_layers: int) -> RunControls:
     )
 
 
+def _shading_controls() -> tuple:
+    """What shades the document: one FAM slot's reads, content tokens only, or one prediction's attribution."""
+    with gr.Row():
+        slot = gr.Number(
+            None,
+            label="FAM slot (document shading: what this slot read; empty: all slots)",
+            precision=0,
+            minimum=0,
+            elem_id="slot",
+        )
+        content = gr.Checkbox(
+            False,
+            label="Content tokens only",
+            info="shade without the sink-like tokens: each block's first token, whitespace, punctuation, common words",
+            elem_id="content-only",
+        )
+    with gr.Row():
+        attribute_at = gr.Number(
+            None,
+            label="Attribute the prediction of token N to every earlier token, through the memory (empty: FAM reads)",
+            precision=0,
+            minimum=1,
+            elem_id="attribute-at",
+            scale=3,
+        )
+        attribute_button = gr.Button("Attribute", elem_id="attribute", scale=1)
+    attribution_note = gr.Markdown("", elem_id="attribution-note")
+    return slot, content, attribute_at, attribute_button, attribution_note
+
+
 def _view_controls(n_layers: int, blank: object) -> ViewControls:
     """The status line, the view, layer and block choices, and the plots with their notes."""
     status = gr.Markdown("Ready: pick a document and press **Start**.", elem_id="status")
@@ -664,20 +754,7 @@ def _view_controls(n_layers: int, blank: object) -> ViewControls:
         heads = gr.Plot(blank, label="Drill-down: layer × head of the selected block", elem_id="heads", scale=2)
     gr.Markdown(PLOT_NOTES["heatmap"], elem_id="note-heatmap", container=False)
     document = gr.HTML("<div id='famviz-doc'>No document streamed yet.</div>", label="Document", elem_id="document")
-    with gr.Row():
-        slot = gr.Number(
-            None,
-            label="FAM slot (document shading: what this slot read; empty: all slots)",
-            precision=0,
-            minimum=0,
-            elem_id="slot",
-        )
-        content = gr.Checkbox(
-            False,
-            label="Content tokens only",
-            info="shade without the sink-like tokens: each block's first token, whitespace, punctuation, common words",
-            elem_id="content-only",
-        )
+    slot, content, attribute_at, attribute_button, attribution_note = _shading_controls()
     lens = gr.Plot(blank, label="Memory lens: FAM slot × block", elem_id="lens")
     gr.Markdown(PLOT_NOTES["lens"], elem_id="note-lens", container=False)
     slots = gr.Plot(blank, label="FAM slots: norm, update, attention received", elem_id="slots")
@@ -708,6 +785,9 @@ def _view_controls(n_layers: int, blank: object) -> ViewControls:
         lens=lens,
         slot=slot,
         content=content,
+        attribute_at=attribute_at,
+        attribute_button=attribute_button,
+        attribution_note=attribution_note,
         slots=slots,
     )
 
@@ -810,6 +890,14 @@ def build_inspector_tab(context: AppContext) -> None:
     trace_upload.upload(replay_trace, [trace_upload, run_state], outputs, api_name="replay", show_progress="hidden")
     _wire_views(v, run_state, umap_timer)
     _wire_exports(exports, run_state)
+    v.attribute_button.click(
+        lambda position, run: attribute_prediction(context.hub, position, run),
+        [v.attribute_at, run_state],
+        [v.document, v.attribution_note, v.block, v.follow],
+        api_name="attribute",
+        concurrency_id="model",
+        concurrency_limit=1,
+    )
 
 
 def _wire_views(v: ViewControls, run_state: gr.State, umap_timer: gr.Timer) -> None:

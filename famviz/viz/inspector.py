@@ -265,10 +265,12 @@ def document_html(
     tokenizer: PreTrainedTokenizerBase | None = None,
     slot: int | None = None,
     content: bool = False,
+    shading: tuple[np.ndarray, str] | None = None,
 ) -> str:
     """The document around ``block`` (default: the latest) with each token shaded by its FAM read (with
     ``slot``: by what that FAM slot read, where the trace has per-slot reads; with ``content``: sink-like
-    tokens left unshaded and out of the scale and the most-read lists, see ``sink_like``).
+    tokens left unshaded and out of the scale and the most-read lists, see ``sink_like``; with ``shading``
+    = (per-token values, what they are), by those values instead, e.g. an attribution).
 
     Shades are relative to the largest read in the window (stated in the legend); hover a token
     for its position and value. Earlier blocks appear as a short list of their most-read words.
@@ -280,10 +282,13 @@ def document_html(
     block = n_blocks - 1 if block is None else int(min(max(block, 0), n_blocks - 1))
     starts = list(trace.block_starts) + [trace.n_tokens]
     slot_layer = slot_read_layer(trace, layer) if slot is not None else None
-    if slot_layer is not None:
-        reads, which = token_reads(trace, layer, slot), f"slot {slot} of layer {slot_layer}"
+    if shading is not None:
+        reads, label = shading
+    elif slot_layer is not None:
+        reads, label = token_reads(trace, layer, slot), f"FAM read (slot {slot} of layer {slot_layer})"
     else:
-        reads, which = token_reads(trace, layer), "mean over layers" if layer is None else f"layer {layer}"
+        where = "mean over layers" if layer is None else f"layer {layer}"
+        reads, label = token_reads(trace, layer), f"FAM read ({where})"
     first_block = max(0, block - 1)
     lo = max(starts[first_block], starts[block + 1] - MAX_WINDOW_TOKENS)
     hi = starts[block + 1]
@@ -297,12 +302,12 @@ def document_html(
         window = reads[lo:hi]
         if content:
             window = content_only(window, texts, lo, set(trace.block_starts))
-            which += "; content tokens only"
+            label += ", content tokens only"
         finite = window[np.isfinite(window)]
         top = float(np.quantile(finite, 0.99)) if finite.size else 0.0
         legend = "".join(f'<span class="s{level}"></span>' for level in range(1, SHADES + 1))
         parts.append(
-            f'<p class="hist legend">FAM read ({which}), shade relative to {top:.4g} '
+            f'<p class="hist legend">{label}, shade relative to {top:.4g} '
             f"(99th percentile in view): 0 {legend} ≥ {top:.3g}. Framed: block {block}.</p>"
         )
     parts.append('<div class="doc">')
@@ -389,6 +394,8 @@ class Run:
     layer: int | None = None  # the document's shading layer (None = mean over layers)
     slot: int | None = None  # the FAM slot whose reads shade the document (None: all slots)
     content_only: bool = False  # the document's shading leaves sink-like tokens out (``sink_like``)
+    model_key: tuple | None = None  # the Model panel's choice that streamed it (None: replayed, no model)
+    attribution: tuple[int, np.ndarray] | None = None  # (target position, |gradient × input| per earlier token)
     block: int | None = None  # drill-down block (None = follow the latest)
     method: str = "PCA"
     blocks_done: int = 0
@@ -603,7 +610,13 @@ class Run:
             return self.method == "UMAP" and self.umap_future is not None and not self.umap_future.done()
 
     def document_html(self, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
-        return document_html(self.trace, self.shown_block, self.layer, tokenizer, self.slot, self.content_only)
+        shading = None
+        if self.attribution is not None:
+            target, scores = self.attribution
+            values = np.full(self.trace.n_tokens, np.nan, np.float32)
+            values[: len(scores)] = np.abs(scores)
+            shading = (values, f"|attribution| of token {target:,}'s prediction, through the memory")
+        return document_html(self.trace, self.shown_block, self.layer, tokenizer, self.slot, self.content_only, shading)
 
     @property
     def model_label(self) -> str:

@@ -29,6 +29,7 @@ from famviz.app import (  # noqa: E402
 )
 from famviz.app import hub as app_hub  # noqa: E402
 from famviz.core.config import FamConfig  # noqa: E402
+from famviz.core.fam_model import FamModel  # noqa: E402
 from famviz.viz import figures  # noqa: E402
 from famviz.viz.inspector import Run  # noqa: E402
 
@@ -372,6 +373,26 @@ def test_the_memory_lens_view_decodes_the_recorded_layers_and_follows_the_contro
     assert not unrecorded.data and "did not record the memory lens" in unrecorded.layout.annotations[0].text
     bad = _run(hub, lens_layers="0, 1, 0, 1, x")
     assert "memory lens layers must be whole numbers" in bad[-1].status
+
+
+def test_a_prediction_is_attributed_through_the_memory_and_shades_the_document(hub):
+    from famviz.probes.attribution import attribute
+
+    run = _run(hub)[-1].run
+    target = run.trace.n_tokens - 5  # in the last block: earlier blocks reach it through the FAM only
+    document, note, block, follow = inspector_tab.attribute_prediction(hub, target, run)
+    assert f"Token {target:,}" in note and "|gradient × input|" in note and follow is False
+    assert run.attribution[0] == target and block["value"] == run.shown_block == run.blocks_done - 1
+    assert f"|attribution| of token {target:,}" in document
+    fam_model = FamModel(hub.default[0], run.config)
+    expected = attribute(fam_model, run.trace.token_ids[:target], [run.trace.token_ids[target]]).scores
+    np.testing.assert_allclose(run.attribution[1], expected, rtol=1e-5, atol=1e-7)  # the probe's own numbers
+    document, note, _, _ = inspector_tab.attribute_prediction(hub, None, run)  # cleared: FAM reads again
+    assert run.attribution is None and "FAM read (" in document and note == ""
+    for bad, words in ((0, "between 1 and"), ("x", "whole number"), (10**6, "between 1 and")):
+        assert words in inspector_tab.attribute_prediction(hub, bad, run)[1]
+    replayed = Run.from_trace(run.trace, "run.npz")
+    assert "replayed trace has no model" in inspector_tab.attribute_prediction(hub, 3, replayed)[1]
 
 
 def test_view_controls_act_on_the_run(hub):
