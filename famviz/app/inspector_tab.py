@@ -174,6 +174,7 @@ def stream_document(
     max_tokens: float | str | None,
     trajectory_layers: str | None,
     lens_layers: str | None,
+    token_shares: bool | None,
     previous: Run | None,
     *,
     redraw_seconds: float = MIN_REDRAW_SECONDS,
@@ -192,6 +193,7 @@ def stream_document(
         loaded, adapter = hub.for_choice(*key)
         document = read_input_document(source, upload, pasted, loaded.tokenizer, passkey_tokens, limit)
         layers = _recorded_layers(trajectory_layers, lens_layers, loaded.config.num_hidden_layers, config)
+        layers = dataclasses.replace(layers, token_shares=bool(token_shares))
         started = _start_streams(loaded, adapter, config, compare, document, limit, layers, previous)
         started.run.model_key = key  # what an attribution of one of its predictions runs on
     except FamvizError as exc:
@@ -228,10 +230,12 @@ def _compare_mode(compare: str | None, config: FamConfig) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class RecordedLayers:
-    """The layers whose FAM states (trajectories) and memory lens a run records."""
+    """The layers whose FAM states (trajectories), memory lens and per-slot views a run records, and
+    whether it records each token's own attention (the token drill-down)."""
 
     trajectory: list[int]
     lens: list[int]
+    token_shares: bool = False
 
 
 def _recorded_layers(trajectory: str | None, lens: str | None, n_layers: int, config: FamConfig) -> RecordedLayers:
@@ -265,6 +269,7 @@ def _start_streams(
     if not ids:
         raise DocumentError(f"{name}: the document has no tokens.")
     channels = app_channels(layers.trajectory, bool(config.active_fam_len), layers.lens)
+    channels += ["block.*.token_share"] if layers.token_shares else []
     primary = Stream(loaded, config, channels=channels, fam_prompt=fam_prompt)
     other = None
     if compare is not None:
@@ -392,6 +397,15 @@ def change_layer(layer: str | None, run: Run | None) -> tuple:
     if not run.has_blocks():
         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
     return run.heads(), run.document_html(), run.lens(), run.slots()
+
+
+@_view_handler(1)
+def change_token(token: float | str | None, run: Run | None) -> object:
+    """Drill down into one token's own attention per layer and head (empty: the shown block's mean)."""
+    if run is None:
+        return gr.skip()
+    run.token = None if token in (None, "") else int(float(token))
+    return run.heads() if run.has_blocks() else gr.skip()
 
 
 @_view_handler(1)
@@ -564,6 +578,7 @@ class RunControls:
     max_tokens: gr.Number
     trajectory_layers: gr.Textbox
     lens_layers: gr.Textbox
+    token_shares: gr.Checkbox
 
     def inputs(self) -> list:
         return [getattr(self, field.name) for field in dataclasses.fields(self)]
@@ -578,6 +593,7 @@ class ViewControls:
     layer: gr.Dropdown
     block: gr.Slider
     follow: gr.Checkbox
+    token: gr.Number
     heatmap: gr.Plot
     heads: gr.Plot
     document: gr.HTML
@@ -667,6 +683,12 @@ def _run_controls(context: AppContext, n_layers: int) -> RunControls:
         label=f"Slot layers: memory lens and per-slot views (at most {MAX_LENS_LAYERS}; empty: off)",
         elem_id="lens-layers",
     )
+    token_shares = gr.Checkbox(
+        False,
+        label="Record each token's own attention (token drill-down)",
+        info="every layer and head, about 2 KB per token on the bundled model",
+        elem_id="token-shares",
+    )
     source = gr.Radio(
         [(label, key) for key, label in SOURCES.items()], value="example", label="Document", elem_id="source"
     )
@@ -697,6 +719,7 @@ def _run_controls(context: AppContext, n_layers: int) -> RunControls:
         max_tokens,
         trajectory_layers,
         lens_layers,
+        token_shares,
     )
 
 
@@ -749,6 +772,9 @@ def _view_controls(n_layers: int, blank: object) -> ViewControls:
         with gr.Column(min_width=240):
             block = gr.Slider(0, 1, value=0, step=1, label="Drill-down block", interactive=False, elem_id="block")
             follow = gr.Checkbox(True, label="follow the latest block", elem_id="follow")
+            token = gr.Number(
+                None, label="Drill-down token (empty: the block's mean)", precision=0, minimum=0, elem_id="token"
+            )
     with gr.Row():
         heatmap = gr.Plot(blank, label="Attention share: layer × block (mean over heads)", elem_id="heatmap", scale=3)
         heads = gr.Plot(blank, label="Drill-down: layer × head of the selected block", elem_id="heads", scale=2)
@@ -775,6 +801,7 @@ def _view_controls(n_layers: int, blank: object) -> ViewControls:
         layer=layer,
         block=block,
         follow=follow,
+        token=token,
         heatmap=heatmap,
         heads=heads,
         document=document,
@@ -912,6 +939,7 @@ def _wire_views(v: ViewControls, run_state: gr.State, umap_timer: gr.Timer) -> N
         show_progress="hidden",
     )
     v.slot.input(change_slot, [v.slot, run_state], [v.document, v.slot], api_name="slot", show_progress="hidden")
+    v.token.input(change_token, [v.token, run_state], [v.heads], api_name="token", show_progress="hidden")
     v.content.input(change_content, [v.content, run_state], [v.document], api_name="content", show_progress="hidden")
     v.block.release(drag_block, [v.block, run_state], drill_down, api_name="block", show_progress="hidden")
     v.follow.input(select_block, [v.block, v.follow, run_state], drill_down, show_progress="hidden")

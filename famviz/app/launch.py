@@ -128,6 +128,7 @@ def warm_up(hub: ModelHub, defaults: FamConfig) -> float:
         2 * settings.block_size,
         "",
         "",
+        False,
         None,
     ]
     quiet = _WarmUpQuiet(threading.get_ident())

@@ -114,6 +114,7 @@ class AttentionStats:
     fam_read: torch.Tensor  # (batch, block): FAM queries' probability per block token, mean over heads and slots
     slot_read: torch.Tensor  # (batch, fam, block): each FAM slot's probability per block token, mean over heads
     slot_received: torch.Tensor  # (batch, fam): block queries' probability on each FAM slot, mean over heads, queries
+    token_share: torch.Tensor  # (batch, heads, block, 4): each block query's share on BLOCK_GROUPS (not averaged)
 
 
 BACKENDS = ("sdpa", "flex", "flash")
@@ -255,22 +256,23 @@ def attend_with_stats(
         fam_share = torch.stack([by_group.get(g, torch.zeros_like(lse)) for g in FAM_GROUPS], -1).mean(2)
         if n:
             slot_read = _token_probs(q[:, :, :f], k[:, :, keys["block"]], lse, scale).mean(dim=1)
-    block_share = q.new_zeros(b, heads, len(BLOCK_GROUPS), dtype=torch.float32)
+    token_share = q.new_zeros(b, heads, n, len(BLOCK_GROUPS), dtype=torch.float32)
     if n:  # block tokens: all sinks and memory, all FAM, their block causally
         groups = [g for g in BLOCK_GROUPS if keys[g].stop > keys[g].start]
         out, weights, lse = _merge_groups(q[:, :, f:], k, v, scale, [(keys[g], g == "block") for g in groups])
         outputs.append(out)
         by_group = dict(zip(groups, weights, strict=True))
-        block_share = torch.stack([by_group.get(g, torch.zeros_like(lse)) for g in BLOCK_GROUPS], -1).mean(2)
+        token_share = torch.stack([by_group.get(g, torch.zeros_like(lse)) for g in BLOCK_GROUPS], -1)
         if f:
             slot_received = _token_probs(q[:, :, f:], k[:, :, keys["fam"]], lse, scale).mean(dim=(1, 2))
     out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
     stats = AttentionStats(
-        block_share=block_share,
+        block_share=token_share.mean(2) if n else q.new_zeros(b, heads, len(BLOCK_GROUPS), dtype=torch.float32),
         fam_share=fam_share,
         fam_read=slot_read.mean(dim=1) if f else q.new_zeros(b, n, dtype=torch.float32),
         slot_read=slot_read,
         slot_received=slot_received,
+        token_share=token_share,
     )
     return out, stats
 
@@ -362,8 +364,10 @@ def _shares(probs: torch.Tensor, layout: WindowLayout) -> AttentionStats:
     block_rows = probs[:, :, f:]
     if n:
         columns = {"fam": slice(m, m + f), "memory": slice(s, m), "block": slice(m + f, None), "sink": slice(0, s)}
-        block_share = torch.stack([block_rows[..., columns[g]].sum(-1) for g in BLOCK_GROUPS], dim=-1).mean(dim=2)
+        token_share = torch.stack([block_rows[..., columns[g]].sum(-1) for g in BLOCK_GROUPS], dim=-1)
+        block_share = token_share.mean(dim=2)
     else:
+        token_share = probs.new_zeros(b, heads, 0, len(BLOCK_GROUPS))
         block_share = probs.new_zeros(b, heads, len(BLOCK_GROUPS))
     if f:
         fam_rows = probs[:, :, :f]
@@ -380,4 +384,5 @@ def _shares(probs: torch.Tensor, layout: WindowLayout) -> AttentionStats:
         fam_read=slot_read.mean(dim=1) if f else probs.new_zeros(b, n),
         slot_read=slot_read,
         slot_received=slot_received,
+        token_share=token_share,
     )

@@ -27,7 +27,7 @@ from famviz.core.modes import BLOCK_GROUPS, FAM_GROUPS
 from famviz.core.tokenize import IncrementalTokenizer
 from famviz.core.trace import ChannelSelection, Trace
 
-STAT_KEYS = ("block.share", "fam.share", "fam.read", "fam.slot_received", "fam.slot_read")
+STAT_KEYS = ("block.share", "block.token_share", "fam.share", "fam.read", "fam.slot_received", "fam.slot_read")
 STATE_KEYS = ("fam.state", "fam.norm", "fam.update", "fam.slot_norm", "fam.slot_update")  # read off the FAM
 
 
@@ -251,6 +251,8 @@ class Stream:
 
         if out.stats is not None:
             pick("block.share", [s.block_share[0] for s in out.stats])
+            # per token: (heads, n, groups) -> (heads, groups, n), the token last as in every per-token kind
+            pick("block.token_share", [s.token_share[0].permute(0, 2, 1) for s in out.stats], torch.float16)
             pick("fam.share", [s.fam_share[0] for s in out.stats])
             pick("fam.read", [s.fam_read[0] for s in out.stats], torch.float16)
             pick("fam.slot_received", [s.slot_received[0] for s in out.stats])

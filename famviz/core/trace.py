@@ -11,6 +11,8 @@ channel                     shape (per block / per token)  meaning
 ``block.{layer}.share``     per block, (heads, 4)          share of attention mass that block queries
                                                            put on [FAM, memory blocks, own block, sink
                                                            tokens], mean over the block's queries
+``block.{layer}.token_share`` per token, (heads, 4) fp16 opt-in: each block token's own share on [FAM, memory
+                                                           blocks, own block, sink tokens] (not averaged)
 ``fam.{layer}.share``       per block, (heads, 2)          share that FAM queries put on
                                                            [previous FAM, current block], mean over slots
 ``fam.{layer}.read``        per token, scalar              attention probability FAM queries give the
@@ -97,6 +99,9 @@ CHANNEL_KINDS: tuple[ChannelKind, ...] = (
         False,
         "float32",
         "block queries' attention share on [fam, memory, block, sink] per head",
+    ),
+    ChannelKind(
+        "block.{layer}.token_share", True, False, "float16", "each token's own share per head (opt-in)", opt_in=True
     ),
     ChannelKind("fam.{layer}.share", False, True, "float32", "FAM queries' attention share on [fam, block] per head"),
     ChannelKind("fam.{layer}.read", True, True, "float16", "how much FAM queries read each token"),

@@ -417,6 +417,26 @@ def head_view_figure(trace: Trace, view: str, block: int, selected_layer: int | 
     )
 
 
+def token_view_figure(
+    trace: Trace, view: str, token: int, selected_layer: int | None = None, text: str | None = None
+) -> go.Figure:
+    """``head_share_heatmap`` of one token's own attention (``block.*.token_share``) for a block-query view of
+    ``SHARE_VIEWS``: where that token, not its block on average, looks, per layer and head."""
+    spec = SHARE_VIEWS[view]
+    words = f" ({text!r})" if text is not None else ""
+    title = f"Token {token:,}{words}: {spec.label} per head"
+    if spec.key != "block.share":
+        return empty_figure("the token drill-down shows block tokens' attention: pick a Block queries view", title)
+    if "block.token_share" not in trace.keys:
+        return empty_figure("this run did not record each token's attention (tick it before Start)", title)
+    if not 0 <= token < trace.n_tokens:
+        return empty_figure("no such token yet", title)
+    own = trace.array("block.token_share")[..., token]  # (layers, heads, groups)
+    return head_share_heatmap(
+        own, spec.group, layers=trace.layers_of("block.token_share"), selected_layer=selected_layer, title=title
+    )
+
+
 # -- next-token loss ---------------------------------------------------------------------------------
 def block_means(values: np.ndarray, block_starts: Sequence[int]) -> np.ndarray:
     """Mean of the finite per-token ``values`` within each block (NaN for a block with none)."""

@@ -394,6 +394,7 @@ class Run:
     layer: int | None = None  # the document's shading layer (None = mean over layers)
     slot: int | None = None  # the FAM slot whose reads shade the document (None: all slots)
     content_only: bool = False  # the document's shading leaves sink-like tokens out (``sink_like``)
+    token: int | None = None  # the drill-down's token (None: the block's mean over its tokens)
     model_key: tuple | None = None  # the Model panel's choice that streamed it (None: replayed, no model)
     attribution: tuple[int, np.ndarray] | None = None  # (target position, |gradient × input| per earlier token)
     block: int | None = None  # drill-down block (None = follow the latest)
@@ -529,6 +530,9 @@ class Run:
         if missing := figures.missing_view(self.config, self.view):
             title = f"Block {self.shown_block}: {figures.SHARE_VIEWS[self.view].label} per head"
             return figures.empty_figure(missing, title)
+        if self.token is not None:
+            text = _token_texts(self.trace, self.token, self.token + 1)[0] if self.token < self.trace.n_tokens else None
+            return figures.token_view_figure(self.trace, self.view, self.token, self.layer, text)
         return figures.head_view_figure(self.trace, self.view, self.shown_block, selected_layer=self.layer)
 
     def loss(self) -> go.Figure:

@@ -203,6 +203,7 @@ def _args(**kwargs):
         max_tokens=4096,
         trajectory_layers="",
         lens_layers="",
+        token_shares=False,
         previous=None,
     )
     args.update(kwargs)
@@ -393,6 +394,18 @@ def test_a_prediction_is_attributed_through_the_memory_and_shades_the_document(h
         assert words in inspector_tab.attribute_prediction(hub, bad, run)[1]
     replayed = Run.from_trace(run.trace, "run.npz")
     assert "replayed trace has no model" in inspector_tab.attribute_prediction(hub, 3, replayed)[1]
+
+
+def test_the_token_drill_down_shows_one_tokens_own_attention(hub):
+    run = _run(hub, token_shares=True)[-1].run
+    assert "block.token_share" in run.trace.keys
+    heads = inspector_tab.change_token(40, run)
+    assert heads.layout.title.text.startswith("Token 40") and np.asarray(heads.data[0].z).shape == (2, 4)
+    own = run.trace["block.1.token_share"][:, 0, 40].astype(np.float32)  # layer 1: share on the FAM per head
+    np.testing.assert_allclose(np.asarray(heads.data[0].z)[1], own, atol=1e-3)
+    assert inspector_tab.change_token(None, run).layout.title.text.startswith("Block")  # back to the block mean
+    plain = _run(hub)[-1].run
+    assert "did not record each token" in inspector_tab.change_token(3, plain).layout.annotations[0].text
 
 
 def test_view_controls_act_on_the_run(hub):

@@ -134,6 +134,7 @@ def test_grouped_statistics_equal_explicit_softmax(layout, dtype):
     torch.testing.assert_close(stats.fam_read, ref.fam_read, **share_tol)
     torch.testing.assert_close(stats.slot_read, ref.slot_read, **share_tol)
     torch.testing.assert_close(stats.slot_received, ref.slot_received, **share_tol)
+    torch.testing.assert_close(stats.token_share, ref.token_share, **share_tol)
     if layout.fam and layout.block:  # each slot's reads are a share of its row; the slots' receipts a share of theirs
         assert stats.slot_read.shape == (q.shape[0], layout.fam, layout.block)
         assert (stats.slot_received.sum(-1) <= 1 + 1e-3).all()

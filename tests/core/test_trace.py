@@ -237,3 +237,16 @@ def test_per_slot_channels_add_up_to_the_slot_averaged_ones(tiny_llama, tmp_path
     np.testing.assert_allclose(read.mean(0), trace["fam.1.read"].astype(np.float32), atol=2e-3)
     loaded = Trace.load(trace.save(tmp_path / "slots.npz"))
     np.testing.assert_array_equal(loaded["fam.1.slot_read"], trace["fam.1.slot_read"])
+
+
+def test_each_tokens_own_shares_average_to_the_blocks(tiny_llama):
+    trace = Stream(tiny_llama, FamConfig("fam", 8, 4, 1), channels=["*", "block.*.token_share"]).run(random_ids(45))
+    trace = trace.trace
+    assert "block.token_share" not in ChannelSelection(None, 3, fam=True)  # opt-in
+    own = trace["block.2.token_share"].astype(np.float32)  # (heads, groups, tokens)
+    assert own.shape == (4, 4, 45)
+    np.testing.assert_allclose(own.sum(1), 1, atol=2e-3)  # every token's shares add up to 1 per head
+    starts = trace.block_starts + [45]
+    for b in range(6):
+        mean = own[..., starts[b] : starts[b + 1]].mean(-1)
+        np.testing.assert_allclose(mean, trace["block.2.share"][b], atol=2e-3)
