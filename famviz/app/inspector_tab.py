@@ -399,12 +399,17 @@ def change_layer(layer: str | None, run: Run | None) -> tuple:
     return run.heads(), run.document_html(), run.lens(), run.slots()
 
 
+def _whole_number(text: float | str | None) -> int | None:
+    """A position or slot typed in a field: None when empty; a ValueError (the view is skipped) when not a number."""
+    return None if text is None or not str(text).strip() else int(float(str(text).strip()))
+
+
 @_view_handler(1)
 def change_token(token: float | str | None, run: Run | None) -> object:
     """Drill down into one token's own attention per layer and head (empty: the shown block's mean)."""
     if run is None:
         return gr.skip()
-    run.token = None if token in (None, "") else int(float(token))
+    run.token = _whole_number(token)
     return run.heads() if run.has_blocks() else gr.skip()
 
 
@@ -423,9 +428,9 @@ def change_slot(slot: float | str | None, run: Run | None) -> tuple:
     cleared from the field."""
     if run is None:
         return gr.skip(), gr.skip()
-    chosen = None if slot in (None, "") else int(float(slot))
+    chosen = _whole_number(slot)
     if chosen is not None and not 0 <= chosen < max(run.config.active_fam_len, 1):
-        return gr.skip(), None
+        return gr.skip(), ""
     run.slot = chosen
     return (run.document_html() if run.has_blocks() else gr.skip()), gr.skip()
 
@@ -477,7 +482,7 @@ def attribute_prediction(hub: ModelHub, position: float | str | None, run: Run |
     skip = gr.skip()
     if run is None or not run.has_blocks():
         return skip, "Stream a document first.", skip, skip
-    if position in (None, ""):
+    if position is None or not str(position).strip():
         run.attribution = None
         return run.document_html(), "", skip, skip
     try:
@@ -593,7 +598,7 @@ class ViewControls:
     layer: gr.Dropdown
     block: gr.Slider
     follow: gr.Checkbox
-    token: gr.Number
+    token: gr.Textbox
     heatmap: gr.Plot
     heads: gr.Plot
     document: gr.HTML
@@ -602,9 +607,9 @@ class ViewControls:
     dynamics: gr.Plot
     nll: gr.Plot
     lens: gr.Plot
-    slot: gr.Number
+    slot: gr.Textbox
     content: gr.Checkbox
-    attribute_at: gr.Number
+    attribute_at: gr.Textbox
     attribute_button: gr.Button
     attribution_note: gr.Markdown
     slots: gr.Plot
@@ -726,11 +731,10 @@ def _run_controls(context: AppContext, n_layers: int) -> RunControls:
 def _shading_controls() -> tuple:
     """What shades the document: one FAM slot's reads, content tokens only, or one prediction's attribution."""
     with gr.Row():
-        slot = gr.Number(
-            None,
-            label="FAM slot (document shading: what this slot read; empty: all slots)",
-            precision=0,
-            minimum=0,
+        slot = gr.Textbox(
+            "",
+            label="FAM slot (document shading: what this slot read)",
+            placeholder="a slot number (empty: all slots)",
             elem_id="slot",
         )
         content = gr.Checkbox(
@@ -740,11 +744,10 @@ def _shading_controls() -> tuple:
             elem_id="content-only",
         )
     with gr.Row():
-        attribute_at = gr.Number(
-            None,
-            label="Attribute the prediction of token N to every earlier token, through the memory (empty: FAM reads)",
-            precision=0,
-            minimum=1,
+        attribute_at = gr.Textbox(
+            "",
+            label="Attribute the prediction of token N to every earlier token, through the memory",
+            placeholder="a token's position (empty: the FAM reads)",
             elem_id="attribute-at",
             scale=3,
         )
@@ -772,8 +775,11 @@ def _view_controls(n_layers: int, blank: object) -> ViewControls:
         with gr.Column(min_width=240):
             block = gr.Slider(0, 1, value=0, step=1, label="Drill-down block", interactive=False, elem_id="block")
             follow = gr.Checkbox(True, label="follow the latest block", elem_id="follow")
-            token = gr.Number(
-                None, label="Drill-down token (empty: the block's mean)", precision=0, minimum=0, elem_id="token"
+            token = gr.Textbox(
+                "",
+                label="Drill-down token",
+                placeholder="a token's position (empty: the block's mean)",
+                elem_id="token",
             )
     with gr.Row():
         heatmap = gr.Plot(blank, label="Attention share: layer × block (mean over heads)", elem_id="heatmap", scale=3)

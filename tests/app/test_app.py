@@ -363,10 +363,10 @@ def test_the_memory_lens_view_decodes_the_recorded_layers_and_follows_the_contro
     assert [np.asarray(h.z).shape for h in slots.data] == [(8, run.blocks_done)] * 3  # norm, update, received
     document, _ = inspector_tab.change_slot(3, run)
     assert run.slot == 3 and "slot 3 of layer 1" in document
-    assert inspector_tab.change_slot(8, run)[1] is None and run.slot == 3  # no slot 8 in a FAM of 8: cleared
+    assert inspector_tab.change_slot("8", run)[1] == "" and run.slot == 3  # no slot 8 in a FAM of 8: cleared
     assert "content tokens only" in inspector_tab.change_content(True, run) and run.content_only
     assert "content tokens only" not in inspector_tab.change_content(False, run)
-    document, _ = inspector_tab.change_slot(None, run)
+    document, _ = inspector_tab.change_slot("", run)
     assert run.slot is None and "slot" not in document.split("FAM read (")[1][:20]
     _, _, _, lens, _ = inspector_tab.drag_block(1, run)
     assert list(lens.data[0].x) == [0, 1] and "after block 1" in lens.layout.title.text
@@ -388,7 +388,7 @@ def test_a_prediction_is_attributed_through_the_memory_and_shades_the_document(h
     fam_model = FamModel(hub.default[0], run.config)
     expected = attribute(fam_model, run.trace.token_ids[:target], [run.trace.token_ids[target]]).scores
     np.testing.assert_allclose(run.attribution[1], expected, rtol=1e-5, atol=1e-7)  # the probe's own numbers
-    document, note, _, _ = inspector_tab.attribute_prediction(hub, None, run)  # cleared: FAM reads again
+    document, note, _, _ = inspector_tab.attribute_prediction(hub, "", run)  # cleared: FAM reads again
     assert run.attribution is None and "FAM read (" in document and note == ""
     for bad, words in ((0, "between 1 and"), ("x", "whole number"), (10**6, "between 1 and")):
         assert words in inspector_tab.attribute_prediction(hub, bad, run)[1]
@@ -399,11 +399,11 @@ def test_a_prediction_is_attributed_through_the_memory_and_shades_the_document(h
 def test_the_token_drill_down_shows_one_tokens_own_attention(hub):
     run = _run(hub, token_shares=True)[-1].run
     assert "block.token_share" in run.trace.keys
-    heads = inspector_tab.change_token(40, run)
+    heads = inspector_tab.change_token("40", run)
     assert heads.layout.title.text.startswith("Token 40") and np.asarray(heads.data[0].z).shape == (2, 4)
     own = run.trace["block.1.token_share"][:, 0, 40].astype(np.float32)  # layer 1: share on the FAM per head
     np.testing.assert_allclose(np.asarray(heads.data[0].z)[1], own, atol=1e-3)
-    assert inspector_tab.change_token(None, run).layout.title.text.startswith("Block")  # back to the block mean
+    assert inspector_tab.change_token(" ", run).layout.title.text.startswith("Block")  # back to the block mean
     plain = _run(hub)[-1].run
     assert "did not record each token" in inspector_tab.change_token(3, plain).layout.annotations[0].text
 
