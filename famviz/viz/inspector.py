@@ -40,9 +40,10 @@ TRAJECTORY_DIMS = 32  # random projection of each FAM slot: distances are kept (
 MAX_WINDOW_TOKENS = 1200  # tokens shaded in the document view
 MAX_HISTORY_ROWS = 40  # earlier blocks listed with their most-read words
 SHADES = 10  # shade classes in the document view (a class per token keeps the HTML small)
-# Sink-like targets of the FAM's reads, measured on GPL-3 with the shipped adapter (docs/probes.md): each
-# block's first token takes 20% of the read mass (52x the mean token), whitespace, punctuation and these
-# common words 1.3-1.5x; content words 0.7x. "Content tokens only" leaves them out of the shading.
+# Sink-like targets of the FAM's reads, measured on GPL-3 with the shipped adapter (docs/probes.md,
+# scripts/fam_read_targets.py): each block's first token takes 20% of the read mass (52x the mean token), and
+# of the 40 most-read tokens 40 are block starts, whitespace, punctuation or these common words, none a
+# content word. "Content tokens only" leaves them out of the shading.
 COMMON_WORDS = frozenset(
     "the a an of to and or in is are was be by for on as at it its this that with from you your any not "
     "if no all may can will such".split()
