@@ -823,7 +823,7 @@ def test_runs_exports_and_traces_name_the_model_and_adapter(tmp_path):
 
 def test_errors_are_repeated_beside_start_and_the_plots_are_explained(hub):
     assert inputs.error_status("boom").startswith(inputs.ERROR_MARK)  # what the page's JS looks for
-    assert set(inspector_tab.PLOT_NOTES) == {"heatmap", "trajectory", "dynamics", "nll", "lens"}
+    assert set(inspector_tab.PLOT_NOTES) == {"heatmap", "trajectory", "dynamics", "nll", "lens", "slots"}
     assert launch.warm_up(hub, FamConfig("fam", 32, 8, 1)) > 0  # runs the real stream handler
 
 

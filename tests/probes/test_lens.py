@@ -53,9 +53,9 @@ def test_key_in_lens_counts_the_slots_that_show_a_digit_with_and_without_the_key
 @pytest.mark.slow
 @pytest.mark.integration
 def test_the_shipped_adapters_memory_lens_shows_the_key_where_the_control_shows_none():
-    """docs/probes.md: after the key's block, one of the key's digits is among the top 10 tokens of some
-    slot in the top 4 layers in 38% of 24 prompts, and in none of the same prompts without the key.
-    Fixed prompts (seeds 0-7, 1,024 tokens, key at depth 0): a margin of at least 2 of 8."""
+    """docs/probes.md: after the key's block, one of the key's digits is among the top 20 tokens of some
+    slot in the top 4 layers in 75% of 24 prompts, and in none of the same prompts without the key.
+    Fixed prompts (seeds 0-7, 1,024 tokens, key at depth 0; measured 5 of 8 against 0): a margin of 2 of 8."""
     from famviz import load_model
     from famviz.io.adapters import SHIPPED_ADAPTER, apply_adapter
 
@@ -65,7 +65,11 @@ def test_the_shipped_adapters_memory_lens_shows_the_key_where_the_control_shows_
     top = loaded.config.num_hidden_layers
     found = [
         lens.key_in_lens(
-            fam_model, loaded.tokenizer, make_passkey_document(loaded.tokenizer, 1024, seed=seed), range(top - 4, top)
+            fam_model,
+            loaded.tokenizer,
+            make_passkey_document(loaded.tokenizer, 1024, seed=seed),
+            range(top - 4, top),
+            k=20,
         )
         for seed in range(8)
     ]
