@@ -26,7 +26,7 @@ def main() -> None:
     from famviz.core.fam_model import FamModel
     from famviz.io.adapters import SHIPPED_ADAPTER, apply_adapter, read_adapter, run_geometry
     from famviz.io.models import load_model
-    from famviz.probes.attribution import attribute, key_beats_every_span, span_totals
+    from famviz.probes.attribution import attribute, key_over_best_other
     from famviz.probes.passkey import make_passkey_document
 
     adapter = args.adapter or SHIPPED_ADAPTER
@@ -38,12 +38,10 @@ def main() -> None:
         document = make_passkey_document(loaded.tokenizer, args.length, args.depth, seed=args.seed + trial)
         prompt = document.token_ids
         result = attribute(fam_model, prompt, document.answer_ids)
-        start, end = document.key_span
-        won = key_beats_every_span(result.scores, document.key_span, document.question_start)
-        totals = span_totals(result.scores, end - start, document.question_start)
-        others = [t for i, t in enumerate(totals) if i + (end - start) <= start or i >= end]
+        ratio = key_over_best_other(result.scores, document.key_span, document.question_start)
+        won = ratio > 1.0
         beats.append(won)
-        ratios.append(float(totals[start] / max(others)))
+        ratios.append(ratio)
         logprobs.append(result.target_logprob)
         print(
             json.dumps(

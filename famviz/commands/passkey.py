@@ -211,7 +211,7 @@ def _attribution(run: PasskeyRun) -> tuple[dict, go.Figure]:
 
     from famviz.core.fam_model import FamModel
     from famviz.probes import passkey as pk
-    from famviz.probes.attribution import attribute, key_beats_every_span, span_totals
+    from famviz.probes.attribution import attribute, key_over_best_other
     from famviz.viz.passkey_figures import attribution_figure
 
     cells, first = [], None
@@ -225,11 +225,8 @@ def _attribution(run: PasskeyRun) -> tuple[dict, go.Figure]:
                     beats, ratios = [], []
                     for document in documents:
                         scores = attribute(fam_model, document.token_ids, document.answer_ids).scores
-                        start, end = document.key_span
-                        totals = span_totals(scores, end - start, document.question_start)
-                        others = [t for i, t in enumerate(totals) if i + end - start <= start or i >= end]
-                        beats.append(key_beats_every_span(scores, document.key_span, document.question_start))
-                        ratios.append(float(totals[start] / max(max(others, default=0.0), 1e-30)))
+                        ratios.append(key_over_best_other(scores, document.key_span, document.question_start))
+                        beats.append(ratios[-1] > 1.0)
                         first = first or (scores, document, spec.label)
                         bar.update(1)
                     cells.append(

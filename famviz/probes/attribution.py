@@ -75,10 +75,16 @@ def span_totals(scores: np.ndarray, length: int, stop: int | None = None) -> np.
     return sums[length:] - sums[:-length]
 
 
+def key_over_best_other(scores: np.ndarray, key_span: tuple[int, int], stop: int) -> float:
+    """The key sentence's total |attribution| ÷ the largest of every other span of as many tokens that does
+    not overlap it, among the tokens before ``stop`` (the question's start); inf when there is no other."""
+    start, end = key_span
+    totals = span_totals(scores, end - start, stop)
+    best_other = max((t for i, t in enumerate(totals) if i + (end - start) <= start or i >= end), default=0.0)
+    return float(totals[start] / best_other) if best_other > 0 else float("inf")
+
+
 def key_beats_every_span(scores: np.ndarray, key_span: tuple[int, int], stop: int) -> bool:
     """Whether the key sentence's tokens carry more |attribution| than every other span of as many tokens
     that does not overlap it, among the tokens before ``stop`` (the question's start)."""
-    start, end = key_span
-    totals = span_totals(scores, end - start, stop)
-    others = [t for i, t in enumerate(totals) if i + (end - start) <= start or i >= end]
-    return bool(totals[start] > max(others, default=0.0))
+    return key_over_best_other(scores, key_span, stop) > 1.0
